@@ -1,0 +1,1 @@
+"""qfv-brevitas."""
