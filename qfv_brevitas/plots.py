@@ -1,0 +1,53 @@
+"""Figures: quantization levels over the weight histogram of a few layers."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Union
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from .quantizers import nmult_layers, quant_of  # noqa: E402
+
+__all__ = ["plot_levels"]
+
+
+def plot_levels(models: Dict[str, nn.Module], path: Union[str, Path], max_layers: int = 3,
+                inner_only: bool = True) -> Path:
+    """One row per model, one column per layer: the float weights' histogram with the
+    layer's quantization levels as vertical lines (first channel's levels if per channel)."""
+    rows = []
+    for label, model in models.items():
+        layers = nmult_layers(model)
+        if inner_only and len(layers) > 2:
+            layers = layers[1:-1]
+        rows.append((label, layers[:max_layers]))
+    ncols = max(1, max(len(l) for _, l in rows))
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(4 * ncols, 2.8 * len(rows)),
+                             squeeze=False)
+    for i, (label, layers) in enumerate(rows):
+        for j in range(ncols):
+            ax = axes[i][j]
+            if j >= len(layers):
+                ax.axis("off")
+                continue
+            name, layer = layers[j]
+            tq = quant_of(layer)
+            with torch.no_grad():
+                w = layer.weight.detach().flatten().cpu().numpy()
+                lv = tq.levels()[0].detach().cpu().numpy()
+            ax.hist(w, bins=80, color="#4c72b0", alpha=0.8)
+            for v in lv:
+                ax.axvline(v, color="#c44e52", lw=0.8)
+            ax.set_title(f"{label}: {name} ({tq.bits}-bit {tq.variant})", fontsize=9)
+            ax.set_xlabel("weight")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

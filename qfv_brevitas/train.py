@@ -1,0 +1,128 @@
+"""A plain training loop for QAT with the regularizer (SGD + momentum, cosine decay)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .config import LambdaSchedule
+from .quantizers import nmult_layers, quant_of
+from .regularizer import QuantRegularizer
+
+__all__ = ["TrainConfig", "fit", "evaluate", "param_groups"]
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of :func:`fit` (paper section 4: SGD, momentum 0.9, cosine decay,
+    lambda held then raised exponentially over the final epochs)."""
+
+    epochs: int = 20
+    lr: float = 0.05
+    quant_lr: float = 1e-5
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    seed: int = 0
+    lambda_start: float = 100.0
+    lambda_end: float = 2000.0
+    lambda_rise_epochs: int = 20
+
+    def __post_init__(self):
+        if int(self.epochs) < 1:
+            raise ValueError(f"TrainConfig.epochs must be >= 1, got {self.epochs}")
+        if self.lr <= 0 or self.quant_lr < 0:
+            raise ValueError("TrainConfig.lr must be > 0 and quant_lr >= 0")
+        if int(self.batch_size) < 1:
+            raise ValueError("TrainConfig.batch_size must be >= 1")
+
+    def schedule(self) -> LambdaSchedule:
+        return LambdaSchedule(self.epochs, self.lambda_start, self.lambda_end,
+                              min(self.lambda_rise_epochs, self.epochs))
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> List[dict]:
+    """Weights with weight decay; quantizer parameters (``r``, ``c``, step) at ``quant_lr``
+    and activation scales at ``lr``, both without weight decay."""
+    quant, scales, decay, no_decay = [], [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ".weight_quant." in name or name.startswith("weight_quant."):
+            quant.append(p)
+        elif "_quant." in name:
+            scales.append(p)
+        elif p.dim() <= 1:
+            no_decay.append(p)  # BatchNorm and biases
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0},
+              {"params": scales, "weight_decay": 0.0},
+              {"params": quant, "weight_decay": 0.0, "lr": cfg.quant_lr}]
+    return [g for g in groups if g["params"]]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 512,
+             device: Optional[torch.device] = None) -> float:
+    """Top-1 accuracy in eval mode (N-multiplier weights snapped to their levels)."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in DataLoader(dataset, batch_size=batch_size):
+        if device is not None:
+            x, y = x.to(device), y.to(device)
+        correct += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    model.train(was_training)
+    return correct / max(total, 1)
+
+
+def fit(model: nn.Module, train: Dataset, test: Optional[Dataset], cfg: TrainConfig,
+        desc: str = "train", progress: bool = True, device: Optional[torch.device] = None
+        ) -> Dict[str, list]:
+    """Train ``model``; with N-multiplier layers the loss adds ``lambda(epoch) * R(model)``.
+
+    Returns the history: per epoch the task loss, the regularizer, lambda and test accuracy.
+    """
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=g)
+    opt = torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * len(loader))
+    uses_reg = any(quant_of(m).uses_regularizer for _, m in nmult_layers(model))
+    reg = QuantRegularizer(model, cfg.schedule()) if uses_reg else None
+    loss_fn = nn.CrossEntropyLoss()
+    hist: Dict[str, list] = {"task_loss": [], "reg": [], "lambda": [], "test_acc": []}
+    bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False)
+    for epoch in bar:
+        model.train()
+        tl = rl = 0.0
+        for x, y in loader:
+            if device is not None:
+                x, y = x.to(device), y.to(device)
+            task = loss_fn(model(x), y)
+            loss = task
+            if reg is not None:
+                r = reg(epoch)
+                loss = loss + r
+                rl += float(r.detach()) / reg.lam(epoch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            tl += float(task.detach())
+        hist["task_loss"].append(tl / len(loader))
+        hist["reg"].append(rl / len(loader))
+        hist["lambda"].append(reg.lam(epoch) if reg is not None else 0.0)
+        acc = evaluate(model, test, device=device) if test is not None else float("nan")
+        hist["test_acc"].append(acc)
+        bar.set_postfix(loss=f"{hist['task_loss'][-1]:.3f}", reg=f"{hist['reg'][-1]:.2e}",
+                        acc=f"{acc:.3f}")
+    bar.close()
+    return hist
