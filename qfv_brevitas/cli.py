@@ -25,8 +25,9 @@ def _add_train_args(p: argparse.ArgumentParser, quick_default: bool = False) -> 
     p.add_argument("--q-epochs", type=int, default=15)
     p.add_argument("--lr", type=float, default=0.05, help="float training learning rate")
     p.add_argument("--q-lr", type=float, default=0.01, help="QAT learning rate of the weights")
-    p.add_argument("--quant-lr", type=float, default=1e-5,
-                   help="SGD learning rate of r, c, step (paper: 1e-6; their gradient sums over the layer)")
+    p.add_argument("--quant-lr", type=float, default=1e-4, help="learning rate of r, c, step")
+    p.add_argument("--quant-optimizer", choices=("adam", "sgd"), default="adam",
+                   help="optimizer of r, c, step (the paper's SGD diverges on large layers)")
     p.add_argument("--lambda-start", type=float, default=100.0)
     p.add_argument("--lambda-end", type=float, default=2000.0)
     p.add_argument("--lambda-rise-epochs", type=int, default=5)
@@ -58,6 +59,7 @@ def _run_train(args) -> int:
     fp = TrainConfig(epochs=args.fp_epochs, lr=args.lr, batch_size=args.batch_size,
                      seed=args.seed)
     q = TrainConfig(epochs=args.q_epochs, lr=args.q_lr, quant_lr=args.quant_lr,
+                    quant_optimizer=args.quant_optimizer,
                     batch_size=args.batch_size, seed=args.seed, lambda_start=args.lambda_start,
                     lambda_end=args.lambda_end,
                     lambda_rise_epochs=min(args.lambda_rise_epochs, args.q_epochs))

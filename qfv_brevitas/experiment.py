@@ -36,6 +36,9 @@ def run_experiment(out_dir: Union[str, Path], dataset: str = "digits",
     for v in variants:
         if v not in VARIANTS:
             raise ValueError(f"unknown quantizer variant {v!r}; choose from {', '.join(VARIANTS)}")
+    # Validate every configuration before spending time on the float model.
+    configs = [NMultConfig(weight_bits=b, act_bits=b, variant=v, mode=mode,
+                           per_channel=per_channel) for b in bits for v in variants]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train, test, num_classes, shape = load_dataset(dataset, data_dir, seed)
@@ -53,21 +56,19 @@ def run_experiment(out_dir: Union[str, Path], dataset: str = "digits",
         save_checkpoint(out / "float.pt", fp, arch, shape, num_classes, None, acc=fp_acc)
     example = next(iter(DataLoader(train, batch_size=256)))[0]
     plotted: Dict[str, torch.nn.Module] = {}
-    for b in bits:
-        for variant in variants:
-            cfg = NMultConfig(weight_bits=b, act_bits=b, variant=variant, mode=mode,
-                              per_channel=per_channel)
-            q = quantize_model(copy.deepcopy(fp), cfg, example_input=example)
-            hist = fit(q, train, test, q_train, desc=f"{variant} W{b}A{b}", progress=progress)
-            acc = evaluate(q, test)
-            results["runs"].append({"variant": variant, "weight_bits": b, "act_bits": b,
-                                    "mode": mode, "per_channel": per_channel, "acc": acc,
-                                    "delta_vs_fp": acc - fp_acc, "history": hist})
-            if save_models:
-                save_checkpoint(out / f"{variant}_w{b}a{b}.pt", q, arch, shape, num_classes, cfg,
-                                acc=acc)
-            if variant == "nmult" or (variant == variants[-1] and "nmult" not in variants):
-                plotted[f"{variant} W{b}A{b}"] = q
+    for cfg in configs:
+        b, variant = cfg.weight_bits, cfg.variant
+        q = quantize_model(copy.deepcopy(fp), cfg, example_input=example)
+        hist = fit(q, train, test, q_train, desc=f"{variant} W{b}A{b}", progress=progress)
+        acc = evaluate(q, test)
+        results["runs"].append({"variant": variant, "weight_bits": b, "act_bits": b,
+                                "mode": mode, "per_channel": per_channel, "acc": acc,
+                                "delta_vs_fp": acc - fp_acc, "history": hist})
+        if save_models:
+            save_checkpoint(out / f"{variant}_w{b}a{b}.pt", q, arch, shape, num_classes, cfg,
+                            acc=acc)
+        if variant == "nmult" or (variant == variants[-1] and "nmult" not in variants):
+            plotted[f"{variant} W{b}A{b}"] = q
     results["seconds"] = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps(results, indent=2))
     if plotted:

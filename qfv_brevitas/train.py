@@ -19,11 +19,19 @@ __all__ = ["TrainConfig", "fit", "evaluate", "param_groups"]
 @dataclass
 class TrainConfig:
     """Hyper-parameters of :func:`fit` (paper section 4: SGD, momentum 0.9, cosine decay,
-    lambda held then raised exponentially over the final epochs)."""
+    lambda held then raised exponentially over the final epochs).
+
+    The quantizer parameters (``r``, ``c``, step) get their own optimizer. The paper uses SGD
+    at 1e-6; but their eq. 7 gradient sums over a layer's weights, so its curvature grows with
+    ``lambda * sqrt(n_l)`` and SGD diverges once lambda rises on large layers (seen on bnn_pynq
+    LFC: r blew up to 1e10 within 2 epochs). Adam's step is bounded by its learning rate
+    whatever that scale, so it is the default; ``quant_optimizer="sgd"`` gives the paper's.
+    """
 
     epochs: int = 20
     lr: float = 0.05
-    quant_lr: float = 1e-5
+    quant_lr: float = 1e-4
+    quant_optimizer: str = "adam"
     momentum: float = 0.9
     weight_decay: float = 5e-4
     batch_size: int = 64
@@ -37,6 +45,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.epochs must be >= 1, got {self.epochs}")
         if self.lr <= 0 or self.quant_lr < 0:
             raise ValueError("TrainConfig.lr must be > 0 and quant_lr >= 0")
+        if self.quant_optimizer not in ("adam", "sgd"):
+            raise ValueError("TrainConfig.quant_optimizer must be 'adam' or 'sgd'")
         if int(self.batch_size) < 1:
             raise ValueError("TrainConfig.batch_size must be >= 1")
 
@@ -63,7 +73,7 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> List[dict]:
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0},
               {"params": scales, "weight_decay": 0.0},
-              {"params": quant, "weight_decay": 0.0, "lr": cfg.quant_lr}]
+              {"params": quant, "weight_decay": 0.0, "lr": cfg.quant_lr, "quant": True}]
     return [g for g in groups if g["params"]]
 
 
@@ -93,8 +103,17 @@ def fit(model: nn.Module, train: Dataset, test: Optional[Dataset], cfg: TrainCon
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=g)
-    opt = torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * len(loader))
+    groups = param_groups(model, cfg)
+    quant = [g for g in groups if g.get("quant")]
+    rest = [g for g in groups if not g.get("quant")]
+    opts = [torch.optim.SGD(rest, lr=cfg.lr, momentum=cfg.momentum)]
+    if quant:
+        if cfg.quant_optimizer == "adam":
+            opts.append(torch.optim.Adam(quant, lr=cfg.quant_lr))
+        else:
+            opts.append(torch.optim.SGD(quant, lr=cfg.quant_lr, momentum=cfg.momentum))
+    scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=cfg.epochs * len(loader))
+              for o in opts]
     uses_reg = any(quant_of(m).uses_regularizer for _, m in nmult_layers(model))
     reg = QuantRegularizer(model, cfg.schedule()) if uses_reg else None
     loss_fn = nn.CrossEntropyLoss()
@@ -112,10 +131,12 @@ def fit(model: nn.Module, train: Dataset, test: Optional[Dataset], cfg: TrainCon
                 r = reg(epoch)
                 loss = loss + r
                 rl += float(r.detach()) / reg.lam(epoch)
-            opt.zero_grad(set_to_none=True)
+            for o in opts:
+                o.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            sched.step()
+            for o, sch in zip(opts, scheds):
+                o.step()
+                sch.step()
             tl += float(task.detach())
         hist["task_loss"].append(tl / len(loader))
         hist["reg"].append(rl / len(loader))

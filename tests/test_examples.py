@@ -1,0 +1,40 @@
+"""Each user story in examples/ runs on small data."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quantize_brevitas_model_swaps_and_fine_tunes():
+    from qfv_brevitas import nmult_layers, quant_of
+
+    ex = load("quantize_brevitas_model")
+    before, acc, hist = ex.main(["--epochs", "2", "--bits", "3"])
+    # The Brevitas model learned (10 classes: chance is 0.1) and the swapped model still works.
+    assert before > 0.8
+    assert acc > 0.8
+    assert hist["reg"][-1] < hist["reg"][0]
+
+
+def _torchvision_ok():
+    try:
+        import torchvision  # noqa: F401
+    except (ImportError, RuntimeError):  # CPU torch: "operator torchvision::nms does not exist"
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _torchvision_ok(), reason="torchvision (vision extra) not importable")
+def test_resnet18_cifar10_on_fake_data():
+    ex = load("resnet18_cifar10")
+    acc = ex.main(["--fake-data", "32", "--epochs", "1", "--width", "8"])
+    assert 0.0 <= acc <= 1.0
