@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Optional, Tuple, Union
 
 import torch
+from brevitas import config as brevitas_config
 from torch import nn
 
 from .config import NMultConfig
@@ -27,11 +28,19 @@ def save_checkpoint(path: Union[str, Path], model: nn.Module, arch: str,
     ``config`` or float when ``config`` is None) with everything :func:`load_checkpoint` needs."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Brevitas leaves learned activation scales out of the state dict while they are still
+    # collecting statistics; the full state dict makes any checkpoint loadable.
+    full = brevitas_config._FULL_STATE_DICT
+    brevitas_config._FULL_STATE_DICT = True
+    try:
+        state = model.state_dict()
+    finally:
+        brevitas_config._FULL_STATE_DICT = full
     torch.save({
         "format": FORMAT, "arch": arch, "input_shape": list(input_shape),
         "num_classes": int(num_classes), "config": None if config is None else config.to_dict(),
         "unsigned_inputs": unsigned_input_layers(model) if config is not None else [],
-        "state_dict": model.state_dict(), "meta": meta,
+        "state_dict": state, "meta": meta,
     }, path)
     return path
 

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -46,43 +46,36 @@ def weight_quant_for(config: NMultConfig, bits: int, name: Optional[str] = None)
         scaling_per_output_channel=config.per_channel, layer_name=name)
 
 
-def _compute_layers(model: nn.Module, example_input) -> List[str]:
-    """Names of Conv/Linear layers in execution order (registration order without input)."""
+def _probe(model: nn.Module, example_input) -> Tuple[List[str], Dict[str, bool]]:
+    """Conv/Linear layer names in execution order (registration order without an input), and
+    for each layer run on ``example_input`` whether its inputs were all non-negative.
+
+    The pass runs in eval mode so that BatchNorm running statistics are left untouched."""
     names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, *_CONV))]
     if example_input is None:
-        return names
+        return names, {}
     order: List[str] = []
-    hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: order.append(n))
-             for n, m in model.named_modules() if n in names]
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for h in hooks:
-            h.remove()
-    seen = list(dict.fromkeys(order))
-    return seen + [n for n in names if n not in seen]
-
-
-def _nonnegative_inputs(model: nn.Module, names: List[str], example_input) -> Dict[str, bool]:
-    if example_input is None:
-        return {}
     mins: Dict[str, float] = {}
-    mods = dict(model.named_modules())
 
-    def hook(mod, inp, n):
-        x = inp[0]
+    def hook(n, x):
+        order.append(n)
         mins[n] = min(mins.get(n, float("inf")), float(x.detach().min()))
 
-    hooks = [mods[n].register_forward_pre_hook(lambda mod, inp, n=n: hook(mod, inp, n))
+    mods = dict(model.named_modules())
+    hooks = [mods[n].register_forward_pre_hook(lambda mod, inp, n=n: hook(n, inp[0]))
              for n in names]
+    modes = {m: m.training for m in model.modules()}
     try:
+        model.eval()
         with torch.no_grad():
             model(example_input)
     finally:
         for h in hooks:
             h.remove()
-    return {n: v >= 0 for n, v in mins.items()}
+        for m, t in modes.items():
+            m.training = t
+    seen = list(dict.fromkeys(order))
+    return seen + [n for n in names if n not in seen], {n: v >= 0 for n, v in mins.items()}
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -101,7 +94,7 @@ def _build_quant_layer(name: str, old: nn.Module, wq, act_quant, act_bits: Optio
     if isinstance(old, nn.Linear):
         new = qnn.QuantLinear(old.in_features, old.out_features, **kw)
     else:
-        cls = _CONV[type(old)]
+        cls = next(q for base, q in _CONV.items() if isinstance(old, base))
         if isinstance(old.padding, str) and old.padding == "same" and any(
                 s != 1 for s in old.stride):
             raise ConversionError(f"layer {name!r}: padding='same' with stride > 1 is not supported")
@@ -156,6 +149,13 @@ def quantize_model(model: nn.Module, config: Optional[NMultConfig] = None,
                 f"layer {name!r} ({type(mod).__name__}) cannot be converted: supported compute "
                 "layers are Conv1d, Conv2d, Conv3d and Linear. Pass its name in skip=() to leave "
                 "it in float.")
+        if isinstance(mod, nn.MultiheadAttention):
+            inner = [f"{name}.{c}" for c, _ in mod.named_children()]
+            if any(n not in skip for n in inner):
+                raise ConversionError(
+                    f"layer {name!r} (MultiheadAttention) reads the weights of {inner} directly, "
+                    "so a quantizer on them would never run. Pass them in skip=() to leave them "
+                    "in float.")
     unknown = set(skip) - {n for n, _ in model.named_modules()}
     if unknown:
         raise ConversionError(f"skip names not in the model: {sorted(unknown)}")
@@ -164,13 +164,17 @@ def quantize_model(model: nn.Module, config: Optional[NMultConfig] = None,
         raise ConversionError(f"layer_bits names not in the model: {sorted(unknown)}")
     if not inplace:
         model = copy.deepcopy(model)
-    names = [n for n in _compute_layers(model, example_input) if n not in skip]
+    order, observed = _probe(model, example_input)
+    names = [n for n in order if n not in skip]
     if not names:
         raise ConversionError("the model has no Conv1d/Conv2d/Conv3d/Linear layer to quantize")
     if unsigned_inputs is not None:
+        unknown = set(unsigned_inputs) - set(names)
+        if unknown:
+            raise ConversionError(f"unsigned_inputs names are not converted layers: {sorted(unknown)}")
         nonneg = {n: True for n in unsigned_inputs}
     else:
-        nonneg = _nonnegative_inputs(model, names, example_input)
+        nonneg = observed
     edge = {names[0], names[-1]} if config.first_last_bits is not None else set()
     mods = dict(model.named_modules())
     for name in names:
