@@ -1,6 +1,7 @@
 """Validated configuration dataclasses (one per job, checked in ``__post_init__``)."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Optional
 
@@ -87,8 +88,10 @@ class LambdaSchedule:
     def __post_init__(self):
         if int(self.total_epochs) < 1:
             raise ValueError(f"LambdaSchedule.total_epochs must be >= 1, got {self.total_epochs}")
-        if self.start < 0 or self.end < 0:
-            raise ValueError("LambdaSchedule.start and .end must be >= 0")
+        if not (math.isfinite(self.start) and math.isfinite(self.end)) or self.start < 0 \
+                or self.end < 0:
+            raise ValueError(f"LambdaSchedule.start and .end must be finite and >= 0, got "
+                             f"{self.start} and {self.end}")
         if not 0 <= int(self.rise_epochs) <= int(self.total_epochs):
             raise ValueError(
                 f"LambdaSchedule.rise_epochs ({self.rise_epochs}) must lie in 0..total_epochs "
@@ -100,8 +103,10 @@ class LambdaSchedule:
         if not 0 <= epoch < self.total_epochs:
             raise ValueError(f"epoch {epoch} outside 0..{self.total_epochs - 1}")
         first_rise = self.total_epochs - self.rise_epochs
-        if epoch < first_rise:
+        if epoch < first_rise or self.start == self.end:
             return float(self.start)
+        if epoch == self.total_epochs - 1:
+            return float(self.end)
         # Epoch first_rise gets the first step up, the last epoch reaches ``end`` exactly.
         frac = (epoch - first_rise + 1) / self.rise_epochs
         return float(self.start * (self.end / self.start) ** frac)

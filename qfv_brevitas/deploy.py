@@ -69,13 +69,14 @@ def _fmt(values, limit=4) -> str:
 
 def format_report(rows: List[dict]) -> str:
     """A fixed-width table of :func:`layer_report` rows."""
-    head = f"{'layer':<28} {'bits':>4} {'variant':<7} {'gran':<7} {'r':<44} {'c':<12} {'mean d':>9} {'max d':>9}"
+    lw = max([5] + [len(r["layer"]) for r in rows])
+    head = f"{'layer':<{lw}} {'bits':>4} {'variant':<7} {'gran':<7} {'r':<44} {'c':<12} {'mean d':>9} {'max d':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         c = r["c"][0] if len(r["c"]) == 1 else float("nan")
         cs = f"{c:+.4g}" if len(r["c"]) == 1 else f"[{len(r['c'])} ch]"
         lines.append(
-            f"{r['layer'][:28]:<28} {r['bits']:>4} {r['variant']:<7} "
+            f"{r['layer']:<{lw}} {r['bits']:>4} {r['variant']:<7} "
             f"{'channel' if r['per_channel'] else 'tensor':<7} {_fmt(r['r']):<44} {cs:<12} "
             f"{r['mean_distance']:>9.3g} {r['max_distance']:>9.3g}")
     return "\n".join(lines)

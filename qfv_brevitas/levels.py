@@ -189,6 +189,14 @@ class _LevelIndex:
 
     def index_block(self, wb: Tensor, r0: int, r1: int) -> Tensor:
         """uint8 index into the sorted levels of each weight of a block of rows ``r0:r1``."""
+        try:
+            return self._index_block(wb, r0, r1)
+        except (IndexError, RuntimeError):
+            # A NaN weight casts to an arbitrary cell index; say what is wrong instead.
+            check_finite(wb, "weights")
+            raise
+
+    def _index_block(self, wb: Tensor, r0: int, r1: int) -> Tensor:
         if self.lut is None:
             return torch.searchsorted(self.thr[r0:r1], wb.contiguous(), right=True).to(torch.uint8)
         cells, shift, inv_h, base, thr_at, cell_off = self.lut

@@ -138,9 +138,10 @@ class NMultTensorQuant(nn.Module):
     def distance(self, w: Tensor) -> Tensor:
         """``sum_i min_q (w_i - q)^2`` over this layer (eq. 6/7 without the factors)."""
         self.check_weight(w)
-        out = L.sq_distance_to_levels(self.to_groups(w), self.levels())
+        w2d = self.to_groups(w)
+        L.check_finite(w2d, f"weights of {self.layer_name or 'layer'}")
+        out = L.sq_distance_to_levels(w2d, self.levels())
         if not torch.isfinite(out):
-            L.check_finite(w, f"weights of {self.layer_name or 'layer'}")
             raise ValueError(f"levels of {self.layer_name or 'layer'} are not finite: r/c diverged")
         return out
 
@@ -157,9 +158,8 @@ class NMultTensorQuant(nn.Module):
             out = x  # the paper trains on full-precision weights; the regularizer pulls them in
         elif self.mode in ("ste", "both") and self.training:
             w2d = self.to_groups(x)
+            L.check_finite(w2d, f"weights of {self.layer_name or 'layer'}")
             out = self.from_groups(L.snap_ste(w2d, self.levels()), x.shape)
-            if not torch.isfinite(out).all():
-                L.check_finite(w2d, f"weights of {self.layer_name or 'layer'}")
         else:
             out = self.snap(x)
         scale = self.nominal_scale()
@@ -222,6 +222,15 @@ class NMultWeightQuantProxy(WeightQuantProxyFromInjector):
     def __init__(self, quant_layer: nn.Module, quant_injector) -> None:
         super().__init__(quant_layer, quant_injector)
         self.skip_create_quant_tensor = True
+        # A mode restored from a state dict must survive the next re-initialisation of the
+        # quantizer from the injector: keep the injector in step after every load.
+        self.register_load_state_dict_post_hook(NMultWeightQuantProxy._sync_injector)
+
+    @staticmethod
+    def _sync_injector(module, incompatible_keys) -> None:
+        tq = module.tensor_quant
+        if tq is not None and module.quant_injector.forward_mode != tq.mode:
+            module.quant_injector = module.quant_injector.let(forward_mode=tq.mode)
 
     @property
     def input_view_impl(self):
