@@ -14,6 +14,7 @@ which is exact too, only slower.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -112,7 +113,11 @@ class SortedLevels(NamedTuple):
 
 def sort_levels(levels: Tensor) -> SortedLevels:
     values, perm = levels.sort(dim=1, stable=True)
-    thr = (values[:, 1:] + values[:, :-1]) * 0.5
+    lo, hi = values[:, :-1], values[:, 1:]
+    thr = (hi + lo) * 0.5
+    # Two levels one ulp apart have a midpoint that rounds onto the lower one, which would send
+    # a weight sitting exactly on that level up: put such thresholds on the upper level.
+    thr = torch.where(thr > lo, thr, hi)
     return SortedLevels(values, perm, thr)
 
 
@@ -159,7 +164,10 @@ class _LevelIndex:
             pos = torch.where(gaps > 0, gaps, torch.full_like(gaps, float("inf")))
             min_gap = pos.min(dim=1, keepdim=True).values
             need = torch.where(torch.isfinite(min_gap), span / min_gap, torch.zeros_like(span))
-            cells = max(cells, int(float(need.max()) * 2) + 2)
+            need_max = float(need.max()) * 2 + 2
+            if not math.isfinite(need_max) or need_max * G > _MAX_TABLE:
+                return None  # gaps far below the span: searchsorted
+            cells = max(cells, int(need_max))
         if G * cells > _MAX_TABLE:
             return None
         inv_h = torch.where(span > 0, cells / span, torch.ones_like(span))
