@@ -126,14 +126,15 @@ def sort_levels(levels: Tensor) -> SortedLevels:
 _BLOCK = 1 << 18
 
 
-def _blocks(G: int, M: int):
-    """Yield ``(r0, r1, c0, c1)`` tiles of a ``(G, M)`` array of about ``_BLOCK`` elements."""
-    if M >= _BLOCK:
+def _blocks(G: int, M: int, block: Optional[int] = None):
+    """Yield ``(r0, r1, c0, c1)`` tiles of a ``(G, M)`` array of about ``block`` elements."""
+    block = block or _BLOCK
+    if M >= block:
         for r in range(G):
-            for c0 in range(0, M, _BLOCK):
-                yield r, r + 1, c0, min(c0 + _BLOCK, M)
+            for c0 in range(0, M, block):
+                yield r, r + 1, c0, min(c0 + block, M)
     else:
-        rows = max(1, _BLOCK // max(M, 1))
+        rows = max(1, block // max(M, 1))
         for r0 in range(0, G, rows):
             yield r0, min(r0 + rows, G), 0, M
 

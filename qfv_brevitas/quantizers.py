@@ -7,7 +7,8 @@
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import weakref
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -17,10 +18,13 @@ from brevitas.core.function_wrapper.misc import Identity
 from brevitas.inject import ExtendedInjector, value
 from brevitas.proxy import WeightQuantProxyFromInjector
 
+from . import device as D
 from . import levels as L
 from .config import MODES, VARIANTS, check_choice
 
 __all__ = [
+    "DeviceState",
+    "MAPPINGS",
     "NMultTensorQuant",
     "NMultWeightQuantProxy",
     "NMultWeightQuant",
@@ -33,6 +37,19 @@ __all__ = [
     "is_nmult_layer",
     "nmult_layers",
 ]
+
+
+class DeviceState(NamedTuple):
+    """Maps of one layer in ``(G, M)`` / ``(G, M, N)`` layout (see :mod:`qfv_brevitas.device`)."""
+
+    sa0: Optional[Tensor]
+    sa1: Optional[Tensor]
+    lrs: Optional[Tensor]
+    hrs: Optional[Tensor]
+    mapping: str
+
+
+MAPPINGS = ("naive", "aware")
 
 
 class NMultTensorQuant(nn.Module):
@@ -118,29 +135,82 @@ class NMultTensorQuant(nn.Module):
                 f"per-channel weight quantizer{_where(self.layer_name)} has {self.groups} "
                 f"channels on axis {self.channel_dim} but got a weight of shape {tuple(w.shape)}")
 
+    # -- the device (fault / variability maps held by the proxy) -----------------------------
+    def device_state(self) -> Optional["DeviceState"]:
+        """The attached fault/variability maps in ``(G, M)`` layout, or ``None``."""
+        ref = self.__dict__.get("_owner")
+        proxy = ref() if ref is not None else None
+        if proxy is None or not (proxy.has_faults or proxy.has_variability):
+            return None
+        g = self.to_groups
+        sa0 = g(proxy.fault_sa0) if proxy.has_faults else None
+        sa1 = g(proxy.fault_sa1) if proxy.has_faults else None
+        lrs = hrs = None
+        if proxy.has_variability:
+            lrs = self._cells_to_groups(proxy.var_lrs)
+            if proxy.var_hrs is not None:
+                hrs = self._cells_to_groups(proxy.var_hrs)
+        return DeviceState(sa0, sa1, lrs, hrs, proxy.deploy_mapping)
+
+    def _cells_to_groups(self, t: Tensor) -> Tensor:
+        """``weight.shape + (N,)`` -> ``(G, M, N)``."""
+        if not self.per_channel:
+            return t.reshape(1, -1, self.bits)
+        return t.movedim(self.channel_dim, 0).reshape(self.groups, -1, self.bits)
+
+    def _programmed_codes(self, w2d: Tensor, dev: "DeviceState", mapping: str) -> Tensor:
+        r, c = self.multipliers(), self.offset()
+        if mapping == "aware":
+            return D.aware_codes(w2d, r, c, dev.sa0, dev.sa1, dev.lrs, dev.hrs)
+        return D.naive_codes(w2d, r.detach(), c.detach())
+
     # -- quantization ----------------------------------------------------------------------
-    def snap(self, w: Tensor) -> Tensor:
-        """Each weight's nearest level (no gradient)."""
+    def _checked_groups(self, w: Tensor) -> Tensor:
         self.check_weight(w)
         w2d = self.to_groups(w)
         L.check_finite(w2d, f"weights of {self.layer_name or 'layer'}")
-        q, _ = L.nearest(w2d, self.levels())
+        return w2d
+
+    @torch.no_grad()
+    def snap(self, w: Tensor) -> Tensor:
+        """Each weight's deployed value (no gradient): its nearest level, or with a fault or
+        variability map attached, what the device holds for the programmed code."""
+        w2d = self._checked_groups(w)
+        dev = self.device_state()
+        if dev is None:
+            q, _ = L.nearest(w2d, self.levels())
+        else:
+            codes = self._programmed_codes(w2d, dev, dev.mapping)
+            q = D.deployed_values(codes, self.multipliers(), self.offset(), dev.sa0, dev.sa1,
+                                  dev.lrs, dev.hrs)
         return self.from_groups(q, w.shape)
 
+    @torch.no_grad()
     def codes(self, w: Tensor) -> Tensor:
-        """Each weight's N-bit code (int64, same shape as ``w``): its level is ``levels[code]``."""
-        self.check_weight(w)
-        w2d = self.to_groups(w)
-        L.check_finite(w2d, f"weights of {self.layer_name or 'layer'}")
-        _, codes = L.nearest(w2d, self.levels())
+        """Each weight's programmed N-bit code (int64, shape of ``w``): ideally its level is
+        ``levels[code]``; with a map attached and ``deploy_mapping="aware"`` the code whose
+        deployed value is nearest."""
+        w2d = self._checked_groups(w)
+        dev = self.device_state()
+        if dev is None:
+            codes = L.nearest(w2d, self.levels())[1]
+        else:
+            codes = self._programmed_codes(w2d, dev, dev.mapping)
         return self.from_groups(codes, w.shape)
 
     def distance(self, w: Tensor) -> Tensor:
-        """``sum_i min_q (w_i - q)^2`` over this layer (eq. 6/7 without the factors)."""
-        self.check_weight(w)
-        w2d = self.to_groups(w)
-        L.check_finite(w2d, f"weights of {self.layer_name or 'layer'}")
-        out = L.sq_distance_to_levels(w2d, self.levels())
+        """``sum_i min_q (w_i - q)^2`` over this layer (eq. 6/7 without the factors).
+
+        With a fault or variability map attached, ``q`` ranges over the levels this weight can
+        actually take on the device (eq. 11, eq. 12): unreachable levels are excluded."""
+        w2d = self._checked_groups(w)
+        dev = self.device_state()
+        if dev is None:
+            out = L.sq_distance_to_levels(w2d, self.levels())
+        else:
+            r, c = self.multipliers(), self.offset()
+            codes = D.aware_codes(w2d.detach(), r, c, dev.sa0, dev.sa1, dev.lrs, dev.hrs)
+            out = D.deployed_sq_distance(w2d, r, c, codes, dev.sa0, dev.sa1, dev.lrs, dev.hrs)
         if not torch.isfinite(out):
             raise ValueError(f"levels of {self.layer_name or 'layer'} are not finite: r/c diverged")
         return out
@@ -157,9 +227,17 @@ class NMultTensorQuant(nn.Module):
         if self.mode == "paper" and self.training:
             out = x  # the paper trains on full-precision weights; the regularizer pulls them in
         elif self.mode in ("ste", "both") and self.training:
-            w2d = self.to_groups(x)
-            L.check_finite(w2d, f"weights of {self.layer_name or 'layer'}")
-            out = self.from_groups(L.snap_ste(w2d, self.levels()), x.shape)
+            w2d = self._checked_groups(x)
+            dev = self.device_state()
+            if dev is None:
+                out = self.from_groups(L.snap_ste(w2d, self.levels()), x.shape)
+            else:
+                # Training through what the device holds (simulated chip-in-loop): the deployed
+                # values carry r/c gradients, the weights a straight-through one.
+                codes = self._programmed_codes(w2d.detach(), dev, dev.mapping)
+                v = D.deployed_values(codes, self.multipliers(), self.offset(), dev.sa0,
+                                      dev.sa1, dev.lrs, dev.hrs)
+                out = self.from_groups(v + (w2d - w2d.detach()), x.shape)
         else:
             out = self.snap(x)
         scale = self.nominal_scale()
@@ -225,6 +303,87 @@ class NMultWeightQuantProxy(WeightQuantProxyFromInjector):
         # A mode restored from a state dict must survive the next re-initialisation of the
         # quantizer from the injector: keep the injector in step after every load.
         self.register_load_state_dict_post_hook(NMultWeightQuantProxy._sync_injector)
+
+    _DEVICE_BUFFERS = ("fault_sa0", "fault_sa1", "var_lrs", "var_hrs")
+
+    def init_tensor_quant(self, *args, **kwargs):
+        super().init_tensor_quant(*args, **kwargs)
+        if self.tensor_quant is not None:
+            # A plain (weak) reference, not a submodule: the quantizer reads the maps it needs.
+            self.tensor_quant.__dict__["_owner"] = weakref.ref(self)
+        for name in self._DEVICE_BUFFERS:
+            if not hasattr(self, name):
+                self.register_buffer(name, None)
+        if not hasattr(self, "deploy_mapping"):
+            self.deploy_mapping = "naive"
+
+    # -- device maps (persistent state: sampled once, travel with the state dict) ----------
+    @property
+    def has_faults(self) -> bool:
+        return self.fault_sa0 is not None
+
+    @property
+    def has_variability(self) -> bool:
+        return self.var_lrs is not None
+
+    def _weight(self) -> Tensor:
+        return self.tracked_parameter_list[0]
+
+    def _where(self) -> str:
+        tq = self.tensor_quant
+        return f"layer {tq.layer_name!r}" if tq is not None and tq.layer_name else "layer"
+
+    def set_faults(self, sa0: Tensor, sa1: Tensor) -> None:
+        """Attach stuck-at masks: bit i of ``sa0[j]`` (``sa1[j]``) set = bit i of weight j stuck
+        at 0 (1). uint8, the weight's shape."""
+        w, bits = self._weight(), self.tensor_quant.bits
+        for name, m in (("sa0", sa0), ("sa1", sa1)):
+            if tuple(m.shape) != tuple(w.shape):
+                raise ValueError(f"{self._where()}: {name} mask has shape {tuple(m.shape)}, the "
+                                 f"weight {tuple(w.shape)}")
+            if m.dtype != torch.uint8:
+                raise ValueError(f"{self._where()}: {name} mask must be uint8, got {m.dtype}")
+            if bool((m.long() >> bits).any()):
+                raise ValueError(f"{self._where()}: {name} mask sets bits at or above the "
+                                 f"layer's {bits}-bit width")
+        if bool((sa0 & sa1).any()):
+            raise ValueError(f"{self._where()}: a bit cannot be stuck at 0 and at 1")
+        self.fault_sa0 = sa0.to(w.device)
+        self.fault_sa1 = sa1.to(w.device)
+
+    def clear_faults(self) -> None:
+        self.fault_sa0 = None
+        self.fault_sa1 = None
+
+    def set_variability(self, lrs: Tensor, hrs: Optional[Tensor] = None) -> None:
+        """Attach per-cell factors, shape ``weight.shape + (bits,)``: ``lrs`` scales a "1"
+        cell's ``r_i`` (ideal 1), ``hrs`` is the fraction of ``r_i`` a "0" cell adds (ideal 0)."""
+        w, bits = self._weight(), self.tensor_quant.bits
+        want = tuple(w.shape) + (bits,)
+        for name, t in (("lrs", lrs), ("hrs", hrs)):
+            if t is None:
+                continue
+            if tuple(t.shape) != want:
+                raise ValueError(f"{self._where()}: {name} factors have shape {tuple(t.shape)}, "
+                                 f"expected weight shape + bits = {want}")
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{self._where()}: {name} factors must be finite floats")
+        self.var_lrs = lrs.to(device=w.device, dtype=w.dtype)
+        self.var_hrs = None if hrs is None else hrs.to(device=w.device, dtype=w.dtype)
+
+    def clear_variability(self) -> None:
+        self.var_lrs = None
+        self.var_hrs = None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Maps saved with a model come back with it, also into a freshly built model.
+        for name in self._DEVICE_BUFFERS:
+            key = prefix + name
+            if key in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[key]))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     @staticmethod
     def _sync_injector(module, incompatible_keys) -> None:

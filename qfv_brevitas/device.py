@@ -1,0 +1,215 @@
+"""What an imperfect device stores: stuck bits and per-cell variability (pure torch math).
+
+A weight programmed with code ``S`` is stored in ``N`` bit cells. Stuck-at faults force bits:
+``S' = (S & ~sa0) | sa1``. Device-to-device variability scales each cell's contribution (paper
+eq. 12): a "1" (LRS) cell contributes ``r_i * lrs_i``, a "0" (HRS) cell ``r_i * hrs_i`` (0 for an
+ideal device). The deployed value is ``c + sum_i r_i * (S'_i lrs_i + (1 - S'_i) hrs_i)``.
+
+Layouts follow :mod:`qfv_brevitas.levels`: weights ``(G, M)``, ``r (G, N)``, ``c (G,)``,
+``sa0``/``sa1`` uint8 ``(G, M)``, ``lrs``/``hrs`` ``(G, M, N)`` (either may be ``None``).
+
+Two ways to choose the code: *naive* programming targets the nearest ideal level (what a
+fault-unaware flow does); *aware* programming picks the code whose deployed value on this device
+is nearest (nearest-valid-level mapping for faults, eq. 11; the weight's own perturbed level set
+for variability). Both use O(n) memory: candidates are enumerated per block of weights.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import levels as L
+
+__all__ = ["force_codes", "deployed_values", "naive_codes", "aware_codes",
+           "deployed_sq_distance"]
+
+# Weights per block times candidate codes: bounds the temporaries of the exhaustive search.
+_CAND_BLOCK = 1 << 20
+
+
+def force_codes(codes: Tensor, sa0: Optional[Tensor], sa1: Optional[Tensor]) -> Tensor:
+    """Codes as the device stores them: stuck-at-0 bits cleared, stuck-at-1 bits set.
+
+    >>> force_codes(torch.tensor([0b1011]), torch.tensor([0b0010]), torch.tensor([0b0100]))
+    tensor([13])
+    """
+    if sa0 is None and sa1 is None:
+        return codes
+    out = codes.long()
+    if sa0 is not None:
+        out = out & ~sa0.long()
+    if sa1 is not None:
+        out = out | sa1.long()
+    return out
+
+
+def _coefficients(bits: Tensor, lrs: Optional[Tensor], hrs: Optional[Tensor]) -> Tensor:
+    """Per-cell factor multiplying ``r_i``: ``S_i lrs_i + (1 - S_i) hrs_i``."""
+    coef = bits if lrs is None else bits * lrs
+    if hrs is not None:
+        coef = coef + (1 - bits) * hrs
+    return coef
+
+
+def deployed_values(codes: Tensor, r: Tensor, c: Tensor, sa0: Optional[Tensor] = None,
+                    sa1: Optional[Tensor] = None, lrs: Optional[Tensor] = None,
+                    hrs: Optional[Tensor] = None) -> Tensor:
+    """Values ``(G, M)`` the device holds for programmed ``codes``; differentiable in r, c."""
+    forced = force_codes(codes, sa0, sa1)
+    if lrs is None and hrs is None:
+        return L.level_table(r, c).gather(1, forced.long())
+    bits = L.codes_to_bits(forced, r.shape[1]).to(r.dtype)
+    coef = _coefficients(bits, lrs, hrs)
+    return c[:, None] + (coef * r[:, None, :]).sum(-1)
+
+
+def naive_codes(w2d: Tensor, r: Tensor, c: Tensor) -> Tensor:
+    """Codes of the nearest ideal level (what a device-unaware flow programs)."""
+    return L.nearest(w2d, L.level_table(r, c))[1]
+
+
+@torch.no_grad()
+def aware_codes(w2d: Tensor, r: Tensor, c: Tensor, sa0: Optional[Tensor] = None,
+                sa1: Optional[Tensor] = None, lrs: Optional[Tensor] = None,
+                hrs: Optional[Tensor] = None) -> Tensor:
+    """Codes whose deployed value on this device is nearest each weight, ``(G, M)`` int64.
+
+    With faults only, healthy weights take the fast nearest-level search and only weights with a
+    stuck bit are searched over their reachable codes. With variability every weight has its
+    own level set and all ``2**N`` codes are compared, block by block.
+    """
+    G, M = w2d.shape
+    N = r.shape[1]
+    r, c = r.detach().to(w2d.dtype), c.detach().to(w2d.dtype)
+    if lrs is None and hrs is None:
+        levels = L.level_table(r, c)
+        codes = L.nearest(w2d, levels)[1]
+        if sa0 is None and sa1 is None:
+            return codes
+        stuck = torch.zeros_like(w2d, dtype=torch.bool)
+        if sa0 is not None:
+            stuck |= sa0 != 0
+        if sa1 is not None:
+            stuck |= sa1 != 0
+        rows, cols = stuck.nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            return codes
+        all_codes = torch.arange(1 << N, device=w2d.device)
+        step = max(1, _CAND_BLOCK >> N)
+        for a in range(0, rows.numel(), step):
+            rr, cc = rows[a:a + step], cols[a:a + step]
+            w = w2d[rr, cc]
+            lv = levels[rr]  # (m, L)
+            d = (w[:, None] - lv).abs()
+            valid = _valid(all_codes, sa0, sa1, rr, cc)
+            d = torch.where(valid, d, torch.full_like(d, float("inf")))
+            codes[rr, cc] = d.argmin(1)
+        return codes
+    # Variability: every weight has its own levels: enumerate codes per block.
+    bitsm = L.bit_matrix(N, w2d.dtype, w2d.device)  # (L, N)
+    all_codes = torch.arange(1 << N, device=w2d.device)
+    codes = torch.empty((G, M), dtype=torch.long, device=w2d.device)
+    for r0, r1, c0, c1 in L._blocks(G, M, max(1, _CAND_BLOCK >> N)):
+        wb = w2d[r0:r1, c0:c1]
+        rb = r[r0:r1, None, :]
+        lo = torch.zeros_like(wb)[..., None] if hrs is None else hrs[r0:r1, c0:c1] * rb
+        hi = rb.expand(*wb.shape, N) if lrs is None else lrs[r0:r1, c0:c1] * rb
+        base = c[r0:r1, None] + lo.sum(-1)  # every cell at "0"
+        vals = base[..., None] + (hi - lo) @ bitsm.t()  # (g, m, L)
+        d = (wb[..., None] - vals).abs()
+        if sa0 is not None or sa1 is not None:
+            s0 = None if sa0 is None else sa0[r0:r1, c0:c1].long()[..., None]
+            s1 = None if sa1 is None else sa1[r0:r1, c0:c1].long()[..., None]
+            ok = torch.ones_like(d, dtype=torch.bool)
+            if s0 is not None:
+                ok &= (all_codes & s0) == 0
+            if s1 is not None:
+                ok &= (all_codes & s1) == s1
+            d = torch.where(ok, d, torch.full_like(d, float("inf")))
+        codes[r0:r1, c0:c1] = d.argmin(-1)
+    return codes
+
+
+def _valid(all_codes: Tensor, sa0, sa1, rr: Tensor, cc: Tensor) -> Tensor:
+    ok = torch.ones((rr.numel(), all_codes.numel()), dtype=torch.bool, device=all_codes.device)
+    if sa0 is not None:
+        ok &= (all_codes & sa0[rr, cc].long()[:, None]) == 0
+    if sa1 is not None:
+        s1 = sa1[rr, cc].long()[:, None]
+        ok &= (all_codes & s1) == s1
+    return ok
+
+
+class _DeployedSqDistance(torch.autograd.Function):
+    """``sum (w - v(S))^2`` for given programmed codes, with v the deployed value; gradients:
+    d/dw = 2 (w - v), d/dr_i = -2 sum (w - v) coef_i, d/dc = -2 sum (w - v)."""
+
+    @staticmethod
+    def forward(ctx, w2d, r, c, forced, lrs, hrs):
+        G, M = w2d.shape
+        N = r.shape[1]
+        total = torch.zeros((), dtype=w2d.dtype, device=w2d.device)
+        rd, cd = r.detach().to(w2d.dtype), c.detach().to(w2d.dtype)
+        plain = lrs is None and hrs is None
+        levels = L.level_table(rd, cd) if plain else None
+        for r0, r1, c0, c1 in L._blocks(G, M):
+            d = w2d[r0:r1, c0:c1] - _block_values(levels, rd, cd, forced, lrs, hrs, N,
+                                                   r0, r1, c0, c1)
+            d = d.reshape(-1)
+            total += torch.dot(d, d)
+        ctx.save_for_backward(w2d, r, c, forced, lrs, hrs)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        w2d, r, c, forced, lrs, hrs = ctx.saved_tensors
+        G, M = w2d.shape
+        N = r.shape[1]
+        rd, cd = r.detach().to(w2d.dtype), c.detach().to(w2d.dtype)
+        plain = lrs is None and hrs is None
+        levels = L.level_table(rd, cd) if plain else None
+        need_w, need_r, need_c = ctx.needs_input_grad[:3]
+        grad_w = torch.empty_like(w2d) if need_w else None
+        grad_r = torch.zeros_like(rd)
+        grad_c = torch.zeros_like(cd)
+        for r0, r1, c0, c1 in L._blocks(G, M):
+            fb = forced[r0:r1, c0:c1]
+            d = w2d[r0:r1, c0:c1] - _block_values(levels, rd, cd, forced, lrs, hrs, N,
+                                                   r0, r1, c0, c1)
+            if need_w:
+                torch.mul(d, 2 * g, out=grad_w[r0:r1, c0:c1])
+            if need_r or need_c:
+                grad_c[r0:r1] += d.sum(1)
+                bits = L.codes_to_bits(fb, N).to(d.dtype)
+                lb = None if lrs is None else lrs[r0:r1, c0:c1]
+                hb = None if hrs is None else hrs[r0:r1, c0:c1]
+                coef = _coefficients(bits, lb, hb)
+                grad_r[r0:r1] += (d[..., None] * coef).sum(1)
+        grad_r = (grad_r * (-2 * g)).to(r.dtype) if need_r else None
+        grad_c = (grad_c * (-2 * g)).to(c.dtype) if need_c else None
+        return grad_w, grad_r, grad_c, None, None, None
+
+
+def _block_values(levels, r, c, forced, lrs, hrs, N, r0, r1, c0, c1) -> Tensor:
+    fb = forced[r0:r1, c0:c1]
+    if levels is not None:
+        return levels[r0:r1].gather(1, fb.long())
+    bits = L.codes_to_bits(fb, N).to(r.dtype)
+    lb = None if lrs is None else lrs[r0:r1, c0:c1]
+    hb = None if hrs is None else hrs[r0:r1, c0:c1]
+    return c[r0:r1, None] + (_coefficients(bits, lb, hb) * r[r0:r1, None, :]).sum(-1)
+
+
+def deployed_sq_distance(w2d: Tensor, r: Tensor, c: Tensor, codes: Tensor,
+                         sa0: Optional[Tensor] = None, sa1: Optional[Tensor] = None,
+                         lrs: Optional[Tensor] = None, hrs: Optional[Tensor] = None) -> Tensor:
+    """``sum_i (w_i - v_i)^2`` with ``v_i`` the deployed value of ``codes`` on this device.
+
+    With ``codes = aware_codes(...)`` this is the fault-aware regularizer (eq. 11, unreachable
+    levels excluded outright) and the variability-aware regularizer (eq. 12). Differentiable
+    in ``w2d``, ``r`` and ``c``; O(n) memory.
+    """
+    forced = force_codes(codes, sa0, sa1).to(torch.uint8)
+    return _DeployedSqDistance.apply(w2d, r, c, forced, lrs, hrs)

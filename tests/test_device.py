@@ -1,0 +1,103 @@
+"""device.py: forced codes, deployed values, aware (nearest deployable) codes, and the
+device-aware distance against brute force over all 2**N codes."""
+import itertools
+
+import pytest
+import torch
+
+from qfv_brevitas import levels as L
+from qfv_brevitas.device import (aware_codes, deployed_sq_distance, deployed_values, force_codes,
+                                 naive_codes)
+
+
+def _setup(G, N, faults, var, hrs, seed=0, M=50):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(G, M, generator=g, dtype=torch.float64) * 0.1
+    r, c = L.uniform_multipliers(L.lsq_step_init(w, N), N)
+    r = r * (1 + 0.2 * torch.rand(r.shape, generator=g, dtype=torch.float64))
+    sa0 = sa1 = lrs = hr = None
+    if faults:
+        stuck = torch.rand(G, M, N, generator=g) < 0.3
+        one = torch.rand(G, M, N, generator=g) < 0.5
+        sa0 = L.bits_to_codes((stuck & ~one).to(torch.uint8)).to(torch.uint8)
+        sa1 = L.bits_to_codes((stuck & one).to(torch.uint8)).to(torch.uint8)
+    if var:
+        lrs = 1 + 0.2 * torch.randn(G, M, N, generator=g, dtype=torch.float64)
+        if hrs:
+            hr = 0.05 * (1 + 0.2 * torch.randn(G, M, N, generator=g, dtype=torch.float64))
+    return w, r, c, sa0, sa1, lrs, hr
+
+
+def _brute_values(G, M, N, r, c, sa0, sa1, lrs, hr):
+    """(G, M, 2**N) deployed value of every code, computed bit by bit from the definition."""
+    out = torch.empty(G, M, 1 << N, dtype=torch.float64)
+    for k in range(1 << N):
+        code = torch.full((G, M), k)
+        if sa0 is not None:
+            code = (code & ~sa0.long()) | sa1.long()
+        v = c[:, None].expand(G, M).clone()
+        for i in range(N):
+            b = ((code >> i) & 1).double()
+            on = b * (lrs[..., i] if lrs is not None else 1.0)
+            off = (1 - b) * (hr[..., i] if hr is not None else 0.0)
+            v = v + r[:, i, None] * (on + off)
+        out[..., k] = v
+    return out
+
+
+CASES = [(G, N, f, v, h) for G, N, f, v, h in itertools.product((1, 3), (1, 3, 4, 8),
+                                                               (False, True), (False, True),
+                                                               (False, True)) if v or not h]
+
+
+def test_force_codes_hand_made():
+    codes = torch.tensor([0b0000, 0b1111, 0b1010, 0b0101])
+    sa0 = torch.tensor([0b0001, 0b0011, 0b0000, 0b0100], dtype=torch.uint8)
+    sa1 = torch.tensor([0b1000, 0b0000, 0b0001, 0b0000], dtype=torch.uint8)
+    assert force_codes(codes, sa0, sa1).tolist() == [0b1000, 0b1100, 0b1011, 0b0001]
+    assert force_codes(codes, None, None) is codes
+
+
+@pytest.mark.parametrize("G,N,faults,var,hrs", CASES)
+def test_deployed_values_and_aware_codes_match_brute_force(G, N, faults, var, hrs):
+    w, r, c, sa0, sa1, lrs, hr = _setup(G, N, faults, var, hrs)
+    M = w.shape[1]
+    table = _brute_values(G, M, N, r, c, sa0, sa1, lrs, hr)
+    codes = torch.randint(0, 1 << N, (G, M))
+    got = deployed_values(codes, r, c, sa0, sa1, lrs, hr)
+    assert torch.allclose(got, table.gather(2, codes[..., None])[..., 0], atol=1e-12, rtol=0)
+    aware = aware_codes(w, r, c, sa0, sa1, lrs, hr)
+    best = (w[..., None] - table).abs().min(-1).values
+    dist = (w - deployed_values(aware, r, c, sa0, sa1, lrs, hr)).abs()
+    assert torch.allclose(dist, best, atol=1e-12, rtol=0)
+    if faults:
+        # Aware codes are reachable: the device stores exactly what was programmed.
+        assert torch.equal(force_codes(aware, sa0, sa1), aware)
+
+
+@pytest.mark.parametrize("G,N,faults,var,hrs", [c for c in CASES if c[1] <= 4])
+def test_deployed_distance_gradients(G, N, faults, var, hrs):
+    w, r, c, sa0, sa1, lrs, hr = _setup(G, N, faults, var, hrs, seed=1, M=20)
+    codes = aware_codes(w, r, c, sa0, sa1, lrs, hr)
+    args = [t.clone().requires_grad_() for t in (w, r, c)]
+    f = lambda w_, r_, c_: deployed_sq_distance(w_, r_, c_, codes, sa0, sa1, lrs, hr)
+    assert torch.autograd.gradcheck(f, args)
+    ref = ((args[0] - deployed_values(codes, args[1], args[2], sa0, sa1, lrs, hr)) ** 2).sum()
+    assert torch.allclose(f(*args), ref, atol=1e-12, rtol=0)
+    for a, b in zip(torch.autograd.grad(f(*args), args), torch.autograd.grad(ref, args)):
+        assert torch.allclose(a, b, atol=1e-12, rtol=0)
+
+
+def test_ideal_device_changes_nothing():
+    w, r, c, *_ = _setup(2, 4, False, False, False)
+    G, M = w.shape
+    zero = torch.zeros(G, M, dtype=torch.uint8)
+    ones = torch.ones(G, M, 4, dtype=torch.float64)
+    zeros = torch.zeros(G, M, 4, dtype=torch.float64)
+    ideal = naive_codes(w, r, c)
+    for args in [(zero, zero, None, None), (None, None, ones, None), (zero, zero, ones, zeros)]:
+        assert torch.equal(aware_codes(w, r, c, *args), ideal)
+        assert torch.equal(deployed_values(ideal, r, c, *args),
+                           L.level_table(r, c).gather(1, ideal))
+        assert deployed_sq_distance(w, r, c, ideal, *args) == L.sq_distance_to_levels(
+            w, L.level_table(r, c))
