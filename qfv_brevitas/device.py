@@ -120,25 +120,28 @@ def aware_codes(w2d: Tensor, r: Tensor, c: Tensor, sa0: Optional[Tensor] = None,
         vals = base[..., None] + (hi - lo) @ bitsm.t()  # (g, m, L)
         d = (wb[..., None] - vals).abs()
         if sa0 is not None or sa1 is not None:
-            s0 = None if sa0 is None else sa0[r0:r1, c0:c1].long()[..., None]
-            s1 = None if sa1 is None else sa1[r0:r1, c0:c1].long()[..., None]
+            u8 = all_codes.to(torch.uint8)
+            s0 = None if sa0 is None else sa0[r0:r1, c0:c1][..., None]
+            s1 = None if sa1 is None else sa1[r0:r1, c0:c1][..., None]
             ok = torch.ones_like(d, dtype=torch.bool)
             if s0 is not None:
-                ok &= (all_codes & s0) == 0
+                ok &= (u8 & s0) == 0
             if s1 is not None:
-                ok &= (all_codes & s1) == s1
+                ok &= (u8 & s1) == s1
             d = torch.where(ok, d, torch.full_like(d, float("inf")))
         codes[r0:r1, c0:c1] = d.argmin(-1)
     return codes
 
 
 def _valid(all_codes: Tensor, sa0, sa1, rr: Tensor, cc: Tensor) -> Tensor:
-    ok = torch.ones((rr.numel(), all_codes.numel()), dtype=torch.bool, device=all_codes.device)
+    """``(m, 2**N)``: which codes respect the stuck bits (uint8 arithmetic: N <= 8)."""
+    codes = all_codes.to(torch.uint8)
+    ok = torch.ones((rr.numel(), codes.numel()), dtype=torch.bool, device=codes.device)
     if sa0 is not None:
-        ok &= (all_codes & sa0[rr, cc].long()[:, None]) == 0
+        ok &= (codes & sa0[rr, cc][:, None]) == 0
     if sa1 is not None:
-        s1 = sa1[rr, cc].long()[:, None]
-        ok &= (all_codes & s1) == s1
+        s1 = sa1[rr, cc][:, None]
+        ok &= (codes & s1) == s1
     return ok
 
 

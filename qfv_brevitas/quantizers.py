@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import weakref
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -138,8 +137,7 @@ class NMultTensorQuant(nn.Module):
     # -- the device (fault / variability maps held by the proxy) -----------------------------
     def device_state(self) -> Optional["DeviceState"]:
         """The attached fault/variability maps in ``(G, M)`` layout, or ``None``."""
-        ref = self.__dict__.get("_owner")
-        proxy = ref() if ref is not None else None
+        proxy = self.__dict__.get("_owner")
         if proxy is None or not (proxy.has_faults or proxy.has_variability):
             return None
         g = self.to_groups
@@ -309,8 +307,10 @@ class NMultWeightQuantProxy(WeightQuantProxyFromInjector):
     def init_tensor_quant(self, *args, **kwargs):
         super().init_tensor_quant(*args, **kwargs)
         if self.tensor_quant is not None:
-            # A plain (weak) reference, not a submodule: the quantizer reads the maps it needs.
-            self.tensor_quant.__dict__["_owner"] = weakref.ref(self)
+            # A plain attribute, not a submodule (no cycle in the module tree): the quantizer
+            # reads the maps it needs. A strong reference, so that copy.deepcopy of a model
+            # points each copied quantizer at its own copied proxy (a weakref would be shared).
+            self.tensor_quant.__dict__["_owner"] = self
         for name in self._DEVICE_BUFFERS:
             if not hasattr(self, name):
                 self.register_buffer(name, None)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -94,10 +94,12 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 512,
 
 
 def fit(model: nn.Module, train: Dataset, test: Optional[Dataset], cfg: TrainConfig,
-        desc: str = "train", progress: bool = True, device: Optional[torch.device] = None
-        ) -> Dict[str, list]:
+        desc: str = "train", progress: bool = True, device: Optional[torch.device] = None,
+        epoch_end: Optional[Callable[[int], None]] = None) -> Dict[str, list]:
     """Train ``model``; with N-multiplier layers the loss adds ``lambda(epoch) * R(model)``.
 
+    ``epoch_end(epoch)`` runs after each epoch's updates, before its evaluation (e.g. the
+    periodic nearest-valid-level remapping of fault-aware training).
     Returns the history: per epoch the task loss, the regularizer, lambda and test accuracy.
     """
     torch.manual_seed(cfg.seed)
@@ -138,6 +140,8 @@ def fit(model: nn.Module, train: Dataset, test: Optional[Dataset], cfg: TrainCon
                 o.step()
                 sch.step()
             tl += float(task.detach())
+        if epoch_end is not None:
+            epoch_end(epoch)
         hist["task_loss"].append(tl / len(loader))
         hist["reg"].append(rl / len(loader))
         hist["lambda"].append(reg.lam(epoch) if reg is not None else 0.0)

@@ -101,3 +101,26 @@ def test_ideal_device_changes_nothing():
                            L.level_table(r, c).gather(1, ideal))
         assert deployed_sq_distance(w, r, c, ideal, *args) == L.sq_distance_to_levels(
             w, L.level_table(r, c))
+
+
+def test_deepcopy_keeps_maps_with_their_copy():
+    """A copied model deploys with its own maps, the original stays fault-free."""
+    import copy
+
+    from torch import nn
+
+    from qfv_brevitas import NMultConfig, quant_of, quantize_model
+
+    torch.manual_seed(0)
+    m = quantize_model(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)),
+                       NMultConfig(weight_bits=4, act_bits=None, first_last_bits=None)).eval()
+    x = torch.randn(5, 8)
+    clean = m(x)
+    c = copy.deepcopy(m)
+    layer = c[0]
+    sa1 = torch.full_like(layer.weight, 0b1000, dtype=torch.uint8)
+    layer.weight_quant.set_faults(torch.zeros_like(sa1), sa1)
+    assert torch.equal(m(x), clean)
+    assert not torch.equal(c(x), clean)
+    top = quant_of(layer).levels()[0, 8:].detach()
+    assert bool(torch.isin(layer.quant_weight(), top).all())  # MSB forced to 1 everywhere

@@ -1,0 +1,277 @@
+"""Monte Carlo evaluation under faults and variability, and method comparisons.
+
+Every trial draws its own seeded map (trial ``k`` uses ``seed + k`` at every level, so that the
+methods and the levels are compared on the same maps: common random numbers). Results are
+rows ``(method, level, trial, seed, acc)`` with summaries (mean, std, min), CSV/JSON and a plot
+of accuracy against the fault rate or sigma/mu, one line per method, error bars = std.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from .config import check_choice
+from .convert import set_forward_mode
+from .quantizers import nmult_layers
+from .repair import (chip_in_loop_finetune, fault_aware_finetune, set_deploy_mapping,
+                     variability_aware_finetune)
+from .train import TrainConfig, evaluate
+
+__all__ = ["MonteCarloResult", "evaluate_faults", "evaluate_variability", "compare_faults",
+           "compare_variability", "FAULT_METHODS", "VARIABILITY_METHODS"]
+
+FAULT_METHODS = ("none", "nearest_valid", "fault_aware", "chip_in_loop")
+VARIABILITY_METHODS = ("none", "chip_in_loop", "variability_aware")
+
+
+@dataclass
+class MonteCarloResult:
+    """Accuracies of methods over levels (fault rates or sigma/mu) and random maps."""
+
+    kind: str  # "faults" or "variability"
+    rows: List[dict] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def level_name(self) -> str:
+        return "bit-fault rate" if self.kind == "faults" else "sigma/mu"
+
+    def summary(self) -> List[dict]:
+        """Per (method, level): mean, std (sample), min, max of accuracy over the trials."""
+        groups: Dict[tuple, List[float]] = {}
+        for r in self.rows:
+            groups.setdefault((r["method"], r["level"]), []).append(r["acc"])
+        out = []
+        for (method, level), accs in groups.items():
+            n = len(accs)
+            mean = sum(accs) / n
+            std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (n - 1)) if n > 1 else 0.0
+            out.append({"method": method, "level": level, "mean": mean, "std": std,
+                        "min": min(accs), "max": max(accs), "trials": n})
+        return out
+
+    def table(self) -> str:
+        """Methods as columns, levels as rows: ``mean +- std (min)`` in percent."""
+        summ = self.summary()
+        methods = list(dict.fromkeys(s["method"] for s in summ))
+        levels = sorted({s["level"] for s in summ})
+        by = {(s["method"], s["level"]): s for s in summ}
+        head = f"{self.level_name:>14} | " + " | ".join(f"{m:^24}" for m in methods)
+        lines = [head, "-" * len(head)]
+        for lv in levels:
+            cells = []
+            for m in methods:
+                s = by.get((m, lv))
+                cells.append(f"{'':^24}" if s is None else
+                             f"{100 * s['mean']:6.2f} +- {100 * s['std']:5.2f} ({100 * s['min']:6.2f})")
+            lines.append(f"{lv:>14g} | " + " | ".join(cells))
+        return "\n".join(lines)
+
+    def save(self, out_dir: Union[str, Path], name: str) -> Dict[str, Path]:
+        """Write ``name.csv`` (every trial), ``name.json`` (rows, summary, meta) and
+        ``name.png`` (accuracy against level, one line per method, std error bars)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"csv": out / f"{name}.csv", "json": out / f"{name}.json",
+                 "png": out / f"{name}.png"}
+        with open(paths["csv"], "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["method", "level", "trial", "seed", "acc"])
+            w.writeheader()
+            for r in self.rows:
+                w.writerow({k: r[k] for k in w.fieldnames})
+        paths["json"].write_text(json.dumps({"kind": self.kind, "level_name": self.level_name,
+                                             "meta": self.meta, "summary": self.summary(),
+                                             "rows": self.rows}, indent=2))
+        self.plot(paths["png"])
+        return paths
+
+    def plot(self, path: Union[str, Path]) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        summ = self.summary()
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for m in dict.fromkeys(s["method"] for s in summ):
+            pts = sorted((s["level"], s["mean"], s["std"]) for s in summ if s["method"] == m)
+            xs = [100 * p[0] for p in pts]
+            ax.errorbar(xs, [100 * p[1] for p in pts], yerr=[100 * p[2] for p in pts],
+                        marker="o", capsize=3, label=m)
+        ax.set_xlabel(f"{self.level_name} (%)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        title = self.meta.get("title")
+        if title:
+            ax.set_title(title, fontsize=10)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return Path(path)
+
+
+def _check_levels(levels: Sequence[float], what: str, upper: Optional[float]) -> List[float]:
+    levels = [float(v) for v in levels]
+    if not levels:
+        raise ValueError(f"give at least one {what}")
+    for v in levels:
+        if not math.isfinite(v) or v < 0 or (upper is not None and v > upper):
+            rng = f"[0, {upper}]" if upper is not None else ">= 0"
+            raise ValueError(f"{what} must be in {rng}, got {v}")
+    return levels
+
+
+def _check_trials(trials: int) -> int:
+    if int(trials) < 1:
+        raise ValueError(f"trials must be >= 1, got {trials}")
+    return int(trials)
+
+
+def _fault_sampler(sa1_fraction: float):
+    from .faults import FaultModel, attach_faults, sample_fault_map
+
+    def attach(model: nn.Module, level: float, seed: int) -> None:
+        attach_faults(model, sample_fault_map(model, FaultModel(
+            rate=level, sa1_fraction=sa1_fraction, seed=seed)))
+    return attach
+
+
+def _variability_sampler(hrs_on_off: Optional[float], distribution: str):
+    from .variability import VariabilityModel, attach_variability, sample_variability_map
+
+    def attach(model: nn.Module, level: float, seed: int) -> None:
+        attach_variability(model, sample_variability_map(model, VariabilityModel(
+            sigma=level, hrs_on_off=hrs_on_off, distribution=distribution, seed=seed)))
+    return attach
+
+
+def _run(kind: str, model: nn.Module, train: Optional[Dataset], test: Dataset,
+         levels: List[float], trials: int, seed: int, methods: Sequence[str],
+         attach: Callable, apply: Dict[str, Callable], progress: bool, meta: dict
+         ) -> MonteCarloResult:
+    if not nmult_layers(model):
+        raise ValueError("the model has no N-multiplier layer to put on a device")
+    result = MonteCarloResult(kind, meta=dict(meta, levels=levels, trials=trials, seed=seed,
+                                              methods=list(methods)))
+    clean = None
+    total = len(levels) * trials * len(methods)
+    bar = tqdm(total=total, desc=f"Monte Carlo ({kind})", disable=not progress, leave=False)
+    for level in levels:
+        for k in range(trials):
+            for method in methods:
+                if level == 0:
+                    # No map to adapt to: every method deploys the model as it is.
+                    if clean is None:
+                        clean = evaluate(model, test)
+                    acc = clean
+                else:
+                    m = copy.deepcopy(model)
+                    attach(m, level, seed + k)
+                    apply[method](m, train)
+                    acc = evaluate(m, test)
+                result.rows.append({"method": method, "level": level, "trial": k,
+                                    "seed": seed + k, "acc": acc})
+                bar.update(1)
+                bar.set_postfix(level=level, method=method, acc=f"{acc:.3f}")
+    bar.close()
+    return result
+
+
+def _deploy(mapping: str):
+    def apply(m: nn.Module, train) -> None:
+        set_deploy_mapping(m, mapping)
+    return apply
+
+
+def evaluate_faults(model: nn.Module, test: Dataset, rates: Sequence[float], trials: int = 10,
+                    seed: int = 0, mapping: str = "naive", sa1_fraction: float = 0.5,
+                    progress: bool = True) -> MonteCarloResult:
+    """Accuracy under ``trials`` random stuck-at maps per bit-fault rate (no retraining).
+
+    ``mapping="naive"`` programs the nearest ideal level (method ``none``); ``"aware"`` the
+    nearest level the faulty cells still allow (method ``nearest_valid``)."""
+    check_choice(mapping, ("naive", "aware"), "deploy mapping")
+    method = "none" if mapping == "naive" else "nearest_valid"
+    return _run("faults", model, None, test, _check_levels(rates, "fault rates", 1.0),
+                _check_trials(trials), seed, [method], _fault_sampler(sa1_fraction),
+                {method: _deploy(mapping)}, progress, {"sa1_fraction": sa1_fraction})
+
+
+def evaluate_variability(model: nn.Module, test: Dataset, sigmas: Sequence[float],
+                         trials: int = 10, seed: int = 0, mapping: str = "naive",
+                         hrs_on_off: Optional[float] = None, distribution: str = "normal",
+                         progress: bool = True) -> MonteCarloResult:
+    """Accuracy under ``trials`` random variability maps per sigma/mu (no retraining)."""
+    check_choice(mapping, ("naive", "aware"), "deploy mapping")
+    method = "none" if mapping == "naive" else "aware_mapping"
+    return _run("variability", model, None, test, _check_levels(sigmas, "sigmas", None),
+                _check_trials(trials), seed, [method],
+                _variability_sampler(hrs_on_off, distribution), {method: _deploy(mapping)},
+                progress, {"hrs_on_off": hrs_on_off, "distribution": distribution})
+
+
+def _finetune_methods(finetune: TrainConfig, remap_every: int) -> Dict[str, Callable]:
+    def fa(m, train):
+        fault_aware_finetune(m, train, None, finetune, remap_every=remap_every, progress=False)
+
+    def va(m, train):
+        variability_aware_finetune(m, train, None, finetune, progress=False)
+
+    def cil(m, train):
+        chip_in_loop_finetune(m, train, None, finetune, progress=False)
+        set_forward_mode(m, "paper")  # eval is the same in every mode; keep the model plain
+
+    return {"none": _deploy("naive"), "nearest_valid": _deploy("aware"), "fault_aware": fa,
+            "variability_aware": va, "chip_in_loop": cil}
+
+
+def _default_finetune() -> TrainConfig:
+    return TrainConfig(epochs=4, lr=0.005, lambda_rise_epochs=2)
+
+
+def compare_faults(model: nn.Module, train: Dataset, test: Dataset, rates: Sequence[float],
+                   trials: int = 10, methods: Sequence[str] = ("none", "nearest_valid",
+                                                               "fault_aware"),
+                   finetune: Optional[TrainConfig] = None, remap_every: int = 4, seed: int = 0,
+                   sa1_fraction: float = 0.5, progress: bool = True) -> MonteCarloResult:
+    """Each method on the same maps: ``none`` (naive deployment), ``nearest_valid`` (FAQ/Matic
+    nearest-valid-level mapping), ``fault_aware`` (eq. 11 fine-tune + remap, per map) and
+    ``chip_in_loop`` (STE fine-tune through the faulty weights, per map)."""
+    for m in methods:
+        check_choice(m, FAULT_METHODS, "fault method")
+    finetune = finetune or _default_finetune()
+    return _run("faults", model, train, test, _check_levels(rates, "fault rates", 1.0),
+                _check_trials(trials), seed, list(methods), _fault_sampler(sa1_fraction),
+                _finetune_methods(finetune, remap_every), progress,
+                {"sa1_fraction": sa1_fraction, "finetune_epochs": finetune.epochs,
+                 "remap_every": remap_every})
+
+
+def compare_variability(model: nn.Module, train: Dataset, test: Dataset,
+                        sigmas: Sequence[float], trials: int = 10,
+                        methods: Sequence[str] = VARIABILITY_METHODS,
+                        finetune: Optional[TrainConfig] = None, seed: int = 0,
+                        hrs_on_off: Optional[float] = None, distribution: str = "normal",
+                        progress: bool = True) -> MonteCarloResult:
+    """Each method on the same variability maps: ``none``, ``chip_in_loop`` and
+    ``variability_aware`` (eq. 12 fine-tune, deployed with aware mapping)."""
+    for m in methods:
+        check_choice(m, VARIABILITY_METHODS, "variability method")
+    finetune = finetune or _default_finetune()
+    return _run("variability", model, train, test, _check_levels(sigmas, "sigmas", None),
+                _check_trials(trials), seed, list(methods),
+                _variability_sampler(hrs_on_off, distribution),
+                _finetune_methods(finetune, 4), progress,
+                {"hrs_on_off": hrs_on_off, "distribution": distribution,
+                 "finetune_epochs": finetune.epochs})
