@@ -6,6 +6,14 @@ eq. 6/7 with its lambda schedule, model conversion, deployment helpers.
 from .config import MODES, VARIANTS, LambdaSchedule, NMultConfig
 from .convert import ConversionError, quantize_model, set_forward_mode, swap_weight_quant
 from .deploy import format_report, layer_report, snap_weights_, weight_codes
+from .faults import (FaultMap, FaultMapError, FaultModel, attach_faults, detach_faults,
+                     sample_fault_map)
+from .variability import (VariabilityMap, VariabilityMapError, VariabilityModel,
+                          attach_variability, detach_variability, sample_variability_map)
+from .repair import (chip_in_loop_finetune, fault_aware_finetune, remap_to_valid_,
+                     set_deploy_mapping, variability_aware_finetune)
+from .evaluate import (MonteCarloResult, compare_faults, compare_variability, evaluate_faults,
+                       evaluate_variability)
 from .quantizers import (FixedLevelWeightPerChannelQuant, FixedLevelWeightQuant,
                          LearnedStepWeightPerChannelQuant, LearnedStepWeightQuant,
                          NMultTensorQuant, NMultWeightPerChannelQuant, NMultWeightQuant,
@@ -21,4 +29,10 @@ __all__ = [
     "LearnedStepWeightPerChannelQuant", "LearnedStepWeightQuant", "NMultTensorQuant",
     "NMultWeightPerChannelQuant", "NMultWeightQuant", "NMultWeightQuantProxy", "nmult_layers",
     "quant_of", "QuantRegularizer", "layer_factor", "regularization_loss",
+    "FaultMap", "FaultMapError", "FaultModel", "attach_faults", "detach_faults",
+    "sample_fault_map", "VariabilityMap", "VariabilityMapError", "VariabilityModel",
+    "attach_variability", "detach_variability", "sample_variability_map",
+    "chip_in_loop_finetune", "fault_aware_finetune", "remap_to_valid_", "set_deploy_mapping",
+    "variability_aware_finetune", "MonteCarloResult", "compare_faults", "compare_variability",
+    "evaluate_faults", "evaluate_variability",
 ]

@@ -21,7 +21,7 @@ from brevitas.quant import Int8ActPerTensorFloat, Uint8ActPerTensorFloat
 from .config import MODES, NMultConfig, check_choice
 from .levels import check_bits
 from .quantizers import (FixedLevelWeightQuant, LearnedStepWeightQuant, NMultWeightQuant,
-                         NMultWeightQuantProxy, is_nmult_layer, nmult_layers, quant_of)
+                         NMultWeightQuantProxy, nmult_layers, quant_of)
 
 __all__ = ["quantize_model", "swap_weight_quant", "set_forward_mode", "ConversionError",
            "weight_quant_for", "unsigned_input_layers"]

@@ -11,11 +11,10 @@ import copy
 import csv
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
-import torch
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm

@@ -366,14 +366,25 @@ class NMultWeightQuantProxy(WeightQuantProxyFromInjector):
             if tuple(t.shape) != want:
                 raise ValueError(f"{self._where()}: {name} factors have shape {tuple(t.shape)}, "
                                  f"expected weight shape + bits = {want}")
-            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{self._where()}: {name} factors must be finite floats")
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()) or bool(
+                    (t < 0).any()):
+                raise ValueError(f"{self._where()}: {name} factors must be finite, non-negative "
+                                 "floats (a cell's conductance cannot be negative)")
         self.var_lrs = lrs.to(device=w.device, dtype=w.dtype)
         self.var_hrs = None if hrs is None else hrs.to(device=w.device, dtype=w.dtype)
 
     def clear_variability(self) -> None:
         self.var_lrs = None
         self.var_hrs = None
+
+    def get_extra_state(self):
+        return {"deploy_mapping": self.deploy_mapping}
+
+    def set_extra_state(self, state) -> None:
+        mapping = state.get("deploy_mapping", "naive")
+        if mapping not in MAPPINGS:
+            raise ValueError(f"{self._where()}: unknown deploy mapping {mapping!r} in checkpoint")
+        self.deploy_mapping = mapping
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -384,6 +395,8 @@ class NMultWeightQuantProxy(WeightQuantProxyFromInjector):
                 setattr(self, name, torch.empty_like(state_dict[key]))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if brevitas_config.IGNORE_MISSING_KEYS and prefix + "_extra_state" in missing_keys:
+            missing_keys.remove(prefix + "_extra_state")  # a float checkpoint: keep "naive"
 
     @staticmethod
     def _sync_injector(module, incompatible_keys) -> None:

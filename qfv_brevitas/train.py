@@ -1,7 +1,7 @@
 """A plain training loop for QAT with the regularizer (SGD + momentum, cosine decay)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
