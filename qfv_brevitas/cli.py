@@ -47,7 +47,202 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(train)
     rep = sub.add_parser("report", help="per-layer bits, r, c, levels and weight distances")
     rep.add_argument("checkpoint")
+    _add_device_commands(sub)
     return parser
+
+
+def _add_device_commands(sub) -> None:
+    from .evaluate import FAULT_METHODS, VARIABILITY_METHODS
+
+    def common(p, out_default):
+        p.add_argument("checkpoint", help="a model saved by qfv demo/train (or a fine-tune)")
+        p.add_argument("--dataset", choices=("digits", "idx"), default="digits")
+        p.add_argument("--data-dir")
+        p.add_argument("--seed", type=int, default=0, help="seed of the maps (and data split)")
+        p.add_argument("--out", default=out_default)
+        p.add_argument("--layers", choices=("inner", "all"), default="inner",
+                       help="inner: first and last (8-bit) layers stay ideal (paper setup); "
+                            "all: every quantized layer is on the imperfect device")
+        p.add_argument("--no-progress", action="store_true")
+
+    def finetune_args(p):
+        p.add_argument("--epochs", type=int, default=4)
+        p.add_argument("--lr", type=float, default=0.005)
+        p.add_argument("--lambda-rise-epochs", type=int, default=2)
+
+    f = sub.add_parser("faults", help="stuck-at bit faults: sample, evaluate, fine-tune, compare")
+    fsub = f.add_subparsers(dest="action", required=True)
+    p = fsub.add_parser("sample", help="draw a fault map for a model and save it")
+    common(p, "faultmap.pt")
+    p.add_argument("--rate", type=float, required=True, help="fraction of stuck bit cells")
+    p.add_argument("--sa1-fraction", type=float, default=0.5)
+    p = fsub.add_parser("eval", help="Monte Carlo accuracy over random fault maps")
+    common(p, "qfv-faults")
+    p.add_argument("--rates", type=float, nargs="+", default=[0, 0.05, 0.1, 0.2, 0.3])
+    p.add_argument("--trials", type=int, default=10)
+    p.add_argument("--mapping", choices=("naive", "aware"), default="naive",
+                   help="aware = nearest-valid-level mapping")
+    p.add_argument("--sa1-fraction", type=float, default=0.5)
+    p = fsub.add_parser("finetune", help="fit a model to one chip's fault map")
+    common(p, "finetuned.pt")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--map", help="a fault map file (e.g. measured on the chip)")
+    g.add_argument("--rate", type=float, help="draw a map at this rate (with --seed)")
+    p.add_argument("--sa1-fraction", type=float, default=0.5)
+    p.add_argument("--method", choices=("fault_aware", "nearest_valid", "chip_in_loop"),
+                   default="fault_aware")
+    p.add_argument("--remap-every", type=int, default=4)
+    finetune_args(p)
+    p = fsub.add_parser("compare", help="methods side by side on the same random maps")
+    common(p, "qfv-faults")
+    p.add_argument("--rates", type=float, nargs="+", default=[0, 0.05, 0.1, 0.2, 0.3])
+    p.add_argument("--trials", type=int, default=10)
+    p.add_argument("--methods", nargs="+", choices=FAULT_METHODS,
+                   default=["none", "nearest_valid", "fault_aware"])
+    p.add_argument("--sa1-fraction", type=float, default=0.5)
+    p.add_argument("--remap-every", type=int, default=4)
+    finetune_args(p)
+
+    v = sub.add_parser("variability", help="per-bit device variability: sample, evaluate, "
+                                           "fine-tune, compare")
+    vsub = v.add_subparsers(dest="action", required=True)
+
+    def var_args(p):
+        p.add_argument("--hrs-on-off", type=float, help="model HRS too: LRS/HRS on/off ratio")
+        p.add_argument("--distribution", choices=("normal", "lognormal"), default="normal")
+
+    p = vsub.add_parser("sample", help="draw a variability map for a model and save it")
+    common(p, "varmap.pt")
+    p.add_argument("--sigma", type=float, required=True, help="sigma/mu of the LRS cells")
+    var_args(p)
+    p = vsub.add_parser("eval", help="Monte Carlo accuracy over random variability maps")
+    common(p, "qfv-variability")
+    p.add_argument("--sigmas", type=float, nargs="+", default=[0, 0.1, 0.2, 0.4])
+    p.add_argument("--trials", type=int, default=10)
+    p.add_argument("--mapping", choices=("naive", "aware"), default="naive")
+    var_args(p)
+    p = vsub.add_parser("finetune", help="fit a model to one chip's variability map")
+    common(p, "finetuned.pt")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--map", help="a variability map file (a characterised chip)")
+    g.add_argument("--sigma", type=float, help="draw a map at this sigma/mu (with --seed)")
+    var_args(p)
+    p.add_argument("--method", choices=("variability_aware", "chip_in_loop"),
+                   default="variability_aware")
+    finetune_args(p)
+    p = vsub.add_parser("compare", help="methods side by side on the same random maps")
+    common(p, "qfv-variability")
+    p.add_argument("--sigmas", type=float, nargs="+", default=[0, 0.1, 0.2, 0.4])
+    p.add_argument("--trials", type=int, default=10)
+    p.add_argument("--methods", nargs="+", choices=VARIABILITY_METHODS,
+                   default=list(VARIABILITY_METHODS))
+    var_args(p)
+    finetune_args(p)
+
+
+def _load_for_device(args):
+    from .checkpoint import load_checkpoint
+    from .data import load_dataset
+
+    model, info = load_checkpoint(args.checkpoint)
+    if info["config"] is None:
+        raise ValueError(f"{args.checkpoint} is a float model: faults and variability apply "
+                         "to N-multiplier layers (use a quantized checkpoint)")
+    if args.dataset == "idx" and not args.data_dir:
+        raise ValueError("--dataset idx needs --data-dir DIR")
+    train, test, num_classes, shape = load_dataset(args.dataset, args.data_dir, 0)
+    if tuple(shape) != tuple(info["input_shape"]) or num_classes != info["num_classes"]:
+        raise ValueError(
+            f"{args.checkpoint} was trained on inputs {tuple(info['input_shape'])} with "
+            f"{info['num_classes']} classes, but --dataset {args.dataset} has {tuple(shape)} "
+            f"and {num_classes}")
+    return model, info, train, test
+
+
+def _finetune_cfg(args):
+    from .train import TrainConfig
+
+    return TrainConfig(epochs=args.epochs, lr=args.lr,
+                       lambda_rise_epochs=min(args.lambda_rise_epochs, args.epochs),
+                       seed=args.seed)
+
+
+def _run_device(args) -> int:
+    from . import evaluate as E
+    from . import repair as R
+    from .checkpoint import save_checkpoint
+    from .train import evaluate as accuracy
+
+    model, info, train, test = _load_for_device(args)
+    progress = not args.no_progress
+    faults = args.command == "faults"
+    if faults:
+        from .faults import FaultMap as Map, FaultModel, attach_faults as attach
+        from .faults import sample_fault_map as sample
+    else:
+        from .variability import VariabilityMap as Map, VariabilityModel
+        from .variability import attach_variability as attach
+        from .variability import sample_variability_map as sample
+
+    exempt = {n: 0.0 for n in E.edge_layers(model)} if args.layers == "inner" else {}
+
+    def draw(level):
+        if faults:
+            return sample(model, FaultModel(rate=level, sa1_fraction=args.sa1_fraction,
+                                            seed=args.seed, layer_rates=exempt))
+        return sample(model, VariabilityModel(sigma=level, hrs_on_off=args.hrs_on_off,
+                                              distribution=args.distribution, seed=args.seed,
+                                              layer_sigmas=exempt))
+
+    if args.action == "sample":
+        m = draw(args.rate if faults else args.sigma)
+        m.save(args.out)
+        print(f"wrote {args.out}")
+        for name, row in m.summary().items():
+            print(f"  {name}: {row}")
+        return 0
+    if args.action in ("eval", "compare"):
+        kw = dict(trials=args.trials, seed=args.seed, progress=progress, layers=args.layers)
+        if faults:
+            kw["sa1_fraction"] = args.sa1_fraction
+        else:
+            kw.update(hrs_on_off=args.hrs_on_off, distribution=args.distribution)
+        levels = args.rates if faults else args.sigmas
+        if args.action == "eval":
+            fn = E.evaluate_faults if faults else E.evaluate_variability
+            res = fn(model, test, levels, mapping=args.mapping, **kw)
+        else:
+            fn = E.compare_faults if faults else E.compare_variability
+            if faults:
+                kw["remap_every"] = args.remap_every
+            res = fn(model, train, test, levels, methods=args.methods,
+                     finetune=_finetune_cfg(args), **kw)
+        res.meta["title"] = f"{info['arch']} {args.checkpoint}"
+        paths = res.save(args.out, f"{args.command}_{args.action}")
+        print(res.table())
+        print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+        return 0
+    # finetune
+    before = accuracy(model, test)
+    dmap = Map.load(args.map) if args.map else draw(args.rate if faults else args.sigma)
+    attach(model, dmap)
+    naive = accuracy(model, test)
+    cfg = _finetune_cfg(args)
+    if args.method == "nearest_valid":
+        R.set_deploy_mapping(model, "aware")
+    elif args.method == "fault_aware":
+        R.fault_aware_finetune(model, train, test, cfg, args.remap_every, progress)
+    elif args.method == "variability_aware":
+        R.variability_aware_finetune(model, train, test, cfg, progress)
+    else:
+        R.chip_in_loop_finetune(model, train, test, cfg, progress)
+    after = accuracy(model, test)
+    save_checkpoint(args.out, model, info["arch"], info["input_shape"], info["num_classes"],
+                    info["config"], acc=after, method=args.method, source=str(args.checkpoint))
+    print(f"ideal device {100 * before:.2f}% | on this chip as is {100 * naive:.2f}% | "
+          f"after {args.method} {100 * after:.2f}%")
+    print(f"wrote {args.out} (the map travels with the model)")
+    return 0
 
 
 def _run_train(args) -> int:
@@ -92,6 +287,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _run_train(args)
         if args.command == "report":
             return _run_report(args)
+        if args.command in ("faults", "variability"):
+            return _run_device(args)
     except ValueError as e:  # our validation errors: say what is wrong, no traceback
         print(f"qfv {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -26,7 +26,7 @@ from .repair import (chip_in_loop_finetune, fault_aware_finetune, set_deploy_map
                      variability_aware_finetune)
 from .train import TrainConfig, evaluate
 
-__all__ = ["MonteCarloResult", "evaluate_faults", "evaluate_variability", "compare_faults",
+__all__ = ["LAYER_SETS", "edge_layers", "MonteCarloResult", "evaluate_faults", "evaluate_variability", "compare_faults",
            "compare_variability", "FAULT_METHODS", "VARIABILITY_METHODS"]
 
 FAULT_METHODS = ("none", "nearest_valid", "fault_aware", "chip_in_loop")
@@ -137,21 +137,38 @@ def _check_trials(trials: int) -> int:
     return int(trials)
 
 
-def _fault_sampler(sa1_fraction: float):
+LAYER_SETS = ("inner", "all")
+
+
+def edge_layers(model: nn.Module) -> List[str]:
+    """First and last N-multiplier layers (registration order): the 8-bit edges of a model
+    made by :func:`qfv_brevitas.quantize_model`."""
+    names = [n for n, _ in nmult_layers(model)]
+    return list(dict.fromkeys([names[0], names[-1]])) if len(names) > 1 else []
+
+
+def _exempt(model: nn.Module, layers: str) -> Dict[str, float]:
+    check_choice(layers, LAYER_SETS, "layer set")
+    return {n: 0.0 for n in edge_layers(model)} if layers == "inner" else {}
+
+
+def _fault_sampler(sa1_fraction: float, layers: str):
     from .faults import FaultModel, attach_faults, sample_fault_map
 
     def attach(model: nn.Module, level: float, seed: int) -> None:
         attach_faults(model, sample_fault_map(model, FaultModel(
-            rate=level, sa1_fraction=sa1_fraction, seed=seed)))
+            rate=level, sa1_fraction=sa1_fraction, seed=seed,
+            layer_rates=_exempt(model, layers))))
     return attach
 
 
-def _variability_sampler(hrs_on_off: Optional[float], distribution: str):
+def _variability_sampler(hrs_on_off: Optional[float], distribution: str, layers: str):
     from .variability import VariabilityModel, attach_variability, sample_variability_map
 
     def attach(model: nn.Module, level: float, seed: int) -> None:
         attach_variability(model, sample_variability_map(model, VariabilityModel(
-            sigma=level, hrs_on_off=hrs_on_off, distribution=distribution, seed=seed)))
+            sigma=level, hrs_on_off=hrs_on_off, distribution=distribution, seed=seed,
+            layer_sigmas=_exempt(model, layers))))
     return attach
 
 
@@ -195,29 +212,34 @@ def _deploy(mapping: str):
 
 def evaluate_faults(model: nn.Module, test: Dataset, rates: Sequence[float], trials: int = 10,
                     seed: int = 0, mapping: str = "naive", sa1_fraction: float = 0.5,
-                    progress: bool = True) -> MonteCarloResult:
+                    layers: str = "inner", progress: bool = True) -> MonteCarloResult:
     """Accuracy under ``trials`` random stuck-at maps per bit-fault rate (no retraining).
 
     ``mapping="naive"`` programs the nearest ideal level (method ``none``); ``"aware"`` the
-    nearest level the faulty cells still allow (method ``nearest_valid``)."""
+    nearest level the faulty cells still allow (method ``nearest_valid``). ``layers="inner"``
+    keeps the first and last layers (8-bit in the paper's setup) fault-free; ``"all"`` puts
+    every N-multiplier layer on the faulty device."""
     check_choice(mapping, ("naive", "aware"), "deploy mapping")
     method = "none" if mapping == "naive" else "nearest_valid"
     return _run("faults", model, None, test, _check_levels(rates, "fault rates", 1.0),
-                _check_trials(trials), seed, [method], _fault_sampler(sa1_fraction),
-                {method: _deploy(mapping)}, progress, {"sa1_fraction": sa1_fraction})
+                _check_trials(trials), seed, [method], _fault_sampler(sa1_fraction, layers),
+                {method: _deploy(mapping)}, progress,
+                {"sa1_fraction": sa1_fraction, "layers": layers})
 
 
 def evaluate_variability(model: nn.Module, test: Dataset, sigmas: Sequence[float],
                          trials: int = 10, seed: int = 0, mapping: str = "naive",
                          hrs_on_off: Optional[float] = None, distribution: str = "normal",
-                         progress: bool = True) -> MonteCarloResult:
-    """Accuracy under ``trials`` random variability maps per sigma/mu (no retraining)."""
+                         layers: str = "inner", progress: bool = True) -> MonteCarloResult:
+    """Accuracy under ``trials`` random variability maps per sigma/mu (no retraining);
+    ``layers`` as in :func:`evaluate_faults`."""
     check_choice(mapping, ("naive", "aware"), "deploy mapping")
     method = "none" if mapping == "naive" else "aware_mapping"
     return _run("variability", model, None, test, _check_levels(sigmas, "sigmas", None),
                 _check_trials(trials), seed, [method],
-                _variability_sampler(hrs_on_off, distribution), {method: _deploy(mapping)},
-                progress, {"hrs_on_off": hrs_on_off, "distribution": distribution})
+                _variability_sampler(hrs_on_off, distribution, layers),
+                {method: _deploy(mapping)}, progress,
+                {"hrs_on_off": hrs_on_off, "distribution": distribution, "layers": layers})
 
 
 def _finetune_methods(finetune: TrainConfig, remap_every: int) -> Dict[str, Callable]:
@@ -243,7 +265,8 @@ def compare_faults(model: nn.Module, train: Dataset, test: Dataset, rates: Seque
                    trials: int = 10, methods: Sequence[str] = ("none", "nearest_valid",
                                                                "fault_aware"),
                    finetune: Optional[TrainConfig] = None, remap_every: int = 4, seed: int = 0,
-                   sa1_fraction: float = 0.5, progress: bool = True) -> MonteCarloResult:
+                   sa1_fraction: float = 0.5, layers: str = "inner", progress: bool = True
+                   ) -> MonteCarloResult:
     """Each method on the same maps: ``none`` (naive deployment), ``nearest_valid`` (FAQ/Matic
     nearest-valid-level mapping), ``fault_aware`` (eq. 11 fine-tune + remap, per map) and
     ``chip_in_loop`` (STE fine-tune through the faulty weights, per map)."""
@@ -251,10 +274,10 @@ def compare_faults(model: nn.Module, train: Dataset, test: Dataset, rates: Seque
         check_choice(m, FAULT_METHODS, "fault method")
     finetune = finetune or _default_finetune()
     return _run("faults", model, train, test, _check_levels(rates, "fault rates", 1.0),
-                _check_trials(trials), seed, list(methods), _fault_sampler(sa1_fraction),
+                _check_trials(trials), seed, list(methods), _fault_sampler(sa1_fraction, layers),
                 _finetune_methods(finetune, remap_every), progress,
                 {"sa1_fraction": sa1_fraction, "finetune_epochs": finetune.epochs,
-                 "remap_every": remap_every})
+                 "remap_every": remap_every, "layers": layers})
 
 
 def compare_variability(model: nn.Module, train: Dataset, test: Dataset,
@@ -262,7 +285,7 @@ def compare_variability(model: nn.Module, train: Dataset, test: Dataset,
                         methods: Sequence[str] = VARIABILITY_METHODS,
                         finetune: Optional[TrainConfig] = None, seed: int = 0,
                         hrs_on_off: Optional[float] = None, distribution: str = "normal",
-                        progress: bool = True) -> MonteCarloResult:
+                        layers: str = "inner", progress: bool = True) -> MonteCarloResult:
     """Each method on the same variability maps: ``none``, ``chip_in_loop`` and
     ``variability_aware`` (eq. 12 fine-tune, deployed with aware mapping)."""
     for m in methods:
@@ -270,7 +293,7 @@ def compare_variability(model: nn.Module, train: Dataset, test: Dataset,
     finetune = finetune or _default_finetune()
     return _run("variability", model, train, test, _check_levels(sigmas, "sigmas", None),
                 _check_trials(trials), seed, list(methods),
-                _variability_sampler(hrs_on_off, distribution),
+                _variability_sampler(hrs_on_off, distribution, layers),
                 _finetune_methods(finetune, 4), progress,
                 {"hrs_on_off": hrs_on_off, "distribution": distribution,
-                 "finetune_epochs": finetune.epochs})
+                 "finetune_epochs": finetune.epochs, "layers": layers})

@@ -395,8 +395,10 @@ class NMultWeightQuantProxy(WeightQuantProxyFromInjector):
                 setattr(self, name, torch.empty_like(state_dict[key]))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        if brevitas_config.IGNORE_MISSING_KEYS and prefix + "_extra_state" in missing_keys:
-            missing_keys.remove(prefix + "_extra_state")  # a float checkpoint: keep "naive"
+        if prefix + "_extra_state" in missing_keys:
+            # Saved without a deploy mapping (float checkpoint, or before maps existed): naive.
+            missing_keys.remove(prefix + "_extra_state")
+            self.deploy_mapping = "naive"
 
     @staticmethod
     def _sync_injector(module, incompatible_keys) -> None:

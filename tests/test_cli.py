@@ -86,3 +86,59 @@ def test_errors_are_reported_without_traceback(tmp_path, capsys):
     bad.write_bytes(b"not a checkpoint")
     assert main(["report", str(bad)]) == 2
     assert "bad.pt" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--out", str(out), "--bits", "4", "--variants", "nmult",
+                 "--fp-epochs", "6", "--q-epochs", "3", "--lambda-rise-epochs", "1",
+                 "--no-progress"]) == 0
+    return out / "nmult_w4a4.pt"
+
+
+def test_faults_sample_finetune_eval_compare(trained_ckpt, tmp_path, capsys):
+    fmap = tmp_path / "chip.pt"
+    assert main(["faults", "sample", str(trained_ckpt), "--rate", "0.1", "--seed", "3",
+                 "--out", str(fmap)]) == 0
+    from qfv_brevitas.faults import FaultMap
+    m = FaultMap.load(fmap)
+    # --layers inner (default): the 8-bit first and last layers stay fault-free.
+    assert m.summary()["features.0"]["stuck"] == 0
+    assert m.summary()["features.3"]["stuck"] > 0
+    out = tmp_path / "ft.pt"
+    assert main(["faults", "finetune", str(trained_ckpt), "--map", str(fmap), "--epochs", "1",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert "after fault_aware" in capsys.readouterr().out
+    model, info = load_checkpoint(out)
+    proxy = model.features[3].weight_quant
+    assert proxy.has_faults and proxy.deploy_mapping == "aware"
+    import torch
+    assert torch.equal(proxy.fault_sa0.cpu(), m.layers["features.3"][0])
+    res_dir = tmp_path / "cmp"
+    assert main(["faults", "compare", str(trained_ckpt), "--rates", "0", "0.2", "--trials", "2",
+                 "--methods", "none", "nearest_valid", "--out", str(res_dir),
+                 "--no-progress"]) == 0
+    summary = json.loads((res_dir / "faults_compare.json").read_text())["summary"]
+    assert {(s["method"], s["level"]) for s in summary} == {
+        ("none", 0.0), ("none", 0.2), ("nearest_valid", 0.0), ("nearest_valid", 0.2)}
+    assert (res_dir / "faults_compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_variability_eval_and_bad_input(trained_ckpt, tmp_path, capsys):
+    out = tmp_path / "var"
+    assert main(["variability", "eval", str(trained_ckpt), "--sigmas", "0", "0.3",
+                 "--trials", "2", "--out", str(out), "--no-progress"]) == 0
+    rows = json.loads((out / "variability_eval.json").read_text())["rows"]
+    assert len(rows) == 4 and {r["level"] for r in rows} == {0.0, 0.3}
+    capsys.readouterr()
+    assert main(["variability", "eval", str(trained_ckpt), "--sigmas", "-0.1",
+                 "--out", str(out), "--no-progress"]) == 2
+    assert "sigma" in capsys.readouterr().err
+    assert main(["faults", "eval", str(trained_ckpt), "--rates", "1.5",
+                 "--out", str(out), "--no-progress"]) == 2
+    bad = tmp_path / "bad_map.pt"
+    bad.write_bytes(b"garbage")
+    assert main(["faults", "finetune", str(trained_ckpt), "--map", str(bad),
+                 "--out", str(tmp_path / "x.pt"), "--no-progress"]) == 2
+    assert "bad_map.pt" in capsys.readouterr().err
