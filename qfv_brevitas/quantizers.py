@@ -201,15 +201,24 @@ class NMultTensorQuant(nn.Module):
 
         With a fault or variability map attached, ``q`` ranges over the levels this weight can
         actually take on the device (eq. 11, eq. 12): unreachable levels are excluded."""
-        w2d = self._checked_groups(w)
+        self.check_weight(w)
+        w2d = self.to_groups(w)
         dev = self.device_state()
         if dev is None:
-            out = L.sq_distance_to_levels(w2d, self.levels())
+            # No separate finiteness pass on this hot path: a NaN/inf weight makes the sum
+            # non-finite (or the search reject it), and is reported below.
+            try:
+                out = L.sq_distance_to_levels(w2d, self.levels())
+            except ValueError:
+                L.check_finite(w2d, f"weights of {self.layer_name or 'layer'}")
+                raise
         else:
+            L.check_finite(w2d, f"weights of {self.layer_name or 'layer'}")
             r, c = self.multipliers(), self.offset()
             codes = D.aware_codes(w2d.detach(), r, c, dev.sa0, dev.sa1, dev.lrs, dev.hrs)
             out = D.deployed_sq_distance(w2d, r, c, codes, dev.sa0, dev.sa1, dev.lrs, dev.hrs)
         if not torch.isfinite(out):
+            L.check_finite(w2d, f"weights of {self.layer_name or 'layer'}")
             raise ValueError(f"levels of {self.layer_name or 'layer'} are not finite: r/c diverged")
         return out
 
