@@ -38,3 +38,13 @@ def test_resnet18_cifar10_on_fake_data():
     ex = load("resnet18_cifar10")
     acc = ex.main(["--fake-data", "32", "--epochs", "1", "--width", "8"])
     assert 0.0 <= acc <= 1.0
+
+
+def test_finetune_for_chip_recovers_accuracy():
+    ex = load("finetune_for_chip")
+    ideal, as_is, nearest_valid, repaired = ex.main(
+        ["--rate", "0.2", "--seed", "7", "--epochs", "8", "--finetune-epochs", "3"])
+    assert ideal > 0.9
+    # The faulty chip hurts, and fault-aware fine-tuning recovers most of it.
+    assert as_is < ideal - 0.05
+    assert repaired > nearest_valid and repaired > ideal - 0.05
