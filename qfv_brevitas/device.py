@@ -53,16 +53,27 @@ def _coefficients(bits: Tensor, lrs: Optional[Tensor], hrs: Optional[Tensor]) ->
     return coef
 
 
+def _deviation(bits: Tensor, r: Tensor, lrs: Optional[Tensor], hrs: Optional[Tensor]) -> Tensor:
+    """Deployed minus ideal value: ``sum_i r_i (S_i (lrs_i - 1) + (1 - S_i) hrs_i)``.
+
+    Computed as a deviation added to the ideal level so that an ideal device (lrs = 1,
+    hrs = 0) gives the ideal level bit for bit, whatever the summation order."""
+    dev = torch.zeros_like(bits) if lrs is None else bits * (lrs - 1)
+    if hrs is not None:
+        dev = dev + (1 - bits) * hrs
+    return (dev * r).sum(-1)
+
+
 def deployed_values(codes: Tensor, r: Tensor, c: Tensor, sa0: Optional[Tensor] = None,
                     sa1: Optional[Tensor] = None, lrs: Optional[Tensor] = None,
                     hrs: Optional[Tensor] = None) -> Tensor:
     """Values ``(G, M)`` the device holds for programmed ``codes``; differentiable in r, c."""
     forced = force_codes(codes, sa0, sa1)
+    ideal = L.level_table(r, c).gather(1, forced.long())
     if lrs is None and hrs is None:
-        return L.level_table(r, c).gather(1, forced.long())
+        return ideal
     bits = L.codes_to_bits(forced, r.shape[1]).to(r.dtype)
-    coef = _coefficients(bits, lrs, hrs)
-    return c[:, None] + (coef * r[:, None, :]).sum(-1)
+    return ideal + _deviation(bits, r[:, None, :], lrs, hrs)
 
 
 def naive_codes(w2d: Tensor, r: Tensor, c: Tensor) -> Tensor:
@@ -110,14 +121,16 @@ def aware_codes(w2d: Tensor, r: Tensor, c: Tensor, sa0: Optional[Tensor] = None,
     # Variability: every weight has its own levels: enumerate codes per block.
     bitsm = L.bit_matrix(N, w2d.dtype, w2d.device)  # (L, N)
     all_codes = torch.arange(1 << N, device=w2d.device)
+    levels = L.level_table(r, c)
     codes = torch.empty((G, M), dtype=torch.long, device=w2d.device)
     for r0, r1, c0, c1 in L._blocks(G, M, max(1, _CAND_BLOCK >> N)):
         wb = w2d[r0:r1, c0:c1]
         rb = r[r0:r1, None, :]
-        lo = torch.zeros_like(wb)[..., None] if hrs is None else hrs[r0:r1, c0:c1] * rb
-        hi = rb.expand(*wb.shape, N) if lrs is None else lrs[r0:r1, c0:c1] * rb
-        base = c[r0:r1, None] + lo.sum(-1)  # every cell at "0"
-        vals = base[..., None] + (hi - lo) @ bitsm.t()  # (g, m, L)
+        # value(S) = ideal level(S) + sum_i r_i hrs_i + sum_i S_i r_i (lrs_i - 1 - hrs_i)
+        h = torch.zeros_like(wb)[..., None] if hrs is None else hrs[r0:r1, c0:c1]
+        a = torch.ones_like(wb)[..., None] if lrs is None else lrs[r0:r1, c0:c1]
+        base = (h * rb).sum(-1)
+        vals = (levels[r0:r1, None, :] + base[..., None]) + ((a - 1 - h) * rb) @ bitsm.t()
         d = (wb[..., None] - vals).abs()
         if sa0 is not None or sa1 is not None:
             u8 = all_codes.to(torch.uint8)
@@ -155,8 +168,7 @@ class _DeployedSqDistance(torch.autograd.Function):
         N = r.shape[1]
         total = torch.zeros((), dtype=w2d.dtype, device=w2d.device)
         rd, cd = r.detach().to(w2d.dtype), c.detach().to(w2d.dtype)
-        plain = lrs is None and hrs is None
-        levels = L.level_table(rd, cd) if plain else None
+        levels = L.level_table(rd, cd)
         for r0, r1, c0, c1 in L._blocks(G, M):
             d = w2d[r0:r1, c0:c1] - _block_values(levels, rd, cd, forced, lrs, hrs, N,
                                                    r0, r1, c0, c1)
@@ -171,8 +183,7 @@ class _DeployedSqDistance(torch.autograd.Function):
         G, M = w2d.shape
         N = r.shape[1]
         rd, cd = r.detach().to(w2d.dtype), c.detach().to(w2d.dtype)
-        plain = lrs is None and hrs is None
-        levels = L.level_table(rd, cd) if plain else None
+        levels = L.level_table(rd, cd)
         need_w, need_r, need_c = ctx.needs_input_grad[:3]
         grad_w = torch.empty_like(w2d) if need_w else None
         grad_r = torch.zeros_like(rd)
@@ -197,12 +208,13 @@ class _DeployedSqDistance(torch.autograd.Function):
 
 def _block_values(levels, r, c, forced, lrs, hrs, N, r0, r1, c0, c1) -> Tensor:
     fb = forced[r0:r1, c0:c1]
-    if levels is not None:
-        return levels[r0:r1].gather(1, fb.long())
+    ideal = levels[r0:r1].gather(1, fb.long())
+    if lrs is None and hrs is None:
+        return ideal
     bits = L.codes_to_bits(fb, N).to(r.dtype)
     lb = None if lrs is None else lrs[r0:r1, c0:c1]
     hb = None if hrs is None else hrs[r0:r1, c0:c1]
-    return c[r0:r1, None] + (_coefficients(bits, lb, hb) * r[r0:r1, None, :]).sum(-1)
+    return ideal + _deviation(bits, r[r0:r1, None, :], lb, hb)
 
 
 def deployed_sq_distance(w2d: Tensor, r: Tensor, c: Tensor, codes: Tensor,

@@ -132,8 +132,8 @@ def _check_levels(levels: Sequence[float], what: str, upper: Optional[float]) ->
 
 
 def _check_trials(trials: int) -> int:
-    if int(trials) < 1:
-        raise ValueError(f"trials must be >= 1, got {trials}")
+    if isinstance(trials, bool) or not float(trials).is_integer() or int(trials) < 1:
+        raise ValueError(f"trials must be an integer >= 1, got {trials!r}")
     return int(trials)
 
 
@@ -178,6 +178,7 @@ def _run(kind: str, model: nn.Module, train: Optional[Dataset], test: Dataset,
          ) -> MonteCarloResult:
     if not nmult_layers(model):
         raise ValueError("the model has no N-multiplier layer to put on a device")
+    check_choice(meta.get("layers", "inner"), LAYER_SETS, "layer set")
     result = MonteCarloResult(kind, meta=dict(meta, levels=levels, trials=trials, seed=seed,
                                               methods=list(methods)))
     clean = None
