@@ -37,12 +37,12 @@ def force_codes(codes: Tensor, sa0: Optional[Tensor], sa1: Optional[Tensor]) -> 
     """
     if sa0 is None and sa1 is None:
         return codes
-    out = codes.long()
+    out = codes.to(torch.uint8)  # N <= 8: byte arithmetic, 8x less traffic than int64
     if sa0 is not None:
-        out = out & ~sa0.long()
+        out = out & ~sa0
     if sa1 is not None:
-        out = out | sa1.long()
-    return out
+        out = out | sa1
+    return out.to(codes.dtype)
 
 
 def _coefficients(bits: Tensor, lrs: Optional[Tensor], hrs: Optional[Tensor]) -> Tensor:
@@ -99,23 +99,30 @@ def aware_codes(w2d: Tensor, r: Tensor, c: Tensor, sa0: Optional[Tensor] = None,
         codes = L.nearest(w2d, levels)[1]
         if sa0 is None and sa1 is None:
             return codes
-        stuck = torch.zeros_like(w2d, dtype=torch.bool)
-        if sa0 is not None:
-            stuck |= sa0 != 0
-        if sa1 is not None:
-            stuck |= sa1 != 0
-        rows, cols = stuck.nonzero(as_tuple=True)
+        s0 = sa0 if sa0 is not None else torch.zeros_like(sa1)
+        s1 = sa1 if sa1 is not None else torch.zeros_like(sa0)
+        rows, cols = ((s0 | s1) != 0).nonzero(as_tuple=True)
         if rows.numel() == 0:
             return codes
+        # Reachable codes depend only on the weight's (sa0, sa1) pattern: one table of
+        # +inf penalties per pattern replaces per-weight validity arithmetic.
         all_codes = torch.arange(1 << N, device=w2d.device)
+        table = None
+        if N <= 6:
+            pat = torch.arange(1 << (2 * N), device=w2d.device)
+            p0, p1 = (pat >> N)[:, None], (pat & ((1 << N) - 1))[:, None]
+            ok = ((all_codes & p0) == 0) & ((all_codes & p1) == p1)
+            table = torch.where(ok, 0.0, float("inf")).to(w2d.dtype)  # (4**N, 2**N)
         step = max(1, _CAND_BLOCK >> N)
         for a in range(0, rows.numel(), step):
             rr, cc = rows[a:a + step], cols[a:a + step]
             w = w2d[rr, cc]
-            lv = levels[rr]  # (m, L)
-            d = (w[:, None] - lv).abs()
-            valid = _valid(all_codes, sa0, sa1, rr, cc)
-            d = torch.where(valid, d, torch.full_like(d, float("inf")))
+            d = (w[:, None] - levels[rr]).abs()  # (m, L)
+            if table is not None:
+                d += table[(s0[rr, cc].long() << N) | s1[rr, cc].long()]
+            else:
+                d = torch.where(_valid(all_codes, sa0, sa1, rr, cc), d,
+                                torch.full_like(d, float("inf")))
             codes[rr, cc] = d.argmin(1)
         return codes
     # Variability: every weight has its own levels: enumerate codes per block.
@@ -188,19 +195,32 @@ class _DeployedSqDistance(torch.autograd.Function):
         grad_w = torch.empty_like(w2d) if need_w else None
         grad_r = torch.zeros_like(rd)
         grad_c = torch.zeros_like(cd)
+        plain = lrs is None and hrs is None
+        Lv = 1 << N
+        sums = torch.zeros(G * Lv, dtype=w2d.dtype, device=w2d.device) if plain else None
         for r0, r1, c0, c1 in L._blocks(G, M):
             fb = forced[r0:r1, c0:c1]
             d = w2d[r0:r1, c0:c1] - _block_values(levels, rd, cd, forced, lrs, hrs, N,
                                                    r0, r1, c0, c1)
             if need_w:
                 torch.mul(d, 2 * g, out=grad_w[r0:r1, c0:c1])
-            if need_r or need_c:
-                grad_c[r0:r1] += d.sum(1)
-                bits = L.codes_to_bits(fb, N).to(d.dtype)
-                lb = None if lrs is None else lrs[r0:r1, c0:c1]
-                hb = None if hrs is None else hrs[r0:r1, c0:c1]
-                coef = _coefficients(bits, lb, hb)
-                grad_r[r0:r1] += (d[..., None] * coef).sum(1)
+            if not (need_r or need_c):
+                continue
+            if plain:
+                # Sum the residuals per stored code; r and c follow through the bit matrix.
+                idx = fb.long() + (torch.arange(r0, r1, device=fb.device)[:, None] * Lv)
+                sums.index_add_(0, idx.reshape(-1), d.reshape(-1))
+                continue
+            grad_c[r0:r1] += d.sum(1)
+            bits = L.codes_to_bits(fb, N).to(d.dtype)
+            lb = None if lrs is None else lrs[r0:r1, c0:c1]
+            hb = None if hrs is None else hrs[r0:r1, c0:c1]
+            coef = _coefficients(bits, lb, hb)
+            grad_r[r0:r1] += (d[..., None] * coef).sum(1)
+        if plain and (need_r or need_c):
+            per_code = sums.view(G, Lv)
+            grad_r = per_code @ L.bit_matrix(N, per_code.dtype, per_code.device)
+            grad_c = per_code.sum(1)
         grad_r = (grad_r * (-2 * g)).to(r.dtype) if need_r else None
         grad_c = (grad_c * (-2 * g)).to(c.dtype) if need_c else None
         return grad_w, grad_r, grad_c, None, None, None
