@@ -45,6 +45,7 @@ if _REPO not in sys.path:
 import torch  # noqa: E402
 
 from qfv_brevitas.experiment import format_results, run_experiment  # noqa: E402
+from _machine import _loadavg  # noqa: E402
 
 BITS = (4, 3)
 VARIANTS = ("fixed", "step", "nmult")
@@ -53,13 +54,6 @@ TARGET_MAX_DROP = {4: 1.0, 3: 2.0}
 #: Tolerance of the comparisons, in points: means of equal correct counts may differ in the
 #: last float bit (the test set has 360 images, so one image is 0.28 points).
 EPS = 1e-9
-
-
-def _loadavg():
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def machine_info() -> dict:

@@ -48,7 +48,6 @@ import copy
 import gc
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -73,6 +72,7 @@ from qfv_brevitas.regularizer import regularization_loss  # noqa: E402
 from qfv_brevitas.train import evaluate  # noqa: E402
 from qfv_brevitas.variability import (VariabilityModel, attach_variability,  # noqa: E402
                                       detach_variability, sample_variability_map)
+from _machine import _loadavg, machine_line  # noqa: E402
 
 FAULT_RATE = 0.10
 SIGMA = 0.20
@@ -84,28 +84,6 @@ KINDS = ("ideal", "faults", "variability")
 # --------------------------------------------------------------------------------------------
 # Machine
 # --------------------------------------------------------------------------------------------
-
-def _loadavg():
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def machine_line() -> str:
-    mem = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    mem = round(int(line.split()[1]) / 2 ** 20, 1)
-    except OSError:
-        pass
-    return (f"Machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-            f"cpu_count={os.cpu_count()}, RAM {mem} GiB, python {platform.python_version()}, "
-            f"torch {torch.__version__}, torch.get_num_threads()={torch.get_num_threads()}, "
-            f"load average {_loadavg()}")
-
 
 def _log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)

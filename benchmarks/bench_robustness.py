@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from dataclasses import asdict
@@ -55,13 +54,12 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-import torch  # noqa: E402
-
 from qfv_brevitas.checkpoint import load_checkpoint  # noqa: E402
 from qfv_brevitas.data import DataError, load_dataset  # noqa: E402
 from qfv_brevitas.evaluate import MonteCarloResult, compare_faults, compare_variability  # noqa: E402
 from qfv_brevitas.experiment import run_experiment  # noqa: E402
 from qfv_brevitas.train import TrainConfig, evaluate  # noqa: E402
+from _machine import machine_line  # noqa: E402
 
 RATES = [0.0, 0.05, 0.10, 0.20, 0.30]
 SIGMAS = [0.0, 0.10, 0.20, 0.40]
@@ -76,28 +74,6 @@ EPS = 1e-9
 # --------------------------------------------------------------------------------------------
 # Machine
 # --------------------------------------------------------------------------------------------
-
-def _loadavg():
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def machine_line() -> str:
-    mem = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    mem = round(int(line.split()[1]) / 2 ** 20, 1)
-    except OSError:
-        pass
-    return (f"Machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-            f"cpu_count={os.cpu_count()}, RAM {mem} GiB, python {platform.python_version()}, "
-            f"torch {torch.__version__}, torch.get_num_threads()={torch.get_num_threads()}, "
-            f"load average {_loadavg()}")
-
 
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)

@@ -52,15 +52,9 @@ from qfv_brevitas.models import resnet18_cifar  # noqa: E402
 from qfv_brevitas.quantizers import nmult_layers, quant_of  # noqa: E402
 from qfv_brevitas.regularizer import regularization_loss  # noqa: E402
 from qfv_brevitas.train import TrainConfig, param_groups  # noqa: E402
+from _machine import _loadavg  # noqa: E402
 
 TARGET_RATIO = 1.15
-
-
-def _loadavg():
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def machine_info() -> dict:
