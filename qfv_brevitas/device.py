@@ -101,8 +101,9 @@ def aware_codes(w2d: Tensor, r: Tensor, c: Tensor, sa0: Optional[Tensor] = None,
             return codes
         s0 = sa0 if sa0 is not None else torch.zeros_like(sa1)
         s1 = sa1 if sa1 is not None else torch.zeros_like(sa0)
-        rows, cols = ((s0 | s1) != 0).nonzero(as_tuple=True)
-        if rows.numel() == 0:
+        # Flat positions of the weights with a stuck bit, and their (sa0, sa1) pattern.
+        flat = ((s0 | s1) != 0).view(-1).nonzero().squeeze(1)
+        if flat.numel() == 0:
             return codes
         # Reachable codes depend only on the weight's (sa0, sa1) pattern: one table of
         # +inf penalties per pattern replaces per-weight validity arithmetic.
@@ -114,16 +115,19 @@ def aware_codes(w2d: Tensor, r: Tensor, c: Tensor, sa0: Optional[Tensor] = None,
             ok = ((all_codes & p0) == 0) & ((all_codes & p1) == p1)
             table = torch.where(ok, 0.0, float("inf")).to(w2d.dtype)  # (4**N, 2**N)
         step = max(1, _CAND_BLOCK >> N)
-        for a in range(0, rows.numel(), step):
-            rr, cc = rows[a:a + step], cols[a:a + step]
-            w = w2d[rr, cc]
-            d = (w[:, None] - levels[rr]).abs()  # (m, L)
+        w_flat, s0f, s1f, codes_flat = w2d.reshape(-1), s0.reshape(-1), s1.reshape(-1), codes.view(-1)
+        for a in range(0, flat.numel(), step):
+            idx = flat[a:a + step]
+            # One level table per tensor broadcasts; per channel each weight needs its row.
+            lv = levels if G == 1 else levels[idx // M]
+            d = (w_flat[idx][:, None] - lv).abs()  # (m, L)
             if table is not None:
-                d += table[(s0[rr, cc].long() << N) | s1[rr, cc].long()]
+                d += table[(s0f[idx].long() << N) | s1f[idx].long()]
             else:
+                rr, cc = idx // M, idx % M
                 d = torch.where(_valid(all_codes, sa0, sa1, rr, cc), d,
                                 torch.full_like(d, float("inf")))
-            codes[rr, cc] = d.argmin(1)
+            codes_flat[idx] = d.argmin(1)
         return codes
     # Variability: every weight has its own levels: enumerate codes per block.
     bitsm = L.bit_matrix(N, w2d.dtype, w2d.device)  # (L, N)
@@ -246,5 +250,6 @@ def deployed_sq_distance(w2d: Tensor, r: Tensor, c: Tensor, codes: Tensor,
     levels excluded outright) and the variability-aware regularizer (eq. 12). Differentiable
     in ``w2d``, ``r`` and ``c``; O(n) memory.
     """
-    forced = force_codes(codes, sa0, sa1).to(torch.uint8)
+    # Byte codes throughout (N <= 8): forcing and the saved index stay one byte per weight.
+    forced = force_codes(codes if codes.dtype == torch.uint8 else codes.to(torch.uint8), sa0, sa1)
     return _DeployedSqDistance.apply(w2d, r, c, forced, lrs, hrs)

@@ -262,7 +262,11 @@ def nearest(w2d: Tensor, levels: Tensor) -> Tuple[Tensor, Tensor]:
     """
     with torch.no_grad():
         li = _LevelIndex(levels, w2d.dtype)
-        idx = li.search(w2d).long()
+        idx = li.search(w2d)
+        if li.G == 1:  # one table: plain indexing, no int64 copy of the index
+            idx = idx.int()
+            return li.values.view(-1)[idx].view(w2d.shape), li.perm.view(-1)[idx].view(w2d.shape)
+        idx = idx.long()
         return li.values.gather(1, idx), li.perm.gather(1, idx)
 
 
