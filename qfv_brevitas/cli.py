@@ -58,7 +58,8 @@ def _add_device_commands(sub) -> None:
         p.add_argument("checkpoint", help="a model saved by qfv demo/train (or a fine-tune)")
         p.add_argument("--dataset", choices=("digits", "idx"), default="digits")
         p.add_argument("--data-dir")
-        p.add_argument("--seed", type=int, default=0, help="seed of the maps (and data split)")
+        p.add_argument("--seed", type=int, default=0,
+                       help="seed of the maps (the data split is the checkpoint's own)")
         p.add_argument("--out", default=out_default)
         p.add_argument("--layers", choices=("inner", "all"), default="inner",
                        help="inner: first and last (8-bit) layers stay ideal (paper setup); "
@@ -150,13 +151,21 @@ def _load_for_device(args):
                          "to N-multiplier layers (use a quantized checkpoint)")
     if args.dataset == "idx" and not args.data_dir:
         raise ValueError("--dataset idx needs --data-dir DIR")
-    train, test, num_classes, shape = load_dataset(args.dataset, args.data_dir, 0)
+    # Evaluate on the test split the model was trained against (digits' split depends on the
+    # seed it was made with): anything else would leak training images into the test set.
+    meta = info["meta"] or {}
+    train, test, num_classes, shape = load_dataset(args.dataset, args.data_dir,
+                                                   int(meta.get("data_seed", 0)))
     if tuple(shape) != tuple(info["input_shape"]) or num_classes != info["num_classes"]:
         raise ValueError(
             f"{args.checkpoint} was trained on inputs {tuple(info['input_shape'])} with "
             f"{info['num_classes']} classes, but --dataset {args.dataset} has {tuple(shape)} "
             f"and {num_classes}")
     return model, info, train, test
+
+
+def meta_of(info) -> dict:
+    return dict(info.get("meta") or {})
 
 
 def _finetune_cfg(args):
@@ -238,7 +247,8 @@ def _run_device(args) -> int:
         R.chip_in_loop_finetune(model, train, test, cfg, progress)
     after = accuracy(model, test)
     save_checkpoint(args.out, model, info["arch"], info["input_shape"], info["num_classes"],
-                    info["config"], acc=after, method=args.method, source=str(args.checkpoint))
+                    info["config"], **{**meta_of(info), "acc": after, "method": args.method,
+                                       "source": str(args.checkpoint)})
     print(f"ideal device {100 * before:.2f}% | on this chip as is {100 * naive:.2f}% | "
           f"after {args.method} {100 * after:.2f}%")
     print(f"wrote {args.out} (the map travels with the model)")

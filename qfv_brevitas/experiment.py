@@ -53,7 +53,8 @@ def run_experiment(out_dir: Union[str, Path], dataset: str = "digits",
                "num_test": len(test), "fp_acc": fp_acc, "fp_train": asdict(fp_train),
                "q_train": asdict(q_train), "runs": []}
     if save_models:
-        save_checkpoint(out / "float.pt", fp, arch, shape, num_classes, None, acc=fp_acc)
+        save_checkpoint(out / "float.pt", fp, arch, shape, num_classes, None, acc=fp_acc,
+                        dataset=dataset, data_seed=seed)
     example = next(iter(DataLoader(train, batch_size=256)))[0]
     plotted: Dict[str, torch.nn.Module] = {}
     for cfg in configs:
@@ -66,7 +67,7 @@ def run_experiment(out_dir: Union[str, Path], dataset: str = "digits",
                                 "delta_vs_fp": acc - fp_acc, "history": hist})
         if save_models:
             save_checkpoint(out / f"{variant}_w{b}a{b}.pt", q, arch, shape, num_classes, cfg,
-                            acc=acc)
+                            acc=acc, dataset=dataset, data_seed=seed)
         if variant == "nmult" or (variant == variants[-1] and "nmult" not in variants):
             plotted[f"{variant} W{b}A{b}"] = q
     results["seconds"] = time.perf_counter() - t0

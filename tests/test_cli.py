@@ -142,3 +142,26 @@ def test_variability_eval_and_bad_input(trained_ckpt, tmp_path, capsys):
     assert main(["faults", "finetune", str(trained_ckpt), "--map", str(bad),
                  "--out", str(tmp_path / "x.pt"), "--no-progress"]) == 2
     assert "bad_map.pt" in capsys.readouterr().err
+
+
+def test_device_commands_use_the_checkpoints_data_split(tmp_path):
+    """A model trained on split seed 1 is evaluated on split seed 1's test set, not seed 0's
+    (which would contain some of its training images)."""
+    out = tmp_path / "s1"
+    assert main(["demo", "--out", str(out), "--bits", "4", "--variants", "nmult", "--seed", "1",
+                 "--fp-epochs", "2", "--q-epochs", "1", "--lambda-rise-epochs", "1",
+                 "--no-progress"]) == 0
+    ckpt = out / "nmult_w4a4.pt"
+    _, info = load_checkpoint(ckpt)
+    assert info["meta"]["data_seed"] == 1 and info["meta"]["dataset"] == "digits"
+    ev = tmp_path / "ev"
+    assert main(["faults", "eval", str(ckpt), "--rates", "0", "--trials", "1", "--out", str(ev),
+                 "--no-progress"]) == 0
+    rows = json.loads((ev / "faults_eval.json").read_text())["rows"]
+    res = json.loads((out / "results.json").read_text())
+    # Rate 0 is the clean model: exactly the accuracy measured at training time on its split.
+    assert rows[0]["acc"] == res["runs"][0]["acc"]
+    ft = tmp_path / "ft.pt"
+    assert main(["faults", "finetune", str(ckpt), "--rate", "0.1", "--epochs", "1",
+                 "--out", str(ft), "--no-progress"]) == 0
+    assert load_checkpoint(ft)[1]["meta"]["data_seed"] == 1
