@@ -30,10 +30,12 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=20, help="float and QAT epochs")
     p.add_argument("--finetune-epochs", type=int, default=4)
     args = p.parse_args(argv)
-    train, test = load_digits_split(0)
     if args.checkpoint:
-        model, _ = load_checkpoint(args.checkpoint)
+        model, info = load_checkpoint(args.checkpoint)
+        # The test split the model was trained against (qfv demo records its seed).
+        train, test = load_digits_split(int((info["meta"] or {}).get("data_seed", 0)))
     else:
+        train, test = load_digits_split(0)
         torch.manual_seed(0)
         fp = SmallCNN(1, 10)
         fit(fp, train, test, TrainConfig(epochs=args.epochs, lr=0.05), desc="float")
