@@ -18,38 +18,17 @@ import pytest
 import torch
 from PIL import Image
 
-from qfv_brevitas import (FaultModel, MonteCarloResult, NMultConfig, VariabilityModel,
-                          attach_faults, attach_variability, compare_faults, compare_variability,
-                          evaluate_faults, evaluate_variability, nmult_layers, quantize_model,
-                          sample_fault_map, sample_variability_map, set_deploy_mapping)
+from qfv_brevitas import (FaultModel, MonteCarloResult, VariabilityModel, attach_faults,
+                          attach_variability, compare_faults, compare_variability,
+                          evaluate_faults, evaluate_variability, nmult_layers, sample_fault_map,
+                          sample_variability_map, set_deploy_mapping)
 from qfv_brevitas.evaluate import edge_layers
-from qfv_brevitas.data import load_digits_split
 from qfv_brevitas.models import SmallCNN
 from qfv_brevitas.repair import (chip_in_loop_finetune, fault_aware_finetune,
                                  variability_aware_finetune)
-from qfv_brevitas.train import TrainConfig, evaluate, fit
+from qfv_brevitas.train import TrainConfig, evaluate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits_split(seed=0)
-
-
-@pytest.fixture(scope="module")
-def trained(digits):
-    """A small CNN trained in float, quantized at W4 (float activations), QAT'd; eval mode."""
-    train, test = digits
-    torch.manual_seed(0)
-    m = SmallCNN(1, 10, width=16)
-    fit(m, train, None, TrainConfig(epochs=8, lr=0.05), progress=False)
-    q = quantize_model(m, NMultConfig(weight_bits=4, act_bits=None, first_last_bits=None))
-    fit(q, train, None, TrainConfig(epochs=4, lr=0.01, lambda_rise_epochs=2), progress=False)
-    q.eval()
-    clean = evaluate(q, test)
-    assert clean > 0.95
-    return q, clean
 
 
 def fingerprint(model, test):

@@ -27,11 +27,10 @@ from qfv_brevitas import (FaultModel, NMultConfig, VariabilityModel, attach_faul
                           regularization_loss, sample_fault_map, sample_variability_map,
                           set_forward_mode)
 from qfv_brevitas.checkpoint import load_checkpoint, save_checkpoint
-from qfv_brevitas.data import load_digits_split
-from qfv_brevitas.models import SmallCNN, build_model
+from qfv_brevitas.models import build_model
 from qfv_brevitas.repair import (chip_in_loop_finetune, fault_aware_finetune, has_device_maps,
                                  remap_to_valid_, set_deploy_mapping, variability_aware_finetune)
-from qfv_brevitas.train import TrainConfig, evaluate, fit
+from qfv_brevitas.train import TrainConfig, evaluate
 
 IN_SHAPE = (1, 6, 6)
 
@@ -496,24 +495,6 @@ def test_remap_without_faults_does_nothing_and_zero_rate_layers_count_zero():
 # -- fine-tuning on a trained model --------------------------------------------------------------
 
 FT = TrainConfig(epochs=3, lr=0.05, lambda_rise_epochs=2, seed=0)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits_split(seed=0)
-
-
-@pytest.fixture(scope="module")
-def trained(digits):
-    """A small CNN trained in float, quantized at W4 (float activations) and QAT'd."""
-    train, test = digits
-    torch.manual_seed(0)
-    m = SmallCNN(1, 10, width=16)
-    fit(m, train, None, TrainConfig(epochs=8, lr=0.05), progress=False)
-    q = quantize_model(m, cfg(4))
-    fit(q, train, None, TrainConfig(epochs=4, lr=0.01, lambda_rise_epochs=2), progress=False)
-    q.eval()
-    return q, evaluate(q, test)
 
 
 def inner_fault_map(model, seed):
