@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -42,10 +41,9 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-import torch  # noqa: E402
 
 from qfv_brevitas.experiment import format_results, run_experiment  # noqa: E402
-from _machine import _loadavg  # noqa: E402
+from _machine import _loadavg, machine_info  # noqa: E402
 
 BITS = (4, 3)
 VARIANTS = ("fixed", "step", "nmult")
@@ -54,18 +52,6 @@ TARGET_MAX_DROP = {4: 1.0, 3: 2.0}
 #: Tolerance of the comparisons, in points: means of equal correct counts may differ in the
 #: last float bit (the test set has 360 images, so one image is 0.28 points).
 EPS = 1e-9
-
-
-def machine_info() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_num_threads": torch.get_num_threads(),
-        "loadavg_start": _loadavg(),
-    }
 
 
 def mean_std(xs: List[float]) -> Tuple[float, float]:

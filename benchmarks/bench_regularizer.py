@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -52,6 +51,7 @@ from qfv_brevitas.levels import (  # noqa: E402
     sq_distance_to_levels,
     uniform_multipliers,
 )
+from _machine import _loadavg, machine_info  # noqa: E402
 
 TARGET_LIB_OVER_FLOOR_N4 = 3.0
 TARGET_NAIVE_OVER_LIB_N4 = 15.0
@@ -196,37 +196,6 @@ def measure_peak(method: str, n: int, groups: int, bits: int, seed: int, threads
 # Main
 # --------------------------------------------------------------------------------------------
 
-def machine_info() -> dict:
-    mem_gib = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    mem_gib = int(line.split()[1]) / 2 ** 20
-    except OSError:
-        pass
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = None
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": affinity,
-        "mem_total_gib": None if mem_gib is None else round(mem_gib, 1),
-        "torch": torch.__version__,
-        "torch_num_threads": torch.get_num_threads(),
-        "loadavg_start": _loadavg(),
-    }
-
-
-def _loadavg():
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
 
 
 def _log(msg: str) -> None:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -52,22 +51,9 @@ from qfv_brevitas.models import resnet18_cifar  # noqa: E402
 from qfv_brevitas.quantizers import nmult_layers, quant_of  # noqa: E402
 from qfv_brevitas.regularizer import regularization_loss  # noqa: E402
 from qfv_brevitas.train import TrainConfig, param_groups  # noqa: E402
-from _machine import _loadavg  # noqa: E402
+from _machine import _loadavg, machine_info  # noqa: E402
 
 TARGET_RATIO = 1.15
-
-
-def machine_info() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_num_threads": torch.get_num_threads(),
-        "torch_num_interop_threads": torch.get_num_interop_threads(),
-        "loadavg_start": _loadavg(),
-    }
 
 
 def make_optimizers(model: nn.Module, cfg: TrainConfig) -> List[torch.optim.Optimizer]:
