@@ -48,7 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="per-layer bits, r, c, levels and weight distances")
     rep.add_argument("checkpoint")
     _add_device_commands(sub)
+    # Command groups that live beside their own module: each ``register(sub)`` adds its
+    # subcommands and sets ``_run`` (a function of the parsed args returning the exit status).
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        importlib.import_module(f"{__package__}.{name}").register(sub)
     return parser
+
+
+#: modules (relative to the package) that add ``qfv`` subcommands through ``register(sub)``
+_COMMAND_MODULES: List[str] = []
 
 
 def _add_device_commands(sub) -> None:
@@ -293,6 +303,8 @@ def _run_report(args) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "_run", None) is not None:
+            return args._run(args)
         if args.command in ("demo", "train"):
             return _run_train(args)
         if args.command == "report":
