@@ -78,7 +78,13 @@ def level_table(r: Tensor, c: Tensor) -> Tensor:
     if r.dim() != 2 or c.dim() != 1 or c.shape[0] != r.shape[0]:
         raise ValueError(f"r must be (G, N) and c (G,), got {tuple(r.shape)} and {tuple(c.shape)}")
     b = bit_matrix(r.shape[1], r.dtype, r.device)
-    return c[:, None] + r @ b.t()
+    # Summed bit by bit in a fixed order, ``c + r_0 b_0 + r_1 b_1 + ...``, not as a matmul:
+    # exported graphs (bit planes, the NMultWeight op) compute the same sums in the same order,
+    # so a deployed weight is reproduced bit for bit outside torch.
+    out = c[:, None] + r[:, :1] * b[:, 0]
+    for k in range(1, r.shape[1]):
+        out = out + r[:, k:k + 1] * b[:, k]
+    return out
 
 
 def uniform_multipliers(step: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
