@@ -1,0 +1,20 @@
+"""QONNX export of N-multiplier models: three forms, the ``NMultWeight`` op domain, the
+per-layer multipliers in the file's metadata, verification against torch, crossbar files.
+
+>>> from qfv_brevitas.export import FORMS
+>>> FORMS
+('compact', 'bitplanes', 'fixed')
+"""
+from .api import EXPORTERS, ExportError, ExportResult, export_qonnx
+from .crossbar import load_crossbar, write_crossbar
+from .fixedpoint import choose_frac_bits, fixed_point_layer, round_to_grid
+from .graph import cleanup_qonnx, to_onnxruntime
+from .handler import FORMS
+from .metadata import ExportFileError, format_layers, read_metadata
+from .ops import NMultWeight, nmult_weight
+from .verify import VerifyReport, verify_qonnx
+
+__all__ = ["EXPORTERS", "FORMS", "ExportError", "ExportFileError", "ExportResult",
+           "NMultWeight", "VerifyReport", "choose_frac_bits", "cleanup_qonnx",
+           "export_qonnx", "fixed_point_layer", "format_layers", "load_crossbar", "nmult_weight",
+           "read_metadata", "round_to_grid", "to_onnxruntime", "verify_qonnx", "write_crossbar"]

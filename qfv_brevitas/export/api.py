@@ -1,0 +1,273 @@
+"""``export_qonnx``: the one call that writes a quantized model to QONNX."""
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import onnx
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from .. import levels as L
+from ..quantizers import nmult_layers
+from . import fixedpoint as FX
+from .graph import cleanup_qonnx, default_domain_first, locate_layers, rename_tensor
+from .handler import FORMS, manager_for, plain_state_dict
+from .layers import LayerExport, collect_layers
+from .metadata import FORMAT, format_layers, write_metadata
+from .ops import DOMAIN, OP_TYPE
+from .verify import VerifyReport, verify_qonnx
+
+__all__ = ["EXPORTERS", "ExportError", "ExportResult", "export_qonnx"]
+
+EXPORTERS = ("dynamo", "torchscript")
+
+
+class ExportError(ValueError):
+    """The model cannot be exported as asked (the message says how to fix the call)."""
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_qonnx` wrote and how it checked out."""
+
+    path: Path
+    form: str
+    exporter: str
+    metadata: dict
+    verification: Optional[VerifyReport] = None
+    fixed_point: Optional[dict] = None
+    reference: Optional[nn.Module] = field(default=None, repr=False)
+
+    def summary(self) -> str:
+        out = [f"wrote {self.path} ({self.form} form, {self.exporter} exporter)",
+               format_layers(self.metadata)]
+        if self.fixed_point:
+            fx = self.fixed_point
+            out.append(f"fixed point: f = {fx['frac_bits']} fractional bits, max multiplier "
+                       f"error {fx['max_multiplier_error']:.3g} (bound {2.0 ** -(fx['frac_bits'] + 1):.3g}), "
+                       f"max weight error {fx['max_weight_error']:.3g}")
+            if fx.get("accuracy") is not None:
+                out.append(f"  accuracy {fx['reference_accuracy']:.2f}% -> {fx['accuracy']:.2f}% "
+                           f"({fx['accuracy'] - fx['reference_accuracy']:+.2f} points)")
+        if self.verification is not None:
+            out.append(self.verification.summary())
+        return "\n".join(out)
+
+
+def _check_input(example_input) -> Tensor:
+    if not isinstance(example_input, Tensor):
+        raise ExportError(f"example_input must be a tensor (one batch the model accepts), got "
+                          f"{type(example_input).__name__}")
+    if not example_input.is_floating_point() or not bool(torch.isfinite(example_input).all()):
+        raise ExportError("example_input must be a finite floating-point tensor")
+    return example_input.detach().float().cpu()
+
+
+def _accuracy_fn(data) -> Optional[Callable[[nn.Module], float]]:
+    if data is None:
+        return None
+    if callable(data) and not isinstance(data, Dataset):
+        return data
+    from ..train import evaluate
+
+    return lambda m: evaluate(m, data)
+
+
+def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path],
+                 form: str = "compact", *, frac_bits: Optional[int] = None,
+                 max_accuracy_drop: Optional[float] = None, data=None, device: bool = True,
+                 exporter: str = "dynamo", verify: bool = True,
+                 verify_inputs: Optional[Tensor] = None, extra_metadata: Optional[dict] = None,
+                 ) -> ExportResult:
+    """Write ``model`` (with N-multiplier layers) to a QONNX file in one of three forms.
+
+    - ``"compact"``: one ``qfv_brevitas.export.ops::NMultWeight`` node per layer holding the
+      uint8 codes, ``r`` and ``c`` (spec: ``docs/ops/NMultWeight.md``);
+    - ``"bitplanes"``: standard ops only, ``c + sum_k r_k * Quant(B_k)`` with 1-bit planes;
+    - ``"fixed"``: ``r``, ``c`` rounded to ``m * 2**-f``; one standard ``Quant`` node per layer
+      (hls4ml, FINN). Give ``frac_bits``, or ``data`` (a labelled Dataset, or a function
+      ``model -> accuracy in [0, 1]``) and ``max_accuracy_drop`` (points) to pick the smallest
+      ``f`` that keeps the accuracy within the bound.
+
+    Activations quantized by Brevitas export as standard QONNX ``Quant`` nodes. With a fault or
+    variability map attached the file computes what that device computes (``device=False``:
+    the ideal levels). ``exporter``: ``"dynamo"`` (torch.export) or ``"torchscript"``.
+    Unless ``verify=False`` the file is run with qonnx and onnxruntime on ``verify_inputs``
+    (default: ``example_input``) against the torch model; a failed check raises.
+
+    >>> import torch, tempfile, os
+    >>> from torch import nn
+    >>> from qfv_brevitas import NMultConfig, quantize_model
+    >>> net = quantize_model(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)),
+    ...                      NMultConfig(weight_bits=3, act_bits=None), torch.rand(1, 6))
+    >>> out = os.path.join(tempfile.mkdtemp(), "net.onnx")
+    >>> res = export_qonnx(net.eval(), torch.rand(1, 6), out, exporter="torchscript")
+    >>> res.verification.passed, max(res.verification.weight_diff.values())
+    (True, 0.0)
+    """
+    if form not in FORMS:
+        raise ExportError(f"unknown form {form!r}: choose one of {', '.join(FORMS)}")
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter {exporter!r}: choose one of {', '.join(EXPORTERS)}")
+    if form != "fixed" and (frac_bits is not None or max_accuracy_drop is not None):
+        raise ExportError("frac_bits / max_accuracy_drop apply to form='fixed' only")
+    x = _check_input(example_input)
+    if not nmult_layers(model):
+        raise ExportError("the model has no N-multiplier layers: give it quantizers first "
+                          "(quantize_model or swap_weight_quant)")
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise ExportError(f"parameter {name} is not finite (NaN/inf): nothing sensible to "
+                              "export")
+    path = Path(path)
+    was_training = model.training
+    model.eval()
+    try:
+        if not device:
+            model = _without_maps(model)
+        try:
+            layers = collect_layers(model, device=True)
+        except ValueError as e:
+            raise ExportError(str(e)) from None
+        fixed = None
+        reference = model
+        if form == "fixed":
+            fixed, reference = _fixed_point(model, layers, frac_bits, max_accuracy_drop, data)
+        by_proxy = {id(m.weight_quant): info for (_, m), info in zip(nmult_layers(model), layers)}
+        proto = _run_exporter(model, x, form, by_proxy, exporter)
+        proto = _finish(proto, layers, form)
+        meta = {"format": FORMAT, "form": form, "exporter": exporter,
+                "version": _version(), "device": bool(device),
+                "input_shape": list(x.shape),
+                "layers": [dict(info.metadata(), weight_tensor=f"{info.name}.weight")
+                           for info in layers],
+                "extra": extra_metadata or {}}
+        for row in meta["layers"]:
+            row.pop("_fixed_weight", None)
+        if fixed is not None:
+            meta["fixed_point"] = {k: v for k, v in fixed.items() if k != "tried"}
+        write_metadata(proto, meta)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(proto, str(path))
+        result = ExportResult(path=path, form=form, exporter=exporter, metadata=meta,
+                              fixed_point=fixed, reference=reference)
+        if verify:
+            inputs = x if verify_inputs is None else _check_input(verify_inputs)
+            rep = verify_qonnx(reference, proto, inputs)
+            result.verification = rep
+            if not rep.passed:
+                raise ExportError(f"{path} was written but does not match the torch model:\n"
+                                  + rep.summary())
+        return result
+    finally:
+        model.train(was_training)
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _without_maps(model: nn.Module) -> nn.Module:
+    twin = copy.deepcopy(model)
+    for _, layer in nmult_layers(twin):
+        layer.weight_quant.clear_faults()
+        layer.weight_quant.clear_variability()
+    return twin.eval()
+
+
+def _fixed_point(model, layers: Sequence[LayerExport], frac_bits, max_drop, data):
+    acc = _accuracy_fn(data)
+    if frac_bits is None:
+        if max_drop is None or acc is None:
+            raise ExportError("form='fixed' needs frac_bits, or data and max_accuracy_drop to "
+                              "choose the smallest fractional width within that accuracy drop")
+        try:
+            pick = FX.choose_frac_bits(model, layers, acc, max_drop)
+        except ValueError as e:
+            raise ExportError(str(e)) from None
+    else:
+        try:
+            for info in layers:
+                FX.fixed_point_layer(info, frac_bits)
+        except ValueError as e:
+            raise ExportError(str(e)) from None
+        pick = {"frac_bits": int(frac_bits)}
+        if acc is not None:
+            pick["reference_accuracy"] = 100.0 * acc(model)
+    reference = FX.fixed_point_model(model, layers)
+    if acc is not None and "accuracy" not in pick:
+        pick["accuracy"] = 100.0 * acc(reference)
+    rows = [info.extra["fixed_point"] for info in layers]
+    pick.update(max_multiplier_error=max(r["max_multiplier_error"] for r in rows),
+                max_weight_error=max(r["max_weight_error"] for r in rows),
+                layers={info.name: {k: v for k, v in info.extra["fixed_point"].items()
+                                    if k in ("int_bits", "signed", "max_weight_error")}
+                        for info in layers})
+    pick.setdefault("accuracy", None)
+    pick.setdefault("reference_accuracy", None)
+    return pick, reference
+
+
+def _run_exporter(model, x, form, by_proxy, exporter) -> onnx.ModelProto:
+    dynamo = exporter == "dynamo"
+    manager = manager_for(form, by_proxy, dynamo)
+    kwargs = dict(dynamo=True, optimize=True) if dynamo else dict(dynamo=False)
+    with warnings.catch_warnings(), plain_state_dict():
+        warnings.simplefilter("ignore")
+        try:
+            if dynamo:
+                with _quiet():
+                    return manager.export(model, args=x, **kwargs)
+            return manager.export(model, args=x, **kwargs)
+        except Exception as e:  # the exporters' own errors are long; say which one failed
+            raise ExportError(f"the {exporter} exporter failed on this model: "
+                              f"{type(e).__name__}: {e}" + (
+                                  "\n(try exporter='torchscript')" if dynamo else
+                                  "\n(try exporter='dynamo')")) from e
+
+
+class _quiet:
+    """torch.onnx's dynamo exporter prints progress lines to stdout; keep them out of ours."""
+
+    def __enter__(self):
+        import contextlib
+
+        self._cm = contextlib.redirect_stdout(io.StringIO())
+        self._cm.__enter__()
+
+    def __exit__(self, *exc):
+        return self._cm.__exit__(*exc)
+
+
+def _finish(proto: onnx.ModelProto, layers: Sequence[LayerExport], form: str) -> onnx.ModelProto:
+    """Name each layer's weight tensor ``<layer>.weight`` (and the compact op's inputs), then
+    clean up without folding the weight quantizers."""
+    default_domain_first(proto)
+    if not any(o.domain == DOMAIN for o in proto.opset_import) and form == "compact":
+        proto.opset_import.add(domain=DOMAIN, version=1)
+    found = locate_layers(proto, [i.name for i in layers])
+    for info in layers:
+        rename_tensor(proto, found[info.name], f"{info.name}.weight")
+    if form == "compact":
+        inits = {i.name for i in proto.graph.initializer}
+        for node in proto.graph.node:
+            if node.op_type != OP_TYPE:
+                continue
+            layer = next(a.s.decode() for a in node.attribute if a.name == "layer")
+            for pos, role in enumerate(("codes", "r", "c", "lrs", "hrs")[:len(node.input)]):
+                if node.input[pos] in inits:
+                    rename_tensor(proto, node.input[pos], f"{layer}.weight_{role}")
+                    inits = {i.name for i in proto.graph.initializer}
+    if form == "fixed":
+        for info in layers:
+            prod = next(n for n in proto.graph.node if f"{info.name}.weight" in n.output)
+            rename_tensor(proto, prod.input[0], f"{info.name}.weight_fixed")
+    return cleanup_qonnx(proto)

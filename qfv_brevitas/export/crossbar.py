@@ -1,0 +1,107 @@
+"""Crossbar mapping: per layer, the bit-plane matrices and multipliers an accelerator loads.
+
+A layer's weights become a matrix ``W (out, fan_in)`` (PyTorch order: ``weight.reshape(out,
+-1)``, a conv kernel flattened as ``(in, kh, kw)``). Bit ``k`` of every weight's code forms the
+0/1 plane ``planes[k] (out, fan_in)``: the cells of crossbar ``k`` (paper section 5.4, Fig. 7).
+The layer computes ``y = c * sum_i x_i + sum_k r_k * (planes[k] @ x)`` per output row, i.e.
+``W = c + sum_k r_k planes[k]`` with ``r``/``c`` per layer (one row) or per output channel.
+
+Files (format ``qfv-crossbar/1``), in one folder:
+
+- ``manifest.json``: ``{"format", "layers": [{"layer", "file", "bits", "weight_shape",
+  "matrix_shape", "granularity", "sha256", "faults", "variability"}]}``
+- ``<layer>.npz`` per layer: ``planes`` uint8 ``(N, out, fan_in)``, ``r`` float32 ``(G, N)``,
+  ``c`` float32 ``(G,)``, and with a variability map ``lrs``/``hrs`` float32
+  ``(N, out, fan_in)`` (each cell's factor; ideal 1 and 0).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Dict, Union
+
+import numpy as np
+from torch import nn
+
+from .layers import collect_layers
+from .ops import nmult_weight
+
+__all__ = ["CROSSBAR_FORMAT", "write_crossbar", "load_crossbar"]
+
+CROSSBAR_FORMAT = "qfv-crossbar/1"
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_crossbar(model: nn.Module, folder: Union[str, Path], device: bool = True) -> Path:
+    """Write every N-multiplier layer of ``model`` as crossbar planes; returns the manifest.
+
+    ``device=True`` writes the codes the device holds (stuck bits forced) and the per-cell
+    factors of an attached variability map; ``device=False`` the ideal codes. Per-channel
+    layers must have their channels on axis 0 (``r``/``c`` rows are the matrix rows).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not device:
+        from .api import _without_maps
+
+        model = _without_maps(model)
+    rows = []
+    for info in collect_layers(model.eval(), device=True):
+        if info.axis > 0:
+            raise ValueError(f"layer {info.name!r}: per-channel multipliers on axis {info.axis}; "
+                             "the crossbar format expects output channels on axis 0")
+        out = info.weight_shape[0]
+        planes = np.stack([p.numpy().reshape(out, -1) for p in info.planes()]).astype(np.uint8)
+        arrays = {"planes": planes, "r": info.r.numpy().astype(np.float32),
+                  "c": info.c.numpy().astype(np.float32)}
+        for key in ("lrs", "hrs"):
+            t = getattr(info, key)
+            if t is not None:
+                arrays[key] = np.moveaxis(t.numpy().reshape(out, -1, info.bits), -1, 0)
+        fname = f"{info.name.replace('/', '_')}.npz"
+        np.savez_compressed(folder / fname, **arrays)
+        rows.append({"layer": info.name, "file": fname, "bits": info.bits,
+                     "weight_shape": list(info.weight_shape),
+                     "matrix_shape": list(planes.shape[1:]), "granularity": info.granularity,
+                     "sha256": _sha(folder / fname), "faults": info.faults,
+                     "variability": info.variability})
+    manifest = folder / "manifest.json"
+    manifest.write_text(json.dumps({"format": CROSSBAR_FORMAT, "layers": rows}, indent=1))
+    return manifest
+
+
+def load_crossbar(folder: Union[str, Path]) -> Dict[str, dict]:
+    """Read a crossbar folder back: per layer its arrays plus ``weight`` rebuilt in the layer's
+    shape (``c + sum_k r_k planes[k]``, with the cells' factors if present). Checks the
+    format and each file's checksum."""
+    folder = Path(folder)
+    mpath = folder / "manifest.json"
+    if not mpath.is_file():
+        raise ValueError(f"{folder}: no manifest.json (not a crossbar folder written by "
+                         "qfv-brevitas)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{mpath}: corrupt manifest ({e})") from None
+    if manifest.get("format") != CROSSBAR_FORMAT:
+        raise ValueError(f"{mpath}: format {manifest.get('format')!r}, expected "
+                         f"{CROSSBAR_FORMAT!r}")
+    out = {}
+    for row in manifest["layers"]:
+        f = folder / row["file"]
+        if not f.is_file() or _sha(f) != row["sha256"]:
+            raise ValueError(f"{f}: missing or does not match its checksum in the manifest")
+        with np.load(f) as z:
+            arrays = {k: z[k] for k in z.files}
+        planes = arrays["planes"]
+        codes = sum(planes[k].astype(np.int64) << k for k in range(planes.shape[0]))
+        cells = {k: np.moveaxis(arrays[k], 0, -1) for k in ("lrs", "hrs") if k in arrays}
+        axis = -1 if row["granularity"] == "tensor" else 0
+        w = nmult_weight(codes.astype(np.uint8), arrays["r"], arrays["c"], axis,
+                         cells.get("lrs"), cells.get("hrs"))
+        out[row["layer"]] = dict(row, **arrays, weight=w.reshape(row["weight_shape"]))
+    return out

@@ -1,0 +1,129 @@
+"""The fixed-point form: multipliers and offset rounded onto the grid ``m * 2**-f``.
+
+Then every level is an integer times ``2**-f`` and a layer's weights are one standard QONNX
+``Quant`` node (scale ``2**-f``, the integer width the levels need), which hls4ml and FINN take
+unchanged. Rounding moves each multiplier by at most ``2**-(f+1)``; :func:`choose_frac_bits`
+picks the smallest ``f`` whose accuracy change stays within a bound.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..levels import level_table
+from ..quantizers import nmult_layers
+from .layers import LayerExport
+
+__all__ = ["round_to_grid", "fixed_point_layer", "fixed_point_model", "choose_frac_bits",
+           "MAX_FRAC_BITS"]
+
+#: integers must stay exact in float32 (24-bit significand)
+_MAX_INT_BITS = 24
+MAX_FRAC_BITS = 20
+
+
+def round_to_grid(t: Tensor, frac_bits: int) -> Tensor:
+    """``t`` rounded to the nearest multiple of ``2**-frac_bits`` (half to even).
+
+    >>> round_to_grid(torch.tensor([0.3, -0.7]), 2).tolist()
+    [0.25, -0.75]
+    """
+    s = 2.0 ** frac_bits
+    return (t.double() * s).round().div(s).to(t.dtype)
+
+
+def _int_bits(lo: int, hi: int):
+    """Smallest width holding the integer range [lo, hi]: (bits, signed)."""
+    if lo >= 0:
+        return max(1, int(hi).bit_length()), False
+    b = 1
+    while not (-(1 << (b - 1)) <= lo and hi <= (1 << (b - 1)) - 1):
+        b += 1
+    return b, True
+
+
+@torch.no_grad()
+def fixed_point_layer(info: LayerExport, frac_bits: int) -> dict:
+    """Round ``info``'s multipliers to ``2**-frac_bits``; returns the layer's fixed-point
+    description (integer width, signedness, multiplier and weight errors) and stores the
+    deployed weights (``int * 2**-f``, float32) in ``info.extra``."""
+    if not 0 <= int(frac_bits) <= MAX_FRAC_BITS:
+        raise ValueError(f"frac_bits must be in 0..{MAX_FRAC_BITS}, got {frac_bits}")
+    if info.lrs is not None or info.hrs is not None:
+        raise ValueError(f"layer {info.name!r} has a variability map attached: a device whose "
+                         "cells vary is not on a fixed-point grid; export it in the 'compact' or "
+                         "'bitplanes' form, or with device=False")
+    f = int(frac_bits)
+    s = 2.0 ** f
+    mr = (info.r.double() * s).round()
+    mc = (info.c.double() * s).round()
+    table = level_table(mr, mc)  # exact integers (float64)
+    lo, hi = int(table.min()), int(table.max())
+    bits, signed = _int_bits(lo, hi)
+    if bits > _MAX_INT_BITS:
+        raise ValueError(f"layer {info.name!r}: at frac_bits={f} its levels need {bits}-bit "
+                         f"integers (more than {_MAX_INT_BITS}); use fewer fractional bits")
+    G = table.shape[0]
+    codes = info.codes.long()
+    c2d = codes.reshape(1, -1) if info.axis < 0 else codes.movedim(info.axis, 0).reshape(G, -1)
+    ints = table.gather(1, c2d)
+    if info.axis < 0:
+        ints = ints.reshape(info.weight_shape)
+    else:
+        moved = list(info.weight_shape)
+        moved.insert(0, moved.pop(info.axis))
+        ints = ints.reshape(moved).movedim(0, info.axis)
+    w = (ints / s).float()
+    r_err = float((mr / s - info.r.double()).abs().max())
+    c_err = float((mc / s - info.c.double()).abs().max())
+    row = {"frac_bits": f, "int_bits": bits, "signed": signed, "int_min": lo, "int_max": hi,
+           "r_fixed": (mr / s).tolist(), "c_fixed": (mc / s).tolist(),
+           "max_multiplier_error": max(r_err, c_err),
+           "max_weight_error": float((w.double() - info.weight.double()).abs().max())}
+    info.extra["fixed_point"] = row
+    info.extra["_fixed_weight"] = w
+    return row
+
+
+def fixed_point_model(model: nn.Module, layers: Sequence[LayerExport]) -> nn.Module:
+    """A copy of ``model`` computing with the fixed-point weights of ``layers`` (each layer's
+    weight replaced by ``int * 2**-f`` and its quantizer bypassed): the torch reference of the
+    fixed-point export."""
+    twin = copy.deepcopy(model)
+    by_name = dict(nmult_layers(twin))
+    for info in layers:
+        layer = by_name[info.name]
+        with torch.no_grad():
+            layer.weight.copy_(info.extra["_fixed_weight"].to(layer.weight))
+        layer.weight_quant.disable_quant = True
+    return twin.eval()
+
+
+def choose_frac_bits(model: nn.Module, layers: Sequence[LayerExport],
+                     accuracy: Callable[[nn.Module], float], max_drop: float,
+                     candidates: Optional[Sequence[int]] = None) -> dict:
+    """The smallest ``f`` whose fixed-point model's accuracy is at most ``max_drop``
+    (percentage points) below the model's own. Returns ``{"frac_bits", "accuracy",
+    "reference_accuracy", "tried": {f: accuracy}}``; raises if no candidate qualifies."""
+    if not max_drop >= 0:
+        raise ValueError(f"max accuracy drop must be >= 0 points, got {max_drop}")
+    ref = 100.0 * accuracy(model)
+    tried: Dict[int, float] = {}
+    for f in (candidates if candidates is not None else range(0, MAX_FRAC_BITS + 1)):
+        try:
+            for info in layers:
+                fixed_point_layer(info, f)
+        except ValueError as e:
+            if "integers" in str(e):
+                break  # more fractional bits only widen the integers further
+            raise
+        acc = 100.0 * accuracy(fixed_point_model(model, layers))
+        tried[f] = acc
+        if ref - acc <= max_drop:
+            return {"frac_bits": f, "accuracy": acc, "reference_accuracy": ref, "tried": tried}
+    raise ValueError(f"no fractional width up to {max(tried) if tried else 0} keeps the accuracy "
+                     f"within {max_drop} points of {ref:.2f}% (tried {tried}); allow a larger "
+                     "drop or pass frac_bits")

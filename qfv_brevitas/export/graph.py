@@ -1,0 +1,200 @@
+"""Graph passes on exported files: find each layer's weights, name them, clean up, lower to
+standard ONNX for onnxruntime. Passes follow qonnx's contract (``apply(model) -> (model,
+modified)``) where they are transformations."""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Dict, Iterable, List, Optional, Set
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.transformation.base import Transformation
+from qonnx.transformation.fold_constants import FoldConstants
+from qonnx.transformation.general import (GiveUniqueNodeNames, RemoveStaticGraphInputs,
+                                          RemoveUnusedTensors)
+from qonnx.transformation.infer_shapes import InferShapes
+
+from .ops import DOMAIN, OP_TYPE
+
+__all__ = ["COMPUTE_OPS", "QUANT_OPS", "default_domain_first", "locate_layers", "rename_tensor",
+           "cleanup_qonnx", "LowerQuantToStandard", "to_onnxruntime"]
+
+COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+#: ops a cleanup must not fold away although their inputs are constant
+QUANT_OPS = ("Quant", "BipolarQuant", "Trunc", OP_TYPE)
+_QONNX_DOMAIN = "qonnx.custom_op.general"
+
+
+def default_domain_first(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Put the default ONNX domain first in ``opset_import`` (qonnx's ``FoldConstants`` reads
+    ``opset_import[0]`` as the ONNX opset) and make sure our op domain is declared."""
+    imports = list(model.opset_import)
+    default = [o for o in imports if o.domain in ("", "ai.onnx")]
+    rest = [o for o in imports if o.domain not in ("", "ai.onnx")]
+    del model.opset_import[:]
+    model.opset_import.extend(default + rest)
+    return model
+
+
+def _layer_matches(tensor: str, layer: str) -> bool:
+    # dynamo names lifted constants by attribute path ("a.b.weight_quant.export_handler.x"),
+    # TorchScript by scope ("/a/a.b/weight_quant/export_handler/Constant_output_0").
+    return tensor.startswith(layer + ".weight_quant.") or f"/{layer}/weight_quant/" in tensor
+
+
+def locate_layers(model: onnx.ModelProto, layers: Iterable[str]) -> Dict[str, str]:
+    """For each quantized layer, the tensor its compute node (Conv/Gemm/MatMul) takes as
+    weights: the output of the layer's weight subgraph.
+
+    A compute node's weight cone (everything its weight input depends on) holds constants
+    named after the exporting module; the exporters share small equal constants (scales,
+    zero points) between layers, so each vote counts the tensor's elements: the layer whose
+    weight-sized constants are in the cone owns the node. Raises if a
+    layer is not found, or found twice with different weights.
+    """
+    layers = list(layers)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    sizes = {i.name: int(np.prod(i.dims)) if len(i.dims) else 1 for i in model.graph.initializer}
+    inits = set(sizes)
+    found: Dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type not in COMPUTE_OPS or len(node.input) < 2:
+            continue
+        cone, stack, seen, is_const = [], [node.input[1]], set(), True
+        while stack:
+            t = stack.pop()
+            if t in seen or not t:
+                continue
+            seen.add(t)
+            if t in inits:
+                cone.append(t)
+            elif t in producers:
+                stack.extend(producers[t].input)
+            else:  # a graph input: the "weight" is an activation (e.g. attention), not ours
+                is_const = False
+        if not is_const:
+            continue
+        votes = Counter()
+        for t in cone:
+            for l in layers:
+                if _layer_matches(t, l):
+                    votes[l] += sizes[t]
+        if not votes:
+            continue
+        layer = votes.most_common(1)[0][0]
+        if layer in found and found[layer] != node.input[1]:
+            raise RuntimeError(f"layer {layer!r} feeds two different weight tensors")
+        found[layer] = node.input[1]
+    missing = [l for l in layers if l not in found]
+    if missing:
+        raise RuntimeError(f"could not find the weights of {missing} in the exported graph")
+    return found
+
+
+def rename_tensor(model: onnx.ModelProto, old: str, new: str) -> None:
+    """Rename a tensor everywhere it appears (nodes, initializers, value infos, outputs)."""
+    if old == new:
+        return
+    g = model.graph
+    for n in g.node:
+        for i, t in enumerate(n.input):
+            if t == old:
+                n.input[i] = new
+        for i, t in enumerate(n.output):
+            if t == old:
+                n.output[i] = new
+    for coll in (g.initializer, g.value_info, g.input, g.output):
+        for v in coll:
+            if v.name == old:
+                v.name = new
+
+
+class _Cleanup(Transformation):
+    def apply(self, model):
+        for t in (InferShapes(), FoldConstants(exclude_op_types=list(QUANT_OPS)),
+                  RemoveUnusedTensors(), RemoveStaticGraphInputs(), GiveUniqueNodeNames(),
+                  InferShapes()):
+            model = model.transform(t)
+        return model, False
+
+
+def cleanup_qonnx(model: onnx.ModelProto) -> onnx.ModelProto:
+    """qonnx's cleanup (shape inference, constant folding, unused tensors, unique node names)
+    that keeps the weight quantizers: ``NMultWeight`` nodes and the ``Quant`` nodes of bit
+    planes are not folded into float constants. Tensor names are kept (layer weights are
+    named ``<layer>.weight``)."""
+    mw = ModelWrapper(default_domain_first(model))
+    # qonnx's own cleanup marks its ops' domain the same way (older exports used onnx.brevitas).
+    for n in mw.graph.node:
+        if n.op_type in ("Quant", "BipolarQuant", "Trunc") and n.domain in ("onnx.brevitas", ""):
+            n.domain = _QONNX_DOMAIN
+    return mw.transform(_Cleanup()).model
+
+
+class LowerQuantToStandard(Transformation):
+    """Replace each QONNX ``Quant`` node by standard ops with the same float semantics as
+    qonnx's reference (``x / s + z``, clip, round half to even, ``- z``, ``* s``), so that
+    onnxruntime can run the graph. Only the rounding modes ROUND/HALF_EVEN, FLOOR and CEIL."""
+
+    _ROUND = {"ROUND": "Round", "HALF_EVEN": "Round", "FLOOR": "Floor", "CEIL": "Ceil"}
+
+    def apply(self, model):
+        g = model.graph
+        modified = False
+        for idx, node in enumerate(list(g.node)):
+            if node.op_type != "Quant":
+                continue
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            mode = attrs.get("rounding_mode", b"ROUND")
+            mode = (mode.decode() if isinstance(mode, bytes) else mode).upper()
+            if mode not in self._ROUND:
+                raise ValueError(f"Quant node {node.name}: rounding mode {mode} has no standard "
+                                 "ONNX equivalent here")
+            bw = model.get_initializer(node.input[3])
+            if bw is None:
+                raise ValueError(f"Quant node {node.name}: bit width is not a constant")
+            bw = float(np.asarray(bw))
+            signed, narrow = int(attrs.get("signed", 1)), int(attrs.get("narrow", 0))
+            if bw == 1 and signed:
+                raise ValueError(f"Quant node {node.name}: 1-bit signed (bipolar) is not lowered")
+            lo = (-(2 ** (bw - 1)) + narrow) if signed else 0.0
+            hi = (2 ** (bw - 1) - 1) if signed else (2 ** bw - 1 - narrow)
+            x, s, z = node.input[0], node.input[1], node.input[2]
+            p = f"{node.name or node.output[0]}_lowered"
+            lo_t, hi_t = p + "_min", p + "_max"
+            model.set_initializer(lo_t, np.asarray(lo, dtype=np.float32))
+            model.set_initializer(hi_t, np.asarray(hi, dtype=np.float32))
+            new = [
+                helper.make_node("Div", [x, s], [p + "_div"]),
+                helper.make_node("Add", [p + "_div", z], [p + "_zp"]),
+                helper.make_node("Clip", [p + "_zp", lo_t, hi_t], [p + "_clip"]),
+                helper.make_node(self._ROUND[mode], [p + "_clip"], [p + "_int"]),
+                helper.make_node("Sub", [p + "_int", z], [p + "_sub"]),
+                helper.make_node("Mul", [p + "_sub", s], [node.output[0]]),
+            ]
+            pos = list(g.node).index(node)
+            g.node.remove(node)
+            for k, n in enumerate(new):
+                g.node.insert(pos + k, n)
+            modified = True
+        return model, modified
+
+
+def to_onnxruntime(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of an exported file that onnxruntime can run: the weight subgraphs (our op,
+    bit planes) folded into constants by qonnx's execution of their ops, the activation
+    ``Quant`` nodes lowered to standard ops, our domains dropped."""
+    mw = ModelWrapper(default_domain_first(onnx.ModelProto.FromString(model.SerializeToString())))
+    mw = mw.transform(FoldConstants())
+    mw = mw.transform(LowerQuantToStandard())
+    mw = mw.transform(RemoveUnusedTensors())
+    left = sorted({n.op_type for n in mw.graph.node if n.domain not in ("", "ai.onnx")})
+    if left:
+        raise ValueError(f"ops {left} have no onnxruntime equivalent")
+    keep = [o for o in mw.model.opset_import if o.domain in ("", "ai.onnx")]
+    del mw.model.opset_import[:]
+    mw.model.opset_import.extend(keep)
+    return mw.model

@@ -1,0 +1,150 @@
+"""What each N-multiplier layer exports: codes the device holds, multipliers, offset, maps.
+
+One place computes it for every form (the handlers, the metadata, the crossbar files and the
+verification all read the same :class:`LayerExport`), so the forms cannot drift apart.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import device as D
+from .. import levels as L
+from ..quantizers import nmult_layers, quant_of
+
+__all__ = ["LayerExport", "collect_layers", "decode", "fault_summary", "variability_summary"]
+
+
+@dataclass
+class LayerExport:
+    """One quantized layer as deployed (all tensors detached, float32 / uint8, on the CPU)."""
+
+    name: str
+    bits: int
+    variant: str
+    axis: int                      # channel axis of r's rows, -1 per tensor
+    weight_shape: tuple
+    codes: Tensor                  # uint8, weight shape: the codes the device holds
+    r: Tensor                      # (G, N)
+    c: Tensor                      # (G,)
+    lrs: Optional[Tensor] = None   # weight shape + (N,)
+    hrs: Optional[Tensor] = None
+    faults: Optional[dict] = None
+    variability: Optional[dict] = None
+    weight: Optional[Tensor] = None  # what the torch model computes with (reference)
+    extra: Dict[str, object] = field(default_factory=dict)
+
+    @property
+    def granularity(self) -> str:
+        return "tensor" if self.axis < 0 else "channel"
+
+    def broadcast(self, t: Tensor) -> Tensor:
+        """A per-group vector ``(G,)`` shaped to broadcast against the weight."""
+        if self.axis < 0:
+            return t.reshape([1] * len(self.weight_shape))
+        shape = [1] * len(self.weight_shape)
+        shape[self.axis] = -1
+        return t.reshape(shape)
+
+    def planes(self) -> List[Tensor]:
+        """Bit plane ``k`` (float 0/1, the weight's shape) of the held codes, LSB first."""
+        c = self.codes.long()
+        return [((c >> k) & 1).to(torch.float32) for k in range(self.bits)]
+
+    def metadata(self) -> dict:
+        row = {
+            "layer": self.name, "bits": self.bits, "variant": self.variant,
+            "granularity": self.granularity, "axis": self.axis,
+            "weight_shape": list(self.weight_shape),
+            "r": self.r.tolist(), "c": self.c.tolist(),
+            "faults": self.faults, "variability": self.variability,
+        }
+        row.update(self.extra)
+        return row
+
+
+def fault_summary(sa0: Tensor, sa1: Tensor, bits: int) -> dict:
+    cells = sa0.numel() * bits
+    n0 = int(sum(((sa0.long() >> k) & 1).sum() for k in range(bits)))
+    n1 = int(sum(((sa1.long() >> k) & 1).sum() for k in range(bits)))
+    return {"cells": cells, "stuck_at_0": n0, "stuck_at_1": n1,
+            "rate": (n0 + n1) / cells if cells else 0.0,
+            "weights_affected": int(((sa0 | sa1) != 0).sum())}
+
+
+def variability_summary(lrs: Tensor, hrs: Optional[Tensor]) -> dict:
+    out = {"lrs_mean": float(lrs.mean()), "lrs_std": float(lrs.std()) if lrs.numel() > 1 else 0.0,
+           "lrs_min": float(lrs.min()), "lrs_max": float(lrs.max())}
+    if hrs is not None:
+        out.update(hrs_mean=float(hrs.mean()), hrs_max=float(hrs.max()))
+    return out
+
+
+@torch.no_grad()
+def collect_layers(model: nn.Module, device: bool = True) -> List[LayerExport]:
+    """Every N-multiplier layer of ``model`` as it deploys.
+
+    ``device=True``: with a fault map attached the codes are those the device holds (stuck bits
+    forced), with a variability map the per-cell factors come along: the export computes what
+    the imperfect device computes. ``device=False``: the ideal levels (maps ignored).
+    """
+    out = []
+    for name, layer in nmult_layers(model):
+        tq = quant_of(layer)
+        proxy = layer.weight_quant
+        w = layer.weight.detach()
+        dev = tq.device_state() if device else None
+        if dev is None:  # the ideal levels: each weight's nearest
+            codes = tq.from_groups(L.nearest(tq._checked_groups(w), tq.levels())[1], w.shape)
+        else:
+            codes = tq.codes(w)  # programmed (naive or aware mapping)
+        info = LayerExport(
+            name=name, bits=tq.bits, variant=tq.variant,
+            axis=tq.channel_dim if tq.per_channel else -1, weight_shape=tuple(w.shape),
+            codes=codes.to(torch.uint8).cpu(),
+            r=tq.multipliers().detach().float().cpu().clone(),
+            c=tq.offset().detach().float().cpu().clone())
+        if dev is not None and proxy.has_faults:
+            info.faults = fault_summary(proxy.fault_sa0.cpu(), proxy.fault_sa1.cpu(), tq.bits)
+            info.codes = D.force_codes(info.codes, proxy.fault_sa0.cpu(), proxy.fault_sa1.cpu())
+            info.faults["mapping"] = proxy.deploy_mapping
+        if dev is not None and proxy.has_variability:
+            info.lrs = proxy.var_lrs.detach().float().cpu()
+            info.hrs = None if proxy.var_hrs is None else proxy.var_hrs.detach().float().cpu()
+            info.variability = variability_summary(info.lrs, info.hrs)
+            info.variability["mapping"] = proxy.deploy_mapping
+        info.weight = (tq.snap(w) if device else decode(info)).detach().float().cpu()
+        out.append(info)
+    return out
+
+
+def decode(info: LayerExport, r: Optional[Tensor] = None, c: Optional[Tensor] = None) -> Tensor:
+    """The weights ``info`` describes (torch, the op's formula), optionally with other r, c."""
+    from ..levels import level_table
+
+    r = info.r if r is None else r
+    c = info.c if c is None else c
+    table = level_table(r, c)
+    G = table.shape[0]
+    codes = info.codes.long()
+    c2d = codes.reshape(1, -1) if info.axis < 0 else codes.movedim(info.axis, 0).reshape(G, -1)
+    w2d = table.gather(1, c2d)
+    if info.lrs is not None or info.hrs is not None:
+        N = info.bits
+        cells = (lambda t: t.reshape(1, -1, N) if info.axis < 0
+                 else t.movedim(info.axis, 0).reshape(G, -1, N))
+        bits = ((c2d[..., None] >> torch.arange(N)) & 1).float()
+        dev = torch.zeros_like(bits)
+        if info.lrs is not None:
+            dev = bits * (cells(info.lrs) - 1)
+        if info.hrs is not None:
+            dev = dev + (1 - bits) * cells(info.hrs)
+        w2d = w2d + (dev * r[:, None, :]).sum(-1)
+    if info.axis < 0:
+        return w2d.reshape(info.weight_shape)
+    moved = list(info.weight_shape)
+    moved.insert(0, moved.pop(info.axis))
+    return w2d.reshape(moved).movedim(0, info.axis)

@@ -1,0 +1,113 @@
+"""The per-layer bit multipliers inside the exported file: model metadata and its reader."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import List, Union
+
+import onnx
+from google.protobuf.message import DecodeError
+
+__all__ = ["FORMAT", "ExportFileError", "write_metadata", "read_metadata", "format_layers"]
+
+FORMAT = "qfv-qonnx/1"
+_KEY = "qfv_brevitas"
+
+
+class ExportFileError(ValueError):
+    """A file that is not (or no longer) an export of this library."""
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_metadata(model: onnx.ModelProto, info: dict) -> None:
+    """Store ``info`` (form, layers, ...) as ``metadata_props``, with a checksum."""
+    text = json.dumps(info, sort_keys=True)
+    props = {p.key: p.value for p in model.metadata_props if not p.key.startswith(_KEY)}
+    props.update({f"{_KEY}.format": FORMAT, f"{_KEY}.export": text,
+                  f"{_KEY}.sha256": _digest(text)})
+    del model.metadata_props[:]
+    for k, v in props.items():
+        model.metadata_props.add(key=k, value=v)
+
+
+def read_metadata(source: Union[str, Path, onnx.ModelProto]) -> dict:
+    """The export description of a file written by :func:`~qfv_brevitas.export.export_qonnx`.
+
+    Raises :class:`ExportFileError` for a missing, unreadable or corrupt file, a file from
+    another tool, or metadata that no longer matches its checksum or the graph.
+    """
+    if isinstance(source, onnx.ModelProto):
+        model, where = source, "model"
+    else:
+        where = str(source)
+        path = Path(source)
+        if not path.is_file():
+            raise ExportFileError(f"{where}: no such file")
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except (DecodeError, ValueError, RuntimeError, OSError) as e:
+            raise ExportFileError(f"{where}: not a readable ONNX file ({type(e).__name__}: "
+                                  f"{e})") from None
+        if not model.graph.node:
+            raise ExportFileError(f"{where}: not an ONNX model (no graph)")
+    props = {p.key: p.value for p in model.metadata_props}
+    fmt = props.get(f"{_KEY}.format")
+    if fmt is None:
+        raise ExportFileError(f"{where}: not written by qfv-brevitas (no {_KEY} metadata); "
+                              "export it with `qfv export` or qfv_brevitas.export.export_qonnx")
+    if fmt != FORMAT:
+        raise ExportFileError(f"{where}: format {fmt!r}, this version reads {FORMAT!r}")
+    text = props.get(f"{_KEY}.export", "")
+    if _digest(text) != props.get(f"{_KEY}.sha256"):
+        raise ExportFileError(f"{where}: the qfv-brevitas metadata does not match its checksum "
+                              "(the file was edited or is corrupt)")
+    try:
+        info = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ExportFileError(f"{where}: corrupt qfv-brevitas metadata ({e})") from None
+    names = {o for n in model.graph.node for o in n.output}
+    names |= {i.name for i in model.graph.initializer}
+    for row in info.get("layers", []):
+        if row.get("weight_tensor") not in names:
+            raise ExportFileError(f"{where}: layer {row.get('layer')!r}'s weight tensor "
+                                  f"{row.get('weight_tensor')!r} is not in the graph")
+    return info
+
+
+def _short(values, limit=4) -> str:
+    flat = values[0] if len(values) == 1 else values
+    if flat and isinstance(flat[0], list):
+        return f"[{len(flat)} channels x {len(flat[0])}]"
+    s = ", ".join(f"{v:+.4g}" for v in flat[:limit])
+    return f"[{s}{', ...' if len(flat) > limit else ''}]"
+
+
+def format_layers(info: dict) -> str:
+    """The layers of an export as a fixed-width table (``qfv inspect``)."""
+    rows: List[dict] = info.get("layers", [])
+    lw = max([5] + [len(r["layer"]) for r in rows])
+    head = (f"{'layer':<{lw}} {'bits':>4} {'gran':<7} {'shape':<16} {'r':<40} {'c':<12} "
+            f"{'device':<22}")
+    lines = [f"form {info.get('form')}, exporter {info.get('exporter')}, "
+             f"qfv-brevitas {info.get('version')}", head, "-" * len(head)]
+    for r in rows:
+        c = f"{r['c'][0]:+.4g}" if len(r["c"]) == 1 else f"[{len(r['c'])} ch]"
+        dev = []
+        if r.get("faults"):
+            f = r["faults"]
+            dev.append(f"stuck {100 * f['rate']:.1f}% ({f['stuck_at_0']}/{f['stuck_at_1']})")
+        if r.get("variability"):
+            v = r["variability"]
+            dev.append(f"lrs sd {v['lrs_std']:.3f}")
+        fx = r.get("fixed_point")
+        tail = f"  int{fx['int_bits']} f={fx['frac_bits']}" if fx else ""
+        lines.append(f"{r['layer']:<{lw}} {r['bits']:>4} {r['granularity']:<7} "
+                     f"{'x'.join(map(str, r['weight_shape'])):<16} {_short(r['r']):<40} {c:<12} "
+                     f"{', '.join(dev) or 'ideal':<22}{tail}")
+    if info.get("extra"):
+        lines.append("extra: " + json.dumps(info["extra"], sort_keys=True))
+    return "\n".join(lines)

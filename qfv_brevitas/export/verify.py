@@ -1,0 +1,161 @@
+"""Run an exported file three ways (torch, qonnx's ``execute_onnx``, onnxruntime) and compare."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import numpy as np
+import onnx
+import torch
+from torch import Tensor, nn
+
+from .graph import to_onnxruntime
+from .metadata import read_metadata
+
+__all__ = ["VerifyReport", "verify_qonnx", "reference_weights"]
+
+
+@dataclass
+class VerifyReport:
+    """Differences between the torch model and the exported file on the same inputs.
+
+    ``weight_diff``: per layer, max |torch weight - weight the file computes| (qonnx).
+    ``torch_vs_qonnx`` / ``torch_vs_ort`` / ``qonnx_vs_ort``: max |output difference|.
+    Passed when every weight difference is within ``weight_tolerance`` (0.0: bit-exact unless
+    a variability map is in the file) and every output difference within ``tolerance``.
+    """
+
+    form: str
+    samples: int
+    weight_diff: Dict[str, float]
+    weight_tolerance: float
+    torch_vs_qonnx: float
+    torch_vs_ort: float
+    qonnx_vs_ort: float
+    tolerance: float
+    argmax_agreement: float
+    quantized_activations: bool
+    passed: bool = field(default=False)
+
+    def summary(self) -> str:
+        wmax = max(self.weight_diff.values()) if self.weight_diff else 0.0
+        verdict = "PASSED" if self.passed else "FAILED"
+        return (f"verify ({self.form}, {self.samples} inputs): {verdict}\n"
+                f"  weights: max |torch - file| over {len(self.weight_diff)} layers = {wmax:.3g} "
+                f"(tolerance {self.weight_tolerance:.3g})\n"
+                f"  outputs: torch vs qonnx {self.torch_vs_qonnx:.3g}, torch vs onnxruntime "
+                f"{self.torch_vs_ort:.3g}, qonnx vs onnxruntime {self.qonnx_vs_ort:.3g} "
+                f"(tolerance {self.tolerance:.3g})\n"
+                f"  top-1 agreement torch vs onnxruntime: {100 * self.argmax_agreement:.2f}%")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def reference_weights(model: nn.Module, info: dict) -> Dict[str, Tensor]:
+    """What the torch model computes with, per exported layer (its weight quantizer's eval
+    output; for a fixed-point reference the stored fixed-point weights)."""
+    mods = dict(model.named_modules())
+    out = {}
+    for row in info["layers"]:
+        layer = mods.get(row["layer"])
+        if layer is None:
+            raise ValueError(f"the model has no layer {row['layer']!r} from the file: is it the "
+                             "model that was exported?")
+        proxy = layer.weight_quant
+        # The quantizer itself (eval: snapped, or the device's values), not the proxy, whose
+        # output type depends on Brevitas' quant-tensor settings.
+        w = proxy.tensor_quant(layer.weight)[0] if proxy.is_quant_enabled else layer.weight
+        out[row["layer"]] = w.detach().float().cpu()
+    return out
+
+
+def _chunks(x: Tensor, batch: int):
+    for a in range(0, x.shape[0], batch):
+        part = x[a:a + batch]
+        n = part.shape[0]
+        if n < batch:  # the graph's batch is static: pad, then drop the padding
+            part = torch.cat([part, part.new_zeros((batch - n,) + tuple(part.shape[1:]))])
+        yield part, n
+
+
+@torch.no_grad()
+def verify_qonnx(reference: nn.Module, source: Union[str, Path, onnx.ModelProto], inputs: Tensor,
+                 tolerance: Optional[float] = None,
+                 weight_tolerance: Optional[float] = None) -> VerifyReport:
+    """Compare ``reference`` (the torch model the file was exported from) with the file.
+
+    Default tolerances: weights bit-exact (0.0), or 1e-6 of the largest weight when the file
+    holds a variability map (the per-cell deviations are summed in another order). Outputs:
+    ``1e-4 * max(1, max|y|)`` for float activations (Conv/Gemm accumulate in another order);
+    with quantized activations a 1-ulp difference before a quantizer can move a value by one
+    quantization step, so the default there is ``0.05 * max(1, max|y|)`` and the top-1
+    agreement is reported as well.
+    """
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+    import onnxruntime as ort
+
+    model = source if isinstance(source, onnx.ModelProto) else onnx.load(str(source))
+    info = read_metadata(model)
+    reference = reference.eval()
+    mw = ModelWrapper(model)
+    iname, oname = mw.graph.input[0].name, mw.graph.output[0].name
+    batch = mw.get_tensor_shape(iname)[0]
+    if not isinstance(batch, int) or batch < 1:
+        batch = inputs.shape[0]
+    sess = ort.InferenceSession(to_onnxruntime(model).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    t_out, q_out, o_out = [], [], []
+    weights_file = None
+    for part, n in _chunks(inputs.float(), batch):
+        t_out.append(reference(part)[:n].float().cpu().numpy())
+        arr = part.cpu().numpy()
+        ctx = execute_onnx(mw, {iname: arr}, return_full_exec_context=weights_file is None)
+        if weights_file is None:
+            weights_file = {r["layer"]: np.asarray(ctx[r["weight_tensor"]])
+                            for r in info["layers"]}
+        q_out.append(np.asarray(ctx[oname])[:n])
+        o_out.append(sess.run(None, {iname: arr})[0][:n])
+    t, q, o = (np.concatenate(a) for a in (t_out, q_out, o_out))
+    ref_w = reference_weights(reference, info)
+    wdiff = {k: float(np.abs(weights_file[k].astype(np.float64)
+                             - ref_w[k].numpy().astype(np.float64)).max())
+             for k in ref_w}
+    has_var = any(r.get("variability") for r in info["layers"])
+    if weight_tolerance is None:
+        wmax = max(float(w.abs().max()) for w in ref_w.values())
+        weight_tolerance = 1e-6 * wmax if has_var else 0.0
+    act = any(n.op_type == "Quant" and n.input[0] not in {i.name for i in model.graph.initializer}
+              and not _is_weight_side(model, n) for n in model.graph.node)
+    scale = max(1.0, float(np.abs(t).max()))
+    if tolerance is None:
+        tolerance = (0.05 if act else 1e-4) * scale
+    rep = VerifyReport(
+        form=info["form"], samples=int(t.shape[0]), weight_diff=wdiff,
+        weight_tolerance=float(weight_tolerance),
+        torch_vs_qonnx=float(np.abs(t - q).max()), torch_vs_ort=float(np.abs(t - o).max()),
+        qonnx_vs_ort=float(np.abs(q - o).max()), tolerance=float(tolerance),
+        argmax_agreement=float((t.argmax(1) == o.argmax(1)).mean()) if t.ndim == 2 else 1.0,
+        quantized_activations=act)
+    rep.passed = (all(d <= rep.weight_tolerance for d in wdiff.values())
+                  and max(rep.torch_vs_qonnx, rep.torch_vs_ort, rep.qonnx_vs_ort) <= tolerance)
+    return rep
+
+
+def _is_weight_side(model: onnx.ModelProto, node) -> bool:
+    """True if ``node`` depends only on constants (a weight quantizer, not an activation)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name for i in model.graph.initializer}
+    stack, seen = list(node.input), set()
+    while stack:
+        t = stack.pop()
+        if not t or t in seen or t in inits:
+            continue
+        seen.add(t)
+        if t not in producers:
+            return False
+        stack.extend(producers[t].input)
+    return True
