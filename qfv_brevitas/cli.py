@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: modules (relative to the package) that add ``qfv`` subcommands through ``register(sub)``
-_COMMAND_MODULES: List[str] = []
+_COMMAND_MODULES: List[str] = ["cli_export"]
 
 
 def _add_device_commands(sub) -> None:

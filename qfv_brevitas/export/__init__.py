@@ -5,7 +5,7 @@ per-layer multipliers in the file's metadata, verification against torch, crossb
 >>> FORMS
 ('compact', 'bitplanes', 'fixed')
 """
-from .api import EXPORTERS, ExportError, ExportResult, export_qonnx
+from .api import EXPORTERS, ExportError, ExportResult, export_qonnx, reference_model
 from .crossbar import load_crossbar, write_crossbar
 from .fixedpoint import choose_frac_bits, fixed_point_layer, round_to_grid
 from .graph import cleanup_qonnx, to_onnxruntime
@@ -17,4 +17,4 @@ from .verify import VerifyReport, verify_qonnx
 __all__ = ["EXPORTERS", "FORMS", "ExportError", "ExportFileError", "ExportResult",
            "NMultWeight", "VerifyReport", "choose_frac_bits", "cleanup_qonnx",
            "export_qonnx", "fixed_point_layer", "format_layers", "load_crossbar", "nmult_weight",
-           "read_metadata", "round_to_grid", "to_onnxruntime", "verify_qonnx", "write_crossbar"]
+           "read_metadata", "reference_model", "round_to_grid", "to_onnxruntime", "verify_qonnx", "write_crossbar"]

@@ -23,7 +23,7 @@ from .metadata import FORMAT, format_layers, write_metadata
 from .ops import DOMAIN, OP_TYPE
 from .verify import VerifyReport, verify_qonnx
 
-__all__ = ["EXPORTERS", "ExportError", "ExportResult", "export_qonnx"]
+__all__ = ["EXPORTERS", "ExportError", "ExportResult", "export_qonnx", "reference_model"]
 
 EXPORTERS = ("dynamo", "torchscript")
 
@@ -271,3 +271,31 @@ def _finish(proto: onnx.ModelProto, layers: Sequence[LayerExport], form: str) ->
             prod = next(n for n in proto.graph.node if f"{info.name}.weight" in n.output)
             rename_tensor(proto, prod.input[0], f"{info.name}.weight_fixed")
     return cleanup_qonnx(proto)
+
+
+def reference_model(model: nn.Module, source) -> nn.Module:
+    """The torch model a file exported from ``model`` must agree with: ``model`` itself, with
+    its maps removed if the file holds the ideal levels, with the fixed-point multipliers for
+    the fixed-point form. Raises if the file's layers do not match ``model``'s."""
+    from .metadata import read_metadata
+
+    info = read_metadata(source)
+    twin = model.eval() if info.get("device", True) else _without_maps(model)
+    layers = collect_layers(twin, device=True)
+    have = {i.name: i for i in layers}
+    for row in info["layers"]:
+        mine = have.get(row["layer"])
+        if mine is None or list(mine.weight_shape) != row["weight_shape"] or \
+                mine.bits != row["bits"]:
+            raise ExportError(f"layer {row['layer']!r} of the file does not match the model "
+                              "(missing, or another shape or bit width): not the model that was "
+                              "exported")
+        if mine.r.tolist() != row["r"] or mine.c.tolist() != row["c"]:
+            raise ExportError(f"layer {row['layer']!r}: the model's multipliers differ from the "
+                              "file's (the model was trained further after the export?)")
+    if info["form"] != "fixed":
+        return twin
+    f = info["fixed_point"]["frac_bits"]
+    for i in layers:
+        FX.fixed_point_layer(i, f)
+    return FX.fixed_point_model(twin, layers)

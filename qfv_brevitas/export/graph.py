@@ -136,8 +136,9 @@ def cleanup_qonnx(model: onnx.ModelProto) -> onnx.ModelProto:
 
 class LowerQuantToStandard(Transformation):
     """Replace each QONNX ``Quant`` node by standard ops with the same float semantics as
-    qonnx's reference (``x / s + z``, clip, round half to even, ``- z``, ``* s``), so that
-    onnxruntime can run the graph. Only the rounding modes ROUND/HALF_EVEN, FLOOR and CEIL."""
+    qonnx's reference (``x / s + z``, clip, round half to even, ``- z``, ``* s``), and each
+    ``BipolarQuant`` by ``where(x >= 0, 1, -1) * s``, so that onnxruntime can run the graph.
+    Rounding modes: ROUND/HALF_EVEN, FLOOR and CEIL."""
 
     _ROUND = {"ROUND": "Round", "HALF_EVEN": "Round", "FLOOR": "Floor", "CEIL": "Ceil"}
 
@@ -145,6 +146,10 @@ class LowerQuantToStandard(Transformation):
         g = model.graph
         modified = False
         for idx, node in enumerate(list(g.node)):
+            if node.op_type == "BipolarQuant":
+                self._bipolar(model, node)
+                modified = True
+                continue
             if node.op_type != "Quant":
                 continue
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -181,6 +186,25 @@ class LowerQuantToStandard(Transformation):
                 g.node.insert(pos + k, n)
             modified = True
         return model, modified
+
+
+    @staticmethod
+    def _bipolar(model, node) -> None:
+        """``BipolarQuant(x, s) = (x >= 0 ? 1 : -1) * s`` (qonnx's reference)."""
+        g = model.graph
+        p = f"{node.name or node.output[0]}_lowered"
+        model.set_initializer(p + "_zero", np.asarray(0.0, dtype=np.float32))
+        model.set_initializer(p + "_pos", np.asarray(1.0, dtype=np.float32))
+        model.set_initializer(p + "_neg", np.asarray(-1.0, dtype=np.float32))
+        new = [
+            helper.make_node("GreaterOrEqual", [node.input[0], p + "_zero"], [p + "_ge"]),
+            helper.make_node("Where", [p + "_ge", p + "_pos", p + "_neg"], [p + "_sign"]),
+            helper.make_node("Mul", [p + "_sign", node.input[1]], [node.output[0]]),
+        ]
+        pos = list(g.node).index(node)
+        g.node.remove(node)
+        for k, n in enumerate(new):
+            g.node.insert(pos + k, n)
 
 
 def to_onnxruntime(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -21,9 +21,17 @@ class VerifyReport:
     """Differences between the torch model and the exported file on the same inputs.
 
     ``weight_diff``: per layer, max |torch weight - weight the file computes| (qonnx).
-    ``torch_vs_qonnx`` / ``torch_vs_ort`` / ``qonnx_vs_ort``: max |output difference|.
-    Passed when every weight difference is within ``weight_tolerance`` (0.0: bit-exact unless
-    a variability map is in the file) and every output difference within ``tolerance``.
+    ``torch_vs_qonnx`` / ``torch_vs_ort`` / ``qonnx_vs_ort``: max |output difference|;
+    ``agreement``: per pair, the fraction of inputs whose top-1 class agrees (for
+    non-classifier outputs: whose outputs agree within ``tolerance``).
+
+    Passed when every weight difference is within ``weight_tolerance`` (0.0: bit-exact unless a
+    variability map is in the file) and, for float activations, every output difference within
+    ``tolerance``. With quantized activations the three runtimes accumulate in different orders
+    and a pre-activation within float rounding of a quantizer threshold rounds differently
+    (one quantization step, a sign for binary activations), so there the check is that every
+    pair agrees on at least ``min_agreement`` of the inputs; the maximal differences are
+    reported as measured.
     """
 
     form: str
@@ -34,23 +42,32 @@ class VerifyReport:
     torch_vs_ort: float
     qonnx_vs_ort: float
     tolerance: float
-    argmax_agreement: float
+    agreement: Dict[str, float]
     quantized_activations: bool
+    min_agreement: float = 1.0
     passed: bool = field(default=False)
+
+    @property
+    def argmax_agreement(self) -> float:
+        return min(self.agreement.values())
 
     def summary(self) -> str:
         wmax = max(self.weight_diff.values()) if self.weight_diff else 0.0
         verdict = "PASSED" if self.passed else "FAILED"
-        return (f"verify ({self.form}, {self.samples} inputs): {verdict}\n"
+        acts = "quantized" if self.quantized_activations else "float"
+        agree = ", ".join(f"{k.replace('_', ' ')} {100 * v:.2f}%" for k, v in self.agreement.items())
+        rule = (f"every output within {self.tolerance:.3g}" if not self.quantized_activations
+                else f"each pair agrees on >= {100 * self.min_agreement:.0f}% of inputs")
+        return (f"verify ({self.form}, {self.samples} inputs, {acts} activations): {verdict}\n"
                 f"  weights: max |torch - file| over {len(self.weight_diff)} layers = {wmax:.3g} "
                 f"(tolerance {self.weight_tolerance:.3g})\n"
-                f"  outputs: torch vs qonnx {self.torch_vs_qonnx:.3g}, torch vs onnxruntime "
-                f"{self.torch_vs_ort:.3g}, qonnx vs onnxruntime {self.qonnx_vs_ort:.3g} "
-                f"(tolerance {self.tolerance:.3g})\n"
-                f"  top-1 agreement torch vs onnxruntime: {100 * self.argmax_agreement:.2f}%")
+                f"  outputs: max |diff| torch vs qonnx {self.torch_vs_qonnx:.3g}, torch vs "
+                f"onnxruntime {self.torch_vs_ort:.3g}, qonnx vs onnxruntime "
+                f"{self.qonnx_vs_ort:.3g}\n"
+                f"  agreement: {agree} (rule: {rule})")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return dict(asdict(self), argmax_agreement=self.argmax_agreement)
 
 
 @torch.no_grad()
@@ -83,16 +100,15 @@ def _chunks(x: Tensor, batch: int):
 
 @torch.no_grad()
 def verify_qonnx(reference: nn.Module, source: Union[str, Path, onnx.ModelProto], inputs: Tensor,
-                 tolerance: Optional[float] = None,
-                 weight_tolerance: Optional[float] = None) -> VerifyReport:
+                 tolerance: Optional[float] = None, weight_tolerance: Optional[float] = None,
+                 min_agreement: Optional[float] = None) -> VerifyReport:
     """Compare ``reference`` (the torch model the file was exported from) with the file.
 
     Default tolerances: weights bit-exact (0.0), or 1e-6 of the largest weight when the file
     holds a variability map (the per-cell deviations are summed in another order). Outputs:
-    ``1e-4 * max(1, max|y|)`` for float activations (Conv/Gemm accumulate in another order);
-    with quantized activations a 1-ulp difference before a quantizer can move a value by one
-    quantization step, so the default there is ``0.05 * max(1, max|y|)`` and the top-1
-    agreement is reported as well.
+    ``1e-4 * max(1, max|y|)`` (Conv/Gemm accumulate in another order than torch: measured
+    ~2e-7 relative). With quantized activations: top-1 agreement of every pair of runtimes on
+    at least ``min_agreement`` (default 98%) of the inputs; see :class:`VerifyReport`.
     """
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.core.onnx_exec import execute_onnx
@@ -106,7 +122,11 @@ def verify_qonnx(reference: nn.Module, source: Union[str, Path, onnx.ModelProto]
     batch = mw.get_tensor_shape(iname)[0]
     if not isinstance(batch, int) or batch < 1:
         batch = inputs.shape[0]
-    sess = ort.InferenceSession(to_onnxruntime(model).SerializeToString(),
+    # onnxruntime's graph optimizations fuse nodes (e.g. BatchNorm into Conv), which changes
+    # float rounding before the activation quantizers; the file's semantics are node by node.
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(to_onnxruntime(model).SerializeToString(), opts,
                                 providers=["CPUExecutionProvider"])
     t_out, q_out, o_out = [], [], []
     weights_file = None
@@ -128,21 +148,39 @@ def verify_qonnx(reference: nn.Module, source: Union[str, Path, onnx.ModelProto]
     if weight_tolerance is None:
         wmax = max(float(w.abs().max()) for w in ref_w.values())
         weight_tolerance = 1e-6 * wmax if has_var else 0.0
-    act = any(n.op_type == "Quant" and n.input[0] not in {i.name for i in model.graph.initializer}
-              and not _is_weight_side(model, n) for n in model.graph.node)
+    act = _has_activation_quant(model)
     scale = max(1.0, float(np.abs(t).max()))
     if tolerance is None:
-        tolerance = (0.05 if act else 1e-4) * scale
+        tolerance = 1e-4 * scale
+    if min_agreement is None:
+        min_agreement = 0.98 if act else 1.0
+
+    def agree(a, b) -> float:
+        if a.ndim == 2 and a.shape[1] > 1:
+            return float((a.argmax(1) == b.argmax(1)).mean())
+        close = np.abs(a - b).reshape(a.shape[0], -1).max(1) <= tolerance
+        return float(close.mean())
+
     rep = VerifyReport(
         form=info["form"], samples=int(t.shape[0]), weight_diff=wdiff,
         weight_tolerance=float(weight_tolerance),
         torch_vs_qonnx=float(np.abs(t - q).max()), torch_vs_ort=float(np.abs(t - o).max()),
         qonnx_vs_ort=float(np.abs(q - o).max()), tolerance=float(tolerance),
-        argmax_agreement=float((t.argmax(1) == o.argmax(1)).mean()) if t.ndim == 2 else 1.0,
-        quantized_activations=act)
-    rep.passed = (all(d <= rep.weight_tolerance for d in wdiff.values())
-                  and max(rep.torch_vs_qonnx, rep.torch_vs_ort, rep.qonnx_vs_ort) <= tolerance)
+        agreement={"torch_vs_qonnx": agree(t, q), "torch_vs_ort": agree(t, o),
+                   "qonnx_vs_ort": agree(q, o)},
+        quantized_activations=act, min_agreement=float(min_agreement))
+    weights_ok = all(d <= rep.weight_tolerance for d in wdiff.values())
+    if act:
+        outputs_ok = rep.argmax_agreement >= rep.min_agreement
+    else:
+        outputs_ok = max(rep.torch_vs_qonnx, rep.torch_vs_ort, rep.qonnx_vs_ort) <= tolerance
+    rep.passed = weights_ok and outputs_ok
     return rep
+
+
+def _has_activation_quant(model: onnx.ModelProto) -> bool:
+    return any(n.op_type in ("Quant", "BipolarQuant", "Trunc") and not _is_weight_side(model, n)
+               for n in model.graph.node)
 
 
 def _is_weight_side(model: onnx.ModelProto, node) -> bool:

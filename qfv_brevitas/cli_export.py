@@ -1,0 +1,131 @@
+"""``qfv export | inspect | verify | crossbar``: QONNX files and crossbar mappings."""
+from __future__ import annotations
+
+import argparse
+import json
+
+__all__ = ["register"]
+
+
+def register(sub) -> None:
+    from .export import EXPORTERS, FORMS
+
+    def data_args(p):
+        p.add_argument("--dataset", choices=("digits", "idx"), default="digits",
+                       help="the data the checkpoint was trained on (for inputs and accuracy)")
+        p.add_argument("--data-dir", help="folder with the IDX files (for --dataset idx)")
+        p.add_argument("--samples", type=int, default=64,
+                       help="test images the file is verified on (default 64)")
+
+    p = sub.add_parser("export", help="write a checkpoint to QONNX (compact / bit planes / "
+                                      "fixed point), verified against torch")
+    p.add_argument("checkpoint", help="a quantized model saved by qfv train/demo/finetune")
+    p.add_argument("--form", choices=FORMS, default="compact")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--frac-bits", type=int, help="fixed form: fractional bits f of r and c")
+    p.add_argument("--max-acc-drop", type=float,
+                   help="fixed form: pick the smallest f whose test accuracy drop stays within "
+                        "this many points")
+    p.add_argument("--exporter", choices=EXPORTERS, default="dynamo")
+    p.add_argument("--ideal", action="store_true",
+                   help="export the ideal levels even if the checkpoint carries a fault or "
+                        "variability map (default: what that device computes)")
+    p.add_argument("--batch", type=int, default=1, help="the graph's (static) batch size")
+    p.add_argument("--no-verify", action="store_true")
+    data_args(p)
+    p.set_defaults(_run=_run_export)
+
+    p = sub.add_parser("inspect", help="the per-layer bits, r, c and device summary of a file "
+                                       "written by qfv export")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true", help="print the metadata as JSON")
+    p.set_defaults(_run=_run_inspect)
+
+    p = sub.add_parser("verify", help="run an exported file with torch, qonnx and onnxruntime "
+                                      "and compare")
+    p.add_argument("file")
+    p.add_argument("checkpoint", help="the checkpoint the file was exported from")
+    p.add_argument("--tolerance", type=float, help="max output difference (default: see "
+                                                   "README)")
+    data_args(p)
+    p.set_defaults(_run=_run_verify)
+
+    p = sub.add_parser("crossbar", help="per-layer bit-plane matrices and multipliers for an "
+                                        "accelerator (npz + manifest.json)")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--ideal", action="store_true", help="ideal codes, ignoring attached maps")
+    p.set_defaults(_run=_run_crossbar)
+
+
+def _model_and_data(args, need_quant=True):
+    from .cli import _load_for_device
+
+    model, info, train, test = _load_for_device(args)
+    if args.samples < 1:
+        raise ValueError("--samples must be at least 1")
+    n = min(args.samples, len(test))
+    inputs = test.tensors[0][:n]
+    return model, info, test, inputs
+
+
+def _run_export(args) -> int:
+    from .export import export_qonnx
+
+    if args.batch < 1:
+        raise ValueError("--batch must be at least 1")
+    model, info, test, inputs = _model_and_data(args)
+    example = test.tensors[0][:args.batch]
+    data = test if args.form == "fixed" and (args.max_acc_drop is not None
+                                             or args.frac_bits is not None) else None
+    res = export_qonnx(model, example, args.out, args.form, frac_bits=args.frac_bits,
+                       max_accuracy_drop=args.max_acc_drop, data=data, device=not args.ideal,
+                       exporter=args.exporter, verify=not args.no_verify,
+                       verify_inputs=inputs,
+                       extra_metadata={"checkpoint": str(args.checkpoint), "arch": info["arch"],
+                                       **_snn_meta(model, info)})
+    print(res.summary())
+    return 0
+
+
+def _snn_meta(model, info) -> dict:
+    """Spiking models: their neurons' parameters travel in the file's metadata."""
+    if not (info.get("meta") or {}).get("snn"):
+        return {}
+    from .snn import snn_export_metadata
+
+    return {"snn": snn_export_metadata(model)}
+
+
+def _run_inspect(args) -> int:
+    from .export import format_layers, read_metadata
+
+    info = read_metadata(args.file)
+    print(json.dumps(info, indent=1) if args.json else format_layers(info))
+    return 0
+
+
+def _run_verify(args) -> int:
+    from .export import reference_model, verify_qonnx
+
+    model, info, test, inputs = _model_and_data(args)
+    rep = verify_qonnx(reference_model(model, args.file), args.file, inputs,
+                       tolerance=args.tolerance)
+    print(rep.summary())
+    return 0 if rep.passed else 1
+
+
+def _run_crossbar(args) -> int:
+    from .checkpoint import load_checkpoint
+    from .export import write_crossbar
+
+    model, info = load_checkpoint(args.checkpoint)
+    if info["config"] is None:
+        raise ValueError(f"{args.checkpoint} is a float model: nothing to map onto crossbars")
+    manifest = write_crossbar(model, args.out, device=not args.ideal)
+    data = json.loads(manifest.read_text())
+    for row in data["layers"]:
+        print(f"  {row['layer']}: {row['bits']} planes of {row['matrix_shape'][0]}x"
+              f"{row['matrix_shape'][1]} -> {row['file']}")
+    print(f"wrote {manifest}")
+    return 0
