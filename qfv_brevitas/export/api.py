@@ -251,6 +251,9 @@ def _finish(proto: onnx.ModelProto, layers: Sequence[LayerExport], form: str) ->
     """Name each layer's weight tensor ``<layer>.weight`` (and the compact op's inputs), then
     clean up without folding the weight quantizers."""
     default_domain_first(proto)
+    for node in proto.graph.node:  # the dynamo exporter's stack traces: not for a deployed file
+        del node.metadata_props[:]
+        node.doc_string = ""
     if not any(o.domain == DOMAIN for o in proto.opset_import) and form == "compact":
         proto.opset_import.add(domain=DOMAIN, version=1)
     found = locate_layers(proto, [i.name for i in layers])

@@ -1,0 +1,398 @@
+"""QONNX export: every form on an MLP, a small CNN, a plain-torch ResNet converted by the
+library and bnn_pynq LFC/CNV with swapped quantizers; graph structure, numerical equality,
+metadata, devices, fixed point, errors."""
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from onnx import numpy_helper
+from torch import nn
+
+from qfv_brevitas import (FaultModel, NMultConfig, VariabilityModel, attach_faults,
+                          attach_variability, quantize_model, sample_fault_map,
+                          sample_variability_map, swap_weight_quant)
+from qfv_brevitas.device import force_codes
+from qfv_brevitas.export import (ExportError, ExportFileError, export_qonnx, load_crossbar,
+                                 read_metadata, reference_model, round_to_grid, write_crossbar)
+from qfv_brevitas.export.fixedpoint import fixed_point_layer
+from qfv_brevitas.export.layers import collect_layers
+from qfv_brevitas.export.ops import DOMAIN
+from qfv_brevitas.models import SmallCNN
+from qfv_brevitas.quantizers import nmult_layers, quant_of
+
+COMPUTE = ("Conv", "Gemm", "MatMul")
+
+
+# -- models ---------------------------------------------------------------------------------
+def digits_inputs(n, shape=(1, 8, 8)):
+    from qfv_brevitas.data import load_digits_split
+
+    _, test = load_digits_split(seed=0)
+    return test.tensors[0][:n].reshape((n,) + shape)
+
+
+def mlp():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(),
+                        nn.Linear(16, 10))
+    x = digits_inputs(2)
+    return quantize_model(net, NMultConfig(weight_bits=4, act_bits=4), x).eval(), x
+
+
+def cnn():
+    torch.manual_seed(0)
+    x = digits_inputs(2)
+    net = SmallCNN(1, 10, width=8)
+    return quantize_model(net, NMultConfig(weight_bits=3, act_bits=4, per_channel=True),
+                          x).eval(), x
+
+
+class TinyResNet(nn.Module):
+    """Plain torch: conv-bn-relu stem, two residual blocks (identity and 1x1 projection)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                                  nn.ReLU())
+        self.b1 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.b2 = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),
+                                nn.BatchNorm2d(16))
+        self.proj = nn.Conv2d(8, 16, 1, stride=2, bias=False)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.b1(x))
+        x = torch.relu(self.proj(x) + self.b2(x))
+        return self.head(x.mean((2, 3)))
+
+
+def resnet():
+    torch.manual_seed(0)
+    x = digits_inputs(2)
+    return quantize_model(TinyResNet(), NMultConfig(weight_bits=4, act_bits=None), x).eval(), x
+
+
+def dyadic_(model, frac_bits=6):
+    """Multipliers on a power-of-two grid: every product and sum below is exact in float32, so
+    torch, qonnx and onnxruntime must agree to the bit even through binary activations."""
+    for _, layer in nmult_layers(model):
+        tq = quant_of(layer)
+        with torch.no_grad():
+            tq.r.copy_(round_to_grid(tq.r, frac_bits))
+            tq.c.copy_(round_to_grid(tq.c, frac_bits))
+    return model
+
+
+def bnn(name):
+    from brevitas_examples.bnn_pynq.models import model_with_cfg
+
+    torch.manual_seed(0)
+    model, _ = model_with_cfg(name, pretrained=False)
+    swap_weight_quant(model, NMultConfig(weight_bits=3))
+    shape = (1, 1, 28, 28) if name.startswith("LFC") else (1, 3, 32, 32)
+    # +-1 inputs (binary input quantizer ready) on a 1/8 grid: exact sums
+    x = torch.randint(-8, 9, (2,) + shape[1:]).float() / 8
+    return dyadic_(model.eval()), x
+
+
+MODELS = {"mlp": mlp, "cnn": cnn, "resnet": resnet, "lfc": lambda: bnn("LFC_1W1A"),
+          "cnv": lambda: bnn("CNV_1W2A")}
+
+
+# -- structure helpers ----------------------------------------------------------------------
+def producers(model):
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def inits(model):
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+def cone(model, tensor):
+    """Nodes that ``tensor`` depends on."""
+    prod, seen, out, stack = producers(model), set(), [], [tensor]
+    while stack:
+        t = stack.pop()
+        if t in seen or t not in prod:
+            continue
+        seen.add(t)
+        out.append(prod[t])
+        stack.extend(prod[t].input)
+    return out
+
+
+def attr(node, name):
+    v = next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name)
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def check_structure(model, meta, form):
+    rows = meta["layers"]
+    weights = {r["weight_tensor"] for r in rows}
+    const = inits(model)
+    # every compute node takes one of the layers' weight subgraphs: no stray float weights
+    computes = [n for n in model.graph.node if n.op_type in COMPUTE]
+    assert len(computes) == len(rows)
+    assert {n.input[1] for n in computes} == weights
+    assert not any(n.input[1] in const for n in computes)
+    n_custom = sum(n.op_type == "NMultWeight" for n in model.graph.node)
+    assert n_custom == (len(rows) if form == "compact" else 0)
+    for r in rows:
+        prod = producers(model)[r["weight_tensor"]]
+        if form == "compact":
+            assert prod.op_type == "NMultWeight" and prod.domain == DOMAIN
+            codes = const[prod.input[0]]
+            assert codes.dtype == np.uint8 and list(codes.shape) == r["weight_shape"]
+            assert int(codes.max()) < 2 ** r["bits"]
+            assert const[prod.input[1]].tolist() == r["r"]
+            assert const[prod.input[2]].tolist() == r["c"]
+            assert attr(prod, "bit_width") == r["bits"] and attr(prod, "layer") == r["layer"]
+        elif form == "bitplanes":
+            ops = [n.op_type for n in cone(model, r["weight_tensor"])]
+            assert set(ops) <= {"Quant", "Mul", "Add", "Sub"}
+            assert ops.count("Mul") == r["bits"] and ops.count("Add") == r["bits"]
+            for q in (n for n in cone(model, r["weight_tensor"]) if n.op_type == "Quant"):
+                plane = const[q.input[0]]
+                assert set(np.unique(plane)) <= {0.0, 1.0}
+                assert float(const[q.input[3]]) == 1.0 and attr(q, "signed") == 0
+        else:
+            assert prod.op_type == "Quant"
+            fx = r["fixed_point"]
+            w = const[prod.input[0]]
+            assert float(const[prod.input[1]]) == 2.0 ** -fx["frac_bits"]
+            assert float(const[prod.input[3]]) == fx["int_bits"]
+            ints = w * 2.0 ** fx["frac_bits"]
+            assert np.array_equal(ints, np.round(ints))
+            assert fx["int_min"] <= ints.min() and ints.max() <= fx["int_max"]
+
+
+def export(tmp_path, name, form, exporter="dynamo", **kw):
+    model, x = MODELS[name]()
+    if form == "fixed":
+        kw.setdefault("frac_bits", 8)
+    inputs = kw.pop("inputs", None)
+    res = export_qonnx(model, x[:1], tmp_path / f"{name}_{form}.onnx", form, exporter=exporter,
+                       verify_inputs=x if inputs is None else inputs, **kw)
+    return model, x, res
+
+
+# -- every form on every model ----------------------------------------------------------------
+@pytest.mark.parametrize("form", ["compact", "bitplanes", "fixed"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_form_every_model(tmp_path, name, form):
+    model, x, res = export(tmp_path, name, form)
+    rep = res.verification
+    assert rep.passed, rep.summary()
+    assert set(rep.weight_diff) == {n for n, _ in nmult_layers(model)}
+    assert max(rep.weight_diff.values()) == 0.0  # weight-only part is bit exact
+    proto = onnx.load(str(res.path))
+    check_structure(proto, res.metadata, form)
+    assert read_metadata(res.path) == json.loads(json.dumps(res.metadata))
+    if name in ("lfc", "cnv"):  # exact arithmetic: all three runtimes agree to the bit
+        assert rep.torch_vs_qonnx == rep.torch_vs_ort == rep.qonnx_vs_ort == 0.0
+    if name == "resnet":
+        assert [n.op_type for n in proto.graph.node].count("Add") >= 2  # residual adds kept
+    assert rep.quantized_activations == (name != "resnet")
+
+
+@pytest.mark.parametrize("form", ["compact", "bitplanes", "fixed"])
+@pytest.mark.parametrize("name", ["mlp", "resnet"])
+def test_torchscript_exporter_too(tmp_path, name, form):
+    model, x, res = export(tmp_path, name, form, exporter="torchscript")
+    assert res.verification.passed, res.verification.summary()
+    assert max(res.verification.weight_diff.values()) == 0.0
+    check_structure(onnx.load(str(res.path)), res.metadata, form)
+
+
+def test_export_restores_training_mode_and_leaves_model_unchanged(tmp_path):
+    model, x = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    model.train()
+    export_qonnx(model, x[:1], tmp_path / "m.onnx")
+    assert model.training
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+# -- devices ----------------------------------------------------------------------------------
+def test_faulty_device_export_holds_the_forced_codes(tmp_path):
+    model, x = mlp()
+    fmap = sample_fault_map(model, FaultModel(rate=0.2, sa1_fraction=0.5, seed=3))
+    attach_faults(model, fmap)
+    res = export_qonnx(model, x[:1], tmp_path / "f.onnx", "compact", verify_inputs=x)
+    assert res.verification.passed and max(res.verification.weight_diff.values()) == 0.0
+    const = inits(onnx.load(str(res.path)))
+    for name, layer in nmult_layers(model):
+        proxy = layer.weight_quant
+        held = force_codes(quant_of(layer).codes(layer.weight), proxy.fault_sa0,
+                           proxy.fault_sa1)
+        assert np.array_equal(const[f"{name}.weight_codes"], held.numpy().astype(np.uint8))
+    row = res.metadata["layers"][1]
+    assert 0.1 < row["faults"]["rate"] < 0.3
+    # the faulty file differs from the ideal one where stuck bits changed a code
+    ideal = export_qonnx(model, x[:1], tmp_path / "i.onnx", "compact", device=False)
+    assert ideal.metadata["layers"][1]["faults"] is None
+    ci = inits(onnx.load(str(ideal.path)))
+    assert not np.array_equal(ci["3.weight_codes"], const["3.weight_codes"])
+    for form in ("bitplanes", "fixed"):
+        kw = {"frac_bits": 10} if form == "fixed" else {}
+        r = export_qonnx(model, x[:1], tmp_path / f"f_{form}.onnx", form, verify_inputs=x, **kw)
+        assert r.verification.passed and max(r.verification.weight_diff.values()) == 0.0
+
+
+def test_variable_device_export_within_tolerance_and_fixed_refused(tmp_path):
+    model, x = mlp()
+    attach_variability(model, sample_variability_map(
+        model, VariabilityModel(sigma=0.2, hrs_on_off=20.0, seed=1)))
+    for form in ("compact", "bitplanes"):
+        res = export_qonnx(model, x[:1], tmp_path / f"v_{form}.onnx", form, verify_inputs=x)
+        rep = res.verification
+        assert rep.passed, rep.summary()
+        assert 0.0 < rep.weight_tolerance and max(rep.weight_diff.values()) <= rep.weight_tolerance
+        assert res.metadata["layers"][1]["variability"]["lrs_std"] > 0.1
+    if form == "compact":
+        pass
+    proto = onnx.load(str(tmp_path / "v_compact.onnx"))
+    ops = [n for n in proto.graph.node if n.op_type == "NMultWeight"]
+    assert all(len(n.input) == 5 for n in ops)  # codes, r, c, lrs, hrs
+    with pytest.raises(ExportError, match="variability"):
+        export_qonnx(model, x[:1], tmp_path / "v_fixed.onnx", "fixed", frac_bits=8)
+    ok = export_qonnx(model, x[:1], tmp_path / "v_ideal.onnx", "fixed", frac_bits=8,
+                      device=False, verify_inputs=x)
+    assert ok.verification.passed
+
+
+# -- fixed point ------------------------------------------------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(1, 8), f=st.integers(0, 12), seed=st.integers(0, 2 ** 16))
+def test_fixed_point_rounding_error_bounded(bits, f, seed):
+    from qfv_brevitas.export.layers import LayerExport
+
+    g = torch.Generator().manual_seed(seed)
+    r = torch.rand(1, bits, generator=g) * 2.0 ** torch.arange(bits) * 0.05
+    c = -torch.rand(1, generator=g)
+    codes = torch.randint(0, 1 << bits, (4, 6), generator=g).to(torch.uint8)
+    info = LayerExport("l", bits, "nmult", -1, (4, 6), codes, r, c)
+    from qfv_brevitas.export.layers import decode
+
+    info.weight = decode(info)
+    row = fixed_point_layer(info, f)
+    bound = 2.0 ** -(f + 1)
+    assert row["max_multiplier_error"] <= bound
+    err_r = (torch.tensor(row["r_fixed"], dtype=torch.float64) - r.double()).abs()
+    assert bool((err_r <= bound).all())
+    assert row["max_weight_error"] <= (bits + 1) * bound + 1e-6
+    w = info.extra["_fixed_weight"].double() * 2 ** f
+    assert torch.equal(w, w.round())
+    lo, hi = row["int_min"], row["int_max"]
+    n, signed = row["int_bits"], row["signed"]
+    assert (lo >= -(2 ** (n - 1)) and hi <= 2 ** (n - 1) - 1) if signed else (lo >= 0 and
+                                                                          hi <= 2 ** n - 1)
+
+
+def test_fixed_point_picks_smallest_f_within_the_accuracy_bound(tmp_path, trained, digits):
+    model, clean = trained
+    _, test = digits
+    res = export_qonnx(model, test.tensors[0][:1], tmp_path / "fx.onnx", "fixed",
+                       max_accuracy_drop=0.5, data=test, verify_inputs=test.tensors[0][:32])
+    fx = res.fixed_point
+    f = fx["frac_bits"]
+    assert fx["reference_accuracy"] == pytest.approx(100 * clean)
+    assert fx["reference_accuracy"] - fx["accuracy"] <= 0.5
+    assert all(fx["reference_accuracy"] - fx["tried"][g] > 0.5 for g in range(f))
+    assert fx["max_multiplier_error"] <= 2.0 ** -(f + 1)
+    assert res.verification.passed
+    meta = read_metadata(res.path)
+    assert meta["fixed_point"]["frac_bits"] == f
+    assert all(r["fixed_point"]["frac_bits"] == f for r in meta["layers"])
+
+
+# -- metadata, reference, crossbar --------------------------------------------------------------
+def test_reference_model_detects_a_changed_model(tmp_path):
+    model, x = mlp()
+    res = export_qonnx(model, x[:1], tmp_path / "m.onnx")
+    assert reference_model(model, res.path) is not None
+    with torch.no_grad():
+        quant_of(dict(nmult_layers(model))["3"]).r.mul_(1.01)
+    with pytest.raises(ExportError, match="multipliers differ"):
+        reference_model(model, res.path)
+
+
+def test_read_metadata_refuses_foreign_and_corrupt_files(tmp_path):
+    model, x = mlp()
+    res = export_qonnx(model, x[:1], tmp_path / "m.onnx", verify=False)
+    with pytest.raises(ExportFileError, match="no such file"):
+        read_metadata(tmp_path / "missing.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00not an onnx file" * 10)
+    with pytest.raises(ExportFileError, match="not a readable ONNX file|not an ONNX model"):
+        read_metadata(junk)
+    proto = onnx.load(str(res.path))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(tmp_path / "plain.onnx"))
+    with pytest.raises(ExportFileError, match="not written by qfv-brevitas"):
+        read_metadata(tmp_path / "plain.onnx")
+    proto = onnx.load(str(res.path))
+    for p in proto.metadata_props:
+        if p.key == "qfv_brevitas.export":
+            p.value = p.value.replace('"bits": 4', '"bits": 5')
+    onnx.save(proto, str(tmp_path / "edited.onnx"))
+    with pytest.raises(ExportFileError, match="checksum"):
+        read_metadata(tmp_path / "edited.onnx")
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(res.path.read_bytes()[: res.path.stat().st_size // 2])
+    with pytest.raises(ExportFileError):
+        read_metadata(truncated)
+
+
+@pytest.mark.parametrize("faults", [False, True])
+def test_crossbar_files_rebuild_the_weights_exactly(tmp_path, faults):
+    model, _ = cnn()
+    if faults:
+        attach_faults(model, sample_fault_map(model, FaultModel(rate=0.1, seed=0)))
+    manifest = write_crossbar(model, tmp_path / "xbar")
+    loaded = load_crossbar(tmp_path / "xbar")
+    infos = {i.name: i for i in collect_layers(model)}
+    assert set(loaded) == set(infos)
+    for name, row in loaded.items():
+        info = infos[name]
+        assert row["planes"].shape == (info.bits, info.weight_shape[0],
+                                       math.prod(info.weight_shape[1:]))
+        assert row["planes"].dtype == np.uint8 and set(np.unique(row["planes"])) <= {0, 1}
+        assert np.array_equal(row["weight"], info.weight.numpy())  # what torch computes with
+    data = json.loads(manifest.read_text())
+    first = tmp_path / "xbar" / data["layers"][0]["file"]
+    first.write_bytes(first.read_bytes()[:-3])
+    with pytest.raises(ValueError, match="checksum"):
+        load_crossbar(tmp_path / "xbar")
+
+
+# -- bad input ---------------------------------------------------------------------------------
+def test_bad_calls_get_clear_errors(tmp_path):
+    model, x = mlp()
+    with pytest.raises(ExportError, match="unknown form"):
+        export_qonnx(model, x, tmp_path / "a.onnx", "planes")
+    with pytest.raises(ExportError, match="unknown exporter"):
+        export_qonnx(model, x, tmp_path / "a.onnx", exporter="jit")
+    with pytest.raises(ExportError, match="fixed' only"):
+        export_qonnx(model, x, tmp_path / "a.onnx", "compact", frac_bits=4)
+    with pytest.raises(ExportError, match="needs frac_bits"):
+        export_qonnx(model, x, tmp_path / "a.onnx", "fixed")
+    with pytest.raises(ExportError, match="frac_bits must be"):
+        export_qonnx(model, x, tmp_path / "a.onnx", "fixed", frac_bits=-1)
+    with pytest.raises(ExportError, match="must be a tensor"):
+        export_qonnx(model, [x], tmp_path / "a.onnx")
+    with pytest.raises(ExportError, match="finite"):
+        export_qonnx(model, x * float("nan"), tmp_path / "a.onnx")
+    with pytest.raises(ExportError, match="no N-multiplier layers"):
+        export_qonnx(nn.Linear(3, 2), torch.rand(1, 3), tmp_path / "a.onnx")
+    with torch.no_grad():
+        dict(nmult_layers(model))["3"].weight[0, 0] = float("nan")
+    with pytest.raises(ExportError, match="not finite"):
+        export_qonnx(model, x, tmp_path / "a.onnx")
+    assert not (tmp_path / "a.onnx").exists()

@@ -1,0 +1,135 @@
+"""``qfv export | inspect | verify | crossbar`` on a real checkpoint, and the hls4ml flow end to
+end (export/hls4ml/run_hls4ml.py: QONNX reader, g++ compile, predict, compared with torch)."""
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from qfv_brevitas import NMultConfig, quantize_model
+from qfv_brevitas.checkpoint import save_checkpoint
+from qfv_brevitas.cli import main
+from qfv_brevitas.export import read_metadata
+from qfv_brevitas.models import MLP
+from qfv_brevitas.train import TrainConfig, fit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, digits):
+    train, _ = digits
+    torch.manual_seed(0)
+    m = MLP(64, 10)  # the architecture build_model("mlp") rebuilds
+    fit(m, train, None, TrainConfig(epochs=4, lr=0.05), progress=False)
+    cfg = NMultConfig(weight_bits=4, act_bits=4)
+    q = quantize_model(m, cfg, train.tensors[0][:64])
+    fit(q, train, None, TrainConfig(epochs=2, lr=0.01, lambda_rise_epochs=1), progress=False)
+    path = tmp_path_factory.mktemp("ckpt") / "mlp.pt"
+    save_checkpoint(path, q.eval(), "mlp", (1, 8, 8), 10, cfg, data_seed=0, dataset="digits")
+    return path
+
+
+@pytest.mark.parametrize("form", ["compact", "bitplanes", "fixed"])
+def test_export_inspect_verify(tmp_path, checkpoint, form, capsys):
+    out = tmp_path / f"m_{form}.onnx"
+    extra = ["--frac-bits", "7"] if form == "fixed" else []
+    assert main(["export", str(checkpoint), "--form", form, "--out", str(out),
+                 "--samples", "48", "--exporter", "torchscript"] + extra) == 0
+    text = capsys.readouterr().out
+    assert "PASSED" in text and f"{form} form" in text
+    meta = read_metadata(out)
+    assert [r["layer"] for r in meta["layers"]] == ["net.1", "net.3", "net.5"]
+    assert meta["extra"]["arch"] == "mlp"
+    assert main(["inspect", str(out)]) == 0
+    table = capsys.readouterr().out
+    for r in meta["layers"]:
+        assert r["layer"] in table
+    assert f"{meta['layers'][1]['r'][0][0]:+.4g}" in table
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["form"] == form
+    assert main(["verify", str(out), str(checkpoint), "--samples", "32"]) == 0
+    assert "PASSED" in capsys.readouterr().out
+
+
+def test_fixed_export_with_accuracy_bound_reports_the_change(tmp_path, checkpoint, capsys):
+    out = tmp_path / "fx.onnx"
+    assert main(["export", str(checkpoint), "--form", "fixed", "--max-acc-drop", "1.0",
+                 "--out", str(out), "--samples", "16"]) == 0
+    text = capsys.readouterr().out
+    fx = read_metadata(out)["fixed_point"]
+    assert fx["reference_accuracy"] - fx["accuracy"] <= 1.0
+    assert f"{fx['accuracy'] - fx['reference_accuracy']:+.2f} points" in text
+
+
+def test_verify_detects_a_file_that_does_not_match(tmp_path, checkpoint, capsys):
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(checkpoint), "--out", str(out), "--samples", "8",
+                 "--exporter", "torchscript"]) == 0
+    proto = onnx.load(str(out))
+    for init in proto.graph.initializer:  # one flipped code in the file
+        if init.name == "net.3.weight_codes":
+            arr = onnx.numpy_helper.to_array(init).copy()
+            arr.flat[0] ^= 1
+            init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+    onnx.save(proto, str(out))
+    capsys.readouterr()
+    assert main(["verify", str(out), str(checkpoint), "--samples", "8"]) == 1
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_inspect_refuses_other_files(tmp_path, capsys):
+    bad = tmp_path / "x.onnx"
+    bad.write_bytes(b"garbage")
+    assert main(["inspect", str(bad)]) == 2
+    assert "qfv inspect: error" in capsys.readouterr().err
+
+
+def test_crossbar_command(tmp_path, checkpoint, capsys):
+    assert main(["crossbar", str(checkpoint), "--out", str(tmp_path / "xb")]) == 0
+    manifest = json.loads((tmp_path / "xb" / "manifest.json").read_text())
+    assert [r["layer"] for r in manifest["layers"]] == ["net.1", "net.3", "net.5"]
+    assert manifest["layers"][1]["matrix_shape"] == [64, 64]
+
+
+def _load_flow():
+    spec = importlib.util.spec_from_file_location("run_hls4ml", ROOT / "export/hls4ml/run_hls4ml.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+def test_hls4ml_flow_end_to_end(tmp_path, checkpoint, capsys):
+    pytest.importorskip("hls4ml")
+    if shutil.which("g++") is None:
+        pytest.skip("hls4ml compiles its C++ emulation with g++, which is not installed")
+    out = tmp_path / "fx.onnx"
+    assert main(["export", str(checkpoint), "--form", "fixed", "--frac-bits", "8",
+                 "--out", str(out), "--samples", "8"]) == 0
+    flow = _load_flow()
+    capsys.readouterr()
+    assert flow.main([str(out), str(checkpoint), "--out", str(tmp_path / "prj"),
+                      "--samples", "64"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("hls4ml vs torch on 64 test inputs") and line.endswith("OK")
+    # and through the Python entry points: agreement with torch to float rounding
+    from qfv_brevitas.checkpoint import load_checkpoint
+    from qfv_brevitas.data import load_digits_split
+    from qfv_brevitas.export import reference_model
+
+    model, _ = load_checkpoint(checkpoint)
+    hm = flow.build_hls_model(out, tmp_path / "prj2")
+    _, test = load_digits_split(seed=0)
+    res = flow.compare_with_torch(hm, reference_model(model, out), test.tensors[0][:64])
+    assert res["top1_agreement"] == 1.0
+    assert res["max_abs_diff"] <= 1e-4 * max(1.0, res["max_abs_output"])
+    with pytest.raises(ValueError, match="fixed-point form"):
+        compact = tmp_path / "c.onnx"
+        main(["export", str(checkpoint), "--out", str(compact), "--no-verify"])
+        flow.build_hls_model(compact, tmp_path / "prj3")
