@@ -133,3 +133,28 @@ def test_hls4ml_flow_end_to_end(tmp_path, checkpoint, capsys):
         compact = tmp_path / "c.onnx"
         main(["export", str(checkpoint), "--out", str(compact), "--no-verify"])
         flow.build_hls_model(compact, tmp_path / "prj3")
+
+
+def test_crossbar_flow_script_matches_torch_layers(tmp_path, checkpoint, capsys):
+    spec = importlib.util.spec_from_file_location("run_crossbar",
+                                                  ROOT / "export/crossbar/run_crossbar.py")
+    flow = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flow)
+    assert flow.main([str(checkpoint), "--out", str(tmp_path / "xb"), "--samples", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "crossbar products match" in out
+    # the check can fail: a crossbar with one plane cell flipped no longer matches its layer
+    from qfv_brevitas.checkpoint import load_checkpoint
+    from qfv_brevitas.data import load_digits_split
+    from qfv_brevitas.export import load_crossbar
+
+    model, _ = load_checkpoint(checkpoint)
+    loaded = load_crossbar(tmp_path / "xb")
+    _, test = load_digits_split(seed=0)
+    inputs = flow.layer_inputs(model, test.tensors[0][:8], loaded)
+    layer = dict(model.named_modules())["net.3"]
+    row = dict(loaded["net.3"])
+    assert flow.check_layer(layer, row, inputs["net.3"]) <= 1e-5
+    row["planes"] = row["planes"].copy()
+    row["planes"][3, 0, :] ^= 1
+    assert flow.check_layer(layer, row, inputs["net.3"]) > 1e-3
