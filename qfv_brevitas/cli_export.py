@@ -47,6 +47,9 @@ def register(sub) -> None:
     p.add_argument("checkpoint", help="the checkpoint the file was exported from")
     p.add_argument("--tolerance", type=float, help="max output difference (default: see "
                                                    "README)")
+    p.add_argument("--min-agreement", type=float,
+                   help="quantized activations: least top-1 agreement of each pair of runtimes "
+                        "(default 0.98)")
     data_args(p)
     p.set_defaults(_run=_run_verify)
 
@@ -110,7 +113,7 @@ def _run_verify(args) -> int:
 
     model, info, test, inputs = _model_and_data(args)
     rep = verify_qonnx(reference_model(model, args.file), args.file, inputs,
-                       tolerance=args.tolerance)
+                       tolerance=args.tolerance, min_agreement=args.min_agreement)
     print(rep.summary())
     return 0 if rep.passed else 1
 

@@ -48,3 +48,29 @@ def test_finetune_for_chip_recovers_accuracy():
     # The faulty chip hurts, and fault-aware fine-tuning recovers most of it.
     assert as_is < ideal - 0.05
     assert repaired > nearest_valid and repaired > ideal - 0.05
+
+
+def test_snn_digits_spiking_w4_and_faults():
+    pytest.importorskip("spikingjelly")
+    ex = load("snn_digits")
+    fp, w4, faulty = ex.main(["--epochs", "3", "--q-epochs", "1", "--trials", "2"])
+    # Chance is 0.1; 3 + 1 epochs on rate-coded digits reach ~0.85 (measured 0.85 / 0.84).
+    assert fp > 0.7 and w4 > 0.7
+    assert faulty <= w4  # 10% stuck bits in the inner layer (measured 0.83)
+
+
+def test_export_to_hls4ml(tmp_path):
+    ex = load("export_to_hls4ml")
+    acc, results, hls = ex.main(["--out", str(tmp_path), "--epochs", "4", "--max-drop", "1.0",
+                                 "--hidden", "16"])
+    assert acc > 0.8
+    assert all(r.verification.passed for r in results.values())
+    fx = results["fixed"].fixed_point
+    assert fx["reference_accuracy"] - fx["accuracy"] <= 1.0
+    try:
+        import hls4ml  # noqa: F401
+    except ImportError:
+        assert hls is None
+    else:
+        assert hls["top1_agreement"] == 1.0
+        assert hls["max_abs_diff"] <= 1e-4 * max(1.0, hls["max_abs_output"])
