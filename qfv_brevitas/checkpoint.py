@@ -60,7 +60,9 @@ def load_checkpoint(path: Union[str, Path]) -> Tuple[nn.Module, dict]:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a qfv-brevitas checkpoint (expected format {FORMAT})")
-    model = build_model(ckpt["arch"], tuple(ckpt["input_shape"]), ckpt["num_classes"])
+    # Spiking models keep their neuron/time settings in meta["snn"] (qfv_brevitas.snn).
+    model = build_model(ckpt["arch"], tuple(ckpt["input_shape"]), ckpt["num_classes"],
+                        snn=(ckpt.get("meta") or {}).get("snn"))
     config = NMultConfig(**ckpt["config"]) if ckpt["config"] is not None else None
     if config is not None:
         model = quantize_model(model, config, unsigned_inputs=ckpt["unsigned_inputs"],

@@ -2,7 +2,7 @@
 :func:`qfv_brevitas.quantize_model`."""
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -109,8 +109,15 @@ def vgg_cifar(num_classes: int = 10, in_channels: int = 3,
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
 
 
-def build_model(name: str, input_shape: Tuple[int, ...], num_classes: int) -> nn.Module:
-    """A reference model by name for inputs of shape ``(C, H, W)``."""
+def build_model(name: str, input_shape: Tuple[int, ...], num_classes: int,
+                snn: Optional[dict] = None) -> nn.Module:
+    """A reference model by name for inputs of shape ``(C, H, W)``; ``spiking_*`` names are
+    the spiking models of :mod:`qfv_brevitas.snn`, built with ``SpikingConfig(**snn)``."""
+    if name.startswith("spiking_"):
+        from .snn import SpikingConfig, build_spiking_model  # spikingjelly: the snn extra
+
+        return build_spiking_model(name, input_shape, num_classes,
+                                   SpikingConfig(**(snn or {})))
     if name == "small_cnn":
         return SmallCNN(input_shape[0], num_classes)
     if name == "mlp":

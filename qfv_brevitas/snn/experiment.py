@@ -1,0 +1,127 @@
+"""The spiking job: a full-precision spiking model, then its N-multiplier weight QAT."""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ..checkpoint import save_checkpoint
+from ..config import VARIANTS, NMultConfig
+from ..convert import quantize_model
+from ..train import TrainConfig, evaluate, fit
+from .config import SpikingConfig
+from .data import load_snn_dataset
+from .models import SPIKING_MODEL_NAMES, build_spiking_model
+from .network import snn_export_metadata
+
+__all__ = ["run_snn_experiment", "format_snn_results", "snn_for_data"]
+
+
+def snn_for_data(config: SpikingConfig, temporal: bool) -> SpikingConfig:
+    """``config`` adapted to a data set: event data brings its own time axis in batch-first
+    batches (``encoding="none"``, ``layout="batch_first"``); static images keep the config's
+    encoding (``"none"`` is turned into ``"rate"``, as they need one)."""
+    if temporal:
+        return replace(config, encoding="none", layout="batch_first")
+    if config.encoding == "none":
+        return replace(config, encoding="rate")
+    return config
+
+
+def _check_fits(model: torch.nn.Module, arch: str, data) -> None:
+    """One sample through the model before any training: a model too deep for the frame size
+    (e.g. VGG-11's five poolings on 16x16 frames) fails here with a message, not mid-epoch."""
+    x = data.train[0][0].unsqueeze(0)
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except RuntimeError as e:
+        raise ValueError(f"{arch} does not fit samples of shape {tuple(x.shape[1:])} from this "
+                         f"data set ({e}); choose a smaller model or larger frames") from e
+    finally:
+        model.train()
+
+
+def run_snn_experiment(out_dir: Union[str, Path], dataset: str = "digits",
+                       data_dir: Optional[str] = None, arch: str = "spiking_small_cnn",
+                       snn: Optional[SpikingConfig] = None, bits: Sequence[int] = (4,),
+                       variant: str = "nmult", per_channel: bool = False,
+                       first_last_bits: Optional[int] = 8, fp_train: Optional[TrainConfig] = None,
+                       q_train: Optional[TrainConfig] = None, seed: int = 0,
+                       frame_size: int = 48, progress: bool = True,
+                       save_models: bool = True) -> dict:
+    """Train a full-precision spiking model, then give its weights N-multiplier quantizers at
+    each of ``bits`` (spikes are the activations: ``act_bits=None``) and QAT it with the
+    regularizer and its lambda schedule (the paper's SNN setup, section 4.2).
+
+    Writes ``results.json`` and (with ``save_models``) ``float.pt`` and
+    ``{variant}_w{b}.pt`` checkpoints that :func:`qfv_brevitas.checkpoint.load_checkpoint`
+    and the ``qfv faults`` / ``qfv variability`` commands read; returns the results.
+    """
+    if arch not in SPIKING_MODEL_NAMES:
+        raise ValueError(f"unknown spiking model {arch!r}; choose one of "
+                         f"{', '.join(SPIKING_MODEL_NAMES)}")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown quantizer variant {variant!r}; choose one of "
+                         f"{', '.join(VARIANTS)}")
+    configs = [NMultConfig(weight_bits=b, act_bits=None, variant=variant, per_channel=per_channel,
+                           first_last_bits=first_last_bits) for b in bits]
+    if not configs:
+        raise ValueError("bits is empty: give at least one weight bit width, e.g. bits=(4,)")
+    snn = snn or SpikingConfig()
+    data = load_snn_dataset(dataset, data_dir, seed, T=snn.T, size=frame_size)
+    snn = snn_for_data(snn, data.temporal)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fp_train = replace(fp_train or TrainConfig(epochs=20, lr=0.05), seed=seed)
+    q_train = replace(q_train or TrainConfig(epochs=10, lr=0.01, lambda_rise_epochs=4), seed=seed)
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    fp = build_spiking_model(arch, data.input_shape, data.num_classes, snn)
+    _check_fits(fp, arch, data)
+    fit(fp, data.train, data.test, fp_train, desc="float spiking", progress=progress)
+    fp_acc = evaluate(fp, data.test)
+    meta = dict(dataset=dataset, data_seed=seed, snn=snn.to_dict())
+    results = {"dataset": dataset, "arch": arch, "seed": seed, "num_train": len(data.train),
+               "num_test": len(data.test), "snn": snn.to_dict(), "fp_acc": fp_acc,
+               "fp_train": asdict(fp_train), "q_train": asdict(q_train), "runs": [],
+               "neurons": snn_export_metadata(fp)}
+    if save_models:
+        save_checkpoint(out / "float.pt", fp, arch, data.input_shape, data.num_classes, None,
+                        acc=fp_acc, **meta)
+    for cfg in configs:
+        q = quantize_model(copy.deepcopy(fp), cfg)
+        hist = fit(q, data.train, data.test, q_train, desc=f"{variant} W{cfg.weight_bits}",
+                   progress=progress)
+        acc = evaluate(q, data.test)
+        results["runs"].append({"variant": variant, "weight_bits": cfg.weight_bits,
+                                "first_last_bits": first_last_bits, "per_channel": per_channel,
+                                "acc": acc, "delta_vs_fp": acc - fp_acc, "history": hist})
+        if save_models:
+            save_checkpoint(out / f"{variant}_w{cfg.weight_bits}.pt", q, arch, data.input_shape,
+                            data.num_classes, cfg, acc=acc, **meta)
+    results["seconds"] = time.perf_counter() - t0
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def format_snn_results(results: dict) -> str:
+    """Accuracy table: the full-precision spiking model and each quantized one."""
+    s = results["snn"]
+    lines = [f"dataset {results['dataset']} ({results['num_train']} train / "
+             f"{results['num_test']} test), model {results['arch']}, T={s['T']}, "
+             f"tau={s['tau']} (beta={1 / s['tau']:g}), encoding {s['encoding']}, "
+             f"seed {results['seed']}",
+             f"{'model':<22} {'accuracy':>9} {'vs float':>9}",
+             "-" * 42,
+             f"{'float spiking':<22} {100 * results['fp_acc']:>8.2f}% {'':>9}"]
+    for r in results["runs"]:
+        name = f"{r['variant']} W{r['weight_bits']} spiking"
+        lines.append(f"{name:<22} {100 * r['acc']:>8.2f}% {100 * r['delta_vs_fp']:>+8.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,156 @@
+"""Spiking reference models: VGG-11 and ResNet-19 of the paper (section 4.2), and small ones
+for the digits. Each is a plain torch network made spiking by :func:`to_spiking` (ReLU -> LIF,
+max-pooling -> average pooling); quantize it with :func:`qfv_brevitas.quantize_model` and
+``NMultConfig(act_bits=None)``."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..models import _BasicBlock, vgg_cifar
+from .config import SpikingConfig
+from .network import SpikingNet, to_spiking
+
+__all__ = ["ResNet19", "DigitsCNN", "bn_mlp", "spiking_vgg11", "spiking_resnet19", "spiking_small_cnn", "spiking_mlp",
+           "build_spiking_model", "SPIKING_MODEL_NAMES"]
+
+SPIKING_MODEL_NAMES = ("spiking_small_cnn", "spiking_mlp", "spiking_vgg11", "spiking_resnet19")
+
+#: VGG-11's convolution plan ("M" = pooling, average in the spiking version).
+VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+
+class ResNet19(nn.Module):
+    """ResNet-19 (Zheng et al., 2021): a 3x3 stem, three stages of basic blocks (3, 3, 2) at
+    ``width``, ``2 * width`` and ``4 * width`` channels (128/256/512 in the paper), global
+    average pooling and two linear layers (``4 * width`` -> 256 -> classes): 19 weight layers.
+    Plain torch with ReLU; :func:`spiking_resnet19` makes it spiking."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 2, width: int = 128,
+                 hidden: int = 256):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        layers, cin = [], width
+        for i, n in enumerate((3, 3, 2)):
+            cout = width * 2 ** i
+            for j in range(n):
+                layers.append(_BasicBlock(cin, cout, 2 if (j == 0 and i > 0) else 1))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Linear(cin, hidden)
+        self.relu_fc = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        x = self.layers(self.relu(self.bn1(self.conv1(x))))
+        return self.fc2(self.relu_fc(self.fc1(torch.flatten(self.pool(x), 1))))
+
+
+def _cfg(config: Optional[SpikingConfig], **defaults) -> SpikingConfig:
+    if config is None:
+        return SpikingConfig(**defaults)
+    return config
+
+
+def spiking_vgg11(num_classes: int = 10, in_channels: int = 2, width: int = 64,
+                  config: Optional[SpikingConfig] = None) -> SpikingNet:
+    """Spiking VGG-11 with BatchNorm (widths 64..512 at ``width=64``), average pooling,
+    global average pooling and a linear classifier; for 48x48 event frames by default
+    (``encoding="none"``, batch-first ``(N, T, 2, 48, 48)`` batches as the loaders give).
+
+    >>> spiking_vgg11(10, width=8, config=SpikingConfig(T=2, encoding="none"))(
+    ...     torch.rand(2, 3, 2, 48, 48)).shape
+    torch.Size([3, 10])
+    """
+    plan = tuple(v if v == "M" else max(1, v * width // 64) for v in VGG11)
+    return to_spiking(vgg_cifar(num_classes, in_channels, plan),
+                      _cfg(config, T=10, encoding="none", layout="batch_first"))
+
+
+def spiking_resnet19(num_classes: int = 10, in_channels: int = 2, width: int = 128,
+                     config: Optional[SpikingConfig] = None) -> SpikingNet:
+    """Spiking ResNet-19 (LIF after each block's residual add); defaults as
+    :func:`spiking_vgg11`.
+
+    >>> spiking_resnet19(10, width=4, config=SpikingConfig(T=2, encoding="none"))(
+    ...     torch.rand(2, 3, 2, 16, 16)).shape
+    torch.Size([3, 10])
+    """
+    return to_spiking(ResNet19(num_classes, in_channels, width),
+                      _cfg(config, T=10, encoding="none", layout="batch_first"))
+
+
+class DigitsCNN(nn.Module):
+    """A small plain CNN made to spike well: every hidden synaptic layer is followed by
+    BatchNorm (normalised currents keep the LIF layers firing from the start; a hidden Linear
+    without it, as in :class:`~qfv_brevitas.models.SmallCNN`, starts silent at tau = 4 and does
+    not learn) and the readout is a single Linear layer. Max-pooling and ReLU, like any user
+    network: :func:`spiking_small_cnn` converts it."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(8 * w, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def bn_mlp(in_features: int = 64, num_classes: int = 10, hidden: Sequence[int] = (128, 64)
+           ) -> nn.Sequential:
+    """A plain MLP (flattening its input) with BatchNorm before each ReLU."""
+    layers, prev = [nn.Flatten()], in_features
+    for h in hidden:
+        layers += [nn.Linear(prev, h, bias=False), nn.BatchNorm1d(h), nn.ReLU()]
+        prev = h
+    layers.append(nn.Linear(prev, num_classes))
+    return nn.Sequential(*layers)
+
+
+def spiking_small_cnn(num_classes: int = 10, in_channels: int = 1, width: int = 16,
+                      config: Optional[SpikingConfig] = None) -> SpikingNet:
+    """:class:`DigitsCNN`, spiking; rate-codes static images by default (digits, MNIST).
+
+    >>> spiking_small_cnn(width=8)(torch.rand(3, 1, 8, 8)).shape
+    torch.Size([3, 10])
+    """
+    return to_spiking(DigitsCNN(in_channels, num_classes, width), _cfg(config))
+
+
+def spiking_mlp(in_features: int = 64, num_classes: int = 10, hidden: Sequence[int] = (128, 64),
+                config: Optional[SpikingConfig] = None) -> SpikingNet:
+    """:func:`bn_mlp`, spiking."""
+    return to_spiking(bn_mlp(in_features, num_classes, hidden), _cfg(config))
+
+
+def build_spiking_model(name: str, input_shape: Tuple[int, ...], num_classes: int,
+                        config: Optional[SpikingConfig] = None) -> SpikingNet:
+    """A spiking reference model by name for samples of shape ``(C, H, W)`` (one frame).
+
+    >>> build_spiking_model("spiking_mlp", (1, 8, 8), 10, SpikingConfig(T=2)).T
+    2
+    """
+    if name == "spiking_small_cnn":
+        return spiking_small_cnn(num_classes, input_shape[0], config=config)
+    if name == "spiking_mlp":
+        n = 1
+        for d in input_shape:
+            n *= d
+        return spiking_mlp(n, num_classes, config=config)
+    if name == "spiking_vgg11":
+        return spiking_vgg11(num_classes, input_shape[0], config=config)
+    if name == "spiking_resnet19":
+        return spiking_resnet19(num_classes, input_shape[0], config=config)
+    raise ValueError(f"unknown spiking model {name!r}; choose one of "
+                     f"{', '.join(SPIKING_MODEL_NAMES)}")
