@@ -79,25 +79,33 @@ def _run_export(args) -> int:
         raise ValueError("--batch must be at least 1")
     model, info, test, inputs = _model_and_data(args)
     example = test.tensors[0][:args.batch]
+    example, inputs = _spike_trains(model, example), _spike_trains(model, inputs)
     data = test if args.form == "fixed" and (args.max_acc_drop is not None
                                              or args.frac_bits is not None) else None
     res = export_qonnx(model, example, args.out, args.form, frac_bits=args.frac_bits,
                        max_accuracy_drop=args.max_acc_drop, data=data, device=not args.ideal,
                        exporter=args.exporter, verify=not args.no_verify,
                        verify_inputs=inputs,
-                       extra_metadata={"checkpoint": str(args.checkpoint), "arch": info["arch"],
-                                       **_snn_meta(model, info)})
+                       extra_metadata={"checkpoint": str(args.checkpoint), "arch": info["arch"]})
     print(res.summary())
     return 0
 
 
-def _snn_meta(model, info) -> dict:
-    """Spiking models: their neurons' parameters travel in the file's metadata."""
-    if not (info.get("meta") or {}).get("snn"):
-        return {}
-    from .snn import snn_export_metadata
+def _spike_trains(model, x):
+    """A rate-coding spiking model exports on spike trains: encode the test images the way its
+    evaluation does (its fixed evaluation seed), so the file sees the same spikes."""
+    from .export.api import _spiking_net
 
-    return {"snn": snn_export_metadata(model)}
+    net = _spiking_net(model)
+    if net is None or net.config.encoding != "rate" or x.dim() != net.config.sample_ndim + 1:
+        return x
+    import torch
+
+    from .snn import rate_encode
+
+    seq = rate_encode(x, net.config.T,
+                      generator=torch.Generator().manual_seed(net.config.eval_seed))
+    return seq if net.config.layout == "time_first" else seq.transpose(0, 1)
 
 
 def _run_inspect(args) -> int:
@@ -112,6 +120,7 @@ def _run_verify(args) -> int:
     from .export import reference_model, verify_qonnx
 
     model, info, test, inputs = _model_and_data(args)
+    inputs = _spike_trains(model, inputs)
     rep = verify_qonnx(reference_model(model, args.file), args.file, inputs,
                        tolerance=args.tolerance, min_agreement=args.min_agreement)
     print(rep.summary())

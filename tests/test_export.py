@@ -396,3 +396,25 @@ def test_bad_calls_get_clear_errors(tmp_path):
     with pytest.raises(ExportError, match="not finite"):
         export_qonnx(model, x, tmp_path / "a.onnx")
     assert not (tmp_path / "a.onnx").exists()
+
+
+def test_spiking_model_export_rules(tmp_path):
+    pytest.importorskip("spikingjelly")
+    from qfv_brevitas.snn import SpikingConfig, rate_encode, to_spiking
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(),
+                        nn.Linear(32, 10))
+    q = quantize_model(to_spiking(net, SpikingConfig(T=4)),
+                       NMultConfig(weight_bits=4, act_bits=None)).eval()
+    x = digits_inputs(6)
+    with pytest.raises(ExportError, match="spike trains"):
+        export_qonnx(q, x[:1], tmp_path / "s.onnx")
+    spikes = rate_encode(x, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ExportError, match="exporter='dynamo'"):
+        export_qonnx(q, spikes[:, :1], tmp_path / "s.onnx", exporter="torchscript")
+    res = export_qonnx(q, spikes[:, :2], tmp_path / "s.onnx", "bitplanes", verify_inputs=spikes)
+    assert res.verification.passed and res.verification.samples == 6
+    assert res.verification.quantized_activations  # spikes: binary activations
+    check_structure(onnx.load(str(res.path)), res.metadata, "bitplanes")
+    assert res.metadata["extra"]["snn"]["lif_layers"]["body.3"]["beta"] == 0.25

@@ -125,6 +125,16 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
         if not bool(torch.isfinite(p).all()):
             raise ExportError(f"parameter {name} is not finite (NaN/inf): nothing sensible to "
                               "export")
+    extra_metadata = dict(extra_metadata or {})
+    snn = _spiking_net(model)
+    if snn is not None:
+        x = _check_spiking(snn, x, exporter, "example_input")
+        if verify_inputs is not None:
+            verify_inputs = _check_spiking(snn, _check_input(verify_inputs), exporter,
+                                           "verify_inputs")
+        from ..snn import snn_export_metadata
+
+        extra_metadata.setdefault("snn", snn_export_metadata(model))
     path = Path(path)
     was_training = model.training
     model.eval()
@@ -147,7 +157,7 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
                 "input_shape": list(x.shape),
                 "layers": [dict(info.metadata(), weight_tensor=f"{info.name}.weight")
                            for info in layers],
-                "extra": extra_metadata or {}}
+                "extra": extra_metadata}
         for row in meta["layers"]:
             row.pop("_fixed_weight", None)
         if fixed is not None:
@@ -167,6 +177,29 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
         return result
     finally:
         model.train(was_training)
+
+
+def _spiking_net(model: nn.Module):
+    """The model's :class:`~qfv_brevitas.snn.SpikingNet`, if it is a spiking model."""
+    try:
+        from ..snn.network import SpikingNet
+    except ImportError:  # the snn extra is not installed: no spiking model can exist either
+        return None
+    return next((m for m in model.modules() if isinstance(m, SpikingNet)), None)
+
+
+def _check_spiking(net, x: Tensor, exporter: str, what: str) -> Tensor:
+    """Spiking models export on spike trains: their LIF layers unroll over T steps."""
+    cfg = net.config
+    if exporter != "dynamo":
+        raise ExportError("spiking models export with exporter='dynamo': spikingjelly's LIF "
+                          "neuron is a custom torch op the TorchScript exporter cannot translate")
+    if x.dim() == cfg.sample_ndim + 1 and cfg.encoding == "rate":
+        raise ExportError(
+            f"this spiking model rate-codes static inputs with random spikes inside its forward; "
+            f"give {what} as spike trains of shape (T, N, ...) instead, e.g. "
+            f"qfv_brevitas.snn.rate_encode(x, T={cfg.T}) (layout {cfg.layout!r})")
+    return x
 
 
 def _version() -> str:

@@ -89,13 +89,23 @@ def reference_weights(model: nn.Module, info: dict) -> Dict[str, Tensor]:
     return out
 
 
-def _chunks(x: Tensor, batch: int):
-    for a in range(0, x.shape[0], batch):
-        part = x[a:a + batch]
-        n = part.shape[0]
+def _chunks(x: Tensor, batch: int, axis: int = 0):
+    for a in range(0, x.shape[axis], batch):
+        part = x.narrow(axis, a, min(batch, x.shape[axis] - a))
+        n = part.shape[axis]
         if n < batch:  # the graph's batch is static: pad, then drop the padding
-            part = torch.cat([part, part.new_zeros((batch - n,) + tuple(part.shape[1:]))])
+            pad = list(part.shape)
+            pad[axis] = batch - n
+            part = torch.cat([part, part.new_zeros(pad)], dim=axis)
         yield part, n
+
+
+def _batch_axis(model: nn.Module) -> int:
+    """Spiking models in the time-first layout take ``(T, N, ...)``: the batch is axis 1."""
+    from .api import _spiking_net
+
+    net = _spiking_net(model)
+    return 1 if net is not None and net.config.layout == "time_first" else 0
 
 
 @torch.no_grad()
@@ -119,9 +129,10 @@ def verify_qonnx(reference: nn.Module, source: Union[str, Path, onnx.ModelProto]
     reference = reference.eval()
     mw = ModelWrapper(model)
     iname, oname = mw.graph.input[0].name, mw.graph.output[0].name
-    batch = mw.get_tensor_shape(iname)[0]
+    axis = _batch_axis(reference)
+    batch = mw.get_tensor_shape(iname)[axis]
     if not isinstance(batch, int) or batch < 1:
-        batch = inputs.shape[0]
+        batch = inputs.shape[axis]
     # onnxruntime's graph optimizations fuse nodes (e.g. BatchNorm into Conv), which changes
     # float rounding before the activation quantizers; the file's semantics are node by node.
     opts = ort.SessionOptions()
@@ -130,7 +141,7 @@ def verify_qonnx(reference: nn.Module, source: Union[str, Path, onnx.ModelProto]
                                 providers=["CPUExecutionProvider"])
     t_out, q_out, o_out = [], [], []
     weights_file = None
-    for part, n in _chunks(inputs.float(), batch):
+    for part, n in _chunks(inputs.float(), batch, axis):
         t_out.append(reference(part)[:n].float().cpu().numpy())
         arr = part.cpu().numpy()
         ctx = execute_onnx(mw, {iname: arr}, return_full_exec_context=weights_file is None)
@@ -148,7 +159,11 @@ def verify_qonnx(reference: nn.Module, source: Union[str, Path, onnx.ModelProto]
     if weight_tolerance is None:
         wmax = max(float(w.abs().max()) for w in ref_w.values())
         weight_tolerance = 1e-6 * wmax if has_var else 0.0
-    act = _has_activation_quant(model)
+    # Spikes are binary activations: a membrane potential within float rounding of the
+    # threshold fires in one runtime and not in another, as at a quantizer threshold.
+    from .api import _spiking_net
+
+    act = _has_activation_quant(model) or _spiking_net(reference) is not None
     scale = max(1.0, float(np.abs(t).max()))
     if tolerance is None:
         tolerance = 1e-4 * scale
