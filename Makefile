@@ -1,12 +1,13 @@
-# Two entry points, each complete on a fresh machine with Python 3.10+ and nothing else:
+# Two entry points, each complete on a fresh machine with Python 3.11+ and nothing else:
 #   make demo   - set up .venv and run `qfv demo` on scikit-learn's bundled digits
-#   make test   - set up .venv and run the test suite (what CI runs, via .ci/run)
+#   make test   - set up .venv with the test, fpga (hls4ml) and snn (spikingjelly) extras and
+#                 run the test suite (what CI runs, via .ci/run)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup setup-test demo test bench clean
 
 setup: $(VENV)/.installed
 
@@ -14,13 +15,22 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e .
+	touch $@
+
+setup-test: $(VENV)/.installed-test
+
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install -q -e ".[test,fpga]"
+	# spikingjelly 2.0 declares torchvision/torchaudio/tensorboard, which would replace the CPU
+	# torch by a CUDA build: the snn extra goes in without its declared dependencies.
+	$(PY) -m pip install -q --no-deps "spikingjelly>=2.0.0" "loguru>=0.7,<1"
 	touch $@
 
 demo: setup
 	$(VENV)/bin/qfv demo --out qfv-out
 
-test: setup
+test: setup-test
 	$(PY) -m pytest -q -n 2 tests qfv_brevitas
 
 bench: setup
