@@ -156,6 +156,7 @@ def check_structure(model, meta, form):
             ops = [n.op_type for n in cone(model, r["weight_tensor"])]
             assert set(ops) <= {"Quant", "Mul", "Add", "Sub"}
             assert ops.count("Mul") == r["bits"] and ops.count("Add") == r["bits"]
+            assert ops.count("Quant") == r["bits"]  # one node per plane, none shared
             for q in (n for n in cone(model, r["weight_tensor"]) if n.op_type == "Quant"):
                 plane = const[q.input[0]]
                 assert set(np.unique(plane)) <= {0.0, 1.0}

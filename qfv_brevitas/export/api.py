@@ -16,7 +16,8 @@ from torch.utils.data import Dataset
 from .. import levels as L
 from ..quantizers import nmult_layers
 from . import fixedpoint as FX
-from .graph import cleanup_qonnx, default_domain_first, locate_layers, rename_tensor
+from .graph import (cleanup_qonnx, default_domain_first, locate_layers, rename_tensor,
+                    unshare_weight_quants)
 from .handler import FORMS, manager_for, plain_state_dict
 from .layers import LayerExport, collect_layers
 from .metadata import FORMAT, format_layers, write_metadata
@@ -289,6 +290,8 @@ def _finish(proto: onnx.ModelProto, layers: Sequence[LayerExport], form: str) ->
         node.doc_string = ""
     if not any(o.domain == DOMAIN for o in proto.opset_import) and form == "compact":
         proto.opset_import.add(domain=DOMAIN, version=1)
+    if form == "bitplanes":
+        unshare_weight_quants(proto)
     found = locate_layers(proto, [i.name for i in layers])
     for info in layers:
         rename_tensor(proto, found[info.name], f"{info.name}.weight")

@@ -20,6 +20,7 @@ from qonnx.transformation.infer_shapes import InferShapes
 from .ops import DOMAIN, OP_TYPE
 
 __all__ = ["COMPUTE_OPS", "QUANT_OPS", "default_domain_first", "locate_layers", "rename_tensor",
+           "unshare_weight_quants",
            "cleanup_qonnx", "LowerQuantToStandard", "to_onnxruntime"]
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
@@ -92,6 +93,31 @@ def locate_layers(model: onnx.ModelProto, layers: Iterable[str]) -> Dict[str, st
     if missing:
         raise RuntimeError(f"could not find the weights of {missing} in the exported graph")
     return found
+
+
+def unshare_weight_quants(model: onnx.ModelProto) -> int:
+    """Give every consumer of a shared weight-side ``Quant`` node its own copy.
+
+    The dynamo exporter merges identical subexpressions, so two equal bit planes of a layer
+    can share one ``Quant`` node; one node per plane is the form's contract, and FINN refuses
+    fork nodes there. Returns the number of copies made."""
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    made = 0
+    for node in list(g.node):
+        if node.op_type != "Quant" or node.input[0] not in inits:
+            continue
+        users = [(n, i) for n in g.node for i, t in enumerate(n.input) if t == node.output[0]]
+        for k, (user, pos) in enumerate(users[1:], start=1):
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            copy.name = f"{node.name or node.output[0]}_copy{k}"
+            del copy.output[:]
+            copy.output.append(f"{node.output[0]}_copy{k}")
+            g.node.insert(list(g.node).index(node) + 1, copy)
+            user.input[pos] = copy.output[0]
+            made += 1
+    return made
 
 
 def rename_tensor(model: onnx.ModelProto, old: str, new: str) -> None:
