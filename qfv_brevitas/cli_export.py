@@ -1,7 +1,6 @@
 """``qfv export | inspect | verify | crossbar``: QONNX files and crossbar mappings."""
 from __future__ import annotations
 
-import argparse
 import json
 
 __all__ = ["register"]

@@ -4,10 +4,8 @@ import importlib.util
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 import torch

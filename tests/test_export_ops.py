@@ -63,7 +63,6 @@ def test_spec_has_the_truth_table():
 @pytest.mark.parametrize("row", spec_rows(), ids=lambda r: f"code{r['code']}-{r['r']}-{r['lrs']}")
 def test_truth_table_through_qonnx_execute(row):
     assert row["bits"] == [(row["code"] >> k) & 1 for k in range(2)]
-    N = 2
     lrs = None if row["lrs"] is None else np.array([[row["lrs"]]], np.float32)
     hrs = None if row["hrs"] is None else np.array([[row["hrs"]]], np.float32)
     mw = one_node_model(np.array([row["code"]]), [row["r"]], [row["c"]], lrs, hrs)

@@ -13,7 +13,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from .. import levels as L
 from ..quantizers import nmult_layers
 from . import fixedpoint as FX
 from .graph import (cleanup_qonnx, default_domain_first, locate_layers, rename_tensor,

@@ -8,7 +8,7 @@ picks the smallest ``f`` whose accuracy change stays within a bound.
 from __future__ import annotations
 
 import copy
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import Tensor, nn

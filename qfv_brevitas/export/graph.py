@@ -4,11 +4,11 @@ modified)``) where they are transformations."""
 from __future__ import annotations
 
 from collections import Counter
-from typing import Dict, Iterable, List, Optional, Set
+from typing import Dict, Iterable
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.transformation.base import Transformation
@@ -17,7 +17,7 @@ from qonnx.transformation.general import (GiveUniqueNodeNames, RemoveStaticGraph
                                           RemoveUnusedTensors)
 from qonnx.transformation.infer_shapes import InferShapes
 
-from .ops import DOMAIN, OP_TYPE
+from .ops import OP_TYPE
 
 __all__ = ["COMPUTE_OPS", "QUANT_OPS", "default_domain_first", "locate_layers", "rename_tensor",
            "unshare_weight_quants",

@@ -10,7 +10,7 @@ handlers and export as standard QONNX ``Quant`` nodes.
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, List, Optional, Type
+from typing import Dict, Iterator, Type
 
 import torch
 import torch.onnx
