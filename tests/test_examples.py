@@ -61,9 +61,9 @@ def test_snn_digits_spiking_w4_and_faults():
 
 def test_export_to_hls4ml(tmp_path):
     ex = load("export_to_hls4ml")
-    acc, results, hls = ex.main(["--out", str(tmp_path), "--epochs", "4", "--max-drop", "1.0",
-                                 "--hidden", "16"])
-    assert acc > 0.8
+    acc, results, hls = ex.main(["--out", str(tmp_path), "--epochs", "8", "--max-drop", "1.0",
+                                 "--hidden", "32"])
+    assert acc > 0.85  # measured 0.93 (seed 0)
     assert all(r.verification.passed for r in results.values())
     fx = results["fixed"].fixed_point
     assert fx["reference_accuracy"] - fx["accuracy"] <= 1.0
