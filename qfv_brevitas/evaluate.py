@@ -43,7 +43,8 @@ class MonteCarloResult:
 
     @property
     def level_name(self) -> str:
-        return "bit-fault rate" if self.kind == "faults" else "sigma/mu"
+        return {"faults": "bit-fault rate", "bitflips": "bit-error rate"}.get(self.kind,
+                                                                           "sigma/mu")
 
     def summary(self) -> List[dict]:
         """Per (method, level): mean, std (sample), min, max of accuracy over the trials."""
@@ -162,13 +163,23 @@ def _fault_sampler(sa1_fraction: float, layers: str):
     return attach
 
 
-def _variability_sampler(hrs_on_off: Optional[float], distribution: str, layers: str):
+def _variability_sampler(hrs_on_off: Optional[float], distribution: str, layers: str,
+                         chip_sigma: float = 0.0, layer_shared_sigma: float = 0.0,
+                         devices_per_chip: int = 1, base_seed: int = 0):
     from .variability import VariabilityModel, attach_variability, sample_variability_map
 
+    if isinstance(devices_per_chip, bool) or int(devices_per_chip) != devices_per_chip \
+            or devices_per_chip < 1:
+        raise ValueError(f"devices_per_chip must be an integer >= 1, got {devices_per_chip!r}")
+
     def attach(model: nn.Module, level: float, seed: int) -> None:
+        # Trials come in groups of devices_per_chip maps drawn on the same chip (the shared
+        # components' seed), each with its own device-to-device draw.
+        chip = base_seed + (seed - base_seed) // int(devices_per_chip)
         attach_variability(model, sample_variability_map(model, VariabilityModel(
             sigma=level, hrs_on_off=hrs_on_off, distribution=distribution, seed=seed,
-            layer_sigmas=_exempt(model, layers))))
+            layer_sigmas=_exempt(model, layers), chip_sigma=chip_sigma,
+            layer_shared_sigma=layer_shared_sigma, chip_seed=chip)))
     return attach
 
 
@@ -231,16 +242,24 @@ def evaluate_faults(model: nn.Module, test: Dataset, rates: Sequence[float], tri
 def evaluate_variability(model: nn.Module, test: Dataset, sigmas: Sequence[float],
                          trials: int = 10, seed: int = 0, mapping: str = "naive",
                          hrs_on_off: Optional[float] = None, distribution: str = "normal",
-                         layers: str = "inner", progress: bool = True) -> MonteCarloResult:
+                         layers: str = "inner", progress: bool = True, chip_sigma: float = 0.0,
+                         layer_shared_sigma: float = 0.0, devices_per_chip: int = 1
+                         ) -> MonteCarloResult:
     """Accuracy under ``trials`` random variability maps per sigma/mu (no retraining);
-    ``layers`` as in :func:`evaluate_faults`."""
+    ``layers`` as in :func:`evaluate_faults`. ``chip_sigma`` / ``layer_shared_sigma`` add the
+    between-chip / per-layer shared components of :class:`VariabilityModel`; consecutive
+    groups of ``devices_per_chip`` trials share one chip (Monte Carlo over chips and over the
+    devices of each chip)."""
     check_choice(mapping, ("naive", "aware"), "deploy mapping")
     method = "none" if mapping == "naive" else "aware_mapping"
     return _run("variability", model, None, test, _check_levels(sigmas, "sigmas", None),
                 _check_trials(trials), seed, [method],
-                _variability_sampler(hrs_on_off, distribution, layers),
+                _variability_sampler(hrs_on_off, distribution, layers, chip_sigma,
+                                     layer_shared_sigma, devices_per_chip, seed),
                 {method: _deploy(mapping)}, progress,
-                {"hrs_on_off": hrs_on_off, "distribution": distribution, "layers": layers})
+                {"hrs_on_off": hrs_on_off, "distribution": distribution, "layers": layers,
+                 "chip_sigma": chip_sigma, "layer_shared_sigma": layer_shared_sigma,
+                 "devices_per_chip": devices_per_chip})
 
 
 def _finetune_methods(finetune: TrainConfig, remap_every: int) -> Dict[str, Callable]:
@@ -286,15 +305,21 @@ def compare_variability(model: nn.Module, train: Dataset, test: Dataset,
                         methods: Sequence[str] = VARIABILITY_METHODS,
                         finetune: Optional[TrainConfig] = None, seed: int = 0,
                         hrs_on_off: Optional[float] = None, distribution: str = "normal",
-                        layers: str = "inner", progress: bool = True) -> MonteCarloResult:
+                        layers: str = "inner", progress: bool = True, chip_sigma: float = 0.0,
+                        layer_shared_sigma: float = 0.0, devices_per_chip: int = 1
+                        ) -> MonteCarloResult:
     """Each method on the same variability maps: ``none``, ``chip_in_loop`` and
-    ``variability_aware`` (eq. 12 fine-tune, deployed with aware mapping)."""
+    ``variability_aware`` (eq. 12 fine-tune, deployed with aware mapping); shared components
+    as in :func:`evaluate_variability`."""
     for m in methods:
         check_choice(m, VARIABILITY_METHODS, "variability method")
     finetune = finetune or _default_finetune()
     return _run("variability", model, train, test, _check_levels(sigmas, "sigmas", None),
                 _check_trials(trials), seed, list(methods),
-                _variability_sampler(hrs_on_off, distribution, layers),
+                _variability_sampler(hrs_on_off, distribution, layers, chip_sigma,
+                                     layer_shared_sigma, devices_per_chip, seed),
                 _finetune_methods(finetune, 4), progress,
                 {"hrs_on_off": hrs_on_off, "distribution": distribution,
-                 "finetune_epochs": finetune.epochs, "layers": layers})
+                 "finetune_epochs": finetune.epochs, "layers": layers,
+                 "chip_sigma": chip_sigma, "layer_shared_sigma": layer_shared_sigma,
+                 "devices_per_chip": devices_per_chip})

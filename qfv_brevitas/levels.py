@@ -238,6 +238,23 @@ class _LevelIndex:
         """Scatter a ``(G, L)`` gradient over sorted levels back to code order."""
         return torch.zeros_like(sorted_grad).scatter_(1, self.perm, sorted_grad)
 
+    def distinct_neighbours(self) -> Tuple[Tensor, Tensor]:
+        """``(up, down)``, ``(G, L)`` int64: for each sorted level the sorted index of the
+        nearest strictly larger (smaller) level, ``-1`` where there is none. Coincident levels
+        are skipped, so the spacing between a level and either neighbour is > 0 (the local
+        spacing that the regularizer shapes of :mod:`qfv_brevitas.shapes` are scaled by)."""
+        v = self.values
+        G, n = v.shape
+        idx = torch.arange(n, device=v.device).expand(G, n)
+        rises = v[:, 1:] > v[:, :-1]  # a new distinct value starts at k + 1
+        # up[j] = first start of a run after j; down[j] = last end of a run before j.
+        starts = torch.where(rises, idx[:, 1:], n)
+        up = torch.cat([starts.flip(1).cummin(1).values.flip(1),
+                        torch.full((G, 1), n, device=v.device)], 1)
+        ends = torch.where(rises, idx[:, :-1], -1)
+        down = torch.cat([torch.full((G, 1), -1, device=v.device), ends.cummax(1).values], 1)
+        return torch.where(up >= n, -1, up), down
+
     def search(self, w2d: Tensor) -> Tensor:
         """uint8 sorted index ``(G, M)`` of each weight's nearest level."""
         G, M = w2d.shape

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .config import LambdaSchedule
 from .levels import qp
 from .quantizers import nmult_layers, quant_of
+from .shapes import check_shape, check_width, layer_distance
 
 __all__ = ["layer_factor", "regularization_loss", "QuantRegularizer", "LambdaSchedule"]
 
@@ -24,12 +25,15 @@ def layer_factor(num_weights: int, bits: int) -> float:
     return 1.0 / math.sqrt(num_weights * qp(bits))
 
 
-def regularization_loss(model: nn.Module, breakdown: bool = False
+def regularization_loss(model: nn.Module, breakdown: bool = False, shape: str = "sq",
+                        width: float = 0.25
                         ) -> Union[Tensor, Tuple[Tensor, Dict[str, float]]]:
     """``sum_l alpha_l * sum_i min_q |w_i - q|^2`` over the model's N-multiplier layers.
 
     Differentiable in the weights, ``r`` and ``c``. With ``breakdown=True`` also returns each
-    layer's (weighted) term as a float, for logging.
+    layer's (weighted) term as a float, for logging. ``shape`` replaces the squared distance
+    by another shape of :mod:`qfv_brevitas.shapes` (``"gauss"``: Gaussian well of width
+    ``width`` times the local level spacing; ``"sin"``: SinReQ sinusoid).
 
     >>> import brevitas.nn as qnn
     >>> from qfv_brevitas.quantizers import NMultWeightQuant
@@ -38,6 +42,7 @@ def regularization_loss(model: nn.Module, breakdown: bool = False
     >>> list(parts), bool(loss >= 0)
     (['0'], True)
     """
+    check_shape(shape)
     total = None
     parts: Dict[str, float] = {}
     for name, layer in nmult_layers(model):
@@ -45,7 +50,8 @@ def regularization_loss(model: nn.Module, breakdown: bool = False
         if not tq.uses_regularizer:
             continue
         w = layer.weight
-        term = layer_factor(w.numel(), tq.bits) * tq.distance(w)
+        dist = tq.distance(w) if shape == "sq" else layer_distance(tq, w, shape, width)
+        term = layer_factor(w.numel(), tq.bits) * dist
         total = term if total is None else total + term
         if breakdown:
             parts[name] = float(term.detach())
@@ -66,14 +72,18 @@ class QuantRegularizer:
     100.0
     """
 
-    def __init__(self, model: nn.Module, schedule: LambdaSchedule):
+    def __init__(self, model: nn.Module, schedule: LambdaSchedule, shape: str = "sq",
+                 width: float = 0.25):
         self.model = model
         self.schedule = schedule
+        self.shape = check_shape(shape)
+        self.width = check_width(width)
         self.last_breakdown: Dict[str, float] = {}
 
     def lam(self, epoch: int) -> float:
         return self.schedule(epoch)
 
     def __call__(self, epoch: int) -> Tensor:
-        total, self.last_breakdown = regularization_loss(self.model, breakdown=True)
+        total, self.last_breakdown = regularization_loss(self.model, breakdown=True,
+                                                         shape=self.shape, width=self.width)
         return self.lam(epoch) * total

@@ -1,6 +1,7 @@
 """A plain training loop for QAT with the regularizer (SGD + momentum, cosine decay)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -12,6 +13,8 @@ from tqdm.auto import tqdm
 from .config import LambdaSchedule
 from .quantizers import nmult_layers, quant_of
 from .regularizer import QuantRegularizer
+from .sam import SharpnessAware
+from .shapes import check_shape, check_width
 
 __all__ = ["TrainConfig", "fit", "evaluate", "param_groups"]
 
@@ -39,6 +42,12 @@ class TrainConfig:
     lambda_start: float = 100.0
     lambda_end: float = 2000.0
     lambda_rise_epochs: int = 20
+    #: regularizer shape (:data:`qfv_brevitas.shapes.SHAPES`: ``sq`` = paper, ``gauss``, ``sin``)
+    reg_shape: str = "sq"
+    #: Gaussian width as a fraction of the local level spacing (``reg_shape="gauss"`` only)
+    reg_width: float = 0.25
+    #: SAM radius (FlatENN's sharpness-aware quantization, :mod:`qfv_brevitas.sam`); 0 = off
+    sam_rho: float = 0.0
 
     def __post_init__(self):
         if int(self.epochs) < 1:
@@ -49,6 +58,15 @@ class TrainConfig:
             raise ValueError("TrainConfig.quant_optimizer must be 'adam' or 'sgd'")
         if int(self.batch_size) < 1:
             raise ValueError("TrainConfig.batch_size must be >= 1")
+        check_shape(self.reg_shape)
+        self.reg_width = check_width(self.reg_width)
+        try:
+            rho = float(self.sam_rho)
+        except (TypeError, ValueError):
+            rho = float("nan")
+        if isinstance(self.sam_rho, bool) or not (math.isfinite(rho) and rho >= 0):
+            raise ValueError(f"TrainConfig.sam_rho must be a finite number >= 0 (the SAM "
+                             f"radius, e.g. 0.05; 0 = plain updates), got {self.sam_rho!r}")
 
     def schedule(self) -> LambdaSchedule:
         return LambdaSchedule(self.epochs, self.lambda_start, self.lambda_end,
@@ -117,7 +135,9 @@ def fit(model: nn.Module, train: Dataset, test: Optional[Dataset], cfg: TrainCon
     scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=cfg.epochs * len(loader))
               for o in opts]
     uses_reg = any(quant_of(m).uses_regularizer for _, m in nmult_layers(model))
-    reg = QuantRegularizer(model, cfg.schedule()) if uses_reg else None
+    reg = QuantRegularizer(model, cfg.schedule(), shape=cfg.reg_shape,
+                           width=cfg.reg_width) if uses_reg else None
+    sam = SharpnessAware(model, cfg.sam_rho) if cfg.sam_rho > 0 else None
     loss_fn = nn.CrossEntropyLoss()
     hist: Dict[str, list] = {"task_loss": [], "reg": [], "lambda": [], "test_acc": []}
     bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False)
@@ -136,6 +156,17 @@ def fit(model: nn.Module, train: Dataset, test: Optional[Dataset], cfg: TrainCon
             for o in opts:
                 o.zero_grad(set_to_none=True)
             loss.backward()
+            if sam is not None:
+                # SAM: the gradient at the worst point within rho, applied at the weights.
+                sam.ascend()
+                with sam.frozen_norm_stats():
+                    loss2 = loss_fn(model(x), y)
+                    if reg is not None:
+                        loss2 = loss2 + reg(epoch)
+                    for o in opts:
+                        o.zero_grad(set_to_none=True)
+                    loss2.backward()
+                sam.restore()
             for o, sch in zip(opts, scheds):
                 o.step()
                 sch.step()

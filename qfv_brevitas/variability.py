@@ -64,6 +64,20 @@ class VariabilityModel:
             ``mu = -s**2 / 2``, so mean 1 and std ``sigma`` exactly and always positive.
         seed: seed of the map; each layer's generator is derived from it and the layer's name.
         layer_sigmas: per-layer LRS sigmas overriding ``sigma``, by qualified module name.
+        chip_sigma: relative spread of a *between-chip* component: one factor (same
+            distribution, mean 1) drawn per chip multiplies every cell's factors, LRS and HRS,
+            of every layer (a chip whose conductances all run high or low). 0: none.
+        layer_shared_sigma: relative spread of a component shared by all cells of one layer
+            (one factor per layer and chip, e.g. one crossbar array per layer). 0: none.
+            A layer whose ``layer_sigmas`` entry is 0 is kept off the analog device: it gets
+            no shared component either (how ``layers="inner"`` keeps the 8-bit edges ideal).
+        chip_seed: seed of the shared components; ``None`` uses ``seed``. Maps with the same
+            ``chip_seed`` and different ``seed`` are different devices of the same chip: Monte
+            Carlo over chips varies ``chip_seed``, over devices within a chip ``seed``.
+
+    The per-device factors depend only on ``seed``, ``sigma``, ``hrs_*`` and ``distribution``:
+    a map with shared components is the map without them times the shared factors (recorded in
+    the map's ``meta["shared_factors"]``).
 
     >>> VariabilityModel(sigma=0.1, hrs_on_off=10, layer_sigmas={"fc": 0.2}).layer_sigmas
     {'fc': 0.2}
@@ -79,9 +93,17 @@ class VariabilityModel:
     distribution: str = "normal"
     seed: int = 0
     layer_sigmas: Dict[str, float] = field(default_factory=dict)
+    chip_sigma: float = 0.0
+    layer_shared_sigma: float = 0.0
+    chip_seed: Optional[int] = None
 
     def __post_init__(self):
         self.sigma = _check_sigma(self.sigma, "VariabilityModel.sigma")
+        self.chip_sigma = _check_sigma(self.chip_sigma, "VariabilityModel.chip_sigma")
+        self.layer_shared_sigma = _check_sigma(self.layer_shared_sigma,
+                                               "VariabilityModel.layer_shared_sigma")
+        if self.chip_seed is not None:
+            self.chip_seed = check_seed(self.chip_seed, "VariabilityModel.chip_seed")
         if self.hrs_on_off is not None:
             on_off = as_number(self.hrs_on_off)
             if not (math.isfinite(on_off) and on_off > 1):
@@ -279,6 +301,7 @@ def sample_variability_map(model: nn.Module, var_model: VariabilityModel) -> Var
                          f"layers of the model: {sorted(unknown)}; the quantized layers are "
                          f"{sorted(layers)}")
     factors, bits = {}, {}
+    shared = _shared_factors(var_model, list(layers))
     for name, layer in layers.items():
         w = layer.weight
         bits[name] = quant_of(layer).bits
@@ -291,8 +314,33 @@ def sample_variability_map(model: nn.Module, var_model: VariabilityModel) -> Var
             hsigma = sigma if var_model.hrs_sigma is None else var_model.hrs_sigma
             hrs = _factors(torch.randn(shape, generator=gen), hsigma, var_model.distribution)
             hrs = hrs / var_model.hrs_on_off
+        if shared is not None and var_model.layer_sigmas.get(name) != 0:
+            f = shared["chip"] * shared["layers"][name]
+            lrs = lrs * f
+            hrs = None if hrs is None else hrs * f
         factors[name] = (lrs.to(w.device), None if hrs is None else hrs.to(w.device))
-    return VariabilityMap(factors, bits, var_model.to_dict())
+    meta = var_model.to_dict()
+    if shared is not None:
+        meta["shared_factors"] = shared
+    return VariabilityMap(factors, bits, meta)
+
+
+def _shared_factors(var_model: VariabilityModel, names) -> Optional[dict]:
+    """The chip factor and each layer's shared factor (floats), or ``None`` without shared
+    components. Drawn from their own generators, so the per-device draws do not move."""
+    if var_model.chip_sigma == 0 and var_model.layer_shared_sigma == 0:
+        return None
+    seed = var_model.seed if var_model.chip_seed is None else var_model.chip_seed
+
+    def draw(domain: str, name: str, sigma: float) -> float:
+        if sigma == 0:
+            return 1.0
+        z = torch.randn(1, generator=layer_generator(domain, seed, name), dtype=torch.float64)
+        return float(_factors(z, sigma, var_model.distribution))
+
+    return {"chip": draw("variability-chip", "", var_model.chip_sigma),
+            "layers": {n: draw("variability-layer", n, var_model.layer_shared_sigma)
+                       for n in names}}
 
 
 def attach_variability(model: nn.Module, var_map: VariabilityMap) -> nn.Module:

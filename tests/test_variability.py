@@ -358,3 +358,107 @@ def test_the_attached_maps_reach_the_deployed_weights():
     detach_variability(model)
     for name, layer in nmult_layers(model):
         assert torch.equal(layer.quant_weight(), ideal[name])
+
+
+# -- within- and between-chip components ---------------------------------------------------------
+
+def test_shared_components_multiply_the_device_factors_as_specified():
+    """lrs = device factor x chip factor x layer factor: the chip factor is one number for every
+    cell of every layer, the layer factor one number per layer; the device draw is the map
+    without shared components, bit for bit; HRS cells share the same factors."""
+    model = qmodel(SMALL)
+    kw = dict(sigma=0.1, hrs_on_off=10, seed=4)
+    plain = sample_variability_map(model, VariabilityModel(**kw))
+    both = sample_variability_map(model, VariabilityModel(**kw, chip_sigma=0.2,
+                                                          layer_shared_sigma=0.15))
+    shared = both.meta["shared_factors"]
+    assert "shared_factors" not in plain.meta
+    assert set(shared["layers"]) == {"fc1", "fc2", "fc3"}
+    assert len({round(v, 12) for v in shared["layers"].values()}) == 3  # one draw per layer
+    assert shared["chip"] != 1.0
+    for name, (lrs, hrs) in both.layers.items():
+        f = shared["chip"] * shared["layers"][name]
+        assert torch.equal(lrs, plain.layers[name][0] * f)
+        assert torch.equal(hrs, plain.layers[name][1] * f)
+
+
+def test_chip_only_variability_is_one_factor_for_the_whole_chip():
+    model = qmodel(SMALL)
+    vmap = sample_variability_map(model, VariabilityModel(sigma=0.0, chip_sigma=0.3, seed=1))
+    f = vmap.meta["shared_factors"]["chip"]
+    values = torch.cat([lrs.flatten() for lrs, _ in vmap.layers.values()])
+    assert torch.equal(values, torch.full_like(values, f)) and f != 1.0
+    per_layer = sample_variability_map(model, VariabilityModel(sigma=0.0,
+                                                               layer_shared_sigma=0.3, seed=1))
+    for name, (lrs, _) in per_layer.layers.items():
+        assert torch.equal(lrs, torch.full_like(lrs, per_layer.meta["shared_factors"]["layers"]
+                                                [name]))
+
+
+def test_monte_carlo_over_chips_and_over_the_devices_of_a_chip():
+    """Same chip_seed, different seed: same chip factors, new devices; a new chip_seed: a new
+    chip. Without shared components the map does not depend on chip_seed at all."""
+    model = qmodel(SMALL)
+    a = sample_variability_map(model, VariabilityModel(sigma=0.1, chip_sigma=0.2,
+                                                       layer_shared_sigma=0.1, seed=1,
+                                                       chip_seed=7))
+    b = sample_variability_map(model, VariabilityModel(sigma=0.1, chip_sigma=0.2,
+                                                       layer_shared_sigma=0.1, seed=2,
+                                                       chip_seed=7))
+    c = sample_variability_map(model, VariabilityModel(sigma=0.1, chip_sigma=0.2,
+                                                       layer_shared_sigma=0.1, seed=1,
+                                                       chip_seed=8))
+    assert a.meta["shared_factors"] == b.meta["shared_factors"]
+    assert a.meta["shared_factors"]["chip"] != c.meta["shared_factors"]["chip"]
+    assert not torch.equal(a.layers["fc1"][0], b.layers["fc1"][0])
+    # chip_seed defaults to seed: seed 7 alone is chip 7.
+    default = sample_variability_map(model, VariabilityModel(sigma=0.1, chip_sigma=0.2, seed=7))
+    assert default.meta["shared_factors"]["chip"] == a.meta["shared_factors"]["chip"]
+    p1 = sample_variability_map(model, VariabilityModel(sigma=0.1, seed=1, chip_seed=3))
+    p2 = sample_variability_map(model, VariabilityModel(sigma=0.1, seed=1, chip_seed=9))
+    assert all(torch.equal(p1.layers[n][0], p2.layers[n][0]) for n in p1.layers)
+
+
+def test_chip_factors_have_mean_one_and_std_chip_sigma():
+    model = qmodel([("fc", (2, 2))])
+    f = torch.tensor([sample_variability_map(model, VariabilityModel(
+        sigma=0.0, chip_sigma=0.1, seed=0, chip_seed=k)).meta["shared_factors"]["chip"]
+        for k in range(4000)])
+    assert_mean_std(f, 1.0, 0.1, 3.0, "chip factor", resolution=0.06)
+
+
+def test_a_layer_exempted_with_sigma_zero_gets_no_shared_component():
+    model = qmodel(SMALL)
+    vmap = sample_variability_map(model, VariabilityModel(
+        sigma=0.1, chip_sigma=0.3, seed=2, layer_sigmas={"fc1": 0.0}))
+    assert torch.equal(vmap.layers["fc1"][0], torch.ones_like(vmap.layers["fc1"][0]))
+    assert not torch.equal(vmap.layers["fc2"][0], torch.ones_like(vmap.layers["fc2"][0]))
+
+
+def test_shared_component_settings_are_validated():
+    for kw, match in ((dict(chip_sigma=-0.1), "chip_sigma must be a finite number >= 0"),
+                      (dict(layer_shared_sigma=float("nan")), "layer_shared_sigma must"),
+                      (dict(chip_seed=1.5), "chip_seed must be an integer")):
+        with pytest.raises(ValueError, match=match):
+            VariabilityModel(sigma=0.1, **kw)
+
+
+def test_evaluate_variability_groups_trials_by_chip(digits, trained):
+    from qfv_brevitas.evaluate import evaluate_variability
+    from qfv_brevitas.train import evaluate
+    import copy
+
+    model, _ = trained
+    test = digits[1]
+    res = evaluate_variability(model, test, [0.2], trials=4, seed=3, chip_sigma=0.1,
+                               devices_per_chip=2, progress=False)
+    assert res.meta["devices_per_chip"] == 2 and res.meta["chip_sigma"] == 0.1
+    for row in res.rows:  # trials 0, 1 on chip 3; trials 2, 3 on chip 4
+        m = copy.deepcopy(model)
+        exempt = {"features.0": 0.0, "classifier.3": 0.0}
+        attach_variability(m, sample_variability_map(m, VariabilityModel(
+            sigma=0.2, seed=row["seed"], chip_sigma=0.1, chip_seed=3 + row["trial"] // 2,
+            layer_sigmas=exempt)))
+        assert evaluate(m, test) == row["acc"]
+    with pytest.raises(ValueError, match="devices_per_chip must be an integer >= 1"):
+        evaluate_variability(model, test, [0.2], trials=1, devices_per_chip=0, progress=False)
