@@ -19,6 +19,15 @@ from .quantizers import (FixedLevelWeightPerChannelQuant, FixedLevelWeightQuant,
                          NMultTensorQuant, NMultWeightPerChannelQuant, NMultWeightQuant,
                          NMultWeightQuantProxy, nmult_layers, quant_of)
 from .regularizer import QuantRegularizer, layer_factor, regularization_loss
+from .shapes import SHAPES, shaped_distance_to_levels
+from .bitflip import (BitFlipModel, attach_bitflips, detach_bitflips, evaluate_bitflips,
+                      random_bit_error_finetune)
+from .sam import SharpnessAware
+from .selftune import (ReferenceStats, calibration_batch, reference_statistics,
+                       remove_self_tuning, self_tune)
+from .compare import CompareConfig, MethodComparison, Scenario, compare_methods, scenarios
+from .snn import (SpikingConfig, SpikingNet, run_snn_experiment, snn_export_metadata,
+                  to_spiking)  # building spiking layers needs the snn extra (spikingjelly)
 
 __version__ = "0.1.0"
 
@@ -35,4 +44,9 @@ __all__ = [
     "chip_in_loop_finetune", "fault_aware_finetune", "remap_to_valid_", "set_deploy_mapping",
     "variability_aware_finetune", "MonteCarloResult", "compare_faults", "compare_variability",
     "evaluate_faults", "evaluate_variability",
+    "SpikingConfig", "SpikingNet", "run_snn_experiment", "snn_export_metadata", "to_spiking",
+    "SHAPES", "shaped_distance_to_levels", "BitFlipModel", "attach_bitflips", "detach_bitflips",
+    "evaluate_bitflips", "random_bit_error_finetune", "SharpnessAware", "ReferenceStats",
+    "calibration_batch", "reference_statistics", "remove_self_tuning", "self_tune",
+    "CompareConfig", "MethodComparison", "Scenario", "compare_methods", "scenarios",
 ]

@@ -31,10 +31,22 @@ def _add_train_args(p: argparse.ArgumentParser, quick_default: bool = False) -> 
     p.add_argument("--lambda-start", type=float, default=100.0)
     p.add_argument("--lambda-end", type=float, default=2000.0)
     p.add_argument("--lambda-rise-epochs", type=int, default=5)
+    _add_reg_args(p)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="qfv-out", help="output folder")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _add_reg_args(p: argparse.ArgumentParser) -> None:
+    from .shapes import DEFAULT_WIDTH, SHAPES
+
+    p.add_argument("--reg-shape", choices=SHAPES, default="sq",
+                   help="regularizer shape: sq (paper), gauss (Gaussian well), sin (SinReQ)")
+    p.add_argument("--reg-width", type=float, default=DEFAULT_WIDTH,
+                   help="gauss: sigma as a fraction of the local level spacing")
+    p.add_argument("--sam-rho", type=float, default=0.0,
+                   help="SAM radius (FlatENN's sharpness-aware quantization); 0 = off")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: modules (relative to the package) that add ``qfv`` subcommands through ``register(sub)``
-_COMMAND_MODULES: List[str] = ["cli_export"]
+_COMMAND_MODULES: List[str] = ["cli_export", "cli_snn", "cli_methods"]
 
 
 def _add_device_commands(sub) -> None:
@@ -80,6 +92,7 @@ def _add_device_commands(sub) -> None:
         p.add_argument("--epochs", type=int, default=4)
         p.add_argument("--lr", type=float, default=0.005)
         p.add_argument("--lambda-rise-epochs", type=int, default=2)
+        _add_reg_args(p)
 
     f = sub.add_parser("faults", help="stuck-at bit faults: sample, evaluate, fine-tune, compare")
     fsub = f.add_subparsers(dest="action", required=True)
@@ -121,6 +134,12 @@ def _add_device_commands(sub) -> None:
     def var_args(p):
         p.add_argument("--hrs-on-off", type=float, help="model HRS too: LRS/HRS on/off ratio")
         p.add_argument("--distribution", choices=("normal", "lognormal"), default="normal")
+        p.add_argument("--chip-sigma", type=float, default=0.0,
+                       help="between-chip component shared by every cell of a chip")
+        p.add_argument("--layer-shared-sigma", type=float, default=0.0,
+                       help="component shared by every cell of a layer")
+        p.add_argument("--devices-per-chip", type=int, default=1,
+                       help="eval/compare: trials in groups of this many device maps per chip")
 
     p = vsub.add_parser("sample", help="draw a variability map for a model and save it")
     common(p, "varmap.pt")
@@ -183,7 +202,9 @@ def _finetune_cfg(args):
 
     return TrainConfig(epochs=args.epochs, lr=args.lr,
                        lambda_rise_epochs=min(args.lambda_rise_epochs, args.epochs),
-                       seed=args.seed)
+                       seed=args.seed, reg_shape=getattr(args, "reg_shape", "sq"),
+                       reg_width=getattr(args, "reg_width", 0.25),
+                       sam_rho=getattr(args, "sam_rho", 0.0))
 
 
 def _run_device(args) -> int:
@@ -211,7 +232,8 @@ def _run_device(args) -> int:
                                             seed=args.seed, layer_rates=exempt))
         return sample(model, VariabilityModel(sigma=level, hrs_on_off=args.hrs_on_off,
                                               distribution=args.distribution, seed=args.seed,
-                                              layer_sigmas=exempt))
+                                              layer_sigmas=exempt, chip_sigma=args.chip_sigma,
+                                              layer_shared_sigma=args.layer_shared_sigma))
 
     if args.action == "sample":
         m = draw(args.rate if faults else args.sigma)
@@ -225,7 +247,9 @@ def _run_device(args) -> int:
         if faults:
             kw["sa1_fraction"] = args.sa1_fraction
         else:
-            kw.update(hrs_on_off=args.hrs_on_off, distribution=args.distribution)
+            kw.update(hrs_on_off=args.hrs_on_off, distribution=args.distribution,
+                      chip_sigma=args.chip_sigma, layer_shared_sigma=args.layer_shared_sigma,
+                      devices_per_chip=args.devices_per_chip)
         levels = args.rates if faults else args.sigmas
         if args.action == "eval":
             fn = E.evaluate_faults if faults else E.evaluate_variability
@@ -277,7 +301,8 @@ def _run_train(args) -> int:
                     quant_optimizer=args.quant_optimizer,
                     batch_size=args.batch_size, seed=args.seed, lambda_start=args.lambda_start,
                     lambda_end=args.lambda_end,
-                    lambda_rise_epochs=min(args.lambda_rise_epochs, args.q_epochs))
+                    lambda_rise_epochs=min(args.lambda_rise_epochs, args.q_epochs),
+                    reg_shape=args.reg_shape, reg_width=args.reg_width, sam_rho=args.sam_rho)
     results = run_experiment(args.out, dataset=args.dataset, data_dir=args.data_dir,
                              arch=args.arch, bits=args.bits, variants=args.variants,
                              mode=args.mode, per_channel=args.per_channel, fp_train=fp,
