@@ -136,25 +136,41 @@ def aware_codes(w2d: Tensor, r: Tensor, c: Tensor, sa0: Optional[Tensor] = None,
     codes = torch.empty((G, M), dtype=torch.long, device=w2d.device)
     for r0, r1, c0, c1 in L._blocks(G, M, max(1, _CAND_BLOCK >> N)):
         wb = w2d[r0:r1, c0:c1]
-        rb = r[r0:r1, None, :]
-        # value(S) = ideal level(S) + sum_i r_i hrs_i + sum_i S_i r_i (lrs_i - 1 - hrs_i)
-        h = torch.zeros_like(wb)[..., None] if hrs is None else hrs[r0:r1, c0:c1]
-        a = torch.ones_like(wb)[..., None] if lrs is None else lrs[r0:r1, c0:c1]
-        base = (h * rb).sum(-1)
-        vals = (levels[r0:r1, None, :] + base[..., None]) + ((a - 1 - h) * rb) @ bitsm.t()
+        vals = candidate_values(levels, r, lrs, hrs, bitsm, r0, r1, c0, c1, wb)
         d = (wb[..., None] - vals).abs()
-        if sa0 is not None or sa1 is not None:
-            u8 = all_codes.to(torch.uint8)
-            s0 = None if sa0 is None else sa0[r0:r1, c0:c1][..., None]
-            s1 = None if sa1 is None else sa1[r0:r1, c0:c1][..., None]
-            ok = torch.ones_like(d, dtype=torch.bool)
-            if s0 is not None:
-                ok &= (u8 & s0) == 0
-            if s1 is not None:
-                ok &= (u8 & s1) == s1
+        ok = reachable_codes(all_codes, sa0, sa1, r0, r1, c0, c1)
+        if ok is not None:
             d = torch.where(ok, d, torch.full_like(d, float("inf")))
         codes[r0:r1, c0:c1] = d.argmin(-1)
     return codes
+
+
+def candidate_values(levels: Tensor, r: Tensor, lrs: Optional[Tensor], hrs: Optional[Tensor],
+                     bitsm: Tensor, r0: int, r1: int, c0: int, c1: int, wb: Tensor) -> Tensor:
+    """Every code's deployed value for the weights of block ``[r0:r1, c0:c1]``, ``(g, m, L)``:
+    ``level(S) + sum_i r_i hrs_i + sum_i S_i r_i (lrs_i - 1 - hrs_i)``."""
+    rb = r[r0:r1, None, :]
+    h = torch.zeros_like(wb)[..., None] if hrs is None else hrs[r0:r1, c0:c1]
+    a = torch.ones_like(wb)[..., None] if lrs is None else lrs[r0:r1, c0:c1]
+    base = (h * rb).sum(-1)
+    return (levels[r0:r1, None, :] + base[..., None]) + ((a - 1 - h) * rb) @ bitsm.t()
+
+
+def reachable_codes(all_codes: Tensor, sa0: Optional[Tensor], sa1: Optional[Tensor], r0: int,
+                    r1: int, c0: int, c1: int) -> Optional[Tensor]:
+    """``(g, m, L)`` bool: which codes each weight of the block can hold given its stuck bits
+    (``None`` without a fault map)."""
+    if sa0 is None and sa1 is None:
+        return None
+    u8 = all_codes.to(torch.uint8)
+    ok = None
+    if sa0 is not None:
+        ok = (u8 & sa0[r0:r1, c0:c1][..., None]) == 0
+    if sa1 is not None:
+        s1 = sa1[r0:r1, c0:c1][..., None]
+        hit = (u8 & s1) == s1
+        ok = hit if ok is None else ok & hit
+    return ok
 
 
 def _valid(all_codes: Tensor, sa0, sa1, rr: Tensor, cc: Tensor) -> Tensor:

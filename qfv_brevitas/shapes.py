@@ -298,23 +298,11 @@ def neighbour_codes(w2d: Tensor, r: Tensor, c: Tensor, codes: Tensor,
             out_flat[idx] = _pick(vals, ok, vstar, w_flat[idx]).to(torch.int16)
         return out
     bitsm = L.bit_matrix(N, w2d.dtype, w2d.device)
-    u8 = all_codes.to(torch.uint8)
     for r0, r1, c0, c1 in L._blocks(G, M, max(1, D._CAND_BLOCK >> N)):
         wb = w2d[r0:r1, c0:c1]
-        rb = r[r0:r1, None, :]
-        # The candidate values of aware_codes: level + sum_i r_i hrs_i + S . r (lrs - 1 - hrs).
-        h = torch.zeros_like(wb)[..., None] if hrs is None else hrs[r0:r1, c0:c1]
-        a = torch.ones_like(wb)[..., None] if lrs is None else lrs[r0:r1, c0:c1]
-        base = (h * rb).sum(-1)
-        vals = (levels[r0:r1, None, :] + base[..., None]) + ((a - 1 - h) * rb) @ bitsm.t()
-        ok = None
-        if sa0 is not None or sa1 is not None:
-            ok = torch.ones_like(vals, dtype=torch.bool)
-            if sa0 is not None:
-                ok &= (u8 & sa0[r0:r1, c0:c1][..., None]) == 0
-            if sa1 is not None:
-                s1 = sa1[r0:r1, c0:c1][..., None]
-                ok &= (u8 & s1) == s1
+        # The candidate values aware_codes compares, and the codes the stuck bits allow.
+        vals = D.candidate_values(levels, r, lrs, hrs, bitsm, r0, r1, c0, c1, wb)
+        ok = D.reachable_codes(all_codes, sa0, sa1, r0, r1, c0, c1)
         vstar = vals.gather(-1, codes[r0:r1, c0:c1].long()[..., None])
         out[r0:r1, c0:c1] = _pick(vals, ok, vstar, wb).to(torch.int16)
     return out
