@@ -68,12 +68,18 @@ def layer_generator(domain: str, seed: int, name: str) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
-def quantized_layers(model: nn.Module, what: str) -> Dict[str, nn.Module]:
-    """``{name: layer}`` of the model's N-multiplier layers; an error if there is none."""
+def quantized_layers(model: nn.Module, what: str, overrides: Any = None,
+                     field: str = "") -> Dict[str, nn.Module]:
+    """``{name: layer}`` of the model's N-multiplier layers; an error if there is none, or if
+    ``overrides`` (a per-layer dict, the config field ``field``) names any other layer."""
     layers = dict(nmult_layers(model))
     if not layers:
         raise ValueError(f"{what}: the model has no N-multiplier layer. Quantize it first with "
                          "qfv_brevitas.quantize_model() or swap_weight_quant().")
+    unknown = set(overrides or ()) - set(layers)
+    if unknown:
+        raise ValueError(f"{field} names layers that are not N-multiplier layers of the model: "
+                         f"{sorted(unknown)}; the quantized layers are {sorted(layers)}")
     return layers
 
 

@@ -154,12 +154,8 @@ def attach_bitflips(model: nn.Module, flip_model: BitFlipModel) -> nn.Module:
     """
     if not isinstance(flip_model, BitFlipModel):
         raise TypeError(f"attach_bitflips takes a BitFlipModel, got {type(flip_model).__name__}")
-    layers = quantized_layers(model, "attach_bitflips")
-    unknown = set(flip_model.layer_rates) - set(layers)
-    if unknown:
-        raise ValueError(f"BitFlipModel.layer_rates names layers that are not N-multiplier "
-                         f"layers of the model: {sorted(unknown)}; the quantized layers are "
-                         f"{sorted(layers)}")
+    layers = quantized_layers(model, "attach_bitflips", flip_model.layer_rates,
+                              "BitFlipModel.layer_rates")
     detach_bitflips(model)
     for name, layer in layers.items():
         tq = quant_of(layer)

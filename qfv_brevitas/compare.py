@@ -245,14 +245,8 @@ class MethodComparison:
         groups: Dict[tuple, List[float]] = {}
         for r in self.rows:
             groups.setdefault((r["scenario"], r["method"]), []).append(r["acc"])
-        out = []
-        for (sc, method), accs in groups.items():
-            n = len(accs)
-            mean = sum(accs) / n
-            std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (n - 1)) if n > 1 else 0.0
-            out.append({"scenario": sc, "method": method, "mean": mean, "std": std,
-                        "min": min(accs), "max": max(accs), "trials": n})
-        return out
+        return [dict(scenario=sc, method=method, **E.accuracy_stats(accs))
+                for (sc, method), accs in groups.items()]
 
     def winners(self, with_selftune: bool = True) -> Dict[str, List[str]]:
         """Per scenario (not the ideal device), the method(s) with the highest mean accuracy

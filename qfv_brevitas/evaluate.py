@@ -33,6 +33,18 @@ FAULT_METHODS = ("none", "nearest_valid", "fault_aware", "chip_in_loop")
 VARIABILITY_METHODS = ("none", "chip_in_loop", "variability_aware")
 
 
+def accuracy_stats(accs: List[float]) -> dict:
+    """Mean, sample std, min, max and count of accuracies over Monte Carlo trials.
+
+    >>> accuracy_stats([1.0, 3.0])
+    {'mean': 2.0, 'std': 1.4142135623730951, 'min': 1.0, 'max': 3.0, 'trials': 2}
+    """
+    n = len(accs)
+    mean = sum(accs) / n
+    std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "min": min(accs), "max": max(accs), "trials": n}
+
+
 @dataclass
 class MonteCarloResult:
     """Accuracies of methods over levels (fault rates or sigma/mu) and random maps."""
@@ -51,14 +63,8 @@ class MonteCarloResult:
         groups: Dict[tuple, List[float]] = {}
         for r in self.rows:
             groups.setdefault((r["method"], r["level"]), []).append(r["acc"])
-        out = []
-        for (method, level), accs in groups.items():
-            n = len(accs)
-            mean = sum(accs) / n
-            std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (n - 1)) if n > 1 else 0.0
-            out.append({"method": method, "level": level, "mean": mean, "std": std,
-                        "min": min(accs), "max": max(accs), "trials": n})
-        return out
+        return [dict(method=method, level=level, **accuracy_stats(accs))
+                for (method, level), accs in groups.items()]
 
     def table(self) -> str:
         """Methods as columns, levels as rows: ``mean +- std (min)`` in percent."""

@@ -38,7 +38,9 @@ class FaultMapError(ValueError):
     """A fault map is malformed, unreadable, or does not fit the model it is used with."""
 
 
-from ._maps import (as_number, check_fraction, check_seed, check_layer_dict, layer_generator, quantized_layers, check_names_in_model, save_tagged, load_tagged, check_map_bits)  # noqa: F401
+from ._maps import (check_fraction, check_seed, check_layer_dict, layer_generator,  # noqa: F401
+                    quantized_layers, check_names_in_model, save_tagged, load_tagged,
+                    check_map_bits)
 
 
 # -- configuration ------------------------------------------------------------------------------
@@ -271,12 +273,8 @@ def sample_fault_map(model: nn.Module, fault_model: FaultModel) -> FaultMap:
     """
     if not isinstance(fault_model, FaultModel):
         raise TypeError(f"sample_fault_map takes a FaultModel, got {type(fault_model).__name__}")
-    layers = quantized_layers(model, "sample_fault_map")
-    unknown = set(fault_model.layer_rates) - set(layers)
-    if unknown:
-        raise ValueError(f"FaultModel.layer_rates names layers that are not N-multiplier layers "
-                         f"of the model: {sorted(unknown)}; the quantized layers are "
-                         f"{sorted(layers)}")
+    layers = quantized_layers(model, "sample_fault_map", fault_model.layer_rates,
+                              "FaultModel.layer_rates")
     masks, bits = {}, {}
     for name, layer in layers.items():
         w = layer.weight

@@ -294,12 +294,8 @@ def sample_variability_map(model: nn.Module, var_model: VariabilityModel) -> Var
     if not isinstance(var_model, VariabilityModel):
         raise TypeError(f"sample_variability_map takes a VariabilityModel, got "
                         f"{type(var_model).__name__}")
-    layers = quantized_layers(model, "sample_variability_map")
-    unknown = set(var_model.layer_sigmas) - set(layers)
-    if unknown:
-        raise ValueError(f"VariabilityModel.layer_sigmas names layers that are not N-multiplier "
-                         f"layers of the model: {sorted(unknown)}; the quantized layers are "
-                         f"{sorted(layers)}")
+    layers = quantized_layers(model, "sample_variability_map", var_model.layer_sigmas,
+                              "VariabilityModel.layer_sigmas")
     factors, bits = {}, {}
     shared = _shared_factors(var_model, list(layers))
     for name, layer in layers.items():
