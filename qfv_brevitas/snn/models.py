@@ -9,7 +9,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..models import _BasicBlock, vgg_cifar
+from ..models import ResNetCIFAR, vgg_cifar
 from .config import SpikingConfig
 from .network import SpikingNet, to_spiking
 
@@ -22,7 +22,7 @@ SPIKING_MODEL_NAMES = ("spiking_small_cnn", "spiking_mlp", "spiking_vgg11", "spi
 VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
-class ResNet19(nn.Module):
+class ResNet19(ResNetCIFAR):
     """ResNet-19 (Zheng et al., 2021): a 3x3 stem, three stages of basic blocks (3, 3, 2) at
     ``width``, ``2 * width`` and ``4 * width`` channels (128/256/512 in the paper), global
     average pooling and two linear layers (``4 * width`` -> 256 -> classes): 19 weight layers.
@@ -30,18 +30,10 @@ class ResNet19(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 2, width: int = 128,
                  hidden: int = 256):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU()
-        layers, cin = [], width
-        for i, n in enumerate((3, 3, 2)):
-            cout = width * 2 ** i
-            for j in range(n):
-                layers.append(_BasicBlock(cin, cout, 2 if (j == 0 and i > 0) else 1))
-                cin = cout
-        self.layers = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        # The CIFAR ResNet's stem and stages, with (3, 3, 2) blocks and a two-layer head.
+        super().__init__((3, 3, 2), num_classes, in_channels, width)
+        cin = self.fc.in_features
+        del self.fc
         self.fc1 = nn.Linear(cin, hidden)
         self.relu_fc = nn.ReLU()
         self.fc2 = nn.Linear(hidden, num_classes)
