@@ -149,3 +149,30 @@ def test_crossbar_flow_script_matches_torch_layers(tmp_path, checkpoint, capsys)
     row["planes"] = row["planes"].copy()
     row["planes"][3, 0, :] ^= 1
     assert flow.check_layer(layer, row, inputs["net.3"]) > 1e-3
+
+
+@pytest.mark.slow
+def test_hls4ml_flow_on_a_cnn(tmp_path, digits, capsys):
+    """Conv, BatchNorm, max and average pooling through hls4ml (channels-last)."""
+    pytest.importorskip("hls4ml")
+    if shutil.which("g++") is None:
+        pytest.skip("hls4ml compiles its C++ emulation with g++, which is not installed")
+    from qfv_brevitas.models import SmallCNN
+
+    train, _ = digits
+    torch.manual_seed(0)
+    m = SmallCNN(1, 10)  # the architecture build_model("small_cnn") rebuilds
+    fit(m, train, None, TrainConfig(epochs=2, lr=0.05), progress=False)
+    cfg = NMultConfig(weight_bits=4, act_bits=4)
+    q = quantize_model(m, cfg, train.tensors[0][:64])
+    fit(q, train, None, TrainConfig(epochs=1, lr=0.01, lambda_rise_epochs=1), progress=False)
+    ckpt = save_checkpoint(tmp_path / "cnn.pt", q.eval(), "small_cnn", (1, 8, 8), 10, cfg,
+                           data_seed=0, dataset="digits")
+    out = tmp_path / "cnn_fx.onnx"
+    assert main(["export", str(ckpt), "--form", "fixed", "--frac-bits", "8", "--out", str(out),
+                 "--samples", "8"]) == 0
+    capsys.readouterr()
+    assert _load_flow().main([str(out), str(ckpt), "--out", str(tmp_path / "prj"),
+                              "--samples", "64"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.endswith("OK") and "top-1 agreement 100.00%" in line

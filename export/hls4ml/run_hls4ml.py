@@ -22,9 +22,28 @@ import numpy as np
 DEFAULT_PRECISION = "fixed<48,20>"
 
 
+def _channels_last_average_pool() -> None:
+    """qonnx's channels-last pass wraps Conv, MaxPool and BatchNormalization but not
+    AveragePool (what ``nn.AdaptiveAvgPool2d`` / ``nn.AvgPool2d`` export as), and hls4ml's
+    reader refuses a pool that is not channels-last. AveragePool has MaxPool's attributes and
+    shape rule, so the same wrapper serves; registered once, in qonnx's own domain."""
+    import qonnx.transformation.channels_last as cl
+    from qonnx.custom_op.channels_last.max_pool import MaxPool_v1
+    from qonnx.custom_op.registry import add_op_to_domain
+
+    if "AveragePool" in cl._channelsLast_node_types:
+        return
+    add_op_to_domain("qonnx.custom_op.channels_last", type("AveragePool_v1", (MaxPool_v1,), {}))
+    cl._channelsLast_node_types.append("AveragePool")
+
+
 def build_hls_model(onnx_path, output_dir, precision: str = DEFAULT_PRECISION,
                     backend: str = "Vitis", io_type: str = "io_parallel"):
-    """Convert and compile ``onnx_path`` (fixed-point form) with hls4ml; returns the model."""
+    """Convert and compile ``onnx_path`` (fixed-point form) with hls4ml; returns the model.
+
+    ``io_parallel`` (the default) is the one checked here for MLPs and CNNs; with
+    ``io_stream`` the library's SmallCNN compiled but its predictions were wrong (hls4ml warned
+    of leftover stream data), so do not trust that mode without comparing."""
     import hls4ml
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.transformation.channels_last import ConvertToChannelsLastAndClean
@@ -38,6 +57,7 @@ def build_hls_model(onnx_path, output_dir, precision: str = DEFAULT_PRECISION,
         raise ValueError(f"{onnx_path} is in the {info['form']!r} form; hls4ml reads the "
                          "fixed-point form (qfv export --form fixed): its ONNX reader does not "
                          "take the NMultWeight op or bit-plane weight subgraphs")
+    _channels_last_average_pool()
     model = cleanup_model(ModelWrapper(str(onnx_path)))
     model = model.transform(ConvertToChannelsLastAndClean())
     model = model.transform(GemmToMatMul())
