@@ -268,15 +268,23 @@ def _run_exporter(model, x, form, by_proxy, exporter) -> onnx.ModelProto:
 
 
 class _quiet:
-    """torch.onnx's dynamo exporter prints progress lines to stdout; keep them out of ours."""
+    """torch.onnx's dynamo exporter prints progress lines to stdout and logs a warning per
+    torchvision op it cannot register (torchvision is optional here); keep both out of ours."""
+
+    _LOGGER = "torch.onnx._internal.exporter._registration"
 
     def __enter__(self):
         import contextlib
+        import logging
 
         self._cm = contextlib.redirect_stdout(io.StringIO())
         self._cm.__enter__()
+        self._log = logging.getLogger(self._LOGGER)
+        self._level = self._log.level
+        self._log.setLevel(logging.ERROR)
 
     def __exit__(self, *exc):
+        self._log.setLevel(self._level)
         return self._cm.__exit__(*exc)
 
 
