@@ -15,7 +15,7 @@ for variability). Both use O(n) memory: candidates are enumerated per block of w
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -247,14 +247,21 @@ class _DeployedSqDistance(torch.autograd.Function):
 
 
 def _block_values(levels, r, c, forced, lrs, hrs, N, r0, r1, c0, c1) -> Tensor:
-    fb = forced[r0:r1, c0:c1]
-    ideal = levels[r0:r1].gather(1, fb.long())
-    if lrs is None and hrs is None:
-        return ideal
-    bits = L.codes_to_bits(fb, N).to(r.dtype)
     lb = None if lrs is None else lrs[r0:r1, c0:c1]
     hb = None if hrs is None else hrs[r0:r1, c0:c1]
-    return ideal + _deviation(bits, r[r0:r1, None, :], lb, hb)
+    return code_values(levels, r, forced[r0:r1, c0:c1], lb, hb, N, r0, r1)[0]
+
+
+def code_values(levels: Tensor, r: Tensor, codes: Tensor, lrs: Optional[Tensor],
+                hrs: Optional[Tensor], N: int, r0: int, r1: int
+                ) -> Tuple[Tensor, Optional[Tensor]]:
+    """Deployed values of the (forced) ``codes`` of rows ``r0:r1`` (``lrs``/``hrs`` already
+    cut to the same block), and the cells' bits (``None`` on an ideal device)."""
+    v = levels[r0:r1].gather(1, codes.long())
+    if lrs is None and hrs is None:
+        return v, None
+    bits = L.codes_to_bits(codes, N).to(r.dtype)
+    return v + _deviation(bits, r[r0:r1, None, :], lrs, hrs), bits
 
 
 def deployed_sq_distance(w2d: Tensor, r: Tensor, c: Tensor, codes: Tensor,

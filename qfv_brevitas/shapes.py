@@ -308,17 +308,6 @@ def neighbour_codes(w2d: Tensor, r: Tensor, c: Tensor, codes: Tensor,
     return out
 
 
-def _values(levels: Tensor, r: Tensor, codes: Tensor, lrs, hrs, N: int, r0: int, r1: int
-            ) -> Tuple[Tensor, Optional[Tensor]]:
-    """Deployed values of a block's (forced) codes, as :mod:`qfv_brevitas.device` computes
-    them, and the cells' bits (``None`` on an ideal device)."""
-    v = levels[r0:r1].gather(1, codes.long())
-    if lrs is None and hrs is None:
-        return v, None
-    bits = L.codes_to_bits(codes, N).to(r.dtype)
-    return v + D._deviation(bits, r[r0:r1, None, :], lrs, hrs), bits
-
-
 class _DeployedShapedDistance(torch.autograd.Function):
     """``sum_i f(w_i - v_i, |v'_i - v_i|)`` with ``v`` the deployed value of the programmed
     code and ``v'`` of the neighbour code; gradients to ``w``, ``r`` and ``c`` (each deployed
@@ -347,8 +336,8 @@ class _DeployedShapedDistance(torch.autograd.Function):
         fb, nbb = forced[r0:r1, c0:c1], nb[r0:r1, c0:c1]
         has = nbb >= 0
         nbc = nbb.clamp(min=0).to(torch.uint8)  # valid codes: they respect the stuck bits
-        v, bits = _values(levels, r, fb, lb, hb, N, r0, r1)
-        vn, nbits = _values(levels, r, nbc, lb, hb, N, r0, r1)
+        v, bits = D.code_values(levels, r, fb, lb, hb, N, r0, r1)
+        vn, nbits = D.code_values(levels, r, nbc, lb, hb, N, r0, r1)
         h = torch.where(has, (vn - v).abs(), torch.full_like(v, float("inf")))
         s = torch.where(vn > v, 1.0, -1.0).to(v.dtype) * has
         return w2d[r0:r1, c0:c1] - v, h, s, fb, nbc, bits, nbits, lb, hb
