@@ -66,17 +66,7 @@ def fixed_point_layer(info: LayerExport, frac_bits: int) -> dict:
     if bits > _MAX_INT_BITS:
         raise ValueError(f"layer {info.name!r}: at frac_bits={f} its levels need {bits}-bit "
                          f"integers (more than {_MAX_INT_BITS}); use fewer fractional bits")
-    G = table.shape[0]
-    codes = info.codes.long()
-    c2d = codes.reshape(1, -1) if info.axis < 0 else codes.movedim(info.axis, 0).reshape(G, -1)
-    ints = table.gather(1, c2d)
-    if info.axis < 0:
-        ints = ints.reshape(info.weight_shape)
-    else:
-        moved = list(info.weight_shape)
-        moved.insert(0, moved.pop(info.axis))
-        ints = ints.reshape(moved).movedim(0, info.axis)
-    w = (ints / s).float()
+    w = (info.lookup(table) / s).float()
     r_err = float((mr / s - info.r.double()).abs().max())
     c_err = float((mc / s - info.c.double()).abs().max())
     row = {"frac_bits": f, "int_bits": bits, "signed": signed, "int_min": lo, "int_max": hi,

@@ -4,7 +4,7 @@ modified)``) where they are transformations."""
 from __future__ import annotations
 
 from collections import Counter
-from typing import Dict, Iterable
+from typing import Dict, Iterable, Set
 
 import numpy as np
 import onnx
@@ -20,7 +20,7 @@ from qonnx.transformation.infer_shapes import InferShapes
 from .ops import OP_TYPE
 
 __all__ = ["COMPUTE_OPS", "QUANT_OPS", "default_domain_first", "locate_layers", "rename_tensor",
-           "unshare_weight_quants",
+           "unshare_weight_quants", "constant_tensors",
            "cleanup_qonnx", "LowerQuantToStandard", "to_onnxruntime"]
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
@@ -95,6 +95,16 @@ def locate_layers(model: onnx.ModelProto, layers: Iterable[str]) -> Dict[str, st
     return found
 
 
+def constant_tensors(model: onnx.ModelProto) -> Set[str]:
+    """Names of the tensors that depend on initializers only (weight subgraphs), in one pass
+    over the graph's nodes in their (topological) order."""
+    const = {i.name for i in model.graph.initializer}
+    for n in model.graph.node:
+        if all(not t or t in const for t in n.input):
+            const.update(n.output)
+    return const
+
+
 def unshare_weight_quants(model: onnx.ModelProto) -> int:
     """Give every consumer of a shared weight-side ``Quant`` node its own copy.
 
@@ -103,12 +113,15 @@ def unshare_weight_quants(model: onnx.ModelProto) -> int:
     fork nodes there. Returns the number of copies made."""
     g = model.graph
     inits = {i.name for i in g.initializer}
+    users: Dict[str, list] = {}
+    for n in g.node:
+        for i, t in enumerate(n.input):
+            users.setdefault(t, []).append((n, i))
     made = 0
     for node in list(g.node):
         if node.op_type != "Quant" or node.input[0] not in inits:
             continue
-        users = [(n, i) for n in g.node for i, t in enumerate(n.input) if t == node.output[0]]
-        for k, (user, pos) in enumerate(users[1:], start=1):
+        for k, (user, pos) in enumerate(users.get(node.output[0], [])[1:], start=1):
             copy = onnx.NodeProto()
             copy.CopyFrom(node)
             copy.name = f"{node.name or node.output[0]}_copy{k}"

@@ -49,6 +49,27 @@ class LayerExport:
         shape[self.axis] = -1
         return t.reshape(shape)
 
+    def to_groups(self, t: Tensor) -> Tensor:
+        """``t`` (the weight's shape, optionally with trailing dims) as ``(G, M, ...)``: one
+        row per group of ``r``."""
+        tail = tuple(t.shape[len(self.weight_shape):])
+        if self.axis < 0:
+            return t.reshape((1, -1) + tail)
+        return t.movedim(self.axis, 0).reshape((self.weight_shape[self.axis], -1) + tail)
+
+    def from_groups(self, t2d: Tensor) -> Tensor:
+        """Inverse of :meth:`to_groups` for a ``(G, M)`` tensor: back to the weight's shape."""
+        if self.axis < 0:
+            return t2d.reshape(self.weight_shape)
+        moved = list(self.weight_shape)
+        moved.insert(0, moved.pop(self.axis))
+        return t2d.reshape(moved).movedim(0, self.axis)
+
+    def lookup(self, table: Tensor) -> Tensor:
+        """``table[g, code]`` for every weight, in the weight's shape (``table``: ``(G, 2**N)``
+        indexed by code, e.g. a level table)."""
+        return self.from_groups(table.gather(1, self.to_groups(self.codes.long())))
+
     def planes(self) -> List[Tensor]:
         """Bit plane ``k`` (float 0/1, the weight's shape) of the held codes, LSB first."""
         c = self.codes.long()
@@ -127,24 +148,14 @@ def decode(info: LayerExport, r: Optional[Tensor] = None, c: Optional[Tensor] = 
 
     r = info.r if r is None else r
     c = info.c if c is None else c
-    table = level_table(r, c)
-    G = table.shape[0]
-    codes = info.codes.long()
-    c2d = codes.reshape(1, -1) if info.axis < 0 else codes.movedim(info.axis, 0).reshape(G, -1)
-    w2d = table.gather(1, c2d)
-    if info.lrs is not None or info.hrs is not None:
-        N = info.bits
-        cells = (lambda t: t.reshape(1, -1, N) if info.axis < 0
-                 else t.movedim(info.axis, 0).reshape(G, -1, N))
-        bits = ((c2d[..., None] >> torch.arange(N)) & 1).float()
-        dev = torch.zeros_like(bits)
-        if info.lrs is not None:
-            dev = bits * (cells(info.lrs) - 1)
-        if info.hrs is not None:
-            dev = dev + (1 - bits) * cells(info.hrs)
-        w2d = w2d + (dev * r[:, None, :]).sum(-1)
-    if info.axis < 0:
-        return w2d.reshape(info.weight_shape)
-    moved = list(info.weight_shape)
-    moved.insert(0, moved.pop(info.axis))
-    return w2d.reshape(moved).movedim(0, info.axis)
+    w = info.lookup(level_table(r, c))
+    if info.lrs is None and info.hrs is None:
+        return w
+    N = info.bits
+    bits = ((info.to_groups(info.codes.long())[..., None] >> torch.arange(N)) & 1).float()
+    dev = torch.zeros_like(bits)
+    if info.lrs is not None:
+        dev = bits * (info.to_groups(info.lrs) - 1)
+    if info.hrs is not None:
+        dev = dev + (1 - bits) * info.to_groups(info.hrs)
+    return w + info.from_groups((dev * r[:, None, :]).sum(-1))

@@ -10,7 +10,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from .graph import to_onnxruntime
+from .graph import constant_tensors, to_onnxruntime
 from .metadata import read_metadata
 
 __all__ = ["VerifyReport", "verify_qonnx", "reference_weights"]
@@ -194,21 +194,7 @@ def verify_qonnx(reference: nn.Module, source: Union[str, Path, onnx.ModelProto]
 
 
 def _has_activation_quant(model: onnx.ModelProto) -> bool:
-    return any(n.op_type in ("Quant", "BipolarQuant", "Trunc") and not _is_weight_side(model, n)
+    """A quantizer that depends on the graph's input (an activation, not a weight)."""
+    constant = constant_tensors(model)
+    return any(n.op_type in ("Quant", "BipolarQuant", "Trunc") and n.output[0] not in constant
                for n in model.graph.node)
-
-
-def _is_weight_side(model: onnx.ModelProto, node) -> bool:
-    """True if ``node`` depends only on constants (a weight quantizer, not an activation)."""
-    producers = {o: n for n in model.graph.node for o in n.output}
-    inits = {i.name for i in model.graph.initializer}
-    stack, seen = list(node.input), set()
-    while stack:
-        t = stack.pop()
-        if not t or t in seen or t in inits:
-            continue
-        seen.add(t)
-        if t not in producers:
-            return False
-        stack.extend(producers[t].input)
-    return True
