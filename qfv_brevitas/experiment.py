@@ -79,12 +79,18 @@ def run_experiment(out_dir: Union[str, Path], dataset: str = "digits",
 
 def format_results(results: dict) -> str:
     """Accuracy table: one row per (bits, variant) against full precision."""
-    lines = [f"dataset {results['dataset']} ({results['num_train']} train / "
-             f"{results['num_test']} test), model {results['arch']}, seed {results['seed']}",
-             f"{'model':<22} {'accuracy':>9} {'vs float':>9}",
-             "-" * 42,
-             f"{'float':<22} {100 * results['fp_acc']:>8.2f}% {'':>9}"]
+    return accuracy_table(
+        f"dataset {results['dataset']} ({results['num_train']} train / {results['num_test']} "
+        f"test), model {results['arch']}, seed {results['seed']}", "float", results,
+        lambda r: f"{r['variant']} W{r['weight_bits']}A{r['act_bits']}")
+
+
+def accuracy_table(title: str, fp_name: str, results: dict, run_name) -> str:
+    """``title``, then the float model (``results["fp_acc"]``) and each of ``results["runs"]``
+    (named by ``run_name(run)``) with its accuracy and its change against float."""
+    lines = [title, f"{'model':<22} {'accuracy':>9} {'vs float':>9}", "-" * 42,
+             f"{fp_name:<22} {100 * results['fp_acc']:>8.2f}% {'':>9}"]
     for r in results["runs"]:
-        name = f"{r['variant']} W{r['weight_bits']}A{r['act_bits']}"
-        lines.append(f"{name:<22} {100 * r['acc']:>8.2f}% {100 * r['delta_vs_fp']:>+8.2f}")
+        lines.append(f"{run_name(r):<22} {100 * r['acc']:>8.2f}% "
+                     f"{100 * r['delta_vs_fp']:>+8.2f}")
     return "\n".join(lines)

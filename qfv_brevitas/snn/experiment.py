@@ -13,6 +13,7 @@ import torch
 from ..checkpoint import save_checkpoint
 from ..config import VARIANTS, NMultConfig
 from ..convert import quantize_model
+from ..experiment import accuracy_table
 from ..train import TrainConfig, evaluate, fit
 from .config import SpikingConfig
 from .data import load_snn_dataset
@@ -114,14 +115,8 @@ def run_snn_experiment(out_dir: Union[str, Path], dataset: str = "digits",
 def format_snn_results(results: dict) -> str:
     """Accuracy table: the full-precision spiking model and each quantized one."""
     s = results["snn"]
-    lines = [f"dataset {results['dataset']} ({results['num_train']} train / "
-             f"{results['num_test']} test), model {results['arch']}, T={s['T']}, "
-             f"tau={s['tau']} (beta={1 / s['tau']:g}), encoding {s['encoding']}, "
-             f"seed {results['seed']}",
-             f"{'model':<22} {'accuracy':>9} {'vs float':>9}",
-             "-" * 42,
-             f"{'float spiking':<22} {100 * results['fp_acc']:>8.2f}% {'':>9}"]
-    for r in results["runs"]:
-        name = f"{r['variant']} W{r['weight_bits']} spiking"
-        lines.append(f"{name:<22} {100 * r['acc']:>8.2f}% {100 * r['delta_vs_fp']:>+8.2f}")
-    return "\n".join(lines)
+    return accuracy_table(
+        f"dataset {results['dataset']} ({results['num_train']} train / {results['num_test']} "
+        f"test), model {results['arch']}, T={s['T']}, tau={s['tau']} (beta={1 / s['tau']:g}), "
+        f"encoding {s['encoding']}, seed {results['seed']}", "float spiking", results,
+        lambda r: f"{r['variant']} W{r['weight_bits']} spiking")
