@@ -337,13 +337,9 @@ class MethodComparison:
         ax.set_ylim(0, 100)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, ncol=2, loc="lower left", bbox_to_anchor=(1.0, 0.0))
-        title = self.meta.get("title")
-        if title:
-            ax.set_title(title, fontsize=9)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return Path(path)
+        from .plots import save_figure
+
+        return save_figure(fig, path, ax, self.meta.get("title", ""), title_size=9)
 
 
 def _apply(method: str, m: nn.Module, sc: Scenario, train: Dataset, cfg: CompareConfig

@@ -118,13 +118,9 @@ class MonteCarloResult:
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend()
-        title = self.meta.get("title")
-        if title:
-            ax.set_title(title, fontsize=10)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return Path(path)
+        from .plots import save_figure
+
+        return save_figure(fig, path, ax, self.meta.get("title", ""), title_size=10)
 
 
 def _check_levels(levels: Sequence[float], what: str, upper: Optional[float]) -> List[float]:

@@ -13,7 +13,7 @@ from torch import nn  # noqa: E402
 
 from .quantizers import nmult_layers, quant_of  # noqa: E402
 
-__all__ = ["plot_levels"]
+__all__ = ["plot_levels", "save_figure"]
 
 
 def plot_levels(models: Dict[str, nn.Module], path: Union[str, Path], max_layers: int = 3,
@@ -45,6 +45,15 @@ def plot_levels(models: Dict[str, nn.Module], path: Union[str, Path], max_layers
                 ax.axvline(v, color="#c44e52", lw=0.8)
             ax.set_title(f"{label}: {name} ({tq.bits}-bit {tq.variant})", fontsize=9)
             ax.set_xlabel("weight")
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Union[str, Path], ax=None, title: str = "",
+                title_size: int = 9) -> Path:
+    """Give ``ax`` its ``title`` (if any), lay out, write ``fig`` to ``path`` (folders made)
+    at 110 dpi and close it."""
+    if ax is not None and title:
+        ax.set_title(title, fontsize=title_size)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
