@@ -53,10 +53,10 @@ from qfv_brevitas import NMultConfig, quantize_model  # noqa: E402
 from qfv_brevitas.checkpoint import load_checkpoint  # noqa: E402
 from qfv_brevitas.convert import set_forward_mode  # noqa: E402
 from qfv_brevitas.data import load_digits_split  # noqa: E402
-from qfv_brevitas.regularizer import regularization_loss  # noqa: E402
 from qfv_brevitas.snn import (SpikingConfig, run_snn_experiment, spiking_small_cnn)  # noqa: E402
 from qfv_brevitas.train import TrainConfig, evaluate, fit, param_groups  # noqa: E402
 from _machine import _loadavg, machine_line  # noqa: E402
+from bench_train_step import make_step as train_step  # noqa: E402
 
 TARGET_POINTS = 1.5
 
@@ -93,22 +93,9 @@ def make_step(model: nn.Module, x, y, lam: float, use_reg: bool) -> Callable[[],
                             momentum=cfg.momentum)]
     if quant:
         opts.append(torch.optim.Adam(quant, lr=cfg.quant_lr))
-    loss_fn = nn.CrossEntropyLoss()
     model.train()
-
-    def step() -> float:
-        t0 = time.perf_counter()
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        if use_reg:
-            loss = loss + lam * regularization_loss(model)
-        loss.backward()
-        for o in opts:
-            o.step()
-        return time.perf_counter() - t0
-
-    return step
+    # The same timed step as the ResNet-18 training-step benchmark.
+    return train_step(model, opts, x, y, lam, use_reg)
 
 
 def step_costs(T: int, batch: int, repeats: int, seed: int) -> dict:
