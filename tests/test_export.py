@@ -216,6 +216,8 @@ def test_export_restores_training_mode_and_leaves_model_unchanged(tmp_path):
     model.train()
     export_qonnx(model, x[:1], tmp_path / "m.onnx")
     assert model.training
+    export_qonnx(model, x[:1], tmp_path / "ideal.onnx", device=False)  # exports a twin
+    assert model.training
     after = model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())
 

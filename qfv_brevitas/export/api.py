@@ -136,7 +136,7 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
 
         extra_metadata.setdefault("snn", snn_export_metadata(model))
     path = Path(path)
-    was_training = model.training
+    original, was_training = model, model.training
     model.eval()
     try:
         if not device:
@@ -176,7 +176,7 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
                                   + rep.summary())
         return result
     finally:
-        model.train(was_training)
+        original.train(was_training)  # not the map-free twin of device=False
 
 
 def _spiking_net(model: nn.Module):
