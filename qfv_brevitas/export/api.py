@@ -1,8 +1,10 @@
 """``export_qonnx``: the one call that writes a quantized model to QONNX."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
+import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +120,8 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
     if form != "fixed" and (frac_bits is not None or max_accuracy_drop is not None):
         raise ExportError("frac_bits / max_accuracy_drop apply to form='fixed' only")
     x = _check_input(example_input)
+    if verify_inputs is not None:
+        verify_inputs = _check_input(verify_inputs)
     if not nmult_layers(model):
         raise ExportError("the model has no N-multiplier layers: give it quantizers first "
                           "(quantize_model or swap_weight_quant)")
@@ -130,8 +134,7 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
     if snn is not None:
         x = _check_spiking(snn, x, exporter, "example_input")
         if verify_inputs is not None:
-            verify_inputs = _check_spiking(snn, _check_input(verify_inputs), exporter,
-                                           "verify_inputs")
+            verify_inputs = _check_spiking(snn, verify_inputs, exporter, "verify_inputs")
         from ..snn import snn_export_metadata
 
         extra_metadata.setdefault("snn", snn_export_metadata(model))
@@ -158,8 +161,6 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
                 "layers": [dict(info.metadata(), weight_tensor=f"{info.name}.weight")
                            for info in layers],
                 "extra": extra_metadata}
-        for row in meta["layers"]:
-            row.pop("_fixed_weight", None)
         if fixed is not None:
             meta["fixed_point"] = {k: v for k, v in fixed.items() if k != "tried"}
         write_metadata(proto, meta)
@@ -168,8 +169,7 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
         result = ExportResult(path=path, form=form, exporter=exporter, metadata=meta,
                               fixed_point=fixed, reference=reference)
         if verify:
-            inputs = x if verify_inputs is None else _check_input(verify_inputs)
-            rep = verify_qonnx(reference, proto, inputs)
+            rep = verify_qonnx(reference, proto, x if verify_inputs is None else verify_inputs)
             result.verification = rep
             if not rep.passed:
                 raise ExportError(f"{path} was written but does not match the torch model:\n"
@@ -267,25 +267,18 @@ def _run_exporter(model, x, form, by_proxy, exporter) -> onnx.ModelProto:
                                   "\n(try exporter='dynamo')")) from e
 
 
-class _quiet:
+@contextlib.contextmanager
+def _quiet():
     """torch.onnx's dynamo exporter prints progress lines to stdout and logs a warning per
     torchvision op it cannot register (torchvision is optional here); keep both out of ours."""
-
-    _LOGGER = "torch.onnx._internal.exporter._registration"
-
-    def __enter__(self):
-        import contextlib
-        import logging
-
-        self._cm = contextlib.redirect_stdout(io.StringIO())
-        self._cm.__enter__()
-        self._log = logging.getLogger(self._LOGGER)
-        self._level = self._log.level
-        self._log.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc):
-        self._log.setLevel(self._level)
-        return self._cm.__exit__(*exc)
+    log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        log.setLevel(level)
 
 
 def _finish(proto: onnx.ModelProto, layers: Sequence[LayerExport], form: str) -> onnx.ModelProto:

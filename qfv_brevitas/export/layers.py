@@ -83,7 +83,8 @@ class LayerExport:
             "r": self.r.tolist(), "c": self.c.tolist(),
             "faults": self.faults, "variability": self.variability,
         }
-        row.update(self.extra)
+        # extra entries starting with "_" are working tensors (e.g. the fixed-point weights)
+        row.update({k: v for k, v in self.extra.items() if not k.startswith("_")})
         return row
 
 
