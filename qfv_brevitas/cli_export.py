@@ -60,7 +60,7 @@ def register(sub) -> None:
     p.set_defaults(_run=_run_crossbar)
 
 
-def _model_and_data(args, need_quant=True):
+def _model_and_data(args):
     from .cli import _load_for_device
 
     model, info, train, test = _load_for_device(args)

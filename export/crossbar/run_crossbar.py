@@ -88,11 +88,11 @@ def main(argv: Optional[list] = None) -> int:
     from qfv_brevitas.checkpoint import load_checkpoint
     from qfv_brevitas.data import load_dataset
     from qfv_brevitas.export import load_crossbar, write_crossbar
-    from qfv_brevitas.export.api import _without_maps
+    from qfv_brevitas.export.layers import without_maps
 
     model, info = load_checkpoint(args.checkpoint)
     if args.ideal:
-        model = _without_maps(model)
+        model = without_maps(model)
     write_crossbar(model, args.out)
     rows = load_crossbar(args.out)
     _, test, _, _ = load_dataset(args.dataset, args.data_dir,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import logging
 import warnings
@@ -20,7 +19,7 @@ from . import fixedpoint as FX
 from .graph import (cleanup_qonnx, default_domain_first, locate_layers, rename_tensor,
                     unshare_weight_quants)
 from .handler import FORMS, manager_for, plain_state_dict
-from .layers import LayerExport, collect_layers
+from .layers import LayerExport, collect_layers, without_maps
 from .metadata import FORMAT, format_layers, write_metadata
 from .ops import DOMAIN, OP_TYPE
 from .verify import VerifyReport, verify_qonnx
@@ -143,7 +142,7 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
     model.eval()
     try:
         if not device:
-            model = _without_maps(model)
+            model = without_maps(model)
         try:
             layers = collect_layers(model, device=True)
         except ValueError as e:
@@ -206,14 +205,6 @@ def _version() -> str:
     from .. import __version__
 
     return __version__
-
-
-def _without_maps(model: nn.Module) -> nn.Module:
-    twin = copy.deepcopy(model)
-    for _, layer in nmult_layers(twin):
-        layer.weight_quant.clear_faults()
-        layer.weight_quant.clear_variability()
-    return twin.eval()
 
 
 def _fixed_point(model, layers: Sequence[LayerExport], frac_bits, max_drop, data):
@@ -319,7 +310,7 @@ def reference_model(model: nn.Module, source) -> nn.Module:
     from .metadata import read_metadata
 
     info = read_metadata(source)
-    twin = model.eval() if info.get("device", True) else _without_maps(model)
+    twin = model.eval() if info.get("device", True) else without_maps(model)
     layers = collect_layers(twin, device=True)
     have = {i.name: i for i in layers}
     for row in info["layers"]:

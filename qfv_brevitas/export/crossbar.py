@@ -24,7 +24,7 @@ from typing import Dict, Union
 import numpy as np
 from torch import nn
 
-from .layers import collect_layers
+from .layers import collect_layers, without_maps
 from .ops import nmult_weight
 
 __all__ = ["CROSSBAR_FORMAT", "write_crossbar", "load_crossbar"]
@@ -46,9 +46,7 @@ def write_crossbar(model: nn.Module, folder: Union[str, Path], device: bool = Tr
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if not device:
-        from .api import _without_maps
-
-        model = _without_maps(model)
+        model = without_maps(model)
     rows = []
     for info in collect_layers(model.eval(), device=True):
         if info.axis > 0:

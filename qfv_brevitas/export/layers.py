@@ -5,6 +5,7 @@ verification all read the same :class:`LayerExport`), so the forms cannot drift 
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -15,7 +16,8 @@ from .. import device as D
 from .. import levels as L
 from ..quantizers import nmult_layers, quant_of
 
-__all__ = ["LayerExport", "collect_layers", "decode", "fault_summary", "variability_summary"]
+__all__ = ["LayerExport", "collect_layers", "decode", "without_maps", "fault_summary",
+           "variability_summary"]
 
 
 @dataclass
@@ -103,6 +105,16 @@ def variability_summary(lrs: Tensor, hrs: Optional[Tensor]) -> dict:
     if hrs is not None:
         out.update(hrs_mean=float(hrs.mean()), hrs_max=float(hrs.max()))
     return out
+
+
+def without_maps(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (eval mode) with every fault and variability map removed: the
+    ideal device."""
+    twin = copy.deepcopy(model)
+    for _, layer in nmult_layers(twin):
+        layer.weight_quant.clear_faults()
+        layer.weight_quant.clear_variability()
+    return twin.eval()
 
 
 @torch.no_grad()
