@@ -16,6 +16,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from qfv_brevitas import _kernels as K
 from qfv_brevitas import levels as L
 from qfv_brevitas.levels import (
     MAX_BITS,
@@ -51,6 +52,18 @@ SLOW = settings(max_examples=25, deadline=None)
 # --------------------------------------------------------------------------------- helpers
 
 
+@pytest.fixture(scope="module", autouse=True, params=["kernels", "torch"])
+def backend(request):
+    """Every test runs on the compiled CPU kernels (where built) and on the torch paths."""
+    if request.param == "kernels":
+        if not K.available():
+            pytest.skip(f"compiled kernels not built: {K.load_error()}")
+        yield request.param
+    else:
+        with K.torch_fallback():
+            yield request.param
+
+
 @contextlib.contextmanager
 def patched(block=None, path="auto"):
     with pytest.MonkeyPatch.context() as mp:
@@ -62,7 +75,9 @@ def patched(block=None, path="auto"):
 
 
 def uses_lut(levels: torch.Tensor, dtype=None) -> bool:
-    return L._LevelIndex(levels, dtype or levels.dtype).lut is not None
+    """Whether the torch path would search with its lookup table."""
+    with K.torch_fallback():
+        return L._LevelIndex(levels, dtype or levels.dtype).lut is not None
 
 
 def brute_min_dist(w: torch.Tensor, levels: torch.Tensor):

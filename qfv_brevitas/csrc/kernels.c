@@ -1,0 +1,546 @@
+/* CPU kernels of qfv-brevitas: nearest-level search, the squared-distance regularizer and its
+ * device-aware (stuck bits / per-cell variability) form, each one pass over the weights.
+ *
+ * Plain C (no Python or torch headers): loaded with ctypes by qfv_brevitas/_kernels.py, which
+ * keeps a pure-torch fallback for machines where this file could not be compiled.
+ *
+ * Work is cut into chunks (a piece of one row of the (G, M) weight array) that threads take
+ * from a shared counter: a thread that the OS deschedules (other processes on the cores) holds
+ * up one chunk, not the whole call, and the others take the rest of the work. Sums are kept per
+ * chunk and added in chunk order at the end, so results do not depend on the thread count or
+ * on which thread took which chunk.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && !defined(_WIN32)
+#define QFV_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define QFV_CLONES
+#endif
+
+#define QFV_MAX_THREADS 256
+/* Weights per inner step (on the stack), and the most thresholds that are counted rather
+ * than looked up. */
+#define SUB 256
+#define COUNT_MAX 31
+
+int64_t qfv_abi_version(void) { return 1; }
+
+/* ------------------------------------------------------------------ chunked parallel loop */
+
+typedef void (*chunk_fn)(void *ctx, int64_t chunk);
+
+typedef struct {
+    chunk_fn fn;
+    void *ctx;
+    int64_t n;
+    int64_t next;
+} pool_t;
+
+static void *pool_worker(void *arg) {
+    pool_t *p = (pool_t *)arg;
+    for (;;) {
+        int64_t k = __atomic_fetch_add(&p->next, 1, __ATOMIC_RELAXED);
+        if (k >= p->n) break;
+        p->fn(p->ctx, k);
+    }
+    return NULL;
+}
+
+static void run_chunks(chunk_fn fn, void *ctx, int64_t n, int64_t threads) {
+    pool_t p = {fn, ctx, n, 0};
+    pthread_t th[QFV_MAX_THREADS];
+    int64_t started = 0, i;
+    if (threads > n) threads = n;
+    if (threads > QFV_MAX_THREADS) threads = QFV_MAX_THREADS;
+    for (i = 1; i < threads; i++)
+        if (pthread_create(&th[started], NULL, pool_worker, &p) == 0) started++;
+    pool_worker(&p); /* the calling thread works too */
+    for (i = 0; i < started; i++) pthread_join(th[i], NULL);
+}
+
+/* Chunk k of a (G, M) array cut into `per_row` pieces of `block` columns per row. */
+typedef struct {
+    int64_t G, M, block, per_row;
+} tiling_t;
+
+static tiling_t make_tiling(int64_t G, int64_t M, int64_t block) {
+    tiling_t t;
+    t.G = G;
+    t.M = M;
+    t.block = block < 1 ? 1 : block;
+    t.per_row = M == 0 ? 1 : (M + t.block - 1) / t.block;
+    return t;
+}
+
+static void chunk_range(const tiling_t *t, int64_t k, int64_t *g, int64_t *c0, int64_t *c1) {
+    *g = k / t->per_row;
+    *c0 = (k % t->per_row) * t->block;
+    *c1 = *c0 + t->block < t->M ? *c0 + t->block : t->M;
+}
+
+/* ---------------------------------------------------------- lookup table of the thresholds */
+
+/* Per group: cell of x = floor((x - t0) * inv_h) clamped to [0, cells); base[cell] = number of
+ * thresholds whose cell is below it. The search starts there and walks to the exact index, so
+ * the table only has to be a good guess: the result never depends on its rounding. */
+typedef struct {
+    int64_t cells;
+    double *t0, *inv_h;
+    int32_t *base; /* G x cells */
+} lut_t;
+
+static inline int64_t cell_of(double x, double t0, double inv_h, int64_t cells) {
+    double f = (x - t0) * inv_h;
+    if (!(f > 0)) return 0; /* also NaN */
+    if (f >= (double)(cells - 1)) return cells - 1;
+    return (int64_t)f;
+}
+
+#define DEFINE_LUT(SUF, T)                                                                       \
+    static int lut_build_##SUF(lut_t *lt, const T *thr, int64_t G, int64_t nt) {                 \
+        int64_t g, k, cells = 8 * (nt + 1);                                                      \
+        if (cells < 16) cells = 16;                                                              \
+        if (cells * G > ((int64_t)1 << 22)) cells = ((int64_t)1 << 22) / (G > 0 ? G : 1);        \
+        if (cells < 1) cells = 1;                                                                \
+        lt->cells = cells;                                                                       \
+        lt->t0 = (double *)malloc(sizeof(double) * (G > 0 ? G : 1));                              \
+        lt->inv_h = (double *)malloc(sizeof(double) * (G > 0 ? G : 1));                           \
+        lt->base = (int32_t *)calloc((size_t)(cells * (G > 0 ? G : 1)), sizeof(int32_t));         \
+        if (!lt->t0 || !lt->inv_h || !lt->base) return -1;                                       \
+        for (g = 0; g < G; g++) {                                                                \
+            const T *tg = thr + g * nt;                                                          \
+            int32_t *b = lt->base + g * cells;                                                   \
+            double t0 = nt ? (double)tg[0] : 0.0, span = nt ? (double)tg[nt - 1] - t0 : 0.0;      \
+            double inv = (span > 0 && isfinite(span)) ? (double)cells / span : 0.0;               \
+            lt->t0[g] = isfinite(t0) ? t0 : 0.0;                                                 \
+            lt->inv_h[g] = inv;                                                                  \
+            for (k = 0; k < nt; k++) {                                                           \
+                int64_t c = cell_of((double)tg[k], lt->t0[g], inv, cells);                       \
+                if (c + 1 < cells) b[c + 1] += 1;                                                \
+            }                                                                                    \
+            for (k = 1; k < cells; k++) b[k] += b[k - 1];                                        \
+        }                                                                                        \
+        return 0;                                                                                \
+    }
+
+static void lut_free(lut_t *lt) {
+    free(lt->t0);
+    free(lt->inv_h);
+    free(lt->base);
+}
+
+/* Sorted index of x's nearest level: the number of thresholds <= x. */
+#define SEARCH(T, x, tg, nt, b, t0, inv, cells, out)                                             \
+    do {                                                                                         \
+        int64_t k_ = (b)[cell_of((double)(x), (t0), (inv), (cells))];                            \
+        while (k_ < (nt) && (x) >= (tg)[k_]) k_++;                                               \
+        while (k_ > 0 && !((x) >= (tg)[k_ - 1])) k_--;                                           \
+        (out) = k_;                                                                              \
+    } while (0)
+
+/* ------------------------------------------------- nearest level and the squared distance */
+
+#define DEFINE_NEAREST(SUF, T)                                                                   \
+    DEFINE_LUT(SUF, T)                                                                           \
+    typedef struct {                                                                             \
+        tiling_t t;                                                                              \
+        const T *w, *thr, *vals;                                                                 \
+        int64_t nt;                                                                              \
+        lut_t lut;                                                                               \
+        uint8_t *idx;                                                                            \
+        double *part; /* per chunk: sum of d^2 (NULL: search only) */                            \
+        int64_t *bad; /* per chunk: non-finite weights */                                        \
+    } nearest_ctx_##SUF;                                                                         \
+                                                                                                 \
+    QFV_CLONES static void nearest_chunk_##SUF(void *vctx, int64_t k) {                          \
+        nearest_ctx_##SUF *c = (nearest_ctx_##SUF *)vctx;                                        \
+        int64_t g, c0, c1, j, q, t, bad = 0;                                                     \
+        double acc[4] = {0, 0, 0, 0};                                                            \
+        chunk_range(&c->t, k, &g, &c0, &c1);                                                     \
+        {                                                                                        \
+            const T *tg = c->thr + g * c->nt, *vg = c->vals + g * (c->nt + 1);                   \
+            const int32_t *b = c->lut.base + g * c->lut.cells;                                   \
+            double t0 = c->lut.t0[g], inv = c->lut.inv_h[g];                                     \
+            int64_t cells = c->lut.cells, nt = c->nt;                                            \
+            const T *w = c->w + g * c->t.M;                                                      \
+            uint8_t *out = c->idx + g * c->t.M;                                                  \
+            int32_t cnt[SUB];                                                                    \
+            double dd[SUB];                                                                      \
+            for (j = c0; j < c1; j += SUB) {                                                     \
+                int64_t nj = c1 - j < SUB ? c1 - j : SUB;                                        \
+                const T *x = w + j;                                                              \
+                if (nt <= COUNT_MAX) {                                                           \
+                    /* Few thresholds: count those <= x, vectorised over the weights. */         \
+                    for (q = 0; q < nj; q++) cnt[q] = 0;                                         \
+                    for (t = 0; t < nt; t++) {                                                   \
+                        T th = tg[t];                                                            \
+                        for (q = 0; q < nj; q++) cnt[q] += x[q] >= th;                           \
+                    }                                                                            \
+                } else {                                                                         \
+                    for (q = 0; q < nj; q++) {                                                   \
+                        int64_t i;                                                               \
+                        SEARCH(T, x[q], tg, nt, b, t0, inv, cells, i);                           \
+                        cnt[q] = (int32_t)i;                                                     \
+                    }                                                                            \
+                }                                                                                \
+                for (q = 0; q < nj; q++) out[j + q] = (uint8_t)cnt[q];                           \
+                if (c->part) {                                                                   \
+                    for (q = 0; q < nj; q++) {                                                   \
+                        T d = x[q] - vg[cnt[q]];                                                 \
+                        dd[q] = (double)d * (double)d;                                           \
+                    }                                                                            \
+                    for (q = 0; q + 3 < nj; q += 4) {                                            \
+                        acc[0] += dd[q];                                                         \
+                        acc[1] += dd[q + 1];                                                     \
+                        acc[2] += dd[q + 2];                                                     \
+                        acc[3] += dd[q + 3];                                                     \
+                    }                                                                            \
+                    for (; q < nj; q++) acc[0] += dd[q];                                         \
+                } else {                                                                         \
+                    for (q = 0; q < nj; q++) bad += !(x[q] - x[q] == 0);                         \
+                }                                                                                \
+            }                                                                                    \
+        }                                                                                        \
+        if (c->part) c->part[k] = (acc[0] + acc[1]) + (acc[2] + acc[3]);                         \
+        c->bad[k] = bad;                                                                         \
+    }                                                                                            \
+                                                                                                 \
+    /* Returns the number of non-finite weights, or -1 when out of memory. *total (if given)   \
+     * receives sum_i (w_i - nearest level)^2, summed in double in a fixed order. */              \
+    int64_t qfv_nearest_##SUF(const T *w, int64_t G, int64_t M, const T *thr, int64_t nt,        \
+                              const T *vals, uint8_t *idx, double *total, int64_t block,         \
+                              int64_t threads) {                                                 \
+        nearest_ctx_##SUF c;                                                                     \
+        int64_t n, k, bad = 0;                                                                   \
+        memset(&c, 0, sizeof(c));                                                                \
+        c.t = make_tiling(G, M, block);                                                          \
+        n = G * c.t.per_row;                                                                     \
+        c.w = w;                                                                                 \
+        c.thr = thr;                                                                             \
+        c.vals = vals;                                                                           \
+        c.nt = nt;                                                                               \
+        c.idx = idx;                                                                             \
+        if (lut_build_##SUF(&c.lut, thr, G, nt)) {                                               \
+            lut_free(&c.lut);                                                                    \
+            return -1;                                                                           \
+        }                                                                                        \
+        c.bad = (int64_t *)calloc((size_t)(n > 0 ? n : 1), sizeof(int64_t));                      \
+        c.part = total ? (double *)calloc((size_t)(n > 0 ? n : 1), sizeof(double)) : NULL;        \
+        if (!c.bad || (total && !c.part)) {                                                      \
+            free(c.bad);                                                                         \
+            free(c.part);                                                                        \
+            lut_free(&c.lut);                                                                    \
+            return -1;                                                                           \
+        }                                                                                        \
+        run_chunks(nearest_chunk_##SUF, &c, n, threads);                                         \
+        if (total) {                                                                             \
+            double s = 0.0;                                                                      \
+            for (k = 0; k < n; k++) s += c.part[k];                                              \
+            *total = s;                                                                          \
+        }                                                                                        \
+        for (k = 0; k < n; k++) bad += c.bad[k];                                                 \
+        free(c.bad);                                                                             \
+        free(c.part);                                                                            \
+        lut_free(&c.lut);                                                                        \
+        return bad;                                                                              \
+    }                                                                                            \
+                                                                                                 \
+    typedef struct {                                                                             \
+        tiling_t t;                                                                              \
+        const T *w, *vals;                                                                       \
+        const uint8_t *idx;                                                                      \
+        int64_t L;                                                                               \
+        T gw;                                                                                    \
+        T *grad_w;                                                                               \
+        double *part; /* per chunk: L sums of (w - q) over the weights at each sorted level */  \
+    } nearest_bwd_ctx_##SUF;                                                                     \
+                                                                                                 \
+    QFV_CLONES static void nearest_bwd_chunk_##SUF(void *vctx, int64_t k) {                      \
+        nearest_bwd_ctx_##SUF *c = (nearest_bwd_ctx_##SUF *)vctx;                                \
+        int64_t g, c0, c1, j, l, L = c->L;                                                       \
+        chunk_range(&c->t, k, &g, &c0, &c1);                                                     \
+        {                                                                                        \
+            const T *w = c->w + g * c->t.M, *vg = c->vals + g * L;                               \
+            const uint8_t *ix = c->idx + g * c->t.M;                                             \
+            T *gwp = c->grad_w ? c->grad_w + g * c->t.M : NULL;                                  \
+            if (gwp)                                                                             \
+                for (j = c0; j < c1; j++) gwp[j] = (w[j] - vg[ix[j]]) * c->gw;                   \
+            if (c->part) {                                                                       \
+                /* Four sets of bins taken in turn: consecutive weights at one level do not   \
+                 * wait for each other's addition. */                                           \
+                double s4[4][256];                                                               \
+                double *s = c->part + k * L;                                                     \
+                memset(s4, 0, sizeof(double) * 4 * 256);                                         \
+                for (j = c0; j + 3 < c1; j += 4) {                                               \
+                    s4[0][ix[j]] += (double)(w[j] - vg[ix[j]]);                                  \
+                    s4[1][ix[j + 1]] += (double)(w[j + 1] - vg[ix[j + 1]]);                      \
+                    s4[2][ix[j + 2]] += (double)(w[j + 2] - vg[ix[j + 2]]);                      \
+                    s4[3][ix[j + 3]] += (double)(w[j + 3] - vg[ix[j + 3]]);                      \
+                }                                                                                \
+                for (; j < c1; j++) s4[0][ix[j]] += (double)(w[j] - vg[ix[j]]);                  \
+                for (l = 0; l < L; l++) s[l] = (s4[0][l] + s4[1][l]) + (s4[2][l] + s4[3][l]);    \
+            }                                                                                    \
+        }                                                                                        \
+    }                                                                                            \
+                                                                                                 \
+    /* grad_w = gw * (w - q) (if grad_w), sums[g, l] = sum over the weights of row g at sorted \
+     * level l of (w - q) (if sums, G x L doubles). Returns 0, or -1 when out of memory. */     \
+    int64_t qfv_nearest_bwd_##SUF(const T *w, const uint8_t *idx, int64_t G, int64_t M,         \
+                                  const T *vals, int64_t L, double gw, T *grad_w, double *sums,  \
+                                  int64_t block, int64_t threads) {                              \
+        nearest_bwd_ctx_##SUF c;                                                                 \
+        int64_t n, k, l;                                                                         \
+        memset(&c, 0, sizeof(c));                                                                \
+        c.t = make_tiling(G, M, block);                                                          \
+        n = G * c.t.per_row;                                                                     \
+        c.w = w;                                                                                 \
+        c.vals = vals;                                                                           \
+        c.idx = idx;                                                                             \
+        c.L = L;                                                                                 \
+        c.gw = (T)gw;                                                                            \
+        c.grad_w = grad_w;                                                                       \
+        if (sums) {                                                                              \
+            c.part = (double *)calloc((size_t)((n > 0 ? n : 1) * L), sizeof(double));             \
+            if (!c.part) return -1;                                                              \
+        }                                                                                        \
+        run_chunks(nearest_bwd_chunk_##SUF, &c, n, threads);                                     \
+        if (sums) {                                                                              \
+            memset(sums, 0, sizeof(double) * (size_t)(G * L));                                   \
+            for (k = 0; k < n; k++) {                                                            \
+                double *dst = sums + (k / c.t.per_row) * L, *src = c.part + k * L;               \
+                for (l = 0; l < L; l++) dst[l] += src[l];                                        \
+            }                                                                                    \
+            free(c.part);                                                                        \
+        }                                                                                        \
+        return 0;                                                                                \
+    }
+
+DEFINE_NEAREST(f32, float)
+DEFINE_NEAREST(f64, double)
+
+/* ------------------------------------------- device-aware code search and its distance */
+
+/* Deployed value of code S for one weight: level[S] + sum_i r_i (S_i (lrs_i - 1) + (1 - S_i)
+ * hrs_i). The search enumerates the codes in Gray order, each step adding or removing one
+ * cell's e_i = r_i (lrs_i - 1 - hrs_i) to a running sum, for a block of weights at a time;
+ * among equally near values the lowest code wins (as torch's argmin over codes). */
+#define AW_J 64
+
+#define DEFINE_AWARE(SUF, T)                                                                     \
+    typedef struct {                                                                             \
+        tiling_t t;                                                                              \
+        const T *w, *levels, *r, *lrs, *hrs;                                                     \
+        const uint8_t *sa0, *sa1, *healthy;                                                      \
+        int64_t N, L;                                                                            \
+        uint8_t *out;                                                                            \
+    } aware_ctx_##SUF;                                                                           \
+                                                                                                 \
+    QFV_CLONES static void aware_chunk_##SUF(void *vctx, int64_t k) {                            \
+        aware_ctx_##SUF *c = (aware_ctx_##SUF *)vctx;                                            \
+        int64_t g, c0, c1, j, i, s, N = c->N, L = c->L;                                          \
+        const T *lv, *rg;                                                                        \
+        chunk_range(&c->t, k, &g, &c0, &c1);                                                     \
+        lv = c->levels + g * L;                                                                  \
+        rg = c->r + g * N;                                                                       \
+        if (!c->lrs && !c->hrs) {                                                                \
+            /* Faults only: healthy weights keep their nearest code; a weight with stuck     \
+             * bits takes the nearest of the codes its cells allow (sa1 | subset of the free  \
+             * bits, enumerated in increasing order). */                                       \
+            for (j = c0; j < c1; j++) {                                                          \
+                int64_t p = g * c->t.M + j;                                                      \
+                unsigned s0 = c->sa0 ? c->sa0[p] : 0, s1 = c->sa1 ? c->sa1[p] : 0;               \
+                unsigned free_ = (unsigned)(L - 1) & ~(s0 | s1), sub = 0, best = s1;             \
+                T x = c->w[p];                                                                   \
+                double bd = INFINITY;                                                            \
+                if (!(s0 | s1)) {                                                                \
+                    c->out[p] = c->healthy[p];                                                   \
+                    continue;                                                                    \
+                }                                                                                \
+                for (;;) {                                                                       \
+                    unsigned code = s1 | sub;                                                    \
+                    double d = fabs((double)(x - lv[code]));                                     \
+                    if (d < bd) {                                                                \
+                        bd = d;                                                                  \
+                        best = code;                                                             \
+                    }                                                                            \
+                    sub = (sub - free_) & free_;                                                 \
+                    if (!sub) break;                                                             \
+                }                                                                                \
+                c->out[p] = (uint8_t)best;                                                       \
+            }                                                                                    \
+            return;                                                                              \
+        }                                                                                        \
+        for (j = c0; j < c1; j += AW_J) {                                                        \
+            int64_t nj = c1 - j < AW_J ? c1 - j : AW_J, q;                                       \
+            T e[8][AW_J], base[AW_J], cur[AW_J], x[AW_J], bd[AW_J];                              \
+            int32_t best[AW_J], s0[AW_J], s1[AW_J];                                              \
+            for (q = 0; q < nj; q++) {                                                           \
+                int64_t p = g * c->t.M + j + q;                                                  \
+                T h = 0;                                                                         \
+                for (i = 0; i < N; i++) {                                                        \
+                    T a = c->lrs ? c->lrs[p * N + i] : (T)1;                                     \
+                    T hh = c->hrs ? c->hrs[p * N + i] : (T)0;                                    \
+                    e[i][q] = rg[i] * (a - 1 - hh);                                              \
+                    h += rg[i] * hh;                                                             \
+                }                                                                                \
+                base[q] = h;                                                                     \
+                cur[q] = 0;                                                                      \
+                x[q] = c->w[p];                                                                  \
+                bd[q] = (T)INFINITY;                                                             \
+                best[q] = -1;                                                                    \
+                s0[q] = c->sa0 ? c->sa0[p] : 0;                                                  \
+                s1[q] = c->sa1 ? c->sa1[p] : 0;                                                  \
+            }                                                                                    \
+            for (s = 0; s < L; s++) {                                                            \
+                int32_t code = (int32_t)(s ^ (s >> 1));                                          \
+                T lvs = lv[code];                                                                \
+                if (s) {                                                                         \
+                    int b = __builtin_ctzll((unsigned long long)s);                              \
+                    T sg = (code >> b) & 1 ? (T)1 : (T)-1;                                       \
+                    for (q = 0; q < nj; q++) cur[q] += sg * e[b][q];                             \
+                }                                                                                \
+                for (q = 0; q < nj; q++) {                                                       \
+                    T v = lvs + base[q] + cur[q];                                                \
+                    T d = x[q] - v;                                                              \
+                    int ok = ((code & s0[q]) | (~code & s1[q])) == 0;                            \
+                    d = d < 0 ? -d : d;                                                          \
+                    if (ok && (d < bd[q] || (d == bd[q] && code < best[q]))) {                   \
+                        bd[q] = d;                                                               \
+                        best[q] = code;                                                          \
+                    }                                                                            \
+                }                                                                                \
+            }                                                                                    \
+            for (q = 0; q < nj; q++) c->out[g * c->t.M + j + q] = (uint8_t)(best[q] < 0 ? 0 : best[q]); \
+        }                                                                                        \
+    }                                                                                            \
+                                                                                                 \
+    /* Codes (uint8, G x M) whose deployed value is nearest each weight. `healthy` (the        \
+     * nearest ideal codes) is needed without variability only. */                             \
+    int64_t qfv_aware_codes_##SUF(const T *w, int64_t G, int64_t M, int64_t N, const T *levels,  \
+                                  const T *r, const uint8_t *sa0, const uint8_t *sa1,            \
+                                  const T *lrs, const T *hrs, const uint8_t *healthy,            \
+                                  uint8_t *out, int64_t block, int64_t threads) {                \
+        aware_ctx_##SUF c;                                                                       \
+        if (N < 1 || N > 8 || (!lrs && !hrs && !healthy)) return -2;                             \
+        memset(&c, 0, sizeof(c));                                                                \
+        c.t = make_tiling(G, M, block);                                                          \
+        c.w = w;                                                                                 \
+        c.levels = levels;                                                                       \
+        c.r = r;                                                                                 \
+        c.lrs = lrs;                                                                             \
+        c.hrs = hrs;                                                                             \
+        c.sa0 = sa0;                                                                             \
+        c.sa1 = sa1;                                                                             \
+        c.healthy = healthy;                                                                     \
+        c.N = N;                                                                                 \
+        c.L = (int64_t)1 << N;                                                                   \
+        c.out = out;                                                                             \
+        run_chunks(aware_chunk_##SUF, &c, G * c.t.per_row, threads);                             \
+        return 0;                                                                                \
+    }                                                                                            \
+                                                                                                 \
+    typedef struct {                                                                             \
+        tiling_t t;                                                                              \
+        const T *w, *levels, *r, *lrs, *hrs;                                                     \
+        const uint8_t *codes;                                                                    \
+        int64_t N, L;                                                                            \
+        T gw;                                                                                    \
+        T *grad_w;                                                                               \
+        double *part; /* forward: 1 per chunk; backward: N + 1 per chunk (r_0..r_N-1, c) */     \
+        int backward;                                                                            \
+    } deployed_ctx_##SUF;                                                                        \
+                                                                                                 \
+    QFV_CLONES static void deployed_chunk_##SUF(void *vctx, int64_t k) {                         \
+        deployed_ctx_##SUF *c = (deployed_ctx_##SUF *)vctx;                                      \
+        int64_t g, c0, c1, j, i, N = c->N;                                                       \
+        const T *lv, *rg;                                                                        \
+        double acc = 0.0, pr[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0};                                   \
+        chunk_range(&c->t, k, &g, &c0, &c1);                                                     \
+        lv = c->levels + g * c->L;                                                               \
+        rg = c->r + g * N;                                                                       \
+        for (j = c0; j < c1; j++) {                                                              \
+            int64_t p = g * c->t.M + j;                                                          \
+            unsigned code = c->codes[p];                                                         \
+            T v = lv[code], dev = 0, d;                                                          \
+            if (c->lrs || c->hrs) {                                                              \
+                for (i = 0; i < N; i++) {                                                        \
+                    T bit = (T)((code >> i) & 1);                                                \
+                    T t_ = c->lrs ? bit * (c->lrs[p * N + i] - 1) : 0;                           \
+                    if (c->hrs) t_ += (1 - bit) * c->hrs[p * N + i];                             \
+                    dev += t_ * rg[i];                                                           \
+                }                                                                                \
+            }                                                                                    \
+            d = c->w[p] - (v + dev);                                                             \
+            if (!c->backward) {                                                                  \
+                acc += (double)d * (double)d;                                                    \
+                continue;                                                                        \
+            }                                                                                    \
+            if (c->grad_w) c->grad_w[p] = d * c->gw;                                             \
+            if (c->part) {                                                                       \
+                pr[N] += (double)d;                                                              \
+                for (i = 0; i < N; i++) {                                                        \
+                    T bit = (T)((code >> i) & 1);                                                \
+                    T coef = c->lrs ? bit * c->lrs[p * N + i] : bit;                             \
+                    if (c->hrs) coef += (1 - bit) * c->hrs[p * N + i];                           \
+                    pr[i] += (double)d * (double)coef;                                           \
+                }                                                                                \
+            }                                                                                    \
+        }                                                                                        \
+        if (!c->backward) {                                                                      \
+            c->part[k] = acc;                                                                    \
+        } else if (c->part) {                                                                    \
+            for (i = 0; i <= N; i++) c->part[k * (N + 1) + i] = pr[i];                           \
+        }                                                                                        \
+    }                                                                                            \
+                                                                                                 \
+    /* Forward (sums == NULL and grad_w == NULL): *total = sum (w - v)^2 with v the deployed  \
+     * value of the (forced) codes. Backward: grad_w = gw (w - v) (if grad_w) and sums (G x     \
+     * (N + 1) doubles, if given): per row sum (w - v) coef_i for i < N, then sum (w - v). */    \
+    int64_t qfv_deployed_##SUF(const T *w, int64_t G, int64_t M, int64_t N, const T *levels,     \
+                               const T *r, const uint8_t *codes, const T *lrs, const T *hrs,     \
+                               int backward, double gw, T *grad_w, double *sums, double *total,  \
+                               int64_t block, int64_t threads) {                                 \
+        deployed_ctx_##SUF c;                                                                    \
+        int64_t n, k, i, width;                                                                  \
+        if (N < 1 || N > 8) return -2;                                                           \
+        memset(&c, 0, sizeof(c));                                                                \
+        c.t = make_tiling(G, M, block);                                                          \
+        n = G * c.t.per_row;                                                                     \
+        c.w = w;                                                                                 \
+        c.levels = levels;                                                                       \
+        c.r = r;                                                                                 \
+        c.lrs = lrs;                                                                             \
+        c.hrs = hrs;                                                                             \
+        c.codes = codes;                                                                         \
+        c.N = N;                                                                                 \
+        c.L = (int64_t)1 << N;                                                                   \
+        c.gw = (T)gw;                                                                            \
+        c.grad_w = grad_w;                                                                       \
+        c.backward = backward;                                                                   \
+        width = backward ? N + 1 : 1;                                                            \
+        if (!backward || sums) {                                                                 \
+            c.part = (double *)calloc((size_t)((n > 0 ? n : 1) * width), sizeof(double));        \
+            if (!c.part) return -1;                                                              \
+        }                                                                                        \
+        run_chunks(deployed_chunk_##SUF, &c, n, threads);                                        \
+        if (!backward) {                                                                         \
+            double s = 0.0;                                                                      \
+            for (k = 0; k < n; k++) s += c.part[k];                                              \
+            *total = s;                                                                          \
+        } else if (sums) {                                                                       \
+            memset(sums, 0, sizeof(double) * (size_t)(G * width));                               \
+            for (k = 0; k < n; k++)                                                              \
+                for (i = 0; i < width; i++)                                                      \
+                    sums[(k / c.t.per_row) * width + i] += c.part[k * width + i];                \
+        }                                                                                        \
+        free(c.part);                                                                            \
+        return 0;                                                                                \
+    }
+
+DEFINE_AWARE(f32, float)
+DEFINE_AWARE(f64, double)
