@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import _kernels as K
 from . import levels as L
 
 __all__ = ["force_codes", "deployed_values", "naive_codes", "aware_codes",
@@ -27,6 +28,13 @@ __all__ = ["force_codes", "deployed_values", "naive_codes", "aware_codes",
 
 # Weights per block times candidate codes: bounds the temporaries of the exhaustive search.
 _CAND_BLOCK = 1 << 20
+# The same on a GPU: fewer, larger blocks (each block is a round of kernel launches), still
+# O(n) memory (a block's temporaries are a few hundred MB at most).
+_CAND_BLOCK_GPU = 1 << 25
+
+
+def _cand_block(t: Tensor) -> int:
+    return _CAND_BLOCK if t.device.type == "cpu" else _CAND_BLOCK_GPU
 
 
 def force_codes(codes: Tensor, sa0: Optional[Tensor], sa1: Optional[Tensor]) -> Tensor:
@@ -91,10 +99,28 @@ def aware_codes(w2d: Tensor, r: Tensor, c: Tensor, sa0: Optional[Tensor] = None,
     stuck bit are searched over their reachable codes. With variability every weight has its
     own level set and all ``2**N`` codes are compared, block by block.
     """
+    return _aware_codes(w2d, r, c, sa0, sa1, lrs, hrs).long()
+
+
+def _aware_codes(w2d: Tensor, r: Tensor, c: Tensor, sa0: Optional[Tensor] = None,
+                 sa1: Optional[Tensor] = None, lrs: Optional[Tensor] = None,
+                 hrs: Optional[Tensor] = None) -> Tensor:
+    """:func:`aware_codes` as uint8 (the compiled kernel's output) or int64 (torch paths)."""
     G, M = w2d.shape
     N = r.shape[1]
     r, c = r.detach().to(w2d.dtype), c.detach().to(w2d.dtype)
-    if lrs is None and hrs is None:
+    if K.usable(w2d, r, c, lrs, hrs, sa0, sa1):
+        levels = L.level_table(r, c)
+        healthy = None
+        if lrs is None and hrs is None:
+            li = L._LevelIndex(levels, w2d.dtype)
+            healthy = li.perm.gather(1, li.search(w2d).long()).to(torch.uint8) if li.G > 1 \
+                else li.perm.view(-1).to(torch.uint8)[li.search(w2d).int()]
+            if sa0 is None and sa1 is None:
+                return healthy
+        return K.aware_codes(w2d, levels, r, sa0, sa1, lrs, hrs, healthy)
+    if lrs is None and hrs is None and w2d.device.type == "cpu":
+        # (On a GPU the exhaustive path below: it needs no host sync for the faulty subset.)
         levels = L.level_table(r, c)
         codes = L.nearest(w2d, levels)[1]
         if sa0 is None and sa1 is None:
@@ -134,7 +160,7 @@ def aware_codes(w2d: Tensor, r: Tensor, c: Tensor, sa0: Optional[Tensor] = None,
     all_codes = torch.arange(1 << N, device=w2d.device)
     levels = L.level_table(r, c)
     codes = torch.empty((G, M), dtype=torch.long, device=w2d.device)
-    for r0, r1, c0, c1 in L._blocks(G, M, max(1, _CAND_BLOCK >> N)):
+    for r0, r1, c0, c1 in L._blocks(G, M, max(1, _cand_block(w2d) >> N)):
         wb = w2d[r0:r1, c0:c1]
         vals = candidate_values(levels, r, lrs, hrs, bitsm, r0, r1, c0, c1, wb)
         d = (wb[..., None] - vals).abs()
@@ -196,12 +222,14 @@ class _DeployedSqDistance(torch.autograd.Function):
         total = torch.zeros((), dtype=w2d.dtype, device=w2d.device)
         rd, cd = r.detach().to(w2d.dtype), c.detach().to(w2d.dtype)
         levels = L.level_table(rd, cd)
-        for r0, r1, c0, c1 in L._blocks(G, M):
+        ctx.save_for_backward(w2d, r, c, forced, lrs, hrs)
+        if K.usable(w2d, rd, lrs, hrs):
+            return torch.tensor(K.deployed(w2d, levels, rd, forced, lrs, hrs), dtype=w2d.dtype)
+        for r0, r1, c0, c1 in L._blocks(G, M, L._block_for(w2d)):
             d = w2d[r0:r1, c0:c1] - _block_values(levels, rd, cd, forced, lrs, hrs, N,
                                                    r0, r1, c0, c1)
             d = d.reshape(-1)
             total += torch.dot(d, d)
-        ctx.save_for_backward(w2d, r, c, forced, lrs, hrs)
         return total
 
     @staticmethod
@@ -212,13 +240,20 @@ class _DeployedSqDistance(torch.autograd.Function):
         rd, cd = r.detach().to(w2d.dtype), c.detach().to(w2d.dtype)
         levels = L.level_table(rd, cd)
         need_w, need_r, need_c = ctx.needs_input_grad[:3]
+        if K.usable(w2d, rd, lrs, hrs, g):
+            gf = float(g)
+            grad_w, sums = K.deployed(w2d, levels, rd, forced, lrs, hrs, True, 2 * gf, need_w,
+                                      need_r or need_c)
+            grad_r = (sums[:, :N] * (-2 * gf)).to(r.dtype) if need_r else None
+            grad_c = (sums[:, N] * (-2 * gf)).to(c.dtype) if need_c else None
+            return grad_w, grad_r, grad_c, None, None, None
         grad_w = torch.empty_like(w2d) if need_w else None
         grad_r = torch.zeros_like(rd)
         grad_c = torch.zeros_like(cd)
         plain = lrs is None and hrs is None
         Lv = 1 << N
         sums = torch.zeros(G * Lv, dtype=w2d.dtype, device=w2d.device) if plain else None
-        for r0, r1, c0, c1 in L._blocks(G, M):
+        for r0, r1, c0, c1 in L._blocks(G, M, L._block_for(w2d)):
             fb = forced[r0:r1, c0:c1]
             d = w2d[r0:r1, c0:c1] - _block_values(levels, rd, cd, forced, lrs, hrs, N,
                                                    r0, r1, c0, c1)

@@ -215,7 +215,7 @@ class NMultTensorQuant(nn.Module):
         else:
             L.check_finite(w2d, f"weights of {self.layer_name or 'layer'}")
             r, c = self.multipliers(), self.offset()
-            codes = D.aware_codes(w2d.detach(), r, c, dev.sa0, dev.sa1, dev.lrs, dev.hrs)
+            codes = D._aware_codes(w2d.detach(), r, c, dev.sa0, dev.sa1, dev.lrs, dev.hrs)
             out = D.deployed_sq_distance(w2d, r, c, codes, dev.sa0, dev.sa1, dev.lrs, dev.hrs)
         if not torch.isfinite(out):
             L.check_finite(w2d, f"weights of {self.layer_name or 'layer'}")

@@ -9,6 +9,8 @@ from qfv_brevitas import levels as L
 from qfv_brevitas.device import (aware_codes, deployed_sq_distance, deployed_values, force_codes,
                                  naive_codes)
 
+pytestmark = pytest.mark.usefixtures("kernel_backend")
+
 
 def _setup(G, N, faults, var, hrs, seed=0, M=50):
     g = torch.Generator().manual_seed(seed)

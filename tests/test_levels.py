@@ -45,23 +45,13 @@ BLOCKS = [None, 7, 64]
 # is disabled (``_MAX_TABLE = 0``) so the fallback decides every weight.
 PATHS = ["auto", "searchsorted"]
 
+pytestmark = pytest.mark.usefixtures("kernel_backend")
+
 FAST = settings(max_examples=40, deadline=None)
 SLOW = settings(max_examples=25, deadline=None)
 
 
 # --------------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(scope="module", autouse=True, params=["kernels", "torch"])
-def backend(request):
-    """Every test runs on the compiled CPU kernels (where built) and on the torch paths."""
-    if request.param == "kernels":
-        if not K.available():
-            pytest.skip(f"compiled kernels not built: {K.load_error()}")
-        yield request.param
-    else:
-        with K.torch_fallback():
-            yield request.param
 
 
 @contextlib.contextmanager
