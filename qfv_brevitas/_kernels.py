@@ -50,7 +50,7 @@ def _load() -> Optional[ctypes.CDLL]:
     P, I, D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
     for suf in ("f32", "f64"):
         f = getattr(lib, f"qfv_nearest_{suf}")
-        f.argtypes = [P, I, I, P, I, P, P, P, I, I]
+        f.argtypes = [P, I, I, P, I, P, P, P, P, I, I]
         f.restype = I
         f = getattr(lib, f"qfv_nearest_bwd_{suf}")
         f.argtypes = [P, P, I, I, P, I, D, P, P, I, I]
@@ -134,16 +134,20 @@ def _check(rc: int, what: str) -> None:
         raise ValueError(f"{what}: bad arguments (code {rc})")
 
 
-def nearest(w2d: Tensor, thr: Tensor, vals: Tensor, with_total: bool
-            ) -> Tuple[Tensor, Optional[float], int]:
-    """Sorted index (uint8, ``(G, M)``) of each weight's nearest level, ``sum (w - q)^2`` (a
-    float, if ``with_total``) and the number of non-finite weights."""
+def nearest(w2d: Tensor, thr: Tensor, vals: Tensor, with_total: bool,
+            perm: Optional[Tensor] = None) -> Tuple[Tensor, Optional[float], int]:
+    """Sorted index (uint8, ``(G, M)``) of each weight's nearest level (with ``perm``, the
+    ``(G, L)`` codes of the sorted levels: its code), ``sum (w - q)^2`` (a float, if
+    ``with_total``) and the number of non-finite weights."""
+    if perm is not None:
+        perm = perm.to(torch.uint8).contiguous()
     w2d, thr, vals = w2d.contiguous(), thr.contiguous(), vals.contiguous()
     G, M = w2d.shape
     idx = torch.empty((G, M), dtype=torch.uint8)
     total = ctypes.c_double(0.0)
     fn = getattr(_LIB, f"qfv_nearest_{_suf(w2d)}")
-    rc = fn(w2d.data_ptr(), G, M, thr.data_ptr(), thr.shape[1], vals.data_ptr(), idx.data_ptr(),
+    rc = fn(w2d.data_ptr(), G, M, thr.data_ptr(), thr.shape[1], vals.data_ptr(), _p(perm),
+            idx.data_ptr(),
             ctypes.byref(total) if with_total else None, BLOCK, _threads())
     _check(rc, "nearest-level search")
     return idx, (total.value if with_total else None), int(rc)

@@ -114,8 +114,7 @@ def _aware_codes(w2d: Tensor, r: Tensor, c: Tensor, sa0: Optional[Tensor] = None
         healthy = None
         if lrs is None and hrs is None:
             li = L._LevelIndex(levels, w2d.dtype)
-            healthy = li.perm.gather(1, li.search(w2d).long()).to(torch.uint8) if li.G > 1 \
-                else li.perm.view(-1).to(torch.uint8)[li.search(w2d).int()]
+            healthy = K.nearest(w2d, li.thr, li.values, False, li.perm)[0]
             if sa0 is None and sa1 is None:
                 return healthy
         return K.aware_codes(w2d, levels, r, sa0, sa1, lrs, hrs, healthy)

@@ -153,6 +153,7 @@ static void lut_free(lut_t *lt) {
         int64_t nt;                                                                              \
         lut_t lut;                                                                               \
         uint8_t *idx;                                                                            \
+        const uint8_t *perm; /* G x (nt + 1): code of each sorted level (NULL: sorted index) */  \
         double *part; /* per chunk: sum of d^2 (NULL: search only) */                            \
         int64_t *bad; /* per chunk: non-finite weights */                                        \
     } nearest_ctx_##SUF;                                                                         \
@@ -188,7 +189,12 @@ static void lut_free(lut_t *lt) {
                         cnt[q] = (int32_t)i;                                                     \
                     }                                                                            \
                 }                                                                                \
-                for (q = 0; q < nj; q++) out[j + q] = (uint8_t)cnt[q];                           \
+                if (c->perm) {                                                                   \
+                    const uint8_t *pg = c->perm + g * (nt + 1);                                  \
+                    for (q = 0; q < nj; q++) out[j + q] = pg[cnt[q]];                            \
+                } else {                                                                         \
+                    for (q = 0; q < nj; q++) out[j + q] = (uint8_t)cnt[q];                       \
+                }                                                                                \
                 if (c->part) {                                                                   \
                     for (q = 0; q < nj; q++) {                                                   \
                         T d = x[q] - vg[cnt[q]];                                                 \
@@ -213,8 +219,8 @@ static void lut_free(lut_t *lt) {
     /* Returns the number of non-finite weights, or -1 when out of memory. *total (if given)   \
      * receives sum_i (w_i - nearest level)^2, summed in double in a fixed order. */              \
     int64_t qfv_nearest_##SUF(const T *w, int64_t G, int64_t M, const T *thr, int64_t nt,        \
-                              const T *vals, uint8_t *idx, double *total, int64_t block,         \
-                              int64_t threads) {                                                 \
+                              const T *vals, const uint8_t *perm, uint8_t *idx, double *total,   \
+                              int64_t block, int64_t threads) {                                  \
         nearest_ctx_##SUF c;                                                                     \
         int64_t n, k, bad = 0;                                                                   \
         memset(&c, 0, sizeof(c));                                                                \
@@ -225,6 +231,7 @@ static void lut_free(lut_t *lt) {
         c.vals = vals;                                                                           \
         c.nt = nt;                                                                               \
         c.idx = idx;                                                                             \
+        c.perm = perm;                                                                           \
         if (lut_build_##SUF(&c.lut, thr, G, nt)) {                                               \
             lut_free(&c.lut);                                                                    \
             return -1;                                                                           \
@@ -344,78 +351,69 @@ DEFINE_NEAREST(f64, double)
         aware_ctx_##SUF *c = (aware_ctx_##SUF *)vctx;                                            \
         int64_t g, c0, c1, j, i, s, N = c->N, L = c->L;                                          \
         const T *lv, *rg;                                                                        \
+        int var = c->lrs || c->hrs, flt = c->sa0 || c->sa1;                                      \
         chunk_range(&c->t, k, &g, &c0, &c1);                                                     \
         lv = c->levels + g * L;                                                                  \
         rg = c->r + g * N;                                                                       \
-        if (!c->lrs && !c->hrs) {                                                                \
-            /* Faults only: healthy weights keep their nearest code; a weight with stuck     \
-             * bits takes the nearest of the codes its cells allow (sa1 | subset of the free  \
-             * bits, enumerated in increasing order). */                                       \
-            for (j = c0; j < c1; j++) {                                                          \
-                int64_t p = g * c->t.M + j;                                                      \
-                unsigned s0 = c->sa0 ? c->sa0[p] : 0, s1 = c->sa1 ? c->sa1[p] : 0;               \
-                unsigned free_ = (unsigned)(L - 1) & ~(s0 | s1), sub = 0, best = s1;             \
-                T x = c->w[p];                                                                   \
-                double bd = INFINITY;                                                            \
-                if (!(s0 | s1)) {                                                                \
-                    c->out[p] = c->healthy[p];                                                   \
-                    continue;                                                                    \
-                }                                                                                \
-                for (;;) {                                                                       \
-                    unsigned code = s1 | sub;                                                    \
-                    double d = fabs((double)(x - lv[code]));                                     \
-                    if (d < bd) {                                                                \
-                        bd = d;                                                                  \
-                        best = code;                                                             \
-                    }                                                                            \
-                    sub = (sub - free_) & free_;                                                 \
-                    if (!sub) break;                                                             \
-                }                                                                                \
-                c->out[p] = (uint8_t)best;                                                       \
-            }                                                                                    \
-            return;                                                                              \
-        }                                                                                        \
         for (j = c0; j < c1; j += AW_J) {                                                        \
-            int64_t nj = c1 - j < AW_J ? c1 - j : AW_J, q;                                       \
-            T e[8][AW_J], base[AW_J], cur[AW_J], x[AW_J], bd[AW_J];                              \
-            int32_t best[AW_J], s0[AW_J], s1[AW_J];                                              \
+            int64_t nj = c1 - j < AW_J ? c1 - j : AW_J, q, p0 = g * c->t.M + j;                  \
+            T e[8][AW_J], base[AW_J], cur[AW_J], x[AW_J], bd[AW_J], best[AW_J];                  \
+            int32_t s0[AW_J], s1[AW_J];                                                          \
             for (q = 0; q < nj; q++) {                                                           \
-                int64_t p = g * c->t.M + j + q;                                                  \
-                T h = 0;                                                                         \
-                for (i = 0; i < N; i++) {                                                        \
-                    T a = c->lrs ? c->lrs[p * N + i] : (T)1;                                     \
-                    T hh = c->hrs ? c->hrs[p * N + i] : (T)0;                                    \
-                    e[i][q] = rg[i] * (a - 1 - hh);                                              \
-                    h += rg[i] * hh;                                                             \
-                }                                                                                \
-                base[q] = h;                                                                     \
-                cur[q] = 0;                                                                      \
-                x[q] = c->w[p];                                                                  \
+                x[q] = c->w[p0 + q];                                                             \
                 bd[q] = (T)INFINITY;                                                             \
-                best[q] = -1;                                                                    \
-                s0[q] = c->sa0 ? c->sa0[p] : 0;                                                  \
-                s1[q] = c->sa1 ? c->sa1[p] : 0;                                                  \
+                best[q] = 0;                                                                     \
+                cur[q] = 0;                                                                      \
+                base[q] = 0;                                                                     \
+                s0[q] = c->sa0 ? c->sa0[p0 + q] : 0;                                             \
+                s1[q] = c->sa1 ? c->sa1[p0 + q] : 0;                                             \
+            }                                                                                    \
+            if (var) {                                                                           \
+                for (q = 0; q < nj; q++) {                                                       \
+                    int64_t p = p0 + q;                                                          \
+                    T h = 0;                                                                     \
+                    for (i = 0; i < N; i++) {                                                    \
+                        T a = c->lrs ? c->lrs[p * N + i] : (T)1;                                 \
+                        T hh = c->hrs ? c->hrs[p * N + i] : (T)0;                                \
+                        e[i][q] = rg[i] * (a - 1 - hh);                                          \
+                        h += rg[i] * hh;                                                         \
+                    }                                                                            \
+                    base[q] = h;                                                                 \
+                }                                                                                \
             }                                                                                    \
             for (s = 0; s < L; s++) {                                                            \
                 int32_t code = (int32_t)(s ^ (s >> 1));                                          \
-                T lvs = lv[code];                                                                \
-                if (s) {                                                                         \
+                T lvs = lv[code], codef = (T)code;                                               \
+                if (var && s) {                                                                  \
                     int b = __builtin_ctzll((unsigned long long)s);                              \
                     T sg = (code >> b) & 1 ? (T)1 : (T)-1;                                       \
                     for (q = 0; q < nj; q++) cur[q] += sg * e[b][q];                             \
                 }                                                                                \
-                for (q = 0; q < nj; q++) {                                                       \
-                    T v = lvs + base[q] + cur[q];                                                \
-                    T d = x[q] - v;                                                              \
-                    int ok = ((code & s0[q]) | (~code & s1[q])) == 0;                            \
-                    d = d < 0 ? -d : d;                                                          \
-                    if (ok && (d < bd[q] || (d == bd[q] && code < best[q]))) {                   \
-                        bd[q] = d;                                                               \
-                        best[q] = code;                                                          \
+                if (flt) {                                                                       \
+                    for (q = 0; q < nj; q++) {                                                   \
+                        T d = fabs(x[q] - (lvs + base[q] + cur[q]));                             \
+                        int ok = ((code & s0[q]) | (~code & s1[q])) == 0;                        \
+                        int upd = ok & ((d < bd[q]) | ((d == bd[q]) & (codef < best[q])));      \
+                        bd[q] = upd ? d : bd[q];                                                 \
+                        best[q] = upd ? codef : best[q];                                         \
+                    }                                                                            \
+                } else {                                                                         \
+                    for (q = 0; q < nj; q++) {                                                   \
+                        T d = fabs(x[q] - (lvs + base[q] + cur[q]));                             \
+                        int upd = (d < bd[q]) | ((d == bd[q]) & (codef < best[q]));              \
+                        bd[q] = upd ? d : bd[q];                                                 \
+                        best[q] = upd ? codef : best[q];                                         \
                     }                                                                            \
                 }                                                                                \
             }                                                                                    \
-            for (q = 0; q < nj; q++) c->out[g * c->t.M + j + q] = (uint8_t)(best[q] < 0 ? 0 : best[q]); \
+            if (!var) {                                                                          \
+                /* Faults only: a weight without stuck bits keeps its nearest ideal code (the \
+                 * thresholds decide its ties, as for an ideal device). */                      \
+                for (q = 0; q < nj; q++)                                                         \
+                    c->out[p0 + q] = (s0[q] | s1[q]) ? (uint8_t)best[q] : c->healthy[p0 + q];    \
+            } else {                                                                             \
+                for (q = 0; q < nj; q++) c->out[p0 + q] = (uint8_t)best[q];                      \
+            }                                                                                    \
         }                                                                                        \
     }                                                                                            \
                                                                                                  \
@@ -457,42 +455,90 @@ DEFINE_NEAREST(f64, double)
                                                                                                  \
     QFV_CLONES static void deployed_chunk_##SUF(void *vctx, int64_t k) {                         \
         deployed_ctx_##SUF *c = (deployed_ctx_##SUF *)vctx;                                      \
-        int64_t g, c0, c1, j, i, N = c->N;                                                       \
+        int64_t g, c0, c1, j, j0, i, q, N = c->N, L = c->L;                                      \
         const T *lv, *rg;                                                                        \
-        double acc = 0.0, pr[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0};                                   \
+        double acc[4] = {0, 0, 0, 0}, pr[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0};                      \
+        T dv[SUB];                                                                               \
         chunk_range(&c->t, k, &g, &c0, &c1);                                                     \
-        lv = c->levels + g * c->L;                                                               \
+        lv = c->levels + g * L;                                                                  \
         rg = c->r + g * N;                                                                       \
-        for (j = c0; j < c1; j++) {                                                              \
-            int64_t p = g * c->t.M + j;                                                          \
-            unsigned code = c->codes[p];                                                         \
-            T v = lv[code], dev = 0, d;                                                          \
-            if (c->lrs || c->hrs) {                                                              \
-                for (i = 0; i < N; i++) {                                                        \
-                    T bit = (T)((code >> i) & 1);                                                \
-                    T t_ = c->lrs ? bit * (c->lrs[p * N + i] - 1) : 0;                           \
-                    if (c->hrs) t_ += (1 - bit) * c->hrs[p * N + i];                             \
-                    dev += t_ * rg[i];                                                           \
+        if (!c->lrs && !c->hrs && c->backward && c->part) {                                      \
+            /* Ideal cells: residuals summed per code, r and c follow through the bits. */     \
+            double s4[4][256];                                                                   \
+            const uint8_t *cd = c->codes + g * c->t.M;                                           \
+            const T *w = c->w + g * c->t.M;                                                      \
+            memset(s4, 0, sizeof(double) * 4 * 256);                                             \
+            if (c->grad_w)                                                                       \
+                for (j = c0; j < c1; j++) c->grad_w[g * c->t.M + j] = (w[j] - lv[cd[j]]) * c->gw; \
+            for (j = c0; j + 3 < c1; j += 4)                                                     \
+                for (q = 0; q < 4; q++) s4[q][cd[j + q]] += (double)(w[j + q] - lv[cd[j + q]]);  \
+            for (; j < c1; j++) s4[0][cd[j]] += (double)(w[j] - lv[cd[j]]);                      \
+            for (q = 0; q < L; q++) {                                                            \
+                double v = (s4[0][q] + s4[1][q]) + (s4[2][q] + s4[3][q]);                        \
+                pr[N] += v;                                                                      \
+                for (i = 0; i < N; i++)                                                          \
+                    if ((q >> i) & 1) pr[i] += v;                                                \
+            }                                                                                    \
+            for (i = 0; i <= N; i++) c->part[k * (N + 1) + i] = pr[i];                           \
+            return;                                                                              \
+        }                                                                                        \
+        for (j0 = c0; j0 < c1; j0 += SUB) {                                                      \
+            int64_t nj = c1 - j0 < SUB ? c1 - j0 : SUB;                                          \
+            int64_t p0 = g * c->t.M + j0;                                                        \
+            const uint8_t *cd = c->codes + p0;                                                   \
+            const T *w = c->w + p0;                                                              \
+            for (q = 0; q < nj; q++) dv[q] = w[q] - lv[cd[q]];                                   \
+            if (c->lrs && c->hrs) {                                                              \
+                const T *a = c->lrs + p0 * N, *h = c->hrs + p0 * N;                              \
+                for (q = 0; q < nj; q++) {                                                       \
+                    T dev = 0;                                                                   \
+                    for (i = 0; i < N; i++) {                                                    \
+                        T bit = (T)((cd[q] >> i) & 1);                                           \
+                        dev += (bit * (a[q * N + i] - 1) + (1 - bit) * h[q * N + i]) * rg[i];   \
+                    }                                                                            \
+                    dv[q] -= dev;                                                                \
+                }                                                                                \
+            } else if (c->lrs || c->hrs) {                                                       \
+                const T *a = c->lrs ? c->lrs + p0 * N : c->hrs + p0 * N;                         \
+                T one = c->lrs ? (T)1 : (T)0;                                                    \
+                for (q = 0; q < nj; q++) {                                                       \
+                    T dev = 0;                                                                   \
+                    for (i = 0; i < N; i++) {                                                    \
+                        T bit = (T)((cd[q] >> i) & 1);                                           \
+                        T sel = c->lrs ? bit : 1 - bit;                                          \
+                        dev += sel * (a[q * N + i] - one) * rg[i];                               \
+                    }                                                                            \
+                    dv[q] -= dev;                                                                \
                 }                                                                                \
             }                                                                                    \
-            d = c->w[p] - (v + dev);                                                             \
             if (!c->backward) {                                                                  \
-                acc += (double)d * (double)d;                                                    \
+                for (q = 0; q + 3 < nj; q += 4) {                                                \
+                    acc[0] += (double)dv[q] * (double)dv[q];                                     \
+                    acc[1] += (double)dv[q + 1] * (double)dv[q + 1];                             \
+                    acc[2] += (double)dv[q + 2] * (double)dv[q + 2];                             \
+                    acc[3] += (double)dv[q + 3] * (double)dv[q + 3];                             \
+                }                                                                                \
+                for (; q < nj; q++) acc[0] += (double)dv[q] * (double)dv[q];                     \
                 continue;                                                                        \
             }                                                                                    \
-            if (c->grad_w) c->grad_w[p] = d * c->gw;                                             \
+            if (c->grad_w)                                                                       \
+                for (q = 0; q < nj; q++) c->grad_w[p0 + q] = dv[q] * c->gw;                      \
             if (c->part) {                                                                       \
-                pr[N] += (double)d;                                                              \
-                for (i = 0; i < N; i++) {                                                        \
-                    T bit = (T)((code >> i) & 1);                                                \
-                    T coef = c->lrs ? bit * c->lrs[p * N + i] : bit;                             \
-                    if (c->hrs) coef += (1 - bit) * c->hrs[p * N + i];                           \
-                    pr[i] += (double)d * (double)coef;                                           \
+                for (q = 0; q < nj; q++) {                                                       \
+                    double d = (double)dv[q];                                                    \
+                    pr[N] += d;                                                                  \
+                    for (i = 0; i < N; i++) {                                                    \
+                        int64_t p = (p0 + q) * N + i;                                            \
+                        T bit = (T)((cd[q] >> i) & 1);                                           \
+                        T coef = c->lrs ? bit * c->lrs[p] : bit;                                 \
+                        if (c->hrs) coef += (1 - bit) * c->hrs[p];                               \
+                        pr[i] += d * (double)coef;                                               \
+                    }                                                                            \
                 }                                                                                \
             }                                                                                    \
         }                                                                                        \
         if (!c->backward) {                                                                      \
-            c->part[k] = acc;                                                                    \
+            c->part[k] = (acc[0] + acc[1]) + (acc[2] + acc[3]);                                  \
         } else if (c->part) {                                                                    \
             for (i = 0; i <= N; i++) c->part[k * (N + 1) + i] = pr[i];                           \
         }                                                                                        \
