@@ -13,7 +13,7 @@ if sys.platform == "win32":
 else:
     ext_modules = [Extension(
         "qfv_brevitas._qfv_kernels", ["qfv_brevitas/csrc/kernels.c"],
-        extra_compile_args=["-O3", "-pthread", "-fno-strict-aliasing"],
+        extra_compile_args=["-O3", "-pthread", "-fno-strict-aliasing", "-ffp-contract=off"],
         extra_link_args=["-pthread"], optional=True)]
 
 setup(ext_modules=ext_modules)

@@ -487,7 +487,9 @@ DEFINE_NEAREST(f64, double)
             int64_t p0 = g * c->t.M + j0;                                                        \
             const uint8_t *cd = c->codes + p0;                                                   \
             const T *w = c->w + p0;                                                              \
-            for (q = 0; q < nj; q++) dv[q] = w[q] - lv[cd[q]];                                   \
+            /* d = w - (level + deviation): the deployed value as deployed_values computes it, \
+             * so that a weight on its deployed value has distance 0 exactly. */               \
+            for (q = 0; q < nj; q++) dv[q] = 0;                                                  \
             if (c->lrs && c->hrs) {                                                              \
                 const T *a = c->lrs + p0 * N, *h = c->hrs + p0 * N;                              \
                 for (q = 0; q < nj; q++) {                                                       \
@@ -496,7 +498,7 @@ DEFINE_NEAREST(f64, double)
                         T bit = (T)((cd[q] >> i) & 1);                                           \
                         dev += (bit * (a[q * N + i] - 1) + (1 - bit) * h[q * N + i]) * rg[i];   \
                     }                                                                            \
-                    dv[q] -= dev;                                                                \
+                    dv[q] = dev;                                                                 \
                 }                                                                                \
             } else if (c->lrs || c->hrs) {                                                       \
                 const T *a = c->lrs ? c->lrs + p0 * N : c->hrs + p0 * N;                         \
@@ -508,9 +510,10 @@ DEFINE_NEAREST(f64, double)
                         T sel = c->lrs ? bit : 1 - bit;                                          \
                         dev += sel * (a[q * N + i] - one) * rg[i];                               \
                     }                                                                            \
-                    dv[q] -= dev;                                                                \
+                    dv[q] = dev;                                                                 \
                 }                                                                                \
             }                                                                                    \
+            for (q = 0; q < nj; q++) dv[q] = w[q] - (lv[cd[q]] + dv[q]);                         \
             if (!c->backward) {                                                                  \
                 for (q = 0; q + 3 < nj; q += 4) {                                                \
                     acc[0] += (double)dv[q] * (double)dv[q];                                     \
