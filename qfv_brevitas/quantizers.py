@@ -201,6 +201,19 @@ class NMultTensorQuant(nn.Module):
 
         With a fault or variability map attached, ``q`` ranges over the levels this weight can
         actually take on the device (eq. 11, eq. 12): unreachable levels are excluded."""
+        out = self._distance(w)
+        if not torch.isfinite(out):
+            self.raise_not_finite(w)
+        return out
+
+    def raise_not_finite(self, w: Tensor) -> None:
+        """The error for a non-finite regularizer term: NaN/inf weights, else diverged r/c."""
+        L.check_finite(self.to_groups(w), f"weights of {self.layer_name or 'layer'}")
+        raise ValueError(f"levels of {self.layer_name or 'layer'} are not finite: r/c diverged")
+
+    def _distance(self, w: Tensor) -> Tensor:
+        """:meth:`distance` without the finiteness check (a host sync on a GPU):
+        :func:`qfv_brevitas.regularization_loss` checks the sum over all layers once."""
         self.check_weight(w)
         w2d = self.to_groups(w)
         dev = self.device_state()
@@ -213,13 +226,11 @@ class NMultTensorQuant(nn.Module):
                 L.check_finite(w2d, f"weights of {self.layer_name or 'layer'}")
                 raise
         else:
-            L.check_finite(w2d, f"weights of {self.layer_name or 'layer'}")
+            if w2d.device.type == "cpu":  # (on a GPU the sum's check below reports NaNs)
+                L.check_finite(w2d, f"weights of {self.layer_name or 'layer'}")
             r, c = self.multipliers(), self.offset()
             codes = D._aware_codes(w2d.detach(), r, c, dev.sa0, dev.sa1, dev.lrs, dev.hrs)
             out = D.deployed_sq_distance(w2d, r, c, codes, dev.sa0, dev.sa1, dev.lrs, dev.hrs)
-        if not torch.isfinite(out):
-            L.check_finite(w2d, f"weights of {self.layer_name or 'layer'}")
-            raise ValueError(f"levels of {self.layer_name or 'layer'} are not finite: r/c diverged")
         return out
 
     @property
@@ -255,7 +266,8 @@ class NMultTensorQuant(nn.Module):
         else:
             scale = scale.reshape(())
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
-        return out, scale, zero, torch.tensor(float(self.bits), device=x.device)
+        # torch.full, not torch.tensor: no host-to-device copy (a sync) on every forward pass.
+        return out, scale, zero, torch.full((), float(self.bits), device=x.device)
 
     # -- state ---------------------------------------------------------------------------
     def config_dict(self) -> dict:
