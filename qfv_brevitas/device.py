@@ -34,7 +34,7 @@ _CAND_BLOCK_GPU = 1 << 25
 
 
 def _cand_block(t: Tensor) -> int:
-    return _CAND_BLOCK if t.device.type == "cpu" else _CAND_BLOCK_GPU
+    return _CAND_BLOCK_GPU if L.sync_free(t) else _CAND_BLOCK
 
 
 def force_codes(codes: Tensor, sa0: Optional[Tensor], sa1: Optional[Tensor]) -> Tensor:
@@ -118,7 +118,7 @@ def _aware_codes(w2d: Tensor, r: Tensor, c: Tensor, sa0: Optional[Tensor] = None
             if sa0 is None and sa1 is None:
                 return healthy
         return K.aware_codes(w2d, levels, r, sa0, sa1, lrs, hrs, healthy)
-    if lrs is None and hrs is None and w2d.device.type == "cpu":
+    if lrs is None and hrs is None and not L.sync_free(w2d):
         # (On a GPU the exhaustive path below: it needs no host sync for the faulty subset.)
         levels = L.level_table(r, c)
         codes = L.nearest(w2d, levels)[1]

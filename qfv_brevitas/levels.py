@@ -134,10 +134,20 @@ def sort_levels(levels: Tensor) -> SortedLevels:
 _BLOCK = 1 << 18
 
 
+#: Test switch: CPU tensors take the code paths written for GPUs (no host sync, whole-tensor
+#: ops), so that a CPU-only machine can check them (tests/test_gpu.py).
+_GPU_PATHS_ON_CPU = False
+
+
+def sync_free(t: Tensor) -> bool:
+    """Whether ``t`` takes the GPU code paths: no host syncs, one tile per tensor."""
+    return t.device.type != "cpu" or _GPU_PATHS_ON_CPU
+
+
 def _block_for(t: Tensor) -> Optional[int]:
     """Tile size for the torch paths on ``t``'s device: cache-sized blocks on the CPU; on a GPU
     one tile (every extra tile is another round of kernel launches)."""
-    return None if t.device.type == "cpu" else 1 << 62
+    return 1 << 62 if sync_free(t) else None
 
 
 def _blocks(G: int, M: int, block: Optional[int] = None):
@@ -166,7 +176,7 @@ class _LevelIndex:
         # The compiled CPU kernel builds its own table. On a GPU, searchsorted: the table's
         # checks would each be a host sync.
         self.native = K.usable(self.thr)
-        self.lut = None if self.native or levels.device.type != "cpu" else self._build_lut()
+        self.lut = None if self.native or sync_free(levels) else self._build_lut()
 
     def _build_lut(self):
         G, T = self.thr.shape
@@ -388,7 +398,7 @@ class _SnapSTE(torch.autograd.Function):
         li = _LevelIndex(levels, w2d.dtype)
         idx = li.search(w2d)
         out = torch.empty_like(w2d)
-        block = None if w2d.device.type == "cpu" and not li.native else 1 << 62
+        block = None if not sync_free(w2d) and not li.native else 1 << 62
         for r0, r1, c0, c1 in _blocks(*w2d.shape, block):
             out[r0:r1, c0:c1] = li.values_block(idx[r0:r1, c0:c1], r0, r1)
         ctx.li = li

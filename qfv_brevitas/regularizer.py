@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import LambdaSchedule
-from .levels import qp
+from .levels import qp, sync_free
 from .quantizers import nmult_layers, quant_of
 from .shapes import check_shape, check_width, layer_distance
 
@@ -50,8 +50,9 @@ def regularization_loss(model: nn.Module, breakdown: bool = False, shape: str = 
 
 def _loss_terms(model: nn.Module, shape: str = "sq", width: float = 0.25
                 ) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """The loss and each layer's weighted term (detached tensors, no host sync per layer: the
-    sum's finiteness is checked once, and only a non-finite sum looks for its layer)."""
+    """The loss and each layer's weighted term (detached tensors, no host sync per layer: on
+    the CPU the sum's finiteness is checked once, and only a non-finite sum looks for its
+    layer)."""
     check_shape(shape)
     total = None
     terms: Dict[str, Tensor] = {}
@@ -69,7 +70,8 @@ def _loss_terms(model: nn.Module, shape: str = "sq", width: float = 0.25
     if total is None:
         p = next(model.parameters(), None)
         return torch.zeros((), device=None if p is None else p.device), terms
-    if not torch.isfinite(total):
+    # One check of the sum (a host sync, skipped on a GPU, where fit checks once per epoch).
+    if not sync_free(total) and not torch.isfinite(total):
         for name, tq, w, term in used:
             if not torch.isfinite(term):
                 tq.raise_not_finite(w)

@@ -121,6 +121,13 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 512,
     return int(correct) / max(total, 1)
 
 
+def _raise_diverged(model: nn.Module, epoch: int) -> None:
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    raise ValueError(f"training diverged in epoch {epoch + 1}: the task loss is NaN or "
+                     f"infinite; non-finite parameters: {', '.join(bad) or 'none'}. Lower the "
+                     "learning rate, or check the data for NaN/inf inputs.")
+
+
 def fit(model: nn.Module, train: Dataset, test: Optional[Dataset], cfg: TrainConfig,
         desc: str = "train", progress: Union[bool, RunProgress] = True,
         device: Optional[torch.device] = None,
@@ -193,6 +200,8 @@ def fit(model: nn.Module, train: Dataset, test: Optional[Dataset], cfg: TrainCon
             bar.update(1)
         if epoch_end is not None:
             epoch_end(epoch)
+        if not (math.isfinite(float(tl)) and math.isfinite(float(rl))):
+            _raise_diverged(model, epoch)
         hist["task_loss"].append(float(tl) / len(loader))
         hist["reg"].append(float(rl) / len(loader))
         hist["lambda"].append(reg.lam(epoch) if reg is not None else 0.0)
