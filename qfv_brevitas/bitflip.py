@@ -192,15 +192,18 @@ def _flip_sampler(layers: str):
 
 def evaluate_bitflips(model: nn.Module, test: Dataset, rates: Sequence[float], trials: int = 10,
                       seed: int = 0, mapping: str = "naive", layers: str = "inner",
-                      progress: bool = True) -> E.MonteCarloResult:
+                      progress: bool = True, workers: int = 1, distributed: bool = False,
+                      device=None) -> E.MonteCarloResult:
     """Accuracy with random bit flips at each bit-error rate, ``trials`` seeded runs per rate
     (trial ``k`` uses seed ``seed + k``); one flip draw per evaluation batch of 512 images.
     ``mapping`` and ``layers`` as in :func:`qfv_brevitas.evaluate_faults` (the mapping matters
-    only with a fault or variability map attached to ``model``)."""
+    only with a fault or variability map attached to ``model``); ``workers``, ``distributed``,
+    ``device`` as there."""
     E.check_choice(mapping, ("naive", "aware"), "deploy mapping")
     return E._run("bitflips", model, None, test, E._check_levels(rates, "bit-error rates", 1.0),
                   E._check_trials(trials), seed, ["none"], _flip_sampler(layers),
-                  {"none": E._deploy(mapping)}, progress, {"layers": layers, "mapping": mapping})
+                  {"none": E._deploy(mapping)}, progress, {"layers": layers, "mapping": mapping},
+                  workers, distributed, device)
 
 
 def random_bit_error_finetune(model: nn.Module, train: Dataset, test: Optional[Dataset],
