@@ -87,7 +87,7 @@ def _on_cpu(model: nn.Module, *tensors):
     p = next(model.parameters(), None)
     if p is not None and p.device.type != "cpu":
         model = copy.deepcopy(model).cpu()
-    return (model,) + tuple(None if t is None else t.cpu() for t in tensors)
+    return (model,) + tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in tensors)
 
 
 def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path],
