@@ -28,6 +28,9 @@ __all__ = ["available", "enabled", "torch_fallback", "usable", "BLOCK"]
 #: Weights per chunk (one piece of one row); several chunks per thread balance the load.
 BLOCK = 1 << 16
 
+#: Version of the kernels' C interface this module expects (``qfv_abi_version`` in kernels.c).
+_ABI = 2
+
 _LIB: Optional[ctypes.CDLL] = None
 _LOAD_ERROR: Optional[str] = None
 _ENABLED = os.environ.get("QFV_KERNELS", "").strip().lower() not in ("0", "torch", "off", "no")
@@ -42,7 +45,7 @@ def _load() -> Optional[ctypes.CDLL]:
         if spec is None or not spec.origin:
             raise ImportError("not built (no C compiler when the package was installed?)")
         lib = ctypes.CDLL(spec.origin)
-        if lib.qfv_abi_version() != 1:
+        if lib.qfv_abi_version() != _ABI:
             raise ImportError("built from another version of kernels.c: reinstall the package")
     except (ImportError, OSError, AttributeError) as e:
         _LOAD_ERROR = str(e)
@@ -55,11 +58,14 @@ def _load() -> Optional[ctypes.CDLL]:
         f = getattr(lib, f"qfv_nearest_bwd_{suf}")
         f.argtypes = [P, P, I, I, P, I, D, P, P, I, I]
         f.restype = I
-        f = getattr(lib, f"qfv_aware_codes_{suf}")
-        f.argtypes = [P, I, I, I, P, P, P, P, P, P, P, P, I, I]
-        f.restype = I
         f = getattr(lib, f"qfv_deployed_{suf}")
         f.argtypes = [P, I, I, I, P, P, P, P, P, ctypes.c_int, D, P, P, P, I, I]
+        f.restype = I
+        f = getattr(lib, f"qfv_aware_fused_{suf}")
+        f.argtypes = [P, I, I, I, P, P, P, P, P, P, P, P, P, P, P, P, I, I]
+        f.restype = I
+        f = getattr(lib, f"qfv_scale_{suf}")
+        f.argtypes = [P, I, D, P, I, I]
         f.restype = I
     _LIB = lib
     return lib
@@ -166,22 +172,6 @@ def nearest_backward(w2d: Tensor, idx: Tensor, vals: Tensor, gw: float, want_w: 
     return grad, sums
 
 
-def aware_codes(w2d: Tensor, levels: Tensor, r: Tensor, sa0: Optional[Tensor],
-                sa1: Optional[Tensor], lrs: Optional[Tensor], hrs: Optional[Tensor],
-                healthy: Optional[Tensor]) -> Tensor:
-    """uint8 codes whose deployed value is nearest each weight (see ``device.aware_codes``)."""
-    c = [None if t is None else t.contiguous() for t in (w2d, levels, r, sa0, sa1, lrs, hrs,
-                                                           healthy)]
-    w2d, levels, r, sa0, sa1, lrs, hrs, healthy = c
-    G, M = w2d.shape
-    out = torch.empty((G, M), dtype=torch.uint8)
-    fn = getattr(_LIB, f"qfv_aware_codes_{_suf(w2d)}")
-    _check(fn(w2d.data_ptr(), G, M, r.shape[1], levels.data_ptr(), r.data_ptr(), _p(sa0),
-              _p(sa1), _p(lrs), _p(hrs), _p(healthy), out.data_ptr(), BLOCK // 4, _threads()),
-           "device-aware code search")
-    return out
-
-
 def deployed(w2d: Tensor, levels: Tensor, r: Tensor, codes: Tensor, lrs: Optional[Tensor],
              hrs: Optional[Tensor], backward: bool = False, gw: float = 0.0,
              want_w: bool = False, want_sums: bool = False):
@@ -205,3 +195,41 @@ def deployed(w2d: Tensor, levels: Tensor, r: Tensor, codes: Tensor, lrs: Optiona
               _p(lrs), _p(hrs), 1, float(gw), _p(grad), _p(sums), None, BLOCK, _threads()),
            "device-aware regularizer backward")
     return grad, sums
+
+
+def aware_fused(w2d: Tensor, levels: Tensor, r: Tensor, thr: Optional[Tensor],
+                perm: Optional[Tensor], sa0: Optional[Tensor], sa1: Optional[Tensor],
+                lrs: Optional[Tensor], hrs: Optional[Tensor], want_codes: bool = False,
+                want_resid: bool = False, want_sums: bool = False):
+    """Device-aware regularizer in one pass: each weight's nearest deployable code and
+    ``sum (w - v)^2`` over the deployed values ``v`` of those codes. Returns ``(total, bad,
+    codes, resid, sums)``: the sum (a float), the number of non-finite weights, and if asked
+    the uint8 codes ``(G, M)``, the residuals ``w - v`` ``(G, M)`` and the per-row float64 sums
+    ``(G, N + 1)`` of ``(w - v) coef_i`` and, last, of ``w - v``. Without variability ``thr``
+    and ``perm`` are the sorted thresholds and the sorted levels' codes."""
+    c = [None if t is None else t.contiguous() for t in (w2d, levels, r, thr, sa0, sa1, lrs,
+                                                           hrs)]
+    w2d, levels, r, thr, sa0, sa1, lrs, hrs = c
+    if perm is not None:
+        perm = perm.to(torch.uint8).contiguous()
+    G, M = w2d.shape
+    N = r.shape[1]
+    codes = torch.empty((G, M), dtype=torch.uint8) if want_codes else None
+    resid = torch.empty_like(w2d) if want_resid else None
+    sums = torch.empty((G, N + 1), dtype=torch.float64) if want_sums else None
+    total = ctypes.c_double(0.0)
+    fn = getattr(_LIB, f"qfv_aware_fused_{_suf(w2d)}")
+    rc = fn(w2d.data_ptr(), G, M, N, levels.data_ptr(), r.data_ptr(), _p(thr), _p(perm),
+            _p(sa0), _p(sa1), _p(lrs), _p(hrs), _p(codes), _p(resid), _p(sums),
+            ctypes.byref(total), BLOCK // 4, _threads())
+    _check(rc, "device-aware regularizer")
+    return total.value, int(rc), codes, resid, sums
+
+
+def scale(x: Tensor, s: float) -> Tensor:
+    """``x * s`` (in ``x``'s dtype) on the kernels' thread pool."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    fn = getattr(_LIB, f"qfv_scale_{_suf(x)}")
+    _check(fn(x.data_ptr(), x.numel(), float(s), out.data_ptr(), BLOCK, _threads()), "scale")
+    return out

@@ -229,11 +229,11 @@ class NMultTensorQuant(nn.Module):
                 L.check_finite(w2d, f"weights of {self.layer_name or 'layer'}")
                 raise
         else:
-            if not L.sync_free(w2d):  # (on a GPU the sum's check reports NaNs)
-                L.check_finite(w2d, f"weights of {self.layer_name or 'layer'}")
-            r, c = self.multipliers(), self.offset()
-            codes = D._aware_codes(w2d.detach(), r, c, dev.sa0, dev.sa1, dev.lrs, dev.hrs)
-            out = D.deployed_sq_distance(w2d, r, c, codes, dev.sa0, dev.sa1, dev.lrs, dev.hrs)
+            # Search and distance in one call (one pass on the CPU kernels); NaN/inf weights
+            # raise there (on a GPU the sum's check reports them).
+            out = D.aware_sq_distance(w2d, self.multipliers(), self.offset(), dev.sa0, dev.sa1,
+                                      dev.lrs, dev.hrs,
+                                      where=f"weights of {self.layer_name or 'layer'}")
         return out
 
     @property

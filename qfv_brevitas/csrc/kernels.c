@@ -28,7 +28,7 @@
 #define SUB 256
 #define COUNT_MAX 31
 
-int64_t qfv_abi_version(void) { return 1; }
+int64_t qfv_abi_version(void) { return 2; }
 
 /* ------------------------------------------------------------------ chunked parallel loop */
 
@@ -330,118 +330,12 @@ static void lut_free(lut_t *lt) {
 DEFINE_NEAREST(f32, float)
 DEFINE_NEAREST(f64, double)
 
-/* ------------------------------------------- device-aware code search and its distance */
+/* ------------------------------------- distance to the deployed values of given codes */
 
 /* Deployed value of code S for one weight: level[S] + sum_i r_i (S_i (lrs_i - 1) + (1 - S_i)
- * hrs_i). The search enumerates the codes in Gray order, each step adding or removing one
- * cell's e_i = r_i (lrs_i - 1 - hrs_i) to a running sum, for a block of weights at a time;
- * among equally near values the lowest code wins (as torch's argmin over codes). */
-#define AW_J 64
-
-#define DEFINE_AWARE(SUF, T)                                                                     \
-    typedef struct {                                                                             \
-        tiling_t t;                                                                              \
-        const T *w, *levels, *r, *lrs, *hrs;                                                     \
-        const uint8_t *sa0, *sa1, *healthy;                                                      \
-        int64_t N, L;                                                                            \
-        uint8_t *out;                                                                            \
-    } aware_ctx_##SUF;                                                                           \
-                                                                                                 \
-    QFV_CLONES static void aware_chunk_##SUF(void *vctx, int64_t k) {                            \
-        aware_ctx_##SUF *c = (aware_ctx_##SUF *)vctx;                                            \
-        int64_t g, c0, c1, j, i, s, N = c->N, L = c->L;                                          \
-        const T *lv, *rg;                                                                        \
-        int var = c->lrs || c->hrs, flt = c->sa0 || c->sa1;                                      \
-        chunk_range(&c->t, k, &g, &c0, &c1);                                                     \
-        lv = c->levels + g * L;                                                                  \
-        rg = c->r + g * N;                                                                       \
-        for (j = c0; j < c1; j += AW_J) {                                                        \
-            int64_t nj = c1 - j < AW_J ? c1 - j : AW_J, q, p0 = g * c->t.M + j;                  \
-            T e[8][AW_J], base[AW_J], cur[AW_J], x[AW_J], bd[AW_J], best[AW_J];                  \
-            int32_t s0[AW_J], s1[AW_J];                                                          \
-            for (q = 0; q < nj; q++) {                                                           \
-                x[q] = c->w[p0 + q];                                                             \
-                bd[q] = (T)INFINITY;                                                             \
-                best[q] = 0;                                                                     \
-                cur[q] = 0;                                                                      \
-                base[q] = 0;                                                                     \
-                s0[q] = c->sa0 ? c->sa0[p0 + q] : 0;                                             \
-                s1[q] = c->sa1 ? c->sa1[p0 + q] : 0;                                             \
-            }                                                                                    \
-            if (var) {                                                                           \
-                for (q = 0; q < nj; q++) {                                                       \
-                    int64_t p = p0 + q;                                                          \
-                    T h = 0;                                                                     \
-                    for (i = 0; i < N; i++) {                                                    \
-                        T a = c->lrs ? c->lrs[p * N + i] : (T)1;                                 \
-                        T hh = c->hrs ? c->hrs[p * N + i] : (T)0;                                \
-                        e[i][q] = rg[i] * (a - 1 - hh);                                          \
-                        h += rg[i] * hh;                                                         \
-                    }                                                                            \
-                    base[q] = h;                                                                 \
-                }                                                                                \
-            }                                                                                    \
-            for (s = 0; s < L; s++) {                                                            \
-                int32_t code = (int32_t)(s ^ (s >> 1));                                          \
-                T lvs = lv[code], codef = (T)code;                                               \
-                if (var && s) {                                                                  \
-                    int b = __builtin_ctzll((unsigned long long)s);                              \
-                    T sg = (code >> b) & 1 ? (T)1 : (T)-1;                                       \
-                    for (q = 0; q < nj; q++) cur[q] += sg * e[b][q];                             \
-                }                                                                                \
-                if (flt) {                                                                       \
-                    for (q = 0; q < nj; q++) {                                                   \
-                        T d = fabs(x[q] - (lvs + base[q] + cur[q]));                             \
-                        int ok = ((code & s0[q]) | (~code & s1[q])) == 0;                        \
-                        int upd = ok & ((d < bd[q]) | ((d == bd[q]) & (codef < best[q])));      \
-                        bd[q] = upd ? d : bd[q];                                                 \
-                        best[q] = upd ? codef : best[q];                                         \
-                    }                                                                            \
-                } else {                                                                         \
-                    for (q = 0; q < nj; q++) {                                                   \
-                        T d = fabs(x[q] - (lvs + base[q] + cur[q]));                             \
-                        int upd = (d < bd[q]) | ((d == bd[q]) & (codef < best[q]));              \
-                        bd[q] = upd ? d : bd[q];                                                 \
-                        best[q] = upd ? codef : best[q];                                         \
-                    }                                                                            \
-                }                                                                                \
-            }                                                                                    \
-            if (!var) {                                                                          \
-                /* Faults only: a weight without stuck bits keeps its nearest ideal code (the \
-                 * thresholds decide its ties, as for an ideal device). */                      \
-                for (q = 0; q < nj; q++)                                                         \
-                    c->out[p0 + q] = (s0[q] | s1[q]) ? (uint8_t)best[q] : c->healthy[p0 + q];    \
-            } else {                                                                             \
-                for (q = 0; q < nj; q++) c->out[p0 + q] = (uint8_t)best[q];                      \
-            }                                                                                    \
-        }                                                                                        \
-    }                                                                                            \
-                                                                                                 \
-    /* Codes (uint8, G x M) whose deployed value is nearest each weight. `healthy` (the        \
-     * nearest ideal codes) is needed without variability only. */                             \
-    int64_t qfv_aware_codes_##SUF(const T *w, int64_t G, int64_t M, int64_t N, const T *levels,  \
-                                  const T *r, const uint8_t *sa0, const uint8_t *sa1,            \
-                                  const T *lrs, const T *hrs, const uint8_t *healthy,            \
-                                  uint8_t *out, int64_t block, int64_t threads) {                \
-        aware_ctx_##SUF c;                                                                       \
-        if (N < 1 || N > 8 || (!lrs && !hrs && !healthy)) return -2;                             \
-        memset(&c, 0, sizeof(c));                                                                \
-        c.t = make_tiling(G, M, block);                                                          \
-        c.w = w;                                                                                 \
-        c.levels = levels;                                                                       \
-        c.r = r;                                                                                 \
-        c.lrs = lrs;                                                                             \
-        c.hrs = hrs;                                                                             \
-        c.sa0 = sa0;                                                                             \
-        c.sa1 = sa1;                                                                             \
-        c.healthy = healthy;                                                                     \
-        c.N = N;                                                                                 \
-        c.L = (int64_t)1 << N;                                                                   \
-        c.out = out;                                                                             \
-        run_chunks(aware_chunk_##SUF, &c, G * c.t.per_row, threads);                             \
-        return 0;                                                                                \
-    }                                                                                            \
-                                                                                                 \
+ * hrs_i). qfv_deployed: sum (w - v)^2 over given (forced) codes and its backward pass
+ * (device.deployed_sq_distance); the regularizer's own search-and-distance pass is below. */
+#define DEFINE_DEPLOYED(SUF, T)                                                                  \
     typedef struct {                                                                             \
         tiling_t t;                                                                              \
         const T *w, *levels, *r, *lrs, *hrs;                                                     \
@@ -591,5 +485,402 @@ DEFINE_NEAREST(f64, double)
         return 0;                                                                                \
     }
 
-DEFINE_AWARE(f32, float)
-DEFINE_AWARE(f64, double)
+/* ------------------------- device-aware regularizer: search, distance and backward fused */
+
+/* One pass over the weights and their per-cell data (stuck-bit masks, cell factors): each
+ * weight's nearest deployable code, the squared distance to that code's deployed value (as
+ * qfv_deployed computes it), and what the backward pass needs: the residual w - v per weight,
+ * and per row the sums of (w - v) coef_i and of (w - v). The per-cell data are read once per
+ * regularizer step; device.aware_codes runs the same pass and keeps the codes. */
+#define FU_J 64
+/* Independent groups of vector lanes that a search carries through the candidates at once. */
+#define KV 4
+
+#define DEFINE_FUSED(SUF, T, IT)                                                                 \
+    typedef struct {                                                                             \
+        tiling_t t;                                                                              \
+        const T *w, *levels, *r, *lrs, *hrs, *thr;                                               \
+        const uint8_t *sa0, *sa1, *perm;                                                         \
+        int64_t N, L, nt;                                                                        \
+        lut_t lut;                                                                               \
+        uint8_t *codes;                                                                          \
+        T *resid;                                                                                \
+        double *part;  /* per chunk: sum of d^2 */                                               \
+        double *psums; /* per chunk: N + 1 sums (NULL: not wanted) */                            \
+        int64_t *bad;  /* per chunk: non-finite weights */                                       \
+    } fused_ctx_##SUF;                                                                           \
+                                                                                                 \
+    /* Explicit vectors (GCC vector extensions, 32 bytes; split in two where AVX2 is absent):    \
+     * the searches keep a group of weights' running values, best distances and codes in         \
+     * registers across all candidate codes. vi is the comparison-mask type of vt. */            \
+    typedef T vt_##SUF __attribute__((vector_size(32)));                                         \
+    typedef IT vi_##SUF __attribute__((vector_size(32)));                                        \
+                                                                                                 \
+    /* Per chunk: lanes of the sums (one per weight position of a sub-block, added up at the end \
+     * of the chunk in a fixed order), so that the loops over the weights vectorise. */          \
+    typedef struct {                                                                             \
+        double d2[FU_J];                                                                         \
+        double s[9][FU_J];                                                                       \
+        int64_t bad;                                                                             \
+    } lanes_##SUF;                                                                               \
+                                                                                                 \
+    /* The end of every sub-block: non-finite count, sum of d^2, chosen codes and residuals. */  \
+    static inline __attribute__((always_inline)) void                                            \
+    fused_store_##SUF(fused_ctx_##SUF *c, lanes_##SUF *ln, int64_t p0, int64_t nj, const T *x,   \
+                      const T *dv, const int32_t *cd) {                                          \
+        int64_t q;                                                                               \
+        for (q = 0; q < nj; q++) ln->bad += !(x[q] - x[q] == 0);                                 \
+        for (q = 0; q < nj; q++) ln->d2[q] += (double)dv[q] * (double)dv[q];                     \
+        if (c->codes)                                                                            \
+            for (q = 0; q < nj; q++) c->codes[p0 + q] = (uint8_t)cd[q];                          \
+        if (c->resid)                                                                            \
+            for (q = 0; q < nj; q++) c->resid[p0 + q] = dv[q];                                   \
+    }                                                                                            \
+                                                                                                 \
+    /* Variability (with or without stuck bits): every code's deployed value level[S] + sum_i    \
+     * r_i hrs_i + sum_i S_i e_i, e_i = r_i (lrs_i - 1 - hrs_i); among equally near values       \
+     * the lowest code wins (as torch's argmin over codes). N is a constant at each call site    \
+     * (a switch below), so the loops over the cells unroll. */                                  \
+    static inline __attribute__((always_inline)) void                                            \
+    fused_var_##SUF(fused_ctx_##SUF *c, lanes_##SUF *ln, int64_t g, int64_t c0, int64_t c1,      \
+                    const int64_t N) {                                                           \
+        const int64_t L = (int64_t)1 << N, VL = (int64_t)(32 / sizeof(T));                       \
+        const vi_##SUF sgn = (vi_##SUF){0} + (IT)((uint64_t)1 << (8 * sizeof(IT) - 1));          \
+        const T *lv = c->levels + g * L, *rg = c->r + g * N;                                     \
+        int flt = c->sa0 || c->sa1, sums = c->psums != NULL;                                     \
+        int64_t j, i, q, s;                                                                      \
+        T rr[8];                                                                                 \
+        for (i = 0; i < N; i++) rr[i] = rg[i];                                                   \
+        for (j = c0; j < c1; j += FU_J) {                                                        \
+            int64_t nj = c1 - j < FU_J ? c1 - j : FU_J, p0 = g * c->t.M + j, q0;                 \
+            const T *x = c->w + p0;                                                              \
+            T A[8][FU_J], H[8][FU_J], e[8][FU_J], base[FU_J], xs[FU_J], xb[FU_J], bestf[FU_J];   \
+            T dv[FU_J], dev[FU_J];                                                               \
+            IT s0[FU_J], s1[FU_J];                                                               \
+            int32_t cd[FU_J];                                                                    \
+            /* The cells' factors, one row per cell (an absent map: its ideal value); the tail   \
+             * of a short sub-block is padded with harmless values. */                           \
+            for (q = 0; q < FU_J; q++) xs[q] = q < nj ? x[q] : 0;                                \
+            if (c->lrs) {                                                                        \
+                const T *a = c->lrs + p0 * N;                                                    \
+                for (q = 0; q < nj; q++)                                                         \
+                    for (i = 0; i < N; i++) A[i][q] = a[q * N + i];                              \
+                for (; q < FU_J; q++)                                                            \
+                    for (i = 0; i < N; i++) A[i][q] = 1;                                         \
+            } else {                                                                             \
+                for (i = 0; i < N; i++)                                                          \
+                    for (q = 0; q < FU_J; q++) A[i][q] = 1;                                      \
+            }                                                                                    \
+            if (c->hrs) {                                                                        \
+                const T *h = c->hrs + p0 * N;                                                    \
+                for (q = 0; q < nj; q++)                                                         \
+                    for (i = 0; i < N; i++) H[i][q] = h[q * N + i];                              \
+                for (; q < FU_J; q++)                                                            \
+                    for (i = 0; i < N; i++) H[i][q] = 0;                                         \
+            } else {                                                                             \
+                for (i = 0; i < N; i++)                                                          \
+                    for (q = 0; q < FU_J; q++) H[i][q] = 0;                                      \
+            }                                                                                    \
+            for (q = 0; q < FU_J; q++) {                                                         \
+                base[q] = 0;                                                                     \
+                s0[q] = c->sa0 && q < nj ? c->sa0[p0 + q] : 0;                                   \
+                s1[q] = c->sa1 && q < nj ? c->sa1[p0 + q] : 0;                                   \
+            }                                                                                    \
+            for (i = 0; i < N; i++)                                                              \
+                for (q = 0; q < FU_J; q++) {                                                     \
+                    e[i][q] = rr[i] * (A[i][q] - 1 - H[i][q]);                                   \
+                    base[q] += rr[i] * H[i][q];                                                  \
+                }                                                                                \
+            /* Candidate S is compared as |(x - sum_i r_i hrs_i) - (level[S] + sum_i S_i e_i)|:  \
+             * on an ideal device exactly |x - level[S]|. */                                     \
+            for (q = 0; q < FU_J; q++) xb[q] = xs[q] - base[q];                                  \
+            /* KV groups of VL weights at a time (independent chains of compare-and-select);     \
+             * codes in ascending order, P[S] = P[S without its lowest bit] + e_(lowest bit),    \
+             * and a strict comparison keeps the lowest of equally near codes. */                \
+            for (q0 = 0; q0 < nj; q0 += KV * VL) {                                               \
+                vt_##SUF xv[KV], best[KV], bd[KV], P[256][KV];                                   \
+                vi_##SUF m0[KV], m1[KV];                                                         \
+                int64_t kk;                                                                      \
+                for (kk = 0; kk < KV; kk++) {                                                    \
+                    memcpy(&xv[kk], xb + q0 + kk * VL, sizeof(xv[kk]));                          \
+                    memcpy(&m0[kk], s0 + q0 + kk * VL, sizeof(m0[kk]));                          \
+                    memcpy(&m1[kk], s1 + q0 + kk * VL, sizeof(m1[kk]));                          \
+                    P[0][kk] = (vt_##SUF){0};                                                    \
+                    best[kk] = (vt_##SUF){0};                                                    \
+                    bd[kk] = (vt_##SUF){0} + (T)INFINITY;                                        \
+                }                                                                                \
+                for (s = 0; s < L; s++) {                                                        \
+                    IT code = (IT)s;                                                             \
+                    vt_##SUF cf = (vt_##SUF){0} + (T)s;                                          \
+                    T lvs = lv[s];                                                               \
+                    if (s) {                                                                     \
+                        int b = __builtin_ctzll((unsigned long long)s);                          \
+                        int64_t par = s & (s - 1);                                               \
+                        for (kk = 0; kk < KV; kk++) {                                            \
+                            vt_##SUF ek;                                                         \
+                            memcpy(&ek, e[b] + q0 + kk * VL, sizeof(ek));                        \
+                            P[s][kk] = P[par][kk] + ek;                                          \
+                        }                                                                        \
+                    }                                                                            \
+                    for (kk = 0; kk < KV; kk++) {                                                \
+                        vt_##SUF d = (vt_##SUF)((vi_##SUF)(xv[kk] - (lvs + P[s][kk])) & ~sgn);   \
+                        vi_##SUF upd = d < bd[kk];                                               \
+                        if (flt) upd &= ((code & m0[kk]) | (~code & m1[kk])) == 0;               \
+                        bd[kk] = (vt_##SUF)((upd & (vi_##SUF)d) | (~upd & (vi_##SUF)bd[kk]));    \
+                        best[kk] =                                                               \
+                            (vt_##SUF)((upd & (vi_##SUF)cf) | (~upd & (vi_##SUF)best[kk]));      \
+                    }                                                                            \
+                }                                                                                \
+                for (kk = 0; kk < KV; kk++)                                                      \
+                    memcpy(bestf + q0 + kk * VL, &best[kk], sizeof(best[kk]));                   \
+            }                                                                                    \
+            /* The chosen code's deployed value as deployed_values computes it (a weight on it   \
+             * has distance 0 exactly): level + sum_i (S_i (lrs_i - 1) + (1 - S_i) hrs_i) r_i.   \
+             */                                                                                  \
+            for (q = 0; q < nj; q++) {                                                           \
+                cd[q] = (int32_t)bestf[q];                                                       \
+                dev[q] = 0;                                                                      \
+            }                                                                                    \
+            for (i = 0; i < N; i++)                                                              \
+                for (q = 0; q < nj; q++) {                                                       \
+                    T bit = (T)((cd[q] >> i) & 1);                                               \
+                    dev[q] += (bit * (A[i][q] - 1) + (1 - bit) * H[i][q]) * rr[i];               \
+                }                                                                                \
+            for (q = 0; q < nj; q++) dv[q] = x[q] - (lv[cd[q]] + dev[q]);                        \
+            if (sums) {                                                                          \
+                for (q = 0; q < nj; q++) ln->s[N][q] += (double)dv[q];                           \
+                for (i = 0; i < N; i++)                                                          \
+                    for (q = 0; q < nj; q++) {                                                   \
+                        T bit = (T)((cd[q] >> i) & 1);                                           \
+                        T coef = bit * A[i][q] + (1 - bit) * H[i][q];                            \
+                        ln->s[i][q] += (double)dv[q] * (double)coef;                             \
+                    }                                                                            \
+            }                                                                                    \
+            fused_store_##SUF(c, ln, p0, nj, x, dv, cd);                                         \
+        }                                                                                        \
+    }                                                                                            \
+                                                                                                 \
+    /* No variability: the nearest ideal level through the sorted thresholds; a weight with a    \
+     * stuck bit takes its nearest reachable level (codes in ascending order, the lowest wins a  \
+     * tie). Residuals are summed per code; r and c follow through the code's bits at the end.   \
+     */                                                                                          \
+    static inline __attribute__((always_inline)) void                                            \
+    fused_ideal_##SUF(fused_ctx_##SUF *c, lanes_##SUF *ln, double (*bins)[256], int64_t g,       \
+                      int64_t c0, int64_t c1) {                                                  \
+        const int64_t L = c->L, nt = c->nt, VL = (int64_t)(32 / sizeof(T));                      \
+        const vi_##SUF sgn = (vi_##SUF){0} + (IT)((uint64_t)1 << (8 * sizeof(IT) - 1));          \
+        const T *lv = c->levels + g * L, *tg = c->thr + g * nt;                                  \
+        const uint8_t *pg = c->perm + g * L;                                                     \
+        int flt = c->sa0 || c->sa1, sums = c->psums != NULL;                                     \
+        int64_t j, q, s, t;                                                                      \
+        for (j = c0; j < c1; j += FU_J) {                                                        \
+            int64_t nj = c1 - j < FU_J ? c1 - j : FU_J, p0 = g * c->t.M + j;                     \
+            const T *x = c->w + p0;                                                              \
+            T dv[FU_J];                                                                          \
+            int32_t cnt[FU_J], cd[FU_J];                                                         \
+            if (nt <= COUNT_MAX) {                                                               \
+                for (q = 0; q < nj; q++) cnt[q] = 0;                                             \
+                for (t = 0; t < nt; t++) {                                                       \
+                    T th = tg[t];                                                                \
+                    for (q = 0; q < nj; q++) cnt[q] += x[q] >= th;                               \
+                }                                                                                \
+            } else {                                                                             \
+                const int32_t *b = c->lut.base + g * c->lut.cells;                               \
+                double t0 = c->lut.t0[g], inv = c->lut.inv_h[g];                                 \
+                int64_t cells = c->lut.cells;                                                    \
+                for (q = 0; q < nj; q++) {                                                       \
+                    int64_t ii;                                                                  \
+                    SEARCH(T, x[q], tg, nt, b, t0, inv, cells, ii);                              \
+                    cnt[q] = (int32_t)ii;                                                        \
+                }                                                                                \
+            }                                                                                    \
+            for (q = 0; q < nj; q++) cd[q] = pg[cnt[q]];                                         \
+            if (flt) {                                                                           \
+                /* The weights with a stuck bit, gathered without branches; a padded tail. */    \
+                T fx[FU_J + 8], fb[FU_J + 8];                                                    \
+                IT f0[FU_J + 8], f1[FU_J + 8];                                                   \
+                int32_t fi[FU_J + 8];                                                            \
+                int64_t nf = 0, f;                                                               \
+                for (q = 0; q < nj; q++) {                                                       \
+                    IT a0 = c->sa0 ? c->sa0[p0 + q] : 0, a1 = c->sa1 ? c->sa1[p0 + q] : 0;       \
+                    fi[nf] = (int32_t)q;                                                         \
+                    fx[nf] = x[q];                                                               \
+                    f0[nf] = a0;                                                                 \
+                    f1[nf] = a1;                                                                 \
+                    nf += (a0 | a1) != 0;                                                        \
+                }                                                                                \
+                for (f = nf; f < nf + VL; f++) {                                                 \
+                    fx[f] = 0;                                                                   \
+                    f0[f] = f1[f] = 0;                                                           \
+                }                                                                                \
+                for (f = 0; f < nf; f += VL) {                                                   \
+                    vt_##SUF xv, best = {0}, bd = (vt_##SUF){0} + (T)INFINITY;                   \
+                    vi_##SUF m0, m1;                                                             \
+                    memcpy(&xv, fx + f, sizeof(xv));                                             \
+                    memcpy(&m0, f0 + f, sizeof(m0));                                             \
+                    memcpy(&m1, f1 + f, sizeof(m1));                                             \
+                    for (s = 0; s < L; s++) {                                                    \
+                        IT code = (IT)s;                                                         \
+                        vt_##SUF d = (vt_##SUF)((vi_##SUF)(xv - lv[s]) & ~sgn);                  \
+                        vt_##SUF cf = (vt_##SUF){0} + (T)code;                                   \
+                        vi_##SUF upd = (d < bd) & (((code & m0) | (~code & m1)) == 0);           \
+                        bd = (vt_##SUF)((upd & (vi_##SUF)d) | (~upd & (vi_##SUF)bd));            \
+                        best = (vt_##SUF)((upd & (vi_##SUF)cf) | (~upd & (vi_##SUF)best));       \
+                    }                                                                            \
+                    memcpy(fb + f, &best, sizeof(best));                                         \
+                }                                                                                \
+                for (f = 0; f < nf; f++) cd[fi[f]] = (int32_t)fb[f];                             \
+            }                                                                                    \
+            for (q = 0; q < nj; q++) dv[q] = x[q] - lv[cd[q]];                                   \
+            if (sums)                                                                            \
+                for (q = 0; q < nj; q++) bins[q & 3][cd[q]] += (double)dv[q];                    \
+            fused_store_##SUF(c, ln, p0, nj, x, dv, cd);                                         \
+        }                                                                                        \
+    }                                                                                            \
+                                                                                                 \
+    QFV_CLONES static void fused_chunk_##SUF(void *vctx, int64_t k) {                            \
+        fused_ctx_##SUF *c = (fused_ctx_##SUF *)vctx;                                            \
+        int64_t g, c0, c1, i, q, s, N = c->N, L = c->L;                                          \
+        int var = c->lrs || c->hrs, sums = c->psums != NULL;                                     \
+        double pr[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0}, tot = 0;                                     \
+        double bins[4][256];                                                                     \
+        lanes_##SUF ln;                                                                          \
+        chunk_range(&c->t, k, &g, &c0, &c1);                                                     \
+        memset(&ln, 0, sizeof(ln));                                                              \
+        if (!var) {                                                                              \
+            if (sums) memset(bins, 0, sizeof(bins));                                             \
+            fused_ideal_##SUF(c, &ln, bins, g, c0, c1);                                          \
+            if (sums) {                                                                          \
+                for (s = 0; s < L; s++) {                                                        \
+                    double v = (bins[0][s] + bins[1][s]) + (bins[2][s] + bins[3][s]);            \
+                    pr[N] += v;                                                                  \
+                    for (i = 0; i < N; i++)                                                      \
+                        if ((s >> i) & 1) pr[i] += v;                                            \
+                }                                                                                \
+            }                                                                                    \
+        } else {                                                                                 \
+            switch (N) {                                                                         \
+            case 1: fused_var_##SUF(c, &ln, g, c0, c1, 1); break;                                \
+            case 2: fused_var_##SUF(c, &ln, g, c0, c1, 2); break;                                \
+            case 3: fused_var_##SUF(c, &ln, g, c0, c1, 3); break;                                \
+            case 4: fused_var_##SUF(c, &ln, g, c0, c1, 4); break;                                \
+            case 5: fused_var_##SUF(c, &ln, g, c0, c1, 5); break;                                \
+            case 6: fused_var_##SUF(c, &ln, g, c0, c1, 6); break;                                \
+            case 7: fused_var_##SUF(c, &ln, g, c0, c1, 7); break;                                \
+            default: fused_var_##SUF(c, &ln, g, c0, c1, 8); break;                               \
+            }                                                                                    \
+            if (sums)                                                                            \
+                for (i = 0; i <= N; i++)                                                         \
+                    for (q = 0; q < FU_J; q++) pr[i] += ln.s[i][q];                              \
+        }                                                                                        \
+        for (q = 0; q < FU_J; q++) tot += ln.d2[q];                                              \
+        c->part[k] = tot;                                                                        \
+        if (sums)                                                                                \
+            for (i = 0; i <= N; i++) c->psums[k * (N + 1) + i] = pr[i];                          \
+        c->bad[k] = ln.bad;                                                                      \
+    }                                                                                            \
+                                                                                                 \
+    /* *total = sum (w - v)^2 over each weight's nearest deployable value v (summed in double in \
+     * a fixed order); codes (uint8, if given) the chosen codes; resid (if given) w - v; sums    \
+     * (if given, G x (N + 1) doubles) per row sum (w - v) coef_i for i < N, then sum (w - v),   \
+     * with coef_i = S_i lrs_i + (1 - S_i) hrs_i. Without variability, thr (G x (L - 1)) and     \
+     * perm (G x L) are the sorted thresholds and the code of each sorted level                  \
+     * (levels.sort_levels). Returns the number of non-finite weights, -1 when out of memory, -2 \
+     * for bad arguments. */                                                                     \
+    int64_t qfv_aware_fused_##SUF(const T *w, int64_t G, int64_t M, int64_t N, const T *levels,  \
+                                  const T *r, const T *thr, const uint8_t *perm,                 \
+                                  const uint8_t *sa0, const uint8_t *sa1, const T *lrs,          \
+                                  const T *hrs, uint8_t *codes,                                  \
+                                  T *resid, double *sums, double *total, int64_t block,          \
+                                  int64_t threads) {                                             \
+        fused_ctx_##SUF c;                                                                       \
+        int64_t n, k, i, bad = 0, width = N + 1;                                                 \
+        int var = lrs || hrs;                                                                    \
+        if (N < 1 || N > 8 || (!var && (!thr || !perm))) return -2;                              \
+        memset(&c, 0, sizeof(c));                                                                \
+        c.t = make_tiling(G, M, block);                                                          \
+        n = G * c.t.per_row;                                                                     \
+        c.w = w;                                                                                 \
+        c.levels = levels;                                                                       \
+        c.r = r;                                                                                 \
+        c.lrs = lrs;                                                                             \
+        c.hrs = hrs;                                                                             \
+        c.thr = thr;                                                                             \
+        c.perm = perm;                                                                           \
+        c.sa0 = sa0;                                                                             \
+        c.sa1 = sa1;                                                                             \
+        c.N = N;                                                                                 \
+        c.L = (int64_t)1 << N;                                                                   \
+        c.nt = c.L - 1;                                                                          \
+        c.codes = codes;                                                                         \
+        c.resid = resid;                                                                         \
+        if (!var && c.nt > COUNT_MAX && lut_build_##SUF(&c.lut, thr, G, c.nt)) {                 \
+            lut_free(&c.lut);                                                                    \
+            return -1;                                                                           \
+        }                                                                                        \
+        c.part = (double *)calloc((size_t)(n > 0 ? n : 1), sizeof(double));                      \
+        c.bad = (int64_t *)calloc((size_t)(n > 0 ? n : 1), sizeof(int64_t));                     \
+        c.psums = sums ? (double *)calloc((size_t)((n > 0 ? n : 1) * width), sizeof(double))     \
+                       : NULL;                                                                   \
+        if (!c.part || !c.bad || (sums && !c.psums)) {                                           \
+            free(c.part);                                                                        \
+            free(c.bad);                                                                         \
+            free(c.psums);                                                                       \
+            lut_free(&c.lut);                                                                    \
+            return -1;                                                                           \
+        }                                                                                        \
+        run_chunks(fused_chunk_##SUF, &c, n, threads);                                           \
+        {                                                                                        \
+            double s = 0.0;                                                                      \
+            for (k = 0; k < n; k++) s += c.part[k];                                              \
+            if (total) *total = s;                                                               \
+        }                                                                                        \
+        for (k = 0; k < n; k++) bad += c.bad[k];                                                 \
+        if (sums) {                                                                              \
+            memset(sums, 0, sizeof(double) * (size_t)(G * width));                               \
+            for (k = 0; k < n; k++)                                                              \
+                for (i = 0; i < width; i++)                                                      \
+                    sums[(k / c.t.per_row) * width + i] += c.psums[k * width + i];               \
+        }                                                                                        \
+        free(c.part);                                                                            \
+        free(c.bad);                                                                             \
+        free(c.psums);                                                                           \
+        lut_free(&c.lut);                                                                        \
+        return bad;                                                                              \
+    }                                                                                            \
+                                                                                                 \
+    typedef struct {                                                                             \
+        tiling_t t;                                                                              \
+        const T *x;                                                                              \
+        T s;                                                                                     \
+        T *out;                                                                                  \
+    } scale_ctx_##SUF;                                                                           \
+                                                                                                 \
+    QFV_CLONES static void scale_chunk_##SUF(void *vctx, int64_t k) {                            \
+        scale_ctx_##SUF *c = (scale_ctx_##SUF *)vctx;                                            \
+        int64_t g, c0, c1, j;                                                                    \
+        const T *x;                                                                              \
+        T *o, s = c->s;                                                                          \
+        chunk_range(&c->t, k, &g, &c0, &c1);                                                     \
+        x = c->x + g * c->t.M;                                                                   \
+        o = c->out + g * c->t.M;                                                                 \
+        for (j = c0; j < c1; j++) o[j] = x[j] * s;                                               \
+    }                                                                                            \
+                                                                                                 \
+    /* out = x * (T)s over n elements (the regularizer's d/dw from its saved residuals). */      \
+    int64_t qfv_scale_##SUF(const T *x, int64_t n, double s, T *out, int64_t block,              \
+                            int64_t threads) {                                                   \
+        scale_ctx_##SUF c;                                                                       \
+        memset(&c, 0, sizeof(c));                                                                \
+        c.t = make_tiling(1, n, block);                                                          \
+        c.x = x;                                                                                 \
+        c.s = (T)s;                                                                              \
+        c.out = out;                                                                             \
+        run_chunks(scale_chunk_##SUF, &c, c.t.per_row, threads);                                 \
+        return 0;                                                                                \
+    }
+
+DEFINE_DEPLOYED(f32, float)
+DEFINE_DEPLOYED(f64, double)
+DEFINE_FUSED(f32, float, int32_t)
+DEFINE_FUSED(f64, double, int64_t)
