@@ -184,6 +184,16 @@ def _reset_hwm() -> bool:
         return False
 
 
+def _trim_heap() -> None:
+    """Give the heap's free memory back to the OS (glibc ``malloc_trim``): otherwise what the
+    map draw freed stays resident and the measured pass reuses it unseen (an under-read)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def mem_child(kind: str, bits: int, width: int, seed: int) -> dict:
     """Runs inside the subprocess: model + map + gradients allocated, then one
     forward+backward of the regularizer; its extra peak RSS.
@@ -199,6 +209,7 @@ def mem_child(kind: str, bits: int, width: int, seed: int) -> dict:
         if p.requires_grad:
             p.grad = torch.zeros_like(p)
     gc.collect()
+    _trim_heap()
     base_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     reset = _reset_hwm()
     base_rss = _status_kib("VmRSS")
