@@ -207,10 +207,12 @@ def shape_cost(n: int) -> int:
                 rows[shape] = json.loads(out.stdout.strip().splitlines()[-1])
             sq = rows["sq"]
             for shape, m in rows.items():
+                # (below 1 MiB the peak is within ru_maxrss's slack: no ratio)
+                mem = (f"{m['extra_peak_mib'] / sq['extra_peak_mib']:.2f}"
+                       if sq["extra_peak_mib"] >= 1 else "-")
                 print(f"| {where} | {bits} | {shape} | {m['median_s']:.3f} | "
                       f"{m['median_s'] / sq['median_s']:.2f} | {m['extra_peak_mib']:.0f} | "
-                      f"{m['extra_peak_mib'] / max(sq['extra_peak_mib'], 1e-9):.2f} | "
-                      f"{n * 2 ** bits * 4 / 2 ** 20:.0f} |", flush=True)
+                      f"{mem} | {n * 2 ** bits * 4 / 2 ** 20:.0f} |", flush=True)
     print("\n" + machine_line())
     return 0
 

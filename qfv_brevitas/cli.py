@@ -21,8 +21,10 @@ def _add_train_args(p: argparse.ArgumentParser, quick_default: bool = False) -> 
                    choices=VARIANTS)
     p.add_argument("--mode", default="paper", choices=MODES)
     p.add_argument("--per-channel", action="store_true")
-    p.add_argument("--fp-epochs", type=int, default=30)
-    p.add_argument("--q-epochs", type=int, default=15)
+    p.add_argument("--fp-epochs", type=int, default=None,
+                   help="float epochs (default 30 on digits, 3 on IDX data)")
+    p.add_argument("--q-epochs", type=int, default=None,
+                   help="QAT epochs per model (default 15 on digits, 2 on IDX data)")
     p.add_argument("--lr", type=float, default=0.05, help="float training learning rate")
     p.add_argument("--q-lr", type=float, default=0.01, help="QAT learning rate of the weights")
     p.add_argument("--quant-lr", type=float, default=1e-4, help="learning rate of r, c, step")
@@ -32,7 +34,8 @@ def _add_train_args(p: argparse.ArgumentParser, quick_default: bool = False) -> 
     p.add_argument("--lambda-end", type=float, default=2000.0)
     p.add_argument("--lambda-rise-epochs", type=int, default=5)
     _add_reg_args(p)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="training batch (default 64 on digits, 128 on IDX data)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="qfv-out", help="output folder")
     p.add_argument("--no-progress", action="store_true")
@@ -66,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name in _COMMAND_MODULES:
         importlib.import_module(f"{__package__}.{name}").register(sub)
+    _add_run_args(parser)
     return parser
 
 
@@ -175,6 +179,7 @@ def _load_for_device(args):
     from .data import load_dataset
 
     model, info = load_checkpoint(args.checkpoint)
+    model = model.to(getattr(args, "device", None) or "cpu")
     if info["config"] is None:
         raise ValueError(f"{args.checkpoint} is a float model: faults and variability apply "
                          "to N-multiplier layers (use a quantized checkpoint)")
@@ -190,6 +195,11 @@ def _load_for_device(args):
             f"{args.checkpoint} was trained on inputs {tuple(info['input_shape'])} with "
             f"{info['num_classes']} classes, but --dataset {args.dataset} has {tuple(shape)} "
             f"and {num_classes}")
+    if getattr(args, "threads", None) == "auto":
+        from .threads import auto_threads, set_threads
+
+        set_threads(auto_threads(model, test[0][0][None].to(next(model.parameters()).device),
+                                 64))
     return model, info, train, test
 
 
@@ -243,7 +253,8 @@ def _run_device(args) -> int:
             print(f"  {name}: {row}")
         return 0
     if args.action in ("eval", "compare"):
-        kw = dict(trials=args.trials, seed=args.seed, progress=progress, layers=args.layers)
+        kw = dict(trials=args.trials, seed=args.seed, progress=progress, layers=args.layers,
+                  workers=args.workers, distributed=args.distributed)
         if faults:
             kw["sa1_fraction"] = args.sa1_fraction
         else:
@@ -261,6 +272,8 @@ def _run_device(args) -> int:
             res = fn(model, train, test, levels, methods=args.methods,
                      finetune=_finetune_cfg(args), **kw)
         res.meta["title"] = f"{info['arch']} {args.checkpoint}"
+        if not _is_output_rank(args):
+            return 0
         paths = res.save(args.out, f"{args.command}_{args.action}")
         print(res.table())
         print("\nwrote " + ", ".join(str(p) for p in paths.values()))
@@ -295,18 +308,23 @@ def _run_train(args) -> int:
 
     if args.dataset == "idx" and not args.data_dir:
         raise SystemExit("qfv: --dataset idx needs --data-dir DIR (a folder with the IDX files)")
-    fp = TrainConfig(epochs=args.fp_epochs, lr=args.lr, batch_size=args.batch_size,
-                     seed=args.seed)
-    q = TrainConfig(epochs=args.q_epochs, lr=args.q_lr, quant_lr=args.quant_lr,
+    idx = args.dataset == "idx"
+    fp_epochs = args.fp_epochs if args.fp_epochs is not None else (IDX_FP_EPOCHS if idx else 30)
+    q_epochs = args.q_epochs if args.q_epochs is not None else (IDX_Q_EPOCHS if idx else 15)
+    batch = args.batch_size if args.batch_size is not None else (IDX_BATCH if idx else 64)
+    args.q_epochs = q_epochs
+    fp = TrainConfig(epochs=fp_epochs, lr=args.lr, batch_size=batch, seed=args.seed)
+    q = TrainConfig(epochs=q_epochs, lr=args.q_lr, quant_lr=args.quant_lr,
                     quant_optimizer=args.quant_optimizer,
-                    batch_size=args.batch_size, seed=args.seed, lambda_start=args.lambda_start,
+                    batch_size=batch, seed=args.seed, lambda_start=args.lambda_start,
                     lambda_end=args.lambda_end,
                     lambda_rise_epochs=min(args.lambda_rise_epochs, args.q_epochs),
                     reg_shape=args.reg_shape, reg_width=args.reg_width, sam_rho=args.sam_rho)
     results = run_experiment(args.out, dataset=args.dataset, data_dir=args.data_dir,
                              arch=args.arch, bits=args.bits, variants=args.variants,
                              mode=args.mode, per_channel=args.per_channel, fp_train=fp,
-                             q_train=q, seed=args.seed, progress=not args.no_progress)
+                             q_train=q, seed=args.seed, progress=not args.no_progress,
+                             device=args.device, threads=args.threads)
     print(format_results(results))
     print(f"\nwrote {args.out}/results.json, {args.out}/levels.png and checkpoints "
           f"({results['seconds']:.0f} s)")
@@ -325,9 +343,68 @@ def _run_report(args) -> int:
     return 0
 
 
+#: ``qfv train --dataset idx`` defaults (60,000 28x28 images): about a minute per epoch of the
+#: SmallCNN on 2 CPU cores, so the six QAT models and the float model finish in well under an
+#: hour (BENCHMARKS.md, "Progress and defaults"); pass --fp-epochs/--q-epochs for more.
+IDX_FP_EPOCHS, IDX_Q_EPOCHS, IDX_BATCH = 3, 2, 128
+
+
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
+    """``--threads``, ``--device`` (and ``--workers``/``--distributed`` on Monte Carlo
+    commands) on every leaf command that does not define them itself."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_run_args(sub)
+            return
+    opts = parser._option_string_actions
+    if "--threads" not in opts:
+        parser.add_argument("--threads", default="auto",
+                            help="intra-op threads: an integer, or auto (1 for small models "
+                                 "such as the digits ones, else one per core)")
+    if "--device" not in opts:
+        parser.add_argument("--device", default=None,
+                            help="cpu (default) or cuda[:N]: where the model runs")
+    if "--trials" in opts and "--workers" not in opts:
+        parser.add_argument("--workers", type=int, default=1,
+                            help="processes on this machine that share the Monte Carlo maps "
+                                 "(same results as 1)")
+        parser.add_argument("--distributed", action="store_true",
+                            help="share the maps over the ranks of torchrun (gloo on CPUs, nccl "
+                                 "on GPUs); rank 0 writes the outputs")
+
+
+def _apply_run_args(args) -> None:
+    from .threads import parse_threads
+
+    n = parse_threads(getattr(args, "threads", "auto"))
+    if n is not None:
+        torch_threads(n)
+        args.threads = n
+    if getattr(args, "distributed", False):
+        from .parallel import init_distributed
+
+        init_distributed()
+
+
+def torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def _is_output_rank(args) -> bool:
+    if not getattr(args, "distributed", False):
+        return True
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _apply_run_args(args)
         if getattr(args, "_run", None) is not None:
             return args._run(args)
         if args.command in ("demo", "train"):

@@ -115,8 +115,13 @@ def _run_compare(args) -> int:
                         remap_every=args.remap_every, layers=args.layers)
     scs = scenarios(args.stuck, args.ber, args.sigmas, args.chip_sigma)
     res = compare_methods(model, train, test, scs, args.methods, cfg,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, workers=args.workers,
+                          distributed=args.distributed)
     res.meta["title"] = f"{info['arch']} {args.checkpoint}, {args.trials} maps per scenario"
+    from .cli import _is_output_rank
+
+    if not _is_output_rank(args):
+        return 0
     paths = res.save(args.out, "compare")
     print(res.table())
     print()
@@ -137,8 +142,13 @@ def _run_bitflips(args) -> int:
     model, info, train, test = _load_for_device(args)
     if args.action == "eval":
         res = B.evaluate_bitflips(model, test, args.rates, trials=args.trials, seed=args.seed,
-                                  layers=args.layers, progress=not args.no_progress)
+                                  layers=args.layers, progress=not args.no_progress,
+                                  workers=args.workers, distributed=args.distributed)
         res.meta["title"] = f"{info['arch']} {args.checkpoint}"
+        from .cli import _is_output_rank
+
+        if not _is_output_rank(args):
+            return 0
         paths = res.save(args.out, "bitflips_eval")
         print(res.table())
         print("\nwrote " + ", ".join(str(p) for p in paths.values()))

@@ -17,6 +17,7 @@ from .convert import quantize_model
 from .data import load_dataset
 from .models import build_model
 from .plots import plot_levels
+from .progress import RunProgress
 from .train import TrainConfig, evaluate, fit
 
 __all__ = ["run_experiment", "format_results"]
@@ -27,11 +28,15 @@ def run_experiment(out_dir: Union[str, Path], dataset: str = "digits",
                    bits: Sequence[int] = (4, 3), variants: Sequence[str] = ("fixed", "step", "nmult"),
                    mode: str = "paper", per_channel: bool = False,
                    fp_train: Optional[TrainConfig] = None, q_train: Optional[TrainConfig] = None,
-                   seed: int = 0, progress: bool = True, save_models: bool = True) -> dict:
+                   seed: int = 0, progress: bool = True, save_models: bool = True,
+                   device=None, threads=None) -> dict:
     """Train a float model, then QAT it at W{b}A{b} for each bit width and quantizer variant.
 
     Writes ``results.json``, ``levels.png`` and (with ``save_models``) a checkpoint per model
-    to ``out_dir``; returns the results dictionary.
+    to ``out_dir``; returns the results dictionary. ``progress`` shows one bar (or log lines)
+    over every batch of the run. ``device``: where to train (default CPU). ``threads``: intra-op
+    threads for the run (``"auto"``: :func:`qfv_brevitas.threads.auto_threads`; ``None``:
+    torch's setting as it is).
     """
     for v in variants:
         if v not in VARIANTS:
@@ -47,7 +52,19 @@ def run_experiment(out_dir: Union[str, Path], dataset: str = "digits",
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     fp = build_model(arch, shape, num_classes)
-    fit(fp, train, test, fp_train, desc="float", progress=progress)
+    if threads is not None:
+        from .threads import auto_threads, set_threads
+
+        example = next(iter(DataLoader(train, batch_size=1)))[0]
+        set_threads(auto_threads(fp, example, fp_train.batch_size) if threads == "auto"
+                    else int(threads))
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    fp = fp.to(dev)
+    per_epoch = -(-len(train) // fp_train.batch_size)
+    per_q_epoch = -(-len(train) // q_train.batch_size)
+    bar = RunProgress(fp_train.epochs * per_epoch + len(configs) * q_train.epochs * per_q_epoch,
+                      "qfv", enabled=progress)
+    fit(fp, train, test, fp_train, desc="float", progress=bar)
     fp_acc = evaluate(fp, test)
     results = {"dataset": dataset, "arch": arch, "seed": seed, "num_train": len(train),
                "num_test": len(test), "fp_acc": fp_acc, "fp_train": asdict(fp_train),
@@ -55,12 +72,12 @@ def run_experiment(out_dir: Union[str, Path], dataset: str = "digits",
     if save_models:
         save_checkpoint(out / "float.pt", fp, arch, shape, num_classes, None, acc=fp_acc,
                         dataset=dataset, data_seed=seed)
-    example = next(iter(DataLoader(train, batch_size=256)))[0]
+    example = next(iter(DataLoader(train, batch_size=256)))[0].to(dev)
     plotted: Dict[str, torch.nn.Module] = {}
     for cfg in configs:
         b, variant = cfg.weight_bits, cfg.variant
-        q = quantize_model(copy.deepcopy(fp), cfg, example_input=example)
-        hist = fit(q, train, test, q_train, desc=f"{variant} W{b}A{b}", progress=progress)
+        q = quantize_model(copy.deepcopy(fp), cfg, example_input=example).to(dev)
+        hist = fit(q, train, test, q_train, desc=f"{variant} W{b}A{b}", progress=bar)
         acc = evaluate(q, test)
         results["runs"].append({"variant": variant, "weight_bits": b, "act_bits": b,
                                 "mode": mode, "per_channel": per_channel, "acc": acc,
@@ -70,6 +87,7 @@ def run_experiment(out_dir: Union[str, Path], dataset: str = "digits",
                             acc=acc, dataset=dataset, data_seed=seed)
         if variant == "nmult" or (variant == variants[-1] and "nmult" not in variants):
             plotted[f"{variant} W{b}A{b}"] = q
+    bar.close()
     results["seconds"] = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps(results, indent=2))
     if plotted:

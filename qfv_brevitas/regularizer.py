@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import LambdaSchedule
-from .levels import qp
+from .levels import qp, sync_free
 from .quantizers import nmult_layers, quant_of
 from .shapes import check_shape, check_width, layer_distance
 
@@ -42,23 +42,48 @@ def regularization_loss(model: nn.Module, breakdown: bool = False, shape: str = 
     >>> list(parts), bool(loss >= 0)
     (['0'], True)
     """
+    total, terms = _loss_terms(model, shape, width)
+    if not breakdown:
+        return total
+    return total, _floats(terms)
+
+
+def _loss_terms(model: nn.Module, shape: str = "sq", width: float = 0.25
+                ) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """The loss and each layer's weighted term (detached tensors, no host sync per layer: on
+    the CPU the sum's finiteness is checked once, and only a non-finite sum looks for its
+    layer)."""
     check_shape(shape)
     total = None
-    parts: Dict[str, float] = {}
+    terms: Dict[str, Tensor] = {}
+    used = []
     for name, layer in nmult_layers(model):
         tq = quant_of(layer)
         if not tq.uses_regularizer:
             continue
         w = layer.weight
-        dist = tq.distance(w) if shape == "sq" else layer_distance(tq, w, shape, width)
+        dist = tq._distance(w) if shape == "sq" else layer_distance(tq, w, shape, width)
         term = layer_factor(w.numel(), tq.bits) * dist
         total = term if total is None else total + term
-        if breakdown:
-            parts[name] = float(term.detach())
+        terms[name] = term.detach()
+        used.append((name, tq, w, term))
     if total is None:
         p = next(model.parameters(), None)
-        total = torch.zeros((), device=None if p is None else p.device)
-    return (total, parts) if breakdown else total
+        return torch.zeros((), device=None if p is None else p.device), terms
+    # One check of the sum (a host sync, skipped on a GPU, where fit checks once per epoch).
+    if not sync_free(total) and not torch.isfinite(total):
+        for name, tq, w, term in used:
+            if not torch.isfinite(term):
+                tq.raise_not_finite(w)
+    return total, terms
+
+
+def _floats(terms: Dict[str, Tensor]) -> Dict[str, float]:
+    """Per-layer terms as floats, read in one transfer."""
+    if not terms:
+        return {}
+    values = torch.stack([t.reshape(()).double() for t in terms.values()]).tolist()
+    return dict(zip(terms, values))
 
 
 class QuantRegularizer:
@@ -78,12 +103,17 @@ class QuantRegularizer:
         self.schedule = schedule
         self.shape = check_shape(shape)
         self.width = check_width(width)
-        self.last_breakdown: Dict[str, float] = {}
+        self._terms: Dict[str, Tensor] = {}
+
+    @property
+    def last_breakdown(self) -> Dict[str, float]:
+        """Each layer's weighted term of the last call, as floats (read when asked for, so
+        that a training step on a GPU does not wait for them)."""
+        return _floats(self._terms)
 
     def lam(self, epoch: int) -> float:
         return self.schedule(epoch)
 
     def __call__(self, epoch: int) -> Tensor:
-        total, self.last_breakdown = regularization_loss(self.model, breakdown=True,
-                                                         shape=self.shape, width=self.width)
+        total, self._terms = _loss_terms(self.model, self.shape, self.width)
         return self.lam(epoch) * total

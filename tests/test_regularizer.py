@@ -22,6 +22,8 @@ from qfv_brevitas.quantizers import (FixedLevelWeightPerChannelQuant, LearnedSte
                                      LearnedStepWeightPerChannelQuant, NMultWeightPerChannelQuant,
                                      NMultWeightQuant, nmult_layers, quant_of)
 
+pytestmark = pytest.mark.usefixtures("kernel_backend")
+
 
 
 # ------------------------------------------------------------------------------ the model

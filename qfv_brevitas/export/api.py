@@ -80,6 +80,16 @@ def _accuracy_fn(data) -> Optional[Callable[[nn.Module], float]]:
     return lambda m: evaluate(m, data)
 
 
+def _on_cpu(model: nn.Module, *tensors):
+    """``model`` (a CPU copy if it is elsewhere) and ``tensors`` on the CPU."""
+    import copy
+
+    p = next(model.parameters(), None)
+    if p is not None and p.device.type != "cpu":
+        model = copy.deepcopy(model).cpu()
+    return (model,) + tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in tensors)
+
+
 def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path],
                  form: str = "compact", *, frac_bits: Optional[int] = None,
                  max_accuracy_drop: Optional[float] = None, data=None, device: bool = True,
@@ -112,6 +122,8 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
     >>> res.verification.passed, max(res.verification.weight_diff.values())
     (True, 0.0)
     """
+    # Exported files are written from the CPU: a model trained on a GPU exports from a copy.
+    model, example_input, verify_inputs = _on_cpu(model, example_input, verify_inputs)
     if form not in FORMS:
         raise ExportError(f"unknown form {form!r}: choose one of {', '.join(FORMS)}")
     if exporter not in EXPORTERS:

@@ -43,6 +43,9 @@ def write_crossbar(model: nn.Module, folder: Union[str, Path], device: bool = Tr
     factors of an attached variability map; ``device=False`` the ideal codes. Per-channel
     layers must have their channels on axis 0 (``r``/``c`` rows are the matrix rows).
     """
+    from .api import _on_cpu
+
+    model = _on_cpu(model)[0]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if not device:
