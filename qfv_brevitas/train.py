@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -11,12 +12,17 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .config import LambdaSchedule
+from .errors import QfvError
 from .quantizers import nmult_layers, quant_of
 from .regularizer import QuantRegularizer
 from .sam import SharpnessAware
 from .shapes import check_shape, check_width
 
-__all__ = ["TrainConfig", "fit", "evaluate", "param_groups"]
+__all__ = ["TrainConfig", "TrainingError", "fit", "evaluate", "param_groups"]
+
+
+class TrainingError(QfvError):
+    """Training diverged (a NaN or infinite loss): nothing is saved from it."""
 
 
 @dataclass
@@ -50,10 +56,20 @@ class TrainConfig:
     sam_rho: float = 0.0
 
     def __post_init__(self):
+        for name in ("epochs", "batch_size", "seed", "lambda_rise_epochs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ValueError(f"TrainConfig.{name} must be an integer, got {v!r}")
         if int(self.epochs) < 1:
             raise ValueError(f"TrainConfig.epochs must be >= 1, got {self.epochs}")
-        if self.lr <= 0 or self.quant_lr < 0:
-            raise ValueError("TrainConfig.lr must be > 0 and quant_lr >= 0")
+        for name, lo in (("lr", 0.0), ("quant_lr", None), ("momentum", None),
+                         ("weight_decay", None), ("lambda_start", None), ("lambda_end", None)):
+            v = getattr(self, name)
+            ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) \
+                and (v > lo if lo is not None else v >= 0)
+            if not ok:
+                raise ValueError(f"TrainConfig.{name} must be a finite number "
+                                 f"{'> 0' if lo is not None else '>= 0'}, got {v!r}")
         if self.quant_optimizer not in ("adam", "sgd"):
             raise ValueError("TrainConfig.quant_optimizer must be 'adam' or 'sgd'")
         if int(self.batch_size) < 1:
@@ -171,6 +187,11 @@ def fit(model: nn.Module, train: Dataset, test: Optional[Dataset], cfg: TrainCon
                 o.step()
                 sch.step()
             tl += float(task.detach())
+            if not math.isfinite(tl) or not math.isfinite(rl):
+                raise TrainingError(
+                    f"{desc}: the loss became {tl if not math.isfinite(tl) else rl} in epoch "
+                    f"{epoch + 1}: training diverged; lower the learning rate (lr={cfg.lr:g}, "
+                    f"quant_lr={cfg.quant_lr:g}) or lambda")
         if epoch_end is not None:
             epoch_end(epoch)
         hist["task_loss"].append(tl / len(loader))
