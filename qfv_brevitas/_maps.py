@@ -15,7 +15,7 @@ from torch import nn
 
 from .levels import MAX_BITS
 from .quantizers import nmult_layers
-from .safeio import atomic_path, content_digest
+from .safeio import content_digest, torch_save
 
 # ---------------------------------------------------------
 
@@ -109,9 +109,7 @@ def save_tagged(path: os.PathLike, payload: dict, overwrite: bool = False) -> No
     """``torch.save`` of plain tensors/containers with a checksum of its contents, written
     atomically (:mod:`qfv_brevitas.safeio`): an interrupted save never leaves a truncated map,
     and an existing file is replaced only with ``overwrite=True``."""
-    payload = dict(payload, sha256=content_digest(payload))
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        torch.save(payload, tmp)
+    torch_save(dict(payload, sha256=content_digest(payload)), path, overwrite=overwrite)
 
 
 def load_tagged(path: os.PathLike, tag: str, error: Type[ValueError], what: str) -> dict:

@@ -22,7 +22,7 @@ from .config import NMultConfig
 from .convert import quantize_model, unsigned_input_layers
 from .errors import QfvError
 from .models import build_model
-from .safeio import atomic_path, content_digest
+from .safeio import content_digest, torch_save
 
 __all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "content_digest"]
 
@@ -89,8 +89,7 @@ def save_checkpoint(path: Union[str, Path], model: nn.Module, arch: str,
         payload["sha256"] = content_digest(payload)
     except TypeError as e:
         raise CheckpointError(f"not saving {path}: {e}") from None
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        torch.save(payload, tmp)
+    torch_save(payload, path, overwrite=overwrite)
     return path
 
 
@@ -155,6 +154,8 @@ def load_checkpoint(path: Union[str, Path]) -> Tuple[nn.Module, dict]:
     foreign file, or one whose contents do not fit together.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     ckpt = _load_raw(path)
@@ -170,6 +171,7 @@ def load_checkpoint(path: Union[str, Path]) -> Tuple[nn.Module, dict]:
     if not isinstance(meta, dict) or not isinstance(unsigned, list):
         raise CheckpointError(f"{path}: the checkpoint's 'meta' / 'unsigned_inputs' entries "
                               "are not a dict / list")
+    _check_finite(((k, v) for k, v in state.items() if isinstance(v, torch.Tensor)), str(path))
     # Spiking models keep their neuron/time settings in meta["snn"] (qfv_brevitas.snn).
     try:
         model = build_model(arch, tuple(shape), num_classes, snn=meta.get("snn"))

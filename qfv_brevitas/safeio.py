@@ -30,6 +30,7 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import io
 import os
 import secrets
 import shutil
@@ -44,7 +45,7 @@ import torch
 from .errors import OutputError
 
 __all__ = ["check_output", "atomic_path", "atomic_paths", "atomic_write", "atomic_dir",
-           "same_path", "content_digest"]
+           "torch_save", "same_path", "content_digest"]
 
 PathLike = Union[str, os.PathLike]
 _HINT = "pass --force (overwrite=True in Python) to replace it"
@@ -183,9 +184,12 @@ def atomic_paths(paths: Sequence[PathLike], *, overwrite: bool = False,
         for t in targets:
             t.parent.mkdir(parents=True, exist_ok=True)
             tmps.append(_temp_file(t))
-        yield list(tmps)
-        for tmp in tmps:
-            _fsync(tmp)
+        try:
+            yield list(tmps)
+            for tmp in tmps:
+                _fsync(tmp)
+        except OSError as e:  # name the output, not its hidden temporary file
+            raise _named(e, {str(t): str(p) for t, p in zip(tmps, paths)}, str(paths[0])) from e
         with deferred_interrupts():
             for p, t in zip(paths, targets):  # something may have appeared meanwhile
                 if t.exists() and (t.is_dir() or not overwrite):
@@ -211,13 +215,38 @@ def atomic_path(path: PathLike, *, overwrite: bool = False, inputs: Iterable = (
         yield tmp
 
 
-def atomic_write(path: PathLike, data: Union[str, bytes], *, overwrite: bool = False,
-                 inputs: Iterable = ()) -> Path:
+def atomic_write(path: PathLike, data: Union[str, bytes, memoryview], *,
+                 overwrite: bool = False, inputs: Iterable = ()) -> Path:
     """Write ``data`` (text as UTF-8, or bytes) to ``path`` atomically; returns the path."""
     with atomic_path(path, overwrite=overwrite, inputs=inputs) as tmp:
         with open(tmp, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
     return Path(path)
+
+
+def torch_save(obj: Any, path: PathLike, *, overwrite: bool = False,
+               inputs: Iterable = ()) -> Path:
+    """``torch.save`` through :func:`atomic_write`. Serialised in memory first: a write that
+    fails (a full disk) is then the ``OSError`` it is, not torch's opaque ``RuntimeError``."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write(path, buf.getbuffer(), overwrite=overwrite, inputs=inputs)
+
+
+def _named(e: OSError, names: dict, default: str) -> OSError:
+    """``e`` again, naming the output it was writing rather than a temporary path."""
+    fn = str(e.filename) if e.filename is not None else None
+    name = default
+    if fn is not None:
+        for tmp, real in names.items():
+            if fn == tmp or fn.startswith(tmp + os.sep):
+                name = real + fn[len(tmp):]
+                break
+        else:
+            name = fn
+    err = OSError(e.errno, e.strerror or str(e), name) if e.errno is not None else \
+        OSError(f"{name}: {e}")
+    return err
 
 
 # -- contents checksum --------------------------------------------------------------------
@@ -303,8 +332,11 @@ def atomic_dir(path: PathLike, *, overwrite: bool = False, inputs: Iterable = ()
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
-        yield tmp
-        _sync_tree(tmp)
+        try:
+            yield tmp
+            _sync_tree(tmp)
+        except OSError as e:  # name the output folder, not its hidden temporary one
+            raise _named(e, {str(tmp): str(given)}, str(given)) from e
         with deferred_interrupts():
             if target.exists() and any(target.iterdir()) and not overwrite:
                 raise OutputError(f"output folder {given} appeared while it was being "

@@ -361,7 +361,11 @@ def reference_model(model: nn.Module, source) -> nn.Module:
     twin = model.eval() if info.get("device", True) else without_maps(model)
     layers = collect_layers(twin, device=True)
     have = {i.name: i for i in layers}
-    mismatch = ExportVerificationError
+    where = "the file" if isinstance(source, onnx.ModelProto) else str(source)
+
+    def mismatch(msg: str) -> ExportVerificationError:
+        return ExportVerificationError(f"{where} does not match the model: {msg}")
+
     extra = sorted(set(have) - {row["layer"] for row in info["layers"]})
     if extra:
         raise mismatch(f"the model has N-multiplier layers {extra} that the file does not: not "
@@ -379,6 +383,8 @@ def reference_model(model: nn.Module, source) -> nn.Module:
             raise mismatch(f"layer {row['layer']!r}: weight shape {row['weight_shape']} in the "
                            f"file but {list(mine.weight_shape)} in the model: exported from "
                            "another checkpoint")
+    for row in info["layers"]:
+        mine = have[row["layer"]]
         if mine.r.tolist() != row["r"] or mine.c.tolist() != row["c"]:
             raise mismatch(f"layer {row['layer']!r}: the model's multipliers differ from the "
                            "file's r, c (another checkpoint of this architecture, or the model "

@@ -53,6 +53,8 @@ def read_metadata(source: Union[str, Path, onnx.ModelProto], check_graph: bool =
     else:
         where = str(source)
         path = Path(source)
+        if path.is_dir():
+            raise ExportFileError(f"{where}: is a folder, not an exported file")
         if not path.is_file():
             raise ExportFileError(f"{where}: no such file")
         try:

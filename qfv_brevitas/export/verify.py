@@ -168,12 +168,18 @@ def verify_qonnx(reference: nn.Module, source: Union[str, Path, onnx.ModelProto]
         read_metadata(source, check_graph=False)  # a clear error for a missing/foreign file
         model = onnx.load(str(source))
     info = read_metadata(model, check_graph=False)  # refuses unknown op domains before any run
-    graph_diff = graph_problems(model, info)
+    structural = graph_problems(model, info)
+    graph_diff = compare_graphs(expected, model) if expected is not None else []
+    graph_diff += structural
     if not graph_intact(model):
         graph_diff.append("the graph does not match the checksum stored at export (edited or "
                           "damaged)")
-    if expected is not None:
-        graph_diff += compare_graphs(expected, model)
+    if structural:  # e.g. a code out of range: the graph is not even well formed; do not run it
+        nan = float("nan")
+        return VerifyReport(form=str(info.get("form")), samples=0, weight_diff={},
+                            weight_tolerance=0.0, torch_vs_qonnx=nan, torch_vs_ort=nan,
+                            qonnx_vs_ort=nan, tolerance=0.0, agreement={"torch_vs_qonnx": 0.0},
+                            quantized_activations=False, graph_diff=graph_diff, passed=False)
     reference = reference.eval()
     mw = ModelWrapper(model)
     iname, oname = mw.graph.input[0].name, mw.graph.output[0].name
