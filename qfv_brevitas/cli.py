@@ -5,6 +5,7 @@ import argparse
 import sys
 import os
 import signal
+import warnings
 from typing import List, Optional, Sequence
 
 from .config import MODES, VARIANTS
@@ -455,6 +456,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run ``qfv``; returns the exit status. Every expected error (bad input, an output that
     may not be written, a system error such as a full disk, Ctrl-C) is one line on stderr and
     its exit status (see ``qfv --help``); ``--debug`` (or QFV_DEBUG=1) shows the traceback."""
+    # Brevitas warns at import that an optional kernel package is missing: not ours to say.
+    warnings.filterwarnings("ignore", message="fast_hadamard_transform package not found")
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("QFV_DEBUG", "") not in ("", "0")
     name = " ".join(x for x in (args.command, getattr(args, "action", None)) if x)
