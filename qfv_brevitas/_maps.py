@@ -114,7 +114,8 @@ def save_tagged(path: os.PathLike, payload: dict, overwrite: bool = False) -> No
 
 def load_tagged(path: os.PathLike, tag: str, error: Type[ValueError], what: str) -> dict:
     """The dict saved by :func:`save_tagged` under format ``tag``; ``FileNotFoundError`` if it
-    is missing, ``error`` naming the file if it is unreadable, unsafe (loaded with ``weights_only=True``: nothing in it runs),
+    is missing, ``error`` naming the file if it is unreadable, unsafe (loaded with
+    ``weights_only=True``: nothing in it runs),
     damaged (checksum), not a dict, or of another format."""
     path = os.fspath(path)
     if not os.path.isfile(path):

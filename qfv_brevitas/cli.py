@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import os
 import signal
+import sys
 import warnings
 from typing import List, Optional, Sequence
 
@@ -78,10 +78,10 @@ def _check_io(args) -> None:
         check_output(args.out, overwrite=force, inputs=inputs, kind="dir",
                      replaceable=not_a_run_folder)
     elif kind == "crossbar":
-        from .export.crossbar import _foreign_files
+        from .export.crossbar import not_a_crossbar_folder
 
         check_output(args.out, overwrite=force, inputs=inputs, kind="dir",
-                     replaceable=_foreign_files)
+                     replaceable=not_a_crossbar_folder)
     elif kind == "results":
         from pathlib import Path
 

@@ -94,7 +94,8 @@ def run_experiment(out_dir: Union[str, Path], dataset: str = "digits",
 
 
 #: Names a run folder holds (what run_experiment and run_snn_experiment write).
-_RUN_FILES = re.compile(r"^(results\.json|levels\.png|float\.pt|(fixed|step|nmult)_w\d+(a\d+)?\.pt)$")
+_RUN_FILES = re.compile(
+    r"^(results\.json|levels\.png|float\.pt|(fixed|step|nmult)_w\d+(a\d+)?\.pt)$")
 
 
 def not_a_run_folder(folder: Path) -> Optional[str]:

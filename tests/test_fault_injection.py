@@ -7,7 +7,6 @@ temporary file left behind.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os

@@ -317,3 +317,14 @@ def test_all_zero_weights_are_reported():
         warnings.simplefilter("error")  # and nothing for ordinary weights
         quantize_model(torch.nn.Sequential(torch.nn.Linear(4, 3)),
                        NMultConfig(weight_bits=3, act_bits=None, first_last_bits=None))
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
+    missing = str(tmp_path / "missing.pt")
+    assert main(["report", missing]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="missing.pt"):
+        main(["--debug", "report", missing])
+    monkeypatch.setenv("QFV_DEBUG", "1")
+    with pytest.raises(CheckpointError):
+        main(["report", missing])

@@ -30,7 +30,7 @@ from ..safeio import atomic_dir
 from .layers import collect_layers, without_maps
 from .ops import nmult_weight
 
-__all__ = ["CROSSBAR_FORMAT", "write_crossbar", "load_crossbar"]
+__all__ = ["CROSSBAR_FORMAT", "write_crossbar", "load_crossbar", "not_a_crossbar_folder"]
 
 CROSSBAR_FORMAT = "qfv-crossbar/1"
 
@@ -39,7 +39,7 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _foreign_files(folder: Path) -> Optional[str]:
+def not_a_crossbar_folder(folder: Path) -> Optional[str]:
     """Why ``folder`` is not a crossbar folder that may be replaced (None if it is one)."""
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
@@ -68,7 +68,7 @@ def write_crossbar(model: nn.Module, folder: Union[str, Path], device: bool = Tr
     if not nmult_layers(model):
         raise QfvError("the model has no N-multiplier layers: nothing to map onto crossbars")
     with atomic_dir(folder, overwrite=overwrite, inputs=inputs,
-                    replaceable=_foreign_files) as tmp:
+                    replaceable=not_a_crossbar_folder) as tmp:
         _write_layers(model, tmp, device)
     return Path(folder) / "manifest.json"
 
@@ -121,7 +121,7 @@ def load_crossbar(folder: Union[str, Path]) -> Dict[str, dict]:
         f = folder / row["file"]
         if not f.is_file() or _sha(f) != row["sha256"]:
             raise QfvError(f"{f}: missing or does not match its checksum in the manifest")
-        with np.load(f) as z:
+        with np.load(f, allow_pickle=False) as z:  # never pickled objects from a file
             arrays = {k: z[k] for k in z.files}
         planes = arrays["planes"]
         codes = sum(planes[k].astype(np.int64) << k for k in range(planes.shape[0]))
