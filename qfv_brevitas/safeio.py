@@ -45,7 +45,7 @@ import torch
 from .errors import OutputError
 
 __all__ = ["check_output", "atomic_path", "atomic_paths", "atomic_write", "atomic_dir",
-           "torch_save", "same_path", "content_digest"]
+           "torch_save", "same_path", "content_digest", "deferred_interrupts"]
 
 PathLike = Union[str, os.PathLike]
 _HINT = "pass --force (overwrite=True in Python) to replace it"
@@ -307,6 +307,13 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _umask() -> int:
+    try:  # Linux: read it, as setting it to read it back is not thread-safe
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     old = os.umask(0o022)
     os.umask(old)
     return old

@@ -152,7 +152,8 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
         from ..snn import snn_export_metadata
 
         extra_metadata.setdefault("snn", snn_export_metadata(model))
-    path = check_output(path, overwrite=overwrite)  # before the work: exists? writable?
+    check_output(path, overwrite=overwrite)  # before the work: exists? writable?
+    path = Path(path)
     original, was_training = model, model.training
     model.eval()
     try:
