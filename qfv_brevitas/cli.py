@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                "that did not verify: nothing written); 2 bad input (argument, file, data); "
                "3 output refused (exists without --force, is an input, not writable); "
                "4 system error while working (disk full, I/O): outputs unchanged; "
-               "130 interrupted: outputs unchanged.")
+               "130 interrupted (Ctrl-C, SIGTERM): outputs unchanged.")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error (also: QFV_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -463,9 +463,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     name = " ".join(x for x in (args.command, getattr(args, "action", None)) if x)
     # A file-size limit (ulimit -f) kills the process by default in the middle of a write;
     # ignored, the write fails with an OSError and the temporary file is cleaned up.
-    xfsz = None
+    xfsz = term = None
     if hasattr(signal, "SIGXFSZ") and _main_thread():
         xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    if hasattr(signal, "SIGTERM") and _main_thread() and signal.getsignal(signal.SIGTERM) \
+            is not None:  # a kill: the same clean stop as Ctrl-C (temporary files removed)
+        term = signal.signal(signal.SIGTERM, _interrupt)
     try:
         _check_io(args)
         if getattr(args, "_run", None) is not None:
@@ -486,7 +489,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         if xfsz is not None:
             signal.signal(signal.SIGXFSZ, xfsz)
+        if term is not None:
+            signal.signal(signal.SIGTERM, term)
     return 1
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _main_thread() -> bool:

@@ -13,8 +13,8 @@ Every file the library writes goes through this module:
 - :func:`atomic_dir`: the same for a whole folder (a run folder, a crossbar folder): written
   as a temporary folder beside it, then swapped in (an atomic exchange where the system has one).
 
-Ctrl-C (and SIGTERM) is held back while a file is renamed into place, so an interrupt never
-falls between "old file gone" and "new file there".
+Ctrl-C (and SIGTERM) is held back while files are renamed into place (:func:`deferred_interrupts`),
+so an interrupt never falls between "old file gone" and "new file there".
 
 >>> import os, tempfile
 >>> d = tempfile.mkdtemp()
@@ -128,16 +128,33 @@ def _check_writable(folder: Path, given: Path) -> None:
 
 @contextlib.contextmanager
 def deferred_interrupts() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM back (delivered on exit) so that a commit is never cut in half."""
-    if threading.current_thread() is not threading.main_thread() or \
-            not hasattr(signal, "pthread_sigmask"):
+    """Hold Ctrl-C (SIGINT) and SIGTERM back until the block ends, then deliver them, so that
+    a commit is never cut in half. Python runs signal handlers in the main thread whichever
+    thread the system hands the signal to (torch has many), so replacing the handlers for the
+    block is enough; outside the main thread the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    caught: List[int] = []
+
+    def hold(signum, frame):
+        caught.append(signum)
+
+    old = {}
+    for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
+        if sig is not None and signal.getsignal(sig) is not None:  # None: not set from Python
+            old[sig] = signal.signal(sig, hold)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(caught):  # delivered now, as they would have been
+            handler = old[sig]
+            if callable(handler):
+                handler(sig, None)  # the default SIGINT handler raises KeyboardInterrupt
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), sig)
 
 
 def _fsync(path: Path) -> None:
@@ -358,10 +375,11 @@ def atomic_dir(path: PathLike, *, overwrite: bool = False, inputs: Iterable = ()
                         os.rename(old, target)
                         raise
                     os.rename(old, tmp)
-                # tmp now holds the old content: removed below
+                # tmp now holds the old content
             else:
                 os.rename(tmp, target)
             _fsync_dir(target.parent)
+            shutil.rmtree(tmp, ignore_errors=True)  # the old content, before any interrupt
     finally:
         with deferred_interrupts():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -328,3 +328,20 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("QFV_DEBUG", "1")
     with pytest.raises(CheckpointError):
         main(["report", missing])
+
+
+def test_sigterm_stops_as_cleanly_as_ctrl_c(monkeypatch, capsys):
+    import signal
+    import time
+
+    from qfv_brevitas import cli
+
+    def killed(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # interrupted here
+        return 0
+    monkeypatch.setattr(cli, "_run_report", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["report", "any.pt"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before  # restored

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import threading
+import time
 
 import pytest
 import torch
@@ -138,6 +140,35 @@ def test_interrupts_are_held_back_during_a_commit():
         with deferred_interrupts():
             os.kill(os.getpid(), signal.SIGINT)
             done.append("the commit finished")  # runs: the signal waits for the block's end
+    assert done == ["the commit finished"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_interrupts_are_held_back_whichever_thread_gets_them():
+    """The system may hand a process's signal to any thread (torch runs many); Python still
+    runs the handler in the main thread. The hold must work for that case too."""
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+
+    class Term(Exception):
+        pass
+
+    def on_term(signum, frame):
+        raise Term
+    previous = signal.signal(signal.SIGTERM, on_term)
+    done = []
+    try:
+        with pytest.raises((KeyboardInterrupt, Term)):
+            with deferred_interrupts():
+                signal.pthread_kill(other.ident, signal.SIGINT)
+                signal.pthread_kill(other.ident, signal.SIGTERM)
+                time.sleep(0.05)  # time for the handlers to run, were they not held
+                done.append("the commit finished")
+    finally:
+        stop.set()
+        other.join()
+        signal.signal(signal.SIGTERM, previous)
     assert done == ["the commit finished"]
 
 
