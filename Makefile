@@ -28,7 +28,7 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/qfv demo --out qfv-out
+	$(VENV)/bin/qfv demo --out qfv-out --force
 
 test: setup-test
 	$(PY) -m pytest -q -n 2 tests qfv_brevitas

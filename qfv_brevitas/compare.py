@@ -50,6 +50,7 @@ from .progress import RunProgress
 from .quantizers import nmult_layers
 from .repair import (chip_in_loop_finetune, fault_aware_finetune, set_deploy_mapping,
                      variability_aware_finetune)
+from .safeio import atomic_paths
 from .selftune import calibration_batch, reference_statistics, self_tune
 from .train import TrainConfig, evaluate, fit, model_device
 
@@ -286,29 +287,33 @@ class MethodComparison:
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
-    def save(self, out_dir: Union[str, Path], name: str = "compare") -> Dict[str, Path]:
+    def save(self, out_dir: Union[str, Path], name: str = "compare", overwrite: bool = False
+             ) -> Dict[str, Path]:
         """Write ``name.csv`` (every map), ``name.json`` (rows, summary, winners, meta),
-        ``name.md`` (the table) and ``name.png`` (the plot)."""
+        ``name.md`` (the table) and ``name.png`` (the plot), together and atomically
+        (:mod:`qfv_brevitas.safeio`): existing files only with ``overwrite``."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         paths = {k: out / f"{name}.{k}" for k in ("csv", "json", "md", "png")}
         fields = ["scenario", "kind", "level", "chip_sigma", "method", "trial", "seed", "acc"]
-        with open(paths["csv"], "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            for r in self.rows:
-                w.writerow({k: r.get(k) for k in fields})
-        paths["json"].write_text(json.dumps(
-            {"meta": self.meta, "summary": self.summary(), "winners": self.winners(),
-             "winners_without_selftune": self.winners(False), "rows": self.rows},
-            indent=2, default=str))
-        paths["md"].write_text(self.table() + "\n")
-        self.plot(paths["png"])
+        with atomic_paths(list(paths.values()), overwrite=overwrite) as tmps:
+            tmp = dict(zip(paths, tmps))
+            with open(tmp["csv"], "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=fields)
+                w.writeheader()
+                for r in self.rows:
+                    w.writerow({k: r.get(k) for k in fields})
+            tmp["json"].write_text(json.dumps(
+                {"meta": self.meta, "summary": self.summary(), "winners": self.winners(),
+                 "winners_without_selftune": self.winners(False), "rows": self.rows},
+                indent=2, default=str))
+            tmp["md"].write_text(self.table() + "\n")
+            self.plot(tmp["png"], overwrite=True, format="png")
         return paths
 
-    def plot(self, path: Union[str, Path]) -> Path:
+    def plot(self, path: Union[str, Path], overwrite: bool = False,
+             format: Optional[str] = None) -> Path:
         """Grouped bars: one group per scenario, one bar per method (mean), error bar = std,
-        a black tick at the worst map."""
+        a black tick at the worst map (atomically; an existing file only with ``overwrite``)."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -340,7 +345,8 @@ class MethodComparison:
         ax.legend(fontsize=7, ncol=2, loc="lower left", bbox_to_anchor=(1.0, 0.0))
         from .plots import save_figure
 
-        return save_figure(fig, path, ax, self.meta.get("title", ""), title_size=9)
+        return save_figure(fig, path, ax, self.meta.get("title", ""), title_size=9,
+                           overwrite=overwrite, format=format)
 
 
 def _apply(method: str, m: nn.Module, sc: Scenario, train: Dataset, cfg: CompareConfig

@@ -26,6 +26,7 @@ from .progress import RunProgress
 from .quantizers import nmult_layers
 from .repair import (chip_in_loop_finetune, fault_aware_finetune, set_deploy_mapping,
                      variability_aware_finetune)
+from .safeio import atomic_paths
 from .train import TrainConfig, evaluate
 
 __all__ = ["LAYER_SETS", "edge_layers", "MonteCarloResult", "evaluate_faults", "evaluate_variability", "compare_faults",
@@ -85,25 +86,31 @@ class MonteCarloResult:
             lines.append(f"{lv:>14g} | " + " | ".join(cells))
         return "\n".join(lines)
 
-    def save(self, out_dir: Union[str, Path], name: str) -> Dict[str, Path]:
+    def save(self, out_dir: Union[str, Path], name: str, overwrite: bool = False
+             ) -> Dict[str, Path]:
         """Write ``name.csv`` (every trial), ``name.json`` (rows, summary, meta) and
-        ``name.png`` (accuracy against level, one line per method, std error bars)."""
+        ``name.png`` (accuracy against level, one line per method, std error bars), together
+        and atomically (:mod:`qfv_brevitas.safeio`): existing files only with ``overwrite``."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         paths = {"csv": out / f"{name}.csv", "json": out / f"{name}.json",
                  "png": out / f"{name}.png"}
-        with open(paths["csv"], "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["method", "level", "trial", "seed", "acc"])
-            w.writeheader()
-            for r in self.rows:
-                w.writerow({k: r[k] for k in w.fieldnames})
-        paths["json"].write_text(json.dumps({"kind": self.kind, "level_name": self.level_name,
-                                             "meta": self.meta, "summary": self.summary(),
-                                             "rows": self.rows}, indent=2))
-        self.plot(paths["png"])
+        with atomic_paths(list(paths.values()), overwrite=overwrite) as tmps:
+            tmp = dict(zip(paths, tmps))
+            with open(tmp["csv"], "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=["method", "level", "trial", "seed", "acc"])
+                w.writeheader()
+                for r in self.rows:
+                    w.writerow({k: r[k] for k in w.fieldnames})
+            tmp["json"].write_text(json.dumps({"kind": self.kind, "level_name": self.level_name,
+                                               "meta": self.meta, "summary": self.summary(),
+                                               "rows": self.rows}, indent=2))
+            self.plot(tmp["png"], overwrite=True, format="png")
         return paths
 
-    def plot(self, path: Union[str, Path]) -> Path:
+    def plot(self, path: Union[str, Path], overwrite: bool = False,
+             format: Optional[str] = None) -> Path:
+        """Accuracy against level, one line per method (std error bars), written to ``path``
+        (atomically; an existing file only with ``overwrite``)."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -122,7 +129,8 @@ class MonteCarloResult:
         ax.legend()
         from .plots import save_figure
 
-        return save_figure(fig, path, ax, self.meta.get("title", ""), title_size=10)
+        return save_figure(fig, path, ax, self.meta.get("title", ""), title_size=10,
+                           overwrite=overwrite, format=format)
 
 
 def _check_levels(levels: Sequence[float], what: str, upper: Optional[float]) -> List[float]:

@@ -15,6 +15,7 @@ which is exact too, only slower.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -50,7 +51,8 @@ def check_bits(bits, where: str = "quantizer") -> int:
     """Validate an N-bit width: an ``int`` in ``1..8`` (``MAX_BITS``)."""
     if isinstance(bits, Tensor):
         bits = bits.item()
-    if isinstance(bits, bool) or not float(bits).is_integer():
+    if isinstance(bits, (bool, str, bytes)) or not isinstance(bits, numbers.Real) or \
+            not math.isfinite(bits) or not float(bits).is_integer():
         raise ValueError(f"{where}: bit width must be an integer in 1..{MAX_BITS}, got {bits!r}")
     bits = int(bits)
     if not 1 <= bits <= MAX_BITS:

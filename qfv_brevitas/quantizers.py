@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import warnings
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -87,6 +88,16 @@ class NMultTensorQuant(nn.Module):
             w2d = self.to_groups(w.detach())
             L.check_finite(w2d, f"initialising the weight quantizer{_where(layer_name)}")
             step = L.lsq_step_init(w2d, self.bits)
+            zero = int((w2d.abs().amax(dim=1) == 0).sum())
+            if zero:
+                warnings.warn(
+                    f"weight quantizer{_where(layer_name)}: "
+                    + (f"{zero} of {self.groups} channels have" if self.per_channel else "the layer has")
+                    + " all-zero weights, so its levels start collapsed (step 1e-8); "
+                    + ("the 'fixed' variant keeps them there: initialise the weights first"
+                       if quant_variant == "fixed" else
+                       "r and c must be learned from there: initialise the weights first"),
+                    UserWarning, stacklevel=2)
         r, c = L.uniform_multipliers(step, self.bits)
         if self.variant == "nmult":
             self.r = nn.Parameter(r)

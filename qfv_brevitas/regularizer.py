@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import LambdaSchedule
+from .errors import QfvError
 from .levels import qp, sync_free
 from .quantizers import nmult_layers, quant_of
 from .shapes import check_shape, check_width, layer_distance
@@ -30,7 +31,8 @@ def regularization_loss(model: nn.Module, breakdown: bool = False, shape: str = 
                         ) -> Union[Tensor, Tuple[Tensor, Dict[str, float]]]:
     """``sum_l alpha_l * sum_i min_q |w_i - q|^2`` over the model's N-multiplier layers.
 
-    Differentiable in the weights, ``r`` and ``c``. With ``breakdown=True`` also returns each
+    Differentiable in the weights, ``r`` and ``c``; 0 when every layer is in ``ste`` mode, and
+    an error for a model without N-multiplier layers. With ``breakdown=True`` also returns each
     layer's (weighted) term as a float, for logging. ``shape`` replaces the squared distance
     by another shape of :mod:`qfv_brevitas.shapes` (``"gauss"``: Gaussian well of width
     ``width`` times the local level spacing; ``"sin"``: SinReQ sinusoid).
@@ -57,7 +59,12 @@ def _loss_terms(model: nn.Module, shape: str = "sq", width: float = 0.25
     total = None
     terms: Dict[str, Tensor] = {}
     used = []
-    for name, layer in nmult_layers(model):
+    layers = nmult_layers(model)
+    if not layers:
+        # Silently 0 would train a model that was meant to be quantized as a float one.
+        raise QfvError("regularization_loss: the model has no N-multiplier layers; quantize it "
+                       "first with quantize_model() or swap_weight_quant()")
+    for name, layer in layers:
         tq = quant_of(layer)
         if not tq.uses_regularizer:
             continue

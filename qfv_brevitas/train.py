@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Union
 
@@ -10,13 +11,18 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .config import LambdaSchedule
+from .errors import QfvError
 from .progress import RunProgress
 from .quantizers import nmult_layers, quant_of
 from .regularizer import QuantRegularizer
 from .sam import SharpnessAware
 from .shapes import check_shape, check_width
 
-__all__ = ["TrainConfig", "fit", "evaluate", "param_groups"]
+__all__ = ["TrainConfig", "TrainingError", "fit", "evaluate", "param_groups"]
+
+
+class TrainingError(QfvError):
+    """Training diverged (a NaN or infinite loss): nothing is saved from it."""
 
 
 @dataclass
@@ -50,10 +56,20 @@ class TrainConfig:
     sam_rho: float = 0.0
 
     def __post_init__(self):
+        for name in ("epochs", "batch_size", "seed", "lambda_rise_epochs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ValueError(f"TrainConfig.{name} must be an integer, got {v!r}")
         if int(self.epochs) < 1:
             raise ValueError(f"TrainConfig.epochs must be >= 1, got {self.epochs}")
-        if self.lr <= 0 or self.quant_lr < 0:
-            raise ValueError("TrainConfig.lr must be > 0 and quant_lr >= 0")
+        for name, lo in (("lr", 0.0), ("quant_lr", None), ("momentum", None),
+                         ("weight_decay", None), ("lambda_start", None), ("lambda_end", None)):
+            v = getattr(self, name)
+            ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) \
+                and (v > lo if lo is not None else v >= 0)
+            if not ok:
+                raise ValueError(f"TrainConfig.{name} must be a finite number "
+                                 f"{'> 0' if lo is not None else '>= 0'}, got {v!r}")
         if self.quant_optimizer not in ("adam", "sgd"):
             raise ValueError("TrainConfig.quant_optimizer must be 'adam' or 'sgd'")
         if int(self.batch_size) < 1:
@@ -121,11 +137,14 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 512,
     return int(correct) / max(total, 1)
 
 
-def _raise_diverged(model: nn.Module, epoch: int) -> None:
+def _raise_diverged(model: nn.Module, epoch: int, desc: str, loss: float,
+                    cfg: "TrainConfig") -> None:
     bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
-    raise ValueError(f"training diverged in epoch {epoch + 1}: the task loss is NaN or "
-                     f"infinite; non-finite parameters: {', '.join(bad) or 'none'}. Lower the "
-                     "learning rate, or check the data for NaN/inf inputs.")
+    raise TrainingError(
+        f"{desc}: the loss became {loss} in epoch {epoch + 1}: training diverged "
+        f"(non-finite parameters: {', '.join(bad) or 'none'}); lower the learning rate "
+        f"(lr={cfg.lr:g}, quant_lr={cfg.quant_lr:g}) or lambda, or check the data for NaN/inf "
+        "inputs")
 
 
 def fit(model: nn.Module, train: Dataset, test: Optional[Dataset], cfg: TrainConfig,
@@ -200,8 +219,9 @@ def fit(model: nn.Module, train: Dataset, test: Optional[Dataset], cfg: TrainCon
             bar.update(1)
         if epoch_end is not None:
             epoch_end(epoch)
-        if not (math.isfinite(float(tl)) and math.isfinite(float(rl))):
-            _raise_diverged(model, epoch)
+        tl, rl = float(tl), float(rl)
+        if not (math.isfinite(tl) and math.isfinite(rl)):
+            _raise_diverged(model, epoch, desc, tl if not math.isfinite(tl) else rl, cfg)
         hist["task_loss"].append(float(tl) / len(loader))
         hist["reg"].append(float(rl) / len(loader))
         hist["lambda"].append(reg.lam(epoch) if reg is not None else 0.0)
