@@ -1,5 +1,9 @@
+import math
+from collections import OrderedDict
+
 import pytest
 import torch
+from torch import nn
 
 from qfv_brevitas import NMultConfig, quantize_model
 from qfv_brevitas.data import load_digits_split
@@ -30,3 +34,45 @@ def trained(digits):
     clean = evaluate(q, test)
     assert clean > 0.95
     return q, clean
+
+
+# -- small quantized MLPs and binomial checks (faults, variability) ------------------------------
+
+def _qmodel(layers, bits: int = 4, layer_bits=None, skip=(), seed: int = 0) -> nn.Module:
+    """A quantized Sequential of named Linear layers (ReLU between them), per-tensor N-bit
+    weights, float activations; ``layers`` is ``[(name, (in, out)), ...]``."""
+    torch.manual_seed(seed)
+    mods = []
+    for i, (name, (fin, fout)) in enumerate(layers):
+        if i:
+            mods.append((f"act_{name}", nn.ReLU()))
+        mods.append((name, nn.Linear(fin, fout)))
+    cfg = NMultConfig(weight_bits=bits, act_bits=None, first_last_bits=None,
+                      layer_bits=dict(layer_bits or {}))
+    return quantize_model(nn.Sequential(OrderedDict(mods)), cfg, skip=skip)
+
+
+@pytest.fixture(scope="session")
+def qmodel():
+    """Factory ``qmodel(layers, bits=4, layer_bits=None, skip=(), seed=0)`` (see ``_qmodel``)."""
+    return _qmodel
+
+
+#: two-sided 99.9% standard normal quantile
+Z999 = 3.2905
+
+
+def _assert_binomial(k: int, n: int, p: float, what: str, resolution: float = 0.15) -> None:
+    """``k`` successes of ``n`` lie in the 99.9% interval of Binomial(n, p); the interval's half
+    width must be below ``resolution * n * p`` so that a wrong rate would be caught."""
+    mean, sd = n * p, math.sqrt(n * p * (1 - p))
+    half = Z999 * sd + 0.5
+    assert half < resolution * mean, f"{what}: sample too small to test p={p} (n={n})"
+    assert abs(k - mean) <= half, f"{what}: {k} of {n}, expected {mean:.1f} +- {half:.1f}"
+
+
+@pytest.fixture(scope="session")
+def assert_binomial():
+    """``assert_binomial(k, n, p, what, resolution=0.15)``: normal approximation with continuity
+    correction, 99.9% two-sided (see ``_assert_binomial``)."""
+    return _assert_binomial
