@@ -144,15 +144,17 @@ def fit(model: nn.Module, train: Dataset, test: Optional[Dataset], cfg: TrainCon
     for epoch in bar:
         model.train()
         tl = rl = 0.0
+        # the lambda this epoch applies; the history records this value, not a recomputation
+        lam = reg.lam(epoch) if reg is not None else 0.0
         for x, y in loader:
             if device is not None:
                 x, y = x.to(device), y.to(device)
             task = loss_fn(model(x), y)
             loss = task
             if reg is not None:
-                r = reg(epoch)
-                loss = loss + r
-                rl += float(r.detach()) / reg.lam(epoch)
+                r = reg.unweighted()
+                loss = loss + lam * r
+                rl += float(r.detach())
             for o in opts:
                 o.zero_grad(set_to_none=True)
             loss.backward()
@@ -162,7 +164,7 @@ def fit(model: nn.Module, train: Dataset, test: Optional[Dataset], cfg: TrainCon
                 with sam.frozen_norm_stats():
                     loss2 = loss_fn(model(x), y)
                     if reg is not None:
-                        loss2 = loss2 + reg(epoch)
+                        loss2 = loss2 + lam * reg.unweighted()
                     for o in opts:
                         o.zero_grad(set_to_none=True)
                     loss2.backward()
@@ -175,7 +177,7 @@ def fit(model: nn.Module, train: Dataset, test: Optional[Dataset], cfg: TrainCon
             epoch_end(epoch)
         hist["task_loss"].append(tl / len(loader))
         hist["reg"].append(rl / len(loader))
-        hist["lambda"].append(reg.lam(epoch) if reg is not None else 0.0)
+        hist["lambda"].append(lam)
         acc = evaluate(model, test, device=device) if test is not None else float("nan")
         hist["test_acc"].append(acc)
         bar.set_postfix(loss=f"{hist['task_loss'][-1]:.3f}", reg=f"{hist['reg'][-1]:.2e}",
