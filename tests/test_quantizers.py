@@ -95,6 +95,32 @@ def bit_rows(bits: int, dtype=torch.float32) -> torch.Tensor:
 # ------------------------------------------------------------------ every injector, every layer
 
 
+@pytest.mark.parametrize("inj", ["nmult_pc", "step_pc", "fixed_pc"])
+@pytest.mark.parametrize("ctor,in_shape,ref", [
+    (qnn.QuantConvTranspose1d, (2, 3, 5), F.conv_transpose1d),
+    (qnn.QuantConvTranspose2d, (2, 3, 4, 4), F.conv_transpose2d),
+])
+def test_per_channel_on_the_output_axis_of_a_transposed_conv(inj, ctor, in_shape, ref):
+    """A transposed conv's weight is ``(in, out, k...)``: its output channels are axis 1. Each
+    of them gets its own LSQ step and levels, and each weight its own channel's nearest level
+    (brute force over the channel's levels)."""
+    torch.manual_seed(0)
+    layer = ctor(3, 5, 3, weight_quant=INJECTORS[inj][0], weight_bit_width=3).eval()
+    tq = quant_of(layer)
+    assert (tq.channel_dim, tq.groups) == (1, 5)
+    w = layer.weight.detach()
+    w2d = w.transpose(0, 1).reshape(5, -1)  # channel j = w[:, j]
+    torch.testing.assert_close(tq.multipliers()[:, 0].detach(), lsq_step(w2d, 3))
+    torch.testing.assert_close(tq.to_groups(w), w2d, **EXACT)
+    assert torch.equal(tq.from_groups(tq.to_groups(w), w.shape), w)
+    snapped, _ = brute_nearest(w2d, tq.levels().detach())
+    expected = snapped.reshape(5, 3, *w.shape[2:]).transpose(0, 1)
+    torch.testing.assert_close(layer.quant_weight().detach(), expected, **EXACT)
+    x = torch.randn(in_shape)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), ref(x, expected, layer.bias), **EXACT)
+
+
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("kind", list(LAYERS))
 @pytest.mark.parametrize("inj", list(INJECTORS))
