@@ -1,6 +1,10 @@
 import math
+import os
+import sys
+import types
 from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -76,3 +80,67 @@ def assert_binomial():
     """``assert_binomial(k, n, p, what, resolution=0.15)``: normal approximation with continuity
     correction, 99.9% two-sided (see ``_assert_binomial``)."""
     return _assert_binomial
+
+
+# -- neuromorphic data folders (spikingjelly's layout) ---------------------------------------------
+
+def _npz_frames(path, T: int, h: int, w: int, value: float) -> None:
+    """One sample as spikingjelly stores integrated frames: ``frames`` ``(T, 2, h, w)``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, frames=np.full((T, 2, h, w), value, dtype=np.float32))
+
+
+@pytest.fixture(scope="session")
+def npz_frames():
+    """``npz_frames(path, T, h, w, value)``: one constant sample (see ``_npz_frames``)."""
+    return _npz_frames
+
+
+@pytest.fixture
+def stub_torchvision(monkeypatch):
+    """spikingjelly's dataset modules import torchvision and torchaudio, which do not import
+    on a CPU-only torch (no matching wheel). These stubs give them exactly what they use:
+    torchvision's ``DatasetFolder`` (scan class folders, load, transform) and download helpers
+    that fail the test if called."""
+    pytest.importorskip("spikingjelly")
+    before = set(sys.modules)
+
+    class DatasetFolder(torch.utils.data.Dataset):
+        def __init__(self, root, loader, extensions=None, transform=None,
+                     target_transform=None, **_):
+            self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+            self.samples = [(os.path.join(root, c, f), i) for c, i in self.class_to_idx.items()
+                            for f in sorted(os.listdir(os.path.join(root, c)))
+                            if f.lower().endswith(tuple(extensions))]
+            self.targets = [t for _, t in self.samples]
+            self.loader, self.transform = loader, transform
+
+        def __len__(self):
+            return len(self.samples)
+
+        def __getitem__(self, i):
+            path, target = self.samples[i]
+            return self.transform(self.loader(path)), target
+
+    def no_download(*a, **k):
+        raise AssertionError("spikingjelly tried to download")
+
+    tv, ds, utils = (types.ModuleType(n) for n in
+                     ("torchvision", "torchvision.datasets", "torchvision.datasets.utils"))
+    ds.DatasetFolder, ds.utils, tv.datasets = DatasetFolder, utils, ds
+    tv.transforms = types.ModuleType("torchvision.transforms")
+    utils.download_url = no_download
+    utils.check_integrity = lambda *a, **k: False
+    utils.extract_archive = no_download
+    utils.verify_str_arg = lambda v, *a, **k: v
+    for name, mod in (("torchvision", tv), ("torchvision.datasets", ds),
+                      ("torchvision.datasets.utils", utils),
+                      ("torchvision.transforms", tv.transforms),
+                      ("torchaudio", types.ModuleType("torchaudio"))):
+        monkeypatch.setitem(sys.modules, name, mod)
+    yield
+    # spikingjelly.datasets was imported against the stubs: drop it with them.
+    for name in set(sys.modules) - before:
+        if name.startswith("spikingjelly.datasets"):
+            del sys.modules[name]
