@@ -144,3 +144,40 @@ def stub_torchvision(monkeypatch):
     for name in set(sys.modules) - before:
         if name.startswith("spikingjelly.datasets"):
             del sys.modules[name]
+
+
+# -- a small MNIST-family IDX folder --------------------------------------------------------------
+
+def write_idx(path, arr) -> None:
+    """``arr`` as a gzipped IDX file (uint8, the header MNIST's files have)."""
+    import gzip
+    import struct
+
+    arr = np.asarray(arr, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.tobytes())
+
+
+@pytest.fixture
+def idx_folder(tmp_path):
+    """torchvision's ``FashionMNIST/raw`` layout under ``tmp_path``, two easy classes of 12x12
+    images (bright top half vs bright bottom half), 200 train and 60 test; returns the root to
+    pass as ``--data-dir``."""
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+
+    def make(n):
+        y = rng.integers(0, 2, n)
+        x = rng.integers(0, 40, (n, 12, 12))
+        for i, c in enumerate(y):
+            x[i, :6] += 200 * (c == 0)
+            x[i, 6:] += 200 * (c == 1)
+        return x, y
+
+    for prefix, n in (("train", 200), ("t10k", 60)):
+        x, y = make(n)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", x)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", y)
+    return tmp_path
