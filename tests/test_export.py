@@ -307,6 +307,25 @@ def test_fixed_point_rounding_error_bounded(bits, f, seed):
                                                                           hi <= 2 ** n - 1)
 
 
+@pytest.mark.parametrize("r, c, f, want", [
+    ([0.25, 0.5], -0.375, 3, (3, True, -3, 3)),  # integers -3, -1, 1, 3
+    ([0.125, 0.25], 0.0, 3, (2, False, 0, 3)),  # 0..3
+    ([0.5, 1.0], -2.0, 1, (3, True, -4, -1)),  # -4..-1: 2 signed bits hold only -2..1
+    ([1.0, 2.0, 4.0], 0.0, 0, (3, False, 0, 7)),
+    ([0.0], 0.0, 4, (1, False, 0, 0)),
+])
+def test_fixed_point_integer_width_is_the_smallest_that_holds_the_levels(r, c, f, want):
+    from qfv_brevitas.export.layers import LayerExport, decode
+
+    bits = len(r)
+    codes = torch.arange(1 << bits, dtype=torch.uint8).reshape(1, -1)
+    info = LayerExport("l", bits, "nmult", -1, (1, 1 << bits), codes, torch.tensor([r]),
+                       torch.tensor([c]))
+    info.weight = decode(info)
+    row = fixed_point_layer(info, f)
+    assert (row["int_bits"], row["signed"], row["int_min"], row["int_max"]) == want
+
+
 def test_fixed_point_picks_smallest_f_within_the_accuracy_bound(tmp_path, trained, digits):
     model, clean = trained
     _, test = digits

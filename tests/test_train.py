@@ -47,9 +47,11 @@ def _brute_reg(layer):
     return alpha * d2.min(dim=1).values.sum()
 
 
-def _reference(model, data, cfg, lambdas, quant_decay=0.0):
-    """One full-batch step per epoch, written out: returns the trained copy and the unweighted
-    regularizer of each step. ``quant_decay``: weight decay on r/c (wrong; for the rivals)."""
+def _reference(model, data, cfg, lambdas, quant_decay=0.0, batches=1, period=None):
+    """``batches`` full-batch steps per epoch, written out (for ``batches > 1`` every sample
+    must be the same, so that any batch is the full batch): returns the trained copy and the
+    unweighted regularizer of each epoch's first step. ``quant_decay``: weight decay on r/c,
+    ``period``: steps of the cosine's half period (default all steps; both for the rivals)."""
     model = copy.deepcopy(model)
     layer = model[0]
     tq = quant_of(layer)
@@ -63,8 +65,10 @@ def _reference(model, data, cfg, lambdas, quant_decay=0.0):
                                 weight_decay=quant_decay)
     x, y = data.tensors
     regs = []
-    for t, lam in enumerate(lambdas):
-        cosine = (1 + math.cos(math.pi * t / len(lambdas))) / 2
+    steps = len(lambdas) * batches
+    for t in range(steps):
+        lam = lambdas[t // batches]
+        cosine = (1 + math.cos(math.pi * t / (period or steps))) / 2
         for opt, base in ((w_opt, cfg.lr), (q_opt, cfg.quant_lr)):
             for grp in opt.param_groups:
                 grp["lr"] = base * cosine
@@ -75,7 +79,8 @@ def _reference(model, data, cfg, lambdas, quant_decay=0.0):
         loss.backward()
         w_opt.step()
         q_opt.step()
-        regs.append(float(reg.detach()))
+        if t % batches == 0:
+            regs.append(float(reg.detach()))
     return model, regs
 
 
@@ -124,6 +129,22 @@ def test_fit_is_the_reference_loop_step_by_step(quant_optimizer, quant_lr):
         assert _differs(_params(_reference(_model(), data, rcfg, lams)[0]), got), what
     decayed = _reference(_model(), data, cfg, LAMBDAS, quant_decay=cfg.weight_decay)[0]
     assert _differs(_params(decayed), got), "weight decay on r/c"
+
+
+def test_cosine_decay_runs_over_every_step_of_every_epoch():
+    """Two batches per epoch (all samples alike, so any batch is the full batch): the learning
+    rates follow one cosine over all 8 steps, not over the 4 epochs."""
+    cfg = TrainConfig(epochs=4, lr=0.002, quant_lr=0.01, weight_decay=0.5,
+                      batch_size=SAMPLES // 2, lambda_rise_epochs=2)
+    x, y = _data().tensors
+    data = TensorDataset(x[:1].repeat(SAMPLES, 1), y[:1].repeat(SAMPLES))
+    model = _model()
+    ref = _params(_reference(model, data, cfg, LAMBDAS, batches=2)[0])
+    fit(model, data, None, cfg, progress=False)
+    _assert_same(_params(model), ref, "fit vs the reference (2 batches per epoch)")
+    # a cosine over the 4 epochs, stepped every batch, ends elsewhere
+    per_epoch = _reference(_model(), data, cfg, LAMBDAS, batches=2, period=len(LAMBDAS))[0]
+    assert _differs(_params(per_epoch), ref)
 
 
 def test_weight_decay_reaches_weight_matrices_only():
