@@ -198,7 +198,7 @@ def test_selftune_on_a_drawn_fault_map_and_a_variability_map_file(ckpt, tmp_path
         assert chip_acc < ideal_acc  # the chip hurts
 
 
-# -- export and crossbar with --ideal ----------------------------------------------------------------
+# -- export and crossbar with --ideal ------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def faulty_ckpt(ckpt, tmp_path_factory):
