@@ -159,13 +159,11 @@ def write_idx(path, arr) -> None:
         f.write(header + arr.tobytes())
 
 
-@pytest.fixture
-def idx_folder(tmp_path):
-    """torchvision's ``FashionMNIST/raw`` layout under ``tmp_path``, two easy classes of 12x12
-    images (bright top half vs bright bottom half), 200 train and 60 test; returns the root to
-    pass as ``--data-dir``."""
-    rng = np.random.default_rng(0)
-    raw = tmp_path / "FashionMNIST" / "raw"
+def _make_idx_folder(root, n_train: int = 200, n_test: int = 60, seed: int = 0):
+    """torchvision's ``FashionMNIST/raw`` layout under ``root``: two easy classes of 12x12
+    images (bright top half vs bright bottom half); returns ``root`` (the ``--data-dir``)."""
+    rng = np.random.default_rng(seed)
+    raw = root / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
 
     def make(n):
@@ -176,8 +174,20 @@ def idx_folder(tmp_path):
             x[i, 6:] += 200 * (c == 1)
         return x, y
 
-    for prefix, n in (("train", 200), ("t10k", 60)):
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
         x, y = make(n)
         write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", x)
         write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", y)
-    return tmp_path
+    return root
+
+
+@pytest.fixture
+def idx_folder(tmp_path):
+    """A small IDX folder (200 train, 60 test; see ``_make_idx_folder``) under ``tmp_path``."""
+    return _make_idx_folder(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def make_idx_folder():
+    """``make_idx_folder(root, n_train=200, n_test=60, seed=0)`` (see ``_make_idx_folder``)."""
+    return _make_idx_folder
