@@ -200,8 +200,8 @@ MUTANTS: List[Mutant] = [
       ("tests/test_variability.py", "-k", "clipped"),
       "normal factors go negative (a negative conductance)"),
     M("evaluate-same-map-every-trial", "qfv_brevitas/evaluate.py",
-      "                    attach(m, level, seed + k)\n",
-      "                    attach(m, level, seed)\n",
+      "        attach(m, level, seed + k)\n",
+      "        attach(m, level, seed)\n",
       ("tests/test_evaluate.py",),
       "Monte Carlo draws the same map in every trial"),
     M("bitflip-rate-per-word", "qfv_brevitas/bitflip.py",
@@ -273,8 +273,28 @@ MUTANTS: List[Mutant] = [
       "    return {}\n",
       ("tests/test_evaluate.py", "-k", "edge_layers_and_all_layers"),
       "layers='inner' puts the 8-bit first and last layers on the faulty device too"),
+    # -- untrusted files, scale-out (issues 14, 15) -------------------------------------------------
+    M("checkpoint-digest-unchecked", "qfv_brevitas/checkpoint.py",
+      '        if digest != ckpt["sha256"]:\n',
+      "        if False:\n",
+      ("tests/test_safe_files.py", "-k", "checksum_notices"),
+      "a checkpoint whose weights were edited loads without complaint"),
+    M("checkpoint-loads-any-pickle", "qfv_brevitas/checkpoint.py",
+      '            ckpt = torch.load(path, map_location="cpu", weights_only=True)\n',
+      '            ckpt = torch.load(path, map_location="cpu", weights_only=False)\n',
+      ("tests/test_safe_files.py", "-k", "crafted_pickles"),
+      "loading a checkpoint runs the code a crafted pickle carries"),
+    M("safeio-file-overwritten-without-force", "qfv_brevitas/safeio.py",
+      '        if kind == "file" and not overwrite:\n',
+      '        if kind == "file" and overwrite is None:\n',
+      ("tests/test_safeio.py",),
+      "an existing output file is replaced without --force"),
+    M("parallel-every-rank-runs-rank0s-share", "qfv_brevitas/parallel.py",
+      "    return list(range(rank, n, world))\n",
+      "    return list(range(0, n, world))\n",
+      ("tests/test_parallel.py", "-k", "distributed"),
+      "every torch.distributed rank runs rank 0's trials: the others are never drawn"),
 ]
-
 
 # -- running -------------------------------------------------------------------------------------
 
