@@ -72,10 +72,23 @@ def read_metadata(source: Union[str, Path, onnx.ModelProto]) -> dict:
     names = {o for n in model.graph.node for o in n.output}
     names |= {i.name for i in model.graph.initializer}
     for row in info.get("layers", []):
-        if row.get("weight_tensor") not in names:
-            raise ExportFileError(f"{where}: layer {row.get('layer')!r}'s weight tensor "
-                                  f"{row.get('weight_tensor')!r} is not in the graph")
+        for tensor in _layer_tensors(row):
+            if tensor not in names:
+                raise ExportFileError(f"{where}: layer {row.get('layer')!r}'s weight tensor "
+                                      f"{tensor!r} is not in the graph")
     return info
+
+
+def _layer_tensors(row: dict) -> List[str]:
+    """The graph tensors a layer's metadata names: its weight tensor, or in the plane-parallel
+    form (no single weight tensor) its planes, multipliers and scale."""
+    if "weight_tensor" in row or "planes" not in row:
+        return [row.get("weight_tensor")]
+    t = (row["planes"] or {}).get("tensors") or {}
+    out = [v for k in ("planes", "plane_outputs", "multipliers") for v in t.get(k, [])]
+    return out + [t[k] for k in ("scale", "ones", "ones_output", "offset", "offset_output")
+                  if k in t] + (
+        [] if out else [None])
 
 
 def _short(values, limit=4) -> str:
