@@ -34,10 +34,10 @@ def checkpoint(tmp_path_factory, digits):
     return path
 
 
-@pytest.mark.parametrize("form", ["compact", "bitplanes", "fixed"])
+@pytest.mark.parametrize("form", ["compact", "bitplanes", "fixed", "planes"])
 def test_export_inspect_verify(tmp_path, checkpoint, form, capsys):
     out = tmp_path / f"m_{form}.onnx"
-    extra = ["--frac-bits", "7"] if form == "fixed" else []
+    extra = ["--frac-bits", "7"] if form in ("fixed", "planes") else []
     assert main(["export", str(checkpoint), "--form", form, "--out", str(out),
                  "--samples", "48", "--exporter", "torchscript"] + extra) == 0
     text = capsys.readouterr().out
