@@ -132,7 +132,7 @@ def step_train(args) -> None:
     d = _dir(args)
     t = time.perf_counter()
     res = run_experiment(d, arch=args.arch, bits=(args.bits,), variants=("nmult",),
-                         seed=args.seed, progress=False)
+                         seed=args.seed, progress=False, overwrite=True)
     run = res["runs"][0]
     fp, _ = load_checkpoint(d / "float.pt")
     train, test, _, _ = load_dataset("digits", None, args.seed)
@@ -166,12 +166,13 @@ def step_export(args) -> None:
     _, test, _, _ = load_dataset("digits", None, args.seed)
     x = test.tensors[0]
     fx = export_qonnx(model, x[:1], d / "fixed_b1.onnx", "fixed", max_accuracy_drop=0.5,
-                      data=test, verify_inputs=x)
+                      data=test, verify_inputs=x, overwrite=True)
     f = fx.fixed_point["frac_bits"]
     pl = export_qonnx(model, x[:1], d / "planes_b1.onnx", "planes", frac_bits=f,
-                      verify_inputs=x)
+                      verify_inputs=x, overwrite=True)
     for form in ("fixed", "planes"):  # the whole test set as the graph's batch: one run each
-        export_qonnx(model, x, d / f"{form}_b{len(x)}.onnx", form, frac_bits=f, verify=False)
+        export_qonnx(model, x, d / f"{form}_b{len(x)}.onnx", form, frac_bits=f, verify=False,
+                     overwrite=True)
     stock = load_stock(d, args.bits, args.seed)
     with contextlib.redirect_stdout(io.StringIO()):
         brevitas_export(stock, args=x[:1], export_path=str(d / "stock_b1.onnx"), dynamo=True,

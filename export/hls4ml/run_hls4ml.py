@@ -71,6 +71,41 @@ def _channels_last_average_pool() -> None:
     cl._channelsLast_node_types.append("AveragePool")
 
 
+def _scale_down_add_fresh_attributes() -> None:
+    """hls4ml 1.3's ``ScaleDownAdd`` (two equal ``ApplyAlpha`` scales moved below an Add)
+    builds the new node from ALL of the first node's attributes, including its already typed
+    ``bias_precision``, which the new node's constructor refuses ("Unexpected new precision
+    type: NamedType"). Seen in the plane-parallel form when two planes of a layer end with the
+    same scale (8-bit first layer of the digits MLP at f = 5). Build it as hls4ml's own
+    ``ScaleDownMatMul`` does: without the data, trace and bias precision attributes (the
+    summed bias gets the default precision)."""
+    from hls4ml.model.optimizer.passes import move_scales as ms
+
+    if getattr(ms.ScaleDownAdd, "_qfv_fresh_attributes", False):
+        return
+
+    def transform(self, model, node):
+        in0 = node.get_input_node(node.inputs[0])
+        in1 = node.get_input_node(node.inputs[1])
+        scale = in0.weights["scale"].data_unquantized
+        try:
+            bias = in0.weights["bias"].data_unquantized + in1.weights["bias"].data_unquantized
+        except ValueError:
+            return False
+        skip = ms._attrs_not_to_copy + list(in0.outputs) + ["bias_precision", "bias_quantizer"]
+        new_attrs = {k: v for k, v in in0.attributes.items() if k not in skip}
+        model.remove_node(in0)
+        model.remove_node(in1)
+        new_attrs["scale_data"] = scale
+        new_attrs["bias_data"] = bias
+        new_node = model.make_node("ApplyAlpha", in0.name, new_attrs, list(node.outputs))
+        model.insert_node(new_node)
+        return True
+
+    ms.ScaleDownAdd.transform = transform
+    ms.ScaleDownAdd._qfv_fresh_attributes = True
+
+
 def _one_quantizer_per_consumer(model):
     """Give every consumer of a shared activation ``Quant`` node its own copy, each behind its
     own no-op ``Reshape`` (same shape) and with its own scale, zero point and bit width.
@@ -202,6 +237,8 @@ def build_hls_model(onnx_path, output_dir, precision: Optional[str] = None,
                          "subgraphs")
     precision = precision or default_precision(info["form"])
     _channels_last_average_pool()
+    if info["form"] == "planes":
+        _scale_down_add_fresh_attributes()
     model = ModelWrapper(str(onnx_path))
     if info["form"] == "planes":
         model = _expand_offset_layers(model, info)
