@@ -236,6 +236,17 @@ def _references(d: Path, bits: int, form_file: Path, x):
     return y32, y64
 
 
+def _file_outputs(path: Path, x):
+    """The file run by qonnx's ``execute_onnx`` on ``x`` (the file's batch is ``len(x)``)."""
+    import numpy as np
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+
+    mw = ModelWrapper(str(path))
+    return np.asarray(execute_onnx(mw, {mw.graph.input[0].name: x.numpy()})[
+        mw.graph.output[0].name])
+
+
 def step_hls4ml(args) -> None:
     import numpy as np
     import shutil
@@ -261,7 +272,9 @@ def step_hls4ml(args) -> None:
         y = np.asarray(hm.predict(np.ascontiguousarray(xh.astype(np.float32))))
         y32, y64 = _references(d, args.bits, path, x)
         y = y.reshape(y32.shape)
+        yf = _file_outputs(d / f"{form}_b{len(x)}.onnx", x)
         out[form] = {"vs_torch": _compare(y, y32), "vs_torch_float64": _compare(y, y64),
+                     "vs_file": _compare(y, yf), "torch_vs_file": _compare(y32, yf),
                      "torch_vs_float64": _compare(y32, y64), "build_s": build_s,
                      "precision": flow.default_precision(form),
                      "layers": flow.hls_layer_summary(hm)}
@@ -271,13 +284,17 @@ def step_hls4ml(args) -> None:
               f"(bound {r['vs_torch']['bound']:.3g}, {r['vs_torch']['n_outside']} outside), "
               f"top-1 {100 * r['vs_torch']['top1']:.2f}%; vs torch float64 "
               f"{r['vs_torch_float64']['max_abs_diff']:.3g} "
-              f"({r['vs_torch_float64']['n_outside']} outside); build {build_s:.0f} s")
+              f"({r['vs_torch_float64']['n_outside']} outside); vs the file (qonnx) "
+              f"{r['vs_file']['max_abs_diff']:.3g} ({r['vs_file']['n_outside']} outside); "
+              f"torch vs the file: {r['torch_vs_file']['n_outside']} outside; build {build_s:.0f} s")
     res["hls4ml"] = out
     _write(args, res)
     r = out["planes"]
     ok = r["vs_torch"]["top1"] == 1.0 and r["vs_torch"]["n_outside"] == 0
     print(f"target hls4ml planes == torch on all {r['vs_torch']['samples']} images: "
-          f"{'PASS' if ok else 'FAIL'}")
+          f"{'PASS' if ok else 'FAIL'} (top-1 {100 * r['vs_torch']['top1']:.2f}%, "
+          f"{r['vs_torch']['n_outside']} outside the bound; hls4ml vs the file: "
+          f"{r['vs_file']['n_outside']} outside)")
 
 
 def _finn_python(args) -> str:
