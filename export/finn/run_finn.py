@@ -489,6 +489,9 @@ def planes_hw_layers(hw_model, file_model, info: dict) -> List[dict]:
             e["planes"].append(entry(find(want, weight_nodes, lambda n: _hw_weights(hw_model, n)),
                                      plane=k))
         for k in range(row["bits"]):
+            if np.all(mult[:, k] == 1):  # x 1: streamlining drops the Mul, nothing to map
+                e["multipliers"].append({"plane": k, "op": None, "dtype": "identity"})
+                continue
             node = find(mult[:, k], muls, lambda n: np.asarray(
                 hw_model.get_initializer(n.input[1]), dtype=np.float64).reshape(-1))
             e["multipliers"].append(entry(node, plane=k))
@@ -598,7 +601,7 @@ def hw_problems(report: dict, strict: bool = False) -> List[str]:
                 if m is None:
                     bad.append(f"layer {L}: the multipliers of plane {k} are not an "
                                "ElementwiseMul holding them")
-                elif not m["dtype"].startswith(("INT", "UINT", "BINARY")):
+                elif not m["dtype"].startswith(("INT", "UINT", "BINARY", "identity")):
                     bad.append(f"layer {L}: the multipliers of plane {k} are {m['dtype']}, not "
                                "integers")
             if "ones" in e:
