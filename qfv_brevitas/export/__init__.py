@@ -1,5 +1,6 @@
-"""QONNX export of N-multiplier models: four forms (compact, bit planes, fixed point, plane-parallel), the ``NMultWeight`` op domain, the
-per-layer multipliers in the file's metadata, verification against torch, crossbar files.
+"""QONNX export of N-multiplier models: four forms (compact, bit planes, fixed point,
+plane-parallel), the ``NMultWeight`` op domain, the per-layer multipliers in the file's
+metadata, verification against torch, crossbar files.
 
 >>> from qfv_brevitas.export import FORMS
 >>> FORMS
