@@ -377,8 +377,9 @@ def summary(args) -> None:
         sys.exit(f"no results in {args.out}")
     print(machine_line())
     print("\n### Weight memory: planes vs fixed form (bits, from the files' metadata)\n")
-    print("| model | f | accuracy N-mult / fixed-point | planes bits | fixed bits | ratio |")
-    print("|---|---|---|---|---|---|")
+    print("| model | f | accuracy N-mult / fixed-point | max \\|r - r_fixed\\| | planes bits | "
+          "fixed bits | ratio |")
+    print("|---|---|---|---|---|---|---|")
     for p in files:
         r = json.loads(p.read_text())
         if "export" not in r:
@@ -387,7 +388,7 @@ def summary(args) -> None:
         fx = e["fixed_point"]
         print(f"| {r['arch']} W{r['bits']}A{r['bits']} | {e['frac_bits']} | "
               f"{fx['reference_accuracy']:.2f} / {fx['accuracy']:.2f} | "
-              f"{e['total']['planes_bits']} | {e['total']['fixed_bits']} | "
+              f"{fx['max_multiplier_error']:.3g} | {e['total']['planes_bits']} | {e['total']['fixed_bits']} | "
               f"**{e['total']['ratio']:.3f}** |")
     print("\nper layer (planes: N 1-bit planes + all-ones offset layer + integer multipliers; "
           "fixed: int width of the levels):\n")
