@@ -149,7 +149,8 @@ def _planes_problems(row, consts, producers, users) -> List[str]:
     if m.shape != r.shape or mc.shape != c.shape:
         return [f"{at}: the metadata's multipliers {m.shape} / offset {mc.shape} do not fit r "
                 f"{r.shape} / c {c.shape}"]
-    if not (np.array_equal(m, np.round(r * 2.0 ** f)) and np.array_equal(mc, np.round(c * 2.0 ** f))):
+    if not (np.array_equal(m, np.round(r * 2.0 ** f))
+            and np.array_equal(mc, np.round(c * 2.0 ** f))):
         out.append(f"{at}: the integer multipliers / offset are not r, c rounded to 2^-{f}")
     out_ch = shape[0]
     if m.shape[0] == 1:

@@ -33,7 +33,8 @@ from onnx import helper, numpy_helper
 from . import fixedpoint as FX
 from .layers import LayerExport
 
-__all__ = ["check_layer", "planes_layer", "split_into_planes", "file_weights", "memory_bits", "PLANE_OPS"]
+__all__ = ["check_layer", "planes_layer", "split_into_planes", "file_weights", "memory_bits",
+           "PLANE_OPS"]
 
 #: compute ops a layer may be exported as for this form (Linear: Gemm with transB=1)
 PLANE_OPS = ("Conv", "Gemm")
@@ -143,7 +144,8 @@ def split_into_planes(model: onnx.ModelProto, layers: Sequence[LayerExport]) -> 
         row = info.extra["planes"]
         wname = f"{info.name}.weight"
         users = [n for n in g.node if wname in list(n.input)]
-        if len(users) != 1 or users[0].op_type not in PLANE_OPS or list(users[0].input).index(wname) != 1:
+        if len(users) != 1 or users[0].op_type not in PLANE_OPS or \
+                list(users[0].input).index(wname) != 1:
             ops = sorted({n.op_type for n in users}) or ["nothing"]
             raise ValueError(
                 f"layer {info.name!r}: its weights feed {', '.join(ops)}; the plane-parallel "
