@@ -307,8 +307,6 @@ def _finn_python(args) -> str:
 
 
 def step_finn(args) -> None:
-    import numpy as np
-
     from qfv_brevitas.data import load_dataset
 
     res = _read(args)
@@ -318,8 +316,18 @@ def step_finn(args) -> None:
     ckpt = d / f"nmult_w{args.bits}a{args.bits}.pt"
     _, test, _, _ = load_dataset("digits", None, args.seed)
     x = test.tensors[0]
-    out = {}
-    # exactness: the planes file with the whole test set as its batch
+    out = dict(res.get("finn") or {})
+    if not args.estimates_only:
+        out["exact"] = _finn_exact(args, d, py, script, ckpt, x)
+    out.update(estimates=_finn_estimates(args, d, py, script, ckpt))
+    res["finn"] = out
+    _write(args, res)
+
+
+def _finn_exact(args, d, py, script, ckpt, x) -> dict:
+    """The FINN flow on the planes file with the whole test set as its batch."""
+    import numpy as np
+
     big = d / f"planes_b{len(x)}.onnx"
     t = time.perf_counter()
     proc = subprocess.run([py, str(script), str(big), str(ckpt), "--samples", str(len(x)),
@@ -331,24 +339,28 @@ def step_finn(args) -> None:
     flow = json.loads((d / "finn_planes.json").read_text())
     outs = dict(np.load(d / "finn_planes.npz"))
     y32, y64 = _references(d, args.bits, big, x)
-    out["exact"] = {"passed": flow["passed"], "hw_problems": flow["hw_problems"],
-                    "node_types": flow["hw"]["node_types"], "run_s": run_s,
-                    "stages": {s: {"vs_torch": _compare(outs[s], y32),
-                                   "vs_torch_float64": _compare(outs[s], y64),
-                                   "vs_file": _compare(outs[s], outs["qonnx"])}
-                               for s in ("qonnx", "finn", "streamlined", "hw")}}
-    for s, r in out["exact"]["stages"].items():
+    exact = {"passed": flow["passed"], "hw_problems": flow["hw_problems"],
+             "node_types": flow["hw"]["node_types"], "run_s": run_s,
+             "stages": {s: {"vs_torch": _compare(outs[s], y32),
+                            "vs_torch_float64": _compare(outs[s], y64),
+                            "vs_file": _compare(outs[s], outs["qonnx"])}
+                        for s in ("qonnx", "finn", "streamlined", "hw")}}
+    for s, r in exact["stages"].items():
         print(f"FINN {s:>11}: vs torch max |diff| {r['vs_torch']['max_abs_diff']:.3g} "
               f"({r['vs_torch']['n_outside']} outside {r['vs_torch']['bound']:.3g}), top-1 "
               f"{100 * r['vs_torch']['top1']:.2f}%; vs float64 "
               f"{r['vs_torch_float64']['max_abs_diff']:.3g}; vs file "
               f"{r['vs_file']['max_abs_diff']:.3g}")
-    hw = out["exact"]["stages"]["hw"]["vs_torch"]
+    hw = exact["stages"]["hw"]["vs_torch"]
     print(f"target FINN HW == torch on all {hw['samples']} images: "
           f"{'PASS' if hw['top1'] == 1.0 and hw['n_outside'] == 0 else 'FAIL'}; HW checks "
           f"{'passed' if not flow['hw_problems'] else flow['hw_problems']}")
-    # resource estimates of the three networks, batch-1 files
-    out["estimates"] = {}
+    return exact
+
+
+def _finn_estimates(args, d, py, script, ckpt) -> dict:
+    """finn's resource estimates of the planes, fixed and stock files (batch 1)."""
+    out = {}
     for name in ("planes", "fixed", "stock"):
         path = d / f"{name}_b1.onnx"
         cmd = [py, str(script), str(path)] + ([str(ckpt)] if name != "stock" else []) + [
@@ -359,16 +371,14 @@ def step_finn(args) -> None:
             sys.exit(f"the FINN estimate of {name} failed:\n{proc.stdout[-3000:]}\n"
                      f"{proc.stderr[-3000:]}")
         est = json.loads((d / f"finn_est_{name}.json").read_text())["estimates"]
-        out["estimates"][name] = {"total": est["total"], "layers": est["layers"],
-                                  "max_cycles": est["max_cycles"],
-                                  "target_cycles": est["target_cycles"],
-                                  "fpga_part": est["fpga_part"]}
+        out[name] = {"total": est["total"], "layers": est["layers"],
+                     "max_cycles": est["max_cycles"], "target_cycles": est["target_cycles"],
+                     "fpga_part": est["fpga_part"]}
         tt = est["total"]
         print(f"FINN estimate {name:>6}: LUT {tt['LUT']} (+{tt['arith_LUT']} elementwise "
               f"arithmetic), BRAM18 {tt['BRAM_18K']}, weight bits {tt['weight_bits']}, slowest "
               f"layer {est['max_cycles']} cycles")
-    res["finn"] = out
-    _write(args, res)
+    return out
 
 
 def summary(args) -> None:
@@ -452,6 +462,9 @@ def main():
     p.add_argument("--target-cycles", type=int, default=512,
                    help="FINN folding target (cycles per image) for the estimates")
     p.add_argument("--finn-python", help="interpreter of the FINN environment")
+    p.add_argument("--estimates-only", action="store_true",
+                   help="finn step: only the resource estimates (batch-1 files), not the "
+                        "exactness run on all test images")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     import torch
