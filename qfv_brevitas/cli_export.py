@@ -19,14 +19,15 @@ def register(sub) -> None:
                        help="test images the file is verified on (default 64)")
 
     p = sub.add_parser("export", help="write a checkpoint to QONNX (compact / bit planes / "
-                                      "fixed point), verified against torch")
+                                      "fixed point / plane-parallel), verified against torch")
     p.add_argument("checkpoint", help="a quantized model saved by qfv train/demo/finetune")
     p.add_argument("--form", choices=FORMS, default="compact")
     p.add_argument("--out", required=True, help="the .onnx file to write")
-    p.add_argument("--frac-bits", type=int, help="fixed form: fractional bits f of r and c")
+    p.add_argument("--frac-bits", type=int,
+                   help="fixed and planes forms: fractional bits f of r and c")
     p.add_argument("--max-acc-drop", type=float,
-                   help="fixed form: pick the smallest f whose test accuracy drop stays within "
-                        "this many points")
+                   help="fixed and planes forms: pick the smallest f whose test accuracy drop "
+                        "stays within this many points")
     p.add_argument("--exporter", choices=EXPORTERS, default="dynamo")
     p.add_argument("--ideal", action="store_true",
                    help="export the ideal levels even if the checkpoint carries a fault or "
@@ -79,19 +80,20 @@ def _model_and_data(args):
 
 def _run_export(args) -> int:
     from .export import export_qonnx
-    from .export.api import ExportVerificationError
+    from .export.api import FIXED_POINT_FORMS, ExportVerificationError
 
     if args.batch < 1:
         raise ValueError(f"--batch must be at least 1, got {args.batch}")
-    if args.form != "fixed" and (args.frac_bits is not None or args.max_acc_drop is not None):
-        raise ValueError("--frac-bits / --max-acc-drop apply to --form fixed only")
+    if args.form not in FIXED_POINT_FORMS and (args.frac_bits is not None
+                                               or args.max_acc_drop is not None):
+        raise ValueError("--frac-bits / --max-acc-drop apply to --form fixed or planes only")
     if args.max_acc_drop is not None and not args.max_acc_drop >= 0:
         raise ValueError(f"--max-acc-drop must be >= 0 points, got {args.max_acc_drop}")
     model, info, test, inputs = _model_and_data(args)
     example = test.tensors[0][:args.batch]
     example, inputs = _spike_trains(model, example), _spike_trains(model, inputs)
-    data = test if args.form == "fixed" and (args.max_acc_drop is not None
-                                             or args.frac_bits is not None) else None
+    data = test if args.form in FIXED_POINT_FORMS and (args.max_acc_drop is not None
+                                                       or args.frac_bits is not None) else None
     try:
         res = export_qonnx(model, example, args.out, args.form, frac_bits=args.frac_bits,
                            max_accuracy_drop=args.max_acc_drop, data=data,

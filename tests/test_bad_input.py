@@ -501,7 +501,7 @@ ARGS = [
     ("export-negative-acc-drop", "export {W}/q.pt --out {W}/new/m.onnx --form fixed "
      "--max-acc-drop -1", r"--max-acc-drop must be >= 0 points, got -1"),
     ("export-frac-bits-on-compact", "export {W}/q.pt --out {W}/new/m.onnx --frac-bits 4",
-     r"--frac-bits / --max-acc-drop apply to --form fixed only"),
+     r"--frac-bits / --max-acc-drop apply to --form fixed or planes only"),
     ("export-fixed-without-frac-bits", "export {W}/q.pt --out {W}/new/m.onnx --form fixed "
      "--exporter torchscript", r"form='fixed' needs frac_bits"),
     ("verify-negative-tolerance", "verify {W}/m.onnx {W}/q.pt --tolerance -1",

@@ -403,14 +403,145 @@ def test_crossbar_files_rebuild_the_weights_exactly(tmp_path, faults):
         load_crossbar(tmp_path / "xbar")
 
 
+# -- plane-parallel form ------------------------------------------------------------------------
+def cnn_per_tensor():
+    torch.manual_seed(0)
+    x = digits_inputs(2)
+    net = SmallCNN(1, 10, width=8)
+    return quantize_model(net, NMultConfig(weight_bits=4, act_bits=4), x).eval(), x
+
+
+def check_planes_structure(model, proto, meta):
+    """N 1-bit {0, 1} planes per layer, each behind a 1-bit unsigned Quant feeding its own
+    Conv/MatMul, that decode to the codes the model holds; the offset layers; nothing else."""
+    rows, const, prod = meta["layers"], inits(proto), producers(proto)
+    computes = [n for n in proto.graph.node if n.op_type in COMPUTE]
+    offsets = sum(r["planes"]["offset_layer"] for r in rows)
+    assert len(computes) == sum(r["bits"] for r in rows) + 2 * offsets
+    assert not any(n.op_type == "Gemm" for n in computes)  # Linear planes are MatMuls
+    one_bit = [n for n in proto.graph.node if n.op_type == "Quant" and n.input[0] in const
+               and float(const[n.input[3]]) == 1.0]
+    assert len(one_bit) == sum(r["bits"] for r in rows) + offsets
+    assert all(set(np.unique(const[q.input[0]])) <= {0.0, 1.0} and attr(q, "signed") == 0
+               and float(const[q.input[1]]) == 1.0 for q in one_bit)
+    wide = [n for n in computes if float(const[prod[n.input[1]].input[3]]) != 1.0]
+    assert len(wide) == offsets  # only the 1 -> C offset layers hold wider integers
+    assert meta["planes"]["weight_bits"] == sum(
+        r["bits"] * math.prod(r["weight_shape"]) for r in rows)
+    codes = {i.name: i.codes.long().numpy() for i in collect_layers(model, device=True)}
+    for r in rows:
+        t = r["planes"]["tensors"]
+        planes = [const[name] for name in t["planes"]]
+        if t["layout"] == "matmul":  # Linear planes are stored (in, out)
+            planes = [p.T for p in planes]
+        decoded = sum(p.astype(np.int64) << k for k, p in enumerate(planes))
+        assert np.array_equal(decoded, codes[r["layer"]])
+        for k, name in enumerate(t["multipliers"]):
+            m = np.asarray(r["planes"]["multipliers"], np.float64)[:, k]
+            assert np.array_equal(const[name].reshape(-1) if m.size > 1 else
+                                  np.unique(const[name]), m)
+            assert np.array_equal(m, np.round(np.asarray(r["r"])[:, k] * 2.0 ** 8))
+        assert float(const[t["scale"]]) == 2.0 ** -8
+
+
+PLANE_MODELS = {"mlp": mlp, "cnn_per_channel": cnn, "cnn_per_tensor": cnn_per_tensor,
+                "resnet": resnet, "cnv": lambda: bnn("CNV_1W2A")}
+
+
+@pytest.mark.parametrize("name", list(PLANE_MODELS))
+def test_planes_form_every_model(tmp_path, name):
+    model, x = PLANE_MODELS[name]()
+    res = export_qonnx(model, x[:1], tmp_path / f"{name}.onnx", "planes", frac_bits=8,
+                       verify_inputs=x)
+    rep = res.verification
+    assert rep.passed, rep.summary()
+    assert max(rep.weight_diff.values()) == 0.0  # the planes decode to the fixed-point weights
+    assert rep.qonnx_vs_ort == 0.0 and rep.torch_vs_qonnx < 1e-5
+    proto = onnx.load(str(res.path))
+    check_planes_structure(model, proto, res.metadata)
+    assert read_metadata(res.path) == json.loads(json.dumps(res.metadata))
+    if name == "resnet":
+        # residual adds kept besides the planes' sums
+        sums = sum(r["bits"] - 1 + r["planes"]["offset_layer"] for r in res.metadata["layers"])
+        assert [n.op_type for n in proto.graph.node].count("Add") >= sums + 2
+    # the same weights as the fixed form at the same f, in fewer bits
+    fx = export_qonnx(model, x[:1], tmp_path / f"{name}_fx.onnx", "fixed", frac_bits=8,
+                      verify_inputs=x)
+    fconst = inits(onnx.load(str(fx.path)))
+    from qfv_brevitas.export.planes import file_weights
+
+    for row in res.metadata["layers"]:
+        t, ctx = row["planes"]["tensors"], inits(proto)
+        # the Quant nodes (scale 1, zero point 0, checked above) pass their integers through
+        for a, b in list(zip(t["planes"], t["plane_outputs"])) + [
+                (t[k], t[f"{k}_output"]) for k in ("ones", "offset") if k in t]:
+            ctx[b] = ctx[a]
+        w = file_weights(ctx, row["planes"], row["weight_shape"])
+        assert np.array_equal(w, fconst[f"{row['layer']}.weight_fixed"].astype(np.float64))
+    pl = res.metadata["planes"]
+    assert pl["bits_per_weight"] < pl["fixed_form_bits_per_weight"]
+
+
+def test_planes_form_checks_catch_a_changed_file(tmp_path):
+    from qfv_brevitas.export.checks import graph_problems
+
+    model, x = mlp()
+    res = export_qonnx(model, x[:1], tmp_path / "p.onnx", "planes", frac_bits=8)
+    t = res.metadata["layers"][1]["planes"]["tensors"]
+    proto = onnx.load(str(res.path))
+    assert graph_problems(proto, res.metadata) == []
+    for name, change, msg in ((t["planes"][2], lambda a: a * 2, "not a 0/1 constant"),
+                              (t["multipliers"][0], lambda a: a + 1, "multipliers in the graph"),
+                              (t["scale"], lambda a: a * 2, "scale")):
+        bad = onnx.load(str(res.path))
+        init = next(i for i in bad.graph.initializer if i.name == name)
+        init.CopyFrom(numpy_helper.from_array(change(numpy_helper.to_array(init)), name))
+        problems = graph_problems(bad, res.metadata)
+        assert len(problems) == 1 and "layer '3'" in problems[0] and msg in problems[0]
+        onnx.save(bad, str(tmp_path / "bad.onnx"))
+        with pytest.raises(ExportFileError, match=msg):
+            read_metadata(tmp_path / "bad.onnx")
+
+
+def test_planes_form_with_fault_map_holds_the_forced_codes(tmp_path):
+    model, x = mlp()
+    attach_faults(model, sample_fault_map(model, FaultModel(rate=0.2, sa1_fraction=0.5, seed=3)))
+    res = export_qonnx(model, x[:1], tmp_path / "f.onnx", "planes", frac_bits=8, verify_inputs=x)
+    assert res.verification.passed and max(res.verification.weight_diff.values()) == 0.0
+    check_planes_structure(model, onnx.load(str(res.path)), res.metadata)  # forced codes
+    ideal = export_qonnx(model, x[:1], tmp_path / "i.onnx", "planes", frac_bits=8, device=False)
+    a = inits(onnx.load(str(res.path)))["3.weight_plane0"]
+    assert not np.array_equal(a, inits(onnx.load(str(ideal.path)))["3.weight_plane0"])
+
+
+def test_planes_form_bad_input_names_the_layer(tmp_path):
+    model, x = mlp()
+    attach_variability(model, sample_variability_map(model, VariabilityModel(sigma=0.1,
+                                                                             seed=1)))
+    with pytest.raises(ExportError, match="layer '1' has a variability map"):
+        export_qonnx(model, x[:1], tmp_path / "v.onnx", "planes", frac_bits=8)
+    with pytest.raises(ExportError, match="needs frac_bits"):
+        export_qonnx(model, x[:1], tmp_path / "v.onnx", "planes", device=False)
+    with pytest.raises(ExportError, match="no N-multiplier layers"):
+        export_qonnx(nn.Linear(3, 2), torch.rand(1, 3), tmp_path / "n.onnx", "planes",
+                     frac_bits=8)
+    torch.manual_seed(0)  # a Linear over a sequence: ONNX MatMul of a transposed weight
+    seq = quantize_model(nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Flatten(),
+                                       nn.Linear(32, 3)),
+                         NMultConfig(weight_bits=3, act_bits=None)).eval()
+    with pytest.raises(ExportError, match=r"layer '0': its weights feed .*Conv and Gemm layers"):
+        export_qonnx(seq, torch.rand(1, 8, 8), tmp_path / "s.onnx", "planes", frac_bits=8)
+    assert not any(tmp_path.glob("*.onnx"))
+
+
 # -- bad input ---------------------------------------------------------------------------------
 def test_bad_calls_get_clear_errors(tmp_path):
     model, x = mlp()
     with pytest.raises(ExportError, match="unknown form"):
-        export_qonnx(model, x, tmp_path / "a.onnx", "planes")
+        export_qonnx(model, x, tmp_path / "a.onnx", "tiles")
     with pytest.raises(ExportError, match="unknown exporter"):
         export_qonnx(model, x, tmp_path / "a.onnx", exporter="jit")
-    with pytest.raises(ExportError, match="fixed' only"):
+    with pytest.raises(ExportError, match="fixed' or 'planes' only"):
         export_qonnx(model, x, tmp_path / "a.onnx", "compact", frac_bits=4)
     with pytest.raises(ExportError, match="needs frac_bits"):
         export_qonnx(model, x, tmp_path / "a.onnx", "fixed")

@@ -34,10 +34,10 @@ def checkpoint(tmp_path_factory, digits):
     return path
 
 
-@pytest.mark.parametrize("form", ["compact", "bitplanes", "fixed"])
+@pytest.mark.parametrize("form", ["compact", "bitplanes", "fixed", "planes"])
 def test_export_inspect_verify(tmp_path, checkpoint, form, capsys):
     out = tmp_path / f"m_{form}.onnx"
-    extra = ["--frac-bits", "7"] if form == "fixed" else []
+    extra = ["--frac-bits", "7"] if form in ("fixed", "planes") else []
     assert main(["export", str(checkpoint), "--form", form, "--out", str(out),
                  "--samples", "48", "--exporter", "torchscript"] + extra) == 0
     text = capsys.readouterr().out
@@ -124,6 +124,34 @@ def test_hls4ml_flow_end_to_end(tmp_path, checkpoint, capsys):
         compact = tmp_path / "c.onnx"
         main(["export", str(checkpoint), "--out", str(compact), "--no-verify"])
         flow.build_hls_model(compact, tmp_path / "prj3")
+
+
+@pytest.mark.slow
+def test_hls4ml_flow_planes_form(tmp_path, checkpoint, capsys):
+    """The plane-parallel form through hls4ml: parallel Dense layers with 1-bit weights (one
+    per plane, the offset's all-ones layer too), per-channel scales and sums; compile() +
+    predict() agree with torch on 64 test images."""
+    pytest.importorskip("hls4ml")
+    if shutil.which("g++") is None:
+        pytest.skip("hls4ml compiles its C++ emulation with g++, which is not installed")
+    out = tmp_path / "planes.onnx"
+    assert main(["export", str(checkpoint), "--form", "planes", "--frac-bits", "8",
+                 "--out", str(out), "--samples", "8"]) == 0
+    meta = read_metadata(out)
+    flow = _load_flow()
+    capsys.readouterr()
+    assert flow.main([str(out), str(checkpoint), "--out", str(tmp_path / "prj"),
+                      "--samples", "64"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    line = lines[-1]
+    assert line.startswith("hls4ml vs torch on 64 test inputs") and line.endswith("OK")
+    assert "top-1 agreement 100.00%" in line
+    diff, bound = (float(v) for v in re.search(r"max \|diff\| (\S+) \(bound (\S+)\)", line).groups())
+    assert diff <= bound
+    # every plane (and every offset all-ones layer) a Dense layer with 1-bit weights
+    one_bit = sum(r["bits"] + r["planes"]["offset_layer"] for r in meta["layers"])
+    widths = re.search(r"weight layers by weight bits: (.*)", "\n".join(lines)).group(1)
+    assert f"1-bit x{one_bit}" in widths and widths.count("-bit") == 1
 
 
 def test_crossbar_flow_script_matches_torch_layers(tmp_path, checkpoint, capsys):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -154,3 +155,58 @@ def test_compact_form_is_refused(tmp_path):
                  verify=False)
     with pytest.raises(ValueError, match="--form fixed"):
         run_finn.finn_flow(path)
+
+
+def test_planes_form_maps_to_one_bit_mvaus_exactly(finn_python, mlp_ckpt, tmp_path):
+    """The plane-parallel form: every bit plane an MVAU with 1-bit weights holding exactly the
+    plane, each plane's integer multipliers an ElementwiseMul, the sums in HW; every stage
+    agrees with torch and the file."""
+    model, ckpt, test = mlp_ckpt
+    path = tmp_path / "planes.onnx"
+    res_export = export_qonnx(model, test.tensors[0][:SAMPLES], path, "planes", frac_bits=6)
+    proc, res, outs = _run_flow(finn_python, path, ckpt, tmp_path, "--strict-hw")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _check_outputs(outs, reference_model(model, path), test,
+                   ("qonnx", "finn", "streamlined", "hw"))
+    hw = res["hw"]
+    assert hw["non_hw_nodes"] == [] and res["hw_problems"] == [] and res["passed"]
+    rows = res_export.metadata["layers"]
+    offsets = sum(r["planes"]["offset_layer"] for r in rows)
+    mvaus = sum(v for k, v in hw["node_types"].items() if k.startswith("MVAU"))
+    assert mvaus == sum(r["bits"] for r in rows) + 2 * offsets
+    for e, r in zip(hw["layers"], rows):
+        assert len(e["planes"]) == r["bits"] == 4
+        assert all(p is not None and p["weight_dtype"] in ("BINARY", "UINT1") for p in e["planes"])
+        assert all(m is not None and m["dtype"].startswith(("INT", "UINT"))
+                   for m in e["multipliers"])
+
+
+def test_planes_estimates_fewer_weight_bits_than_fixed(finn_python, mlp_ckpt, tmp_path):
+    """finn's analytical estimates (no Vivado) of the planes and fixed forms at batch 1: the
+    planes' MVAUs store N bits per weight, the fixed form's the wider integers."""
+    model, ckpt, test = mlp_ckpt
+    est = {}
+    for form in ("planes", "fixed"):
+        path = tmp_path / f"{form}.onnx"
+        res = export_qonnx(model, test.tensors[0][:1], path, form, frac_bits=6)
+        out = tmp_path / f"{form}.json"
+        proc = subprocess.run([finn_python, str(SCRIPT), str(path), str(ckpt), "--samples", "4",
+                               "--estimate", "--json", str(out)], capture_output=True, text=True,
+                              timeout=600, cwd=ROOT)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        est[form] = json.loads(out.read_text())["estimates"]
+        assert "finn estimates" in proc.stdout and "total" in proc.stdout
+        if form == "planes":
+            weights = sum(math.prod(r["weight_shape"]) for r in res.metadata["layers"])
+            plane_bits = res.metadata["planes"]["weight_bits"]
+        else:
+            fixed_bits = sum(math.prod(r["weight_shape"]) * r["fixed_point"]["int_bits"]
+                             for r in res.metadata["layers"])
+    tp, tf = est["planes"]["total"], est["fixed"]["total"]
+    # finn narrows each MVAU's weight type to the values it holds (MinimizeWeightBitWidth):
+    # at most the file's integer widths, more than the planes' N bits per weight
+    assert 4 * weights < tf["weight_bits"] <= fixed_bits
+    # planes: N bits per weight plus the small offset layers
+    assert plane_bits <= tp["weight_bits"] < tf["weight_bits"]
+    assert plane_bits == 4 * weights
+    assert tp["LUT"] > 0 and tf["LUT"] > 0 and len(est["planes"]["layers"]) == 3

@@ -1,9 +1,10 @@
-"""QONNX export of N-multiplier models: three forms, the ``NMultWeight`` op domain, the
-per-layer multipliers in the file's metadata, verification against torch, crossbar files.
+"""QONNX export of N-multiplier models: four forms (compact, bit planes, fixed point,
+plane-parallel), the ``NMultWeight`` op domain, the per-layer multipliers in the file's
+metadata, verification against torch, crossbar files.
 
 >>> from qfv_brevitas.export import FORMS
 >>> FORMS
-('compact', 'bitplanes', 'fixed')
+('compact', 'bitplanes', 'fixed', 'planes')
 """
 from .api import EXPORTERS, ExportError, ExportResult, export_qonnx, reference_model
 from .crossbar import load_crossbar, write_crossbar

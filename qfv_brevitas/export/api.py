@@ -18,6 +18,7 @@ from ..errors import QfvError, VerificationError
 from ..quantizers import nmult_layers
 from ..safeio import atomic_path, check_output
 from . import fixedpoint as FX
+from . import planes as P
 from .graph import (cleanup_qonnx, default_domain_first, locate_layers, rename_tensor,
                     unshare_weight_quants)
 from .handler import FORMS, manager_for, plain_state_dict
@@ -30,6 +31,8 @@ __all__ = ["EXPORTERS", "ExportError", "ExportVerificationError", "ExportResult"
            "reference_model", "expected_export"]
 
 EXPORTERS = ("dynamo", "torchscript")
+#: forms whose multipliers are rounded to the fixed-point grid ``m * 2**-f``
+FIXED_POINT_FORMS = ("fixed", "planes")
 
 
 class ExportError(QfvError):
@@ -60,6 +63,12 @@ class ExportResult:
     def summary(self) -> str:
         out = [f"wrote {self.path} ({self.form} form, {self.exporter} exporter)",
                format_layers(self.metadata)]
+        if self.form == "planes":
+            pl = self.metadata["planes"]
+            out.append(f"planes: {pl['weight_bits']} weight bits in 1-bit planes + "
+                       f"{pl['total_bits'] - pl['weight_bits']} bits of multipliers and offset "
+                       f"layers = {pl['bits_per_weight']:.3f} bits per weight (fixed form: "
+                       f"{pl['fixed_form_bits_per_weight']:.3f})")
         if self.fixed_point:
             fx = self.fixed_point
             out.append(f"fixed point: f = {fx['frac_bits']} fractional bits, max multiplier "
@@ -108,7 +117,7 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
                  exporter: str = "dynamo", verify: bool = True,
                  verify_inputs: Optional[Tensor] = None, extra_metadata: Optional[dict] = None,
                  overwrite: bool = False) -> ExportResult:
-    """Write ``model`` (with N-multiplier layers) to a QONNX file in one of three forms.
+    """Write ``model`` (with N-multiplier layers) to a QONNX file in one of four forms.
 
     - ``"compact"``: one ``qfv_brevitas.export.ops::NMultWeight`` node per layer holding the
       uint8 codes, ``r`` and ``c`` (spec: ``docs/ops/NMultWeight.md``);
@@ -117,6 +126,11 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
       (hls4ml, FINN). Give ``frac_bits``, or ``data`` (a labelled Dataset, or a function
       ``model -> accuracy in [0, 1]``) and ``max_accuracy_drop`` (points) to pick the smallest
       ``f`` that keeps the accuracy within the bound.
+    - ``"planes"``: plane-parallel, for FPGAs at N bits per weight: each layer split into N
+      parallel layers with 1-bit {0, 1} weights (standard ``Quant`` nodes) whose outputs are
+      scaled by integer multipliers per output channel and summed, plus an all-ones layer for
+      the offset, times ``2**-f``. ``r`` and ``c`` are rounded as for ``"fixed"`` (same
+      ``frac_bits`` / ``data`` + ``max_accuracy_drop``), so both forms compute the same weights.
 
     Activations quantized by Brevitas export as standard QONNX ``Quant`` nodes. With a fault or
     variability map attached the file computes what that device computes (``device=False``:
@@ -143,8 +157,8 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
         raise ExportError(f"unknown form {form!r}: choose one of {', '.join(FORMS)}")
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}: choose one of {', '.join(EXPORTERS)}")
-    if form != "fixed" and (frac_bits is not None or max_accuracy_drop is not None):
-        raise ExportError("frac_bits / max_accuracy_drop apply to form='fixed' only")
+    if form not in FIXED_POINT_FORMS and (frac_bits is not None or max_accuracy_drop is not None):
+        raise ExportError("frac_bits / max_accuracy_drop apply to form='fixed' or 'planes' only")
     x = _check_input(example_input)
     if verify_inputs is not None:
         verify_inputs = _check_input(verify_inputs)
@@ -202,19 +216,23 @@ def _build(model, x, form, frac_bits, max_accuracy_drop, data, device, exporter,
         raise ExportError(str(e)) from None
     fixed = None
     reference = model
-    if form == "fixed":
-        fixed, reference = _fixed_point(model, layers, frac_bits, max_accuracy_drop, data)
+    if form in FIXED_POINT_FORMS:
+        fixed, reference = _fixed_point(model, layers, frac_bits, max_accuracy_drop, data,
+                                        form)
     by_proxy = {id(m.weight_quant): info for (_, m), info in zip(nmult_layers(model), layers)}
     proto = _run_exporter(model, x, form, by_proxy, exporter)
     proto = _finish(proto, layers, form)
     meta = {"format": FORMAT, "form": form, "exporter": exporter,
             "version": _version(), "device": bool(device),
             "input_shape": list(x.shape),
-            "layers": [dict(info.metadata(), weight_tensor=f"{info.name}.weight")
+            "layers": [info.metadata() if form == "planes" else
+                       dict(info.metadata(), weight_tensor=f"{info.name}.weight")
                        for info in layers],
             "extra": extra_metadata}
     if fixed is not None:
         meta["fixed_point"] = {k: v for k, v in fixed.items() if k != "tried"}
+    if form == "planes":
+        meta["planes"] = _planes_summary(layers)
     write_metadata(proto, meta)
     return proto, meta, fixed, reference
 
@@ -226,7 +244,7 @@ def expected_export(model: nn.Module, info: dict) -> onnx.ModelProto:
     fx = info.get("fixed_point") or {}
     try:
         x = torch.zeros([int(d) for d in info["input_shape"]])
-        frac = fx.get("frac_bits") if info["form"] == "fixed" else None
+        frac = fx.get("frac_bits") if info["form"] in FIXED_POINT_FORMS else None
         was_training = model.training
         model.eval()
         try:
@@ -268,11 +286,29 @@ def _version() -> str:
     return __version__
 
 
-def _fixed_point(model, layers: Sequence[LayerExport], frac_bits, max_drop, data):
+def _planes_summary(layers: Sequence[LayerExport]) -> dict:
+    """Weight memory of the plane-parallel file against the fixed form's, whole model."""
+    mem = [info.extra["planes"]["memory"] for info in layers]
+    n = sum(m["weights"] for m in mem)
+    total = sum(m["total_bits"] for m in mem)
+    fixed = sum(m["fixed_form_bits"] for m in mem)
+    return {"weights": n, "weight_bits": sum(m["plane_bits"] for m in mem), "total_bits": total,
+            "bits_per_weight": total / n, "fixed_form_bits": fixed,
+            "fixed_form_bits_per_weight": fixed / n}
+
+
+def _fixed_point(model, layers: Sequence[LayerExport], frac_bits, max_drop, data,
+                 form: str = "fixed"):
+    if form == "planes":  # refuse what the planes cannot express before any accuracy run
+        try:
+            for info in layers:
+                P.check_layer(info)
+        except ValueError as e:
+            raise ExportError(str(e)) from None
     acc = _accuracy_fn(data)
     if frac_bits is None:
         if max_drop is None or acc is None:
-            raise ExportError("form='fixed' needs frac_bits, or data and max_accuracy_drop to "
+            raise ExportError(f"form={form!r} needs frac_bits, or data and max_accuracy_drop to "
                               "choose the smallest fractional width within that accuracy drop")
         try:
             pick = FX.choose_frac_bits(model, layers, acc, max_drop)
@@ -298,6 +334,9 @@ def _fixed_point(model, layers: Sequence[LayerExport], frac_bits, max_drop, data
                         for info in layers})
     pick.setdefault("accuracy", None)
     pick.setdefault("reference_accuracy", None)
+    if form == "planes":
+        for info in layers:
+            P.planes_layer(info, pick["frac_bits"])
     return pick, reference
 
 
@@ -361,6 +400,11 @@ def _finish(proto: onnx.ModelProto, layers: Sequence[LayerExport], form: str) ->
         for info in layers:
             prod = next(n for n in proto.graph.node if f"{info.name}.weight" in n.output)
             rename_tensor(proto, prod.input[0], f"{info.name}.weight_fixed")
+    if form == "planes":
+        try:
+            P.split_into_planes(proto, layers)
+        except ValueError as e:
+            raise ExportError(str(e)) from None
     return cleanup_qonnx(proto)
 
 
@@ -402,7 +446,7 @@ def reference_model(model: nn.Module, source) -> nn.Module:
             raise mismatch(f"layer {row['layer']!r}: the model's multipliers differ from the "
                            "file's r, c (another checkpoint of this architecture, or the model "
                            "was trained further after the export)")
-    if info["form"] != "fixed":
+    if info["form"] not in FIXED_POINT_FORMS:
         return twin
     f = info["fixed_point"]["frac_bits"]
     for i in layers:

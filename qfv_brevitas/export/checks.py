@@ -6,7 +6,8 @@
 - :func:`graph_digest`: the SHA-256 of the graph stored beside the metadata at export time, so
   any later change of a weight, code or scale (a flipped byte) is noticed.
 - :func:`graph_problems`: each layer of the metadata against the graph (``qfv inspect``):
-  bit width, ``r`` and ``c`` exactly, codes / bit planes / fixed-point integers in range.
+  bit width, ``r`` and ``c`` exactly, codes / bit planes / fixed-point integers in range,
+  the plane-parallel form's 1-bit planes, integer multipliers and offsets.
 - :func:`compare_graphs`: two graphs node by node and parameter by parameter, exactly
   (``qfv verify``: the file against what its checkpoint exports).
 """
@@ -103,12 +104,93 @@ def graph_problems(model: onnx.ModelProto, info: dict) -> List[str]:
     consts = _constants(model)
     producers = {o: n for n in model.graph.node for o in n.output}
     form = info.get("form")
+    users: Dict[str, list] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            users.setdefault(t, []).append(n)
     for row in info.get("layers", []):
         try:
-            problems += _layer_problems(row, form, consts, producers)
+            if form == "planes":
+                problems += _planes_problems(row, consts, producers, users)
+            else:
+                problems += _layer_problems(row, form, consts, producers)
         except (KeyError, TypeError, ValueError, IndexError) as e:
             problems.append(f"layer {row.get('layer')!r}: malformed metadata or graph ({e})")
     return problems
+
+
+def _is_unit_quant(q, consts, bits: int = 1, signed: bool = False) -> bool:
+    """A QONNX ``Quant`` node with scale 1, zero point 0, this bit width and signedness."""
+    if q is None or q.op_type != "Quant" or len(q.input) < 4:
+        return False
+    scale, zero, width = (consts.get(t) for t in q.input[1:4])
+    return (scale is not None and zero is not None and width is not None and _same(scale, 1.0)
+            and _same(zero, 0.0) and _same(width, float(bits))
+            and bool(_attr(q, "signed", 1)) == signed)
+
+
+def _planes_problems(row, consts, producers, users) -> List[str]:
+    """The plane-parallel form: per layer N 0/1 planes behind 1-bit unsigned ``Quant`` nodes,
+    each feeding one ``Conv``/``MatMul``; the integer multipliers per plane and the integer
+    offsets equal to the metadata's ``r``, ``c`` rounded to ``2**-f``; the scale ``2**-f``."""
+    layer, bits = row["layer"], int(row["bits"])
+    shape = tuple(row["weight_shape"])
+    at = f"layer {layer!r}"
+    pl, fx = row["planes"], row["fixed_point"]
+    t = pl["tensors"]
+    f = int(pl["frac_bits"])
+    out: List[str] = []
+    if f != int(fx["frac_bits"]):
+        out.append(f"{at}: planes at f = {f} but fixed point at f = {fx['frac_bits']}")
+    r = np.asarray(row["r"], np.float64)
+    c = np.asarray(row["c"], np.float64)
+    m = np.asarray(pl["multipliers"], np.float64)
+    mc = np.asarray(pl["offset"], np.float64)
+    if m.shape != r.shape or mc.shape != c.shape:
+        return [f"{at}: the metadata's multipliers {m.shape} / offset {mc.shape} do not fit r "
+                f"{r.shape} / c {c.shape}"]
+    if not (np.array_equal(m, np.round(r * 2.0 ** f))
+            and np.array_equal(mc, np.round(c * 2.0 ** f))):
+        out.append(f"{at}: the integer multipliers / offset are not r, c rounded to 2^-{f}")
+    out_ch = shape[0]
+    if m.shape[0] == 1:
+        m, mc = np.repeat(m, out_ch, 0), np.repeat(mc, out_ch, 0)
+    layout = shape if t.get("layout") != "matmul" else (shape[1], shape[0])
+    if len(t["planes"]) != bits or len(t["plane_outputs"]) != bits or \
+            len(t["multipliers"]) != bits:
+        return out + [f"{at}: {len(t['planes'])} planes in the metadata for {bits} bits"]
+    for k, (name, q_out, mult) in enumerate(zip(t["planes"], t["plane_outputs"],
+                                                t["multipliers"])):
+        plane = consts.get(name)
+        if plane is None or tuple(plane.shape) != layout or not np.isin(plane, (0.0, 1.0)).all():
+            out.append(f"{at}: bit plane {k} ({name!r}) is not a 0/1 constant of shape {layout}")
+        q = producers.get(q_out)
+        if q is None or q.input[0] != name or not _is_unit_quant(q, consts):
+            out.append(f"{at}: bit plane {k} is not read through a 1-bit unsigned Quant node "
+                       "with scale 1")
+        ops = sorted({n.op_type for n in users.get(q_out, [])})
+        if ops not in (["Conv"], ["MatMul"]):
+            out.append(f"{at}: bit plane {k} feeds {ops or 'nothing'}, not one Conv/MatMul")
+        v = consts.get(mult)
+        if v is None or not _same(v, m[:, k]):
+            out.append(f"{at}: plane {k}'s multipliers in the graph {_fmt(v)} are not the "
+                       f"metadata's {_fmt(m[:, k])}")
+    scale = consts.get(t["scale"])
+    if scale is None or not _same(scale, 2.0 ** -f):
+        out.append(f"{at}: the planes' scale is {_fmt(scale)}, the metadata says 2^-{f}")
+    if pl.get("offset_layer"):
+        ones = consts.get(t.get("ones"))
+        if ones is None or not np.all(ones == 1.0):
+            out.append(f"{at}: the offset layer's weights are not all ones")
+        if not _is_unit_quant(producers.get(t.get("ones_output")), consts):
+            out.append(f"{at}: the all-ones weights are not read through a 1-bit Quant node")
+        off = consts.get(t.get("offset"))
+        if off is None or not _same(off, mc):
+            out.append(f"{at}: the integer offsets in the graph {_fmt(off)} are not the "
+                       f"metadata's {_fmt(mc)}")
+    elif np.any(mc != 0):
+        out.append(f"{at}: nonzero offsets but no offset layer")
+    return out
 
 
 def _layer_problems(row, form, consts, producers) -> List[str]:

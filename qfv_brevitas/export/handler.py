@@ -28,7 +28,7 @@ from .ops import DOMAIN, OP_TYPE, OP_VERSION
 
 __all__ = ["FORMS", "manager_for", "plain_state_dict"]
 
-FORMS = ("compact", "bitplanes", "fixed")
+FORMS = ("compact", "bitplanes", "fixed", "planes")
 
 
 class _NMultWeightTorchScriptFn(Function):
@@ -151,8 +151,11 @@ class FixedPointHandler(_Handler):
         return _quant(self, self.w, self.scale, self.bits, self.signed)
 
 
+# The plane-parallel form changes the layer's computation, not only its weights: its layers are
+# exported with their fixed-point weights, then split into planes on the graph
+# (:func:`~qfv_brevitas.export.planes.split_into_planes`).
 _HANDLERS = {"compact": CompactHandler, "bitplanes": BitPlanesHandler,
-             "fixed": FixedPointHandler}
+             "fixed": FixedPointHandler, "planes": FixedPointHandler}
 
 
 def manager_for(form: str, layers: Dict[int, LayerExport], dynamo: bool) -> Type[QONNXManager]:

@@ -84,9 +84,12 @@ def read_metadata(source: Union[str, Path, onnx.ModelProto], check_graph: bool =
     if not isinstance(info, dict) or not isinstance(info.get("layers"), list):
         raise ExportFileError(f"{where}: the qfv-brevitas metadata has no list of layers")
     for row in info["layers"]:
-        if not isinstance(row, dict) or row.get("weight_tensor") not in names:
-            raise ExportFileError(f"{where}: layer {row.get('layer')!r}'s weight tensor "
-                                  f"{row.get('weight_tensor')!r} is not in the graph")
+        if not isinstance(row, dict):
+            raise ExportFileError(f"{where}: a layer entry of the metadata is not a mapping")
+        for tensor in _layer_tensors(row):
+            if tensor not in names:
+                raise ExportFileError(f"{where}: layer {row.get('layer')!r}'s weight tensor "
+                                      f"{tensor!r} is not in the graph")
     check_domains(model, where, ExportFileError)
     if check_graph:
         problems = graph_problems(model, info)
@@ -104,6 +107,19 @@ def graph_intact(model: onnx.ModelProto) -> bool:
     """Whether the graph is the one exported (its checksum; files without one: True)."""
     stored = {p.key: p.value for p in model.metadata_props}.get(f"{_KEY}.graph_sha256")
     return stored is None or stored == graph_digest(model)
+
+
+def _layer_tensors(row: dict) -> List[str]:
+    """The graph tensors a layer's metadata names: its weight tensor, or in the plane-parallel
+    form (no single weight tensor) its planes, multipliers and scale."""
+    if "weight_tensor" in row or not isinstance(row.get("planes"), dict):
+        return [row.get("weight_tensor")]
+    t = row["planes"].get("tensors")
+    if not isinstance(t, dict):
+        return [None]
+    out = [v for k in ("planes", "plane_outputs", "multipliers") for v in t.get(k) or []]
+    out += [t[k] for k in ("scale", "ones", "ones_output", "offset", "offset_output") if k in t]
+    return out or [None]
 
 
 def _short(values, limit=4) -> str:

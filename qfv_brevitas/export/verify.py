@@ -200,8 +200,7 @@ def verify_qonnx(reference: nn.Module, source: Union[str, Path, onnx.ModelProto]
         arr = part.cpu().numpy()
         ctx = execute_onnx(mw, {iname: arr}, return_full_exec_context=weights_file is None)
         if weights_file is None:
-            weights_file = {r["layer"]: np.asarray(ctx[r["weight_tensor"]])
-                            for r in info["layers"]}
+            weights_file = {r["layer"]: _file_weight(ctx, r) for r in info["layers"]}
         q_out.append(np.asarray(ctx[oname])[:n])
         o_out.append(sess.run(None, {iname: arr})[0][:n])
     t, q, o = (np.concatenate(a) for a in (t_out, q_out, o_out))
@@ -245,6 +244,16 @@ def verify_qonnx(reference: nn.Module, source: Union[str, Path, onnx.ModelProto]
         outputs_ok = max(rep.torch_vs_qonnx, rep.torch_vs_ort, rep.qonnx_vs_ort) <= tolerance
     rep.passed = weights_ok and outputs_ok and not graph_diff
     return rep
+
+
+def _file_weight(ctx: dict, row: dict) -> np.ndarray:
+    """The weights a layer of the file computes, from qonnx's execution context: its weight
+    tensor, or for the plane-parallel form (no single weight tensor) the planes decoded."""
+    if "weight_tensor" in row:
+        return np.asarray(ctx[row["weight_tensor"]])
+    from .planes import file_weights
+
+    return file_weights(ctx, row["planes"], row["weight_shape"])
 
 
 def _has_activation_quant(model: onnx.ModelProto) -> bool:
