@@ -1,6 +1,7 @@
 """Save and load quantized reference models with what is needed to rebuild them."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
@@ -65,8 +66,10 @@ def load_checkpoint(path: Union[str, Path]) -> Tuple[nn.Module, dict]:
                         snn=(ckpt.get("meta") or {}).get("snn"))
     config = NMultConfig(**ckpt["config"]) if ckpt["config"] is not None else None
     if config is not None:
-        model = quantize_model(model, config, unsigned_inputs=ckpt["unsigned_inputs"],
-                               inplace=True)
+        # r and c come from the state dict: build with LSQ's cheap start instead of fitting
+        # levels to the random init weights (and again on load) only to overwrite them.
+        model = quantize_model(model, replace(config, init="lsq"),
+                               unsigned_inputs=ckpt["unsigned_inputs"], inplace=True)
     try:
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, ValueError) as e:

@@ -5,12 +5,14 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .config import MODES, VARIANTS
+from .config import INITS, MODES, VARIANTS, NMultConfig
 
 __all__ = ["main", "build_parser"]
 
 
 def _add_train_args(p: argparse.ArgumentParser, quick_default: bool = False) -> None:
+    from .train import TrainConfig
+
     p.add_argument("--dataset", choices=("digits", "idx"), default="digits",
                    help="digits: scikit-learn's bundled 8x8 digits; idx: MNIST-family IDX files")
     p.add_argument("--data-dir", help="folder with the IDX files (for --dataset idx)")
@@ -20,6 +22,11 @@ def _add_train_args(p: argparse.ArgumentParser, quick_default: bool = False) -> 
     p.add_argument("--variants", nargs="+", default=list(("fixed", "step", "nmult")),
                    choices=VARIANTS)
     p.add_argument("--mode", default="paper", choices=MODES)
+    p.add_argument("--init", default=NMultConfig.init, choices=INITS,
+                   help="initial levels: lsq (LSQ's uniform grid), uniform (best-MSE uniform "
+                        "grid) or fit (levels fitted to the float weights)")
+    p.add_argument("--refit-every", type=int, default=TrainConfig.refit_every,
+                   help="QAT: refit the levels to the weights every this many steps (0 = off)")
     p.add_argument("--per-channel", action="store_true")
     p.add_argument("--fp-epochs", type=int, default=30)
     p.add_argument("--q-epochs", type=int, default=15)
@@ -70,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: modules (relative to the package) that add ``qfv`` subcommands through ``register(sub)``
-_COMMAND_MODULES: List[str] = ["cli_export", "cli_snn", "cli_methods"]
+_COMMAND_MODULES: List[str] = ["cli_export", "cli_snn", "cli_methods", "cli_quantize"]
 
 
 def _add_device_commands(sub) -> None:
@@ -302,14 +309,16 @@ def _run_train(args) -> int:
                     batch_size=args.batch_size, seed=args.seed, lambda_start=args.lambda_start,
                     lambda_end=args.lambda_end,
                     lambda_rise_epochs=min(args.lambda_rise_epochs, args.q_epochs),
-                    reg_shape=args.reg_shape, reg_width=args.reg_width, sam_rho=args.sam_rho)
+                    reg_shape=args.reg_shape, reg_width=args.reg_width, sam_rho=args.sam_rho,
+                    refit_every=args.refit_every)
     results = run_experiment(args.out, dataset=args.dataset, data_dir=args.data_dir,
                              arch=args.arch, bits=args.bits, variants=args.variants,
                              mode=args.mode, per_channel=args.per_channel, fp_train=fp,
-                             q_train=q, seed=args.seed, progress=not args.no_progress)
+                             q_train=q, seed=args.seed, progress=not args.no_progress,
+                             init=args.init)
     print(format_results(results))
-    print(f"\nwrote {args.out}/results.json, {args.out}/levels.png and checkpoints "
-          f"({results['seconds']:.0f} s)")
+    print(f"\nwrote {args.out}/results.json, {args.out}/levels.png, levels_fit_*.png and "
+          f"checkpoints ({results['seconds']:.0f} s)")
     return 0
 
 

@@ -27,17 +27,20 @@ def run_experiment(out_dir: Union[str, Path], dataset: str = "digits",
                    bits: Sequence[int] = (4, 3), variants: Sequence[str] = ("fixed", "step", "nmult"),
                    mode: str = "paper", per_channel: bool = False,
                    fp_train: Optional[TrainConfig] = None, q_train: Optional[TrainConfig] = None,
-                   seed: int = 0, progress: bool = True, save_models: bool = True) -> dict:
-    """Train a float model, then QAT it at W{b}A{b} for each bit width and quantizer variant.
+                   seed: int = 0, progress: bool = True, save_models: bool = True,
+                   init: str = NMultConfig.init) -> dict:
+    """Train a float model, then QAT it at W{b}A{b} for each bit width and quantizer variant
+    (levels initialised by ``init``, see :data:`qfv_brevitas.config.INITS`).
 
-    Writes ``results.json``, ``levels.png`` and (with ``save_models``) a checkpoint per model
-    to ``out_dir``; returns the results dictionary.
+    Writes ``results.json``, ``levels.png``, per N-multiplier model ``levels_fit_w{b}a{b}.png``
+    (weight histogram per layer with its levels, the best uniform grid and Lloyd-Max) and
+    (with ``save_models``) a checkpoint per model to ``out_dir``; returns the results.
     """
     for v in variants:
         if v not in VARIANTS:
             raise ValueError(f"unknown quantizer variant {v!r}; choose from {', '.join(VARIANTS)}")
     # Validate every configuration before spending time on the float model.
-    configs = [NMultConfig(weight_bits=b, act_bits=b, variant=v, mode=mode,
+    configs = [NMultConfig(weight_bits=b, act_bits=b, variant=v, mode=mode, init=init,
                            per_channel=per_channel) for b in bits for v in variants]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -63,8 +66,12 @@ def run_experiment(out_dir: Union[str, Path], dataset: str = "digits",
         hist = fit(q, train, test, q_train, desc=f"{variant} W{b}A{b}", progress=progress)
         acc = evaluate(q, test)
         results["runs"].append({"variant": variant, "weight_bits": b, "act_bits": b,
-                                "mode": mode, "per_channel": per_channel, "acc": acc,
-                                "delta_vs_fp": acc - fp_acc, "history": hist})
+                                "mode": mode, "init": init, "per_channel": per_channel,
+                                "acc": acc, "delta_vs_fp": acc - fp_acc, "history": hist})
+        if variant == "nmult":
+            from .plots import plot_fitted_levels
+
+            plot_fitted_levels(q, out / f"levels_fit_w{b}a{b}.png")
         if save_models:
             save_checkpoint(out / f"{variant}_w{b}a{b}.pt", q, arch, shape, num_classes, cfg,
                             acc=acc, dataset=dataset, data_seed=seed)

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .config import LambdaSchedule
+from .ptq import refit_levels_
 from .quantizers import nmult_layers, quant_of
 from .regularizer import QuantRegularizer
 from .sam import SharpnessAware
@@ -48,6 +49,11 @@ class TrainConfig:
     reg_width: float = 0.25
     #: SAM radius (FlatENN's sharpness-aware quantization, :mod:`qfv_brevitas.sam`); 0 = off
     sam_rho: float = 0.0
+    #: every this many optimizer steps, refit each learnable quantizer's levels to its
+    #: current weights in closed form (alternating minimisation from the current levels,
+    #: :func:`qfv_brevitas.ptq.refit_levels_` with ``warm=True``); 0 = off. Layers with a
+    #: fault or variability map attached are left to the device-aware regularizer.
+    refit_every: int = 0
 
     def __post_init__(self):
         if int(self.epochs) < 1:
@@ -67,6 +73,10 @@ class TrainConfig:
         if isinstance(self.sam_rho, bool) or not (math.isfinite(rho) and rho >= 0):
             raise ValueError(f"TrainConfig.sam_rho must be a finite number >= 0 (the SAM "
                              f"radius, e.g. 0.05; 0 = plain updates), got {self.sam_rho!r}")
+        if isinstance(self.refit_every, bool) or not isinstance(self.refit_every, int) \
+                or self.refit_every < 0:
+            raise ValueError(f"TrainConfig.refit_every must be an int >= 0 (optimizer steps "
+                             f"between refits of the levels; 0 = off), got {self.refit_every!r}")
 
     def schedule(self) -> LambdaSchedule:
         return LambdaSchedule(self.epochs, self.lambda_start, self.lambda_end,
@@ -140,6 +150,9 @@ def fit(model: nn.Module, train: Dataset, test: Optional[Dataset], cfg: TrainCon
     sam = SharpnessAware(model, cfg.sam_rho) if cfg.sam_rho > 0 else None
     loss_fn = nn.CrossEntropyLoss()
     hist: Dict[str, list] = {"task_loss": [], "reg": [], "lambda": [], "test_acc": []}
+    refit = cfg.refit_every > 0 and any(quant_of(m).variant != "fixed"
+                                        for _, m in nmult_layers(model))
+    steps = 0
     bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False)
     for epoch in bar:
         model.train()
@@ -170,6 +183,9 @@ def fit(model: nn.Module, train: Dataset, test: Optional[Dataset], cfg: TrainCon
             for o, sch in zip(opts, scheds):
                 o.step()
                 sch.step()
+            steps += 1
+            if refit and steps % cfg.refit_every == 0:
+                refit_levels_(model, warm=True)
             tl += float(task.detach())
         if epoch_end is not None:
             epoch_end(epoch)
