@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .config import INITS, MODES, VARIANTS, NMultConfig
+from .config import INITS, MODES, VARIANTS
 
 __all__ = ["main", "build_parser"]
 
@@ -22,9 +22,10 @@ def _add_train_args(p: argparse.ArgumentParser, quick_default: bool = False) -> 
     p.add_argument("--variants", nargs="+", default=list(("fixed", "step", "nmult")),
                    choices=VARIANTS)
     p.add_argument("--mode", default="paper", choices=MODES)
-    p.add_argument("--init", default=NMultConfig.init, choices=INITS,
+    p.add_argument("--init", default=None, choices=INITS,
                    help="initial levels: lsq (LSQ's uniform grid), uniform (best-MSE uniform "
-                        "grid) or fit (levels fitted to the float weights)")
+                        "grid) or fit (levels fitted to the float weights); default: fit for "
+                        "nmult, lsq for step and fixed")
     p.add_argument("--refit-every", type=int, default=TrainConfig.refit_every,
                    help="QAT: refit the levels to the weights every this many steps (0 = off)")
     p.add_argument("--per-channel", action="store_true")

@@ -38,7 +38,9 @@ class NMultConfig:
             (uniform levels, learned step and offset, LSQ init) or ``"fixed"`` (uniform, frozen).
         mode: ``"paper"``, ``"ste"`` or ``"both"`` (see :data:`MODES`).
         init: initial levels of the weight quantizers (see :data:`INITS`): ``"lsq"``,
-            ``"uniform"`` (best-MSE uniform grid) or ``"fit"`` (levels fitted to the weights).
+            ``"uniform"`` (best-MSE uniform grid) or ``"fit"`` (levels fitted to the weights);
+            ``None`` (default): ``"fit"`` for ``nmult`` (measured best, ``BENCHMARKS.md``),
+            ``"lsq"`` for the ``step`` and ``fixed`` baselines (as in the paper).
         per_channel: one ``r``/``c`` per output channel instead of per tensor.
         first_last_bits: weight and input-activation bits of the first and last compute layers
             (paper section 4 keeps them at 8), or ``None`` to treat them like the others.
@@ -54,7 +56,7 @@ class NMultConfig:
     act_bits: Optional[int] = 4
     variant: str = "nmult"
     mode: str = "paper"
-    init: str = "lsq"
+    init: Optional[str] = None
     per_channel: bool = False
     first_last_bits: Optional[int] = 8
     layer_bits: Dict[str, int] = field(default_factory=dict)
@@ -68,6 +70,8 @@ class NMultConfig:
             self.first_last_bits = check_bits(self.first_last_bits, "NMultConfig.first_last_bits")
         check_choice(self.variant, VARIANTS, "quantizer variant")
         check_choice(self.mode, MODES, "forward mode")
+        if self.init is None:
+            self.init = "fit" if self.variant == "nmult" else "lsq"
         check_choice(self.init, INITS, "level init")
         self.layer_bits = {k: check_bits(v, f"NMultConfig.layer_bits[{k!r}]")
                            for k, v in dict(self.layer_bits).items()}

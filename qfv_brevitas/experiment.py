@@ -28,9 +28,10 @@ def run_experiment(out_dir: Union[str, Path], dataset: str = "digits",
                    mode: str = "paper", per_channel: bool = False,
                    fp_train: Optional[TrainConfig] = None, q_train: Optional[TrainConfig] = None,
                    seed: int = 0, progress: bool = True, save_models: bool = True,
-                   init: str = NMultConfig.init) -> dict:
+                   init: Optional[str] = None) -> dict:
     """Train a float model, then QAT it at W{b}A{b} for each bit width and quantizer variant
-    (levels initialised by ``init``, see :data:`qfv_brevitas.config.INITS`).
+    (levels initialised by ``init``, see :data:`qfv_brevitas.config.INITS`; ``None``: each
+    variant's default).
 
     Writes ``results.json``, ``levels.png``, per N-multiplier model ``levels_fit_w{b}a{b}.png``
     (weight histogram per layer with its levels, the best uniform grid and Lloyd-Max) and
@@ -66,7 +67,7 @@ def run_experiment(out_dir: Union[str, Path], dataset: str = "digits",
         hist = fit(q, train, test, q_train, desc=f"{variant} W{b}A{b}", progress=progress)
         acc = evaluate(q, test)
         results["runs"].append({"variant": variant, "weight_bits": b, "act_bits": b,
-                                "mode": mode, "init": init, "per_channel": per_channel,
+                                "mode": mode, "init": cfg.init, "per_channel": per_channel,
                                 "acc": acc, "delta_vs_fp": acc - fp_acc, "history": hist})
         if variant == "nmult":
             from .plots import plot_fitted_levels

@@ -33,6 +33,7 @@ the quantizer evaluates it.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -66,6 +67,14 @@ _COARSE_POINTS = 512
 _SOBOL_STARTS = 32
 _LOG_R_RANGE = (-3.0, 1.5)
 _REFINE = 4
+#: Dense look at the uniform grids: a budget of (grid, level, point) evaluations, and how
+#: many of the best grids start an alternation.
+_DENSE_BUDGET = 1 << 26
+_DENSE_KEEP = 16
+#: Lloyd-Max: runs the weights are compressed to for the exact dynamic programme.
+_DP_POINTS = 256
+#: N-multiplier fit: runs for the exact Lloyd-Max start (cheap enough for many groups).
+_DP_START_POINTS = 64
 #: Iteration cap of the coarse searches; uniform grids refined on all the weights.
 _COARSE_ITERS = 60
 #: The coarse searches only rank starts: they stop once no start gains this much an iteration.
@@ -243,14 +252,68 @@ def _uniform_starts(sw: _Sorted, bits: int, lsq_step: Tensor) -> Tensor:
     return torch.stack([step, offset], -1)
 
 
+def _dense_uniform_starts(coarse: _Sorted, bits: int) -> Tensor:
+    """``(G, K, 2)``: the best ``_DENSE_KEEP`` of a dense grid of uniform grids (steps from
+    1/1000 of the range up to twice the range, centres across it and a bit beyond), evaluated
+    without iterating.
+    Alternation from a few starts can miss the best grid when the weights are few or
+    clustered; a dense look at the whole ``(step, offset)`` plane does not."""
+    nl = 1 << bits
+    dev = coarse.ws.device
+    lo, hi = coarse.ws[:, 0], coarse.ws[:, -1]
+    span = (hi - lo).clamp_min(1e-300)
+    # As many grids as a fixed budget of (grid, level, point) triples allows: dense where
+    # the weights are few (where the error surface is rugged), at least 20 x 10.
+    n = _DENSE_BUDGET // max(1, coarse.G * coarse.ws.shape[1] * nl)
+    n_steps = max(20, min(64, int(math.sqrt(2 * n))))
+    n_pos = max(10, min(64, n // n_steps))
+    # Steps up to twice the one that spans the weights: grids with end levels left unused
+    # (in effect fewer, wider-spaced levels) win on clustered weights.
+    f = torch.logspace(-3, math.log10(2.0), n_steps, dtype=_F64, device=dev)
+    pos = torch.linspace(-0.25, 1.25, n_pos, dtype=_F64, device=dev)
+    step = (span / (nl - 1))[:, None, None] * f[None, :, None]  # (G, S, 1)
+    mid = lo[:, None, None] + span[:, None, None] * pos[None, None, :]  # (G, 1, A)
+    # Positions across the range are coarse next to a small step (heavy tails): also every
+    # eighth of a step around the median.
+    med = coarse.ws[:, coarse.ws.shape[1] // 2][:, None, None]
+    phase = torch.arange(8, dtype=_F64, device=dev) / 8
+    mid = torch.cat([mid.expand(-1, n_steps, -1), med + step * phase], 2)
+    off = (mid - step * (nl - 1) / 2).reshape(coarse.G, -1)
+    step = step.expand(-1, -1, mid.shape[2]).reshape(coarse.G, -1)
+    k = torch.arange(nl, dtype=_F64, device=dev)
+    err = coarse.runs(off[..., None] + step[..., None] * k)[0]
+    keep = err.topk(min(_DENSE_KEEP, err.shape[1]), dim=1, largest=False).indices
+    return torch.stack([step.gather(1, keep), off.gather(1, keep)], -1)
+
+
+def _two_means(sw: _Sorted) -> Tensor:
+    """``(G, 1, 2)``: the exact best 2-level quantizer ``(step, offset)`` (every split of the
+    sorted weights in two runs, by prefix sums): 1-bit uniform, N-multiplier and Lloyd-Max
+    levels are all this."""
+    M = sw.M
+    n1 = torch.arange(1, M, dtype=_F64, device=sw.ws.device)
+    a1, q1 = sw.p1[:, 1:M], sw.p2[:, 1:M]
+    a2, q2 = sw.p1[:, -1:] - a1, sw.p2[:, -1:] - q1
+    err = (q1 - a1 * a1 / n1) + (q2 - a2 * a2 / (M - n1))
+    j = err.argmin(1, keepdim=True)
+    m1 = a1.gather(1, j) / n1[j]
+    m2 = a2.gather(1, j) / (M - n1[j])
+    return torch.stack([m2 - m1, m1], -1)
+
+
 def _uniform_search(sw: _Sorted, bits: int, lsq_step: Tensor, max_iter: int,
                     extra: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Uniform grids ``(G, S, 2)`` (centred), best first, and their errors ``(G, S)``: all
     starts converged on the compressed weights, the best ``_UNIFORM_REFINE`` of them (and
     ``extra`` starts) then on all the weights."""
     basis = _uniform_basis(bits, sw.ws.device)
-    x, err = _alternate(sw.compress(_COARSE_POINTS), basis, _uniform_starts(sw, bits, lsq_step),
-                        _COARSE_ITERS, _COARSE_TOL)
+    coarse = sw.compress(_COARSE_POINTS)
+    starts = [_uniform_starts(sw, bits, lsq_step), _dense_uniform_starts(coarse, bits)]
+    if bits == 1 and sw.M > 1:
+        exact = _two_means(sw)
+        starts.append(exact)
+        extra = exact if extra is None else torch.cat([extra, exact], 1)
+    x, err = _alternate(coarse, basis, torch.cat(starts, 1), _COARSE_ITERS, _COARSE_TOL)
     order = err.argsort(1)
     x = x.gather(1, order.unsqueeze(-1).expand(-1, -1, 2))
     fine = x[:, :_UNIFORM_REFINE] if extra is None else torch.cat([x[:, :_UNIFORM_REFINE],
@@ -352,6 +415,43 @@ def _lloyd(sw: _Sorted, levels: Tensor, max_iter: int) -> Tuple[Tensor, Tensor]:
     return best, best_err
 
 
+def _kmeans_dp(pts: _Sorted, k: int, chunk: int = 16) -> Tensor:
+    """``(G, min(k, P))`` centred levels of the optimal ``k``-level quantizer of ``pts`` (runs of
+    weights, each assigned whole), by dynamic programming over contiguous partitions of the
+    sorted runs (1-D k-means is solved exactly this way): ``O(k P**2)`` per group."""
+    G = pts.G
+    P = pts.ws.shape[1]
+    pc = pts.pc if pts.pc is not None else torch.arange(
+        P + 1, dtype=_F64, device=pts.ws.device).expand(G, -1)
+    k = min(k, P)
+    out = []
+    for g0 in range(0, G, chunk):
+        c0, s1, s2 = pc[g0:g0 + chunk], pts.p1[g0:g0 + chunk], pts.p2[g0:g0 + chunk]
+        n = c0[:, None, :] - c0[:, :, None]  # (g, i, j): weights in runs i..j-1
+        a = s1[:, None, :] - s1[:, :, None]
+        cost = (s2[:, None, :] - s2[:, :, None]) - a * a / n.clamp_min(1)
+        cost = torch.where(n > 0, cost.clamp_min(0), torch.full_like(cost, math.inf))
+        best = cost[:, 0, :]  # one level for runs 0..j-1
+        back = []
+        for _ in range(1, k):
+            tot = best[:, :, None] + cost  # split at i: levels so far on 0..i-1, one on i..j-1
+            best, arg = tot.min(1)
+            back.append(arg)
+        # Walk back from j = P to the run boundaries, then the levels (run centroids).
+        g = torch.arange(c0.shape[0], device=c0.device)
+        j = torch.full((c0.shape[0],), P, dtype=torch.long, device=c0.device)
+        bounds = [j]
+        for arg in reversed(back):
+            j = arg[g, j]
+            bounds.append(j)
+        bounds.append(torch.zeros_like(j))
+        b = torch.stack(bounds[::-1], 1)  # (g, k + 1), non-decreasing
+        cnt = c0.gather(1, b).diff(dim=1)
+        tot = s1.gather(1, b).diff(dim=1)
+        out.append(tot / cnt)  # every level holds at least one run (k <= P)
+    return torch.cat(out, 0)
+
+
 def _quantile_levels(sw: _Sorted, bits: int) -> Tensor:
     """``(G, L)`` centroids of ``2**bits`` equal-count runs of the sorted weights."""
     nl = 1 << bits
@@ -368,10 +468,12 @@ def lloyd_max(w2d: Tensor, bits: int, init: Optional[Tensor] = None,
     """``2**bits`` free levels per group minimising the squared error (1-D k-means).
 
     Lloyd's algorithm (nearest level, then each level to the mean of its weights) from the
-    best uniform grid, from equal-count cells and from ``init`` (``(G, 2**bits)`` levels, e.g.
-    fitted ones); the best result is kept. A lower bound, in practice, for any ``bits``-bit
-    scalar quantizer, so the reference for how much the additive structure of N-multiplier
-    levels costs. Errors are float64 sums over each group.
+    exact optimum for the weights compressed to 256 equal-count runs (dynamic programming over
+    contiguous partitions; exact outright for up to 256 weights per group), from the best
+    uniform grid, from equal-count cells and from ``init`` (``(G, 2**bits)`` levels, e.g.
+    fitted ones); the best result is kept. The reference for what any ``bits``-bit scalar
+    quantizer can do, so for how much the additive structure of N-multiplier levels costs.
+    Errors are float64 sums over each group.
 
     >>> w = torch.tensor([[0.0, 0.1, 5.0, 5.2, 9.0]])
     >>> lm = lloyd_max(w, 1)
@@ -388,12 +490,48 @@ def lloyd_max(w2d: Tensor, bits: int, init: Optional[Tensor] = None,
             raise ValueError(f"lloyd_max: init must be (G, 2**bits) = {(sw.G, 1 << bits)}, got "
                              f"{tuple(init.shape)}")
         starts.append((init.detach().to(_F64) - sw.mean[:, None])[:, None])
+    # The exact optimum for the weights compressed to _DP_POINTS runs (exact for as few
+    # weights), padded with its top level if there are fewer runs than levels.
+    dp = _kmeans_dp(sw.compress(_DP_POINTS), 1 << bits)
+    if dp.shape[1] < 1 << bits:
+        dp = torch.cat([dp, dp[:, -1:].expand(-1, (1 << bits) - dp.shape[1])], 1)
+    starts.append(dp[:, None])
     lv, err = _lloyd(sw, torch.cat(starts, 1), max_iter)
     g = torch.arange(sw.G, device=lv.device)
     k = err.argmin(1)
     levels = (lv[g, k] + sw.mean[:, None]).to(w2d.dtype)
     levels = torch.where(sw.constant[:, None], w2d[:, :1].detach().expand_as(levels), levels)
     return LloydMax(levels.sort(1).values, torch.where(sw.constant, 0.0, err[g, k]))
+
+
+def _subset_sum_generators(levels: Tensor) -> Tensor:
+    """``(G, N + 1)`` = ``(r, c)`` with ``{c + <r, S>}`` close to the sorted ``levels``
+    ``(G, 2**N)``: the classic reconstruction of a set from its subset sums. The smallest gap
+    is a generator ``d``; pairing each level, from the smallest, with the free level nearest to
+    it plus ``d`` splits the set into lower and upper halves; the lower half holds the subset
+    sums of the other generators; repeat. Exact on exact subset sums; a start otherwise."""
+    G, nl = levels.shape
+    g = torch.arange(G, device=levels.device)
+    gens = []
+    v = levels
+    while v.shape[1] > 1:
+        K = v.shape[1]
+        d = v[:, 1] - v[:, 0]
+        free = torch.ones(G, K, dtype=torch.bool, device=v.device)
+        lows, highs = [], []
+        for _ in range(K // 2):
+            i = free.int().argmax(1)  # the smallest free level (v is sorted)
+            free[g, i] = False
+            target = v[g, i] + d
+            dist = torch.where(free, (v - target[:, None]).abs(), torch.full_like(v, math.inf))
+            j = dist.argmin(1)
+            free[g, j] = False
+            lows.append(v[g, i])
+            highs.append(v[g, j])
+        lo, hi = torch.stack(lows, 1), torch.stack(highs, 1)
+        gens.append((hi - lo).mean(1))
+        v = lo.sort(1).values
+    return torch.cat([torch.stack(gens[::-1], 1), v], 1)
 
 
 def _coarse_search(sw: _Sorted, bits: int, ux: Tensor, uerr: Tensor, w2d: Tensor) -> Tensor:
@@ -405,7 +543,7 @@ def _coarse_search(sw: _Sorted, bits: int, ux: Tensor, uerr: Tensor, w2d: Tensor
     etc., which fit bell-shaped weights better (measured: Gaussian N=4 ends 1.20x Lloyd-Max
     from the uniform start, 1.04x from the best of many). So the starts also cover the
     multipliers' ratios: a Sobol sequence over ``log r_i`` (deterministic), plus the best
-    uniform grids, LSQ's grid and the least-squares projection of Lloyd-Max levels."""
+    uniform grids, LSQ's grid and two readings of Lloyd-Max levels as N-multiplier levels."""
     G, dev = sw.G, sw.ws.device
     basis = _nmult_basis(bits, dev)
     pow2 = 2.0 ** torch.arange(bits, dtype=_F64, device=dev)
@@ -421,12 +559,20 @@ def _coarse_search(sw: _Sorted, bits: int, ux: Tensor, uerr: Tensor, w2d: Tensor
     step = _lsq_step(w2d, bits).to(_F64)
     starts.append(torch.cat([step[:, None] * pow2, (-step * ((1 << bits) - 1) / 2)[:, None]],
                             1)[:, None])
-    # Lloyd-Max levels from the best uniform grid, projected with code k on the k-th smallest.
+    # Lloyd-Max levels: from the best uniform grid, and the exact optimum for the weights in
+    # _DP_START_POINTS runs, each polished by Lloyd on the compressed weights. Two starts from
+    # each: least squares with code k on the k-th smallest level, and the levels taken apart
+    # into multipliers as a set of subset sums (exact when they are one).
+    nl = 1 << bits
     best_u = ut[:, 0]
-    lm, _ = _lloyd(coarse, (best_u[:, 1:2] + best_u[:, 0:1] * _uniform_basis(bits, dev)[:, 0])
-                   [:, None], _COARSE_ITERS)
-    _, n, s1, _, _, _ = coarse.runs(lm)
-    starts.append(_ls_step(n, s1, basis, starts[1][:, :1], sw.M))
+    lm0 = (best_u[:, 1:2] + best_u[:, 0:1] * _uniform_basis(bits, dev)[:, 0])[:, None]
+    dp = _kmeans_dp(sw.compress(_DP_START_POINTS), nl)
+    if dp.shape[1] < nl:
+        dp = torch.cat([dp, dp[:, -1:].expand(-1, nl - dp.shape[1])], 1)
+    lm, _ = _lloyd(coarse, torch.cat([lm0, dp[:, None]], 1), _COARSE_ITERS)
+    _, n, s1, _, vals, _ = coarse.runs(lm)
+    starts.append(_ls_step(n, s1, basis, starts[1][:, :1].expand(-1, 2, -1), sw.M))
+    starts.append(torch.stack([_subset_sum_generators(vals[:, k]) for k in range(2)], 1))
     x, err = _alternate(coarse, basis, torch.cat(starts, 1), _COARSE_ITERS, _COARSE_TOL)
     keep = err.argsort(1)[:, :_REFINE]
     return x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
@@ -505,8 +651,8 @@ def fit_multipliers(w2d: Tensor, bits: int, init: Optional[Tuple[Tensor, Tensor]
 @torch.no_grad()
 def grid_error(w2d: Tensor, levels: Tensor) -> Tensor:
     """Sum of squared distances of each group's weights to their nearest level, ``(G,)``
-    float64, with the quantizer's own nearest-level search in ``w2d``'s dtype (blocked,
-    O(n) memory).
+    float64: the nearest level by the quantizer's own search in ``w2d``'s dtype (what it
+    deploys; blocked, O(n) memory), the distances in float64.
 
     >>> grid_error(torch.tensor([[0.0, 0.4, 1.0]]), torch.tensor([[0.0, 1.0]]))
     tensor([0.1600], dtype=torch.float64)
@@ -517,7 +663,7 @@ def grid_error(w2d: Tensor, levels: Tensor) -> Tensor:
     for r0, r1, c0, c1 in L._blocks(G, M):
         wb = w2d[r0:r1, c0:c1].detach()
         q = li.values_block(li.index_block(wb, r0, r1), r0, r1)
-        d = (wb - q.view(wb.shape)).to(_F64)
+        d = wb.to(_F64) - q.view(wb.shape).to(_F64)
         out[r0:r1] += (d * d).sum(1)
     return out
 

@@ -51,9 +51,12 @@ class TrainConfig:
     sam_rho: float = 0.0
     #: every this many optimizer steps, refit each learnable quantizer's levels to its
     #: current weights in closed form (alternating minimisation from the current levels,
-    #: :func:`qfv_brevitas.ptq.refit_levels_` with ``warm=True``); 0 = off. Layers with a
-    #: fault or variability map attached are left to the device-aware regularizer.
-    refit_every: int = 0
+    #: :func:`qfv_brevitas.ptq.refit_levels_` with ``warm=True``), so that the levels keep
+    #: following the weights; 0 = off. Layers with a fault or variability map attached are
+    #: left to the device-aware regularizer. Default 10: with fitted initial levels, the one
+    #: setting at or above fixed, learned-step and stock Brevitas QAT in every digits cell
+    #: measured (``BENCHMARKS.md``; its lead over no refit is within noise there).
+    refit_every: int = 10
 
     def __post_init__(self):
         if int(self.epochs) < 1:
