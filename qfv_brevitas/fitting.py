@@ -69,7 +69,7 @@ _LOG_R_RANGE = (-3.0, 1.5)
 _REFINE = 4
 #: Dense look at the uniform grids: a budget of (grid, level, point) evaluations, and how
 #: many of the best grids start an alternation.
-_DENSE_BUDGET = 1 << 26
+_DENSE_BUDGET = 1 << 24
 _DENSE_KEEP = 16
 #: Lloyd-Max: runs the weights are compressed to for the exact dynamic programme.
 _DP_POINTS = 256

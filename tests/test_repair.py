@@ -531,7 +531,10 @@ def test_fault_aware_finetune_beats_nearest_valid_mapping_on_the_same_map(digits
     hist = fault_aware_finetune(fa, train, None, FT, remap_every=2, progress=False)
     aware = evaluate(fa, test)
     assert len(hist["task_loss"]) == FT.epochs
-    assert aware >= nearest_valid + 0.05, (naive, nearest_valid, aware, clean)
+    # Recovers at least half of what nearest-valid mapping loses, and 2 points (with the fitted
+    # levels of the library's defaults nearest-valid loses less than with LSQ's grid: ~4 pts).
+    assert aware >= nearest_valid + max(0.02, 0.5 * (clean - nearest_valid)), (
+        naive, nearest_valid, aware, clean)
 
     # left as documented: same map, paper mode, aware mapping; the final remap left every
     # faulty weight on the nearest level it can reach (the device holds it exactly)
