@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py qfv_brevitas/csrc/kernels.c
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
@@ -28,7 +28,7 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/qfv demo --out qfv-out
+	$(VENV)/bin/qfv demo --out qfv-out --force
 
 test: setup-test
 	$(PY) -m pytest -q -n 2 tests qfv_brevitas

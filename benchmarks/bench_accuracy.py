@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     for s in args.seeds:
         t0 = time.perf_counter()
         res = run_experiment(out / f"seed{s}", dataset="digits", bits=BITS, variants=VARIANTS,
-                             seed=s, progress=False, save_models=False)
+                             seed=s, progress=False, save_models=False, overwrite=True)
         per_seed.append(res)
         print(f"\n{format_results(res)}\n(seed {s}: {time.perf_counter() - t0:.0f} s)",
               flush=True)

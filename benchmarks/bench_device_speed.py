@@ -15,8 +15,10 @@ forward+backward of ``regularization_loss(model)`` on three copies of the same m
                 ``attach_variability``): the eq. 12 regularizer.
 
 One warm-up each, then ``--repeats`` rounds that run all three (interleaved, the starting one
-rotating each round); medians; ratios to the ideal median. As context, the floor
-``sum((w ** 2).sum())`` over the same weights is timed in the same rounds.
+rotating each round); medians; ratios to the ideal median. With ``--load K [K ...]`` the rounds
+are repeated with K busy processes of the script's own on the machine (``benchmarks/_load.py``),
+each load's ratios against the ideal regularizer measured under the same load. As context, the
+floor ``sum((w ** 2).sum())`` over the same weights is timed in the same rounds.
 
 Then, each in a fresh process at N=8 (``--mem-bits``), the extra peak memory of one
 forward+backward of the regularizer with no map, with the fault map and with the variability
@@ -38,8 +40,8 @@ Targets (printed PASS/FAIL, never a non-zero exit): faults/ideal <= 3x and varia
 <= 3x at N=4; no n x 2**N tensor at N=8 (extra peak < n * 2**N bytes) with either map;
 (sample + attach) / (one evaluation pass) < 5% for faults and for variability.
 
-    python benchmarks/bench_device_speed.py [--repeats 5] [--width 64] [--mem-bits 8]
-        [--seed 0] [--threads T] [--skip-mem] [--json out.json]
+    python benchmarks/bench_device_speed.py [--repeats 5] [--load 0 2] [--width 64]
+        [--mem-bits 8] [--seed 0] [--threads T] [--skip-mem] [--json out.json]
 """
 from __future__ import annotations
 
@@ -72,6 +74,7 @@ from qfv_brevitas.regularizer import regularization_loss  # noqa: E402
 from qfv_brevitas.train import evaluate  # noqa: E402
 from qfv_brevitas.variability import (VariabilityModel, attach_variability,  # noqa: E402
                                       detach_variability, sample_variability_map)
+from _load import add_load_argument, busy_processes  # noqa: E402
 from _machine import _loadavg, machine_line  # noqa: E402
 
 FAULT_RATE = 0.10
@@ -181,6 +184,16 @@ def _reset_hwm() -> bool:
         return False
 
 
+def _trim_heap() -> None:
+    """Give the heap's free memory back to the OS (glibc ``malloc_trim``): otherwise what the
+    map draw freed stays resident and the measured pass reuses it unseen (an under-read)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def mem_child(kind: str, bits: int, width: int, seed: int) -> dict:
     """Runs inside the subprocess: model + map + gradients allocated, then one
     forward+backward of the regularizer; its extra peak RSS.
@@ -196,6 +209,7 @@ def mem_child(kind: str, bits: int, width: int, seed: int) -> dict:
         if p.requires_grad:
             p.grad = torch.zeros_like(p)
     gc.collect()
+    _trim_heap()
     base_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     reset = _reset_hwm()
     base_rss = _status_kib("VmRSS")
@@ -296,8 +310,12 @@ def run(args) -> dict:
     res["n"] = n
     res["layers"] = [(name, layer.weight_quant.tensor_quant.bits, layer.weight.numel())
                      for name, layer in nmult_layers(ideal)]
-    _log(f"timing regularization_loss forward+backward, n={n}, {args.repeats} rounds")
-    res["timing"] = time_regularizers(models, args.repeats)
+    res["timing"] = {}
+    for k in args.load:
+        _log(f"timing regularization_loss forward+backward, n={n}, {args.repeats} rounds, "
+             f"{k} busy processes")
+        with busy_processes(k):
+            res["timing"][k] = time_regularizers(models, args.repeats)
     del models
 
     # (a) memory at N=8
@@ -333,11 +351,11 @@ def run(args) -> dict:
 
 def targets(res: dict) -> List[str]:
     out = []
-    tm = res["timing"]
-    for kind in ("faults", "variability"):
-        r = tm[kind]["median_s"] / tm["ideal"]["median_s"]
-        out.append(f"{_pf(r <= TARGET_RATIO)}  {kind}/ideal regularizer forward+backward at N=4 "
-                   f"<= {TARGET_RATIO:g}x: {r:.2f}x")
+    for load, tm in res["timing"].items():
+        for kind in ("faults", "variability"):
+            r = tm[kind]["median_s"] / tm["ideal"]["median_s"]
+            out.append(f"{_pf(r <= TARGET_RATIO)}  {kind}/ideal regularizer forward+backward at "
+                       f"N=4 <= {TARGET_RATIO:g}x, load {load}: {r:.2f}x")
     for m in res["mem"]:
         if m["kind"] == "ideal":
             continue
@@ -359,25 +377,28 @@ def targets(res: dict) -> List[str]:
 
 
 def report(res: dict) -> str:
-    tm, n = res["timing"], res["n"]
-    ideal = tm["ideal"]["median_s"]
+    n = res["n"]
     lines = ["## Fault-/variability-aware regularizer and map draws", "", res["machine"],
              f"Load average at end {res['loadavg_end']}", "",
              f"(a) regularization_loss(model) forward+backward, resnet18_cifar(width="
              f"{res['args']['width']}) quantized with NMultConfig(weight_bits=4, act_bits=None): "
              f"{len(res['layers'])} N-multiplier layers, n={n} weights (first/last at 8 bits: "
              f"{', '.join(f'{nm} {b}b {k}' for nm, b, k in res['layers'] if b != 4)}); maps on "
-             f"every layer; median of {res['args']['repeats']} interleaved rounds after 1 warm-up",
+             f"every layer; median of {res['args']['repeats']} interleaved rounds after 1 warm-up; "
+             "load K = K busy processes of the script's own during the rounds",
              "",
-             "| state | median s | min-max s | x ideal |",
-             "|---|---|---|---|"]
+             "| load | state | median s | min-max s | x ideal |",
+             "|---|---|---|---|---|"]
     names = {"ideal": "ideal (no map, eq. 6/7)", "faults": f"faults {FAULT_RATE:.0%} (eq. 11)",
              "variability": f"variability sigma/mu {SIGMA} (eq. 12)",
              "floor": "context: floor sum((w**2).sum())"}
-    for k in ("ideal", "faults", "variability", "floor"):
-        t = tm[k]
-        lines.append(f"| {names[k]} | {t['median_s']:.4f} | {min(t['times_s']):.4f}-"
-                     f"{max(t['times_s']):.4f} | {t['median_s'] / ideal:.2f} |")
+    for load, tm in res["timing"].items():
+        ideal = tm["ideal"]["median_s"]
+        for k in ("ideal", "faults", "variability", "floor"):
+            t = tm[k]
+            lines.append(f"| {load} | {names[k]} | {t['median_s']:.4f} | "
+                         f"{min(t['times_s']):.4f}-{max(t['times_s']):.4f} | "
+                         f"{t['median_s'] / ideal:.2f} |")
     if res["mem"]:
         lines += ["", f"Extra peak memory of one forward+backward at N={res['args']['mem_bits']} "
                       "(fresh process each; model, gradients and map allocated beforehand):", "",
@@ -427,6 +448,7 @@ def report(res: dict) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=5)
+    add_load_argument(p)
     p.add_argument("--width", type=int, default=64,
                    help="ResNet-18 width (64 = 11.2M weights; smaller for a quick check)")
     p.add_argument("--mem-bits", type=int, default=8, help="N of the peak-memory measurements")

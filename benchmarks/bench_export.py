@@ -98,8 +98,10 @@ def bench_time(args, tmp: Path) -> dict:
         path = tmp / f"{form}.onnx"
         kw = {"frac_bits": 8} if form == "fixed" else {}
         t_exp = _median_time(lambda: export_qonnx(ours, x, path, form, exporter=args.exporter,
-                                                  verify=False, **kw), args.repeats)
-        res = export_qonnx(ours, x, path, form, exporter=args.exporter, verify=False, **kw)
+                                                  verify=False, overwrite=True, **kw),
+                             args.repeats)
+        res = export_qonnx(ours, x, path, form, exporter=args.exporter, verify=False,
+                           overwrite=True, **kw)
         rep = {}
 
         def run_verify():
@@ -140,7 +142,8 @@ def bench_accuracy(args, tmp: Path) -> dict:
     out = {"torch": acc_torch, "forms": {}, "fixed_vs_f": {}}
     for form in ("compact", "bitplanes", "fixed"):
         kw = {"frac_bits": args.fixed_f} if form == "fixed" else {}
-        res = export_qonnx(q, xs, tmp / f"acc_{form}.onnx", form, verify=False, **kw)
+        res = export_qonnx(q, xs, tmp / f"acc_{form}.onnx", form, verify=False, overwrite=True,
+                           **kw)
         sess = ort.InferenceSession(to_onnxruntime(__import__("onnx").load(str(res.path)))
                                     .SerializeToString(), opts,
                                     providers=["CPUExecutionProvider"])

@@ -93,7 +93,7 @@ def base_model(out: Path, dataset: str, data_dir: Optional[str], seed: int, retr
         _log(f"training the base model: run_experiment({str(out)!r}, dataset={dataset!r}, "
              f"bits=(4,), variants=('nmult',), seed={seed})")
         res = run_experiment(out, dataset=dataset, data_dir=data_dir, bits=(4,),
-                             variants=("nmult",), seed=seed, progress=False)
+                             variants=("nmult",), seed=seed, progress=False, overwrite=True)
         _log(f"float {100 * res['fp_acc']:.2f}%, nmult W4A4 {100 * res['runs'][0]['acc']:.2f}% "
              f"({time.perf_counter() - t0:.0f} s)")
     else:
@@ -207,10 +207,12 @@ def shape_cost(n: int) -> int:
                 rows[shape] = json.loads(out.stdout.strip().splitlines()[-1])
             sq = rows["sq"]
             for shape, m in rows.items():
+                # (below 1 MiB the peak is within ru_maxrss's slack: no ratio)
+                mem = (f"{m['extra_peak_mib'] / sq['extra_peak_mib']:.2f}"
+                       if sq["extra_peak_mib"] >= 1 else "-")
                 print(f"| {where} | {bits} | {shape} | {m['median_s']:.3f} | "
                       f"{m['median_s'] / sq['median_s']:.2f} | {m['extra_peak_mib']:.0f} | "
-                      f"{m['extra_peak_mib'] / max(sq['extra_peak_mib'], 1e-9):.2f} | "
-                      f"{n * 2 ** bits * 4 / 2 ** 20:.0f} |", flush=True)
+                      f"{mem} | {n * 2 ** bits * 4 / 2 ** 20:.0f} |", flush=True)
     print("\n" + machine_line())
     return 0
 
@@ -286,7 +288,7 @@ def main(argv=None) -> int:
     res.meta["title"] = (f"{info['arch']} W4A4 on {args.dataset}, {args.trials} maps per "
                          f"scenario, fine-tunes {args.epochs} epochs")
     tag = "" if args.only is None else "_" + "_".join(sorted(kinds))
-    paths = res.save(root, f"methods{tag}")
+    paths = res.save(root, f"methods{tag}", overwrite=True)
 
     print(f"\nTest accuracy %, mean +- std (min) over {args.trials} maps ({dt:.0f} s); best "
           "mean per scenario in bold:\n")

@@ -20,12 +20,16 @@ peak memory of each method is measured in a fresh subprocess (this script with a
 peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``) after one forward+backward minus the peak RSS
 after allocating ``w`` and its grad.
 
-Targets (printed PASS/FAIL, never a non-zero exit): library <= 3x floor at N=4; naive/library
->= 15x at N=4; library extra peak at N=8 <= 2048 MiB.
+With ``--load K [K ...]`` all timings are repeated with K busy processes of the script's own
+on the machine (``benchmarks/_load.py``), the floor re-timed under the same load; peak memory
+is measured once (at the first load).
+
+Targets (printed PASS/FAIL, never a non-zero exit): library <= 3x floor at N=4 (at every load);
+naive/library >= 15x at N=4; library extra peak at N=8 <= 2048 MiB.
 
     python benchmarks/bench_regularizer.py [--weights 11000000] [--bits 4 8] [--repeats 5]
-        [--per-channel G] [--skip-naive] [--naive-max-bytes 4e9] [--no-naive-subset]
-        [--skip-mem] [--threads T] [--json out.json]
+        [--load 0 2] [--per-channel G] [--skip-naive] [--naive-max-bytes 4e9]
+        [--no-naive-subset] [--skip-mem] [--threads T] [--json out.json]
 """
 from __future__ import annotations
 
@@ -51,6 +55,7 @@ from qfv_brevitas.levels import (  # noqa: E402
     sq_distance_to_levels,
     uniform_multipliers,
 )
+from _load import add_load_argument, busy_processes  # noqa: E402
 from _machine import _loadavg, machine_info  # noqa: E402
 
 TARGET_LIB_OVER_FLOOR_N4 = 3.0
@@ -222,14 +227,14 @@ def _agreement(lib: dict, nv: dict) -> dict:
 
 
 def _rows_from(timed: Dict[str, dict], bits: int, n: int, prefix: str = "",
-               key_suffix: str = "") -> List[dict]:
+               key_suffix: str = "", load: int = 0) -> List[dict]:
     names = {"floor": "floor (w**2).sum()", "library": "library sq_distance_to_levels",
              "naive": "naive 2^N-pass loop"}
     t_floor = timed["floor"]["median_s"]
     rows = []
     for k, t in timed.items():
         row = {"method": prefix + names[k], "key": k + key_suffix, "bits": bits, "n": n,
-               "median_s": t["median_s"], "times_s": t["times_s"]}
+               "load": load, "median_s": t["median_s"], "times_s": t["times_s"]}
         if k != "floor":
             row["x_floor"] = t["median_s"] / t_floor
         if k == "naive":
@@ -251,6 +256,22 @@ def run(args) -> dict:
     checks: List[dict] = []
     t_start = time.perf_counter()
 
+    for load in args.load:
+        _log(f"load {load}: {load} busy processes during the timed rounds")
+        with busy_processes(load):
+            new_rows, new_checks = _run_load(args, w2d, n_req, G, n, load)
+        rows.extend(new_rows)
+        checks.extend(new_checks)
+
+    return {"machine": info, "args": {k: v for k, v in vars(args).items() if k != "_mem_child"},
+            "n": n, "groups": G, "rows": rows, "checks": checks,
+            "wall_s": time.perf_counter() - t_start, "loadavg_end": _loadavg()}
+
+
+def _run_load(args, w2d, n_req: int, G: int, n: int, load: int):
+    """Every N of ``--bits`` at one load; peak memory (load-independent) at the first load."""
+    rows: List[dict] = []
+    checks: List[dict] = []
     for bits in args.bits:
         r, c = make_quantizer(w2d, bits, args.seed)
         need = naive_bytes(n, bits)
@@ -261,11 +282,12 @@ def run(args) -> dict:
         _log(f"N={bits}, n={n}: {', '.join(fns)}"
              + (f" (naive ~{need / 1e9:.1f} GB)" if run_naive else ""))
         timed = time_interleaved(fns, w2d, r, c, args.repeats, capture=("library", "naive"))
-        new_rows = _rows_from(timed, bits, n)
+        new_rows = _rows_from(timed, bits, n, load=load)
         if run_naive:
-            checks.append({"bits": bits, "n": n, **_agreement(timed["library"], timed["naive"])})
+            checks.append({"bits": bits, "n": n, "load": load,
+                           **_agreement(timed["library"], timed["naive"])})
         del timed
-        if not args.skip_mem:
+        if not args.skip_mem and load == args.load[0]:
             for row in new_rows:
                 if row["key"] == "floor" and bits != args.bits[0]:
                     continue  # the floor does not depend on N
@@ -278,7 +300,7 @@ def run(args) -> dict:
         skipped = (f"skipped (would need {need / 1e9:.1f} GB > "
                    f"--naive-max-bytes {args.naive_max_bytes / 1e9:.1f} GB)")
         rows.append({"method": "naive 2^N-pass loop", "key": "naive", "bits": bits, "n": n,
-                     "skipped": skipped})
+                     "load": load, "skipped": skipped})
         _log(f"naive N={bits}: {skipped}")
         # Largest prefix of every group's row that fits the budget, same levels as above.
         m_sub = int(args.naive_max_bytes // ((1 << bits) * NAIVE_BYTES_PER_ELEM * G))
@@ -291,13 +313,12 @@ def run(args) -> dict:
         timed = time_interleaved({"floor": floor_loss, "library": library_loss,
                                   "naive": naive_loss}, ws, rs, cs, args.repeats,
                                  capture=("library", "naive"))
-        checks.append({"bits": bits, "n": ns, **_agreement(timed["library"], timed["naive"])})
-        rows.extend(_rows_from(timed, bits, ns, prefix="subset: ", key_suffix="_subset"))
+        checks.append({"bits": bits, "n": ns, "load": load,
+                       **_agreement(timed["library"], timed["naive"])})
+        rows.extend(_rows_from(timed, bits, ns, prefix="subset: ", key_suffix="_subset",
+                               load=load))
         del ws, rs, cs, timed
-
-    return {"machine": info, "args": {k: v for k, v in vars(args).items() if k != "_mem_child"},
-            "n": n, "groups": G, "rows": rows, "checks": checks,
-            "wall_s": time.perf_counter() - t_start, "loadavg_end": _loadavg()}
+    return rows, checks
 
 
 def _fmt(x, spec):
@@ -305,23 +326,28 @@ def _fmt(x, spec):
 
 
 def targets(res: dict) -> List[str]:
-    def find(key, bits):
-        return next((r for r in res["rows"] if r["key"] == key and r["bits"] == bits), None)
+    def find(key, bits, load):
+        return next((r for r in res["rows"] if r["key"] == key and r["bits"] == bits
+                     and r.get("load", 0) == load), None)
 
     out = []
-    lib4, nv4, lib8 = find("library", 4), find("naive", 4), find("library", 8)
-    if lib4 is not None:
-        v = lib4["x_floor"]
-        out.append(f"library <= {TARGET_LIB_OVER_FLOOR_N4:g}x floor at N=4: {v:.2f}x  "
-                   f"{'PASS' if v <= TARGET_LIB_OVER_FLOOR_N4 else 'FAIL'}")
-    else:
-        out.append("library <= 3x floor at N=4: n/a (N=4 not run)")
-    if nv4 is not None and "naive_over_lib" in nv4:
-        v = nv4["naive_over_lib"]
-        out.append(f"naive/library >= {TARGET_NAIVE_OVER_LIB_N4:g}x at N=4: {v:.1f}x  "
-                   f"{'PASS' if v >= TARGET_NAIVE_OVER_LIB_N4 else 'FAIL'}")
-    else:
-        out.append("naive/library >= 15x at N=4: n/a (naive not run at N=4)")
+    loads = res["args"].get("load", [0])
+    for load in loads:
+        at = f" (load {load})" if len(loads) > 1 or load else ""
+        lib4, nv4 = find("library", 4, load), find("naive", 4, load)
+        if lib4 is not None:
+            v = lib4["x_floor"]
+            out.append(f"library <= {TARGET_LIB_OVER_FLOOR_N4:g}x floor at N=4{at}: {v:.2f}x  "
+                       f"{'PASS' if v <= TARGET_LIB_OVER_FLOOR_N4 else 'FAIL'}")
+        else:
+            out.append(f"library <= 3x floor at N=4{at}: n/a (N=4 not run)")
+        if nv4 is not None and "naive_over_lib" in nv4:
+            v = nv4["naive_over_lib"]
+            out.append(f"naive/library >= {TARGET_NAIVE_OVER_LIB_N4:g}x at N=4{at}: {v:.1f}x  "
+                       f"{'PASS' if v >= TARGET_NAIVE_OVER_LIB_N4 else 'FAIL'}")
+        else:
+            out.append(f"naive/library >= 15x at N=4{at}: n/a (naive not run at N=4)")
+    lib8 = find("library", 8, loads[0])
     mem8 = (lib8 or {}).get("mem") or {}
     if "extra_peak_mib" in mem8:
         v = mem8["extra_peak_mib"]
@@ -346,10 +372,12 @@ def report(res: dict) -> str:
         f"Weights: n={res['n']} float32 randn*0.05 (seed {res['args']['seed']}), G={res['groups']} "
         f"({'per-tensor' if res['groups'] == 1 else 'per-channel'}); r perturbed by "
         f"(1 + 0.1*rand), r and c require grad. Median of {res['args']['repeats']} runs after "
-        "1 warm-up, methods of one N interleaved; the floor is re-timed with each N.",
+        "1 warm-up, methods of one N interleaved; the floor is re-timed with each N and load. "
+        "Load K: K busy processes of the script's own while that load's rounds run.",
         "",
-        "| method | bits | n | median s | min-max s | x floor | naive/library | extra peak MiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| load | method | bits | n | median s | min-max s | x floor | naive/library | "
+        "extra peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         mem = r.get("mem") or {}
@@ -357,12 +385,13 @@ def report(res: dict) -> str:
         peak_s = "error" if "error" in mem else _fmt(peak, ".0f")
         ts = r.get("times_s")
         spread = f"{min(ts):.4f}-{max(ts):.4f}" if ts else "-"
+        load = r.get("load", 0)
         if "skipped" in r:
-            lines.append(f"| {r['method']} | {r['bits']} | {r['n']} | {r['skipped']} | - | - | - "
-                         "| - |")
+            lines.append(f"| {load} | {r['method']} | {r['bits']} | {r['n']} | {r['skipped']} | - "
+                         "| - | - | - |")
             continue
         lines.append(
-            f"| {r['method']} | {_fmt(r['bits'], 'd')} | {r['n']} | {r['median_s']:.4f} | "
+            f"| {load} | {r['method']} | {_fmt(r['bits'], 'd')} | {r['n']} | {r['median_s']:.4f} | "
             f"{spread} | {_fmt(r.get('x_floor'), '.2f')} | {_fmt(r.get('naive_over_lib'), '.1f')} | {peak_s} |")
     lines.append("")
     lines.append("Extra peak = ru_maxrss after one forward+backward minus ru_maxrss after allocating "
@@ -381,7 +410,8 @@ def report(res: dict) -> str:
         lines.append("Library vs naive on the same data (sanity, not timed):")
         for ck in res["checks"]:
             lines.append(
-                f"- N={ck['bits']}, n={ck['n']}: loss rel diff {ck['loss_rel_diff']:.1e}, "
+                f"- N={ck['bits']}, n={ck['n']}, load {ck.get('load', 0)}: "
+                f"loss rel diff {ck['loss_rel_diff']:.1e}, "
                 f"grad_w elements differing {ck['grad_w_mismatches']}, grad_r rel diff "
                 f"{ck['grad_r_rel_diff']:.1e}, grad_c rel diff {ck['grad_c_rel_diff']:.1e}")
     lines.append("")
@@ -397,6 +427,7 @@ def parse_args(argv=None):
     p.add_argument("--weights", type=int, default=11_000_000, help="number of weights (11M = ResNet-18)")
     p.add_argument("--bits", type=int, nargs="+", default=[4, 8], help="bit widths N (1..8)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per method (after 1 warm-up)")
+    add_load_argument(p)
     p.add_argument("--per-channel", type=int, default=1, metavar="G",
                    help="number of groups G (1 = per-tensor); weights are reshaped to (G, n // G)")
     p.add_argument("--seed", type=int, default=0)

@@ -169,7 +169,8 @@ def base_model(out: Path, dataset: str, data_dir: Optional[str], bits: int, seed
         _log(f"W{bits}A{bits}: training the base model: run_experiment({str(out)!r}, "
              f"dataset={dataset!r}, bits=({bits},), variants=('nmult',), seed={seed})")
         res = run_experiment(out, dataset=dataset, data_dir=data_dir, bits=(bits,),
-                             variants=("nmult",), seed=seed, progress=False)
+                             variants=("nmult",), seed=seed, progress=False,
+                             overwrite=True)
         _log(f"W{bits}A{bits}: float {100 * res['fp_acc']:.2f}%, nmult "
              f"{100 * res['runs'][0]['acc']:.2f}% ({time.perf_counter() - t0:.0f} s)")
     else:
@@ -245,7 +246,7 @@ def main(argv=None) -> int:
                                  progress=False)
             dt = time.perf_counter() - t0
             res.meta["title"] = f"faults, nmult W{b}A{b}, {args.dataset}, {args.trials} trials"
-            paths = res.save(out, f"faults{tag}")
+            paths = res.save(out, f"faults{tag}", overwrite=True)
             print(f"\nFaults, W{b}A{b} (test accuracy %, mean +- std (min) over {args.trials} "
                   f"maps; {dt:.0f} s)")
             print(res.table())
@@ -265,7 +266,7 @@ def main(argv=None) -> int:
             dt = time.perf_counter() - t0
             res.meta["title"] = (f"variability, nmult W{b}A{b}, {args.dataset}, "
                                  f"{args.trials} trials")
-            paths = res.save(out, f"variability{tag}")
+            paths = res.save(out, f"variability{tag}", overwrite=True)
             print(f"\nVariability, W{b}A{b} (test accuracy %, mean +- std (min) over "
                   f"{args.trials} maps; {dt:.0f} s)")
             print(res.table())

@@ -52,10 +52,11 @@ def main(argv=None):
     x1, xs = test.tensors[0][:1], test.tensors[0][:128]
     results = {}
     for form in ("compact", "bitplanes"):
-        results[form] = export_qonnx(model, x1, out / f"mlp_{form}.onnx", form, verify_inputs=xs)
+        results[form] = export_qonnx(model, x1, out / f"mlp_{form}.onnx", form, verify_inputs=xs,
+                                     overwrite=True)
         print(results[form].verification.summary())
     fx = export_qonnx(model, x1, out / "mlp_fixed.onnx", "fixed", data=test,
-                      max_accuracy_drop=args.max_drop, verify_inputs=xs)
+                      max_accuracy_drop=args.max_drop, verify_inputs=xs, overwrite=True)
     results["fixed"] = fx
     print(fx.summary())
     print(format_layers(read_metadata(fx.path)))

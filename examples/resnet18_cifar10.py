@@ -46,7 +46,7 @@ def main(argv=None):
     train, test = datasets(args)
     model = resnet18_cifar(width=args.width)
     if args.fp_checkpoint:
-        model.load_state_dict(torch.load(args.fp_checkpoint, map_location="cpu"))
+        model.load_state_dict(torch.load(args.fp_checkpoint, map_location="cpu", weights_only=True))
     example = torch.stack([train[i][0] for i in range(min(64, len(train)))])
     q = quantize_model(model, NMultConfig(weight_bits=args.bits, act_bits=args.bits),
                        example_input=example)

@@ -6,6 +6,8 @@ import hashlib
 import math
 import operator
 import os
+import pickle
+import warnings
 from typing import Any, Callable, Dict, Type
 
 import torch
@@ -13,6 +15,7 @@ from torch import nn
 
 from .levels import MAX_BITS
 from .quantizers import nmult_layers
+from .safeio import content_digest, torch_save
 
 # ---------------------------------------------------------
 
@@ -102,29 +105,33 @@ def check_names_in_model(model: nn.Module, names, error: Type[ValueError], paylo
     return {n: quantized[n] for n in names}
 
 
-def save_tagged(path: os.PathLike, payload: dict) -> None:
-    """``torch.save`` of plain tensors/containers, written to a temporary file then renamed
-    so that an interrupted save never leaves a truncated map under ``path``."""
-    path = os.fspath(path)
-    tmp = f"{path}.{os.getpid()}.tmp"  # same folder: the rename is atomic
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def save_tagged(path: os.PathLike, payload: dict, overwrite: bool = False) -> None:
+    """``torch.save`` of plain tensors/containers with a checksum of its contents, written
+    atomically (:mod:`qfv_brevitas.safeio`): an interrupted save never leaves a truncated map,
+    and an existing file is replaced only with ``overwrite=True``."""
+    torch_save(dict(payload, sha256=content_digest(payload)), path, overwrite=overwrite)
 
 
 def load_tagged(path: os.PathLike, tag: str, error: Type[ValueError], what: str) -> dict:
-    """The dict saved by :func:`save_tagged` under format ``tag``; ``error`` naming the file if
-    it is unreadable, not a dict, or of another format. Loads with ``weights_only=True``."""
+    """The dict saved by :func:`save_tagged` under format ``tag``; ``FileNotFoundError`` if it
+    is missing, ``error`` naming the file if it is unreadable, unsafe (loaded with
+    ``weights_only=True``: nothing in it runs),
+    damaged (checksum), not a dict, or of another format."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} file {path!r} does not exist")
+        raise FileNotFoundError(f"{what} file {path!r} does not exist"
+                                + (" (it is a folder)" if os.path.isdir(path) else ""))
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():  # random bytes or a truncation, not a crafted file
+            raise error(f"{path!r} is not a readable {what} file (UnpicklingError: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise error(f"{path!r}: refused: the file holds Python objects that loading would have "
+                    f"to run; a {what} holds only tensors and plain values. Nothing of it was "
+                    "executed.") from None
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise error(f"{path!r} is not a readable {what} file "
                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
@@ -132,6 +139,14 @@ def load_tagged(path: os.PathLike, tag: str, error: Type[ValueError], what: str)
     if found != tag:
         raise error(f"{path!r} is not a {what} file: its format tag is {found!r}, expected "
                     f"{tag!r}")
+    if "sha256" in data:  # maps written before checksums were added have none
+        try:
+            ok = content_digest(data) == data["sha256"]
+        except TypeError:
+            ok = False
+        if not ok:
+            raise error(f"{path!r}: the {what}'s contents do not match their checksum: the "
+                        "file is damaged or was edited")
     return data
 
 

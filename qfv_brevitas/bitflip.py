@@ -104,8 +104,14 @@ class BitFlipInjector:
         self.name, self.rate, self.bits, self.seed = name, float(rate), int(bits), int(seed)
         self.gen = layer_generator("bitflips", self.seed, name)
         self.cells = 0
-        self.flipped = 0
+        self._flipped = []  # per forward pass, a count on the weights' device (no sync)
         self.last_mask: Optional[Tensor] = None
+
+    @property
+    def flipped(self) -> int:
+        """Bits read flipped so far."""
+        self._flipped = [sum(int(t) for t in self._flipped)] if self._flipped else []
+        return self._flipped[0] if self._flipped else 0
 
     def __call__(self, tq: NMultTensorQuant, inputs, output):
         x = inputs[0]
@@ -113,10 +119,14 @@ class BitFlipInjector:
         dev = tq.device_state()
         codes = tq.to_groups(tq.codes(x))  # programmed codes (mapping and maps as attached)
         mask = flip_masks(codes.numel(), self.bits, self.rate, self.gen)
-        mask = mask.view(codes.shape).to(codes.device)
+        mask = mask.view(codes.shape)
+        if codes.device.type == "cuda":  # drawn on the CPU (reproducible): pinned, async copy
+            mask = mask.pin_memory().to(codes.device, non_blocking=True)
+        else:
+            mask = mask.to(codes.device)
         self.last_mask = mask
         self.cells += codes.numel() * self.bits
-        self.flipped += int(sum(int(((mask >> i) & 1).sum()) for i in range(self.bits)))
+        self._flipped.append(sum(((mask >> i) & 1).sum() for i in range(self.bits)))
         read = codes.to(torch.uint8) ^ mask
         sa0, sa1, lrs, hrs = (None, None, None, None) if dev is None else dev[:4]
         v = D.deployed_values(read, tq.multipliers(), tq.offset(), sa0, sa1, lrs, hrs)
@@ -182,15 +192,18 @@ def _flip_sampler(layers: str):
 
 def evaluate_bitflips(model: nn.Module, test: Dataset, rates: Sequence[float], trials: int = 10,
                       seed: int = 0, mapping: str = "naive", layers: str = "inner",
-                      progress: bool = True) -> E.MonteCarloResult:
+                      progress: bool = True, workers: int = 1, distributed: bool = False,
+                      device=None) -> E.MonteCarloResult:
     """Accuracy with random bit flips at each bit-error rate, ``trials`` seeded runs per rate
     (trial ``k`` uses seed ``seed + k``); one flip draw per evaluation batch of 512 images.
     ``mapping`` and ``layers`` as in :func:`qfv_brevitas.evaluate_faults` (the mapping matters
-    only with a fault or variability map attached to ``model``)."""
+    only with a fault or variability map attached to ``model``); ``workers``, ``distributed``,
+    ``device`` as there."""
     E.check_choice(mapping, ("naive", "aware"), "deploy mapping")
     return E._run("bitflips", model, None, test, E._check_levels(rates, "bit-error rates", 1.0),
                   E._check_trials(trials), seed, ["none"], _flip_sampler(layers),
-                  {"none": E._deploy(mapping)}, progress, {"layers": layers, "mapping": mapping})
+                  {"none": E._deploy(mapping)}, progress, {"layers": layers, "mapping": mapping},
+                  workers, distributed, device)
 
 
 def random_bit_error_finetune(model: nn.Module, train: Dataset, test: Optional[Dataset],

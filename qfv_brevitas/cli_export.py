@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import sys
 
 __all__ = ["register"]
 
 
 def register(sub) -> None:
+    from .cli import declare_io
     from .export import EXPORTERS, FORMS
 
     def data_args(p):
@@ -32,12 +34,14 @@ def register(sub) -> None:
     p.add_argument("--batch", type=int, default=1, help="the graph's (static) batch size")
     p.add_argument("--no-verify", action="store_true")
     data_args(p)
+    declare_io(p, "file", inputs=("checkpoint", "data_dir"))
     p.set_defaults(_run=_run_export)
 
     p = sub.add_parser("inspect", help="the per-layer bits, r, c and device summary of a file "
                                        "written by qfv export")
     p.add_argument("file")
     p.add_argument("--json", action="store_true", help="print the metadata as JSON")
+    declare_io(p, None, inputs=("file",))
     p.set_defaults(_run=_run_inspect)
 
     p = sub.add_parser("verify", help="run an exported file with torch, qonnx and onnxruntime "
@@ -50,6 +54,7 @@ def register(sub) -> None:
                    help="quantized activations: least top-1 agreement of each pair of runtimes "
                         "(default 0.98)")
     data_args(p)
+    declare_io(p, None, inputs=("file", "checkpoint", "data_dir"))
     p.set_defaults(_run=_run_verify)
 
     p = sub.add_parser("crossbar", help="per-layer bit-plane matrices and multipliers for an "
@@ -57,15 +62,16 @@ def register(sub) -> None:
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--ideal", action="store_true", help="ideal codes, ignoring attached maps")
+    declare_io(p, "crossbar")
     p.set_defaults(_run=_run_crossbar)
 
 
 def _model_and_data(args):
     from .cli import _load_for_device
 
-    model, info, train, test = _load_for_device(args)
     if args.samples < 1:
-        raise ValueError("--samples must be at least 1")
+        raise ValueError(f"--samples must be at least 1, got {args.samples}")
+    model, info, train, test = _load_for_device(args)
     n = min(args.samples, len(test))
     inputs = test.tensors[0][:n]
     return model, info, test, inputs
@@ -73,19 +79,30 @@ def _model_and_data(args):
 
 def _run_export(args) -> int:
     from .export import export_qonnx
+    from .export.api import ExportVerificationError
 
     if args.batch < 1:
-        raise ValueError("--batch must be at least 1")
+        raise ValueError(f"--batch must be at least 1, got {args.batch}")
+    if args.form != "fixed" and (args.frac_bits is not None or args.max_acc_drop is not None):
+        raise ValueError("--frac-bits / --max-acc-drop apply to --form fixed only")
+    if args.max_acc_drop is not None and not args.max_acc_drop >= 0:
+        raise ValueError(f"--max-acc-drop must be >= 0 points, got {args.max_acc_drop}")
     model, info, test, inputs = _model_and_data(args)
     example = test.tensors[0][:args.batch]
     example, inputs = _spike_trains(model, example), _spike_trains(model, inputs)
     data = test if args.form == "fixed" and (args.max_acc_drop is not None
                                              or args.frac_bits is not None) else None
-    res = export_qonnx(model, example, args.out, args.form, frac_bits=args.frac_bits,
-                       max_accuracy_drop=args.max_acc_drop, data=data, device=not args.ideal,
-                       exporter=args.exporter, verify=not args.no_verify,
-                       verify_inputs=inputs,
-                       extra_metadata={"checkpoint": str(args.checkpoint), "arch": info["arch"]})
+    try:
+        res = export_qonnx(model, example, args.out, args.form, frac_bits=args.frac_bits,
+                           max_accuracy_drop=args.max_acc_drop, data=data,
+                           device=not args.ideal, exporter=args.exporter,
+                           verify=not args.no_verify, verify_inputs=inputs,
+                           extra_metadata={"checkpoint": str(args.checkpoint),
+                                           "arch": info["arch"]}, overwrite=args.force)
+    except ExportVerificationError as e:
+        if e.report is not None:
+            print(e.report.summary())
+        raise
     print(res.summary())
     return 0
 
@@ -116,13 +133,26 @@ def _run_inspect(args) -> int:
 
 
 def _run_verify(args) -> int:
-    from .export import reference_model, verify_qonnx
+    from .export import read_metadata, reference_model, verify_qonnx
+    from .export.api import expected_export
 
+    for name, v, hi in (("--tolerance", args.tolerance, float("inf")),
+                        ("--min-agreement", args.min_agreement, 1.0)):
+        if v is not None and not 0.0 <= v <= hi:
+            raise ValueError(f"{name} must be in [0, {hi:g}], got {v}")
+    meta = read_metadata(args.file, check_graph=False)  # a clear error for a foreign file first
     model, info, test, inputs = _model_and_data(args)
     inputs = _spike_trains(model, inputs)
-    rep = verify_qonnx(reference_model(model, args.file), args.file, inputs,
-                       tolerance=args.tolerance, min_agreement=args.min_agreement)
+    reference = reference_model(model, args.file)
+    # The file must be exactly what this checkpoint exports with the file's settings: every
+    # parameter of the graph (weights, biases, activation scales, zero points, thresholds).
+    expected = expected_export(model, meta)
+    rep = verify_qonnx(reference, args.file, inputs, tolerance=args.tolerance,
+                       min_agreement=args.min_agreement, expected=expected)
     print(rep.summary())
+    if not rep.passed:
+        print(f"qfv verify: {args.file} does not match {args.checkpoint}: "
+              f"{rep.first_failure()}", file=sys.stderr)
     return 0 if rep.passed else 1
 
 
@@ -130,10 +160,12 @@ def _run_crossbar(args) -> int:
     from .checkpoint import load_checkpoint
     from .export import write_crossbar
 
+    from .cli import _require_quantized
+
     model, info = load_checkpoint(args.checkpoint)
-    if info["config"] is None:
-        raise ValueError(f"{args.checkpoint} is a float model: nothing to map onto crossbars")
-    manifest = write_crossbar(model, args.out, device=not args.ideal)
+    _require_quantized(args, info)
+    manifest = write_crossbar(model, args.out, device=not args.ideal, overwrite=args.force,
+                              inputs=[args.checkpoint])
     data = json.loads(manifest.read_text())
     for row in data["layers"]:
         print(f"  {row['layer']}: {row['bits']} planes of {row['matrix_shape'][0]}x"

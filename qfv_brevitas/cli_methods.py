@@ -18,7 +18,11 @@ from .compare import METHODS
 __all__ = ["register"]
 
 
-def _common(p: argparse.ArgumentParser, out_default: Optional[str]) -> None:
+def _common(p: argparse.ArgumentParser, out_default: Optional[str], out: Optional[str] = None,
+            names=()) -> None:
+    from .cli import declare_io
+
+    declare_io(p, out, names, inputs=("checkpoint", "data_dir", "fault_map", "var_map"))
     p.add_argument("checkpoint", help="a model saved by qfv demo/train (or a fine-tune)")
     p.add_argument("--dataset", choices=("digits", "idx"), default="digits")
     p.add_argument("--data-dir")
@@ -43,7 +47,7 @@ def register(sub) -> None:
                     "bit-error rates, LRS sigmas with and without a between-chip component) "
                     "and writes compare.{md,csv,json,png} to --out. Per-map methods do not "
                     "apply to transient bit flips (n/a).")
-    _common(p, "qfv-compare")
+    _common(p, "qfv-compare", "results", [f"compare.{k}" for k in ("csv", "json", "md", "png")])
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--stuck", type=float, nargs="*", default=[0.1, 0.2],
                    help="stuck-at bit-fault rates")
@@ -70,12 +74,12 @@ def register(sub) -> None:
                                         "random-bit-error training")
     bsub = b.add_subparsers(dest="action", required=True)
     p = bsub.add_parser("eval", help="accuracy under random bit flips, seeded runs per rate")
-    _common(p, "qfv-bitflips")
+    _common(p, "qfv-bitflips", "results", [f"bitflips_eval.{k}" for k in ("csv", "json", "png")])
     p.add_argument("--rates", type=float, nargs="+", default=[0, 0.01, 0.02, 0.05])
     p.add_argument("--trials", type=int, default=10)
     p.set_defaults(_run=_run_bitflips)
     p = bsub.add_parser("finetune", help="random-bit-error training; saves the model")
-    _common(p, "rbe.pt")
+    _common(p, "rbe.pt", "file")
     p.add_argument("--rate", type=float, required=True, help="training bit-error rate")
     _finetune(p, 4, 2)
     p.set_defaults(_run=_run_bitflips)
@@ -115,9 +119,14 @@ def _run_compare(args) -> int:
                         remap_every=args.remap_every, layers=args.layers)
     scs = scenarios(args.stuck, args.ber, args.sigmas, args.chip_sigma)
     res = compare_methods(model, train, test, scs, args.methods, cfg,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, workers=args.workers,
+                          distributed=args.distributed)
     res.meta["title"] = f"{info['arch']} {args.checkpoint}, {args.trials} maps per scenario"
-    paths = res.save(args.out, "compare")
+    from .cli import _is_output_rank
+
+    if not _is_output_rank(args):
+        return 0
+    paths = res.save(args.out, "compare", overwrite=args.force)
     print(res.table())
     print()
     for sc, best in res.winners().items():
@@ -137,9 +146,14 @@ def _run_bitflips(args) -> int:
     model, info, train, test = _load_for_device(args)
     if args.action == "eval":
         res = B.evaluate_bitflips(model, test, args.rates, trials=args.trials, seed=args.seed,
-                                  layers=args.layers, progress=not args.no_progress)
+                                  layers=args.layers, progress=not args.no_progress,
+                                  workers=args.workers, distributed=args.distributed)
         res.meta["title"] = f"{info['arch']} {args.checkpoint}"
-        paths = res.save(args.out, "bitflips_eval")
+        from .cli import _is_output_rank
+
+        if not _is_output_rank(args):
+            return 0
+        paths = res.save(args.out, "bitflips_eval", overwrite=args.force)
         print(res.table())
         print("\nwrote " + ", ".join(str(p) for p in paths.values()))
         return 0
@@ -149,7 +163,7 @@ def _run_bitflips(args) -> int:
                                 progress=not args.no_progress)
     after = evaluate(model, test)
     save_checkpoint(args.out, model, info["arch"], info["input_shape"], info["num_classes"],
-                    info["config"], **{**meta_of(info), "acc": after,
+                    info["config"], overwrite=args.force, **{**meta_of(info), "acc": after,
                                        "method": "random_bit_error", "rbe_rate": args.rate,
                                        "source": str(args.checkpoint)})
     print(f"ideal device {100 * before:.2f}% -> after random-bit-error training at BER "

@@ -8,6 +8,7 @@ __all__ = ["register"]
 
 
 def register(sub) -> None:
+    from .cli import declare_io
     from .models import MODEL_NAMES
 
     p = sub.add_parser(
@@ -36,29 +37,51 @@ def register(sub) -> None:
     p.add_argument("--no-eval", action="store_true", help="no accuracy (no data needed)")
     p.add_argument("--no-lloyd", action="store_true", help="skip the Lloyd-Max reference")
     p.add_argument("--no-plot", action="store_true", help="no levels figure")
-    p.set_defaults(_run=_run_quantize)
+    declare_io(p, "file", inputs=("checkpoint", "data_dir"))
+    p.set_defaults(_run=_run_quantize, _io_default_out=default_out)
+
+
+def default_out(args) -> str:
+    """``--out`` when not given: ``<checkpoint>_nmult_w<N>[_pc].pt`` beside the checkpoint."""
+    src = Path(args.checkpoint)
+    return str(src.with_name(f"{src.stem}_nmult_w{args.bits}"
+                             f"{'_pc' if args.per_channel else ''}.pt"))
+
+
+def _outputs(args):
+    """The checkpoint, its JSON summary and (unless --no-plot) the levels figure."""
+    out = Path(args.out)
+    paths = [out, out.with_suffix(".json")]
+    if not args.no_plot:
+        paths.append(out.with_name(f"{out.stem}_levels.png"))
+    return paths
 
 
 def _run_quantize(args) -> int:
     import torch
 
     from . import levels as L
-    from .checkpoint import FORMAT, save_checkpoint
+    from .checkpoint import save_checkpoint
     from .data import load_dataset
     from .models import build_model
-    from .ptq import PTQError, float_model_of_checkpoint, quantize_post_training
+    from .ptq import PTQError, quantize_post_training, read_model_file
+    from .safeio import atomic_write, check_output
 
     bits = L.check_bits(args.bits, "--bits")
     flb = None if args.first_last_bits == "same" else _int_bits(args.first_last_bits)
     src = Path(args.checkpoint)
-    if not src.is_file():
-        raise PTQError(f"{src}: no such file")
-    try:
-        obj = torch.load(src, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises many types for a damaged file
-        raise PTQError(f"{src}: not a readable checkpoint ({type(e).__name__}: {e})") from e
-    if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        model, info = float_model_of_checkpoint(src)
+    outputs = _outputs(args)
+    inputs = [x for x in (args.checkpoint, args.data_dir) if x]
+    for path in outputs[1:]:  # the checkpoint itself was checked with the declared output
+        check_output(path, overwrite=args.force, inputs=inputs)
+    if len({Path(p).resolve() for p in outputs}) != len(outputs):
+        raise PTQError(f"--out {args.out}: its summary or figure would overwrite it; give a "
+                       "name ending in .pt")
+    if args.dataset == "idx" and not args.data_dir:
+        raise ValueError("--dataset idx needs --data-dir DIR (a folder with the IDX files)")
+    kind, obj = read_model_file(src)
+    if kind == "checkpoint":
+        model, info = obj
         arch, shape, classes = info["arch"], tuple(info["input_shape"]), info["num_classes"]
         meta = dict(info.get("meta") or {})
         data_seed = int(meta.get("data_seed", 0))
@@ -69,8 +92,6 @@ def _run_quantize(args) -> int:
                            "(the architecture it belongs to)")
         data_seed, meta, arch, source_kind = args.seed, {}, args.arch, "state dict"
         shape, classes = None, None
-    if args.dataset == "idx" and not args.data_dir:
-        raise ValueError("--dataset idx needs --data-dir DIR")
     test = None
     if not args.no_eval or shape is None:
         _, test, n_cls, d_shape = load_dataset(args.dataset, args.data_dir, data_seed)
@@ -79,37 +100,34 @@ def _run_quantize(args) -> int:
                              f"--dataset {args.dataset} has {tuple(d_shape)} and {n_cls}")
         if shape is None:
             shape, classes = tuple(d_shape), n_cls
-            model = build_model(arch, shape, classes)
     if args.no_eval:
         test = None
-    if source_kind == "state dict":
-        res = quantize_post_training(src, bits, args.per_channel, model=model,
-                                     first_last_bits=flb, data=test, lloyd=not args.no_lloyd,
-                                     baseline=None if args.baseline == "none" else args.baseline,
-                                     example_input=torch.zeros(2, *shape))
+    if kind == "state":
+        model = build_model(arch, shape, classes)
+        source = obj
     else:
-        res = quantize_post_training(model, bits, args.per_channel, first_last_bits=flb,
-                                     data=test, lloyd=not args.no_lloyd,
-                                     baseline=None if args.baseline == "none" else args.baseline,
-                                     example_input=None if test is not None
-                                     else torch.zeros(2, *shape))
-    out = Path(args.out) if args.out else src.with_name(
-        f"{src.stem}_nmult_w{bits}{'_pc' if args.per_channel else ''}.pt")
+        source, model = model, None
+    res = quantize_post_training(source, bits, args.per_channel, model=model,
+                                 first_last_bits=flb, data=test, lloyd=not args.no_lloyd,
+                                 baseline=None if args.baseline == "none" else args.baseline,
+                                 example_input=None if test is not None
+                                 else torch.zeros(2, *shape))
+    out = outputs[0]
     print(f"{src} ({source_kind}, {arch}) -> {bits}-bit fitted N-multiplier weights"
           f"{' per channel' if args.per_channel else ''}, float activations")
     print(res.table())
     meta.update({"acc": res.acc, "dataset": args.dataset, "data_seed": data_seed,
                  "ptq": {"source": str(src), "float_acc": res.float_acc,
                          "baseline": res.baseline, "baseline_acc": res.baseline_acc}})
-    save_checkpoint(out, res.model, arch, shape, classes, res.config, **meta)
-    written = [out]
-    summary = out.with_suffix(".json")
-    summary.write_text(json.dumps({"source": str(src), "arch": arch, **res.to_dict()},
-                                  indent=2))
-    written.append(summary)
+    # The figure and the summary first, the checkpoint last: a checkpoint on disk means the
+    # run finished (each file is written atomically).
     if not args.no_plot:
-        written.append(res.plot(out.with_name(f"{out.stem}_levels.png")))
-    print("\nwrote " + ", ".join(str(p) for p in written))
+        res.plot(outputs[2], overwrite=args.force)
+    atomic_write(outputs[1], json.dumps({"source": str(src), "arch": arch, **res.to_dict()},
+                                        indent=2), overwrite=args.force, inputs=inputs)
+    save_checkpoint(out, res.model, arch, shape, classes, res.config, overwrite=args.force,
+                    **meta)
+    print("\nwrote " + ", ".join(str(p) for p in outputs))
     return 0
 
 

@@ -26,6 +26,7 @@ def _optional_int(s: str) -> Optional[int]:
 
 
 def register(sub) -> None:
+    from .cli import declare_io
     from .snn.config import ENCODINGS, SURROGATES
     from .snn.data import SNN_DATASETS
     from .snn.models import SPIKING_MODEL_NAMES
@@ -72,11 +73,13 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="qfv-snn", help="output folder")
     p.add_argument("--no-progress", action="store_true")
+    declare_io(p, "run", inputs=("data_dir",))
     p.set_defaults(_run=_run_train)
 
     p = ssub.add_parser("neurons", help="time steps, encoding and LIF parameters of a spiking "
                                         "checkpoint, as JSON")
     p.add_argument("checkpoint")
+    declare_io(p, None)
     p.set_defaults(_run=_run_neurons)
 
 
@@ -105,7 +108,7 @@ def _run_train(args: argparse.Namespace) -> int:
             args.out, dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, snn=snn,
             bits=args.bits, variant=args.variant, per_channel=args.per_channel,
             first_last_bits=args.first_last_bits, fp_train=fp, q_train=q, seed=args.seed,
-            frame_size=args.frame_size, progress=not args.no_progress)
+            frame_size=args.frame_size, progress=not args.no_progress, overwrite=args.force)
     except SNNDependencyError as e:  # an install hint, not a traceback
         raise ValueError(str(e)) from e
     print(format_snn_results(results))

@@ -39,18 +39,20 @@ from typing import Dict, List, Optional, Sequence, Union
 
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from . import evaluate as E
 from ._maps import check_fraction, check_seed
 from .bitflip import BitFlipModel, _flip_sampler, random_bit_error_finetune
 from .config import check_choice
 from .convert import set_forward_mode
+from .parallel import check_workers, run_tasks
+from .progress import RunProgress
 from .quantizers import nmult_layers
 from .repair import (chip_in_loop_finetune, fault_aware_finetune, set_deploy_mapping,
                      variability_aware_finetune)
+from .safeio import atomic_paths
 from .selftune import calibration_batch, reference_statistics, self_tune
-from .train import TrainConfig, evaluate, fit
+from .train import TrainConfig, evaluate, fit, model_device
 
 __all__ = ["SCENARIO_KINDS", "METHODS", "APPLIES", "Scenario", "scenarios", "CompareConfig",
            "MethodComparison", "compare_methods"]
@@ -285,29 +287,33 @@ class MethodComparison:
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
-    def save(self, out_dir: Union[str, Path], name: str = "compare") -> Dict[str, Path]:
+    def save(self, out_dir: Union[str, Path], name: str = "compare", overwrite: bool = False
+             ) -> Dict[str, Path]:
         """Write ``name.csv`` (every map), ``name.json`` (rows, summary, winners, meta),
-        ``name.md`` (the table) and ``name.png`` (the plot)."""
+        ``name.md`` (the table) and ``name.png`` (the plot), together and atomically
+        (:mod:`qfv_brevitas.safeio`): existing files only with ``overwrite``."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         paths = {k: out / f"{name}.{k}" for k in ("csv", "json", "md", "png")}
         fields = ["scenario", "kind", "level", "chip_sigma", "method", "trial", "seed", "acc"]
-        with open(paths["csv"], "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            for r in self.rows:
-                w.writerow({k: r.get(k) for k in fields})
-        paths["json"].write_text(json.dumps(
-            {"meta": self.meta, "summary": self.summary(), "winners": self.winners(),
-             "winners_without_selftune": self.winners(False), "rows": self.rows},
-            indent=2, default=str))
-        paths["md"].write_text(self.table() + "\n")
-        self.plot(paths["png"])
+        with atomic_paths(list(paths.values()), overwrite=overwrite) as tmps:
+            tmp = dict(zip(paths, tmps))
+            with open(tmp["csv"], "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=fields)
+                w.writeheader()
+                for r in self.rows:
+                    w.writerow({k: r.get(k) for k in fields})
+            tmp["json"].write_text(json.dumps(
+                {"meta": self.meta, "summary": self.summary(), "winners": self.winners(),
+                 "winners_without_selftune": self.winners(False), "rows": self.rows},
+                indent=2, default=str))
+            tmp["md"].write_text(self.table() + "\n")
+            self.plot(tmp["png"], overwrite=True, format="png")
         return paths
 
-    def plot(self, path: Union[str, Path]) -> Path:
+    def plot(self, path: Union[str, Path], overwrite: bool = False,
+             format: Optional[str] = None) -> Path:
         """Grouped bars: one group per scenario, one bar per method (mean), error bar = std,
-        a black tick at the worst map."""
+        a black tick at the worst map (atomically; an existing file only with ``overwrite``)."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -339,7 +345,8 @@ class MethodComparison:
         ax.legend(fontsize=7, ncol=2, loc="lower left", bbox_to_anchor=(1.0, 0.0))
         from .plots import save_figure
 
-        return save_figure(fig, path, ax, self.meta.get("title", ""), title_size=9)
+        return save_figure(fig, path, ax, self.meta.get("title", ""), title_size=9,
+                           overwrite=overwrite, format=format)
 
 
 def _apply(method: str, m: nn.Module, sc: Scenario, train: Dataset, cfg: CompareConfig
@@ -376,10 +383,14 @@ def _train_once(method: str, base: nn.Module, train: Dataset, cfg: CompareConfig
 
 def compare_methods(model: nn.Module, train: Dataset, test: Dataset,
                     scenario_list: Sequence[Scenario], methods: Sequence[str] = METHODS,
-                    config: Optional[CompareConfig] = None, progress: bool = True
+                    config: Optional[CompareConfig] = None, progress: bool = True,
+                    workers: int = 1, distributed: bool = False, device=None
                     ) -> MethodComparison:
     """Run ``methods`` on ``model`` over each scenario's ``config.trials`` seeded maps and
     collect test accuracies (``model`` itself is left unchanged: every run is on a copy).
+    ``workers`` processes and/or the ranks of a ``torch.distributed`` group
+    (``distributed=True``) share the maps (:mod:`qfv_brevitas.parallel`: the same rows as one
+    process); ``device`` runs on a copy of the model there.
 
     Raises ValueError for an unknown method or scenario, or a model without N-multiplier
     layers. See the module docstring for the methods.
@@ -409,7 +420,9 @@ def compare_methods(model: nn.Module, train: Dataset, test: Dataset,
             raise TypeError(f"scenarios must be Scenario objects, got {type(sc).__name__}")
     if not nmult_layers(model):
         raise ValueError("the model has no N-multiplier layer to put on a chip")
-    base = copy.deepcopy(model).eval()
+    workers = check_workers(workers)
+    base = E._on_device(model, device)
+    base = copy.deepcopy(base).eval()
     set_deploy_mapping(base, "naive")
 
     plain = [m for m in methods if m != "selftune"]
@@ -418,16 +431,17 @@ def compare_methods(model: nn.Module, train: Dataset, test: Dataset,
         tuned["none"] = "selftune"
     runs = plain + (["none"] if "none" in tuned and "none" not in plain else [])
 
-    bar = tqdm(total=len(scenario_list) * cfg.trials, desc="compare", disable=not progress,
-               leave=False)
+    bar = RunProgress(len(scenario_list) * cfg.trials, "compare", unit="map",
+                      enabled=progress and E._is_main_rank(distributed))
     starts: Dict[str, nn.Module] = {"base": base}
     for m in runs:
         if m in _ONCE:
-            bar.set_postfix(training=m)
+            bar.set_phase(f"training {m}")
             starts[m] = _train_once(m, base, train, cfg)
+    bar.set_phase("maps")
     calib = refs = None
     if tuned:
-        calib = calibration_batch(train, cfg.calib_size, cfg.seed)
+        calib = calibration_batch(train, cfg.calib_size, cfg.seed).to(model_device(base))
         refs = {k: reference_statistics(v, calib) for k, v in starts.items()}
 
     result = MethodComparison(meta={
@@ -445,29 +459,41 @@ def compare_methods(model: nn.Module, train: Dataset, test: Dataset,
     for m in plain:
         row(None, m, 0, ideal_acc[m if m in _ONCE else "base"])
 
-    for sc in scenario_list:
-        for k in range(cfg.trials):
-            seed = cfg.seed + k
-            for method in runs:
-                if method not in APPLIES[sc.kind]:
-                    continue
-                start = method if method in _ONCE else "base"
-                m = copy.deepcopy(starts[start])
-                sc.attach(m, seed, cfg.layers, cfg.sa1_fraction)
-                if method in _PER_MAP:
-                    _apply(method, m, sc, train, cfg)
-                acc = evaluate(m, test)
-                if method in plain:
-                    row(sc, method, k, acc)
-                if method in tuned:
-                    self_tune(m, calib, refs[start],
-                              passes=cfg.selftune_passes if sc.kind == "bitflips" else 1)
-                    if sc.kind == "bitflips":
-                        # Restart the flip stream: the evaluation reads the same flips as the
-                        # row without self-tuning (the calibration pass drew its own).
-                        sc.attach(m, seed, cfg.layers, cfg.sa1_fraction)
-                    row(sc, tuned[method], k, evaluate(m, test))
-            bar.update(1)
-            bar.set_postfix(scenario=sc.label)
+    tasks = [(sc, k) for sc in scenario_list for k in range(cfg.trials)]
+
+    def task(i: int) -> List[tuple]:
+        """Rows (scenario, method, trial, acc) of one map: every method on it."""
+        sc, k = tasks[i]
+        seed = cfg.seed + k
+        out = []
+        for method in runs:
+            if method not in APPLIES[sc.kind]:
+                continue
+            start = method if method in _ONCE else "base"
+            m = copy.deepcopy(starts[start])
+            sc.attach(m, seed, cfg.layers, cfg.sa1_fraction)
+            if method in _PER_MAP:
+                _apply(method, m, sc, train, cfg)
+            acc = evaluate(m, test)
+            if method in plain:
+                out.append((method, acc))
+            if method in tuned:
+                self_tune(m, calib, refs[start],
+                          passes=cfg.selftune_passes if sc.kind == "bitflips" else 1)
+                if sc.kind == "bitflips":
+                    # Restart the flip stream: the evaluation reads the same flips as the
+                    # row without self-tuning (the calibration pass drew its own).
+                    sc.attach(m, seed, cfg.layers, cfg.sa1_fraction)
+                out.append((tuned[method], evaluate(m, test)))
+        return out
+
+    try:
+        per_map = run_tasks(len(tasks), task, workers, distributed, bar)
+    finally:
+        bar.close()
+    for (sc, k), rows in zip(tasks, per_map):
+        for method, acc in rows:
+            row(sc, method, k, acc)
+    return result
     bar.close()
     return result

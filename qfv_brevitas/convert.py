@@ -19,6 +19,7 @@ from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
 from brevitas.quant import Int8ActPerTensorFloat, Uint8ActPerTensorFloat
 
 from .config import MODES, NMultConfig, check_choice
+from .errors import QfvError
 from .levels import check_bits
 from .quantizers import (FixedLevelWeightQuant, LearnedStepWeightQuant, NMultWeightQuant,
                          NMultWeightQuantProxy, nmult_layers, quant_of)
@@ -27,7 +28,7 @@ __all__ = ["quantize_model", "swap_weight_quant", "set_forward_mode", "Conversio
            "weight_quant_for", "unsigned_input_layers"]
 
 
-class ConversionError(ValueError):
+class ConversionError(QfvError):
     """A layer of the model cannot be given an N-multiplier quantizer."""
 
 

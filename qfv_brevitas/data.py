@@ -7,6 +7,7 @@ including torchvision's ``<root>/<Name>/raw`` layout.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import struct
 import zlib
 from pathlib import Path
@@ -16,6 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from .errors import QfvError
+
 __all__ = [
     "DataError",
     "DATASETS",
@@ -24,6 +27,8 @@ __all__ = [
     "read_idx",
     "load_idx_split",
     "load_dataset",
+    "check_labels",
+    "fingerprint",
 ]
 
 PathLike = Union[str, Path]
@@ -50,7 +55,7 @@ _IDX_TYPES = {
 }
 
 
-class DataError(ValueError):
+class DataError(QfvError):
     """A dataset file is missing, unreadable or does not hold what it should."""
 
 
@@ -276,10 +281,51 @@ def load_idx_split(
         )
     if tr_y.numel() == 0:
         raise DataError(f"{tr_lab_p}: holds no labels; the training set is empty")
-    top = int(tr_y.max())
-    if te_y.numel():
-        top = max(top, int(te_y.max()))
-    return TensorDataset(tr_x, tr_y), TensorDataset(te_x, te_y), top + 1
+    if te_y.numel() == 0:
+        raise DataError(f"{te_lab_p}: holds no labels; the test set is empty, so no accuracy "
+                        "could be measured")
+    num_classes = check_labels(tr_y, te_y, str(tr_lab_p), str(te_lab_p))
+    return TensorDataset(tr_x, tr_y), TensorDataset(te_x, te_y), num_classes
+
+
+def check_labels(train_labels: torch.Tensor, test_labels: torch.Tensor, train_where: str,
+                 test_where: str) -> int:
+    """The number of classes K of integer labels ``0..K-1``; a :class:`DataError` naming the
+    file and the label if a class in ``0..K-1`` never occurs in the training labels (a stray
+    label, e.g. 200 among digits 0..9, would otherwise make a 201-class model) or a test label
+    is not one of the training classes."""
+    k = int(train_labels.max()) + 1
+    counts = torch.bincount(train_labels, minlength=k)
+    missing = (counts == 0).nonzero().flatten().tolist()
+    if missing:
+        top = int(train_labels.max())
+        at = int((train_labels == top).nonzero()[0])
+        shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        raise DataError(
+            f"{train_where}: labels must be 0..K-1 with every class in the training set, but "
+            f"classes {shown} never occur while label {top} does (first at index {at}); fix or "
+            "remove the stray labels"
+        )
+    bad = ((test_labels < 0) | (test_labels >= k)).nonzero().flatten()
+    if bad.numel():
+        i = int(bad[0])
+        raise DataError(
+            f"{test_where}: label {int(test_labels[i])} at index {i} is not one of the "
+            f"training classes 0..{k - 1}"
+        )
+    return k
+
+
+def fingerprint(train: TensorDataset, test: TensorDataset) -> str:
+    """SHA-256 of a split's images and labels: stored in a checkpoint, it tells later commands
+    whether they were given the data the model was trained on."""
+    h = hashlib.sha256()
+    for ds in (train, test):
+        for t in ds.tensors:
+            t = t.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

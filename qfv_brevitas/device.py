@@ -20,13 +20,21 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import _kernels as K
 from . import levels as L
 
 __all__ = ["force_codes", "deployed_values", "naive_codes", "aware_codes",
-           "deployed_sq_distance"]
+           "deployed_sq_distance", "aware_sq_distance"]
 
 # Weights per block times candidate codes: bounds the temporaries of the exhaustive search.
 _CAND_BLOCK = 1 << 20
+# The same on a GPU: fewer, larger blocks (each block is a round of kernel launches), still
+# O(n) memory (a block's temporaries are a few hundred MB at most).
+_CAND_BLOCK_GPU = 1 << 25
+
+
+def _cand_block(t: Tensor) -> int:
+    return _CAND_BLOCK_GPU if L.sync_free(t) else _CAND_BLOCK
 
 
 def force_codes(codes: Tensor, sa0: Optional[Tensor], sa1: Optional[Tensor]) -> Tensor:
@@ -91,10 +99,22 @@ def aware_codes(w2d: Tensor, r: Tensor, c: Tensor, sa0: Optional[Tensor] = None,
     stuck bit are searched over their reachable codes. With variability every weight has its
     own level set and all ``2**N`` codes are compared, block by block.
     """
+    return _aware_codes(w2d, r, c, sa0, sa1, lrs, hrs).long()
+
+
+def _aware_codes(w2d: Tensor, r: Tensor, c: Tensor, sa0: Optional[Tensor] = None,
+                 sa1: Optional[Tensor] = None, lrs: Optional[Tensor] = None,
+                 hrs: Optional[Tensor] = None) -> Tensor:
+    """:func:`aware_codes` as uint8 (the compiled kernel's output) or int64 (torch paths)."""
     G, M = w2d.shape
     N = r.shape[1]
     r, c = r.detach().to(w2d.dtype), c.detach().to(w2d.dtype)
-    if lrs is None and hrs is None:
+    if K.usable(w2d, r, c, lrs, hrs, sa0, sa1):
+        levels = L.level_table(r, c)
+        thr, perm = _sorted_thresholds(levels, lrs, hrs)
+        return K.aware_fused(w2d, levels, r, thr, perm, sa0, sa1, lrs, hrs, want_codes=True)[2]
+    if lrs is None and hrs is None and not L.sync_free(w2d):
+        # (On a GPU the exhaustive path below: it needs no host sync for the faulty subset.)
         levels = L.level_table(r, c)
         codes = L.nearest(w2d, levels)[1]
         if sa0 is None and sa1 is None:
@@ -134,7 +154,7 @@ def aware_codes(w2d: Tensor, r: Tensor, c: Tensor, sa0: Optional[Tensor] = None,
     all_codes = torch.arange(1 << N, device=w2d.device)
     levels = L.level_table(r, c)
     codes = torch.empty((G, M), dtype=torch.long, device=w2d.device)
-    for r0, r1, c0, c1 in L._blocks(G, M, max(1, _CAND_BLOCK >> N)):
+    for r0, r1, c0, c1 in L._blocks(G, M, max(1, _cand_block(w2d) >> N)):
         wb = w2d[r0:r1, c0:c1]
         vals = candidate_values(levels, r, lrs, hrs, bitsm, r0, r1, c0, c1, wb)
         d = (wb[..., None] - vals).abs()
@@ -143,6 +163,16 @@ def aware_codes(w2d: Tensor, r: Tensor, c: Tensor, sa0: Optional[Tensor] = None,
             d = torch.where(ok, d, torch.full_like(d, float("inf")))
         codes[r0:r1, c0:c1] = d.argmin(-1)
     return codes
+
+
+def _sorted_thresholds(levels: Tensor, lrs: Optional[Tensor], hrs: Optional[Tensor]):
+    """Sorted thresholds and codes of the sorted levels (``levels.sort_levels``), which the
+    compiled search takes for the weights of an ideal device; ``(None, None)`` with
+    variability (every weight has its own levels there)."""
+    if lrs is not None or hrs is not None:
+        return None, None
+    s = L.sort_levels(levels)
+    return s.thresholds.contiguous(), s.perm
 
 
 def candidate_values(levels: Tensor, r: Tensor, lrs: Optional[Tensor], hrs: Optional[Tensor],
@@ -196,12 +226,14 @@ class _DeployedSqDistance(torch.autograd.Function):
         total = torch.zeros((), dtype=w2d.dtype, device=w2d.device)
         rd, cd = r.detach().to(w2d.dtype), c.detach().to(w2d.dtype)
         levels = L.level_table(rd, cd)
-        for r0, r1, c0, c1 in L._blocks(G, M):
+        ctx.save_for_backward(w2d, r, c, forced, lrs, hrs)
+        if K.usable(w2d, rd, lrs, hrs):
+            return torch.tensor(K.deployed(w2d, levels, rd, forced, lrs, hrs), dtype=w2d.dtype)
+        for r0, r1, c0, c1 in L._blocks(G, M, L._block_for(w2d)):
             d = w2d[r0:r1, c0:c1] - _block_values(levels, rd, cd, forced, lrs, hrs, N,
                                                    r0, r1, c0, c1)
             d = d.reshape(-1)
             total += torch.dot(d, d)
-        ctx.save_for_backward(w2d, r, c, forced, lrs, hrs)
         return total
 
     @staticmethod
@@ -212,13 +244,20 @@ class _DeployedSqDistance(torch.autograd.Function):
         rd, cd = r.detach().to(w2d.dtype), c.detach().to(w2d.dtype)
         levels = L.level_table(rd, cd)
         need_w, need_r, need_c = ctx.needs_input_grad[:3]
+        if K.usable(w2d, rd, lrs, hrs, g):
+            gf = float(g)
+            grad_w, sums = K.deployed(w2d, levels, rd, forced, lrs, hrs, True, 2 * gf, need_w,
+                                      need_r or need_c)
+            grad_r = (sums[:, :N] * (-2 * gf)).to(r.dtype) if need_r else None
+            grad_c = (sums[:, N] * (-2 * gf)).to(c.dtype) if need_c else None
+            return grad_w, grad_r, grad_c, None, None, None
         grad_w = torch.empty_like(w2d) if need_w else None
         grad_r = torch.zeros_like(rd)
         grad_c = torch.zeros_like(cd)
         plain = lrs is None and hrs is None
         Lv = 1 << N
         sums = torch.zeros(G * Lv, dtype=w2d.dtype, device=w2d.device) if plain else None
-        for r0, r1, c0, c1 in L._blocks(G, M):
+        for r0, r1, c0, c1 in L._blocks(G, M, L._block_for(w2d)):
             fb = forced[r0:r1, c0:c1]
             d = w2d[r0:r1, c0:c1] - _block_values(levels, rd, cd, forced, lrs, hrs, N,
                                                    r0, r1, c0, c1)
@@ -276,3 +315,64 @@ def deployed_sq_distance(w2d: Tensor, r: Tensor, c: Tensor, codes: Tensor,
     # Byte codes throughout (N <= 8): forcing and the saved index stay one byte per weight.
     forced = force_codes(codes if codes.dtype == torch.uint8 else codes.to(torch.uint8), sa0, sa1)
     return _DeployedSqDistance.apply(w2d, r, c, forced, lrs, hrs)
+
+
+class _AwareSqDistance(torch.autograd.Function):
+    """:func:`aware_sq_distance` on the compiled kernel: the search, the distance and the sums
+    that the backward pass needs in one pass over the weights and their per-cell data; the
+    backward pass only scales the saved residuals ``w - v`` (one float per weight)."""
+
+    @staticmethod
+    def forward(ctx, w2d, r, c, sa0, sa1, lrs, hrs, where):
+        rd, cd = r.detach().to(w2d.dtype), c.detach().to(w2d.dtype)
+        levels = L.level_table(rd, cd)
+        thr, perm = _sorted_thresholds(levels, lrs, hrs)
+        need_w, need_r, need_c = ctx.needs_input_grad[:3]
+        total, bad, _, resid, sums = K.aware_fused(w2d.detach(), levels, rd, thr, perm, sa0,
+                                                   sa1, lrs, hrs, want_resid=need_w,
+                                                   want_sums=need_r or need_c)
+        if bad:
+            L.check_finite(w2d, where)
+        ctx.N, ctx.r_dtype, ctx.c_dtype = r.shape[1], r.dtype, c.dtype
+        ctx.save_for_backward(resid, sums)
+        return torch.tensor(total, dtype=w2d.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        resid, sums = ctx.saved_tensors
+        need_w, need_r, need_c = ctx.needs_input_grad[:3]
+        gf, N = float(g), ctx.N
+        grad_w = K.scale(resid, 2 * gf) if need_w else None
+        grad_r = (sums[:, :N] * (-2 * gf)).to(ctx.r_dtype) if need_r else None
+        grad_c = (sums[:, N] * (-2 * gf)).to(ctx.c_dtype) if need_c else None
+        return grad_w, grad_r, grad_c, None, None, None, None, None
+
+
+def aware_sq_distance(w2d: Tensor, r: Tensor, c: Tensor, sa0: Optional[Tensor] = None,
+                      sa1: Optional[Tensor] = None, lrs: Optional[Tensor] = None,
+                      hrs: Optional[Tensor] = None, where: str = "weights") -> Tensor:
+    """``sum_i min_S (w_i - v_i(S))^2`` over the values each weight can take on this device:
+    the fault-aware (eq. 11) and variability-aware (eq. 12) regularizer of one layer.
+
+    Equal to ``deployed_sq_distance(w2d, r, c, aware_codes(w2d, ...), ...)`` with the same
+    gradients (the codes are held fixed). On the CPU kernels the search and the distance are
+    one pass that reads each weight's stuck bits and cell factors once; the backward pass
+    scales the residuals kept from it (O(n) memory: one float per weight). Non-finite weights
+    raise a ``ValueError`` naming ``where``.
+
+    Levels -0.75, -0.25, 0.25, 0.75 (codes 0..3); the second weight's low bit is stuck at 0,
+    so it cannot hold -0.25 and goes to -0.75 or 0.25, both 0.5 away:
+
+    >>> w = torch.tensor([[0.25, -0.25]])
+    >>> r, c = torch.tensor([[0.5, 1.0]]), torch.tensor([-0.75])
+    >>> sa0 = torch.tensor([[0, 1]], dtype=torch.uint8)
+    >>> float(aware_sq_distance(w, r, c, sa0, torch.zeros_like(sa0)))
+    0.25
+    """
+    if K.usable(w2d, r.detach().to(w2d.dtype), lrs, hrs, sa0, sa1) and r.device.type == "cpu" \
+            and c.device.type == "cpu":
+        return _AwareSqDistance.apply(w2d, r, c, sa0, sa1, lrs, hrs, where)
+    if not L.sync_free(w2d):  # (on a GPU the regularizer's one check of the sum reports NaNs)
+        L.check_finite(w2d, where)
+    codes = _aware_codes(w2d.detach(), r, c, sa0, sa1, lrs, hrs)
+    return deployed_sq_distance(w2d, r, c, codes, sa0, sa1, lrs, hrs)

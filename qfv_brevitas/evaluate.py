@@ -15,15 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
+import torch
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from .config import check_choice
 from .convert import set_forward_mode
+from .parallel import check_workers, run_tasks
+from .progress import RunProgress
 from .quantizers import nmult_layers
 from .repair import (chip_in_loop_finetune, fault_aware_finetune, set_deploy_mapping,
                      variability_aware_finetune)
+from .safeio import atomic_paths
 from .train import TrainConfig, evaluate
 
 __all__ = ["LAYER_SETS", "edge_layers", "MonteCarloResult", "evaluate_faults", "evaluate_variability", "compare_faults",
@@ -83,25 +86,31 @@ class MonteCarloResult:
             lines.append(f"{lv:>14g} | " + " | ".join(cells))
         return "\n".join(lines)
 
-    def save(self, out_dir: Union[str, Path], name: str) -> Dict[str, Path]:
+    def save(self, out_dir: Union[str, Path], name: str, overwrite: bool = False
+             ) -> Dict[str, Path]:
         """Write ``name.csv`` (every trial), ``name.json`` (rows, summary, meta) and
-        ``name.png`` (accuracy against level, one line per method, std error bars)."""
+        ``name.png`` (accuracy against level, one line per method, std error bars), together
+        and atomically (:mod:`qfv_brevitas.safeio`): existing files only with ``overwrite``."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         paths = {"csv": out / f"{name}.csv", "json": out / f"{name}.json",
                  "png": out / f"{name}.png"}
-        with open(paths["csv"], "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["method", "level", "trial", "seed", "acc"])
-            w.writeheader()
-            for r in self.rows:
-                w.writerow({k: r[k] for k in w.fieldnames})
-        paths["json"].write_text(json.dumps({"kind": self.kind, "level_name": self.level_name,
-                                             "meta": self.meta, "summary": self.summary(),
-                                             "rows": self.rows}, indent=2))
-        self.plot(paths["png"])
+        with atomic_paths(list(paths.values()), overwrite=overwrite) as tmps:
+            tmp = dict(zip(paths, tmps))
+            with open(tmp["csv"], "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=["method", "level", "trial", "seed", "acc"])
+                w.writeheader()
+                for r in self.rows:
+                    w.writerow({k: r[k] for k in w.fieldnames})
+            tmp["json"].write_text(json.dumps({"kind": self.kind, "level_name": self.level_name,
+                                               "meta": self.meta, "summary": self.summary(),
+                                               "rows": self.rows}, indent=2))
+            self.plot(tmp["png"], overwrite=True, format="png")
         return paths
 
-    def plot(self, path: Union[str, Path]) -> Path:
+    def plot(self, path: Union[str, Path], overwrite: bool = False,
+             format: Optional[str] = None) -> Path:
+        """Accuracy against level, one line per method (std error bars), written to ``path``
+        (atomically; an existing file only with ``overwrite``)."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -120,7 +129,8 @@ class MonteCarloResult:
         ax.legend()
         from .plots import save_figure
 
-        return save_figure(fig, path, ax, self.meta.get("title", ""), title_size=10)
+        return save_figure(fig, path, ax, self.meta.get("title", ""), title_size=10,
+                           overwrite=overwrite, format=format)
 
 
 def _check_levels(levels: Sequence[float], what: str, upper: Optional[float]) -> List[float]:
@@ -185,36 +195,56 @@ def _variability_sampler(hrs_on_off: Optional[float], distribution: str, layers:
     return attach
 
 
+def _is_main_rank(distributed: bool) -> bool:
+    if not distributed:
+        return True
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _on_device(model: nn.Module, device) -> nn.Module:
+    """``model`` itself, or a copy on ``device`` (the caller's model is left where it is)."""
+    if device is None:
+        return model
+    return copy.deepcopy(model).to(torch.device(device))
+
+
 def _run(kind: str, model: nn.Module, train: Optional[Dataset], test: Dataset,
          levels: List[float], trials: int, seed: int, methods: Sequence[str],
-         attach: Callable, apply: Dict[str, Callable], progress: bool, meta: dict
-         ) -> MonteCarloResult:
+         attach: Callable, apply: Dict[str, Callable], progress: bool, meta: dict,
+         workers: int = 1, distributed: bool = False, device=None) -> MonteCarloResult:
     if not nmult_layers(model):
         raise ValueError("the model has no N-multiplier layer to put on a device")
     check_choice(meta.get("layers", "inner"), LAYER_SETS, "layer set")
+    workers = check_workers(workers)
+    model = _on_device(model, device)
     result = MonteCarloResult(kind, meta=dict(meta, levels=levels, trials=trials, seed=seed,
                                               methods=list(methods)))
-    clean = None
-    total = len(levels) * trials * len(methods)
-    bar = tqdm(total=total, desc=f"Monte Carlo ({kind})", disable=not progress, leave=False)
-    for level in levels:
-        for k in range(trials):
-            for method in methods:
-                if level == 0:
-                    # No map to adapt to: every method deploys the model as it is.
-                    if clean is None:
-                        clean = evaluate(model, test)
-                    acc = clean
-                else:
-                    m = copy.deepcopy(model)
-                    attach(m, level, seed + k)
-                    apply[method](m, train)
-                    acc = evaluate(m, test)
-                result.rows.append({"method": method, "level": level, "trial": k,
-                                    "seed": seed + k, "acc": acc})
-                bar.update(1)
-                bar.set_postfix(level=level, method=method, acc=f"{acc:.3f}")
-    bar.close()
+    tasks = [(level, k, method) for level in levels for k in range(trials) for method in methods]
+    clean: List[float] = []
+
+    def task(i: int) -> float:
+        level, k, method = tasks[i]
+        if level == 0:
+            # No map to adapt to: every method deploys the model as it is.
+            if not clean:
+                clean.append(evaluate(model, test))
+            return clean[0]
+        m = copy.deepcopy(model)
+        attach(m, level, seed + k)
+        apply[method](m, train)
+        return evaluate(m, test)
+
+    bar = RunProgress(len(tasks), f"Monte Carlo ({kind})", unit="trial",
+                      enabled=progress and _is_main_rank(distributed))
+    try:
+        accs = run_tasks(len(tasks), task, workers, distributed, bar)
+    finally:
+        bar.close()
+    for (level, k, method), acc in zip(tasks, accs):
+        result.rows.append({"method": method, "level": level, "trial": k,
+                            "seed": seed + k, "acc": acc})
     return result
 
 
@@ -226,8 +256,14 @@ def _deploy(mapping: str):
 
 def evaluate_faults(model: nn.Module, test: Dataset, rates: Sequence[float], trials: int = 10,
                     seed: int = 0, mapping: str = "naive", sa1_fraction: float = 0.5,
-                    layers: str = "inner", progress: bool = True) -> MonteCarloResult:
+                    layers: str = "inner", progress: bool = True, workers: int = 1,
+                    distributed: bool = False, device=None) -> MonteCarloResult:
     """Accuracy under ``trials`` random stuck-at maps per bit-fault rate (no retraining).
+
+    ``workers`` processes on this machine and/or the ranks of a ``torch.distributed`` group
+    (``distributed=True``, e.g. under torchrun) share the trials (:mod:`qfv_brevitas.parallel`:
+    the same rows as one process); ``device`` runs on a copy of the model there (default: where
+    the model is).
 
     ``mapping="naive"`` programs the nearest ideal level (method ``none``); ``"aware"`` the
     nearest level the faulty cells still allow (method ``nearest_valid``). ``layers="inner"``
@@ -238,16 +274,18 @@ def evaluate_faults(model: nn.Module, test: Dataset, rates: Sequence[float], tri
     return _run("faults", model, None, test, _check_levels(rates, "fault rates", 1.0),
                 _check_trials(trials), seed, [method], _fault_sampler(sa1_fraction, layers),
                 {method: _deploy(mapping)}, progress,
-                {"sa1_fraction": sa1_fraction, "layers": layers})
+                {"sa1_fraction": sa1_fraction, "layers": layers}, workers, distributed, device)
 
 
 def evaluate_variability(model: nn.Module, test: Dataset, sigmas: Sequence[float],
                          trials: int = 10, seed: int = 0, mapping: str = "naive",
                          hrs_on_off: Optional[float] = None, distribution: str = "normal",
                          layers: str = "inner", progress: bool = True, chip_sigma: float = 0.0,
-                         layer_shared_sigma: float = 0.0, devices_per_chip: int = 1
+                         layer_shared_sigma: float = 0.0, devices_per_chip: int = 1,
+                         workers: int = 1, distributed: bool = False, device=None
                          ) -> MonteCarloResult:
     """Accuracy under ``trials`` random variability maps per sigma/mu (no retraining);
+    ``workers``, ``distributed``, ``device`` as in :func:`evaluate_faults`;
     ``layers`` as in :func:`evaluate_faults`. ``chip_sigma`` / ``layer_shared_sigma`` add the
     between-chip / per-layer shared components of :class:`VariabilityModel`; consecutive
     groups of ``devices_per_chip`` trials share one chip (Monte Carlo over chips and over the
@@ -261,7 +299,7 @@ def evaluate_variability(model: nn.Module, test: Dataset, sigmas: Sequence[float
                 {method: _deploy(mapping)}, progress,
                 {"hrs_on_off": hrs_on_off, "distribution": distribution, "layers": layers,
                  "chip_sigma": chip_sigma, "layer_shared_sigma": layer_shared_sigma,
-                 "devices_per_chip": devices_per_chip})
+                 "devices_per_chip": devices_per_chip}, workers, distributed, device)
 
 
 def _finetune_methods(finetune: TrainConfig, remap_every: int) -> Dict[str, Callable]:
@@ -287,11 +325,13 @@ def compare_faults(model: nn.Module, train: Dataset, test: Dataset, rates: Seque
                    trials: int = 10, methods: Sequence[str] = ("none", "nearest_valid",
                                                                "fault_aware"),
                    finetune: Optional[TrainConfig] = None, remap_every: int = 4, seed: int = 0,
-                   sa1_fraction: float = 0.5, layers: str = "inner", progress: bool = True
+                   sa1_fraction: float = 0.5, layers: str = "inner", progress: bool = True,
+                   workers: int = 1, distributed: bool = False, device=None
                    ) -> MonteCarloResult:
     """Each method on the same maps: ``none`` (naive deployment), ``nearest_valid`` (FAQ/Matic
     nearest-valid-level mapping), ``fault_aware`` (eq. 11 fine-tune + remap, per map) and
-    ``chip_in_loop`` (STE fine-tune through the faulty weights, per map)."""
+    ``chip_in_loop`` (STE fine-tune through the faulty weights, per map); ``workers``,
+    ``distributed``, ``device`` as in :func:`evaluate_faults`."""
     for m in methods:
         check_choice(m, FAULT_METHODS, "fault method")
     finetune = finetune or _default_finetune()
@@ -299,7 +339,7 @@ def compare_faults(model: nn.Module, train: Dataset, test: Dataset, rates: Seque
                 _check_trials(trials), seed, list(methods), _fault_sampler(sa1_fraction, layers),
                 _finetune_methods(finetune, remap_every), progress,
                 {"sa1_fraction": sa1_fraction, "finetune_epochs": finetune.epochs,
-                 "remap_every": remap_every, "layers": layers})
+                 "remap_every": remap_every, "layers": layers}, workers, distributed, device)
 
 
 def compare_variability(model: nn.Module, train: Dataset, test: Dataset,
@@ -308,11 +348,13 @@ def compare_variability(model: nn.Module, train: Dataset, test: Dataset,
                         finetune: Optional[TrainConfig] = None, seed: int = 0,
                         hrs_on_off: Optional[float] = None, distribution: str = "normal",
                         layers: str = "inner", progress: bool = True, chip_sigma: float = 0.0,
-                        layer_shared_sigma: float = 0.0, devices_per_chip: int = 1
+                        layer_shared_sigma: float = 0.0, devices_per_chip: int = 1,
+                        workers: int = 1, distributed: bool = False, device=None
                         ) -> MonteCarloResult:
     """Each method on the same variability maps: ``none``, ``chip_in_loop`` and
     ``variability_aware`` (eq. 12 fine-tune, deployed with aware mapping); shared components
-    as in :func:`evaluate_variability`."""
+    as in :func:`evaluate_variability`; ``workers``, ``distributed``, ``device`` as in
+    :func:`evaluate_faults`."""
     for m in methods:
         check_choice(m, VARIABILITY_METHODS, "variability method")
     finetune = finetune or _default_finetune()
@@ -324,4 +366,4 @@ def compare_variability(model: nn.Module, train: Dataset, test: Dataset,
                 {"hrs_on_off": hrs_on_off, "distribution": distribution,
                  "finetune_epochs": finetune.epochs, "layers": layers,
                  "chip_sigma": chip_sigma, "layer_shared_sigma": layer_shared_sigma,
-                 "devices_per_chip": devices_per_chip})
+                 "devices_per_chip": devices_per_chip}, workers, distributed, device)

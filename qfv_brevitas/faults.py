@@ -26,6 +26,8 @@ from typing import Any, Dict, Optional, Tuple, Type
 import torch
 from torch import Tensor, nn
 
+from .errors import QfvError
+
 from .quantizers import nmult_layers, quant_of
 
 __all__ = ["FaultModel", "FaultMap", "FaultMapError", "sample_fault_map", "attach_faults",
@@ -34,7 +36,7 @@ __all__ = ["FaultModel", "FaultMap", "FaultMapError", "sample_fault_map", "attac
 FORMAT = "qfv-brevitas/faultmap/1"
 
 
-class FaultMapError(ValueError):
+class FaultMapError(QfvError):
     """A fault map is malformed, unreadable, or does not fit the model it is used with."""
 
 
@@ -176,12 +178,13 @@ class FaultMap:
         return FaultMap({n: (a.to(device), b.to(device)) for n, (a, b) in self.layers.items()},
                         dict(self.bits), self.meta)
 
-    def save(self, path: os.PathLike) -> None:
-        """Write the map to ``path`` (plain tensors; read back with :meth:`load`)."""
+    def save(self, path: os.PathLike, overwrite: bool = False) -> None:
+        """Write the map to ``path`` (plain tensors and a checksum, atomically; an existing
+        file only with ``overwrite=True``; read back with :meth:`load`)."""
         save_tagged(path, {
             "format": FORMAT, "meta": self.meta,
             "layers": {n: {"sa0": a.detach().cpu(), "sa1": b.detach().cpu(), "bits": self.bits[n]}
-                       for n, (a, b) in self.layers.items()}})
+                       for n, (a, b) in self.layers.items()}}, overwrite)
 
     @classmethod
     def load(cls, path: os.PathLike) -> "FaultMap":

@@ -15,10 +15,13 @@ which is exact too, only slower.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from . import _kernels as K
 
 __all__ = [
     "MAX_BITS",
@@ -48,7 +51,8 @@ def check_bits(bits, where: str = "quantizer") -> int:
     """Validate an N-bit width: an ``int`` in ``1..8`` (``MAX_BITS``)."""
     if isinstance(bits, Tensor):
         bits = bits.item()
-    if isinstance(bits, bool) or not float(bits).is_integer():
+    if isinstance(bits, (bool, str, bytes)) or not isinstance(bits, numbers.Real) or \
+            not math.isfinite(bits) or not float(bits).is_integer():
         raise ValueError(f"{where}: bit width must be an integer in 1..{MAX_BITS}, got {bits!r}")
     bits = int(bits)
     if not 1 <= bits <= MAX_BITS:
@@ -132,6 +136,22 @@ def sort_levels(levels: Tensor) -> SortedLevels:
 _BLOCK = 1 << 18
 
 
+#: Test switch: CPU tensors take the code paths written for GPUs (no host sync, whole-tensor
+#: ops), so that a CPU-only machine can check them (tests/test_gpu.py).
+_GPU_PATHS_ON_CPU = False
+
+
+def sync_free(t: Tensor) -> bool:
+    """Whether ``t`` takes the GPU code paths: no host syncs, one tile per tensor."""
+    return t.device.type != "cpu" or _GPU_PATHS_ON_CPU
+
+
+def _block_for(t: Tensor) -> Optional[int]:
+    """Tile size for the torch paths on ``t``'s device: cache-sized blocks on the CPU; on a GPU
+    one tile (every extra tile is another round of kernel launches)."""
+    return 1 << 62 if sync_free(t) else None
+
+
 def _blocks(G: int, M: int, block: Optional[int] = None):
     """Yield ``(r0, r1, c0, c1)`` tiles of a ``(G, M)`` array of about ``block`` elements."""
     block = block or _BLOCK
@@ -155,7 +175,10 @@ class _LevelIndex:
         self.perm = s.perm
         self.values = s.values.to(dtype).contiguous()
         self.thr = s.thresholds.to(dtype).contiguous()
-        self.lut = self._build_lut()
+        # The compiled CPU kernel builds its own table. On a GPU, searchsorted: the table's
+        # checks would each be a host sync.
+        self.native = K.usable(self.thr)
+        self.lut = None if self.native or sync_free(levels) else self._build_lut()
 
     def _build_lut(self):
         G, T = self.thr.shape
@@ -212,6 +235,8 @@ class _LevelIndex:
             raise
 
     def _index_block(self, wb: Tensor, r0: int, r1: int) -> Tensor:
+        if self.native:
+            return K.nearest(wb, self.thr[r0:r1], self.values[r0:r1], False)[0]
         if self.lut is None:
             return torch.searchsorted(self.thr[r0:r1], wb.contiguous(), right=True).to(torch.uint8)
         cells, shift, inv_h, base, thr_at, cell_off = self.lut
@@ -258,8 +283,10 @@ class _LevelIndex:
     def search(self, w2d: Tensor) -> Tensor:
         """uint8 sorted index ``(G, M)`` of each weight's nearest level."""
         G, M = w2d.shape
+        if self.native:
+            return K.nearest(w2d, self.thr, self.values, False)[0]
         out = torch.empty((G, M), dtype=torch.uint8, device=w2d.device)
-        for r0, r1, c0, c1 in _blocks(G, M):
+        for r0, r1, c0, c1 in _blocks(G, M, _block_for(w2d)):
             out[r0:r1, c0:c1] = self.index_block(w2d[r0:r1, c0:c1], r0, r1)
         return out
 
@@ -318,9 +345,15 @@ class _NearestSqDistance(torch.autograd.Function):
     def forward(ctx, w2d: Tensor, levels: Tensor) -> Tensor:
         li = _LevelIndex(levels, w2d.dtype)
         G, M = w2d.shape
+        ctx.li = li
+        if li.native and K.usable(w2d):
+            # One pass: search, index and the sum of squares (added in double).
+            idx, tot, _ = K.nearest(w2d, li.thr, li.values, True)
+            ctx.save_for_backward(w2d, idx)
+            return torch.tensor(tot, dtype=w2d.dtype)
         idx = torch.empty((G, M), dtype=torch.uint8, device=w2d.device)
         total = torch.zeros((), dtype=w2d.dtype, device=w2d.device)
-        for r0, r1, c0, c1 in _blocks(G, M):
+        for r0, r1, c0, c1 in _blocks(G, M, _block_for(w2d)):
             wb = w2d[r0:r1, c0:c1]
             ib = li.index_block(wb, r0, r1)
             idx[r0:r1, c0:c1] = ib
@@ -336,9 +369,16 @@ class _NearestSqDistance(torch.autograd.Function):
         li: _LevelIndex = ctx.li
         G, M = w2d.shape
         need_w, need_lv = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if li.native and K.usable(w2d, g):
+            gf = float(g)
+            grad_w, sums = K.nearest_backward(w2d, idx, li.values, 2 * gf, need_w, need_lv)
+            grad_levels = None
+            if need_lv:
+                grad_levels = li.sorted_to_levels((sums * (-2 * gf)).to(w2d.dtype))
+            return grad_w, grad_levels
         grad_w = torch.empty_like(w2d) if need_w else None
         sums = torch.zeros(G * li.L, dtype=w2d.dtype, device=w2d.device) if need_lv else None
-        for r0, r1, c0, c1 in _blocks(G, M):
+        for r0, r1, c0, c1 in _blocks(G, M, _block_for(w2d)):
             ib = idx[r0:r1, c0:c1]
             d = w2d[r0:r1, c0:c1] - li.values_block(ib, r0, r1)
             if need_w:
@@ -360,7 +400,8 @@ class _SnapSTE(torch.autograd.Function):
         li = _LevelIndex(levels, w2d.dtype)
         idx = li.search(w2d)
         out = torch.empty_like(w2d)
-        for r0, r1, c0, c1 in _blocks(*w2d.shape):
+        block = None if not sync_free(w2d) and not li.native else 1 << 62
+        for r0, r1, c0, c1 in _blocks(*w2d.shape, block):
             out[r0:r1, c0:c1] = li.values_block(idx[r0:r1, c0:c1], r0, r1)
         ctx.li = li
         ctx.save_for_backward(idx)
@@ -374,7 +415,7 @@ class _SnapSTE(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             G, M = idx.shape
             sums = torch.zeros(G * li.L, dtype=g.dtype, device=g.device)
-            for r0, r1, c0, c1 in _blocks(G, M):
+            for r0, r1, c0, c1 in _blocks(G, M, _block_for(g)):
                 sums.index_add_(0, li.flat_index(idx[r0:r1, c0:c1], r0),
                                 g[r0:r1, c0:c1].reshape(-1))
             grad_levels = li.sorted_to_levels(sums.view(G, li.L))

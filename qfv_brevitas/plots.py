@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import matplotlib
 
@@ -12,14 +12,17 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from .quantizers import nmult_layers, quant_of  # noqa: E402
+from .safeio import atomic_path, check_output  # noqa: E402
 
 __all__ = ["plot_levels", "save_figure"]
 
 
 def plot_levels(models: Dict[str, nn.Module], path: Union[str, Path], max_layers: int = 3,
-                inner_only: bool = True) -> Path:
+                inner_only: bool = True, overwrite: bool = False) -> Path:
     """One row per model, one column per layer: the float weights' histogram with the
-    layer's quantization levels as vertical lines (first channel's levels if per channel)."""
+    layer's quantization levels as vertical lines (first channel's levels if per channel).
+    Written atomically; an existing file only with ``overwrite=True``."""
+    check_output(path, overwrite=overwrite)
     rows = []
     for label, model in models.items():
         layers = nmult_layers(model)
@@ -45,30 +48,37 @@ def plot_levels(models: Dict[str, nn.Module], path: Union[str, Path], max_layers
                 ax.axvline(v, color="#c44e52", lw=0.8)
             ax.set_title(f"{label}: {name} ({tq.bits}-bit {tq.variant})", fontsize=9)
             ax.set_xlabel("weight")
-    return save_figure(fig, path)
+    return save_figure(fig, path, overwrite=overwrite)
 
 
 def save_figure(fig, path: Union[str, Path], ax=None, title: str = "",
-                title_size: int = 9) -> Path:
+                title_size: int = 9, overwrite: bool = False,
+                format: Optional[str] = None) -> Path:
     """Give ``ax`` its ``title`` (if any), lay out, write ``fig`` to ``path`` (folders made)
-    at 110 dpi and close it."""
-    if ax is not None and title:
-        ax.set_title(title, fontsize=title_size)
-    fig.tight_layout()
+    at 110 dpi and close it. Written atomically (:mod:`qfv_brevitas.safeio`); an existing
+    file is replaced only with ``overwrite=True``. ``format``: default from the suffix."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        if ax is not None and title:
+            ax.set_title(title, fontsize=title_size)
+        fig.tight_layout()
+        with atomic_path(path, overwrite=overwrite) as tmp:
+            fig.savefig(tmp, dpi=110, format=format or (path.suffix[1:] or "png"))
+    finally:
+        plt.close(fig)
     return path
 
 
 def plot_fitted_levels(model: nn.Module, path: Union[str, Path], max_bits: int = 6,
-                       max_layers: int = 12, bins: int = 80) -> Path:
+                       max_layers: int = 12, bins: int = 80, overwrite: bool = False) -> Path:
     """One panel per N-multiplier layer (up to ``max_layers`` with at most ``max_bits`` bits):
     the weights' histogram with the layer's levels (solid), the best uniform grid of the same
     bits (dashed) and Lloyd-Max's free levels (dotted), and each one's squared error relative
-    to the uniform grid in the legend. Per-channel layers show their first output channel."""
+    to the uniform grid in the legend. Per-channel layers show their first output channel.
+    Written atomically; an existing file only with ``overwrite=True``."""
     from .fitting import best_uniform_grid, grid_error, lloyd_max
+
+    check_output(path, overwrite=overwrite)
 
     layers = [(n, l) for n, l in nmult_layers(model) if quant_of(l).bits <= max_bits]
     layers = layers[:max_layers]
@@ -87,7 +97,7 @@ def plot_fitted_levels(model: nn.Module, path: Union[str, Path], max_bits: int =
             lv = tq.levels().detach()[:1]
             uni = best_uniform_grid(w, tq.bits)
             ulv = uni.offset[:, None] + uni.step[:, None] * torch.arange(
-                1 << tq.bits, dtype=w.dtype)
+                1 << tq.bits, dtype=w.dtype, device=w.device)
             lm = lloyd_max(w, tq.bits, init=lv)
             err = float(grid_error(w, lv)[0])
         ue, le = float(uni.error[0]), float(lm.error[0])
@@ -103,7 +113,7 @@ def plot_fitted_levels(model: nn.Module, path: Union[str, Path], max_bits: int =
         ax.set_xlabel("weight")
         ax.legend(fontsize=7, loc="upper right", title="squared error x uniform",
                   title_fontsize=7)
-    return save_figure(fig, path)
+    return save_figure(fig, path, overwrite=overwrite)
 
 
 def _rel(a: float, b: float) -> str:

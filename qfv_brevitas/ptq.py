@@ -21,15 +21,16 @@ from . import fitting as FIT
 from . import levels as L
 from .config import NMultConfig
 from .convert import ConversionError, quantize_model, swap_weight_quant
+from .errors import QfvError
 from .quantizers import nmult_layers, quant_of
 
 __all__ = ["refit_levels_", "level_errors", "format_level_errors", "quantize_post_training",
            "PTQResult", "PTQError", "brevitas_uniform", "float_state_dict",
-           "float_model_of_checkpoint"]
+           "float_model_of_checkpoint", "read_model_file"]
 
 
-class PTQError(ValueError):
-    """A model or file that post-training quantization cannot take."""
+class PTQError(QfvError):
+    """A model or file that post-training quantization cannot take (``qfv`` exit 2)."""
 
 
 def _has_device_map(layer: nn.Module) -> bool:
@@ -296,27 +297,56 @@ def _resolve_source(source, model: Optional[nn.Module]) -> nn.Module:
     if isinstance(source, nn.Module):
         return source
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise PTQError(f"{path}: no such file")
-        from .checkpoint import FORMAT
-
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # torch raises many types for a damaged file
-            raise PTQError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
-        if isinstance(obj, dict) and obj.get("format") == FORMAT:
-            return float_model_of_checkpoint(path)[0]
+        kind, obj = read_model_file(source)
+        if kind == "checkpoint":
+            return obj[0]
         if model is None:
-            raise PTQError(f"{path}: not a qfv checkpoint; a plain state dict needs the model "
+            raise PTQError(f"{source}: not a qfv checkpoint; a plain state dict needs the model "
                            "it belongs to (model=..., or --arch on the command line)")
-        return _load_float_weights(copy.deepcopy(model), obj, str(path))
+        return _load_float_weights(copy.deepcopy(model), obj, str(source))
     if isinstance(source, Mapping):
         if model is None:
             raise PTQError("a state dict needs the model it belongs to: pass model=...")
         return _load_float_weights(copy.deepcopy(model), source, "state dict")
     raise PTQError(f"cannot quantize a {type(source).__name__}: pass a model, a state dict or "
                    "a checkpoint path")
+
+
+def read_model_file(path: Union[str, Path]):
+    """Read a model file safely: ``("checkpoint", (float model, info))`` for a ``qfv``
+    checkpoint (:func:`float_model_of_checkpoint`: checksum and structure checked), else
+    ``("state", obj)`` for a ``torch.save``-d state dict. Loaded with ``weights_only=True``:
+    a file holding Python objects that loading would run is refused before any of it runs."""
+    import pickle
+    import warnings
+
+    from .checkpoint import FORMAT, LEGACY_FORMATS
+
+    path = Path(path)
+    if path.is_dir():
+        raise PTQError(f"{path}: is a folder, not a model file")
+    if not path.is_file():
+        raise PTQError(f"{path}: no such file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        what = next((ln for ln in lines if "global" in ln.lower()), None)
+        if what is None:
+            raise PTQError(f"{path}: not a readable checkpoint or state dict (UnpicklingError: "
+                           f"{(lines[0] if lines else '')[:200]})") from None
+        raise PTQError(f"{path}: refused: the file holds Python objects that loading would "
+                       f"have to run ({what[:200]}); a state dict or qfv checkpoint holds only "
+                       "tensors and plain values. Nothing of it was executed.") from None
+    except Exception as e:  # torch raises many types for a damaged file
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise PTQError(f"{path}: not a readable checkpoint or state dict ({type(e).__name__}: "
+                       f"{first[:200]})") from None
+    if isinstance(obj, Mapping) and obj.get("format") in (FORMAT, *LEGACY_FORMATS):
+        return "checkpoint", float_model_of_checkpoint(path)
+    return "state", obj
 
 
 def float_model_of_checkpoint(path: Union[str, Path]):

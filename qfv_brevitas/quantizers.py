@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import warnings
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -96,6 +97,16 @@ class NMultTensorQuant(nn.Module):
             w2d = self.to_groups(w.detach())
             L.check_finite(w2d, f"initialising the weight quantizer{_where(layer_name)}")
             step, r, c = self._initial_levels(w2d)
+            zero = int((w2d.abs().amax(dim=1) == 0).sum())
+            if zero:
+                warnings.warn(
+                    f"weight quantizer{_where(layer_name)}: "
+                    + (f"{zero} of {self.groups} channels have" if self.per_channel else "the layer has")
+                    + " all-zero weights, so its levels start collapsed (step 1e-8); "
+                    + ("the 'fixed' variant keeps them there: initialise the weights first"
+                       if quant_variant == "fixed" else
+                       "r and c must be learned from there: initialise the weights first"),
+                    UserWarning, stacklevel=2)
         if self.variant == "nmult":
             self.r = nn.Parameter(r)
             self.c = nn.Parameter(c)
@@ -211,10 +222,13 @@ class NMultTensorQuant(nn.Module):
         return D.naive_codes(w2d, r.detach(), c.detach())
 
     # -- quantization ----------------------------------------------------------------------
-    def _checked_groups(self, w: Tensor) -> Tensor:
+    def _checked_groups(self, w: Tensor, training: bool = False) -> Tensor:
         self.check_weight(w)
         w2d = self.to_groups(w)
-        L.check_finite(w2d, f"weights of {self.layer_name or 'layer'}")
+        # In a GPU training step the check would be a host sync per layer; there a NaN weight
+        # reaches the output through the straight-through term and fit reports it per epoch.
+        if not (training and L.sync_free(w2d)):
+            L.check_finite(w2d, f"weights of {self.layer_name or 'layer'}")
         return w2d
 
     @torch.no_grad()
@@ -249,6 +263,19 @@ class NMultTensorQuant(nn.Module):
 
         With a fault or variability map attached, ``q`` ranges over the levels this weight can
         actually take on the device (eq. 11, eq. 12): unreachable levels are excluded."""
+        out = self._distance(w)
+        if not torch.isfinite(out):
+            self.raise_not_finite(w)
+        return out
+
+    def raise_not_finite(self, w: Tensor) -> None:
+        """The error for a non-finite regularizer term: NaN/inf weights, else diverged r/c."""
+        L.check_finite(self.to_groups(w), f"weights of {self.layer_name or 'layer'}")
+        raise ValueError(f"levels of {self.layer_name or 'layer'} are not finite: r/c diverged")
+
+    def _distance(self, w: Tensor) -> Tensor:
+        """:meth:`distance` without the finiteness check (a host sync on a GPU):
+        :func:`qfv_brevitas.regularization_loss` checks the sum over all layers once."""
         self.check_weight(w)
         w2d = self.to_groups(w)
         dev = self.device_state()
@@ -261,13 +288,11 @@ class NMultTensorQuant(nn.Module):
                 L.check_finite(w2d, f"weights of {self.layer_name or 'layer'}")
                 raise
         else:
-            L.check_finite(w2d, f"weights of {self.layer_name or 'layer'}")
-            r, c = self.multipliers(), self.offset()
-            codes = D.aware_codes(w2d.detach(), r, c, dev.sa0, dev.sa1, dev.lrs, dev.hrs)
-            out = D.deployed_sq_distance(w2d, r, c, codes, dev.sa0, dev.sa1, dev.lrs, dev.hrs)
-        if not torch.isfinite(out):
-            L.check_finite(w2d, f"weights of {self.layer_name or 'layer'}")
-            raise ValueError(f"levels of {self.layer_name or 'layer'} are not finite: r/c diverged")
+            # Search and distance in one call (one pass on the CPU kernels); NaN/inf weights
+            # raise there (on a GPU the sum's check reports them).
+            out = D.aware_sq_distance(w2d, self.multipliers(), self.offset(), dev.sa0, dev.sa1,
+                                      dev.lrs, dev.hrs,
+                                      where=f"weights of {self.layer_name or 'layer'}")
         return out
 
     @property
@@ -282,7 +307,7 @@ class NMultTensorQuant(nn.Module):
         if self.mode == "paper" and self.training:
             out = x  # the paper trains on full-precision weights; the regularizer pulls them in
         elif self.mode in ("ste", "both") and self.training:
-            w2d = self._checked_groups(x)
+            w2d = self._checked_groups(x, training=True)
             dev = self.device_state()
             if dev is None:
                 out = self.from_groups(L.snap_ste(w2d, self.levels()), x.shape)
@@ -303,7 +328,8 @@ class NMultTensorQuant(nn.Module):
         else:
             scale = scale.reshape(())
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
-        return out, scale, zero, torch.tensor(float(self.bits), device=x.device)
+        # torch.full, not torch.tensor: no host-to-device copy (a sync) on every forward pass.
+        return out, scale, zero, torch.full((), float(self.bits), device=x.device)
 
     # -- state ---------------------------------------------------------------------------
     def config_dict(self) -> dict:

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from .config import LambdaSchedule
-from .levels import qp
+from .errors import QfvError
+from .levels import qp, sync_free
 from .quantizers import nmult_layers, quant_of
 from .shapes import check_shape, check_width, layer_distance
 
@@ -30,7 +31,8 @@ def regularization_loss(model: nn.Module, breakdown: bool = False, shape: str = 
                         ) -> Union[Tensor, Tuple[Tensor, Dict[str, float]]]:
     """``sum_l alpha_l * sum_i min_q |w_i - q|^2`` over the model's N-multiplier layers.
 
-    Differentiable in the weights, ``r`` and ``c``. With ``breakdown=True`` also returns each
+    Differentiable in the weights, ``r`` and ``c``; 0 when every layer is in ``ste`` mode, and
+    an error for a model without N-multiplier layers. With ``breakdown=True`` also returns each
     layer's (weighted) term as a float, for logging. ``shape`` replaces the squared distance
     by another shape of :mod:`qfv_brevitas.shapes` (``"gauss"``: Gaussian well of width
     ``width`` times the local level spacing; ``"sin"``: SinReQ sinusoid).
@@ -42,23 +44,53 @@ def regularization_loss(model: nn.Module, breakdown: bool = False, shape: str = 
     >>> list(parts), bool(loss >= 0)
     (['0'], True)
     """
+    total, terms = _loss_terms(model, shape, width)
+    if not breakdown:
+        return total
+    return total, _floats(terms)
+
+
+def _loss_terms(model: nn.Module, shape: str = "sq", width: float = 0.25
+                ) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """The loss and each layer's weighted term (detached tensors, no host sync per layer: on
+    the CPU the sum's finiteness is checked once, and only a non-finite sum looks for its
+    layer)."""
     check_shape(shape)
     total = None
-    parts: Dict[str, float] = {}
-    for name, layer in nmult_layers(model):
+    terms: Dict[str, Tensor] = {}
+    used = []
+    layers = nmult_layers(model)
+    if not layers:
+        # Silently 0 would train a model that was meant to be quantized as a float one.
+        raise QfvError("regularization_loss: the model has no N-multiplier layers; quantize it "
+                       "first with quantize_model() or swap_weight_quant()")
+    for name, layer in layers:
         tq = quant_of(layer)
         if not tq.uses_regularizer:
             continue
         w = layer.weight
-        dist = tq.distance(w) if shape == "sq" else layer_distance(tq, w, shape, width)
+        dist = tq._distance(w) if shape == "sq" else layer_distance(tq, w, shape, width)
         term = layer_factor(w.numel(), tq.bits) * dist
         total = term if total is None else total + term
-        if breakdown:
-            parts[name] = float(term.detach())
+        terms[name] = term.detach()
+        used.append((name, tq, w, term))
     if total is None:
         p = next(model.parameters(), None)
-        total = torch.zeros((), device=None if p is None else p.device)
-    return (total, parts) if breakdown else total
+        return torch.zeros((), device=None if p is None else p.device), terms
+    # One check of the sum (a host sync, skipped on a GPU, where fit checks once per epoch).
+    if not sync_free(total) and not torch.isfinite(total):
+        for name, tq, w, term in used:
+            if not torch.isfinite(term):
+                tq.raise_not_finite(w)
+    return total, terms
+
+
+def _floats(terms: Dict[str, Tensor]) -> Dict[str, float]:
+    """Per-layer terms as floats, read in one transfer."""
+    if not terms:
+        return {}
+    values = torch.stack([t.reshape(()).double() for t in terms.values()]).tolist()
+    return dict(zip(terms, values))
 
 
 class QuantRegularizer:
@@ -78,12 +110,17 @@ class QuantRegularizer:
         self.schedule = schedule
         self.shape = check_shape(shape)
         self.width = check_width(width)
-        self.last_breakdown: Dict[str, float] = {}
+        self._terms: Dict[str, Tensor] = {}
+
+    @property
+    def last_breakdown(self) -> Dict[str, float]:
+        """Each layer's weighted term of the last call, as floats (read when asked for, so
+        that a training step on a GPU does not wait for them)."""
+        return _floats(self._terms)
 
     def lam(self, epoch: int) -> float:
         return self.schedule(epoch)
 
     def __call__(self, epoch: int) -> Tensor:
-        total, self.last_breakdown = regularization_loss(self.model, breakdown=True,
-                                                         shape=self.shape, width=self.width)
+        total, self._terms = _loss_terms(self.model, self.shape, self.width)
         return self.lam(epoch) * total

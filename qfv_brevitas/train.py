@@ -2,22 +2,28 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from .config import LambdaSchedule
+from .errors import QfvError
+from .progress import RunProgress
 from .ptq import refit_levels_
 from .quantizers import nmult_layers, quant_of
 from .regularizer import QuantRegularizer
 from .sam import SharpnessAware
 from .shapes import check_shape, check_width
 
-__all__ = ["TrainConfig", "fit", "evaluate", "param_groups"]
+__all__ = ["TrainConfig", "TrainingError", "fit", "evaluate", "param_groups"]
+
+
+class TrainingError(QfvError):
+    """Training diverged (a NaN or infinite loss): nothing is saved from it."""
 
 
 @dataclass
@@ -59,10 +65,20 @@ class TrainConfig:
     refit_every: int = 10
 
     def __post_init__(self):
+        for name in ("epochs", "batch_size", "seed", "lambda_rise_epochs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ValueError(f"TrainConfig.{name} must be an integer, got {v!r}")
         if int(self.epochs) < 1:
             raise ValueError(f"TrainConfig.epochs must be >= 1, got {self.epochs}")
-        if self.lr <= 0 or self.quant_lr < 0:
-            raise ValueError("TrainConfig.lr must be > 0 and quant_lr >= 0")
+        for name, lo in (("lr", 0.0), ("quant_lr", None), ("momentum", None),
+                         ("weight_decay", None), ("lambda_start", None), ("lambda_end", None)):
+            v = getattr(self, name)
+            ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) \
+                and (v > lo if lo is not None else v >= 0)
+            if not ok:
+                raise ValueError(f"TrainConfig.{name} must be a finite number "
+                                 f"{'> 0' if lo is not None else '>= 0'}, got {v!r}")
         if self.quant_optimizer not in ("adam", "sgd"):
             raise ValueError("TrainConfig.quant_optimizer must be 'adam' or 'sgd'")
         if int(self.batch_size) < 1:
@@ -108,29 +124,54 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> List[dict]:
     return [g for g in groups if g["params"]]
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s parameters (the CPU for a model without any)."""
+    p = next(model.parameters(), None)
+    if p is None:
+        p = next(model.buffers(), None)
+    return torch.device("cpu") if p is None else p.device
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 512,
              device: Optional[torch.device] = None) -> float:
-    """Top-1 accuracy in eval mode (N-multiplier weights snapped to their levels)."""
+    """Top-1 accuracy in eval mode (N-multiplier weights snapped to their levels). Batches go
+    to ``device`` (default: the model's); the count stays there until the end (one sync)."""
     was_training = model.training
     model.eval()
-    correct = total = 0
+    device = torch.device(device) if device is not None else model_device(model)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    total = 0
     for x, y in DataLoader(dataset, batch_size=batch_size):
-        if device is not None:
-            x, y = x.to(device), y.to(device)
-        correct += int((model(x).argmax(1) == y).sum())
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        correct += (model(x).argmax(1) == y).sum()
         total += len(y)
     model.train(was_training)
-    return correct / max(total, 1)
+    return int(correct) / max(total, 1)
+
+
+def _raise_diverged(model: nn.Module, epoch: int, desc: str, loss: float,
+                    cfg: "TrainConfig") -> None:
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    raise TrainingError(
+        f"{desc}: the loss became {loss} in epoch {epoch + 1}: training diverged "
+        f"(non-finite parameters: {', '.join(bad) or 'none'}); lower the learning rate "
+        f"(lr={cfg.lr:g}, quant_lr={cfg.quant_lr:g}) or lambda, or check the data for NaN/inf "
+        "inputs")
 
 
 def fit(model: nn.Module, train: Dataset, test: Optional[Dataset], cfg: TrainConfig,
-        desc: str = "train", progress: bool = True, device: Optional[torch.device] = None,
+        desc: str = "train", progress: Union[bool, RunProgress] = True,
+        device: Optional[torch.device] = None,
         epoch_end: Optional[Callable[[int], None]] = None) -> Dict[str, list]:
     """Train ``model``; with N-multiplier layers the loss adds ``lambda(epoch) * R(model)``.
 
     ``epoch_end(epoch)`` runs after each epoch's updates, before its evaluation (e.g. the
     periodic nearest-valid-level remapping of fault-aware training).
+    ``progress``: ``True`` shows one bar over all batches of all epochs (rate, time left; plain
+    lines when stderr is not a terminal), ``False`` nothing; a :class:`RunProgress` of a larger
+    run is advanced instead, with ``desc`` as its phase. Batches go to ``device`` (default: the
+    model's); losses are summed there and read once per epoch, so a GPU step makes no host sync.
     Returns the history: per epoch the task loss, the regularizer, lambda and test accuracy.
     """
     torch.manual_seed(cfg.seed)
@@ -156,19 +197,23 @@ def fit(model: nn.Module, train: Dataset, test: Optional[Dataset], cfg: TrainCon
     refit = cfg.refit_every > 0 and any(quant_of(m).variant != "fixed"
                                         for _, m in nmult_layers(model))
     steps = 0
-    bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False)
-    for epoch in bar:
+    device = torch.device(device) if device is not None else model_device(model)
+    own = not isinstance(progress, RunProgress)
+    bar = RunProgress(cfg.epochs * len(loader), desc, enabled=bool(progress)) if own else progress
+    if not own:
+        bar.set_phase(desc)
+    for epoch in range(cfg.epochs):
         model.train()
-        tl = rl = 0.0
+        tl = torch.zeros((), device=device)
+        rl = torch.zeros((), device=device)
         for x, y in loader:
-            if device is not None:
-                x, y = x.to(device), y.to(device)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             task = loss_fn(model(x), y)
             loss = task
             if reg is not None:
                 r = reg(epoch)
                 loss = loss + r
-                rl += float(r.detach()) / reg.lam(epoch)
+                rl += r.detach() / reg.lam(epoch)
             for o in opts:
                 o.zero_grad(set_to_none=True)
             loss.backward()
@@ -189,15 +234,20 @@ def fit(model: nn.Module, train: Dataset, test: Optional[Dataset], cfg: TrainCon
             steps += 1
             if refit and steps % cfg.refit_every == 0:
                 refit_levels_(model, warm=True)
-            tl += float(task.detach())
+            tl += task.detach()
+            bar.update(1)
         if epoch_end is not None:
             epoch_end(epoch)
-        hist["task_loss"].append(tl / len(loader))
-        hist["reg"].append(rl / len(loader))
+        tl, rl = float(tl), float(rl)
+        if not (math.isfinite(tl) and math.isfinite(rl)):
+            _raise_diverged(model, epoch, desc, tl if not math.isfinite(tl) else rl, cfg)
+        hist["task_loss"].append(float(tl) / len(loader))
+        hist["reg"].append(float(rl) / len(loader))
         hist["lambda"].append(reg.lam(epoch) if reg is not None else 0.0)
         acc = evaluate(model, test, device=device) if test is not None else float("nan")
         hist["test_acc"].append(acc)
-        bar.set_postfix(loss=f"{hist['task_loss'][-1]:.3f}", reg=f"{hist['reg'][-1]:.2e}",
-                        acc=f"{acc:.3f}")
-    bar.close()
+        bar.set_info(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{hist['task_loss'][-1]:.3f}",
+                     reg=f"{hist['reg'][-1]:.2e}", acc=f"{acc:.3f}")
+    if own:
+        bar.close()
     return hist

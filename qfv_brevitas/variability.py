@@ -22,6 +22,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .errors import QfvError
+
 from ._maps import (as_number, check_map_bits, check_layer_dict, check_names_in_model, check_seed,
                      layer_generator, load_tagged, quantized_layers, save_tagged)
 from .quantizers import nmult_layers, quant_of
@@ -34,7 +36,7 @@ FORMAT = "qfv-brevitas/varmap/1"
 DISTRIBUTIONS = ("normal", "lognormal")
 
 
-class VariabilityMapError(ValueError):
+class VariabilityMapError(QfvError):
     """A variability map is malformed, unreadable, or does not fit the model it is used with."""
 
 
@@ -233,13 +235,14 @@ class VariabilityMap:
             {n: (l.to(device), None if h is None else h.to(device))
              for n, (l, h) in self.layers.items()}, dict(self.bits), self.meta)
 
-    def save(self, path: os.PathLike) -> None:
-        """Write the map to ``path`` (plain tensors; read back with :meth:`load`)."""
+    def save(self, path: os.PathLike, overwrite: bool = False) -> None:
+        """Write the map to ``path`` (plain tensors and a checksum, atomically; an existing
+        file only with ``overwrite=True``; read back with :meth:`load`)."""
         save_tagged(path, {
             "format": FORMAT, "meta": self.meta,
             "layers": {n: {"lrs": l.detach().cpu(),
                            "hrs": None if h is None else h.detach().cpu(), "bits": self.bits[n]}
-                       for n, (l, h) in self.layers.items()}})
+                       for n, (l, h) in self.layers.items()}}, overwrite)
 
     @classmethod
     def load(cls, path: os.PathLike) -> "VariabilityMap":

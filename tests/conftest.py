@@ -30,3 +30,19 @@ def trained(digits):
     clean = evaluate(q, test)
     assert clean > 0.95
     return q, clean
+
+
+@pytest.fixture(scope="module", params=["kernels", "torch"])
+def kernel_backend(request):
+    """Runs a test module twice: on the compiled CPU kernels (skipped where they were not
+    built) and on the pure-torch paths (``qfv_brevitas._kernels.torch_fallback``). Opt in with
+    ``pytestmark = pytest.mark.usefixtures("kernel_backend")``."""
+    from qfv_brevitas import _kernels as K
+
+    if request.param == "kernels":
+        if not K.available():
+            pytest.skip(f"compiled kernels not built: {K.load_error()}")
+        yield request.param
+    else:
+        with K.torch_fallback():
+            yield request.param

@@ -12,6 +12,7 @@ from torch import nn
 from qfv_brevitas import NMultConfig, nmult_layers, quant_of, quantize_model, regularization_loss
 from qfv_brevitas.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from qfv_brevitas.convert import unsigned_input_layers
+from qfv_brevitas.safeio import content_digest
 from qfv_brevitas.models import build_model
 
 SHAPE = (1, 8, 8)
@@ -199,12 +200,15 @@ def test_foreign_torch_file(tmp_path):
 
 
 def _edit(path, **changes):
-    ckpt = torch.load(path, weights_only=False)
+    """Change entries of a checkpoint and re-seal its checksum (a deliberate edit, so that the
+    check under test is the one that fires, not the checksum)."""
+    ckpt = torch.load(path, weights_only=True)
     for k, v in changes.items():
         if k == "config":
             ckpt["config"].update(v)
         else:
             ckpt[k] = v
+    ckpt["sha256"] = content_digest(ckpt)
     torch.save(ckpt, path)
 
 

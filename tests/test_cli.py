@@ -72,15 +72,15 @@ def test_train_on_idx_folder(tmp_path, capsys):
 
 
 def test_errors_are_reported_without_traceback(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["train", "--dataset", "idx", "--out", str(tmp_path)])
+    assert main(["train", "--dataset", "idx", "--out", str(tmp_path / "o")]) == 2
+    assert "--data-dir" in capsys.readouterr().err
     assert main(["train", "--dataset", "idx", "--data-dir", str(tmp_path / "nowhere"),
-                 "--out", str(tmp_path), *FAST]) == 2
+                 "--out", str(tmp_path / "o"), *FAST]) == 2
     err = capsys.readouterr().err
     assert "nowhere" in err
     with pytest.raises(SystemExit):
         main(["demo", "--bits", "9", "--out", str(tmp_path), *FAST, "--variants", "banana"])
-    assert main(["demo", "--bits", "9", "--out", str(tmp_path), *FAST]) == 2
+    assert main(["demo", "--bits", "9", "--out", str(tmp_path / "o"), *FAST]) == 2
     assert "1..8" in capsys.readouterr().err
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
@@ -133,10 +133,10 @@ def test_variability_eval_and_bad_input(trained_ckpt, tmp_path, capsys):
     assert len(rows) == 4 and {r["level"] for r in rows} == {0.0, 0.3}
     capsys.readouterr()
     assert main(["variability", "eval", str(trained_ckpt), "--sigmas", "-0.1",
-                 "--out", str(out), "--no-progress"]) == 2
+                 "--out", str(tmp_path / "var2"), "--no-progress"]) == 2
     assert "sigma" in capsys.readouterr().err
     assert main(["faults", "eval", str(trained_ckpt), "--rates", "1.5",
-                 "--out", str(out), "--no-progress"]) == 2
+                 "--out", str(tmp_path / "var2"), "--no-progress"]) == 2
     bad = tmp_path / "bad_map.pt"
     bad.write_bytes(b"garbage")
     assert main(["faults", "finetune", str(trained_ckpt), "--map", str(bad),

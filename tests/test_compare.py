@@ -207,7 +207,7 @@ def test_compare_command(ckpt, tmp_path, capsys):
         main(["compare", str(ckpt), "--methods", "banana", "--out", str(out)])
     assert "invalid choice: 'banana'" in capsys.readouterr().err
     assert main(["compare", str(ckpt), "--methods", "none", "--stuck", "--ber", "--sigmas",
-                 "--out", str(out), "--no-progress"]) == 2
+                 "--out", str(tmp_path / "cmp2"), "--no-progress"]) == 2
     assert "at least one Scenario" in capsys.readouterr().err
 
 
@@ -223,7 +223,7 @@ def test_bitflips_commands(ckpt, tmp_path, capsys):
     assert "random-bit-error training at BER 0.02" in capsys.readouterr().out
     model, info = load_checkpoint(ft)
     assert info["meta"]["method"] == "random_bit_error" and info["meta"]["rbe_rate"] == 0.02
-    assert main(["bitflips", "eval", str(ckpt), "--rates", "2", "--out", str(out),
+    assert main(["bitflips", "eval", str(ckpt), "--rates", "2", "--out", str(tmp_path / "bf2"),
                  "--no-progress"]) == 2
 
 

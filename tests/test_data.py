@@ -56,7 +56,7 @@ def make_dataset(raw: Path, gz=(True, False, True, False), n_train=12, n_test=5,
     tr_y = rng.integers(0, 7, size=n_train, dtype=np.uint8)
     te_x = rng.integers(0, 256, size=(n_test, *hw), dtype=np.uint8)
     te_y = rng.integers(0, 7, size=n_test, dtype=np.uint8)
-    tr_y[0] = 6  # highest label is 6 -> 7 classes
+    tr_y[:7] = np.arange(7)[::-1]  # every class 0..6 occurs, the first label is 6: 7 classes
     te_y[0] = 0
     arrays = (tr_x, tr_y, te_x, te_y)
     paths = [

@@ -279,7 +279,7 @@ def test_save_load_round_trip_is_bitwise_and_keeps_meta(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["faults.pt"]  # no temporary left behind
     # a measured map (no meta) round-trips as well
     measured = FaultMap({"fc1": fmap.layers["fc1"]}, {"fc1": 4})
-    measured.save(str(path))
+    measured.save(str(path), overwrite=True)
     assert FaultMap.load(str(path)).meta is None
 
 

@@ -16,6 +16,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from qfv_brevitas import _kernels as K
 from qfv_brevitas import levels as L
 from qfv_brevitas.levels import (
     MAX_BITS,
@@ -44,6 +45,8 @@ BLOCKS = [None, 7, 64]
 # is disabled (``_MAX_TABLE = 0``) so the fallback decides every weight.
 PATHS = ["auto", "searchsorted"]
 
+pytestmark = pytest.mark.usefixtures("kernel_backend")
+
 FAST = settings(max_examples=40, deadline=None)
 SLOW = settings(max_examples=25, deadline=None)
 
@@ -62,7 +65,9 @@ def patched(block=None, path="auto"):
 
 
 def uses_lut(levels: torch.Tensor, dtype=None) -> bool:
-    return L._LevelIndex(levels, dtype or levels.dtype).lut is not None
+    """Whether the torch path would search with its lookup table."""
+    with K.torch_fallback():
+        return L._LevelIndex(levels, dtype or levels.dtype).lut is not None
 
 
 def brute_min_dist(w: torch.Tensor, levels: torch.Tensor):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shlex
 
 import brevitas.nn as qnn
 import pytest
@@ -312,16 +314,52 @@ def test_qfv_quantize_bad_bits(float_cnn, tmp_path, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+class _Payload:
+    """Unpickling this runs a command that creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {shlex.quote(self.marker)}",))
+
+
 def test_qfv_quantize_bad_files(tmp_path, capsys):
     torch.save({"codes": torch.zeros(3, 3, dtype=torch.uint8)}, tmp_path / "c.pt")
     (tmp_path / "t.txt").write_text("not a checkpoint")
+    torch.save({"state_dict": _Payload(tmp_path / "PWNED")}, tmp_path / "evil.pt")
+    (tmp_path / "dir.pt").mkdir()
     cases = [([str(tmp_path / "c.pt"), "--arch", "small_cnn"], "no float weights"),
              ([str(tmp_path / "c.pt")], "needs --arch"),
              ([str(tmp_path / "t.txt")], "not a readable checkpoint"),
+             ([str(tmp_path / "evil.pt"), "--arch", "small_cnn"], "Nothing of it was executed"),
+             ([str(tmp_path / "dir.pt")], "is a folder"),
              ([str(tmp_path / "missing.pt")], "no such file")]
+    before = sorted(p.name for p in tmp_path.iterdir())
     for args, message in cases:
         assert main(["quantize", *args, "--bits", "3"]) == 2
         assert message in capsys.readouterr().err
+    assert not (tmp_path / "PWNED").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_qfv_quantize_outputs_need_force(float_cnn, tmp_path, capsys):
+    """An existing output (the checkpoint, its summary or its figure) is refused before any
+    work, exit 3, unless --force; the input is never an output."""
+    src = save_checkpoint(tmp_path / "float.pt", float_cnn, "small_cnn", SHAPE, CLASSES)
+    out = tmp_path / "q.pt"
+    for existing in (out, out.with_suffix(".json"), tmp_path / "q_levels.png"):
+        existing.write_text("keep me")
+        assert main(["quantize", str(src), "--bits", "3", "--out", str(out), "--no-eval",
+                     "--no-lloyd"]) == 3
+        assert "exists" in capsys.readouterr().err and existing.read_text() == "keep me"
+        existing.unlink()
+    assert main(["quantize", str(src), "--bits", "3", "--out", str(src), "--force"]) == 3
+    assert "is the input" in capsys.readouterr().err
+    out.write_text("old")
+    assert main(["quantize", str(src), "--bits", "3", "--out", str(out), "--no-eval",
+                 "--no-lloyd", "--no-plot", "--force"]) == 0
+    assert load_checkpoint(out)[1]["config"].weight_bits == 3
 
 
 def test_level_errors_rows(float_cnn):

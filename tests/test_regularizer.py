@@ -22,6 +22,8 @@ from qfv_brevitas.quantizers import (FixedLevelWeightPerChannelQuant, LearnedSte
                                      LearnedStepWeightPerChannelQuant, NMultWeightPerChannelQuant,
                                      NMultWeightQuant, nmult_layers, quant_of)
 
+pytestmark = pytest.mark.usefixtures("kernel_backend")
+
 
 
 # ------------------------------------------------------------------------------ the model
@@ -154,9 +156,10 @@ def test_ste_layers_are_excluded():
     assert list(regularization_loss(model, breakdown=True)[1]) == REGULARIZED + ["ste_fc"]
 
 
-def test_model_without_quant_layers_gives_zero():
-    loss = regularization_loss(nn.Sequential(nn.Linear(2, 2)))
-    assert _val(loss) == 0.0 and loss.dim() == 0
+def test_model_without_quant_layers_is_an_error():
+    """A float model by mistake would silently train without any regularizer: refused."""
+    with pytest.raises(ValueError, match="no N-multiplier layers.*quantize it first"):
+        regularization_loss(nn.Sequential(nn.Linear(2, 2)))
 
 
 # ----------------------------------------------------------------------------- gradients

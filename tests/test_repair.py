@@ -583,7 +583,11 @@ def test_variability_aware_finetune_runs_and_leaves_the_map(digits, trained):
         assert quant_of(layer).mode == "paper" and layer.weight_quant.deploy_mapping == "aware"
         assert torch.equal(layer.weight_quant.var_lrs, vmap.layers[name][0])
         assert layer.weight_quant.var_hrs is None and not layer.weight_quant.has_faults
-    assert evaluate(m, test) > naive + 0.3  # sigma 0.2 wrecks a naive deployment
+    # sigma 0.2 costs a naive deployment >10 points (with the library's fitted default levels
+    # ~15, with LSQ's grid ~40); the aware fine-tune wins back at least half of it.
+    clean = evaluate(q, test)
+    aware = evaluate(m, test)
+    assert clean - naive > 0.1 and aware > naive + 0.5 * (clean - naive), (clean, naive, aware)
 
 
 def test_finetunes_refuse_a_model_without_maps(digits):

@@ -234,7 +234,7 @@ def test_save_load_round_trip_is_bitwise_and_keeps_meta(tmp_path):
     back.validate(model)
     # LRS-only, measured (no meta)
     lrs_only = VariabilityMap({"fc1": (vmap.layers["fc1"][0], None)}, {"fc1": 2})
-    lrs_only.save(path)
+    lrs_only.save(path, overwrite=True)
     again = VariabilityMap.load(path)
     assert again.meta is None and again.layers["fc1"][1] is None
     assert torch.equal(again.layers["fc1"][0], vmap.layers["fc1"][0])
@@ -243,7 +243,7 @@ def test_save_load_round_trip_is_bitwise_and_keeps_meta(tmp_path):
 @pytest.mark.parametrize("make,match", [
     (lambda p: p.write_bytes(np.random.default_rng(1).bytes(1000)), "not a readable variability"),
     (lambda p: p.write_bytes(p.read_bytes()[:-200]), "not a readable variability"),
-    (lambda p: FaultMap({}, {}).save(p),
+    (lambda p: FaultMap({}, {}).save(p, overwrite=True),
      "not a variability map file: its format tag is 'qfv-brevitas/faultmap/1'"),
     (lambda p: torch.save({"format": "qfv-brevitas/varmap/1", "layers": {"fc": {
         "lrs": -torch.ones(1, 4), "hrs": None, "bits": 4}}}, p), "damaged.*finite and >= 0"),

@@ -93,7 +93,7 @@ def main(argv: Optional[list] = None) -> int:
     model, info = load_checkpoint(args.checkpoint)
     if args.ideal:
         model = without_maps(model)
-    write_crossbar(model, args.out)
+    write_crossbar(model, args.out, overwrite=True)  # a crossbar folder only
     rows = load_crossbar(args.out)
     _, test, _, _ = load_dataset(args.dataset, args.data_dir,
                                  int((info.get("meta") or {}).get("data_seed", 0)))

@@ -14,7 +14,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from ..errors import QfvError, VerificationError
 from ..quantizers import nmult_layers
+from ..safeio import atomic_path, check_output
 from . import fixedpoint as FX
 from .graph import (cleanup_qonnx, default_domain_first, locate_layers, rename_tensor,
                     unshare_weight_quants)
@@ -24,13 +26,23 @@ from .metadata import FORMAT, format_layers, write_metadata
 from .ops import DOMAIN, OP_TYPE
 from .verify import VerifyReport, verify_qonnx
 
-__all__ = ["EXPORTERS", "ExportError", "ExportResult", "export_qonnx", "reference_model"]
+__all__ = ["EXPORTERS", "ExportError", "ExportVerificationError", "ExportResult", "export_qonnx",
+           "reference_model", "expected_export"]
 
 EXPORTERS = ("dynamo", "torchscript")
 
 
-class ExportError(ValueError):
+class ExportError(QfvError):
     """The model cannot be exported as asked (the message says how to fix the call)."""
+
+
+class ExportVerificationError(ExportError, VerificationError):
+    """The exported graph does not compute what the torch model computes; nothing was written.
+    ``report`` is the :class:`~qfv_brevitas.export.verify.VerifyReport`."""
+
+    def __init__(self, message: str, report: Optional[VerifyReport] = None):
+        super().__init__(message)
+        self.report = report
 
 
 @dataclass
@@ -80,12 +92,22 @@ def _accuracy_fn(data) -> Optional[Callable[[nn.Module], float]]:
     return lambda m: evaluate(m, data)
 
 
+def _on_cpu(model: nn.Module, *tensors):
+    """``model`` (a CPU copy if it is elsewhere) and ``tensors`` on the CPU."""
+    import copy
+
+    p = next(model.parameters(), None)
+    if p is not None and p.device.type != "cpu":
+        model = copy.deepcopy(model).cpu()
+    return (model,) + tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in tensors)
+
+
 def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path],
                  form: str = "compact", *, frac_bits: Optional[int] = None,
                  max_accuracy_drop: Optional[float] = None, data=None, device: bool = True,
                  exporter: str = "dynamo", verify: bool = True,
                  verify_inputs: Optional[Tensor] = None, extra_metadata: Optional[dict] = None,
-                 ) -> ExportResult:
+                 overwrite: bool = False) -> ExportResult:
     """Write ``model`` (with N-multiplier layers) to a QONNX file in one of three forms.
 
     - ``"compact"``: one ``qfv_brevitas.export.ops::NMultWeight`` node per layer holding the
@@ -99,8 +121,11 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
     Activations quantized by Brevitas export as standard QONNX ``Quant`` nodes. With a fault or
     variability map attached the file computes what that device computes (``device=False``:
     the ideal levels). ``exporter``: ``"dynamo"`` (torch.export) or ``"torchscript"``.
-    Unless ``verify=False`` the file is run with qonnx and onnxruntime on ``verify_inputs``
-    (default: ``example_input``) against the torch model; a failed check raises.
+    Unless ``verify=False`` the graph is run with qonnx and onnxruntime on ``verify_inputs``
+    (default: ``example_input``) against the torch model before anything is written; a failed
+    check raises :class:`ExportVerificationError` and writes nothing. The file is written
+    atomically (:mod:`qfv_brevitas.safeio`); an existing one is replaced only with
+    ``overwrite=True``.
 
     >>> import torch, tempfile, os
     >>> from torch import nn
@@ -112,6 +137,8 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
     >>> res.verification.passed, max(res.verification.weight_diff.values())
     (True, 0.0)
     """
+    # Exported files are written from the CPU: a model trained on a GPU exports from a copy.
+    model, example_input, verify_inputs = _on_cpu(model, example_input, verify_inputs)
     if form not in FORMS:
         raise ExportError(f"unknown form {form!r}: choose one of {', '.join(FORMS)}")
     if exporter not in EXPORTERS:
@@ -137,45 +164,79 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
         from ..snn import snn_export_metadata
 
         extra_metadata.setdefault("snn", snn_export_metadata(model))
+    check_output(path, overwrite=overwrite)  # before the work: exists? writable?
     path = Path(path)
     original, was_training = model, model.training
     model.eval()
     try:
-        if not device:
-            model = without_maps(model)
-        try:
-            layers = collect_layers(model, device=True)
-        except ValueError as e:
-            raise ExportError(str(e)) from None
-        fixed = None
-        reference = model
-        if form == "fixed":
-            fixed, reference = _fixed_point(model, layers, frac_bits, max_accuracy_drop, data)
-        by_proxy = {id(m.weight_quant): info for (_, m), info in zip(nmult_layers(model), layers)}
-        proto = _run_exporter(model, x, form, by_proxy, exporter)
-        proto = _finish(proto, layers, form)
-        meta = {"format": FORMAT, "form": form, "exporter": exporter,
-                "version": _version(), "device": bool(device),
-                "input_shape": list(x.shape),
-                "layers": [dict(info.metadata(), weight_tensor=f"{info.name}.weight")
-                           for info in layers],
-                "extra": extra_metadata}
-        if fixed is not None:
-            meta["fixed_point"] = {k: v for k, v in fixed.items() if k != "tried"}
-        write_metadata(proto, meta)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        onnx.save(proto, str(path))
+        proto, meta, fixed, reference = _build(model, x, form, frac_bits, max_accuracy_drop,
+                                               data, device, exporter, extra_metadata)
         result = ExportResult(path=path, form=form, exporter=exporter, metadata=meta,
                               fixed_point=fixed, reference=reference)
         if verify:
             rep = verify_qonnx(reference, proto, x if verify_inputs is None else verify_inputs)
             result.verification = rep
             if not rep.passed:
-                raise ExportError(f"{path} was written but does not match the torch model:\n"
-                                  + rep.summary())
+                raise ExportVerificationError(
+                    f"{path}: not written: the exported graph does not match the torch model "
+                    f"({rep.first_failure()})", rep)
+        data_bytes = proto.SerializeToString()
+        with atomic_path(path, overwrite=overwrite) as tmp:
+            onnx.save(proto, str(tmp))
+            if Path(tmp).read_bytes() != data_bytes:
+                raise ExportError(f"{path}: not written: the file did not read back as exported")
         return result
     finally:
         original.train(was_training)  # not the map-free twin of device=False
+
+
+def _build(model, x, form, frac_bits, max_accuracy_drop, data, device, exporter,
+           extra_metadata):
+    """The exported graph with its metadata, the fixed-point summary and the torch reference
+    (``model`` in eval mode; its maps removed when ``device`` is False)."""
+    if not device:
+        model = without_maps(model)
+    try:
+        layers = collect_layers(model, device=True)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    fixed = None
+    reference = model
+    if form == "fixed":
+        fixed, reference = _fixed_point(model, layers, frac_bits, max_accuracy_drop, data)
+    by_proxy = {id(m.weight_quant): info for (_, m), info in zip(nmult_layers(model), layers)}
+    proto = _run_exporter(model, x, form, by_proxy, exporter)
+    proto = _finish(proto, layers, form)
+    meta = {"format": FORMAT, "form": form, "exporter": exporter,
+            "version": _version(), "device": bool(device),
+            "input_shape": list(x.shape),
+            "layers": [dict(info.metadata(), weight_tensor=f"{info.name}.weight")
+                       for info in layers],
+            "extra": extra_metadata}
+    if fixed is not None:
+        meta["fixed_point"] = {k: v for k, v in fixed.items() if k != "tried"}
+    write_metadata(proto, meta)
+    return proto, meta, fixed, reference
+
+
+def expected_export(model: nn.Module, info: dict) -> onnx.ModelProto:
+    """The graph that exporting ``model`` with the settings recorded in a file's metadata
+    ``info`` gives (form, exporter, device maps or not, fractional bits, input shape): what
+    the file must equal, parameter for parameter, if it was exported from ``model``."""
+    fx = info.get("fixed_point") or {}
+    try:
+        x = torch.zeros([int(d) for d in info["input_shape"]])
+        frac = fx.get("frac_bits") if info["form"] == "fixed" else None
+        was_training = model.training
+        model.eval()
+        try:
+            proto, *_ = _build(model, x, info["form"], frac, None, None,
+                               bool(info.get("device", True)), info["exporter"], {})
+        finally:
+            model.train(was_training)
+    except (KeyError, TypeError) as e:
+        raise ExportError(f"the file's metadata lacks an export setting ({e})") from None
+    return proto
 
 
 def _spiking_net(model: nn.Module):
@@ -309,20 +370,38 @@ def reference_model(model: nn.Module, source) -> nn.Module:
     the fixed-point form. Raises if the file's layers do not match ``model``'s."""
     from .metadata import read_metadata
 
-    info = read_metadata(source)
+    info = read_metadata(source, check_graph=False)  # the graph: verify_qonnx compares it
     twin = model.eval() if info.get("device", True) else without_maps(model)
     layers = collect_layers(twin, device=True)
     have = {i.name: i for i in layers}
+    where = "the file" if isinstance(source, onnx.ModelProto) else str(source)
+
+    def mismatch(msg: str) -> ExportVerificationError:
+        return ExportVerificationError(f"{where} does not match the model: {msg}")
+
+    extra = sorted(set(have) - {row["layer"] for row in info["layers"]})
+    if extra:
+        raise mismatch(f"the model has N-multiplier layers {extra} that the file does not: not "
+                       "the model that was exported")
     for row in info["layers"]:
         mine = have.get(row["layer"])
-        if mine is None or list(mine.weight_shape) != row["weight_shape"] or \
-                mine.bits != row["bits"]:
-            raise ExportError(f"layer {row['layer']!r} of the file does not match the model "
-                              "(missing, or another shape or bit width): not the model that was "
-                              "exported")
+        if mine is None:
+            raise mismatch(f"layer {row['layer']!r} of the file is not an N-multiplier layer of "
+                           f"the model (its layers: {sorted(have)}): not the model that was "
+                           "exported")
+        if mine.bits != row["bits"]:
+            raise mismatch(f"layer {row['layer']!r}: {row['bits']}-bit weights in the file but "
+                           f"{mine.bits}-bit in the model: exported from another checkpoint")
+        if list(mine.weight_shape) != row["weight_shape"]:
+            raise mismatch(f"layer {row['layer']!r}: weight shape {row['weight_shape']} in the "
+                           f"file but {list(mine.weight_shape)} in the model: exported from "
+                           "another checkpoint")
+    for row in info["layers"]:
+        mine = have[row["layer"]]
         if mine.r.tolist() != row["r"] or mine.c.tolist() != row["c"]:
-            raise ExportError(f"layer {row['layer']!r}: the model's multipliers differ from the "
-                              "file's (the model was trained further after the export?)")
+            raise mismatch(f"layer {row['layer']!r}: the model's multipliers differ from the "
+                           "file's r, c (another checkpoint of this architecture, or the model "
+                           "was trained further after the export)")
     if info["form"] != "fixed":
         return twin
     f = info["fixed_point"]["frac_bits"]

@@ -19,15 +19,18 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import numpy as np
 from torch import nn
 
+from ..errors import QfvError
+from ..quantizers import nmult_layers
+from ..safeio import atomic_dir
 from .layers import collect_layers, without_maps
 from .ops import nmult_weight
 
-__all__ = ["CROSSBAR_FORMAT", "write_crossbar", "load_crossbar"]
+__all__ = ["CROSSBAR_FORMAT", "write_crossbar", "load_crossbar", "not_a_crossbar_folder"]
 
 CROSSBAR_FORMAT = "qfv-crossbar/1"
 
@@ -36,21 +39,50 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def write_crossbar(model: nn.Module, folder: Union[str, Path], device: bool = True) -> Path:
+def not_a_crossbar_folder(folder: Path) -> Optional[str]:
+    """Why ``folder`` is not a crossbar folder that may be replaced (None if it is one)."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        own = {row["file"] for row in manifest["layers"]} | {"manifest.json"}
+        ok = manifest.get("format") == CROSSBAR_FORMAT
+    except (OSError, ValueError, KeyError, TypeError):
+        own, ok = set(), False
+    other = sorted(p.name for p in folder.iterdir() if p.name not in own)
+    if not ok or other:
+        return (f"it holds files that are not from a crossbar mapping ({', '.join(other[:5])}"
+                f"{', ...' if len(other) > 5 else ''}); choose another folder")
+    return None
+
+
+def write_crossbar(model: nn.Module, folder: Union[str, Path], device: bool = True,
+                   overwrite: bool = False, inputs=()) -> Path:
     """Write every N-multiplier layer of ``model`` as crossbar planes; returns the manifest.
 
     ``device=True`` writes the codes the device holds (stuck bits forced) and the per-cell
     factors of an attached variability map; ``device=False`` the ideal codes. Per-channel
     layers must have their channels on axis 0 (``r``/``c`` rows are the matrix rows).
+    The folder is written whole (:func:`qfv_brevitas.safeio.atomic_dir`): an existing crossbar
+    folder is replaced only with ``overwrite=True``, and never mixed with the new files; a
+    folder holding anything else is refused. ``inputs``: paths the folder must not hold.
     """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if not nmult_layers(model):
+        raise QfvError("the model has no N-multiplier layers: nothing to map onto crossbars")
+    from .api import _on_cpu
+
+    model = _on_cpu(model)[0]
+    with atomic_dir(folder, overwrite=overwrite, inputs=inputs,
+                    replaceable=not_a_crossbar_folder) as tmp:
+        _write_layers(model, tmp, device)
+    return Path(folder) / "manifest.json"
+
+
+def _write_layers(model: nn.Module, folder: Path, device: bool) -> None:
     if not device:
         model = without_maps(model)
     rows = []
     for info in collect_layers(model.eval(), device=True):
         if info.axis > 0:
-            raise ValueError(f"layer {info.name!r}: per-channel multipliers on axis {info.axis}; "
+            raise QfvError(f"layer {info.name!r}: per-channel multipliers on axis {info.axis}; "
                              "the crossbar format expects output channels on axis 0")
         out = info.weight_shape[0]
         planes = np.stack([p.numpy().reshape(out, -1) for p in info.planes()]).astype(np.uint8)
@@ -69,7 +101,6 @@ def write_crossbar(model: nn.Module, folder: Union[str, Path], device: bool = Tr
                      "variability": info.variability})
     manifest = folder / "manifest.json"
     manifest.write_text(json.dumps({"format": CROSSBAR_FORMAT, "layers": rows}, indent=1))
-    return manifest
 
 
 def load_crossbar(folder: Union[str, Path]) -> Dict[str, dict]:
@@ -79,21 +110,21 @@ def load_crossbar(folder: Union[str, Path]) -> Dict[str, dict]:
     folder = Path(folder)
     mpath = folder / "manifest.json"
     if not mpath.is_file():
-        raise ValueError(f"{folder}: no manifest.json (not a crossbar folder written by "
+        raise QfvError(f"{folder}: no manifest.json (not a crossbar folder written by "
                          "qfv-brevitas)")
     try:
         manifest = json.loads(mpath.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{mpath}: corrupt manifest ({e})") from None
+        raise QfvError(f"{mpath}: corrupt manifest ({e})") from None
     if manifest.get("format") != CROSSBAR_FORMAT:
-        raise ValueError(f"{mpath}: format {manifest.get('format')!r}, expected "
+        raise QfvError(f"{mpath}: format {manifest.get('format')!r}, expected "
                          f"{CROSSBAR_FORMAT!r}")
     out = {}
     for row in manifest["layers"]:
         f = folder / row["file"]
         if not f.is_file() or _sha(f) != row["sha256"]:
-            raise ValueError(f"{f}: missing or does not match its checksum in the manifest")
-        with np.load(f) as z:
+            raise QfvError(f"{f}: missing or does not match its checksum in the manifest")
+        with np.load(f, allow_pickle=False) as z:  # never pickled objects from a file
             arrays = {k: z[k] for k in z.files}
         planes = arrays["planes"]
         codes = sum(planes[k].astype(np.int64) << k for k in range(planes.shape[0]))

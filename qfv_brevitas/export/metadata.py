@@ -9,13 +9,17 @@ from typing import List, Union
 import onnx
 from google.protobuf.message import DecodeError
 
-__all__ = ["FORMAT", "ExportFileError", "write_metadata", "read_metadata", "format_layers"]
+from ..errors import QfvError
+from .checks import check_domains, graph_digest, graph_problems
+
+__all__ = ["FORMAT", "ExportFileError", "write_metadata", "read_metadata", "graph_intact",
+           "format_layers"]
 
 FORMAT = "qfv-qonnx/1"
 _KEY = "qfv_brevitas"
 
 
-class ExportFileError(ValueError):
+class ExportFileError(QfvError):
     """A file that is not (or no longer) an export of this library."""
 
 
@@ -24,27 +28,33 @@ def _digest(text: str) -> str:
 
 
 def write_metadata(model: onnx.ModelProto, info: dict) -> None:
-    """Store ``info`` (form, layers, ...) as ``metadata_props``, with a checksum."""
+    """Store ``info`` (form, layers, ...) as ``metadata_props``, with a checksum of it and one
+    of the graph (call it last: any later change of the graph reads as damage)."""
     text = json.dumps(info, sort_keys=True)
     props = {p.key: p.value for p in model.metadata_props if not p.key.startswith(_KEY)}
     props.update({f"{_KEY}.format": FORMAT, f"{_KEY}.export": text,
-                  f"{_KEY}.sha256": _digest(text)})
+                  f"{_KEY}.sha256": _digest(text),
+                  f"{_KEY}.graph_sha256": graph_digest(model)})
     del model.metadata_props[:]
     for k, v in props.items():
         model.metadata_props.add(key=k, value=v)
 
 
-def read_metadata(source: Union[str, Path, onnx.ModelProto]) -> dict:
+def read_metadata(source: Union[str, Path, onnx.ModelProto], check_graph: bool = True) -> dict:
     """The export description of a file written by :func:`~qfv_brevitas.export.export_qonnx`.
 
     Raises :class:`ExportFileError` for a missing, unreadable or corrupt file, a file from
-    another tool, or metadata that no longer matches its checksum or the graph.
+    another tool, metadata that no longer matches its checksum, or (``check_graph``) a graph
+    that no longer matches the metadata: its own checksum, each layer's bit width, ``r``,
+    ``c``, and codes in range (:func:`~qfv_brevitas.export.checks.graph_problems`).
     """
     if isinstance(source, onnx.ModelProto):
         model, where = source, "model"
     else:
         where = str(source)
         path = Path(source)
+        if path.is_dir():
+            raise ExportFileError(f"{where}: is a folder, not an exported file")
         if not path.is_file():
             raise ExportFileError(f"{where}: no such file")
         try:
@@ -71,11 +81,29 @@ def read_metadata(source: Union[str, Path, onnx.ModelProto]) -> dict:
         raise ExportFileError(f"{where}: corrupt qfv-brevitas metadata ({e})") from None
     names = {o for n in model.graph.node for o in n.output}
     names |= {i.name for i in model.graph.initializer}
-    for row in info.get("layers", []):
-        if row.get("weight_tensor") not in names:
+    if not isinstance(info, dict) or not isinstance(info.get("layers"), list):
+        raise ExportFileError(f"{where}: the qfv-brevitas metadata has no list of layers")
+    for row in info["layers"]:
+        if not isinstance(row, dict) or row.get("weight_tensor") not in names:
             raise ExportFileError(f"{where}: layer {row.get('layer')!r}'s weight tensor "
                                   f"{row.get('weight_tensor')!r} is not in the graph")
+    check_domains(model, where, ExportFileError)
+    if check_graph:
+        problems = graph_problems(model, info)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise ExportFileError(f"{where}: the graph does not match its metadata: "
+                                  f"{problems[0]}{more}")
+        if not graph_intact(model):
+            raise ExportFileError(f"{where}: the graph does not match the checksum stored at "
+                                  "export (the file was edited or is damaged)")
     return info
+
+
+def graph_intact(model: onnx.ModelProto) -> bool:
+    """Whether the graph is the one exported (its checksum; files without one: True)."""
+    stored = {p.key: p.value for p in model.metadata_props}.get(f"{_KEY}.graph_sha256")
+    return stored is None or stored == graph_digest(model)
 
 
 def _short(values, limit=4) -> str:

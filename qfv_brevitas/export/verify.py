@@ -1,17 +1,20 @@
 """Run an exported file three ways (torch, qonnx's ``execute_onnx``, onnxruntime) and compare."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import numpy as np
 import onnx
 import torch
 from torch import Tensor, nn
 
+from ..errors import QfvError
+from .checks import compare_graphs, graph_problems
 from .graph import constant_tensors, to_onnxruntime
-from .metadata import read_metadata
+from .metadata import graph_intact, read_metadata
 
 __all__ = ["VerifyReport", "verify_qonnx", "reference_weights"]
 
@@ -46,10 +49,29 @@ class VerifyReport:
     quantized_activations: bool
     min_agreement: float = 1.0
     passed: bool = field(default=False)
+    #: where the graph differs from its metadata or checksum, or (given a fresh export of the
+    #: checkpoint) from that export, parameter by parameter; must be empty to pass
+    graph_diff: List[str] = field(default_factory=list)
 
     @property
     def argmax_agreement(self) -> float:
         return min(self.agreement.values())
+
+    def first_failure(self) -> str:
+        """The first reason it failed, in one line ("" if it passed)."""
+        if self.graph_diff:
+            return f"graph: {self.graph_diff[0]}"
+        bad = [k for k, d in self.weight_diff.items() if d > self.weight_tolerance]
+        if bad:
+            return (f"weights of layer {bad[0]!r} differ by {self.weight_diff[bad[0]]:.3g} "
+                    f"(tolerance {self.weight_tolerance:.3g})")
+        if self.quantized_activations and self.argmax_agreement < self.min_agreement:
+            return (f"top-1 agreement {100 * self.argmax_agreement:.2f}% < "
+                    f"{100 * self.min_agreement:.0f}%")
+        worst = max(self.torch_vs_qonnx, self.torch_vs_ort, self.qonnx_vs_ort)
+        if not self.quantized_activations and worst > self.tolerance:
+            return f"outputs differ by {worst:.3g} (tolerance {self.tolerance:.3g})"
+        return ""
 
     def summary(self) -> str:
         wmax = max(self.weight_diff.values()) if self.weight_diff else 0.0
@@ -64,7 +86,8 @@ class VerifyReport:
                 f"  outputs: max |diff| torch vs qonnx {self.torch_vs_qonnx:.3g}, torch vs "
                 f"onnxruntime {self.torch_vs_ort:.3g}, qonnx vs onnxruntime "
                 f"{self.qonnx_vs_ort:.3g}\n"
-                f"  agreement: {agree} (rule: {rule})")
+                f"  agreement: {agree} (rule: {rule})"
+                + "".join(f"\n  graph: {d}" for d in self.graph_diff))
 
     def to_dict(self) -> dict:
         return dict(asdict(self), argmax_agreement=self.argmax_agreement)
@@ -111,7 +134,8 @@ def _batch_axis(model: nn.Module) -> int:
 @torch.no_grad()
 def verify_qonnx(reference: nn.Module, source: Union[str, Path, onnx.ModelProto], inputs: Tensor,
                  tolerance: Optional[float] = None, weight_tolerance: Optional[float] = None,
-                 min_agreement: Optional[float] = None) -> VerifyReport:
+                 min_agreement: Optional[float] = None,
+                 expected: Optional[onnx.ModelProto] = None) -> VerifyReport:
     """Compare ``reference`` (the torch model the file was exported from) with the file.
 
     Default tolerances: weights bit-exact (0.0), or 1e-6 of the largest weight when the file
@@ -119,13 +143,43 @@ def verify_qonnx(reference: nn.Module, source: Union[str, Path, onnx.ModelProto]
     ``1e-4 * max(1, max|y|)`` (Conv/Gemm accumulate in another order than torch: measured
     ~2e-7 relative). With quantized activations: top-1 agreement of every pair of runtimes on
     at least ``min_agreement`` (default 98%) of the inputs; see :class:`VerifyReport`.
+
+    Besides the outputs, the graph itself is checked: against its metadata and the checksum
+    stored at export, and, given ``expected`` (the export of the checkpoint with the file's
+    settings, :func:`~qfv_brevitas.export.api.expected_export`), parameter by parameter and
+    exactly: weights, biases, codes, activation scales, zero points, bit widths, thresholds.
     """
+    for name, value, lo, hi in (("tolerance", tolerance, 0.0, math.inf),
+                                ("weight_tolerance", weight_tolerance, 0.0, math.inf),
+                                ("min_agreement", min_agreement, 0.0, 1.0)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not lo <= value <= hi or math.isnan(value)):
+            raise QfvError(f"{name} must be a number in [{lo:g}, {hi:g}], got {value!r}")
+    if not isinstance(inputs, Tensor) or inputs.numel() == 0:
+        raise QfvError("inputs must be a non-empty tensor (a batch the model accepts)")
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.core.onnx_exec import execute_onnx
     import onnxruntime as ort
 
-    model = source if isinstance(source, onnx.ModelProto) else onnx.load(str(source))
-    info = read_metadata(model)
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)  # the runtimes below may annotate it; the caller's stays as is
+    else:
+        read_metadata(source, check_graph=False)  # a clear error for a missing/foreign file
+        model = onnx.load(str(source))
+    info = read_metadata(model, check_graph=False)  # refuses unknown op domains before any run
+    structural = graph_problems(model, info)
+    graph_diff = compare_graphs(expected, model) if expected is not None else []
+    graph_diff += structural
+    if not graph_intact(model):
+        graph_diff.append("the graph does not match the checksum stored at export (edited or "
+                          "damaged)")
+    if structural:  # e.g. a code out of range: the graph is not even well formed; do not run it
+        nan = float("nan")
+        return VerifyReport(form=str(info.get("form")), samples=0, weight_diff={},
+                            weight_tolerance=0.0, torch_vs_qonnx=nan, torch_vs_ort=nan,
+                            qonnx_vs_ort=nan, tolerance=0.0, agreement={"torch_vs_qonnx": 0.0},
+                            quantized_activations=False, graph_diff=graph_diff, passed=False)
     reference = reference.eval()
     mw = ModelWrapper(model)
     iname, oname = mw.graph.input[0].name, mw.graph.output[0].name
@@ -183,13 +237,13 @@ def verify_qonnx(reference: nn.Module, source: Union[str, Path, onnx.ModelProto]
         qonnx_vs_ort=float(np.abs(q - o).max()), tolerance=float(tolerance),
         agreement={"torch_vs_qonnx": agree(t, q), "torch_vs_ort": agree(t, o),
                    "qonnx_vs_ort": agree(q, o)},
-        quantized_activations=act, min_agreement=float(min_agreement))
+        quantized_activations=act, min_agreement=float(min_agreement), graph_diff=graph_diff)
     weights_ok = all(d <= rep.weight_tolerance for d in wdiff.values())
     if act:
         outputs_ok = rep.argmax_agreement >= rep.min_agreement
     else:
         outputs_ok = max(rep.torch_vs_qonnx, rep.torch_vs_ort, rep.qonnx_vs_ort) <= tolerance
-    rep.passed = weights_ok and outputs_ok
+    rep.passed = weights_ok and outputs_ok and not graph_diff
     return rep
 
 

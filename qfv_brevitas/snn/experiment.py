@@ -9,11 +9,14 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
+from torch.utils.data import TensorDataset
 
 from ..checkpoint import save_checkpoint
 from ..config import VARIANTS, NMultConfig
 from ..convert import quantize_model
-from ..experiment import accuracy_table
+from ..data import fingerprint
+from ..experiment import accuracy_table, not_a_run_folder
+from ..safeio import atomic_dir, atomic_write, check_output
 from ..train import TrainConfig, evaluate, fit
 from .config import SpikingConfig
 from .data import load_snn_dataset
@@ -56,7 +59,7 @@ def run_snn_experiment(out_dir: Union[str, Path], dataset: str = "digits",
                        first_last_bits: Optional[int] = 8, fp_train: Optional[TrainConfig] = None,
                        q_train: Optional[TrainConfig] = None, seed: int = 0,
                        frame_size: int = 48, progress: bool = True,
-                       save_models: bool = True) -> dict:
+                       save_models: bool = True, overwrite: bool = False) -> dict:
     """Train a full-precision spiking model, then give its weights N-multiplier quantizers at
     each of ``bits`` (spikes are the activations: ``act_bits=None``) and QAT it with the
     regularizer and its lambda schedule (the paper's SNN setup, section 4.2).
@@ -64,6 +67,8 @@ def run_snn_experiment(out_dir: Union[str, Path], dataset: str = "digits",
     Writes ``results.json`` and (with ``save_models``) ``float.pt`` and
     ``{variant}_w{b}.pt`` checkpoints that :func:`qfv_brevitas.checkpoint.load_checkpoint`
     and the ``qfv faults`` / ``qfv variability`` commands read; returns the results.
+    The run folder is written whole, as by :func:`qfv_brevitas.experiment.run_experiment`
+    (the previous run or this one, never a mix; an existing one only with ``overwrite``).
     """
     if arch not in SPIKING_MODEL_NAMES:
         raise ValueError(f"unknown spiking model {arch!r}; choose one of "
@@ -76,39 +81,48 @@ def run_snn_experiment(out_dir: Union[str, Path], dataset: str = "digits",
     if not configs:
         raise ValueError("bits is empty: give at least one weight bit width, e.g. bits=(4,)")
     snn = snn or SpikingConfig()
+    check_output(out_dir, overwrite=overwrite, inputs=[data_dir], kind="dir",
+                 replaceable=not_a_run_folder)
     data = load_snn_dataset(dataset, data_dir, seed, T=snn.T, size=frame_size)
     snn = snn_for_data(snn, data.temporal)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     fp_train = replace(fp_train or TrainConfig(epochs=20, lr=0.05), seed=seed)
     q_train = replace(q_train or TrainConfig(epochs=10, lr=0.01, lambda_rise_epochs=4), seed=seed)
-    t0 = time.perf_counter()
     torch.manual_seed(seed)
     fp = build_spiking_model(arch, data.input_shape, data.num_classes, snn)
     _check_fits(fp, arch, data)
-    fit(fp, data.train, data.test, fp_train, desc="float spiking", progress=progress)
-    fp_acc = evaluate(fp, data.test)
-    meta = dict(dataset=dataset, data_seed=seed, snn=snn.to_dict())
-    results = {"dataset": dataset, "arch": arch, "seed": seed, "num_train": len(data.train),
-               "num_test": len(data.test), "snn": snn.to_dict(), "fp_acc": fp_acc,
-               "fp_train": asdict(fp_train), "q_train": asdict(q_train), "runs": [],
-               "neurons": snn_export_metadata(fp)}
-    if save_models:
-        save_checkpoint(out / "float.pt", fp, arch, data.input_shape, data.num_classes, None,
-                        acc=fp_acc, **meta)
-    for cfg in configs:
-        q = quantize_model(copy.deepcopy(fp), cfg)
-        hist = fit(q, data.train, data.test, q_train, desc=f"{variant} W{cfg.weight_bits}",
-                   progress=progress)
-        acc = evaluate(q, data.test)
-        results["runs"].append({"variant": variant, "weight_bits": cfg.weight_bits,
-                                "first_last_bits": first_last_bits, "per_channel": per_channel,
-                                "acc": acc, "delta_vs_fp": acc - fp_acc, "history": hist})
+    with atomic_dir(out_dir, overwrite=overwrite, inputs=[data_dir],
+                    replaceable=not_a_run_folder) as out:
+        t0 = time.perf_counter()
+        fit(fp, data.train, data.test, fp_train, desc="float spiking", progress=progress)
+        fp_acc = evaluate(fp, data.test)
+        meta = dict(dataset=dataset, data_seed=seed, snn=snn.to_dict())
+        if isinstance(data.train, TensorDataset) and isinstance(data.test, TensorDataset):
+            meta["data_sha256"] = fingerprint(data.train, data.test)
+        results = {"dataset": dataset, "arch": arch, "seed": seed,
+                   "num_train": len(data.train), "num_test": len(data.test),
+                   "snn": snn.to_dict(), "fp_acc": fp_acc, "fp_train": asdict(fp_train),
+                   "q_train": asdict(q_train), "runs": [], "neurons": snn_export_metadata(fp),
+                   "files": ["results.json"]}
         if save_models:
-            save_checkpoint(out / f"{variant}_w{cfg.weight_bits}.pt", q, arch, data.input_shape,
-                            data.num_classes, cfg, acc=acc, **meta)
-    results["seconds"] = time.perf_counter() - t0
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+            save_checkpoint(out / "float.pt", fp, arch, data.input_shape, data.num_classes,
+                            None, acc=fp_acc, **meta)
+            results["files"].append("float.pt")
+        for cfg in configs:
+            q = quantize_model(copy.deepcopy(fp), cfg)
+            hist = fit(q, data.train, data.test, q_train, desc=f"{variant} W{cfg.weight_bits}",
+                       progress=progress)
+            acc = evaluate(q, data.test)
+            results["runs"].append({"variant": variant, "weight_bits": cfg.weight_bits,
+                                    "first_last_bits": first_last_bits,
+                                    "per_channel": per_channel, "acc": acc,
+                                    "delta_vs_fp": acc - fp_acc, "history": hist})
+            if save_models:
+                name = f"{variant}_w{cfg.weight_bits}.pt"
+                save_checkpoint(out / name, q, arch, data.input_shape, data.num_classes, cfg,
+                                acc=acc, **meta)
+                results["files"].append(name)
+        results["seconds"] = time.perf_counter() - t0
+        atomic_write(out / "results.json", json.dumps(results, indent=2))
     return results
 
 

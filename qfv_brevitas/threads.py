@@ -1,0 +1,80 @@
+"""How many intra-op threads a job should use.
+
+A small model (the digits demo: 8x8 images, a few thousand weights per layer) runs thousands
+of tiny torch ops per epoch. Splitting each over several threads costs more in waiting than it
+saves, and when other processes hold the cores every op waits for its slowest thread: measured
+here, a digits epoch went from 0.17 s to 32 s with a few other jobs on 2 cores at 2 threads.
+:func:`auto_threads` gives such a model one thread and leaves larger ones at torch's default
+(one per core); ``qfv --threads N`` overrides it (``BENCHMARKS.md``, "Threads").
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["SMALL_STEP_MACS", "forward_macs", "auto_threads", "set_threads", "parse_threads"]
+
+#: Below this many multiply-accumulates per forward pass of a training batch, one thread.
+SMALL_STEP_MACS = 50_000_000
+
+
+@torch.no_grad()
+def forward_macs(model: nn.Module, example: Tensor) -> int:
+    """Multiply-accumulates of the Conv/Linear layers in one forward pass of ``example``
+    (counted with forward hooks; the model's mode is kept).
+
+    >>> forward_macs(nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)), torch.zeros(3, 8))
+    120
+    """
+    total = [0]
+
+    def hook(mod, inp, out):
+        if isinstance(mod, nn.Linear) or (isinstance(mod, nn.modules.conv._ConvNd)):
+            w = mod.weight
+            per_out = w[0].numel() if isinstance(mod, nn.Linear) else w[0].numel()
+            if isinstance(out, tuple):
+                out = out[0]
+            total[0] += int(out.numel()) * int(per_out)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    was = model.training
+    try:
+        model.eval()
+        model(example)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return total[0]
+
+
+def auto_threads(model: nn.Module, example: Tensor, batch_size: Optional[int] = None) -> int:
+    """1 for a model whose forward pass over a batch of ``batch_size`` (default: the example's
+    own) costs fewer than :data:`SMALL_STEP_MACS` multiply-accumulates, else torch's current
+    setting (one per core unless changed)."""
+    n = int(example.shape[0]) or 1
+    macs = forward_macs(model, example[:1]) * (batch_size or n)
+    return 1 if macs < SMALL_STEP_MACS else torch.get_num_threads()
+
+
+def parse_threads(text: Union[str, int, None]) -> Optional[int]:
+    """``"auto"``/``None`` -> ``None``; a positive integer (as text or int) -> that integer."""
+    if text is None or (isinstance(text, str) and text.strip().lower() == "auto"):
+        return None
+    try:
+        n = int(text)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise ValueError(f"--threads must be 'auto' or an integer >= 1, got {text!r}")
+    return n
+
+
+def set_threads(n: int) -> int:
+    """``torch.set_num_threads(n)``; returns the previous setting."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    return old
