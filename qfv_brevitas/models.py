@@ -96,13 +96,21 @@ def resnet18_cifar(num_classes: int = 10, in_channels: int = 3, width: int = 64)
 
 
 def vgg_cifar(num_classes: int = 10, in_channels: int = 3,
-              cfg: Sequence = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
-              ) -> nn.Module:
-    """VGG-11-style network with BatchNorm for 32x32 inputs, plain torch."""
-    layers, cin = [], in_channels
+              cfg: Sequence = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+              input_size: int = 32) -> nn.Module:
+    """VGG-11-style network with BatchNorm, plain torch; its five poolings fit 32x32 inputs.
+    For smaller inputs (``input_size``, the smaller side) the poolings that would leave less
+    than one pixel are left out (8x8 digits keep three, 28x28 images four).
+
+    >>> vgg_cifar(10, 1, input_size=8)(torch.rand(2, 1, 8, 8)).shape
+    torch.Size([2, 10])
+    """
+    layers, cin, size = [], in_channels, int(input_size)
     for v in cfg:
         if v == "M":
-            layers.append(nn.MaxPool2d(2))
+            if size >= 2:
+                layers.append(nn.MaxPool2d(2))
+                size //= 2
         else:
             layers += [nn.Conv2d(cin, v, 3, padding=1, bias=False), nn.BatchNorm2d(v), nn.ReLU()]
             cin = v
@@ -128,5 +136,5 @@ def build_model(name: str, input_shape: Tuple[int, ...], num_classes: int,
     if name == "resnet18":
         return resnet18_cifar(num_classes, input_shape[0])
     if name == "vgg":
-        return vgg_cifar(num_classes, input_shape[0])
+        return vgg_cifar(num_classes, input_shape[0], input_size=min(input_shape[1:]))
     raise ValueError(f"unknown model {name!r}; choose small_cnn, mlp, resnet18 or vgg")

@@ -121,6 +121,11 @@ class QuantRegularizer:
     def lam(self, epoch: int) -> float:
         return self.schedule(epoch)
 
-    def __call__(self, epoch: int) -> Tensor:
+    def unweighted(self) -> Tensor:
+        """``R(model)`` without lambda (a training loop multiplies it by the lambda it applies,
+        and logs both); also updates ``last_breakdown``."""
         total, self._terms = _loss_terms(self.model, self.shape, self.width)
-        return self.lam(epoch) * total
+        return total
+
+    def __call__(self, epoch: int) -> Tensor:
+        return self.lam(epoch) * self.unweighted()

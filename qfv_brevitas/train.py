@@ -206,14 +206,16 @@ def fit(model: nn.Module, train: Dataset, test: Optional[Dataset], cfg: TrainCon
         model.train()
         tl = torch.zeros((), device=device)
         rl = torch.zeros((), device=device)
+        # the lambda this epoch applies; the history records this value, not a recomputation
+        lam = reg.lam(epoch) if reg is not None else 0.0
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             task = loss_fn(model(x), y)
             loss = task
             if reg is not None:
-                r = reg(epoch)
-                loss = loss + r
-                rl += r.detach() / reg.lam(epoch)
+                r = reg.unweighted()
+                loss = loss + lam * r
+                rl += r.detach()
             for o in opts:
                 o.zero_grad(set_to_none=True)
             loss.backward()
@@ -223,7 +225,7 @@ def fit(model: nn.Module, train: Dataset, test: Optional[Dataset], cfg: TrainCon
                 with sam.frozen_norm_stats():
                     loss2 = loss_fn(model(x), y)
                     if reg is not None:
-                        loss2 = loss2 + reg(epoch)
+                        loss2 = loss2 + lam * reg.unweighted()
                     for o in opts:
                         o.zero_grad(set_to_none=True)
                     loss2.backward()
@@ -241,9 +243,9 @@ def fit(model: nn.Module, train: Dataset, test: Optional[Dataset], cfg: TrainCon
         tl, rl = float(tl), float(rl)
         if not (math.isfinite(tl) and math.isfinite(rl)):
             _raise_diverged(model, epoch, desc, tl if not math.isfinite(tl) else rl, cfg)
-        hist["task_loss"].append(float(tl) / len(loader))
-        hist["reg"].append(float(rl) / len(loader))
-        hist["lambda"].append(reg.lam(epoch) if reg is not None else 0.0)
+        hist["task_loss"].append(tl / len(loader))
+        hist["reg"].append(rl / len(loader))
+        hist["lambda"].append(lam)
         acc = evaluate(model, test, device=device) if test is not None else float("nan")
         hist["test_acc"].append(acc)
         bar.set_info(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{hist['task_loss'][-1]:.3f}",

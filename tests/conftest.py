@@ -1,5 +1,13 @@
+import math
+import os
+import sys
+import types
+from collections import OrderedDict
+
+import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from qfv_brevitas import NMultConfig, quantize_model
 from qfv_brevitas.data import load_digits_split
@@ -46,3 +54,154 @@ def kernel_backend(request):
     else:
         with K.torch_fallback():
             yield request.param
+# -- small quantized MLPs and binomial checks (faults, variability) ------------------------------
+
+def _qmodel(layers, bits: int = 4, layer_bits=None, skip=(), seed: int = 0) -> nn.Module:
+    """A quantized Sequential of named Linear layers (ReLU between them), per-tensor N-bit
+    weights, float activations; ``layers`` is ``[(name, (in, out)), ...]``."""
+    torch.manual_seed(seed)
+    mods = []
+    for i, (name, (fin, fout)) in enumerate(layers):
+        if i:
+            mods.append((f"act_{name}", nn.ReLU()))
+        mods.append((name, nn.Linear(fin, fout)))
+    cfg = NMultConfig(weight_bits=bits, act_bits=None, first_last_bits=None,
+                      layer_bits=dict(layer_bits or {}))
+    return quantize_model(nn.Sequential(OrderedDict(mods)), cfg, skip=skip)
+
+
+@pytest.fixture(scope="session")
+def qmodel():
+    """Factory ``qmodel(layers, bits=4, layer_bits=None, skip=(), seed=0)`` (see ``_qmodel``)."""
+    return _qmodel
+
+
+#: two-sided 99.9% standard normal quantile
+Z999 = 3.2905
+
+
+def _assert_binomial(k: int, n: int, p: float, what: str, resolution: float = 0.15) -> None:
+    """``k`` successes of ``n`` lie in the 99.9% interval of Binomial(n, p); the interval's half
+    width must be below ``resolution * n * p`` so that a wrong rate would be caught."""
+    mean, sd = n * p, math.sqrt(n * p * (1 - p))
+    half = Z999 * sd + 0.5
+    assert half < resolution * mean, f"{what}: sample too small to test p={p} (n={n})"
+    assert abs(k - mean) <= half, f"{what}: {k} of {n}, expected {mean:.1f} +- {half:.1f}"
+
+
+@pytest.fixture(scope="session")
+def assert_binomial():
+    """``assert_binomial(k, n, p, what, resolution=0.15)``: normal approximation with continuity
+    correction, 99.9% two-sided (see ``_assert_binomial``)."""
+    return _assert_binomial
+
+
+# -- neuromorphic data folders (spikingjelly's layout) ---------------------------------------------
+
+def _npz_frames(path, T: int, h: int, w: int, value: float) -> None:
+    """One sample as spikingjelly stores integrated frames: ``frames`` ``(T, 2, h, w)``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, frames=np.full((T, 2, h, w), value, dtype=np.float32))
+
+
+@pytest.fixture(scope="session")
+def npz_frames():
+    """``npz_frames(path, T, h, w, value)``: one constant sample (see ``_npz_frames``)."""
+    return _npz_frames
+
+
+@pytest.fixture
+def stub_torchvision(monkeypatch):
+    """spikingjelly's dataset modules import torchvision and torchaudio, which do not import
+    on a CPU-only torch (no matching wheel). These stubs give them exactly what they use:
+    torchvision's ``DatasetFolder`` (scan class folders, load, transform) and download helpers
+    that fail the test if called."""
+    pytest.importorskip("spikingjelly")
+    before = set(sys.modules)
+
+    class DatasetFolder(torch.utils.data.Dataset):
+        def __init__(self, root, loader, extensions=None, transform=None,
+                     target_transform=None, **_):
+            self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+            self.samples = [(os.path.join(root, c, f), i) for c, i in self.class_to_idx.items()
+                            for f in sorted(os.listdir(os.path.join(root, c)))
+                            if f.lower().endswith(tuple(extensions))]
+            self.targets = [t for _, t in self.samples]
+            self.loader, self.transform = loader, transform
+
+        def __len__(self):
+            return len(self.samples)
+
+        def __getitem__(self, i):
+            path, target = self.samples[i]
+            return self.transform(self.loader(path)), target
+
+    def no_download(*a, **k):
+        raise AssertionError("spikingjelly tried to download")
+
+    tv, ds, utils = (types.ModuleType(n) for n in
+                     ("torchvision", "torchvision.datasets", "torchvision.datasets.utils"))
+    ds.DatasetFolder, ds.utils, tv.datasets = DatasetFolder, utils, ds
+    tv.transforms = types.ModuleType("torchvision.transforms")
+    utils.download_url = no_download
+    utils.check_integrity = lambda *a, **k: False
+    utils.extract_archive = no_download
+    utils.verify_str_arg = lambda v, *a, **k: v
+    for name, mod in (("torchvision", tv), ("torchvision.datasets", ds),
+                      ("torchvision.datasets.utils", utils),
+                      ("torchvision.transforms", tv.transforms),
+                      ("torchaudio", types.ModuleType("torchaudio"))):
+        monkeypatch.setitem(sys.modules, name, mod)
+    yield
+    # spikingjelly.datasets was imported against the stubs: drop it with them.
+    for name in set(sys.modules) - before:
+        if name.startswith("spikingjelly.datasets"):
+            del sys.modules[name]
+
+
+# -- a small MNIST-family IDX folder --------------------------------------------------------------
+
+def write_idx(path, arr) -> None:
+    """``arr`` as a gzipped IDX file (uint8, the header MNIST's files have)."""
+    import gzip
+    import struct
+
+    arr = np.asarray(arr, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.tobytes())
+
+
+def _make_idx_folder(root, n_train: int = 200, n_test: int = 60, seed: int = 0):
+    """torchvision's ``FashionMNIST/raw`` layout under ``root``: two easy classes of 12x12
+    images (bright top half vs bright bottom half); returns ``root`` (the ``--data-dir``)."""
+    rng = np.random.default_rng(seed)
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+
+    def make(n):
+        y = rng.integers(0, 2, n)
+        x = rng.integers(0, 40, (n, 12, 12))
+        for i, c in enumerate(y):
+            x[i, :6] += 200 * (c == 0)
+            x[i, 6:] += 200 * (c == 1)
+        return x, y
+
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        x, y = make(n)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", x)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", y)
+    return root
+
+
+@pytest.fixture
+def idx_folder(tmp_path):
+    """A small IDX folder (200 train, 60 test; see ``_make_idx_folder``) under ``tmp_path``."""
+    return _make_idx_folder(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def make_idx_folder():
+    """``make_idx_folder(root, n_train=200, n_test=60, seed=0)`` (see ``_make_idx_folder``)."""
+    return _make_idx_folder

@@ -432,8 +432,6 @@ for kind, (args, pattern) in DATA.items():
 case("train-images-too-small", "train --dataset idx --data-dir {W}/idx_1x1 --fp-epochs 1 "
      "--q-epochs 1 --out {W}/new/run --no-progress", 2,
      r"--arch small_cnn cannot take inputs of shape \(1, 1, 1\)")
-case("train-vgg-on-8x8-digits", "train --arch vgg --fp-epochs 1 --q-epochs 1 --out {W}/new/run "
-     "--no-progress", 2, r"--arch vgg cannot take inputs of shape \(1, 8, 8\)")
 if HAS_SNN:
     case("snn-train-images-too-small", "snn train --dataset idx --data-dir {W}/idx_1x1 "
          "--fp-epochs 1 --q-epochs 1 --out {W}/new/run --no-progress", 2,

@@ -1,9 +1,6 @@
 """The qfv command: demo/train on digits and IDX files, report, and its errors."""
-import gzip
 import json
-import struct
 
-import numpy as np
 import pytest
 
 from qfv_brevitas.checkpoint import load_checkpoint
@@ -38,33 +35,9 @@ def test_demo_writes_table_json_png_and_checkpoints(tmp_path, capsys):
     assert "features.3" in rep and "nmult" in rep
 
 
-def _write_idx(path, arr):
-    arr = np.asarray(arr, dtype=np.uint8)
-    header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + arr.tobytes())
-
-
-def test_train_on_idx_folder(tmp_path, capsys):
-    rng = np.random.default_rng(0)
-    raw = tmp_path / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True)
-    # Two easy classes: bright top half vs bright bottom half, 12x12 images.
-    def make(n):
-        y = rng.integers(0, 2, n)
-        x = rng.integers(0, 40, (n, 12, 12))
-        for i, c in enumerate(y):
-            x[i, :6] += 200 * (c == 0)
-            x[i, 6:] += 200 * (c == 1)
-        return x, y
-    xtr, ytr = make(200)
-    xte, yte = make(60)
-    _write_idx(raw / "train-images-idx3-ubyte.gz", xtr)
-    _write_idx(raw / "train-labels-idx1-ubyte.gz", ytr)
-    _write_idx(raw / "t10k-images-idx3-ubyte.gz", xte)
-    _write_idx(raw / "t10k-labels-idx1-ubyte.gz", yte)
+def test_train_on_idx_folder(idx_folder, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["train", "--dataset", "idx", "--data-dir", str(tmp_path), "--out", str(out),
+    assert main(["train", "--dataset", "idx", "--data-dir", str(idx_folder), "--out", str(out),
                  "--bits", "4", "--variants", "nmult", *FAST]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["dataset"] == "idx" and res["num_train"] == 200 and res["num_test"] == 60

@@ -25,19 +25,21 @@ def test_quantize_brevitas_model_swaps_and_fine_tunes():
     assert hist["reg"][-1] < hist["reg"][0]
 
 
-def _torchvision_ok():
-    try:
-        import torchvision  # noqa: F401
-    except (ImportError, RuntimeError):  # CPU torch: "operator torchvision::nms does not exist"
-        return False
-    return True
+def test_resnet18_cifar10_on_generated_data():
+    """Without torchvision or CIFAR-10: the project's CIFAR-shaped ResNet-18, W4A4, learns the
+    generated classes (chance is 0.1; measured 1.00, 0.80, 0.89, 0.83 on the 64 test images with
+    seeds 0-3)."""
+    from qfv_brevitas import nmult_layers, quant_of
+    from qfv_brevitas.models import ResNetCIFAR
 
-
-@pytest.mark.skipif(not _torchvision_ok(), reason="torchvision (vision extra) not importable")
-def test_resnet18_cifar10_on_fake_data():
     ex = load("resnet18_cifar10")
-    acc = ex.main(["--fake-data", "32", "--epochs", "1", "--width", "8"])
-    assert 0.0 <= acc <= 1.0
+    acc, q = ex.main(["--fake-data", "256", "--epochs", "3", "--width", "8", "--lr", "0.05",
+                      "--batch-size", "16"])
+    assert isinstance(q, ResNetCIFAR)
+    bits = {n: quant_of(l).bits for n, l in nmult_layers(q)}
+    assert len(bits) == 21  # 17 3x3 convs, 3 shortcut projections, the classifier
+    assert sorted(set(bits.values())) == [4, 8] and list(bits.values()).count(8) == 2
+    assert acc >= 0.6
 
 
 def test_finetune_for_chip_recovers_accuracy():

@@ -258,8 +258,6 @@ def test_variable_device_export_within_tolerance_and_fixed_refused(tmp_path):
         assert rep.passed, rep.summary()
         assert 0.0 < rep.weight_tolerance and max(rep.weight_diff.values()) <= rep.weight_tolerance
         assert res.metadata["layers"][1]["variability"]["lrs_std"] > 0.1
-    if form == "compact":
-        pass
     proto = onnx.load(str(tmp_path / "v_compact.onnx"))
     ops = [n for n in proto.graph.node if n.op_type == "NMultWeight"]
     assert all(len(n.input) == 5 for n in ops)  # codes, r, c, lrs, hrs
@@ -271,6 +269,17 @@ def test_variable_device_export_within_tolerance_and_fixed_refused(tmp_path):
 
 
 # -- fixed point ------------------------------------------------------------------------------
+def test_round_to_grid_rounds_to_the_nearest_multiple_half_to_even():
+    # 0.2 and -0.2 tell rounding from floor and truncation, 0.125 (0.5 steps) tells half to
+    # even from half up, 0.375 (1.5 steps) from half down.
+    t = torch.tensor([0.3, -0.7, 0.2, -0.2, 0.125, 0.375, 0.6, -0.9])
+    got = round_to_grid(t, 2)
+    assert got.dtype == torch.float32
+    assert got.tolist() == [0.25, -0.75, 0.25, -0.25, 0.0, 0.5, 0.5, -1.0]
+    assert round_to_grid(torch.tensor([1.03125], dtype=torch.float64), 4).item() == 1.0
+    assert round_to_grid(torch.tensor([-3.3]), 0).item() == -3.0
+
+
 @settings(max_examples=40, deadline=None)
 @given(bits=st.integers(1, 8), f=st.integers(0, 12), seed=st.integers(0, 2 ** 16))
 def test_fixed_point_rounding_error_bounded(bits, f, seed):
@@ -296,6 +305,25 @@ def test_fixed_point_rounding_error_bounded(bits, f, seed):
     n, signed = row["int_bits"], row["signed"]
     assert (lo >= -(2 ** (n - 1)) and hi <= 2 ** (n - 1) - 1) if signed else (lo >= 0 and
                                                                           hi <= 2 ** n - 1)
+
+
+@pytest.mark.parametrize("r, c, f, want", [
+    ([0.25, 0.5], -0.375, 3, (3, True, -3, 3)),  # integers -3, -1, 1, 3
+    ([0.125, 0.25], 0.0, 3, (2, False, 0, 3)),  # 0..3
+    ([0.5, 1.0], -2.0, 1, (3, True, -4, -1)),  # -4..-1: 2 signed bits hold only -2..1
+    ([1.0, 2.0, 4.0], 0.0, 0, (3, False, 0, 7)),
+    ([0.0], 0.0, 4, (1, False, 0, 0)),
+])
+def test_fixed_point_integer_width_is_the_smallest_that_holds_the_levels(r, c, f, want):
+    from qfv_brevitas.export.layers import LayerExport, decode
+
+    bits = len(r)
+    codes = torch.arange(1 << bits, dtype=torch.uint8).reshape(1, -1)
+    info = LayerExport("l", bits, "nmult", -1, (1, 1 << bits), codes, torch.tensor([r]),
+                       torch.tensor([c]))
+    info.weight = decode(info)
+    row = fixed_point_layer(info, f)
+    assert (row["int_bits"], row["signed"], row["int_min"], row["int_max"]) == want
 
 
 def test_fixed_point_picks_smallest_f_within_the_accuracy_bound(tmp_path, trained, digits):

@@ -6,34 +6,14 @@ correction) and assert first that the interval is narrow enough to catch a real 
 """
 from __future__ import annotations
 
-import math
-from collections import OrderedDict
-
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from qfv_brevitas import NMultConfig, quantize_model
 from qfv_brevitas.faults import (FaultMap, FaultMapError, FaultModel, attach_faults,
                                  detach_faults, sample_fault_map)
 from qfv_brevitas.quantizers import nmult_layers, quant_of
-
-Z999 = 3.2905  # two-sided 99.9% standard normal quantile
-
-
-def qmodel(layers, bits: int = 4, layer_bits=None, skip=(), seed: int = 0) -> nn.Module:
-    """A quantized Sequential of named Linear layers (ReLU between them)."""
-    torch.manual_seed(seed)
-    mods = []
-    for i, (name, (fin, fout)) in enumerate(layers):
-        if i:
-            mods.append((f"act_{name}", nn.ReLU()))
-        mods.append((name, nn.Linear(fin, fout)))
-    cfg = NMultConfig(weight_bits=bits, act_bits=None, first_last_bits=None,
-                      layer_bits=dict(layer_bits or {}))
-    return quantize_model(nn.Sequential(OrderedDict(mods)), cfg, skip=skip)
-
 
 SMALL = [("fc1", (12, 16)), ("fc2", (16, 8)), ("fc3", (8, 3))]
 BIG = [("a", (256, 256)), ("b", (256, 128))]  # (65536 + 32768) weights, 4 bits each
@@ -43,15 +23,6 @@ def bit_planes(mask: torch.Tensor, bits: int) -> np.ndarray:
     """``(numel, bits)`` 0/1 array, column i = bit i (independent of the library's popcount)."""
     u = np.unpackbits(mask.cpu().numpy().reshape(-1, 1), axis=1, bitorder="little")
     return u[:, :bits].astype(np.int64)
-
-
-def assert_binomial(k: int, n: int, p: float, what: str, resolution: float = 0.15) -> None:
-    """``k`` successes of ``n`` lie in the 99.9% interval of Binomial(n, p); the interval's half
-    width must be below ``resolution * n * p`` so that a wrong rate would be caught."""
-    mean, sd = n * p, math.sqrt(n * p * (1 - p))
-    half = Z999 * sd + 0.5
-    assert half < resolution * mean, f"{what}: sample too small to test p={p} (n={n})"
-    assert abs(k - mean) <= half, f"{what}: {k} of {n}, expected {mean:.1f} +- {half:.1f}"
 
 
 # -- configuration ------------------------------------------------------------------------------
@@ -82,7 +53,7 @@ def test_fault_model_edges_and_numpy_numbers_accepted():
 
 # -- sampling -----------------------------------------------------------------------------------
 
-def test_zero_rate_gives_all_zero_masks_exactly():
+def test_zero_rate_gives_all_zero_masks_exactly(qmodel):
     model = qmodel(SMALL)
     fmap = sample_fault_map(model, FaultModel(rate=0.0, sa1_fraction=0.5, seed=7))
     assert sorted(fmap.layers) == ["fc1", "fc2", "fc3"]
@@ -94,14 +65,14 @@ def test_zero_rate_gives_all_zero_masks_exactly():
     assert fmap.stuck_fraction() == 0.0
 
 
-def test_zero_layer_rate_overrides_a_nonzero_rate():
+def test_zero_layer_rate_overrides_a_nonzero_rate(qmodel):
     fmap = sample_fault_map(qmodel(SMALL), FaultModel(rate=0.5, layer_rates={"fc2": 0.0}))
     assert int(fmap.layers["fc2"][0].count_nonzero() + fmap.layers["fc2"][1].count_nonzero()) == 0
     assert int(fmap.layers["fc1"][0].count_nonzero()) > 0
 
 
 @pytest.mark.parametrize("sa1_fraction,stuck_at", [(1.0, "sa1"), (0.0, "sa0")])
-def test_rate_one_sticks_every_cell_below_the_bit_width(sa1_fraction, stuck_at):
+def test_rate_one_sticks_every_cell_below_the_bit_width(sa1_fraction, stuck_at, qmodel):
     # fc1 at 2 bits: no stuck bit may appear at bit 2 or above
     model = qmodel(SMALL, bits=4, layer_bits={"fc1": 2})
     fmap = sample_fault_map(model, FaultModel(rate=1.0, sa1_fraction=sa1_fraction))
@@ -114,7 +85,7 @@ def test_rate_one_sticks_every_cell_below_the_bit_width(sa1_fraction, stuck_at):
     assert fmap.stuck_fraction() == 1.0
 
 
-def test_same_seed_same_map_bitwise_different_seed_different():
+def test_same_seed_same_map_bitwise_different_seed_different(qmodel):
     model = qmodel(SMALL)
     fm = FaultModel(rate=0.2, seed=11)
     a, b = sample_fault_map(model, fm), sample_fault_map(model, FaultModel(rate=0.2, seed=11))
@@ -128,7 +99,7 @@ def test_same_seed_same_map_bitwise_different_seed_different():
     assert all(torch.equal(a.layers[n][0], other.layers[n][0]) for n in a.layers)
 
 
-def test_a_seed_gives_the_same_map_on_every_machine():
+def test_a_seed_gives_the_same_map_on_every_machine(qmodel):
     # Golden masks: a change here means saved seeds no longer reproduce their maps (a change of
     # the per-layer seeding, e.g. to Python's salted hash(), of the draw order, or of torch's
     # CPU generator).
@@ -140,7 +111,7 @@ def test_a_seed_gives_the_same_map_on_every_machine():
         assert fmap.layers[name][0].tolist() == sa0 and fmap.layers[name][1].tolist() == sa1
 
 
-def test_layers_draw_independently_of_the_rest_of_the_model():
+def test_layers_draw_independently_of_the_rest_of_the_model(qmodel):
     base = qmodel([("fc1", (12, 16)), ("fc2", (16, 8))])
     # layers inserted before, between and after, and a different registration order
     bigger = qmodel([("pre", (12, 12)), ("fc1", (12, 16)), ("mid", (16, 16)),
@@ -157,7 +128,8 @@ def test_layers_draw_independently_of_the_rest_of_the_model():
 
 @pytest.mark.parametrize("rate", [0.01, 0.1, 0.3])
 @pytest.mark.parametrize("sa1_fraction", [0.5, 0.2])
-def test_stuck_fraction_and_sa1_share_lie_in_binomial_intervals(rate, sa1_fraction):
+def test_stuck_fraction_and_sa1_share_lie_in_binomial_intervals(rate, sa1_fraction, qmodel,
+                                                                assert_binomial):
     model = qmodel(BIG)
     fmap = sample_fault_map(model, FaultModel(rate=rate, sa1_fraction=sa1_fraction, seed=3))
     total_cells = total_stuck = 0
@@ -177,7 +149,7 @@ def test_stuck_fraction_and_sa1_share_lie_in_binomial_intervals(rate, sa1_fracti
     assert fmap.stuck_fraction() == total_stuck / total_cells
 
 
-def test_cells_stuck_at_a_rate_stay_stuck_at_a_higher_rate():
+def test_cells_stuck_at_a_rate_stay_stuck_at_a_higher_rate(qmodel):
     model = qmodel(BIG[:1])
     lo = sample_fault_map(model, FaultModel(rate=0.05, seed=9)).layers["a"]
     hi = sample_fault_map(model, FaultModel(rate=0.2, seed=9)).layers["a"]
@@ -187,7 +159,7 @@ def test_cells_stuck_at_a_rate_stay_stuck_at_a_higher_rate():
     assert not torch.equal(stuck_lo, stuck_hi)
 
 
-def test_layer_rates_override_by_name():
+def test_layer_rates_override_by_name(qmodel, assert_binomial):
     model = qmodel(BIG)
     fmap = sample_fault_map(model, FaultModel(rate=0.01, layer_rates={"b": 0.3}, seed=1))
     for name, rate in (("a", 0.01), ("b", 0.3)):
@@ -197,14 +169,14 @@ def test_layer_rates_override_by_name():
     assert fmap.meta["layer_rates"] == {"b": 0.3}
 
 
-def test_layer_rates_naming_an_unknown_layer_is_an_error():
+def test_layer_rates_naming_an_unknown_layer_is_an_error(qmodel):
     model = qmodel(SMALL, skip=("fc3",))
     for bad in ("fc9", "fc3", "act_fc2"):  # absent, left in float, not a compute layer
         with pytest.raises(ValueError, match=f"layer_rates.*'{bad}'.*quantized layers are"):
             sample_fault_map(model, FaultModel(rate=0.1, layer_rates={bad: 0.2}))
 
 
-def test_sampling_needs_a_quantized_model():
+def test_sampling_needs_a_quantized_model(qmodel):
     with pytest.raises(ValueError, match="no N-multiplier layer.*quantize_model"):
         sample_fault_map(nn.Sequential(nn.Linear(3, 3)), FaultModel(rate=0.1))
     with pytest.raises(TypeError, match="FaultModel"):
@@ -212,7 +184,7 @@ def test_sampling_needs_a_quantized_model():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_masks_follow_the_weights_device_and_match_the_cpu_draw():
+def test_masks_follow_the_weights_device_and_match_the_cpu_draw(qmodel):
     model = qmodel(SMALL)
     fm = FaultModel(rate=0.2, seed=2)
     cpu = sample_fault_map(model, fm)
@@ -262,7 +234,7 @@ def test_summary_and_stuck_fraction_of_a_hand_made_map():
     assert FaultMap({}, {}).stuck_fraction() == 0.0
 
 
-def test_save_load_round_trip_is_bitwise_and_keeps_meta(tmp_path):
+def test_save_load_round_trip_is_bitwise_and_keeps_meta(tmp_path, qmodel):
     model = qmodel(SMALL, layer_bits={"fc2": 3})
     fm = FaultModel(rate=0.25, sa1_fraction=0.3, layer_rates={"fc3": 0.5}, seed=8)
     fmap = sample_fault_map(model, fm)
@@ -316,14 +288,14 @@ def test_missing_file_is_file_not_found(tmp_path):
 
 # -- validation against a model ------------------------------------------------------------------
 
-def test_validate_accepts_a_partial_map():
+def test_validate_accepts_a_partial_map(qmodel):
     model = qmodel(SMALL)
     fmap = sample_fault_map(model, FaultModel(rate=0.1))
     FaultMap({"fc2": fmap.layers["fc2"]}, {"fc2": 4}).validate(model)
     FaultMap({}, {}).validate(model)
 
 
-def test_validate_names_the_layer_and_the_mismatch():
+def test_validate_names_the_layer_and_the_mismatch(qmodel):
     model = qmodel(SMALL, skip=("fc3",))
     good = sample_fault_map(model, FaultModel(rate=0.1))
 
@@ -349,7 +321,7 @@ def test_validate_names_the_layer_and_the_mismatch():
             foreign.validate(model)
 
 
-def test_validate_catches_a_stuck_bit_above_the_width_set_after_construction():
+def test_validate_catches_a_stuck_bit_above_the_width_set_after_construction(qmodel):
     model = qmodel(SMALL)
     fmap = sample_fault_map(model, FaultModel(rate=0.0))
     sa0, sa1 = fmap.layers["fc2"]
@@ -363,7 +335,7 @@ def test_validate_catches_a_stuck_bit_above_the_width_set_after_construction():
 
 # -- attaching ----------------------------------------------------------------------------------
 
-def test_attach_sets_the_proxy_buffers_and_detach_clears_them():
+def test_attach_sets_the_proxy_buffers_and_detach_clears_them(qmodel):
     model = qmodel(SMALL)
     fmap = sample_fault_map(model, FaultModel(rate=0.3, seed=1))
     assert attach_faults(model, fmap) is model
@@ -379,7 +351,7 @@ def test_attach_sets_the_proxy_buffers_and_detach_clears_them():
     assert not any(l.weight_quant.has_faults for _, l in nmult_layers(model))
 
 
-def test_attach_validates_before_touching_the_model():
+def test_attach_validates_before_touching_the_model(qmodel):
     model = qmodel(SMALL)
     fmap = sample_fault_map(model, FaultModel(rate=0.3, seed=1))
     attach_faults(model, fmap)
@@ -390,7 +362,7 @@ def test_attach_validates_before_touching_the_model():
         assert torch.equal(layer.weight_quant.fault_sa0, fmap.layers[name][0])
 
 
-def test_faults_travel_with_the_state_dict_into_a_fresh_model():
+def test_faults_travel_with_the_state_dict_into_a_fresh_model(qmodel):
     model = qmodel(SMALL)
     fmap = sample_fault_map(model, FaultModel(rate=0.3, seed=1))
     attach_faults(model, FaultMap({"fc1": fmap.layers["fc1"], "fc3": fmap.layers["fc3"]},

@@ -31,16 +31,22 @@ SAMPLES = 48
 
 
 def _finn_python() -> str:
-    """An interpreter that imports finn (and this package), or skip saying how to get one."""
-    candidates = [os.environ.get("QFV_FINN_PYTHON"), sys.executable,
-                  str(ROOT / ".venv-finn" / "bin" / "python")]
+    """An interpreter that imports finn (and this package), or skip saying how to get one.
+    ``QFV_FINN_PYTHON`` (set by ``make test``, which installs it) must work: a failure there
+    is an error, not a skip."""
+    required = os.environ.get("QFV_FINN_PYTHON")
+    candidates = [required, sys.executable, str(ROOT / ".venv-finn" / "bin" / "python")]
     for py in filter(None, candidates):
         if not Path(py).exists():
+            if py == required:
+                pytest.fail(f"QFV_FINN_PYTHON={py} does not exist (make setup-finn makes it)")
             continue
         probe = subprocess.run([py, "-c", "import finn.custom_op.fpgadataflow, qfv_brevitas"],
                                capture_output=True, text=True, timeout=300)
         if probe.returncode == 0:
             return py
+        if py == required:
+            pytest.fail(f"QFV_FINN_PYTHON={py} cannot import finn:\n{probe.stderr[-2000:]}")
     pytest.skip("finn-plus is not installed: run `bash export/finn/setup_finn.sh` (makes "
                 ".venv-finn) or set QFV_FINN_PYTHON to an interpreter that has it")
 

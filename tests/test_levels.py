@@ -686,6 +686,80 @@ def test_eight_bits_a_million_weights():
     torch.testing.assert_close(cc.grad.double(), -2 * per_code.sum()[None], rtol=1e-4, atol=1e-3)
 
 
+# Run in a fresh interpreter: its peak resident set (``ru_maxrss``) then belongs to this job
+# alone (tracemalloc does not see torch's allocator). The address space is capped at its size
+# after the setup plus n * 2**N bytes, so that an implementation which materialises the
+# (G, M, 2**N) distances fails to allocate instead of taking the machine's memory.
+_PEAK_CHILD = r"""
+import json, resource, sys
+import torch
+torch.set_num_threads(1)
+from qfv_brevitas.levels import level_table, nearest, sq_distance_to_levels, uniform_multipliers
+
+def peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+n, N = int(sys.argv[1]), int(sys.argv[2])
+g = torch.Generator().manual_seed(0)
+out = {}
+setups = {}
+for G in (1, 256):
+    r, c = uniform_multipliers(torch.full((G,), 0.4 / 2 ** N), N)
+    r = r * (1 + 0.1 * torch.rand(r.shape, generator=g))  # non-uniform levels
+    w = torch.randn(G, n // G, generator=g) * 0.05
+    setups[G] = (w, level_table(r, c), w.clone().requires_grad_(),
+                 level_table(r, c).requires_grad_())
+# warm up (kernels, thread pools, allocator arenas) on a few weights, then take the baseline
+for w, lv, _, _ in setups.values():
+    nearest(w[:, :64], lv)
+    few = w[:, :64].clone().requires_grad_()
+    sq_distance_to_levels(few, lv.clone().requires_grad_()).backward()
+base = peak()
+vm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (vm + n * 2 ** N, resource.RLIM_INFINITY))
+# ru_maxrss only grows: measure in increasing order of need, each as (peak so far - base),
+# an upper bound of the job's own extra memory.
+for G in (1, 256):
+    _, _, w, lv = setups[G]
+    sq_distance_to_levels(w, lv).backward()
+    w.grad = lv.grad = None
+    out[f"regularizer G={G}"] = peak() - base
+for G in (256, 1):
+    res = nearest(*setups[G][:2])
+    del res
+    out[f"nearest G={G}"] = peak() - base
+print(json.dumps(out))
+"""
+
+
+def test_nearest_and_regularizer_peak_memory_is_o_n_at_8_bits():
+    """O(n) memory at N = 8 on 4M weights (16 MiB of float32), per tensor and per channel:
+    the nearest-level search (values + int64 codes out) and the regularizer's forward and
+    backward each stay below n * 2**N / 4 bytes (256 MiB; the full distance array is n * 2**N
+    elements). Measured: search 20-24 bytes per weight (its outputs alone take 12), regularizer
+    6-8 bytes per weight."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    n, N = 1 << 22, 8
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(root)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    proc = subprocess.run([sys.executable, "-c", _PEAK_CHILD, str(n), str(N)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, \
+        f"the memory probe failed (over n * 2**N bytes?):\n{proc.stderr[-3000:]}"
+    peaks = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(peaks) == {"regularizer G=1", "regularizer G=256", "nearest G=1",
+                          "nearest G=256"}
+    bound = n * 2 ** N // 4
+    for what, extra in peaks.items():
+        assert extra < bound, f"{what}: {extra / 2 ** 20:.0f} MiB >= {bound / 2 ** 20:.0f} MiB"
+
+
 def test_per_channel_rows_longer_than_the_block():
     # Default _BLOCK with M > _BLOCK (ragged last tile): the per-row column tiling of the real
     # configuration, per channel.

@@ -95,6 +95,32 @@ def bit_rows(bits: int, dtype=torch.float32) -> torch.Tensor:
 # ------------------------------------------------------------------ every injector, every layer
 
 
+@pytest.mark.parametrize("inj", ["nmult_pc", "step_pc", "fixed_pc"])
+@pytest.mark.parametrize("ctor,in_shape,ref", [
+    (qnn.QuantConvTranspose1d, (2, 3, 5), F.conv_transpose1d),
+    (qnn.QuantConvTranspose2d, (2, 3, 4, 4), F.conv_transpose2d),
+])
+def test_per_channel_on_the_output_axis_of_a_transposed_conv(inj, ctor, in_shape, ref):
+    """A transposed conv's weight is ``(in, out, k...)``: its output channels are axis 1. Each
+    of them gets its own LSQ step and levels, and each weight its own channel's nearest level
+    (brute force over the channel's levels)."""
+    torch.manual_seed(0)
+    layer = ctor(3, 5, 3, weight_quant=INJECTORS[inj][0], weight_bit_width=3).eval()
+    tq = quant_of(layer)
+    assert (tq.channel_dim, tq.groups) == (1, 5)
+    w = layer.weight.detach()
+    w2d = w.transpose(0, 1).reshape(5, -1)  # channel j = w[:, j]
+    torch.testing.assert_close(tq.multipliers()[:, 0].detach(), lsq_step(w2d, 3))
+    torch.testing.assert_close(tq.to_groups(w), w2d, **EXACT)
+    assert torch.equal(tq.from_groups(tq.to_groups(w), w.shape), w)
+    snapped, _ = brute_nearest(w2d, tq.levels().detach())
+    expected = snapped.reshape(5, 3, *w.shape[2:]).transpose(0, 1)
+    torch.testing.assert_close(layer.quant_weight().detach(), expected, **EXACT)
+    x = torch.randn(in_shape)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), ref(x, expected, layer.bias), **EXACT)
+
+
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("kind", list(LAYERS))
 @pytest.mark.parametrize("inj", list(INJECTORS))
@@ -572,3 +598,67 @@ def test_per_channel_quantizer_rejects_other_channel_count():
             tq.distance(bad)
     with pytest.raises(ValueError, match="has 5 channels on axis 0"):
         layer.weight_quant(torch.randn(4, 3, 3, 3))
+
+
+# ------------------------------------------------- the three variants on the same weights
+
+
+def _fit_levels(inj, w, steps=200, lr=0.01):
+    """A 2-bit layer holding ``w``, its quantizer initialised from ``w`` and then trained on
+    the regularizer alone (weights frozen). Returns the layer's sorted levels before and
+    after, and the mean squared weight-to-level distance after."""
+    from qfv_brevitas import regularization_loss
+
+    layer = qnn.QuantLinear(w.shape[1], w.shape[0], bias=False, weight_quant=inj,
+                            weight_bit_width=2)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    layer.weight_quant.init_tensor_quant()
+    layer.weight.requires_grad_(False)
+    tq = quant_of(layer)
+    before = tq.levels().detach()[0].sort().values
+    params = [p for p in layer.parameters() if p.requires_grad]
+    if params:
+        opt = torch.optim.Adam(params, lr=lr)
+        for _ in range(steps):
+            opt.zero_grad()
+            regularization_loss(nn.Sequential(layer)).backward()
+            opt.step()
+    after = tq.levels().detach()[0].sort().values
+    return before, after, float(tq.distance(layer.weight).detach()) / w.numel()
+
+
+def test_nmult_learns_non_uniform_levels_that_step_and_fixed_cannot():
+    """Weights in four clusters at -1, -0.2, 0.2, 1 (15%, 35%, 35%, 15%): levels
+    ``c + r0 b0 + r1 b1`` can sit on all four (c = -1, r = (0.8, 1.2)); a uniform grid cannot.
+    From the same LSQ start the N-multiplier levels go to the clusters, the learned step finds
+    the best uniform grid and stays uniform, the fixed levels do not move. (With equal masses
+    the LSQ start would be a stationary point: each inner level the mean of its two clusters.)"""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([-1.0, -0.2, 0.2, 1.0])
+    which = torch.tensor([0] * 3 + [1] * 7 + [2] * 7 + [3] * 3).repeat(100)
+    w = (centres[which] + 0.02 * torch.randn(2000, generator=g)).reshape(40, 50)
+    res = {name: _fit_levels(inj, w) for name, inj in (("nmult", NMultWeightQuant),
+                                                        ("step", LearnedStepWeightQuant),
+                                                        ("fixed", FixedLevelWeightQuant))}
+    # the same start: the symmetric LSQ grid of these weights (step 2 mean|w| / sqrt(1))
+    s0 = 2 * float(w.abs().mean())
+    for before, _, _ in res.values():
+        torch.testing.assert_close(before, s0 * torch.tensor([-1.5, -0.5, 0.5, 1.5]))
+    # fixed: nothing learned
+    assert torch.equal(res["fixed"][0], res["fixed"][1])
+    # step: uniform after training, and as good as the best uniform grid (brute force over
+    # step and offset), no better
+    lv = res["step"][1]
+    gaps = lv[1:] - lv[:-1]
+    torch.testing.assert_close(gaps, gaps.mean().expand(3), rtol=1e-5, atol=0)
+    grid_s = torch.linspace(0.3, 1.2, 181)[:, None, None]
+    grid_c = torch.linspace(-0.2, 0.2, 81)[None, :, None]
+    uni = grid_c + grid_s * torch.tensor([-1.5, -0.5, 0.5, 1.5])  # (181, 81, 4)
+    d = (w.reshape(1, 1, -1, 1) - uni[:, :, None, :]).abs().min(-1).values
+    best_uniform = float((d ** 2).mean(-1).min())
+    assert best_uniform * (1 - 1e-3) <= res["step"][2] <= 1.05 * best_uniform
+    # nmult: on the clusters, at the noise floor (0.02**2), far below any uniform grid
+    torch.testing.assert_close(res["nmult"][1], centres, rtol=0, atol=0.01)
+    assert res["nmult"][2] < 1.5 * 0.02 ** 2 < 0.1 * best_uniform
+    assert res["fixed"][2] > res["step"][2]

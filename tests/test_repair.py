@@ -550,6 +550,45 @@ def test_fault_aware_finetune_beats_nearest_valid_mapping_on_the_same_map(digits
                                    msg=name)
 
 
+@pytest.mark.parametrize("epochs,every,after", [(5, 2, [1, 3, 4]), (3, 1, [0, 1, 2]),
+                                                 (4, 4, [3]), (6, 4, [3, 5])])
+def test_fault_aware_finetune_remaps_every_k_epochs_in_paper_mode(epochs, every, after,
+                                                                  monkeypatch):
+    """Remapped before training, after every ``remap_every``-th epoch and after the last one;
+    trained in paper mode (with the regularizer) even if the model was in STE mode."""
+    import qfv_brevitas.repair as R
+
+    model = tiny(4)
+    attach_random_faults(model, rate=0.3)
+    set_forward_mode(model, "ste")
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.rand(20, *IN_SHAPE, generator=g),
+                                          torch.randint(0, 5, (20,), generator=g))
+    epoch_now, remaps = [None], []
+    real_remap, real_fit = R.remap_to_valid_, R.fit
+
+    def remap(m):
+        modes = {quant_of(l).mode for _, l in nmult_layers(m)}
+        remaps.append((epoch_now[0], modes))
+        return real_remap(m)
+
+    def fit(*args, epoch_end=None, **kw):
+        def tracked(epoch):
+            epoch_now[0] = epoch
+            epoch_end(epoch)
+        return real_fit(*args, epoch_end=tracked, **kw)
+
+    monkeypatch.setattr(R, "remap_to_valid_", remap)
+    monkeypatch.setattr(R, "fit", fit)
+    hist = fault_aware_finetune(model, data, None, TrainConfig(epochs=epochs, lr=0.01,
+                                                               lambda_rise_epochs=1),
+                                remap_every=every, progress=False)
+    assert [e for e, _ in remaps] == [None] + after
+    assert all(modes == {"paper"} for _, modes in remaps)
+    assert {quant_of(l).mode for _, l in nmult_layers(model)} == {"paper"}
+    assert all(v > 0 for v in hist["reg"]) and len(hist["reg"]) == epochs
+
+
 def test_chip_in_loop_finetune_trains_through_the_faulty_weights(digits, trained):
     train, test = digits
     q, _ = trained

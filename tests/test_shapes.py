@@ -177,12 +177,14 @@ def test_sin_is_smooth_across_levels_of_unequal_spacing():
 
 def test_gauss_width_sets_sigma():
     """sigma = width * h: at half a spacing the Gaussian term is s^2 (1 - exp(-1/(4 k^2)))."""
-    r = torch.tensor([[1.0]], dtype=torch.float64)  # levels 0 and 1: h = 1
-    lv = L.level_table(r, torch.zeros(1, dtype=torch.float64))
-    for k in (0.25, 0.5, 1.0):
-        f = float(shaped_distance_to_levels(torch.tensor([[0.5]], dtype=torch.float64), lv,
-                                            "gauss", k))
-        assert f == pytest.approx(k * k * (1 - math.exp(-1 / (4 * k * k))), rel=1e-12)
+    for h in (1.0, 2.5):
+        r = torch.tensor([[h]], dtype=torch.float64)  # levels 0 and h
+        lv = L.level_table(r, torch.zeros(1, dtype=torch.float64))
+        for k in (0.25, 0.5, 1.0):
+            f = float(shaped_distance_to_levels(torch.tensor([[h / 2]], dtype=torch.float64),
+                                                lv, "gauss", k))
+            s = k * h
+            assert f == pytest.approx(s * s * (1 - math.exp(-1 / (4 * k * k))), rel=1e-12)
 
 
 def test_coincident_levels_are_skipped_for_the_spacing():

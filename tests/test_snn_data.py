@@ -1,8 +1,5 @@
 """Data for spiking models: rate-coded digits, synthetic events, neuromorphic folders."""
-import os
 import sys
-import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,95 +82,41 @@ def test_load_snn_dataset_names():
 # ---------------------------------------------------------------------------------------------
 
 
-def _npz_frames(path: Path, T: int, h: int, w: int, value: float) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, frames=np.full((T, 2, h, w), value, dtype=np.float32))
-
-
 @pytest.mark.parametrize("make, msg", [
-    (lambda r: None, "no such folder"),
-    (lambda r: r.mkdir(), "no events_np/ or download/"),
-    (lambda r: (r / "airplane").mkdir(parents=True), "class folders directly"),
-    (lambda r: (r.mkdir(), (r / "airplane.zip").write_bytes(b"x")), "into"),
-    (lambda r: (r / "download").mkdir(parents=True), "lacks airplane.zip"),
-    (lambda r: (r / "events_np").mkdir(parents=True), "holds no <class>/\\*.npz"),
-    (lambda r: _npz_frames(r / "frames_number_4_split_by_number" / "cat" / "a.npz", 4, 2, 2, 1),
+    (lambda r, npz: None, "no such folder"),
+    (lambda r, npz: r.mkdir(), "no events_np/ or download/"),
+    (lambda r, npz: (r / "airplane").mkdir(parents=True), "class folders directly"),
+    (lambda r, npz: (r.mkdir(), (r / "airplane.zip").write_bytes(b"x")), "into"),
+    (lambda r, npz: (r / "download").mkdir(parents=True), "lacks airplane.zip"),
+    (lambda r, npz: (r / "events_np").mkdir(parents=True), "holds no <class>/\\*.npz"),
+    (lambda r, npz: npz(r / "frames_number_4_split_by_number" / "cat" / "a.npz", 4, 2, 2, 1),
      "Create the empty folder"),
 ])
-def test_cifar10dvs_wrong_folders_say_what_to_do(tmp_path, make, msg):
+def test_cifar10dvs_wrong_folders_say_what_to_do(tmp_path, make, msg, npz_frames):
     root = tmp_path / "cifar"
-    make(root)
+    make(root, npz_frames)
     with pytest.raises(DataError, match=msg):
         load_neuromorphic("cifar10dvs", root, T=4)
 
 
-def test_spikingjellys_own_folder_passed_is_refused(tmp_path):
-    _npz_frames(tmp_path / "events_np" / "cat" / "a.npz", 1, 1, 1, 0)
+def test_spikingjellys_own_folder_passed_is_refused(tmp_path, npz_frames):
+    npz_frames(tmp_path / "events_np" / "cat" / "a.npz", 1, 1, 1, 0)
     with pytest.raises(DataError, match="pass its parent"):
         load_neuromorphic("ncaltech101", tmp_path / "events_np", T=4)
-
-
-@pytest.fixture
-def stub_torchvision(monkeypatch):
-    """spikingjelly's dataset modules import torchvision and torchaudio, which do not import
-    on a CPU-only torch (no matching wheel). These stubs give them exactly what they use:
-    torchvision's ``DatasetFolder`` (scan class folders, load, transform) and download helpers
-    that fail the test if called."""
-    pytest.importorskip("spikingjelly")
-    before = set(sys.modules)
-
-    class DatasetFolder(torch.utils.data.Dataset):
-        def __init__(self, root, loader, extensions=None, transform=None,
-                     target_transform=None, **_):
-            self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-            self.samples = [(os.path.join(root, c, f), i) for c, i in self.class_to_idx.items()
-                            for f in sorted(os.listdir(os.path.join(root, c)))
-                            if f.lower().endswith(tuple(extensions))]
-            self.targets = [t for _, t in self.samples]
-            self.loader, self.transform = loader, transform
-
-        def __len__(self):
-            return len(self.samples)
-
-        def __getitem__(self, i):
-            path, target = self.samples[i]
-            return self.transform(self.loader(path)), target
-
-    def no_download(*a, **k):
-        raise AssertionError("spikingjelly tried to download")
-
-    tv, ds, utils = (types.ModuleType(n) for n in
-                     ("torchvision", "torchvision.datasets", "torchvision.datasets.utils"))
-    ds.DatasetFolder, ds.utils, tv.datasets = DatasetFolder, utils, ds
-    tv.transforms = types.ModuleType("torchvision.transforms")
-    utils.download_url = no_download
-    utils.check_integrity = lambda *a, **k: False
-    utils.extract_archive = no_download
-    utils.verify_str_arg = lambda v, *a, **k: v
-    for name, mod in (("torchvision", tv), ("torchvision.datasets", ds),
-                      ("torchvision.datasets.utils", utils),
-                      ("torchvision.transforms", tv.transforms),
-                      ("torchaudio", types.ModuleType("torchaudio"))):
-        monkeypatch.setitem(sys.modules, name, mod)
-    yield
-    # spikingjelly.datasets was imported against the stubs: drop it with them.
-    for name in set(sys.modules) - before:
-        if name.startswith("spikingjelly.datasets"):
-            del sys.modules[name]
 
 
 @pytest.mark.parametrize("name, classes, hw", [
     ("cifar10dvs", ("airplane", "automobile"), (128, 128)),
     ("ncaltech101", ("accordion", "airplanes", "anchor"), (180, 240)),
 ])
-def test_neuromorphic_through_spikingjellys_class(tmp_path, stub_torchvision, name, classes, hw):
+def test_neuromorphic_through_spikingjellys_class(tmp_path, stub_torchvision, name, classes,
+                                                   hw, npz_frames):
     T = 4
     (tmp_path / "events_np").mkdir()
     frames = tmp_path / f"frames_number_{T}_split_by_number"
     for k, c in enumerate(classes):
         for j in range(10):
-            _npz_frames(frames / c / f"{c}_{j}.npz", T, *hw, value=k + 1)
+            npz_frames(frames / c / f"{c}_{j}.npz", T, *hw, value=k + 1)
     data = load_neuromorphic(name, tmp_path, T=T, size=12, seed=0)
     assert data.num_classes == len(classes) and data.temporal
     assert data.input_shape == (2, 12, 12)
@@ -194,12 +137,12 @@ def test_corrupt_archives_are_refused_before_spikingjelly_sees_them(tmp_path, st
         load_neuromorphic("ncaltech101", tmp_path, T=4)
 
 
-def test_missing_torchvision_is_a_clear_error(tmp_path, monkeypatch):
+def test_missing_torchvision_is_a_clear_error(tmp_path, monkeypatch, npz_frames):
     pytest.importorskip("spikingjelly")
     for name in [n for n in sys.modules if n.startswith("spikingjelly.datasets")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "torchvision", None)  # import raises ImportError
-    _npz_frames(tmp_path / "events_np" / "cat" / "a.npz", 1, 1, 1, 0)
+    npz_frames(tmp_path / "events_np" / "cat" / "a.npz", 1, 1, 1, 0)
     before = set(sys.modules)
     try:
         with pytest.raises(DataError, match="torchvision"):

@@ -126,8 +126,9 @@ def test_batch_first_event_data_trains_through_fit():
 @pytest.fixture(scope="module")
 def snn_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("snn")
-    rc = main(["snn", "train", "--arch", "spiking_mlp", "--fp-epochs", "3", "--q-epochs", "1",
-               "--out", str(out), "--no-progress"])
+    rc = main(["snn", "train", "--dataset", "digits", "--arch", "spiking_mlp", "--T", "4",
+               "--bits", "4", "--fp-epochs", "3", "--q-epochs", "1", "--out", str(out),
+               "--no-progress"])
     assert rc == 0
     return out
 
@@ -136,7 +137,8 @@ def test_qfv_snn_train_reports_both_and_writes_checkpoints(snn_run, capsys):
     res = json.loads((snn_run / "results.json").read_text())
     assert res["arch"] == "spiking_mlp" and res["snn"]["T"] == 4
     assert [r["weight_bits"] for r in res["runs"]] == [4]
-    assert 0.1 < res["fp_acc"] <= 1 and 0.1 < res["runs"][0]["acc"] <= 1
+    # 10 classes (chance 0.1); 3 + 1 epochs of the spiking MLP reach 0.84 and 0.84 (measured)
+    assert res["fp_acc"] > 0.75 and res["runs"][0]["acc"] > 0.75
     assert res["neurons"]["lif_layers"]["body.3"]["beta"] == 0.25
     model, info = load_checkpoint(snn_run / "nmult_w4.pt")
     assert isinstance(model, SpikingNet) and info["config"].act_bits is None
@@ -194,3 +196,53 @@ def test_qfv_export_writes_a_spiking_model_with_its_neurons(snn_run, tmp_path, f
     assert snn["T"] == 4 and snn["lif_layers"]["body.3"]["beta"] == 0.25
     assert snn["lif_layers"]["body.3"]["v_reset"] == 0.0
     assert main(["verify", str(out), ckpt, "--samples", "32"]) == 0
+
+
+@pytest.mark.parametrize("dataset, arch, classes, hw, size", [
+    ("cifar10dvs", "spiking_vgg11", ("airplane", "automobile"), (128, 128), 32),
+    ("ncaltech101", "spiking_resnet19", ("accordion", "airplanes"), (180, 240), 8),
+])
+def test_qfv_snn_train_on_a_neuromorphic_folder(tmp_path, stub_torchvision, npz_frames, dataset,
+                                                arch, classes, hw, size, capsys):
+    """The paper's models on CIFAR10-DVS / N-Caltech101 folders in spikingjelly's layout (10
+    samples per class, frames already integrated): the command trains both models, reports
+    them and writes checkpoints that rebuild the named architecture for these frames."""
+    T = 2
+    root = tmp_path / dataset
+    (root / "events_np").mkdir(parents=True)
+    for k, c in enumerate(classes):
+        for j in range(10):
+            npz_frames(root / f"frames_number_{T}_split_by_number" / c / f"{c}_{j}.npz", T, *hw,
+                       value=float(k))
+    out = tmp_path / "out"
+    assert main(["snn", "train", "--dataset", dataset, "--data-dir", str(root), "--arch", arch,
+                 "--T", str(T), "--frame-size", str(size), "--bits", "3", "--fp-epochs", "1",
+                 "--q-epochs", "1", "--batch-size", "18", "--out", str(out),
+                 "--no-progress"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert (res["dataset"], res["arch"], res["snn"]["T"]) == (dataset, arch, T)
+    assert (res["num_train"], res["num_test"]) == (18, 2)  # per-class 9:1 split
+    model, info = load_checkpoint(out / "nmult_w3.pt")
+    assert isinstance(model, SpikingNet) and info["arch"] == arch
+    assert tuple(info["input_shape"]) == (2, size, size) and info["num_classes"] == 2
+    assert info["config"].weight_bits == 3
+    with torch.no_grad():
+        assert model(torch.rand(1, T, 2, size, size)).shape == (1, 2)
+
+
+@pytest.mark.parametrize("dataset, shape, classes, sizes", [
+    ("synthetic", (2, 16, 16), 4, (1024, 256)),
+    ("idx", (1, 12, 12), 2, (200, 60)),
+])
+def test_qfv_snn_train_on_synthetic_events_and_idx_files(dataset, shape, classes, sizes,
+                                                        idx_folder, tmp_path):
+    out = tmp_path / "out"
+    extra = ["--data-dir", str(idx_folder)] if dataset == "idx" else []
+    assert main(["snn", "train", "--dataset", dataset, "--arch", "spiking_small_cnn", "--T", "2",
+                 "--fp-epochs", "1", "--q-epochs", "1", "--batch-size", "128", "--out", str(out),
+                 "--no-progress", *extra]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert (res["dataset"], res["num_train"], res["num_test"]) == (dataset, *sizes)
+    model, info = load_checkpoint(out / "nmult_w4.pt")
+    assert info["arch"] == "spiking_small_cnn" and isinstance(model, SpikingNet)
+    assert (tuple(info["input_shape"]), info["num_classes"]) == (shape, classes)

@@ -22,7 +22,9 @@ from qfv_brevitas.variability import (VariabilityMap, VariabilityMapError, Varia
                                       attach_variability, detach_variability,
                                       sample_variability_map)
 
-from test_faults import BIG, SMALL, Z999, assert_binomial, qmodel
+SMALL = [("fc1", (12, 16)), ("fc2", (16, 8)), ("fc3", (8, 3))]
+BIG = [("a", (256, 256)), ("b", (256, 128))]
+Z999 = 3.2905  # two-sided 99.9% standard normal quantile
 
 
 def normal_cdf(x: float) -> float:
@@ -73,7 +75,7 @@ def test_variability_model_rejects_bad_input(kw, match):
 # -- sampling -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("distribution", ["normal", "lognormal"])
-def test_zero_sigma_gives_factors_of_exactly_one(distribution):
+def test_zero_sigma_gives_factors_of_exactly_one(distribution, qmodel):
     model = qmodel(SMALL, layer_bits={"fc2": 3})
     vmap = sample_variability_map(model, VariabilityModel(sigma=0.0, distribution=distribution))
     for name, layer in nmult_layers(model):
@@ -88,7 +90,7 @@ def test_zero_sigma_gives_factors_of_exactly_one(distribution):
         assert torch.equal(hrs, torch.full_like(hrs, 1 / 10))
 
 
-def test_same_seed_same_map_bitwise_different_seed_different():
+def test_same_seed_same_map_bitwise_different_seed_different(qmodel):
     model = qmodel(SMALL)
     vm = VariabilityModel(sigma=0.2, hrs_on_off=20, seed=5)
     a = sample_variability_map(model, vm)
@@ -100,7 +102,7 @@ def test_same_seed_same_map_bitwise_different_seed_different():
             assert not torch.equal(a.layers[name][i], c.layers[name][i])
 
 
-def test_layers_draw_independently_of_the_rest_of_the_model():
+def test_layers_draw_independently_of_the_rest_of_the_model(qmodel):
     base = qmodel([("fc1", (12, 16)), ("fc2", (16, 8))])
     bigger = qmodel([("pre", (12, 12)), ("fc1", (12, 16)), ("mid", (16, 16)), ("fc2", (16, 8))])
     vm = VariabilityModel(sigma=0.3, hrs_on_off=10, distribution="lognormal", seed=2)
@@ -110,7 +112,7 @@ def test_layers_draw_independently_of_the_rest_of_the_model():
             assert torch.equal(m1.layers[name][i], m2.layers[name][i])
 
 
-def test_a_seed_gives_the_same_factors_on_every_machine():
+def test_a_seed_gives_the_same_factors_on_every_machine(qmodel):
     # Golden values: a change here means saved seeds no longer reproduce their maps (a change
     # of the per-layer seeding, of the draw order, or of torch's CPU generator). The tolerance
     # covers the last-ulp differences of torch's vectorised and scalar normal samplers.
@@ -128,7 +130,7 @@ def test_a_seed_gives_the_same_factors_on_every_machine():
         torch.testing.assert_close(got_hrs.flatten()[:6], torch.tensor(hrs), rtol=1e-6, atol=0)
 
 
-def test_lrs_factors_do_not_depend_on_the_hrs_settings():
+def test_lrs_factors_do_not_depend_on_the_hrs_settings(qmodel):
     model = qmodel(SMALL)
     plain = sample_variability_map(model, VariabilityModel(sigma=0.2, seed=3))
     hrs = sample_variability_map(model, VariabilityModel(sigma=0.2, hrs_on_off=10,
@@ -138,7 +140,7 @@ def test_lrs_factors_do_not_depend_on_the_hrs_settings():
 
 
 @pytest.mark.parametrize("sigma", [0.05, 0.2, 0.3])
-def test_normal_factors_have_mean_one_and_std_sigma(sigma):
+def test_normal_factors_have_mean_one_and_std_sigma(sigma, qmodel):
     vmap = sample_variability_map(qmodel(BIG[:1]), VariabilityModel(sigma=sigma, seed=1))
     lrs, _ = vmap.layers["a"]
     assert lrs.dtype == torch.float32
@@ -149,7 +151,7 @@ def test_normal_factors_have_mean_one_and_std_sigma(sigma):
     assert s["hrs_mean"] is None and s["cells"] == lrs.numel()
 
 
-def test_normal_factors_are_clipped_at_zero():
+def test_normal_factors_are_clipped_at_zero(qmodel, assert_binomial):
     lrs, _ = sample_variability_map(qmodel(BIG[:1]), VariabilityModel(sigma=0.5, seed=1)
                                     ).layers["a"]
     assert float(lrs.min()) == 0.0
@@ -158,7 +160,7 @@ def test_normal_factors_are_clipped_at_zero():
 
 
 @pytest.mark.parametrize("sigma", [0.1, 0.4])
-def test_lognormal_factors_have_mean_one_and_std_sigma(sigma):
+def test_lognormal_factors_have_mean_one_and_std_sigma(sigma, qmodel, assert_binomial):
     model = qmodel(BIG[:1])
     lrs, _ = sample_variability_map(model, VariabilityModel(
         sigma=sigma, distribution="lognormal", seed=1)).layers["a"]
@@ -171,7 +173,7 @@ def test_lognormal_factors_have_mean_one_and_std_sigma(sigma):
 
 
 @pytest.mark.parametrize("distribution", ["normal", "lognormal"])
-def test_hrs_factors_have_mean_one_over_on_off(distribution):
+def test_hrs_factors_have_mean_one_over_on_off(distribution, qmodel):
     model = qmodel(BIG[:1])
     vm = VariabilityModel(sigma=0.1, hrs_on_off=20, hrs_sigma=0.25, distribution=distribution,
                           seed=4)
@@ -186,7 +188,7 @@ def test_hrs_factors_have_mean_one_over_on_off(distribution):
     assert_mean_std(hrs_default, 1 / 20, 0.3 / 20, 3.0, "hrs with the layer's sigma")
 
 
-def test_layer_sigmas_override_by_name_and_unknown_names_are_errors():
+def test_layer_sigmas_override_by_name_and_unknown_names_are_errors(qmodel):
     model = qmodel(BIG)
     vmap = sample_variability_map(model, VariabilityModel(sigma=0.05, layer_sigmas={"b": 0.2}))
     assert_mean_std(vmap.layers["a"][0], 1.0, 0.05, 3.0, "a")
@@ -218,7 +220,7 @@ def test_variability_map_constructor_checks_the_factors():
         VariabilityMap({"fc": (ok, None)}, {})
 
 
-def test_save_load_round_trip_is_bitwise_and_keeps_meta(tmp_path):
+def test_save_load_round_trip_is_bitwise_and_keeps_meta(tmp_path, qmodel):
     model = qmodel(SMALL, layer_bits={"fc1": 2})
     vm = VariabilityModel(sigma=0.15, hrs_on_off=30.0, hrs_sigma=0.05, distribution="lognormal",
                           seed=12, layer_sigmas={"fc2": 0.3})
@@ -257,7 +259,7 @@ def test_corrupt_or_foreign_file_is_an_error_naming_the_file(tmp_path, make, mat
     assert str(path) in str(info.value)
 
 
-def test_validate_names_the_layer_and_the_mismatch():
+def test_validate_names_the_layer_and_the_mismatch(qmodel):
     model = qmodel(SMALL, skip=("fc3",))
     good = sample_variability_map(model, VariabilityModel(sigma=0.1))
     good.validate(model)
@@ -279,7 +281,7 @@ def test_validate_names_the_layer_and_the_mismatch():
 
 # -- attaching ----------------------------------------------------------------------------------
 
-def test_attach_detach_and_the_state_dict_round_trip():
+def test_attach_detach_and_the_state_dict_round_trip(qmodel):
     model = qmodel(SMALL)
     vmap = sample_variability_map(model, VariabilityModel(sigma=0.2, hrs_on_off=10, seed=1))
     partial = VariabilityMap({"fc1": vmap.layers["fc1"], "fc2": (vmap.layers["fc2"][0], None)},
@@ -303,7 +305,7 @@ def test_attach_detach_and_the_state_dict_round_trip():
     assert not any(l.weight_quant.has_variability for _, l in nmult_layers(model))
 
 
-def test_faults_and_variability_coexist_and_detach_separately():
+def test_faults_and_variability_coexist_and_detach_separately(qmodel):
     model = qmodel(SMALL)
     fmap = sample_fault_map(model, FaultModel(rate=0.2, seed=1))
     vmap = sample_variability_map(model, VariabilityModel(sigma=0.2, hrs_on_off=10, seed=1))
@@ -342,7 +344,7 @@ def _expected_deployed(layer, sa0, sa1, lrs, hrs) -> torch.Tensor:
     return c + (r * (s * lrs.double() + (1 - s) * hrs.double())).sum(-1)
 
 
-def test_the_attached_maps_reach_the_deployed_weights():
+def test_the_attached_maps_reach_the_deployed_weights(qmodel):
     model = qmodel(SMALL).eval()
     fmap = sample_fault_map(model, FaultModel(rate=0.2, seed=1))
     vmap = sample_variability_map(model, VariabilityModel(sigma=0.2, hrs_on_off=10, seed=1))
@@ -362,7 +364,7 @@ def test_the_attached_maps_reach_the_deployed_weights():
 
 # -- within- and between-chip components ---------------------------------------------------------
 
-def test_shared_components_multiply_the_device_factors_as_specified():
+def test_shared_components_multiply_the_device_factors_as_specified(qmodel):
     """lrs = device factor x chip factor x layer factor: the chip factor is one number for every
     cell of every layer, the layer factor one number per layer; the device draw is the map
     without shared components, bit for bit; HRS cells share the same factors."""
@@ -382,7 +384,7 @@ def test_shared_components_multiply_the_device_factors_as_specified():
         assert torch.equal(hrs, plain.layers[name][1] * f)
 
 
-def test_chip_only_variability_is_one_factor_for_the_whole_chip():
+def test_chip_only_variability_is_one_factor_for_the_whole_chip(qmodel):
     model = qmodel(SMALL)
     vmap = sample_variability_map(model, VariabilityModel(sigma=0.0, chip_sigma=0.3, seed=1))
     f = vmap.meta["shared_factors"]["chip"]
@@ -395,7 +397,7 @@ def test_chip_only_variability_is_one_factor_for_the_whole_chip():
                                                 [name]))
 
 
-def test_monte_carlo_over_chips_and_over_the_devices_of_a_chip():
+def test_monte_carlo_over_chips_and_over_the_devices_of_a_chip(qmodel):
     """Same chip_seed, different seed: same chip factors, new devices; a new chip_seed: a new
     chip. Without shared components the map does not depend on chip_seed at all."""
     model = qmodel(SMALL)
@@ -419,7 +421,7 @@ def test_monte_carlo_over_chips_and_over_the_devices_of_a_chip():
     assert all(torch.equal(p1.layers[n][0], p2.layers[n][0]) for n in p1.layers)
 
 
-def test_chip_factors_have_mean_one_and_std_chip_sigma():
+def test_chip_factors_have_mean_one_and_std_chip_sigma(qmodel):
     model = qmodel([("fc", (2, 2))])
     f = torch.tensor([sample_variability_map(model, VariabilityModel(
         sigma=0.0, chip_sigma=0.1, seed=0, chip_seed=k)).meta["shared_factors"]["chip"]
@@ -427,7 +429,7 @@ def test_chip_factors_have_mean_one_and_std_chip_sigma():
     assert_mean_std(f, 1.0, 0.1, 3.0, "chip factor", resolution=0.06)
 
 
-def test_a_layer_exempted_with_sigma_zero_gets_no_shared_component():
+def test_a_layer_exempted_with_sigma_zero_gets_no_shared_component(qmodel):
     model = qmodel(SMALL)
     vmap = sample_variability_map(model, VariabilityModel(
         sigma=0.1, chip_sigma=0.3, seed=2, layer_sigmas={"fc1": 0.0}))

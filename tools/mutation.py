@@ -1,0 +1,455 @@
+#!/usr/bin/env python3
+"""Mutation check of the core modules: does the test suite notice plausible bugs?
+
+Each mutant below is one small, plausible breakage: an exact snippet of a source file and
+its replacement, with the few tests that should notice it. For every mutant the repository is
+copied to a temporary folder (your working files are never touched), the snippet is replaced
+there, and the mutant's tests run in that copy (``PYTHONPATH`` points at it). A mutant is
+*caught* when a test fails, *not caught* when all pass. The table lists every mutant; the
+exit status is 0 only if every mutant was caught and every snippet was found.
+
+Run on demand, not in CI (about 2-4 minutes on 2 cores), under the shared CPU lock if there is
+one:
+
+    flock /tmp/qfv-cpu.lock .venv/bin/python tools/mutation.py            # all, 2 at a time
+    .venv/bin/python tools/mutation.py --only train-adam-sgd-swapped -v   # one, with output
+    .venv/bin/python tools/mutation.py --list                            # what is checked
+
+A snippet that is no longer in its file (the code moved or changed) is reported as MISSING and
+fails the run: update the mutant (file, snippet, tests) to the new code rather than drop it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    id: str
+    file: str  # relative to the repository root
+    original: str  # must occur exactly once in the file
+    replacement: str
+    tests: Tuple[str, ...]  # pytest arguments: files, node ids, "-k", expressions
+    what: str  # the bug, in words
+
+
+M = Mutant
+MUTANTS: List[Mutant] = [
+    # -- levels.py: level tables, nearest-level search, the regularizer's distance -------------
+    M("levels-bit-order-reversed", "qfv_brevitas/levels.py",
+      "        out = out + r[:, k:k + 1] * b[:, k]\n",
+      "        out = out + r[:, k:k + 1] * b[:, r.shape[1] - 1 - k]\n",
+      ("tests/test_levels.py::test_level_table_matches_definition",),
+      "level table reads the code MSB first"),
+    M("levels-ties-go-down", "qfv_brevitas/levels.py",
+      "        idx += wb >= thr_at[k]\n",
+      "        idx += wb > thr_at[k]\n",
+      ("tests/test_levels.py::test_threshold_ties_go_up_hand_made",),
+      "a weight exactly on a decision threshold goes to the lower level"),
+    M("levels-1ulp-threshold", "qfv_brevitas/levels.py",
+      "    thr = torch.where(thr > lo, thr, hi)\n",
+      "    thr = torch.where(thr > lo, thr, lo)\n",
+      ("tests/test_levels.py::test_level_one_ulp_from_neighbour_snaps_to_itself",),
+      "levels one ulp apart: a weight on the lower level is sent up"),
+    M("levels-nearest-materialises", "qfv_brevitas/levels.py",
+      "        li = _LevelIndex(levels, w2d.dtype)\n"
+      "        idx = li.search(w2d)\n"
+      "        if li.G == 1:",
+      "        li = _LevelIndex(levels, w2d.dtype)\n"
+      "        idx = (w2d[:, :, None] - li.values[:, None, :]).abs().argmin(-1).to(torch.uint8)\n"
+      "        if li.G == 1:",
+      ("tests/test_levels.py::test_nearest_and_regularizer_peak_memory_is_o_n_at_8_bits",),
+      "nearest() builds the full (G, M, 2**N) distance array (issue 11, #7)"),
+    M("levels-eq7-level-grad-sign", "qfv_brevitas/levels.py",
+      "(sums.view(G, li.L) * (-2 * g))",
+      "(sums.view(G, li.L) * (2 * g))",
+      ("tests/test_levels.py::test_sq_distance_gradients_are_eq7",),
+      "eq. 7: the gradient to r and c has the wrong sign"),
+    M("levels-weight-grad-factor", "qfv_brevitas/levels.py",
+      "torch.mul(d, 2 * g, out=grad_w[r0:r1, c0:c1])",
+      "torch.mul(d, g, out=grad_w[r0:r1, c0:c1])",
+      ("tests/test_levels.py::test_sq_distance_gradcheck",),
+      "d/dw of (w - q)^2 missing its factor 2"),
+    M("levels-ste-no-weight-grad", "qfv_brevitas/levels.py",
+      "        return (g if ctx.needs_input_grad[0] else None), grad_levels\n",
+      "        return None, grad_levels\n",
+      ("tests/test_levels.py::test_snap_ste_forward_and_gradients",),
+      "straight-through estimator passes no gradient to the weights"),
+    M("levels-lsq-step", "qfv_brevitas/levels.py",
+      "mean(dim=1) / (qp(bits) ** 0.5)",
+      "mean(dim=1) / qp(bits)",
+      ("tests/test_levels.py::test_qp_and_lsq_step_init",),
+      "LSQ step init divides by Q_P instead of sqrt(Q_P)"),
+    # -- quantizers.py: the Brevitas seam ----------------------------------------------------------
+    M("quantizers-to-groups-ignores-channel-dim", "qfv_brevitas/quantizers.py",
+      "        return w.movedim(self.channel_dim, 0).reshape(w.shape[self.channel_dim], -1)\n",
+      "        return w.reshape(self.groups, -1)\n",
+      ("tests/test_quantizers.py::test_per_channel_on_the_output_axis_of_a_transposed_conv",),
+      "per-channel groups taken along axis 0 whatever the channel axis (issue 11, #5)"),
+    M("quantizers-paper-mode-never-snaps", "qfv_brevitas/quantizers.py",
+      '        if self.mode == "paper" and self.training:\n',
+      '        if self.mode == "paper":\n',
+      ("tests/test_quantizers.py", "-k", "paper_mode_trains_on_float_weights"),
+      "paper mode keeps full-precision weights in eval too"),
+    M("quantizers-both-without-regularizer", "qfv_brevitas/quantizers.py",
+      '        return self.mode in ("paper", "both")\n',
+      '        return self.mode == "paper"\n',
+      ("tests/test_regularizer.py",),
+      "mode 'both' (STE + regularizer) loses its regularizer"),
+    M("quantizers-aware-mapping-ignored", "qfv_brevitas/quantizers.py",
+      '        if mapping == "aware":\n            return D.aware_codes(',
+      '        if mapping == "never":\n            return D.aware_codes(',
+      ("tests/test_repair.py", "-k", "aware_deployment_is_nearest_reachable"),
+      "deploy_mapping='aware' deploys naive codes"),
+    M("quantizers-mode-not-restored", "qfv_brevitas/quantizers.py",
+      '        self.mode = check_choice(state.get("mode", self.mode), MODES, "forward mode")\n',
+      '        check_choice(state.get("mode", self.mode), MODES, "forward mode")\n',
+      ("tests/test_quantizers.py", "-k", "mode_restored_from_checkpoint"),
+      "a checkpoint's forward mode is not restored on load"),
+    # -- regularizer.py, config.py: eq. 6 and the lambda schedule ----------------------------------
+    M("regularizer-alpha", "qfv_brevitas/regularizer.py",
+      "    return 1.0 / math.sqrt(num_weights * qp(bits))\n",
+      "    return 1.0 / math.sqrt(num_weights) / qp(bits)\n",
+      ("tests/test_regularizer.py",),
+      "alpha_l = 1/(sqrt(n) Q_P) instead of 1/sqrt(n Q_P)"),
+    M("config-lambda-rise-late", "qfv_brevitas/config.py",
+      "        frac = (epoch - first_rise + 1) / self.rise_epochs\n",
+      "        frac = (epoch - first_rise) / self.rise_epochs\n",
+      ("tests/test_regularizer.py", "-k", "schedule"),
+      "the lambda rise starts one epoch late"),
+    # -- train.py: the QAT loop -----------------------------------------------------------------
+    M("train-quant-optimizer-never-built", "qfv_brevitas/train.py",
+      "    if quant:\n        if cfg.quant_optimizer",
+      "    if False:\n        if cfg.quant_optimizer",
+      ("tests/test_train.py",),
+      "fit never builds the optimizer of r/c (issue 11, #1)"),
+    M("train-quant-optimizer-never-stepped", "qfv_brevitas/train.py",
+      "            for o, sch in zip(opts, scheds):\n",
+      "            for o, sch in zip(opts[:1], scheds[:1]):\n",
+      ("tests/test_train.py",),
+      "fit never steps the optimizer of r/c (issue 11, #1)"),
+    M("train-adam-sgd-swapped", "qfv_brevitas/train.py",
+      '        if cfg.quant_optimizer == "adam":\n',
+      '        if cfg.quant_optimizer == "sgd":\n',
+      ("tests/test_train.py",),
+      "Adam and SGD for r/c swapped (issue 11, #2)"),
+    M("train-weight-decay-on-r-c", "qfv_brevitas/train.py",
+      '{"params": quant, "weight_decay": 0.0,',
+      '{"params": quant, "weight_decay": cfg.weight_decay,',
+      ("tests/test_train.py",),
+      "weight decay applied to r/c (issue 11, #2)"),
+    M("train-lambda-held", "qfv_brevitas/train.py",
+      "        lam = reg.lam(epoch) if reg is not None else 0.0\n",
+      "        lam = reg.lam(0) if reg is not None else 0.0\n",
+      ("tests/test_train.py",),
+      "fit keeps lambda at its first value (issue 11, #3)"),
+    M("train-cosine-per-epoch", "qfv_brevitas/train.py",
+      "T_max=cfg.epochs * len(loader))",
+      "T_max=cfg.epochs)",
+      ("tests/test_train.py",),
+      "cosine decay over epochs while it is stepped every batch"),
+    # -- repair.py: fault-aware fine-tuning --------------------------------------------------------
+    M("repair-remap-only-at-the-end", "qfv_brevitas/repair.py",
+      "        if (epoch + 1) % remap_every == 0 or epoch == cfg.epochs - 1:\n",
+      "        if epoch == cfg.epochs - 1:\n",
+      ("tests/test_repair.py", "-k", "remaps_every"),
+      "fault-aware fine-tuning ignores remap_every (issue 11, #4)"),
+    M("repair-finetune-keeps-ste", "qfv_brevitas/repair.py",
+      '    set_forward_mode(model, "paper")\n    set_deploy_mapping(model, "aware")\n'
+      "    remap_to_valid_(model)\n",
+      '    set_deploy_mapping(model, "aware")\n    remap_to_valid_(model)\n',
+      ("tests/test_repair.py", "-k", "remaps_every"),
+      "fault-aware fine-tuning no longer switches to paper mode (issue 11, #4)"),
+    M("repair-remap-moves-every-weight", "qfv_brevitas/repair.py",
+      "        new = torch.where(faulty, v.to(w2d.dtype), w2d)\n",
+      "        new = v.to(w2d.dtype)\n",
+      ("tests/test_repair.py", "-k", "remap_moves_only_faulty"),
+      "remapping moves fault-free weights too"),
+    # -- device.py, faults.py, variability.py, evaluate.py, bitflip.py -----------------------------
+    M("device-stuck-at-1-ignored", "qfv_brevitas/device.py",
+      "    if sa1 is not None:\n        out = out | sa1\n",
+      "    if sa1 is not None:\n        out = out\n",
+      ("tests/test_device.py",),
+      "stuck-at-1 cells read as programmed"),
+    M("faults-sa1-share", "qfv_brevitas/faults.py",
+      "    t1 = rate * sa1_fraction",
+      "    t1 = rate * (1 - sa1_fraction)",
+      ("tests/test_faults.py", "-k", "binomial"),
+      "stuck-at-1 and stuck-at-0 shares swapped"),
+    M("variability-lognormal-mean", "qfv_brevitas/variability.py",
+      "    return torch.exp(math.sqrt(s2) * z - s2 / 2)\n",
+      "    return torch.exp(math.sqrt(s2) * z)\n",
+      ("tests/test_variability.py", "-k", "lognormal"),
+      "lognormal factors with median 1 instead of mean 1"),
+    M("variability-normal-unclipped", "qfv_brevitas/variability.py",
+      "        return (1.0 + sigma * z).clamp_(min=0.0)\n",
+      "        return 1.0 + sigma * z\n",
+      ("tests/test_variability.py", "-k", "clipped"),
+      "normal factors go negative (a negative conductance)"),
+    M("evaluate-same-map-every-trial", "qfv_brevitas/evaluate.py",
+      "                    attach(m, level, seed + k)\n",
+      "                    attach(m, level, seed)\n",
+      ("tests/test_evaluate.py",),
+      "Monte Carlo draws the same map in every trial"),
+    M("bitflip-rate-per-word", "qfv_brevitas/bitflip.py",
+      "        out |= (torch.rand(numel, generator=gen) < rate).to(torch.uint8) << i\n",
+      "        out |= (torch.rand(numel, generator=gen) < rate / bits).to(torch.uint8) << i\n",
+      ("tests/test_bitflip.py",),
+      "bit-error rate applied per word instead of per bit"),
+    # -- convert.py, export ------------------------------------------------------------------------
+    M("convert-edges-not-8-bit", "qfv_brevitas/convert.py",
+      "        abits = config.first_last_bits if name in edge else config.act_bits\n",
+      "        abits = config.act_bits\n",
+      ("tests/test_convert.py", "-k", "resnet_converted_layers or vgg_converted_layers"),
+      "first/last layers' input activations not at first_last_bits"),
+    M("export-round-to-grid-floors", "qfv_brevitas/export/fixedpoint.py",
+      "    return (t.double() * s).round().div(s).to(t.dtype)\n",
+      "    return (t.double() * s).floor().div(s).to(t.dtype)\n",
+      ("tests/test_export.py", "-k", "round_to_grid"),
+      "round_to_grid floors (issue 11, #6)"),
+    M("export-fixed-point-width", "qfv_brevitas/export/fixedpoint.py",
+      "        return max(1, int(hi).bit_length()), False\n",
+      "        return max(1, int(hi).bit_length()) + 1, False\n",
+      ("tests/test_export.py", "-k", "smallest_that_holds"),
+      "fixed-point export declares one integer bit more than the levels need"),
+    M("export-programmed-not-held-codes", "qfv_brevitas/export/layers.py",
+      "            info.codes = D.force_codes(info.codes, proxy.fault_sa0.cpu(), "
+      "proxy.fault_sa1.cpu())\n",
+      "            info.codes = info.codes  # (the device's stuck bits left out)\n",
+      ("tests/test_export.py", "-k", "faulty_device_export_holds_the_forced_codes"),
+      "the exported file holds the programmed codes, not those the faulty device holds"),
+    # -- the related methods: shapes, SAM, self-tuning ---------------------------------------------
+    M("shapes-gauss-width-unscaled", "qfv_brevitas/shapes.py",
+      "        s = k * h\n",
+      "        s = k\n",
+      ("tests/test_shapes.py", "-k", "gauss_width_sets_sigma"),
+      "Gaussian well's sigma not scaled by the local level spacing"),
+    M("shapes-sin-period", "qfv_brevitas/shapes.py",
+      "        t = math.pi * d / h\n",
+      "        t = 2 * math.pi * d / h\n",
+      ("tests/test_shapes.py", "-k", "sinreq"),
+      "SinReQ's sinusoid with half the level spacing as period (zero between levels)"),
+    M("sam-unnormalised-ascent", "qfv_brevitas/sam.py",
+      "        scale = self.rho / norm if norm > 0 else 0.0\n",
+      "        scale = self.rho if norm > 0 else 0.0\n",
+      ("tests/test_sam.py", "-k", "hand_computed_two_step_update_plain_model"),
+      "SAM ascends by rho * g instead of rho * g / ||g||"),
+    M("selftune-scale-inverted", "qfv_brevitas/selftune.py",
+      "ref_std / std.clamp(min=self.eps)",
+      "std / ref_std.clamp(min=self.eps)",
+      ("tests/test_selftune.py", "-k", "restores_the_clean_layer_statistics"),
+      "self-tuning scales by chip std / reference std (the inverse)"),
+    # -- more state and conversion ----------------------------------------------------------------
+    M("proxy-deploy-mapping-not-restored", "qfv_brevitas/quantizers.py",
+      "        self.deploy_mapping = mapping\n",
+      "        pass\n",
+      ("tests/test_repair.py", "-k", "round_trip_through_a_checkpoint"),
+      "a checkpoint's aware deploy mapping comes back naive"),
+    M("convert-always-signed-activations", "qfv_brevitas/convert.py",
+      "Uint8ActPerTensorFloat if nonneg.get(name, False) else Int8ActPerTensorFloat",
+      "Int8ActPerTensorFloat",
+      ("tests/test_convert.py", "-k", "edges_and_signs"),
+      "non-negative inputs (after ReLU) get signed activation quantizers: a bit wasted"),
+    M("levels-blocks-drop-last-column", "qfv_brevitas/levels.py",
+      "            yield r, r + 1, c0, min(c0 + block, M)\n",
+      "            yield r, r + 1, c0, min(c0 + block, M - 1)\n",
+      ("tests/test_levels.py", "-k", "blocks_tile"),
+      "the blocked passes skip the last weight of long rows"),
+    M("evaluate-edges-on-the-device", "qfv_brevitas/evaluate.py",
+      '    return {n: 0.0 for n in edge_layers(model)} if layers == "inner" else {}\n',
+      "    return {}\n",
+      ("tests/test_evaluate.py", "-k", "edge_layers_and_all_layers"),
+      "layers='inner' puts the 8-bit first and last layers on the faulty device too"),
+]
+
+
+# -- running -------------------------------------------------------------------------------------
+
+def _repo_files() -> List[str]:
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
+                         capture_output=True, check=True).stdout.decode()
+    return [f for f in out.split("\0") if f and (ROOT / f).is_file()]
+
+
+def _copy_repo(dest: Path, files: Sequence[str]) -> None:
+    for f in files:
+        target = dest / f
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, target)
+
+
+def _env(copy: Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(copy)] + [p for p in env.get("PYTHONPATH", "")
+                                                         .split(os.pathsep) if p])
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # no stale bytecode between a file and its mutant
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _pytest(copy: Path, args: Sequence[str], timeout: int) -> Tuple[int, str]:
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *args]
+    try:
+        p = subprocess.run(cmd, cwd=copy, env=_env(copy), capture_output=True, text=True,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        return -1, f"timed out after {timeout} s\n{e.stdout or ''}"
+    return p.returncode, p.stdout + p.stderr
+
+
+def _check_snippet(m: Mutant) -> Optional[str]:
+    path = ROOT / m.file
+    if not path.exists():
+        return f"file {m.file} does not exist"
+    n = path.read_text().count(m.original)
+    if n == 0:
+        return f"snippet not found in {m.file}"
+    if n > 1:
+        return f"snippet occurs {n} times in {m.file} (must be unique)"
+    if m.original == m.replacement:
+        return "replacement equals the snippet"
+    return None
+
+
+@dataclass
+class Result:
+    mutant: Mutant
+    status: str  # caught | NOT CAUGHT | MISSING | ERROR
+    detail: str
+    seconds: float
+    output: str = ""
+
+
+def _first_failure(output: str) -> str:
+    m = re.search(r"^(?:FAILED|ERROR) (\S+)", output, re.M)
+    return m.group(1) if m else ""
+
+
+def run_mutant(m: Mutant, base: Path, timeout: int) -> Result:
+    t0 = time.perf_counter()
+    problem = _check_snippet(m)
+    if problem:
+        return Result(m, "MISSING", problem, 0.0)
+    with tempfile.TemporaryDirectory(prefix=f"qfv-mut-{m.id}-") as d:
+        copy = Path(d) / "repo"
+        shutil.copytree(base, copy)
+        target = copy / m.file
+        target.write_text(target.read_text().replace(m.original, m.replacement, 1))
+        rc, out = _pytest(copy, m.tests, timeout)
+    secs = time.perf_counter() - t0
+    if rc == 1:
+        return Result(m, "caught", _first_failure(out), secs, out)
+    if rc == 0:
+        return Result(m, "NOT CAUGHT", "every selected test passed", secs, out)
+    tail = out.strip().splitlines()[-1] if out.strip() else ""
+    return Result(m, "ERROR", f"pytest exit {rc}: {tail}", secs, out)
+
+
+def _table(results: Sequence[Result], markdown: bool) -> str:
+    rows = [(r.mutant.id, r.mutant.file.replace("qfv_brevitas/", ""), r.status,
+             r.detail.replace("tests/", ""), f"{r.seconds:.0f}") for r in results]
+    head = ("mutant", "file", "result", "caught by / why", "s")
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(f"`{c}`" if i in (0, 3) and c else c
+                                    for i, c in enumerate(row)) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+                     + [fmt.format(*row) for row in rows])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", metavar="ID", help="run these mutants only")
+    p.add_argument("--jobs", "-j", type=int, default=2, help="mutants run at once (default 2)")
+    p.add_argument("--timeout", type=int, default=600, help="seconds per mutant")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip checking that the selected tests pass on the unmutated copy")
+    p.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    p.add_argument("--list", action="store_true", help="list the mutants and exit")
+    p.add_argument("-v", "--verbose", action="store_true", help="print each mutant's test output")
+    args = p.parse_args(argv)
+
+    mutants = MUTANTS
+    if args.only:
+        unknown = set(args.only) - {m.id for m in MUTANTS}
+        if unknown:
+            p.error(f"unknown mutant ids: {sorted(unknown)}")
+        mutants = [m for m in MUTANTS if m.id in args.only]
+    ids = [m.id for m in MUTANTS]
+    assert len(ids) == len(set(ids)), "mutant ids must be unique"
+    if args.list:
+        for m in mutants:
+            print(f"{m.id:<44} {m.file:<34} {m.what}\n{'':<44} tests: {' '.join(m.tests)}")
+        return 0
+
+    missing = [(m, _check_snippet(m)) for m in mutants]
+    missing = [(m, why) for m, why in missing if why]
+    for m, why in missing:
+        print(f"!!! MISSING {m.id}: {why}. The code changed: update this mutant in "
+              f"tools/mutation.py (file, snippet, tests).", file=sys.stderr)
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="qfv-mut-base-") as d:
+        base = Path(d) / "repo"
+        base.mkdir()
+        _copy_repo(base, _repo_files())
+        probe = subprocess.run([sys.executable, "-c", "import qfv_brevitas; "
+                                "print(qfv_brevitas.__file__)"], cwd=base, env=_env(base),
+                               capture_output=True, text=True)
+        if not probe.stdout.strip().startswith(str(base)):
+            print(f"!!! the copy's package is not the one imported ({probe.stdout.strip()} "
+                  f"{probe.stderr.strip()[-500:]}): mutants would not be tested", file=sys.stderr)
+            return 2
+        runnable = [m for m in mutants if m not in {mm for mm, _ in missing}]
+        if not args.no_baseline and runnable:
+            # each distinct selection must pass on the unmutated copy, or "caught" means nothing
+            selections = list(dict.fromkeys(m.tests for m in runnable))
+            with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+                outcomes = list(pool.map(lambda t: _pytest(base, t, args.timeout), selections))
+            failed = [(t, rc, out) for t, (rc, out) in zip(selections, outcomes) if rc != 0]
+            for t, rc, out in failed:
+                print(f"!!! baseline: {' '.join(t)} fails without any mutation (exit {rc}):\n"
+                      f"{out[-3000:]}", file=sys.stderr)
+            if failed:
+                return 2
+            print(f"baseline: {len(selections)} test selections pass unmutated "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        results: List[Result] = [Result(m, "MISSING", why, 0.0) for m, why in missing]
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            for r in pool.map(lambda m: run_mutant(m, base, args.timeout), runnable):
+                print(f"  {r.status:<10} {r.mutant.id} ({r.seconds:.0f} s)", flush=True)
+                if args.verbose:
+                    print(r.output)
+                results.append(r)
+    order = {m.id: i for i, m in enumerate(MUTANTS)}
+    results.sort(key=lambda r: order[r.mutant.id])
+    caught = sum(r.status == "caught" for r in results)
+    print()
+    print(_table(results, args.markdown))
+    print(f"\n{caught}/{len(results)} mutants caught ({time.perf_counter() - t0:.0f} s, "
+          f"{args.jobs} at a time)")
+    bad = [r for r in results if r.status != "caught"]
+    if bad:
+        print("!!! " + ", ".join(f"{r.mutant.id}: {r.status}" for r in bad), file=sys.stderr)
+    return 0 if not bad else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
