@@ -101,15 +101,15 @@ def run_experiment(out_dir: Union[str, Path], dataset: str = "digits",
             results["runs"].append({"variant": variant, "weight_bits": b, "act_bits": b,
                                     "mode": mode, "init": cfg.init, "per_channel": per_channel,
                                     "acc": acc, "delta_vs_fp": acc - fp_acc, "history": hist})
+            if save_models:
+                name = f"{variant}_w{b}a{b}.pt"
+                save_checkpoint(out / name, q, arch, shape, num_classes, cfg, acc=acc, **meta)
+                results["files"].append(name)
             if variant == "nmult":
                 from .plots import plot_fitted_levels
 
                 name = f"levels_fit_w{b}a{b}.png"
                 plot_fitted_levels(q, out / name)
-                results["files"].append(name)
-            if save_models:
-                name = f"{variant}_w{b}a{b}.pt"
-                save_checkpoint(out / name, q, arch, shape, num_classes, cfg, acc=acc, **meta)
                 results["files"].append(name)
             if variant == "nmult" or (variant == variants[-1] and "nmult" not in variants):
                 plotted[f"{variant} W{b}A{b}"] = q
