@@ -371,3 +371,27 @@ def test_level_errors_rows(float_cnn):
         assert r["vs_uniform"] == pytest.approx(r["mse"] / r["uniform_mse"])
     inner = [r for r in rows if r["bits"] == 3]
     assert max(r["nonuniformity"] for r in inner) > 0.05
+
+
+def test_train_init_and_refit_every_options(tmp_path):
+    """``--init`` reaches the quantizers and ``--refit-every`` the training: LSQ's start with no
+    refit stays near uniform; fitted levels, refitted, do not."""
+    common = ["--arch", "mlp", "--bits", "3", "--variants", "nmult", "--fp-epochs", "2",
+              "--q-epochs", "1", "--no-progress"]
+    assert main(["train", "--init", "lsq", "--refit-every", "0", "--out",
+                 str(tmp_path / "lsq"), *common]) == 0
+    assert main(["train", "--init", "uniform", "--refit-every", "0", "--out",
+                 str(tmp_path / "uniform"), *common]) == 0
+    assert main(["train", "--init", "fit", "--refit-every", "5", "--out",
+                 str(tmp_path / "fit"), *common]) == 0
+    runs = {}
+    for init, refit in (("lsq", "0"), ("uniform", "0"), ("fit", "5")):
+        out = tmp_path / init
+        res = json.loads((out / "results.json").read_text())
+        assert res["runs"][0]["init"] == init and res["q_train"]["refit_every"] == int(refit)
+        model, info = load_checkpoint(out / "nmult_w3a3.pt")
+        assert info["config"].init == init
+        assert (out / "levels_fit_w3a3.png").is_file()
+        inner = [quant_of(l) for _, l in nmult_layers(model) if quant_of(l).bits == 3]
+        runs[init] = max(float(F.nonuniformity(tq.multipliers().detach()).max()) for tq in inner)
+    assert runs["lsq"] < 0.05 and runs["uniform"] < 0.05 < runs["fit"], runs

@@ -273,6 +273,27 @@ MUTANTS: List[Mutant] = [
       "    return {}\n",
       ("tests/test_evaluate.py", "-k", "edge_layers_and_all_layers"),
       "layers='inner' puts the 8-bit first and last layers on the faulty device too"),
+    # -- fitting.py and its users: levels fitted to the weights (issue 10) ------------------------
+    M("fitting-least-squares-never-moves", "qfv_brevitas/fitting.py",
+      "    return torch.where(ok.unsqueeze(-1), x, x_prev)\n",
+      "    return x_prev\n",
+      ("tests/test_fitting.py", "-k", "additive_grid_are_recovered or warm_refit or heavy"),
+      "the alternation's least-squares step never moves (r, c): the fit is its best start"),
+    M("fitting-init-fit-is-lsq", "qfv_brevitas/quantizers.py",
+      '        if self.level_init == "lsq":\n',
+      '        if self.level_init in ("lsq", "fit"):\n',
+      ("tests/test_ptq.py", "-k", "level_init_on_a_brevitas_layer or fits_the_real_weights"),
+      "init='fit' quietly starts from LSQ's grid"),
+    M("train-refit-ignored", "qfv_brevitas/train.py",
+      "                refit_levels_(model, warm=True)\n",
+      "                pass\n",
+      ("tests/test_ptq.py", "-k", "refit_every_refits_during_training"),
+      "TrainConfig.refit_every is ignored: the levels are never refitted during QAT"),
+    M("fitting-no-uniform-fallback", "qfv_brevitas/fitting.py",
+      "        worse = error > ef\n",
+      "        worse = error > 2 * ef\n",
+      ("tests/test_fitting.py", "-k", "never_worse or warm_refit"),
+      "the final check lets a fit end up to 2x worse than the best uniform grid / warm start"),
 ]
 
 
