@@ -87,7 +87,8 @@ def float_model(out: Path, seed: int, train, test):
 
 
 def run_method(name, fp, bits, epochs, seed, train, test, example, refit_every):
-    cfg = TrainConfig(epochs=epochs, lr=0.01, lambda_rise_epochs=min(5, epochs), seed=seed)
+    cfg = TrainConfig(epochs=epochs, lr=0.01, lambda_rise_epochs=min(5, epochs), seed=seed,
+                      refit_every=0)
     if name == "brevitas":
         q = brevitas_uniform(fp, bits, act_bits=bits, example_input=example)
     else:
@@ -95,8 +96,9 @@ def run_method(name, fp, bits, epochs, seed, train, test, example, refit_every):
         q = quantize_model(copy.deepcopy(fp), NMultConfig(weight_bits=bits, act_bits=bits,
                                                           variant=variant, mode=mode, init=init),
                            example_input=example)
-        if refit:
-            cfg = TrainConfig(**{**cfg.__dict__, "refit_every": refit_every})
+        # Only the "-refit" methods refit: the others (and "brevitas") train with refits off,
+        # whatever TrainConfig's default is.
+        cfg = TrainConfig(**{**cfg.__dict__, "refit_every": refit_every if refit else 0})
     t0 = time.perf_counter()
     fit(q, train, None, cfg, progress=False)
     secs = time.perf_counter() - t0
