@@ -189,7 +189,10 @@ def load_checkpoint(path: Union[str, Path]) -> Tuple[nn.Module, dict]:
                                   "checkpoint's config (written by another version?)")
         try:
             config = NMultConfig(**cfg)
-            model = quantize_model(model, config, unsigned_inputs=unsigned, inplace=True)
+            # r and c come from the state dict: build with LSQ's cheap start instead of
+            # fitting levels to the random init weights only to overwrite them.
+            model = quantize_model(model, dataclasses.replace(config, init="lsq"),
+                                   unsigned_inputs=unsigned, inplace=True)
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"{path}: its quantization config does not fit: {e}") from None
     try:

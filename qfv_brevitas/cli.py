@@ -8,12 +8,14 @@ import sys
 import warnings
 from typing import List, Optional, Sequence
 
-from .config import MODES, VARIANTS
+from .config import INITS, MODES, VARIANTS
 
 __all__ = ["main", "build_parser"]
 
 
 def _add_train_args(p: argparse.ArgumentParser, quick_default: bool = False) -> None:
+    from .train import TrainConfig
+
     p.add_argument("--dataset", choices=("digits", "idx"), default="digits",
                    help="digits: scikit-learn's bundled 8x8 digits; idx: MNIST-family IDX files")
     p.add_argument("--data-dir", help="folder with the IDX files (for --dataset idx)")
@@ -23,6 +25,12 @@ def _add_train_args(p: argparse.ArgumentParser, quick_default: bool = False) -> 
     p.add_argument("--variants", nargs="+", default=list(("fixed", "step", "nmult")),
                    choices=VARIANTS)
     p.add_argument("--mode", default="paper", choices=MODES)
+    p.add_argument("--init", default=None, choices=INITS,
+                   help="initial levels: lsq (LSQ's uniform grid), uniform (best-MSE uniform "
+                        "grid) or fit (levels fitted to the float weights); default: fit for "
+                        "nmult, lsq for step and fixed")
+    p.add_argument("--refit-every", type=int, default=TrainConfig.refit_every,
+                   help="QAT: refit the levels to the weights every this many steps (0 = off)")
     p.add_argument("--per-channel", action="store_true")
     p.add_argument("--fp-epochs", type=int, default=None,
                    help="float epochs (default 30 on digits, 3 on IDX data)")
@@ -54,7 +62,9 @@ def declare_io(p: argparse.ArgumentParser, out: Optional[str],
     ``"file"`` (one file), ``"run"`` (a run folder replaced whole), ``"crossbar"`` (a crossbar
     folder replaced whole), ``"results"`` (a folder receiving the files ``names``), or None
     (the command writes nothing). With an output, ``--force`` is added: an existing output is
-    replaced only with it; an output that is one of the inputs is always refused.
+    replaced only with it; an output that is one of the inputs is always refused. A command
+    whose ``--out`` is optional names its default with ``set_defaults(_io_default_out=f)``,
+    ``f(args) -> path``, so that the default is checked the same way.
     """
     if out is not None:
         p.add_argument("--force", action="store_true",
@@ -70,6 +80,8 @@ def _check_io(args) -> None:
     kind = getattr(args, "_io_out", None)
     if kind is None:
         return
+    if getattr(args, "out", None) is None and getattr(args, "_io_default_out", None):
+        args.out = args._io_default_out(args)  # an output named after the input
     inputs = [getattr(args, d) for d in getattr(args, "_io_inputs", ())
               if getattr(args, d, None)]
     force = bool(getattr(args, "force", False))
@@ -137,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: modules (relative to the package) that add ``qfv`` subcommands through ``register(sub)``
-_COMMAND_MODULES: List[str] = ["cli_export", "cli_snn", "cli_methods"]
+_COMMAND_MODULES: List[str] = ["cli_export", "cli_snn", "cli_methods", "cli_quantize"]
 
 
 def _result_names(name: str, kinds: Sequence[str] = ("csv", "json", "png")) -> List[str]:
@@ -417,16 +429,17 @@ def _run_train(args) -> int:
                     batch_size=batch, seed=args.seed, lambda_start=args.lambda_start,
                     lambda_end=args.lambda_end,
                     lambda_rise_epochs=min(args.lambda_rise_epochs, args.q_epochs),
-                    reg_shape=args.reg_shape, reg_width=args.reg_width, sam_rho=args.sam_rho)
+                    reg_shape=args.reg_shape, reg_width=args.reg_width, sam_rho=args.sam_rho,
+                    refit_every=args.refit_every)
     results = run_experiment(args.out, dataset=args.dataset, data_dir=args.data_dir,
                              arch=args.arch, bits=args.bits, variants=args.variants,
                              mode=args.mode, per_channel=args.per_channel, fp_train=fp,
                              q_train=q, seed=args.seed, progress=not args.no_progress,
                              device=args.device, threads=args.threads,
-                             overwrite=args.force)
+                             overwrite=args.force, init=args.init)
     print(format_results(results))
-    print(f"\nwrote {args.out}/results.json, {args.out}/levels.png and checkpoints "
-          f"({results['seconds']:.0f} s)")
+    print(f"\nwrote {args.out}/results.json, {args.out}/levels.png, levels_fit_*.png and "
+          f"checkpoints ({results['seconds']:.0f} s)")
     return 0
 
 

@@ -7,7 +7,7 @@ from typing import Dict, Optional
 
 from .levels import check_bits
 
-__all__ = ["VARIANTS", "MODES", "NMultConfig", "LambdaSchedule"]
+__all__ = ["VARIANTS", "MODES", "INITS", "NMultConfig", "LambdaSchedule"]
 
 #: Quantizer variants of the paper's family (eq. 2-4).
 VARIANTS = ("nmult", "step", "fixed")
@@ -15,6 +15,10 @@ VARIANTS = ("nmult", "step", "fixed")
 #: (snapped in the forward pass with a straight-through gradient, no regularizer) and ``both``
 #: (STE forward plus the regularizer).
 MODES = ("paper", "ste", "both")
+#: Initial levels of the weight quantizers: ``lsq`` (symmetric uniform grid, LSQ's step),
+#: ``uniform`` (the best-MSE uniform grid), ``fit`` (levels fitted to the weights: the
+#: N-multiplier fit for ``nmult``, the best uniform grid for ``step``/``fixed``).
+INITS = ("lsq", "uniform", "fit")
 
 
 def check_choice(value: str, choices, what: str) -> str:
@@ -33,6 +37,10 @@ class NMultConfig:
         variant: ``"nmult"`` (learnable bit multipliers ``r`` and offset ``c``), ``"step"``
             (uniform levels, learned step and offset, LSQ init) or ``"fixed"`` (uniform, frozen).
         mode: ``"paper"``, ``"ste"`` or ``"both"`` (see :data:`MODES`).
+        init: initial levels of the weight quantizers (see :data:`INITS`): ``"lsq"``,
+            ``"uniform"`` (best-MSE uniform grid) or ``"fit"`` (levels fitted to the weights);
+            ``None`` (default): ``"fit"`` for ``nmult`` (measured best, ``BENCHMARKS.md``),
+            ``"lsq"`` for the ``step`` and ``fixed`` baselines (as in the paper).
         per_channel: one ``r``/``c`` per output channel instead of per tensor.
         first_last_bits: weight and input-activation bits of the first and last compute layers
             (paper section 4 keeps them at 8), or ``None`` to treat them like the others.
@@ -48,6 +56,7 @@ class NMultConfig:
     act_bits: Optional[int] = 4
     variant: str = "nmult"
     mode: str = "paper"
+    init: Optional[str] = None
     per_channel: bool = False
     first_last_bits: Optional[int] = 8
     layer_bits: Dict[str, int] = field(default_factory=dict)
@@ -61,6 +70,9 @@ class NMultConfig:
             self.first_last_bits = check_bits(self.first_last_bits, "NMultConfig.first_last_bits")
         check_choice(self.variant, VARIANTS, "quantizer variant")
         check_choice(self.mode, MODES, "forward mode")
+        if self.init is None:
+            self.init = "fit" if self.variant == "nmult" else "lsq"
+        check_choice(self.init, INITS, "level init")
         self.layer_bits = {k: check_bits(v, f"NMultConfig.layer_bits[{k!r}]")
                            for k, v in dict(self.layer_bits).items()}
         if int(self.act_collect_stats_steps) < 1:

@@ -44,7 +44,7 @@ def weight_quant_for(config: NMultConfig, bits: int, name: Optional[str] = None)
     """The weight-quant injector for ``config`` at ``bits`` (per-layer attributes bound)."""
     return _VARIANT_QUANT[config.variant].let(
         bit_width=check_bits(bits, f"layer {name}"), forward_mode=config.mode,
-        scaling_per_output_channel=config.per_channel, layer_name=name)
+        scaling_per_output_channel=config.per_channel, layer_name=name, level_init=config.init)
 
 
 def _probe(model: nn.Module, example_input) -> Tuple[List[str], Dict[str, bool]]:
@@ -86,9 +86,13 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _build_quant_layer(name: str, old: nn.Module, wq, act_quant, act_bits: Optional[int],
-                       stats_steps: int) -> nn.Module:
-    kw = dict(weight_quant=wq, bias=old.bias is not None, device=old.weight.device,
-              dtype=old.weight.dtype, return_quant_tensor=False)
+                       stats_steps: int, level_init: Optional[str] = None) -> nn.Module:
+    # With ``level_init`` (N-multiplier quantizers) the layer is built with LSQ's cheap start:
+    # its random init weights are replaced below, and only then are the levels initialised
+    # the configured way (a fit to the random weights would be wasted).
+    kw = dict(weight_quant=wq if level_init is None else wq.let(level_init="lsq"),
+              bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype,
+              return_quant_tensor=False)
     if act_quant is not None:
         kw.update(input_quant=act_quant, input_bit_width=act_bits,
                   input_collect_stats_steps=stats_steps)
@@ -108,7 +112,10 @@ def _build_quant_layer(name: str, old: nn.Module, wq, act_quant, act_bits: Optio
             new.bias.copy_(old.bias)
     new.train(old.training)
     # The quantizer was initialised from the layer's random init: start it from the real weights.
-    new.weight_quant.init_tensor_quant()
+    proxy = new.weight_quant
+    if level_init is not None:
+        proxy.quant_injector = proxy.quant_injector.let(level_init=level_init)
+    proxy.init_tensor_quant()
     new.weight_quant.train(old.training)
     return new
 
@@ -187,7 +194,7 @@ def quantize_model(model: nn.Module, config: Optional[NMultConfig] = None,
         if config.act_bits is not None:
             act_quant = Uint8ActPerTensorFloat if nonneg.get(name, False) else Int8ActPerTensorFloat
         new = _build_quant_layer(name, old, weight_quant_for(config, wbits, name), act_quant,
-                                 abits, config.act_collect_stats_steps)
+                                 abits, config.act_collect_stats_steps, config.init)
         _set_submodule(model, name, new)
     return model
 

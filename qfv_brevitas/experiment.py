@@ -31,14 +31,18 @@ def run_experiment(out_dir: Union[str, Path], dataset: str = "digits",
                    mode: str = "paper", per_channel: bool = False,
                    fp_train: Optional[TrainConfig] = None, q_train: Optional[TrainConfig] = None,
                    seed: int = 0, progress: bool = True, save_models: bool = True,
-                   device=None, threads=None, overwrite: bool = False) -> dict:
-    """Train a float model, then QAT it at W{b}A{b} for each bit width and quantizer variant.
+                   device=None, threads=None, overwrite: bool = False,
+                   init: Optional[str] = None) -> dict:
+    """Train a float model, then QAT it at W{b}A{b} for each bit width and quantizer variant
+    (levels initialised by ``init``, see :data:`qfv_brevitas.config.INITS`; ``None``: each
+    variant's default).
 
-    Writes ``results.json``, ``levels.png`` and (with ``save_models``) a checkpoint per model
-    to ``out_dir``; returns the results dictionary. ``progress`` shows one bar (or log lines)
-    over every batch of the run. ``device``: where to train (default CPU). ``threads``: intra-op
-    threads for the run (``"auto"``: :func:`qfv_brevitas.threads.auto_threads`; ``None``:
-    torch's setting as it is).
+    Writes ``results.json``, ``levels.png``, per N-multiplier model ``levels_fit_w{b}a{b}.png``
+    (weight histogram per layer with its levels, the best uniform grid and Lloyd-Max) and
+    (with ``save_models``) a checkpoint per model to ``out_dir``; returns the results
+    dictionary. ``progress`` shows one bar (or log lines) over every batch of the run.
+    ``device``: where to train (default CPU). ``threads``: intra-op threads for the run
+    (``"auto"``: :func:`qfv_brevitas.threads.auto_threads`; ``None``: torch's setting as it is).
 
     The run folder is written whole (:func:`qfv_brevitas.safeio.atomic_dir`): it is built
     beside ``out_dir`` and swapped in at the end, so ``out_dir`` holds the previous run or this
@@ -52,7 +56,7 @@ def run_experiment(out_dir: Union[str, Path], dataset: str = "digits",
     if not len(bits):
         raise ValueError("bits is empty: give at least one bit width, e.g. bits=(4,)")
     # Validate every configuration before spending time on the float model.
-    configs = [NMultConfig(weight_bits=b, act_bits=b, variant=v, mode=mode,
+    configs = [NMultConfig(weight_bits=b, act_bits=b, variant=v, mode=mode, init=init,
                            per_channel=per_channel) for b in bits for v in variants]
     fp_train = replace(fp_train or TrainConfig(epochs=30, lr=0.05), seed=seed)
     q_train = replace(q_train or TrainConfig(epochs=15, lr=0.01, lambda_rise_epochs=5), seed=seed)
@@ -95,11 +99,17 @@ def run_experiment(out_dir: Union[str, Path], dataset: str = "digits",
             hist = fit(q, train, test, q_train, desc=f"{variant} W{b}A{b}", progress=bar)
             acc = evaluate(q, test)
             results["runs"].append({"variant": variant, "weight_bits": b, "act_bits": b,
-                                    "mode": mode, "per_channel": per_channel, "acc": acc,
-                                    "delta_vs_fp": acc - fp_acc, "history": hist})
+                                    "mode": mode, "init": cfg.init, "per_channel": per_channel,
+                                    "acc": acc, "delta_vs_fp": acc - fp_acc, "history": hist})
             if save_models:
                 name = f"{variant}_w{b}a{b}.pt"
                 save_checkpoint(out / name, q, arch, shape, num_classes, cfg, acc=acc, **meta)
+                results["files"].append(name)
+            if variant == "nmult":
+                from .plots import plot_fitted_levels
+
+                name = f"levels_fit_w{b}a{b}.png"
+                plot_fitted_levels(q, out / name)
                 results["files"].append(name)
             if variant == "nmult" or (variant == variants[-1] and "nmult" not in variants):
                 plotted[f"{variant} W{b}A{b}"] = q
@@ -114,7 +124,8 @@ def run_experiment(out_dir: Union[str, Path], dataset: str = "digits",
 
 #: Names a run folder holds (what run_experiment and run_snn_experiment write).
 _RUN_FILES = re.compile(
-    r"^(results\.json|levels\.png|float\.pt|(fixed|step|nmult)_w\d+(a\d+)?\.pt)$")
+    r"^(results\.json|levels\.png|levels_fit_w\d+a\d+\.png|float\.pt|"
+    r"(fixed|step|nmult)_w\d+(a\d+)?\.pt)$")
 
 
 def not_a_run_folder(folder: Path) -> Optional[str]:

@@ -67,3 +67,54 @@ def save_figure(fig, path: Union[str, Path], ax=None, title: str = "",
     finally:
         plt.close(fig)
     return path
+
+
+def plot_fitted_levels(model: nn.Module, path: Union[str, Path], max_bits: int = 6,
+                       max_layers: int = 12, bins: int = 80, overwrite: bool = False) -> Path:
+    """One panel per N-multiplier layer (up to ``max_layers`` with at most ``max_bits`` bits):
+    the weights' histogram with the layer's levels (solid), the best uniform grid of the same
+    bits (dashed) and Lloyd-Max's free levels (dotted), and each one's squared error relative
+    to the uniform grid in the legend. Per-channel layers show their first output channel.
+    Written atomically; an existing file only with ``overwrite=True``."""
+    from .fitting import best_uniform_grid, grid_error, lloyd_max
+
+    check_output(path, overwrite=overwrite)
+
+    layers = [(n, l) for n, l in nmult_layers(model) if quant_of(l).bits <= max_bits]
+    layers = layers[:max_layers]
+    ncols = min(3, max(1, len(layers)))
+    nrows = max(1, -(-len(layers) // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.1 * nrows), squeeze=False)
+    for ax in axes.flat[len(layers):]:
+        ax.axis("off")
+    if not layers:
+        axes[0][0].text(0.5, 0.5, f"no N-multiplier layer with <= {max_bits} bits",
+                        ha="center", va="center")
+    for ax, (name, layer) in zip(axes.flat, layers):
+        tq = quant_of(layer)
+        with torch.no_grad():
+            w = tq.to_groups(layer.weight.detach())[:1]
+            lv = tq.levels().detach()[:1]
+            uni = best_uniform_grid(w, tq.bits)
+            ulv = uni.offset[:, None] + uni.step[:, None] * torch.arange(
+                1 << tq.bits, dtype=w.dtype, device=w.device)
+            lm = lloyd_max(w, tq.bits, init=lv)
+            err = float(grid_error(w, lv)[0])
+        ue, le = float(uni.error[0]), float(lm.error[0])
+        ax.hist(w.flatten().cpu().numpy(), bins=bins, color="#9db4d4")
+        for j, (vals, style, color, label) in enumerate((
+                (lv[0], "-", "#c44e52", f"{tq.variant} levels ({_rel(err, ue)})"),
+                (ulv[0], "--", "#4c72b0", "best uniform grid (1)"),
+                (lm.levels[0], ":", "#55a868", f"Lloyd-Max ({_rel(le, ue)})"))):
+            for k, v in enumerate(vals.tolist()):
+                ax.axvline(v, ls=style, color=color, lw=1.0, label=label if k == 0 else None)
+        where = f"channel 0 of {tq.groups}" if tq.per_channel else "per tensor"
+        ax.set_title(f"{name}: {tq.bits}-bit, {where}", fontsize=9)
+        ax.set_xlabel("weight")
+        ax.legend(fontsize=7, loc="upper right", title="squared error x uniform",
+                  title_fontsize=7)
+    return save_figure(fig, path, overwrite=overwrite)
+
+
+def _rel(a: float, b: float) -> str:
+    return "0" if b == 0 and a == 0 else (f"{a / b:.2f}" if b > 0 else "inf")

@@ -19,8 +19,9 @@ from brevitas.inject import ExtendedInjector, value
 from brevitas.proxy import WeightQuantProxyFromInjector
 
 from . import device as D
+from . import fitting as FIT
 from . import levels as L
-from .config import MODES, VARIANTS, check_choice
+from .config import INITS, MODES, VARIANTS, check_choice
 
 __all__ = [
     "DeviceState",
@@ -57,8 +58,13 @@ class NMultTensorQuant(nn.Module):
 
     Holds ``r`` (``(G, N)``) and ``c`` (``(G,)``), ``G = 1`` per tensor or the number of output
     channels. Variants: ``nmult`` learns ``r`` and ``c``; ``step`` learns a step ``s`` with
-    ``r_i = s * 2**i`` and ``c``; ``fixed`` keeps the initial uniform grid. All start from the
-    symmetric uniform grid with LSQ's step ``2 mean|w| / sqrt(Q_P)``.
+    ``r_i = s * 2**i`` and ``c``; ``fixed`` keeps the initial uniform grid.
+
+    Initial levels (``level_init``, :data:`qfv_brevitas.config.INITS`): ``"lsq"`` the
+    symmetric uniform grid with LSQ's step ``2 mean|w| / sqrt(Q_P)``; ``"uniform"`` the uniform
+    grid with the least squared error to the weights; ``"fit"`` levels fitted to the weights
+    within the variant's family (:func:`qfv_brevitas.fitting.fit_multipliers` for ``nmult``,
+    the best uniform grid for ``step`` and ``fixed``).
 
     Returns Brevitas' tuple ``(value, scale, zero_point, bit_width)``; ``scale`` is nominal
     (the smallest multiplier) since the levels need not be uniform.
@@ -66,11 +72,13 @@ class NMultTensorQuant(nn.Module):
 
     def __init__(self, bit_width, tracked_parameter_list: List[Tensor], quant_variant: str = "nmult",
                  forward_mode: str = "paper", scaling_per_output_channel: bool = False,
-                 output_channel_dim: int = 0, layer_name: Optional[str] = None):
+                 output_channel_dim: int = 0, layer_name: Optional[str] = None,
+                 level_init: str = "lsq"):
         super().__init__()
         self.bits = L.check_bits(bit_width, f"weight quantizer{_where(layer_name)}")
         self.variant = check_choice(quant_variant, VARIANTS, "quantizer variant")
         self.mode = check_choice(forward_mode, MODES, "forward mode")
+        self.level_init = check_choice(level_init, INITS, "level init")
         self.per_channel = bool(scaling_per_output_channel)
         self.channel_dim = int(output_channel_dim)
         self.layer_name = layer_name
@@ -84,10 +92,11 @@ class NMultTensorQuant(nn.Module):
         # brevitas.graph builds layers on the meta device: create r/c beside the weight.
         if w.is_meta:
             step = torch.ones(self.groups, dtype=w.dtype, device=w.device)
+            r, c = L.uniform_multipliers(step, self.bits)
         else:
             w2d = self.to_groups(w.detach())
             L.check_finite(w2d, f"initialising the weight quantizer{_where(layer_name)}")
-            step = L.lsq_step_init(w2d, self.bits)
+            step, r, c = self._initial_levels(w2d)
             zero = int((w2d.abs().amax(dim=1) == 0).sum())
             if zero:
                 warnings.warn(
@@ -98,7 +107,6 @@ class NMultTensorQuant(nn.Module):
                        if quant_variant == "fixed" else
                        "r and c must be learned from there: initialise the weights first"),
                     UserWarning, stacklevel=2)
-        r, c = L.uniform_multipliers(step, self.bits)
         if self.variant == "nmult":
             self.r = nn.Parameter(r)
             self.c = nn.Parameter(c)
@@ -108,6 +116,46 @@ class NMultTensorQuant(nn.Module):
         else:
             self.register_buffer("r", r)
             self.register_buffer("c", c)
+
+    def _initial_levels(self, w2d: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(step, r, c)`` of the starting grid (``step`` is used by the ``step`` variant)."""
+        if self.level_init == "lsq":
+            step = L.lsq_step_init(w2d, self.bits)
+            return (step, *L.uniform_multipliers(step, self.bits))
+        if self.level_init == "fit" and self.variant == "nmult":
+            fit = FIT.fit_multipliers(w2d, self.bits)
+            return fit.uniform.step, fit.r, fit.c
+        grid = FIT.best_uniform_grid(w2d, self.bits)
+        return (grid.step, *grid.multipliers(self.bits))
+
+    @torch.no_grad()
+    def refit_(self, w: Tensor, warm: bool = False) -> Tuple[Tensor, Tensor]:
+        """Fit this quantizer's levels to the weights ``w``, in place; returns the per-group
+        squared error before and after (float64).
+
+        ``warm=False``: the fit of ``level_init="fit"`` (multi-start, never worse than the best
+        uniform grid); ``warm=True``: alternating minimisation from the current levels only
+        (cheap, never worse than them; used while training). ``nmult`` fits ``r`` and ``c``,
+        ``step`` the step and ``c``; ``fixed`` levels are set only by a full fit.
+        The parameters are updated in place, so optimizers that hold them keep working."""
+        w2d = self._checked_groups(w.detach())
+        before = FIT.grid_error(w2d, self.levels().detach())
+        if self.variant == "fixed" and warm:
+            return before, before
+        r0, c0 = self.multipliers().detach(), self.offset().detach()
+        if self.variant == "nmult":
+            fit = FIT.fit_multipliers(w2d, self.bits, init=(r0, c0), search=not warm)
+            self.r.copy_(fit.r)
+            self.c.copy_(fit.c)
+            return before, fit.error
+        init = (self.step.detach(), c0) if self.variant == "step" else (r0[:, 0], c0)
+        grid = FIT.best_uniform_grid(w2d, self.bits, init=init, search=not warm)
+        if self.variant == "step":
+            self.step.copy_(grid.step)
+        else:
+            self.r.copy_(grid.multipliers(self.bits)[0])
+        self.c.copy_(grid.offset)
+        return before, grid.error
 
     # -- levels --------------------------------------------------------------------------
     def multipliers(self) -> Tensor:
@@ -315,7 +363,7 @@ class NMultTensorQuant(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, variant={self.variant}, mode={self.mode}, "
-                f"per_channel={self.per_channel}")
+                f"per_channel={self.per_channel}, level_init={self.level_init}")
 
 
 def _where(name: Optional[str]) -> str:
@@ -462,7 +510,8 @@ class NMultWeightQuant(ExtendedInjector):
     """N-multiplier weights, per tensor: ``weight_quant=NMultWeightQuant, weight_bit_width=4``.
 
     Layer keyword arguments with the ``weight_`` prefix override the attributes below, e.g.
-    ``weight_forward_mode="ste"`` or ``weight_scaling_per_output_channel=True``.
+    ``weight_forward_mode="ste"``, ``weight_scaling_per_output_channel=True`` or
+    ``weight_level_init="fit"`` (levels fitted to the layer's weights).
     """
 
     proxy_class = NMultWeightQuantProxy
@@ -470,6 +519,7 @@ class NMultWeightQuant(ExtendedInjector):
     bit_width = 4
     quant_variant = "nmult"
     forward_mode = "paper"
+    level_init = "lsq"
     scaling_per_output_channel = False
     signed = True
     layer_name = None

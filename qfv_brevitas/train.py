@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from .config import LambdaSchedule
 from .errors import QfvError
 from .progress import RunProgress
+from .ptq import refit_levels_
 from .quantizers import nmult_layers, quant_of
 from .regularizer import QuantRegularizer
 from .sam import SharpnessAware
@@ -54,6 +55,14 @@ class TrainConfig:
     reg_width: float = 0.25
     #: SAM radius (FlatENN's sharpness-aware quantization, :mod:`qfv_brevitas.sam`); 0 = off
     sam_rho: float = 0.0
+    #: every this many optimizer steps, refit each learnable quantizer's levels to its
+    #: current weights in closed form (alternating minimisation from the current levels,
+    #: :func:`qfv_brevitas.ptq.refit_levels_` with ``warm=True``), so that the levels keep
+    #: following the weights; 0 = off. Layers with a fault or variability map attached are
+    #: left to the device-aware regularizer. Default 10: with fitted initial levels, the one
+    #: setting at or above fixed, learned-step and stock Brevitas QAT in every digits cell
+    #: measured (``BENCHMARKS.md``; its lead over no refit is within noise there).
+    refit_every: int = 10
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "seed", "lambda_rise_epochs"):
@@ -83,6 +92,10 @@ class TrainConfig:
         if isinstance(self.sam_rho, bool) or not (math.isfinite(rho) and rho >= 0):
             raise ValueError(f"TrainConfig.sam_rho must be a finite number >= 0 (the SAM "
                              f"radius, e.g. 0.05; 0 = plain updates), got {self.sam_rho!r}")
+        if isinstance(self.refit_every, bool) or not isinstance(self.refit_every, int) \
+                or self.refit_every < 0:
+            raise ValueError(f"TrainConfig.refit_every must be an int >= 0 (optimizer steps "
+                             f"between refits of the levels; 0 = off), got {self.refit_every!r}")
 
     def schedule(self) -> LambdaSchedule:
         return LambdaSchedule(self.epochs, self.lambda_start, self.lambda_end,
@@ -181,6 +194,9 @@ def fit(model: nn.Module, train: Dataset, test: Optional[Dataset], cfg: TrainCon
     sam = SharpnessAware(model, cfg.sam_rho) if cfg.sam_rho > 0 else None
     loss_fn = nn.CrossEntropyLoss()
     hist: Dict[str, list] = {"task_loss": [], "reg": [], "lambda": [], "test_acc": []}
+    refit = cfg.refit_every > 0 and any(quant_of(m).variant != "fixed"
+                                        for _, m in nmult_layers(model))
+    steps = 0
     device = torch.device(device) if device is not None else model_device(model)
     own = not isinstance(progress, RunProgress)
     bar = RunProgress(cfg.epochs * len(loader), desc, enabled=bool(progress)) if own else progress
@@ -217,6 +233,9 @@ def fit(model: nn.Module, train: Dataset, test: Optional[Dataset], cfg: TrainCon
             for o, sch in zip(opts, scheds):
                 o.step()
                 sch.step()
+            steps += 1
+            if refit and steps % cfg.refit_every == 0:
+                refit_levels_(model, warm=True)
             tl += task.detach()
             bar.update(1)
         if epoch_end is not None:

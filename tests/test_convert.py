@@ -29,7 +29,8 @@ from qfv_brevitas.convert import unsigned_input_layers
 from qfv_brevitas.models import resnet18_cifar, vgg_cifar
 from qfv_brevitas.train import TrainConfig, param_groups
 
-CFG = NMultConfig(weight_bits=3, act_bits=4)
+# LSQ's start: these tests check the conversion and LSQ's grid (fitted levels: test_ptq.py).
+CFG = NMultConfig(weight_bits=3, act_bits=4, init="lsq")
 _COMPUTE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # A VGG small enough to train in a test; the default-width VGG is checked structurally.
 SMALL_VGG = (8, "M", 16, "M", 16, 16, "M", 32, "M")
@@ -485,7 +486,7 @@ def test_swap_bnn_pynq(name, no_network):
     assert all(int(l.weight_quant.bit_width()) == 1 for l in layers.values())
     weights = {n: l.weight.detach().clone() for n, l in layers.items()}
     others = {k: v for k, v in snapshot(m).items() if ".weight_quant." not in k}
-    assert swap_weight_quant(m, keep_bit_width=True) is m
+    assert swap_weight_quant(m, NMultConfig(init="lsq"), keep_bit_width=True) is m
     assert no_network == []
     assert sorted(n for n, _ in nmult_layers(m)) == sorted(layers)
     for n, l in brevitas_layers(m).items():
@@ -552,7 +553,7 @@ def test_swap_levels_follow_config_bits(no_network):
     m = build_bnn("LFC_1W1A", no_network)
     w = {n: l.weight.detach().clone() for n, l in brevitas_layers(m).items()}
     first = next(iter(w))
-    swap_weight_quant(m, NMultConfig(weight_bits=3, layer_bits={first: 4}))
+    swap_weight_quant(m, NMultConfig(weight_bits=3, layer_bits={first: 4}, init="lsq"))
     for n, l in nmult_layers(m):
         bits = 4 if n == first else 3
         assert quant_of(l).bits == bits

@@ -478,8 +478,19 @@ def test_planes_form_every_model(tmp_path, name):
             ctx[b] = ctx[a]
         w = file_weights(ctx, row["planes"], row["weight_shape"])
         assert np.array_equal(w, fconst[f"{row['layer']}.weight_fixed"].astype(np.float64))
+    # N bits per weight exactly; on the layers below 8 bits never more than the fixed form's
+    # integers and fewer in all (at f = 8 an 8-bit first or last layer of small weights can
+    # round to 7-bit integers in the fixed form; tiny layers' multipliers can outweigh a saving)
+    mem = {r["layer"]: (r["bits"], r["planes"]["memory"]) for r in res.metadata["layers"]}
+    for bits, m in mem.values():
+        assert m["plane_bits"] == bits * m["weights"]
+    inner = [m for bits, m in mem.values() if bits < 8]
+    assert all(m["plane_bits"] <= m["fixed_form_bits"] for m in inner), mem
+    assert inner and sum(m["plane_bits"] for m in inner) < sum(m["fixed_form_bits"]
+                                                                for m in inner), mem
     pl = res.metadata["planes"]
-    assert pl["bits_per_weight"] < pl["fixed_form_bits_per_weight"]
+    assert pl["total_bits"] == sum(r["planes"]["memory"]["total_bits"]
+                                   for r in res.metadata["layers"])
 
 
 def test_planes_form_checks_catch_a_changed_file(tmp_path):

@@ -531,7 +531,10 @@ def test_fault_aware_finetune_beats_nearest_valid_mapping_on_the_same_map(digits
     hist = fault_aware_finetune(fa, train, None, FT, remap_every=2, progress=False)
     aware = evaluate(fa, test)
     assert len(hist["task_loss"]) == FT.epochs
-    assert aware >= nearest_valid + 0.05, (naive, nearest_valid, aware, clean)
+    # Recovers at least half of what nearest-valid mapping loses, and 2 points (with the fitted
+    # levels of the library's defaults nearest-valid loses less than with LSQ's grid: ~4 pts).
+    assert aware >= nearest_valid + max(0.02, 0.5 * (clean - nearest_valid)), (
+        naive, nearest_valid, aware, clean)
 
     # left as documented: same map, paper mode, aware mapping; the final remap left every
     # faulty weight on the nearest level it can reach (the device holds it exactly)
@@ -619,7 +622,11 @@ def test_variability_aware_finetune_runs_and_leaves_the_map(digits, trained):
         assert quant_of(layer).mode == "paper" and layer.weight_quant.deploy_mapping == "aware"
         assert torch.equal(layer.weight_quant.var_lrs, vmap.layers[name][0])
         assert layer.weight_quant.var_hrs is None and not layer.weight_quant.has_faults
-    assert evaluate(m, test) > naive + 0.3  # sigma 0.2 wrecks a naive deployment
+    # sigma 0.2 costs a naive deployment >10 points (with the library's fitted default levels
+    # ~15, with LSQ's grid ~40); the aware fine-tune wins back at least half of it.
+    clean = evaluate(q, test)
+    aware = evaluate(m, test)
+    assert clean - naive > 0.1 and aware > naive + 0.5 * (clean - naive), (clean, naive, aware)
 
 
 def test_finetunes_refuse_a_model_without_maps(digits):

@@ -270,9 +270,11 @@ def test_run_folder_is_old_or_new_never_a_mix(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), *FAST]) == 0
     old = _tree(out)
-    assert set(old) == {"results.json", "float.pt", "nmult_w4a4.pt", "levels.png"}
+    assert set(old) == {"results.json", "float.pt", "nmult_w4a4.pt", "levels_fit_w4a4.png",
+                        "levels.png"}
     assert json.loads(old["results.json"])["files"] == ["results.json", "float.pt",
-                                                        "nmult_w4a4.pt", "levels.png"]
+                                                        "nmult_w4a4.pt", "levels_fit_w4a4.png",
+                                                        "levels.png"]
     real_fit = experiment.fit
     calls = []
 

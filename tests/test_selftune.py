@@ -108,7 +108,9 @@ def test_recovers_accuracy_and_is_removable(trained, digits, calib):
     acc_chip = evaluate(c, test)
     tuning = self_tune(c, calib)  # reference: the same weights on the ideal device
     acc_tuned = evaluate(c, test)
-    assert acc_chip < clean - 0.5 and acc_tuned > acc_chip + 0.15  # 12.8% -> 32.2% here
+    # sigma 0.3 wrecks the chip (with LSQ's grid 12.8% -> 32.2% tuned; the fitted default
+    # levels lose less)
+    assert acc_chip < clean - 0.3 and acc_tuned > acc_chip + 0.15, (clean, acc_chip, acc_tuned)
     assert all(float(s.min()) > 0 for s in tuning.scale.values())
     tuning.remove()
     with torch.no_grad():

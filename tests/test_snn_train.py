@@ -87,9 +87,10 @@ def test_fault_aware_finetuning_repairs_a_spiking_model(spiking_w4, digits):
     fault_aware_finetune(chip, train, None, TrainConfig(epochs=2, lr=0.01, lambda_rise_epochs=1),
                          remap_every=1, progress=False)
     repaired = evaluate(chip, test)
-    assert naive < q_acc - 0.3  # 30% stuck bits in the inner layers
-    # Measured: naive 0.23, nearest valid level 0.77, fault-aware 0.86 (ideal chip 0.93).
-    assert repaired > nearest_acc + 0.03 and nearest_acc > naive
+    # 30% stuck bits in the inner layers. Measured with LSQ's grid: naive 0.23, nearest valid
+    # level 0.77, fault-aware 0.86 (ideal chip 0.93); the fitted default levels lose less.
+    assert naive < q_acc - 0.1, (q_acc, naive)
+    assert repaired > nearest_acc + 0.03 and nearest_acc > naive, (naive, nearest_acc, repaired)
 
 
 def test_checkpoint_round_trip_keeps_the_spiking_model(spiking_w4, digits, tmp_path):

@@ -294,6 +294,27 @@ MUTANTS: List[Mutant] = [
       "    return list(range(0, n, world))\n",
       ("tests/test_parallel.py", "-k", "distributed"),
       "every torch.distributed rank runs rank 0's trials: the others are never drawn"),
+    # -- fitting.py and its users: levels fitted to the weights (issue 10) ------------------------
+    M("fitting-least-squares-never-moves", "qfv_brevitas/fitting.py",
+      "    return torch.where(ok.unsqueeze(-1), x, x_prev)\n",
+      "    return x_prev\n",
+      ("tests/test_fitting.py", "-k", "nearby_start or additive_grid_are_recovered"),
+      "the alternation's least-squares step never moves (r, c): the fit is its best start"),
+    M("fitting-init-fit-is-lsq", "qfv_brevitas/quantizers.py",
+      '        if self.level_init == "lsq":\n',
+      '        if self.level_init in ("lsq", "fit"):\n',
+      ("tests/test_ptq.py", "-k", "level_init_on_a_brevitas_layer or fits_the_real_weights"),
+      "init='fit' quietly starts from LSQ's grid"),
+    M("train-refit-ignored", "qfv_brevitas/train.py",
+      "                refit_levels_(model, warm=True)\n",
+      "                pass\n",
+      ("tests/test_ptq.py", "-k", "refit_every_refits_during_training"),
+      "TrainConfig.refit_every is ignored: the levels are never refitted during QAT"),
+    M("fitting-no-uniform-fallback", "qfv_brevitas/fitting.py",
+      "        worse = error > ef\n",
+      "        worse = error > math.inf\n",
+      ("tests/test_fitting.py", "-k", "falls_back or never_worse"),
+      "the final check never falls back to the best uniform grid / warm start"),
 ]
 
 # -- running -------------------------------------------------------------------------------------
