@@ -106,8 +106,9 @@ def test_fit_never_worse_than_the_best_uniform_grid(kind, bits, G, M, seed, dtyp
 @given(kind=st.sampled_from(KINDS), bits=st.integers(1, 5), M=st.sampled_from([20, 400]),
        seed=st.integers(0, 2 ** 16), iters=st.integers(0, 6))
 def test_warm_refit_never_increases_the_error(kind, bits, M, seed, iters):
-    """From any start, alternating minimisation ends no worse than the start, and more
-    iterations never end worse than fewer."""
+    """From any start, alternating minimisation ends no worse than the start (exactly: the
+    final check falls back to it), and more iterations never end worse than fewer (up to the
+    rounding of ``r`` and ``c`` to float32: the iterates are float64, the result is not)."""
     w = weights(kind, 2, M, seed)
     g = torch.Generator().manual_seed(seed + 1)
     r0 = 0.05 * torch.rand(2, bits, generator=g) + 1e-3
@@ -117,7 +118,8 @@ def test_warm_refit_never_increases_the_error(kind, bits, M, seed, iters):
     for k in (1, 2, 5, 20, 200)[: iters + 1]:
         f = F.fit_multipliers(w, bits, init=(r0, c0), search=False, max_iter=k)
         assert f.uniform is None
-        assert (f.error <= prev * (1 + 1e-12) + 1e-18).all()
+        assert (f.error <= start * (1 + 1e-12) + 1e-18).all()
+        assert (f.error <= prev * (1 + 1e-5) + 1e-12).all()
         torch.testing.assert_close(f.error, brute_error(w, level_table(f.r, f.c)),
                                    rtol=1e-9, atol=1e-15)
         prev = f.error
