@@ -26,7 +26,8 @@ each fit a few minutes on 2 cores (run them in order; results accumulate in
 ``finn``    ``export/finn/run_finn.py`` in the FINN environment (``.venv-finn``, or
             ``--finn-python``): the planes file on all test images (every stage against torch
             and the file; HW checks: each plane an MVAU with 1-bit weights, integer multipliers
-            as ElementwiseMul), then finn's analytical resource estimates (``--estimate``,
+            as ElementwiseMul; the SmallCNN's file at batch 1, run image by image, as FINN
+            lowers convolutions at batch 1), then finn's analytical resource estimates (``--estimate``,
             folding to ``--target-cycles``) of the planes, fixed and stock files.
 ``summary`` prints the tables of every result file in ``--out`` (markdown).
 
@@ -325,10 +326,12 @@ def step_finn(args) -> None:
 
 
 def _finn_exact(args, d, py, script, ckpt, x) -> dict:
-    """The FINN flow on the planes file with the whole test set as its batch."""
+    """The FINN flow on the planes file on every test image: the MLP with the whole test set
+    as the graph's batch (one execution per stage); the SmallCNN at batch 1, image by image
+    (FINN lowers convolutions at batch 1)."""
     import numpy as np
 
-    big = d / f"planes_b{len(x)}.onnx"
+    big = d / (f"planes_b{len(x)}.onnx" if args.arch == "mlp" else "planes_b1.onnx")
     t = time.perf_counter()
     proc = subprocess.run([py, str(script), str(big), str(ckpt), "--samples", str(len(x)),
                            "--json", str(d / "finn_planes.json"), "--save-outputs",

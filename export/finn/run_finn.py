@@ -327,6 +327,7 @@ def finn_flow(onnx_path, workdir=None, stages: Optional[Dict[str, object]] = Non
                          "only; export with --form planes (N bits per weight: MVAUs with 1-bit "
                          "weights), --form fixed (one MVAU per layer, wider integers) or --form "
                          "bitplanes (converts and runs, not mapped to HW)")
+    _check_conv_batch(onnx_path)
     _load_finn()
     from qonnx.core.modelwrapper import ModelWrapper
 
@@ -341,6 +342,24 @@ def finn_flow(onnx_path, workdir=None, stages: Optional[Dict[str, object]] = Non
         for i, name in enumerate(STAGES[1:], 1):
             out[name].save(str(workdir / f"{i}_{name}.onnx"))
     return out["hw"]
+
+
+def _check_conv_batch(onnx_path) -> None:
+    """FINN lowers each Conv to Im2Col + MatMul at batch 1 (qonnx's LowerConvsToMatMul writes
+    the shapes with batch 1), so a conv graph with a larger static batch fails later in
+    execution with an onnxruntime shape error. Refuse it here, saying what to do: FINN runs one
+    image per execution, and :func:`run_model` feeds a batch-1 graph image by image."""
+    import onnx
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    if not any(n.op_type == "Conv" for n in m.graph.node):
+        return
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    batch = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
+    if batch is not None and batch != 1:
+        raise ValueError(f"{onnx_path} has convolutions and a static batch of {batch}: FINN "
+                         "lowers convolutions at batch 1; export the file with batch 1 (qfv "
+                         "export --batch 1) -- it is still run on every input, one at a time")
 
 
 def run_model(model, inputs) -> np.ndarray:
