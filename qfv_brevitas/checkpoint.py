@@ -93,25 +93,35 @@ def save_checkpoint(path: Union[str, Path], model: nn.Module, arch: str,
     return path
 
 
-def _load_raw(path: Path) -> dict:
+def weights_only_load(path: Path, error: type = None, what: str = "checkpoint",
+                      holds: str = "a qfv-brevitas checkpoint"):
+    """``torch.load(path, weights_only=True)`` on the CPU, with every failure turned into one
+    ``error`` (default :class:`CheckpointError`) naming the file: a crafted pickle is refused
+    before any of it runs, a damaged file is "not a readable {what}"; ``holds`` says what a
+    good file holds."""
+    error = error or CheckpointError
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on foreign pickle protocols
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        what = next((ln for ln in lines if "global" in ln.lower()), None)
-        if what is None:  # not a pickle torch can read at all (random bytes, a truncation)
-            raise CheckpointError(f"{path}: not a readable checkpoint (UnpicklingError: "
-                                  f"{(lines[0] if lines else '')[:200]})") from None
-        raise CheckpointError(
+        found = next((ln for ln in lines if "global" in ln.lower()), None)
+        if found is None:  # not a pickle torch can read at all (random bytes, a truncation)
+            raise error(f"{path}: not a readable {what} (UnpicklingError: "
+                        f"{(lines[0] if lines else '')[:200]})") from None
+        raise error(
             f"{path}: refused: the file holds Python objects that loading would have to run "
-            f"({what[:200]}); a qfv-brevitas checkpoint holds only tensors and plain values. "
+            f"({found[:200]}); {holds} holds only tensors and plain values. "
             "Nothing of it was executed.") from None
     except Exception as e:  # torch raises many types for a damaged file
         first = str(e).splitlines()[0] if str(e) else ""
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
-                              f"{first[:200]})") from None
+        raise error(f"{path}: not a readable {what} ({type(e).__name__}: "
+                    f"{first[:200]})") from None
+
+
+def _load_raw(path: Path) -> dict:
+    ckpt = weights_only_load(path)
     if not isinstance(ckpt, dict) or (ckpt.get("format") != FORMAT
                                       and ckpt.get("format") not in LEGACY_FORMATS):
         raise CheckpointError(f"{path}: not a qfv-brevitas checkpoint (expected format {FORMAT})")

@@ -317,33 +317,15 @@ def read_model_file(path: Union[str, Path]):
     checkpoint (:func:`float_model_of_checkpoint`: checksum and structure checked), else
     ``("state", obj)`` for a ``torch.save``-d state dict. Loaded with ``weights_only=True``:
     a file holding Python objects that loading would run is refused before any of it runs."""
-    import pickle
-    import warnings
-
-    from .checkpoint import FORMAT, LEGACY_FORMATS
+    from .checkpoint import FORMAT, LEGACY_FORMATS, weights_only_load
 
     path = Path(path)
     if path.is_dir():
         raise PTQError(f"{path}: is a folder, not a model file")
     if not path.is_file():
         raise PTQError(f"{path}: no such file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        what = next((ln for ln in lines if "global" in ln.lower()), None)
-        if what is None:
-            raise PTQError(f"{path}: not a readable checkpoint or state dict (UnpicklingError: "
-                           f"{(lines[0] if lines else '')[:200]})") from None
-        raise PTQError(f"{path}: refused: the file holds Python objects that loading would "
-                       f"have to run ({what[:200]}); a state dict or qfv checkpoint holds only "
-                       "tensors and plain values. Nothing of it was executed.") from None
-    except Exception as e:  # torch raises many types for a damaged file
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise PTQError(f"{path}: not a readable checkpoint or state dict ({type(e).__name__}: "
-                       f"{first[:200]})") from None
+    obj = weights_only_load(path, PTQError, what="checkpoint or state dict",
+                            holds="a state dict or qfv checkpoint")
     if isinstance(obj, Mapping) and obj.get("format") in (FORMAT, *LEGACY_FORMATS):
         return "checkpoint", float_model_of_checkpoint(path)
     return "state", obj
