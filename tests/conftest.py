@@ -213,3 +213,28 @@ def idx_folder(tmp_path):
 def make_idx_folder():
     """``make_idx_folder(root, n_train=200, n_test=60, seed=0)`` (see ``_make_idx_folder``)."""
     return _make_idx_folder
+
+
+# -- torch.distributed ranks in spawned processes ---------------------------------------------------
+
+def _run_ranks(fn, args, nprocs: int = 2, timeout_s: float = 180) -> None:
+    """``fn(rank, *args)`` in ``nprocs`` spawned processes; fails the test (terminating what is
+    left) if they do not all finish within ``timeout_s``; a rank's error fails it too."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            pytest.fail(f"ranks did not finish within {timeout_s} s")
+
+
+@pytest.fixture(scope="session")
+def run_ranks():
+    """``run_ranks(fn, args, nprocs=2, timeout_s=180)`` (see ``_run_ranks``)."""
+    return _run_ranks

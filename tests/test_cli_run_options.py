@@ -5,12 +5,10 @@ process (threads set, ranks joined, only rank 0 writing)."""
 import json
 import os
 import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from qfv_brevitas.cli import main
 
@@ -81,18 +79,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_distributed_ranks_give_the_single_process_rows_and_rank0_writes(ckpt, single, tmp_path):
+def test_distributed_ranks_give_the_single_process_rows_and_rank0_writes(ckpt, single, tmp_path,
+                                                                         run_ranks):
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with gloo is not available in this torch build")
     out = tmp_path / "dist"
-    ctx = mp.start_processes(_rank, args=(2, _free_port(), str(ckpt), str(out)), nprocs=2,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail(f"ranks did not finish within {TIMEOUT_S} s")
+    run_ranks(_rank, (2, _free_port(), str(ckpt), str(out)), 2, TIMEOUT_S)
     assert _rows(out) == single
     assert not list(tmp_path.glob("dist*.tmp*"))  # one writer: no leftover partial outputs

@@ -2,13 +2,11 @@
 a single-process run (same seeds), in the same order."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -98,18 +96,10 @@ def _rank(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_torch_distributed_ranks_give_the_single_process_rows(tmp_path):
+def test_torch_distributed_ranks_give_the_single_process_rows(tmp_path, run_ranks):
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with gloo is not available in this torch build")
-    ctx = mp.start_processes(_rank, args=(str(tmp_path / "rendezvous"), str(tmp_path)),
-                             nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail(f"ranks did not finish within {TIMEOUT_S} s")
+    run_ranks(_rank, (str(tmp_path / "rendezvous"), str(tmp_path)), WORLD, TIMEOUT_S)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     single = _jobs(False)
     assert ranks[0] == ranks[1] == single
