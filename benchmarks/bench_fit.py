@@ -376,23 +376,15 @@ def ptq_methods(fp, bits: int, per_channel: bool, example):
 def part_ptq(args) -> dict:
     from torch.utils.data import DataLoader
 
+    from bench_qat_levels import float_model
     from qfv_brevitas.data import load_digits_split
-    from qfv_brevitas.models import build_model
-    from qfv_brevitas.train import TrainConfig, evaluate, fit
+    from qfv_brevitas.train import evaluate
 
     rows = []
     cache = Path(args.out)
     for seed in args.seeds:
         train, test = load_digits_split(seed)
-        torch.manual_seed(seed)
-        fp = build_model("small_cnn", (1, 8, 8), 10)
-        path = cache / f"float_seed{seed}.pt"
-        if path.is_file():
-            fp.load_state_dict(torch.load(path, weights_only=True))
-        else:
-            fit(fp, train, test, TrainConfig(epochs=30, lr=0.05, seed=seed), progress=False)
-            torch.save(fp.state_dict(), path)
-        fp.eval()
+        fp = float_model(cache, seed, train, test)  # trained once per seed, cached in --out
         example = next(iter(DataLoader(train, batch_size=256)))[0]
         rows.append({"seed": seed, "bits": 32, "per_channel": False, "method": "float",
                      "acc": evaluate(fp, test)})
