@@ -1,7 +1,7 @@
 """Build step of the optional CPU kernels (everything else is in pyproject.toml).
 
 ``qfv_brevitas/csrc/kernels.c`` is plain C (no Python or torch headers), compiled into the
-package and loaded with ctypes by ``qfv_brevitas/_kernels.py``. It is optional: without a C
+package and loaded with ctypes by ``qfv_brevitas/core/kernels.py``. It is optional: without a C
 compiler the build skips it and the package uses its pure-torch code paths.
 """
 import sys

@@ -42,7 +42,7 @@ if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
 
-from qfv_brevitas.experiment import format_results, run_experiment  # noqa: E402
+from qfv_brevitas.studies.experiment import format_results, run_experiment  # noqa: E402
 from _machine import _loadavg, machine_info  # noqa: E402
 
 BITS = (4, 3)

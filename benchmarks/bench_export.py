@@ -59,7 +59,7 @@ def bench_time(args, tmp: Path) -> dict:
 
     from qfv_brevitas import NMultConfig, quantize_model
     from qfv_brevitas.export import export_qonnx, verify_qonnx
-    from qfv_brevitas.models import resnet18_cifar
+    from qfv_brevitas.zoo.models import resnet18_cifar
 
     torch.manual_seed(0)
     x = torch.rand(1, 3, 32, 32)
@@ -119,12 +119,12 @@ def bench_accuracy(args, tmp: Path) -> dict:
     import onnxruntime as ort
 
     from qfv_brevitas import NMultConfig, quantize_model
-    from qfv_brevitas.data import load_digits_split
+    from qfv_brevitas.zoo.data import load_digits_split
     from qfv_brevitas.export import export_qonnx, to_onnxruntime
     from qfv_brevitas.export import fixedpoint as FX
     from qfv_brevitas.export.layers import collect_layers
-    from qfv_brevitas.models import SmallCNN
-    from qfv_brevitas.train import TrainConfig, evaluate, fit
+    from qfv_brevitas.zoo.models import SmallCNN
+    from qfv_brevitas.core.train import TrainConfig, evaluate, fit
 
     train, test = load_digits_split(seed=0)
     torch.manual_seed(args.seed)

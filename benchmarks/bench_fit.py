@@ -61,8 +61,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from qfv_brevitas import NMultConfig, quantize_model  # noqa: E402
-from qfv_brevitas import fitting as F  # noqa: E402
-from qfv_brevitas.levels import (level_table, lsq_step_init, sq_distance_to_levels,  # noqa: E402
+from qfv_brevitas.core import fitting as F  # noqa: E402
+from qfv_brevitas.core.levels import (level_table, lsq_step_init, sq_distance_to_levels,  # noqa: E402
                                  uniform_multipliers)
 from _machine import machine_line  # noqa: E402
 
@@ -84,9 +84,9 @@ def synthetic(dist: str, G: int, M: int, seed: int) -> torch.Tensor:
 
 def digits_layers(seed: int = 0):
     """Inner layers of the ``qfv demo`` float SmallCNN trained on digits (30 epochs)."""
-    from qfv_brevitas.data import load_digits_split
-    from qfv_brevitas.models import build_model
-    from qfv_brevitas.train import TrainConfig, fit
+    from qfv_brevitas.zoo.data import load_digits_split
+    from qfv_brevitas.zoo.models import build_model
+    from qfv_brevitas.core.train import TrainConfig, fit
 
     train, test = load_digits_split(seed)
     torch.manual_seed(seed)
@@ -233,7 +233,7 @@ def report_mse(res: dict) -> str:
 # ---------------------------------------------------------------------------- part: speed
 
 def resnet_weights():
-    from qfv_brevitas.models import resnet18_cifar
+    from qfv_brevitas.zoo.models import resnet18_cifar
 
     torch.manual_seed(0)
     return [p.detach().clone() for p in resnet18_cifar().parameters() if p.dim() > 1]
@@ -343,7 +343,7 @@ def report_speed(res: dict) -> str:
 # ------------------------------------------------------------------------------ part: ptq
 
 def ptq_methods(fp, bits: int, per_channel: bool, example):
-    from qfv_brevitas.ptq import brevitas_uniform
+    from qfv_brevitas.studies.ptq import brevitas_uniform
 
     out = {}
     out["brevitas max"] = brevitas_uniform(fp, bits, per_channel, example_input=example)
@@ -356,8 +356,8 @@ def ptq_methods(fp, bits: int, per_channel: bool, example):
                                                    per_channel=per_channel),
                                    example_input=example)
     # Reference: weights replaced by their nearest Lloyd-Max level (not an N-bit additive grid).
-    from qfv_brevitas.levels import nearest
-    from qfv_brevitas.quantizers import nmult_layers, quant_of
+    from qfv_brevitas.core.levels import nearest
+    from qfv_brevitas.core.quantizers import nmult_layers, quant_of
 
     lm = copy.deepcopy(fp)
     for name, layer in nmult_layers(out["fitted nmult"]):
@@ -377,8 +377,8 @@ def part_ptq(args) -> dict:
     from torch.utils.data import DataLoader
 
     from bench_qat_levels import float_model
-    from qfv_brevitas.data import load_digits_split
-    from qfv_brevitas.train import evaluate
+    from qfv_brevitas.zoo.data import load_digits_split
+    from qfv_brevitas.core.train import evaluate
 
     rows = []
     cache = Path(args.out)

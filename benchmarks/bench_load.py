@@ -39,11 +39,11 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from qfv_brevitas import NMultConfig, NMultWeightQuant, quantize_model, regularization_loss  # noqa: E402
-from qfv_brevitas import _kernels as K  # noqa: E402
-from qfv_brevitas.faults import FaultModel, attach_faults, sample_fault_map  # noqa: E402
-from qfv_brevitas.models import resnet18_cifar  # noqa: E402
-from qfv_brevitas.quantizers import nmult_layers  # noqa: E402
-from qfv_brevitas.variability import (VariabilityModel, attach_variability,  # noqa: E402
+from qfv_brevitas.core import kernels as K  # noqa: E402
+from qfv_brevitas.chip.faults import FaultModel, attach_faults, sample_fault_map  # noqa: E402
+from qfv_brevitas.zoo.models import resnet18_cifar  # noqa: E402
+from qfv_brevitas.core.quantizers import nmult_layers  # noqa: E402
+from qfv_brevitas.chip.variability import (VariabilityModel, attach_variability,  # noqa: E402
                                       sample_variability_map)
 from _load import add_load_argument, busy_processes  # noqa: E402
 from _machine import _loadavg, machine_line  # noqa: E402
@@ -117,7 +117,7 @@ def bench_device(repeats: int) -> dict:
 
 def run_demo(out: str, threads: str) -> float:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "qfv_brevitas.cli", "demo", "--no-progress", "--out",
+    subprocess.run([sys.executable, "-m", "qfv_brevitas.cli.app", "demo", "--no-progress", "--out",
                     out, "--threads", threads], check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
     return time.perf_counter() - t0
@@ -125,8 +125,8 @@ def run_demo(out: str, threads: str) -> float:
 
 def bench_mc(ckpt: str, maps: int) -> dict:
     from qfv_brevitas import evaluate_faults
-    from qfv_brevitas.checkpoint import load_checkpoint
-    from qfv_brevitas.data import load_dataset
+    from qfv_brevitas.zoo.checkpoint import load_checkpoint
+    from qfv_brevitas.zoo.data import load_dataset
 
     model, info = load_checkpoint(ckpt)
     _, test, _, _ = load_dataset("digits", None, int(info["meta"].get("data_seed", 0)))

@@ -16,7 +16,7 @@ default), trained once with
                     lambda_rise_epochs=1, seed=seed), calib_size=64, rbe_rate=0.02,
                     sam_rho=0.05))
 
-i.e. every method of :mod:`qfv_brevitas.compare` (none, nearest_valid, the paper's regularizer,
+i.e. every method of :mod:`qfv_brevitas.studies.compare` (none, nearest_valid, the paper's regularizer,
 the Gaussian and SinReQ shapes, chip-in-loop, SAQ on the fault/variability-aware fine-tune,
 random-bit-error training, SAQ, self-tuning alone) and each of them again after self-tuning, at
 stuck-at rates 10/20%, bit-error rates 1/5% and LRS sigma/mu 20/40% without and with a
@@ -68,12 +68,12 @@ if _REPO not in sys.path:
 
 import torch  # noqa: E402
 
-from qfv_brevitas.checkpoint import load_checkpoint  # noqa: E402
-from qfv_brevitas.compare import (METHODS, CompareConfig, MethodComparison,  # noqa: E402
+from qfv_brevitas.zoo.checkpoint import load_checkpoint  # noqa: E402
+from qfv_brevitas.studies.compare import (METHODS, CompareConfig, MethodComparison,  # noqa: E402
                                   compare_methods, scenarios)
-from qfv_brevitas.data import DataError, load_dataset  # noqa: E402
-from qfv_brevitas.experiment import run_experiment  # noqa: E402
-from qfv_brevitas.train import TrainConfig, evaluate  # noqa: E402
+from qfv_brevitas.zoo.data import DataError, load_dataset  # noqa: E402
+from qfv_brevitas.studies.experiment import run_experiment  # noqa: E402
+from qfv_brevitas.core.train import TrainConfig, evaluate  # noqa: E402
 from _machine import machine_info, machine_line  # noqa: E402
 
 STUCK = [0.10, 0.20]
@@ -156,9 +156,9 @@ def selftune_recovery(res: MethodComparison) -> List[str]:
 
 def _shape_cost_child(shape: str, where: str, n: int, bits: int) -> None:
     """One measurement, in its own process: prints a JSON line."""
-    from qfv_brevitas import device as D
-    from qfv_brevitas import levels as L
-    from qfv_brevitas.shapes import deployed_shaped_distance, shaped_distance_to_levels
+    from qfv_brevitas.core import device as D
+    from qfv_brevitas.core import levels as L
+    from qfv_brevitas.core.shapes import deployed_shaped_distance, shaped_distance_to_levels
 
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)

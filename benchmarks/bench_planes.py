@@ -94,7 +94,7 @@ def stock_brevitas(float_model, bits: int, example):
     ``bits`` instead of an N-multiplier one."""
     from brevitas.quant import Int8WeightPerTensorFloat
 
-    import qfv_brevitas.convert as C
+    import qfv_brevitas.core.convert as C
     from qfv_brevitas import NMultConfig
 
     own = C.weight_quant_for
@@ -110,8 +110,8 @@ def load_stock(d: Path, bits: int, seed: int):
     """The stock Brevitas model of ``step_train``, rebuilt and loaded (eval mode)."""
     import torch
 
-    from qfv_brevitas.checkpoint import load_checkpoint
-    from qfv_brevitas.data import load_dataset
+    from qfv_brevitas.zoo.checkpoint import load_checkpoint
+    from qfv_brevitas.zoo.data import load_dataset
 
     fp, _ = load_checkpoint(d / "float.pt")
     train, _, _, _ = load_dataset("digits", None, seed)
@@ -125,10 +125,10 @@ def step_train(args) -> None:
 
     import torch
 
-    from qfv_brevitas.checkpoint import load_checkpoint
-    from qfv_brevitas.data import load_dataset
-    from qfv_brevitas.experiment import run_experiment
-    from qfv_brevitas.train import TrainConfig, evaluate, fit
+    from qfv_brevitas.zoo.checkpoint import load_checkpoint
+    from qfv_brevitas.zoo.data import load_dataset
+    from qfv_brevitas.studies.experiment import run_experiment
+    from qfv_brevitas.core.train import TrainConfig, evaluate, fit
 
     d = _dir(args)
     t = time.perf_counter()
@@ -157,8 +157,8 @@ def step_export(args) -> None:
     import torch
     from brevitas.export import export_qonnx as brevitas_export
 
-    from qfv_brevitas.checkpoint import load_checkpoint
-    from qfv_brevitas.data import load_dataset
+    from qfv_brevitas.zoo.checkpoint import load_checkpoint
+    from qfv_brevitas.zoo.data import load_dataset
     from qfv_brevitas.export import export_qonnx
 
     res = _read(args)
@@ -226,7 +226,7 @@ def _references(d: Path, bits: int, form_file: Path, x):
     """The torch reference of a file, on ``x``: float32 (whole batch) and float64."""
     import torch
 
-    from qfv_brevitas.checkpoint import load_checkpoint
+    from qfv_brevitas.zoo.checkpoint import load_checkpoint
     from qfv_brevitas.export import reference_model
 
     model, _ = load_checkpoint(d / f"nmult_w{bits}a{bits}.pt")
@@ -252,7 +252,7 @@ def step_hls4ml(args) -> None:
     import numpy as np
     import shutil
 
-    from qfv_brevitas.data import load_dataset
+    from qfv_brevitas.zoo.data import load_dataset
 
     flow = _load(_REPO / "export" / "hls4ml" / "run_hls4ml.py", "run_hls4ml")
     res = _read(args)
@@ -308,7 +308,7 @@ def _finn_python(args) -> str:
 
 
 def step_finn(args) -> None:
-    from qfv_brevitas.data import load_dataset
+    from qfv_brevitas.zoo.data import load_dataset
 
     res = _read(args)
     d = _dir(args)

@@ -19,7 +19,7 @@ test images:
 * ``nmult-ste-fit``: STE forward only, no regularizer;
 * ``brevitas``: stock Brevitas QAT on the same layers: ``Int8WeightPerTensorFloat`` at b bits
   and ``Uint8ActPerTensorFloat`` (``Int8ActPerTensorFloat`` where inputs can be negative) at b
-  bits, first/last at 8 (:func:`qfv_brevitas.ptq.brevitas_uniform`), plain STE training.
+  bits, first/last at 8 (:func:`qfv_brevitas.studies.ptq.brevitas_uniform`), plain STE training.
 
 Per (b, E) it prints each method's mean accuracy over the seeds and, paired by seed, the mean
 difference to a reference method (``--ref``) with its standard error (sample std / sqrt(n)).
@@ -49,12 +49,12 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from qfv_brevitas import NMultConfig, quantize_model  # noqa: E402
-from qfv_brevitas.data import load_digits_split  # noqa: E402
-from qfv_brevitas.fitting import nonuniformity  # noqa: E402
-from qfv_brevitas.models import build_model  # noqa: E402
-from qfv_brevitas.ptq import brevitas_uniform  # noqa: E402
-from qfv_brevitas.quantizers import nmult_layers, quant_of  # noqa: E402
-from qfv_brevitas.train import TrainConfig, evaluate, fit  # noqa: E402
+from qfv_brevitas.zoo.data import load_digits_split  # noqa: E402
+from qfv_brevitas.core.fitting import nonuniformity  # noqa: E402
+from qfv_brevitas.zoo.models import build_model  # noqa: E402
+from qfv_brevitas.studies.ptq import brevitas_uniform  # noqa: E402
+from qfv_brevitas.core.quantizers import nmult_layers, quant_of  # noqa: E402
+from qfv_brevitas.core.train import TrainConfig, evaluate, fit  # noqa: E402
 from _machine import machine_line  # noqa: E402
 
 #: name -> (variant, mode, init, refit) ; "brevitas" is built separately

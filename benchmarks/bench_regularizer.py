@@ -49,7 +49,7 @@ if _REPO not in sys.path:
 
 import torch  # noqa: E402
 
-from qfv_brevitas.levels import (  # noqa: E402
+from qfv_brevitas.core.levels import (  # noqa: E402
     level_table,
     lsq_step_init,
     sq_distance_to_levels,

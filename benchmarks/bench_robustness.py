@@ -8,7 +8,7 @@ W{b}A{b} (SmallCNN on scikit-learn's digits by default), trained once with
                    progress=False)
 
 (or, when ``out/w{b}a{b}/nmult_w{b}a{b}.pt`` already exists, loaded with
-``qfv_brevitas.checkpoint.load_checkpoint``; ``--retrain`` forces training), and runs on it:
+``qfv_brevitas.zoo.checkpoint.load_checkpoint``; ``--retrain`` forces training), and runs on it:
 
 * faults: ``compare_faults(model, train, test, rates=[0, .05, .10, .20, .30], trials,
   methods=("none", "nearest_valid", "fault_aware"), finetune=TrainConfig(epochs=E,
@@ -54,11 +54,11 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-from qfv_brevitas.checkpoint import load_checkpoint  # noqa: E402
-from qfv_brevitas.data import DataError, load_dataset  # noqa: E402
-from qfv_brevitas.evaluate import MonteCarloResult, compare_faults, compare_variability  # noqa: E402
-from qfv_brevitas.experiment import run_experiment  # noqa: E402
-from qfv_brevitas.train import TrainConfig, evaluate  # noqa: E402
+from qfv_brevitas.zoo.checkpoint import load_checkpoint  # noqa: E402
+from qfv_brevitas.zoo.data import DataError, load_dataset  # noqa: E402
+from qfv_brevitas.studies.montecarlo import MonteCarloResult, compare_faults, compare_variability  # noqa: E402
+from qfv_brevitas.studies.experiment import run_experiment  # noqa: E402
+from qfv_brevitas.core.train import TrainConfig, evaluate  # noqa: E402
 from _machine import machine_line  # noqa: E402
 
 RATES = [0.0, 0.05, 0.10, 0.20, 0.30]

@@ -14,11 +14,11 @@ import torch
 
 from qfv_brevitas import (FaultMap, FaultModel, NMultConfig, attach_faults, fault_aware_finetune,
                           quantize_model, sample_fault_map, set_deploy_mapping)
-from qfv_brevitas.checkpoint import load_checkpoint
-from qfv_brevitas.data import load_digits_split
-from qfv_brevitas.evaluate import edge_layers
-from qfv_brevitas.models import SmallCNN
-from qfv_brevitas.train import TrainConfig, evaluate, fit
+from qfv_brevitas.zoo.checkpoint import load_checkpoint
+from qfv_brevitas.zoo.data import load_digits_split
+from qfv_brevitas.studies.montecarlo import edge_layers
+from qfv_brevitas.zoo.models import SmallCNN
+from qfv_brevitas.core.train import TrainConfig, evaluate, fit
 
 
 def main(argv=None):

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from qfv_brevitas import NMultConfig, format_report, layer_report, quantize_model
-from qfv_brevitas.models import resnet18_cifar
-from qfv_brevitas.train import TrainConfig, evaluate, fit
+from qfv_brevitas.zoo.models import resnet18_cifar
+from qfv_brevitas.core.train import TrainConfig, evaluate, fit
 
 
 def generated_cifar(n: int, seed: int, classes: int = 10) -> TensorDataset:

@@ -18,8 +18,8 @@ from torch import nn
 
 from qfv_brevitas import (NMultConfig, SpikingConfig, evaluate_faults, quantize_model,
                           snn_export_metadata, to_spiking)
-from qfv_brevitas.data import load_digits_split
-from qfv_brevitas.train import TrainConfig, evaluate, fit
+from qfv_brevitas.zoo.data import load_digits_split
+from qfv_brevitas.core.train import TrainConfig, evaluate, fit
 
 
 class MyNet(nn.Module):

@@ -3,33 +3,33 @@
 N-multiplier weight quantizers (levels ``<r, S> + c``), the regularizer of the paper's
 eq. 6/7 with its lambda schedule, model conversion, deployment helpers.
 """
-from .config import MODES, VARIANTS, LambdaSchedule, NMultConfig
-from .convert import ConversionError, quantize_model, set_forward_mode, swap_weight_quant
-from .deploy import format_report, layer_report, snap_weights_, weight_codes
-from .faults import (FaultMap, FaultMapError, FaultModel, attach_faults, detach_faults,
+from qfv_brevitas.core.config import MODES, VARIANTS, LambdaSchedule, NMultConfig
+from qfv_brevitas.core.convert import ConversionError, quantize_model, set_forward_mode, swap_weight_quant
+from qfv_brevitas.core.deploy import format_report, layer_report, snap_weights_, weight_codes
+from qfv_brevitas.chip.faults import (FaultMap, FaultMapError, FaultModel, attach_faults, detach_faults,
                      sample_fault_map)
-from .variability import (VariabilityMap, VariabilityMapError, VariabilityModel,
+from qfv_brevitas.chip.variability import (VariabilityMap, VariabilityMapError, VariabilityModel,
                           attach_variability, detach_variability, sample_variability_map)
-from .repair import (chip_in_loop_finetune, fault_aware_finetune, remap_to_valid_,
+from qfv_brevitas.chip.repair import (chip_in_loop_finetune, fault_aware_finetune, remap_to_valid_,
                      set_deploy_mapping, variability_aware_finetune)
-from .evaluate import (MonteCarloResult, compare_faults, compare_variability, evaluate_faults,
+from qfv_brevitas.studies.montecarlo import (MonteCarloResult, compare_faults, compare_variability, evaluate_faults,
                        evaluate_variability)
-from .quantizers import (FixedLevelWeightPerChannelQuant, FixedLevelWeightQuant,
+from qfv_brevitas.core.quantizers import (FixedLevelWeightPerChannelQuant, FixedLevelWeightQuant,
                          LearnedStepWeightPerChannelQuant, LearnedStepWeightQuant,
                          NMultTensorQuant, NMultWeightPerChannelQuant, NMultWeightQuant,
                          NMultWeightQuantProxy, nmult_layers, quant_of)
-from .regularizer import QuantRegularizer, layer_factor, regularization_loss
-from .shapes import SHAPES, shaped_distance_to_levels
-from .bitflip import (BitFlipModel, attach_bitflips, detach_bitflips, evaluate_bitflips,
+from qfv_brevitas.core.regularizer import QuantRegularizer, layer_factor, regularization_loss
+from qfv_brevitas.core.shapes import SHAPES, shaped_distance_to_levels
+from qfv_brevitas.chip.bitflips import (BitFlipModel, attach_bitflips, detach_bitflips, evaluate_bitflips,
                       random_bit_error_finetune)
-from .sam import SharpnessAware
-from .selftune import (ReferenceStats, calibration_batch, reference_statistics,
+from qfv_brevitas.core.sam import SharpnessAware
+from qfv_brevitas.chip.selftune import (ReferenceStats, calibration_batch, reference_statistics,
                        remove_self_tuning, self_tune)
-from .compare import CompareConfig, MethodComparison, Scenario, compare_methods, scenarios
-from .snn import (SpikingConfig, SpikingNet, run_snn_experiment, snn_export_metadata,
+from qfv_brevitas.studies.compare import CompareConfig, MethodComparison, Scenario, compare_methods, scenarios
+from qfv_brevitas.snn import (SpikingConfig, SpikingNet, run_snn_experiment, snn_export_metadata,
                   to_spiking)  # building spiking layers needs the snn extra (spikingjelly)
 
-__version__ = "0.1.0"
+from qfv_brevitas.util.version import __version__
 
 __all__ = [
     "MODES", "VARIANTS", "LambdaSchedule", "NMultConfig", "ConversionError", "quantize_model",

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from qfv_brevitas import NMultConfig, quantize_model
-from qfv_brevitas.data import load_digits_split
-from qfv_brevitas.models import SmallCNN
-from qfv_brevitas.train import TrainConfig, evaluate, fit
+from qfv_brevitas.zoo.data import load_digits_split
+from qfv_brevitas.zoo.models import SmallCNN
+from qfv_brevitas.core.train import TrainConfig, evaluate, fit
 
 # Property tests draw the same examples on every run (CI must not fail on one run and pass on the
 # next); QFV_HYPOTHESIS=explore draws new ones each run, to look for failures on purpose.
@@ -51,9 +51,9 @@ def trained(digits):
 @pytest.fixture(scope="module", params=["kernels", "torch"])
 def kernel_backend(request):
     """Runs a test module twice: on the compiled CPU kernels (skipped where they were not
-    built) and on the pure-torch paths (``qfv_brevitas._kernels.torch_fallback``). Opt in with
+    built) and on the pure-torch paths (``qfv_brevitas.core.kernels.torch_fallback``). Opt in with
     ``pytestmark = pytest.mark.usefixtures("kernel_backend")``."""
-    from qfv_brevitas import _kernels as K
+    from qfv_brevitas.core import kernels as K
 
     if request.param == "kernels":
         if not K.available():

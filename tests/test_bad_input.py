@@ -29,14 +29,14 @@ import torch
 from onnx import numpy_helper
 
 from qfv_brevitas import NMultConfig, quantize_model
-from qfv_brevitas.checkpoint import save_checkpoint
-from qfv_brevitas.cli import main
-from qfv_brevitas.data import IDX_FILES, fingerprint, load_digits_split, load_idx_split
-from qfv_brevitas.faults import FaultModel, sample_fault_map
-from qfv_brevitas.models import MLP
-from qfv_brevitas.safeio import content_digest
-from qfv_brevitas.train import TrainConfig, fit
-from qfv_brevitas.variability import VariabilityModel, sample_variability_map
+from qfv_brevitas.zoo.checkpoint import save_checkpoint
+from qfv_brevitas.cli.app import main
+from qfv_brevitas.zoo.data import IDX_FILES, fingerprint, load_digits_split, load_idx_split
+from qfv_brevitas.chip.faults import FaultModel, sample_fault_map
+from qfv_brevitas.zoo.models import MLP
+from qfv_brevitas.util.safeio import content_digest
+from qfv_brevitas.core.train import TrainConfig, fit
+from qfv_brevitas.chip.variability import VariabilityModel, sample_variability_map
 
 SHAPE = (1, 8, 8)
 HAS_SNN = __import__("importlib").util.find_spec("spikingjelly") is not None

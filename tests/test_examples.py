@@ -30,7 +30,7 @@ def test_resnet18_cifar10_on_generated_data():
     generated classes (chance is 0.1; measured 1.00, 0.80, 0.89, 0.83 on the 64 test images with
     seeds 0-3)."""
     from qfv_brevitas import nmult_layers, quant_of
-    from qfv_brevitas.models import ResNetCIFAR
+    from qfv_brevitas.zoo.models import ResNetCIFAR
 
     ex = load("resnet18_cifar10")
     acc, q = ex.main(["--fake-data", "256", "--epochs", "3", "--width", "8", "--lr", "0.05",

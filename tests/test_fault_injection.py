@@ -23,12 +23,12 @@ import pytest
 import torch
 
 from qfv_brevitas import NMultConfig, quantize_model
-from qfv_brevitas.checkpoint import load_checkpoint, save_checkpoint
-from qfv_brevitas.cli import main
-from qfv_brevitas.data import fingerprint, load_digits_split
+from qfv_brevitas.zoo.checkpoint import load_checkpoint, save_checkpoint
+from qfv_brevitas.cli.app import main
+from qfv_brevitas.zoo.data import fingerprint, load_digits_split
 from qfv_brevitas.export import read_metadata
-from qfv_brevitas.faults import FaultModel, sample_fault_map
-from qfv_brevitas.models import MLP
+from qfv_brevitas.chip.faults import FaultModel, sample_fault_map
+from qfv_brevitas.zoo.models import MLP
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals, rlimits, mounts")
 
@@ -39,7 +39,7 @@ import contextlib, io, json, resource, signal, sys, time
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C counts only while main() runs
 spec = json.loads(sys.argv[1])
-from qfv_brevitas.cli import main
+from qfv_brevitas.cli.app import main
 import matplotlib.pyplot, onnx, onnxruntime, qonnx.core.onnx_exec  # imported before any limit
 if spec.get("fsize"):
     resource.setrlimit(resource.RLIMIT_FSIZE, (spec["fsize"], resource.RLIM_INFINITY))

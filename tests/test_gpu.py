@@ -15,12 +15,12 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from qfv_brevitas import NMultConfig, quantize_model
-from qfv_brevitas import _kernels as K
-from qfv_brevitas import levels as L
-from qfv_brevitas.faults import FaultModel, attach_faults, sample_fault_map
-from qfv_brevitas.regularizer import QuantRegularizer
-from qfv_brevitas.config import LambdaSchedule
-from qfv_brevitas.variability import VariabilityModel, attach_variability, sample_variability_map
+from qfv_brevitas.core import kernels as K
+from qfv_brevitas.core import levels as L
+from qfv_brevitas.chip.faults import FaultModel, attach_faults, sample_fault_map
+from qfv_brevitas.core.regularizer import QuantRegularizer
+from qfv_brevitas.core.config import LambdaSchedule
+from qfv_brevitas.chip.variability import VariabilityModel, attach_variability, sample_variability_map
 
 SYNCS = ("__bool__", "item", "__float__", "__int__", "__index__", "tolist", "nonzero", "numpy")
 CUDA = torch.cuda.is_available()
@@ -157,7 +157,7 @@ def test_cuda_training_step_without_sync(mode, maps):
 def test_cuda_matches_cpu_and_runs_the_jobs(tmp_path):
     from qfv_brevitas import evaluate_faults, evaluate_variability
     from qfv_brevitas.export import export_qonnx
-    from qfv_brevitas.train import TrainConfig, evaluate, fit
+    from qfv_brevitas.core.train import TrainConfig, evaluate, fit
     from torch.utils.data import TensorDataset
 
     g = torch.Generator().manual_seed(0)

@@ -27,15 +27,15 @@ import torch
 from onnx import numpy_helper
 
 from qfv_brevitas import NMultConfig, quantize_model
-from qfv_brevitas.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from qfv_brevitas.cli import main
-from qfv_brevitas.data import fingerprint, load_digits_split
-from qfv_brevitas.errors import OutputError
+from qfv_brevitas.zoo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from qfv_brevitas.cli.app import main
+from qfv_brevitas.zoo.data import fingerprint, load_digits_split
+from qfv_brevitas.util.errors import OutputError
 from qfv_brevitas.export import ExportFileError, export_qonnx, read_metadata, verify_qonnx
 from qfv_brevitas.export.api import ExportVerificationError, reference_model
-from qfv_brevitas.faults import FaultMap, FaultMapError, FaultModel, sample_fault_map
-from qfv_brevitas.models import MLP
-from qfv_brevitas.train import TrainConfig, fit
+from qfv_brevitas.chip.faults import FaultMap, FaultMapError, FaultModel, sample_fault_map
+from qfv_brevitas.zoo.models import MLP
+from qfv_brevitas.core.train import TrainConfig, fit
 
 SHAPE = (1, 8, 8)
 
@@ -265,7 +265,7 @@ def _tree(folder):
 
 
 def test_run_folder_is_old_or_new_never_a_mix(tmp_path, monkeypatch, capsys):
-    from qfv_brevitas import experiment
+    from qfv_brevitas.studies import experiment
 
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), *FAST]) == 0
@@ -336,7 +336,7 @@ def test_sigterm_stops_as_cleanly_as_ctrl_c(monkeypatch, capsys):
     import signal
     import time
 
-    from qfv_brevitas import cli
+    from qfv_brevitas.cli import app as cli
 
     def killed(args):
         os.kill(os.getpid(), signal.SIGTERM)

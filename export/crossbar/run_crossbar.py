@@ -85,8 +85,8 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--data-dir")
     args = p.parse_args(argv)
 
-    from qfv_brevitas.checkpoint import load_checkpoint
-    from qfv_brevitas.data import load_dataset
+    from qfv_brevitas.zoo.checkpoint import load_checkpoint
+    from qfv_brevitas.zoo.data import load_dataset
     from qfv_brevitas.export import load_crossbar, write_crossbar
     from qfv_brevitas.export.layers import without_maps
 

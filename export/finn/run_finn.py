@@ -938,13 +938,13 @@ def format_estimates(est: dict) -> str:
 def _run(args) -> int:
     import torch
 
-    from qfv_brevitas.data import load_dataset
+    from qfv_brevitas.zoo.data import load_dataset
 
     torch.set_num_threads(1)
     info = _file_info(args.file)
     reference, seed = None, 0
     if args.checkpoint is not None:
-        from qfv_brevitas.checkpoint import load_checkpoint
+        from qfv_brevitas.zoo.checkpoint import load_checkpoint
         from qfv_brevitas.export import reference_model
 
         if info["form"] == "external":

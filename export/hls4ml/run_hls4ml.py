@@ -288,8 +288,8 @@ def main(argv: Optional[list] = None) -> int:
                    help="max |hls4ml - torch| relative to max(1, max|y|)")
     args = p.parse_args(argv)
 
-    from qfv_brevitas.checkpoint import load_checkpoint
-    from qfv_brevitas.data import load_dataset
+    from qfv_brevitas.zoo.checkpoint import load_checkpoint
+    from qfv_brevitas.zoo.data import load_dataset
     from qfv_brevitas.export import reference_model
 
     model, info = load_checkpoint(args.checkpoint)

@@ -6,14 +6,14 @@ metadata, verification against torch, crossbar files.
 >>> FORMS
 ('compact', 'bitplanes', 'fixed', 'planes')
 """
-from .api import EXPORTERS, ExportError, ExportResult, export_qonnx, reference_model
-from .crossbar import load_crossbar, write_crossbar
-from .fixedpoint import choose_frac_bits, fixed_point_layer, round_to_grid
-from .graph import cleanup_qonnx, to_onnxruntime
-from .handler import FORMS
-from .metadata import ExportFileError, format_layers, read_metadata
-from .ops import NMultWeight, nmult_weight
-from .verify import VerifyReport, verify_qonnx
+from qfv_brevitas.export.api import EXPORTERS, ExportError, ExportResult, export_qonnx, reference_model
+from qfv_brevitas.export.crossbar import load_crossbar, write_crossbar
+from qfv_brevitas.export.fixedpoint import choose_frac_bits, fixed_point_layer, round_to_grid
+from qfv_brevitas.export.graph import cleanup_qonnx, to_onnxruntime
+from qfv_brevitas.export.handler import FORMS
+from qfv_brevitas.export.metadata import ExportFileError, format_layers, read_metadata
+from qfv_brevitas.export.ops import NMultWeight, nmult_weight
+from qfv_brevitas.export.verify import VerifyReport, verify_qonnx
 
 __all__ = ["EXPORTERS", "FORMS", "ExportError", "ExportFileError", "ExportResult",
            "NMultWeight", "VerifyReport", "choose_frac_bits", "cleanup_qonnx",

@@ -14,18 +14,18 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ..errors import QfvError, VerificationError
-from ..quantizers import nmult_layers
-from ..safeio import atomic_path, check_output
-from . import fixedpoint as FX
-from . import planes as P
-from .graph import (cleanup_qonnx, default_domain_first, locate_layers, rename_tensor,
+from qfv_brevitas.util.errors import QfvError, VerificationError
+from qfv_brevitas.core.quantizers import nmult_layers
+from qfv_brevitas.util.safeio import atomic_path, check_output
+from qfv_brevitas.export import fixedpoint as FX
+from qfv_brevitas.export import planes as P
+from qfv_brevitas.export.graph import (cleanup_qonnx, default_domain_first, locate_layers, rename_tensor,
                     unshare_weight_quants)
-from .handler import FORMS, manager_for, plain_state_dict
-from .layers import LayerExport, collect_layers, without_maps
-from .metadata import FORMAT, format_layers, write_metadata
-from .ops import DOMAIN, OP_TYPE
-from .verify import VerifyReport, verify_qonnx
+from qfv_brevitas.export.handler import FORMS, manager_for, plain_state_dict
+from qfv_brevitas.export.layers import LayerExport, collect_layers, without_maps
+from qfv_brevitas.export.metadata import FORMAT, format_layers, write_metadata
+from qfv_brevitas.export.ops import DOMAIN, OP_TYPE
+from qfv_brevitas.export.verify import VerifyReport, verify_qonnx
 
 __all__ = ["EXPORTERS", "ExportError", "ExportVerificationError", "ExportResult", "export_qonnx",
            "reference_model", "expected_export"]
@@ -96,7 +96,7 @@ def _accuracy_fn(data) -> Optional[Callable[[nn.Module], float]]:
         return None
     if callable(data) and not isinstance(data, Dataset):
         return data
-    from ..train import evaluate
+    from qfv_brevitas.core.train import evaluate
 
     return lambda m: evaluate(m, data)
 
@@ -138,7 +138,7 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
     Unless ``verify=False`` the graph is run with qonnx and onnxruntime on ``verify_inputs``
     (default: ``example_input``) against the torch model before anything is written; a failed
     check raises :class:`ExportVerificationError` and writes nothing. The file is written
-    atomically (:mod:`qfv_brevitas.safeio`); an existing one is replaced only with
+    atomically (:mod:`qfv_brevitas.util.safeio`); an existing one is replaced only with
     ``overwrite=True``.
 
     >>> import torch, tempfile, os
@@ -175,7 +175,7 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
         x = _check_spiking(snn, x, exporter, "example_input")
         if verify_inputs is not None:
             verify_inputs = _check_spiking(snn, verify_inputs, exporter, "verify_inputs")
-        from ..snn import snn_export_metadata
+        from qfv_brevitas.snn import snn_export_metadata
 
         extra_metadata.setdefault("snn", snn_export_metadata(model))
     check_output(path, overwrite=overwrite)  # before the work: exists? writable?
@@ -260,7 +260,7 @@ def expected_export(model: nn.Module, info: dict) -> onnx.ModelProto:
 def _spiking_net(model: nn.Module):
     """The model's :class:`~qfv_brevitas.snn.SpikingNet`, if it is a spiking model."""
     try:
-        from ..snn.network import SpikingNet
+        from qfv_brevitas.snn.network import SpikingNet
     except ImportError:  # the snn extra is not installed: no spiking model can exist either
         return None
     return next((m for m in model.modules() if isinstance(m, SpikingNet)), None)
@@ -281,7 +281,7 @@ def _check_spiking(net, x: Tensor, exporter: str, what: str) -> Tensor:
 
 
 def _version() -> str:
-    from .. import __version__
+    from qfv_brevitas.util.version import __version__
 
     return __version__
 
@@ -412,7 +412,7 @@ def reference_model(model: nn.Module, source) -> nn.Module:
     """The torch model a file exported from ``model`` must agree with: ``model`` itself, with
     its maps removed if the file holds the ideal levels, with the fixed-point multipliers for
     the fixed-point form. Raises if the file's layers do not match ``model``'s."""
-    from .metadata import read_metadata
+    from qfv_brevitas.export.metadata import read_metadata
 
     info = read_metadata(source, check_graph=False)  # the graph: verify_qonnx compares it
     twin = model.eval() if info.get("device", True) else without_maps(model)

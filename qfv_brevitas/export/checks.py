@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .ops import DOMAIN, OP_TYPE
+from qfv_brevitas.export.ops import DOMAIN, OP_TYPE
 
 __all__ = ["ALLOWED_DOMAINS", "check_domains", "graph_digest", "graph_problems",
            "compare_graphs"]

@@ -24,11 +24,11 @@ from typing import Dict, Optional, Union
 import numpy as np
 from torch import nn
 
-from ..errors import QfvError
-from ..quantizers import nmult_layers
-from ..safeio import atomic_dir
-from .layers import collect_layers, without_maps
-from .ops import nmult_weight
+from qfv_brevitas.util.errors import QfvError
+from qfv_brevitas.core.quantizers import nmult_layers
+from qfv_brevitas.util.safeio import atomic_dir
+from qfv_brevitas.export.layers import collect_layers, without_maps
+from qfv_brevitas.export.ops import nmult_weight
 
 __all__ = ["CROSSBAR_FORMAT", "write_crossbar", "load_crossbar", "not_a_crossbar_folder"]
 
@@ -61,13 +61,13 @@ def write_crossbar(model: nn.Module, folder: Union[str, Path], device: bool = Tr
     ``device=True`` writes the codes the device holds (stuck bits forced) and the per-cell
     factors of an attached variability map; ``device=False`` the ideal codes. Per-channel
     layers must have their channels on axis 0 (``r``/``c`` rows are the matrix rows).
-    The folder is written whole (:func:`qfv_brevitas.safeio.atomic_dir`): an existing crossbar
+    The folder is written whole (:func:`qfv_brevitas.util.safeio.atomic_dir`): an existing crossbar
     folder is replaced only with ``overwrite=True``, and never mixed with the new files; a
     folder holding anything else is refused. ``inputs``: paths the folder must not hold.
     """
     if not nmult_layers(model):
         raise QfvError("the model has no N-multiplier layers: nothing to map onto crossbars")
-    from .api import _on_cpu
+    from qfv_brevitas.export.api import _on_cpu
 
     model = _on_cpu(model)[0]
     with atomic_dir(folder, overwrite=overwrite, inputs=inputs,

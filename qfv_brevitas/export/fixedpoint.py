@@ -13,9 +13,9 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..levels import level_table
-from ..quantizers import nmult_layers
-from .layers import LayerExport
+from qfv_brevitas.core.levels import level_table
+from qfv_brevitas.core.quantizers import nmult_layers
+from qfv_brevitas.export.layers import LayerExport
 
 __all__ = ["round_to_grid", "fixed_point_layer", "fixed_point_model", "choose_frac_bits",
            "MAX_FRAC_BITS"]

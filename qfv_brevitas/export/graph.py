@@ -17,7 +17,7 @@ from qonnx.transformation.general import (GiveUniqueNodeNames, RemoveStaticGraph
                                           RemoveUnusedTensors)
 from qonnx.transformation.infer_shapes import InferShapes
 
-from .ops import OP_TYPE
+from qfv_brevitas.export.ops import OP_TYPE
 
 __all__ = ["COMPUTE_OPS", "QUANT_OPS", "default_domain_first", "locate_layers", "rename_tensor",
            "unshare_weight_quants", "constant_tensors",

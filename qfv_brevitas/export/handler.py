@@ -1,7 +1,7 @@
 """Brevitas export handlers for the N-multiplier weight proxy, one per exported form.
 
 Brevitas matches proxy export handlers on the proxy's exact type, so the library's own
-:class:`~qfv_brevitas.quantizers.NMultWeightQuantProxy` gets its own handler here; the stock one
+:class:`~qfv_brevitas.core.quantizers.NMultWeightQuantProxy` gets its own handler here; the stock one
 would export the non-uniform levels as a uniform ``Quant`` node, silently wrong. Each handler
 emits its form through both torch exporters (a ``torch.autograd.Function`` with a TorchScript
 ``symbolic`` and a dynamo function through ``torch.onnx.ops``); activations keep Brevitas' own
@@ -22,9 +22,9 @@ from brevitas.export.onnx.handler import ONNXBaseHandler
 from brevitas.export.onnx.qonnx.function import BrevitasQuantOp
 from brevitas.export.onnx.qonnx.manager import QONNXDynamoManager, QONNXManager
 
-from ..quantizers import NMultTensorQuant, NMultWeightQuantProxy
-from .layers import LayerExport
-from .ops import DOMAIN, OP_TYPE, OP_VERSION
+from qfv_brevitas.core.quantizers import NMultTensorQuant, NMultWeightQuantProxy
+from qfv_brevitas.export.layers import LayerExport
+from qfv_brevitas.export.ops import DOMAIN, OP_TYPE, OP_VERSION
 
 __all__ = ["FORMS", "manager_for", "plain_state_dict"]
 

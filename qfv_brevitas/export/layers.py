@@ -12,9 +12,9 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from .. import device as D
-from .. import levels as L
-from ..quantizers import nmult_layers, quant_of
+from qfv_brevitas.core import device as D
+from qfv_brevitas.core import levels as L
+from qfv_brevitas.core.quantizers import nmult_layers, quant_of
 
 __all__ = ["LayerExport", "collect_layers", "decode", "without_maps", "fault_summary",
            "variability_summary"]
@@ -157,7 +157,7 @@ def collect_layers(model: nn.Module, device: bool = True) -> List[LayerExport]:
 
 def decode(info: LayerExport, r: Optional[Tensor] = None, c: Optional[Tensor] = None) -> Tensor:
     """The weights ``info`` describes (torch, the op's formula), optionally with other r, c."""
-    from ..levels import level_table
+    from qfv_brevitas.core.levels import level_table
 
     r = info.r if r is None else r
     c = info.c if c is None else c

@@ -9,8 +9,8 @@ from typing import List, Union
 import onnx
 from google.protobuf.message import DecodeError
 
-from ..errors import QfvError
-from .checks import check_domains, graph_digest, graph_problems
+from qfv_brevitas.util.errors import QfvError
+from qfv_brevitas.export.checks import check_domains, graph_digest, graph_problems
 
 __all__ = ["FORMAT", "ExportFileError", "write_metadata", "read_metadata", "graph_intact",
            "format_layers"]

@@ -30,8 +30,8 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from . import fixedpoint as FX
-from .layers import LayerExport
+from qfv_brevitas.export import fixedpoint as FX
+from qfv_brevitas.export.layers import LayerExport
 
 __all__ = ["check_layer", "planes_layer", "split_into_planes", "file_weights", "memory_bits",
            "PLANE_OPS"]

@@ -11,10 +11,10 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from ..errors import QfvError
-from .checks import compare_graphs, graph_problems
-from .graph import constant_tensors, to_onnxruntime
-from .metadata import graph_intact, read_metadata
+from qfv_brevitas.util.errors import QfvError
+from qfv_brevitas.export.checks import compare_graphs, graph_problems
+from qfv_brevitas.export.graph import constant_tensors, to_onnxruntime
+from qfv_brevitas.export.metadata import graph_intact, read_metadata
 
 __all__ = ["VerifyReport", "verify_qonnx", "reference_weights"]
 
@@ -125,7 +125,7 @@ def _chunks(x: Tensor, batch: int, axis: int = 0):
 
 def _batch_axis(model: nn.Module) -> int:
     """Spiking models in the time-first layout take ``(T, N, ...)``: the batch is axis 1."""
-    from .api import _spiking_net
+    from qfv_brevitas.export.api import _spiking_net
 
     net = _spiking_net(model)
     return 1 if net is not None and net.config.layout == "time_first" else 0
@@ -214,7 +214,7 @@ def verify_qonnx(reference: nn.Module, source: Union[str, Path, onnx.ModelProto]
         weight_tolerance = 1e-6 * wmax if has_var else 0.0
     # Spikes are binary activations: a membrane potential within float rounding of the
     # threshold fires in one runtime and not in another, as at a quantizer threshold.
-    from .api import _spiking_net
+    from qfv_brevitas.export.api import _spiking_net
 
     act = _has_activation_quant(model) or _spiking_net(reference) is not None
     scale = max(1.0, float(np.abs(t).max()))
@@ -251,7 +251,7 @@ def _file_weight(ctx: dict, row: dict) -> np.ndarray:
     tensor, or for the plane-parallel form (no single weight tensor) the planes decoded."""
     if "weight_tensor" in row:
         return np.asarray(ctx[row["weight_tensor"]])
-    from .planes import file_weights
+    from qfv_brevitas.export.planes import file_weights
 
     return file_weights(ctx, row["planes"], row["weight_shape"])
 

@@ -12,14 +12,14 @@ on it unchanged::
 Importing this package needs nothing extra; building a spiking layer needs spikingjelly
 (the ``snn`` extra), and says so when it is missing.
 """
-from .config import ENCODINGS, LAYOUTS, SURROGATES, SpikingConfig
-from .data import (NEUROMORPHIC, SNN_DATASETS, SNNData, load_neuromorphic, load_snn_dataset,
+from qfv_brevitas.snn.config import ENCODINGS, LAYOUTS, SURROGATES, SpikingConfig
+from qfv_brevitas.snn.data import (NEUROMORPHIC, SNN_DATASETS, SNNData, load_neuromorphic, load_snn_dataset,
                    rate_coded_digits, synthetic_events)
-from .experiment import format_snn_results, run_snn_experiment
-from .models import (SPIKING_MODEL_NAMES, DigitsCNN, ResNet19, bn_mlp, build_spiking_model, spiking_mlp,
+from qfv_brevitas.snn.experiment import format_snn_results, run_snn_experiment
+from qfv_brevitas.snn.models import (SPIKING_MODEL_NAMES, DigitsCNN, ResNet19, bn_mlp, build_spiking_model, spiking_mlp,
                      spiking_resnet19, spiking_small_cnn, spiking_vgg11)
-from .network import SpikingNet, lif_layers, snn_export_metadata, to_spiking
-from .neurons import LIF, SNNDependencyError, rate_encode
+from qfv_brevitas.snn.network import SpikingNet, lif_layers, snn_export_metadata, to_spiking
+from qfv_brevitas.snn.neurons import LIF, SNNDependencyError, rate_encode
 
 __all__ = [
     "ENCODINGS", "LAYOUTS", "SURROGATES", "SpikingConfig", "NEUROMORPHIC", "SNN_DATASETS",

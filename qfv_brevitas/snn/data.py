@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from ..data import DataError, load_dataset, load_digits_split
-from .neurons import rate_encode
+from qfv_brevitas.zoo.data import DataError, load_dataset, load_digits_split
+from qfv_brevitas.snn.neurons import rate_encode
 
 __all__ = ["SNN_DATASETS", "NEUROMORPHIC", "SNNData", "rate_coded_digits", "synthetic_events",
            "ResizeFrames", "load_neuromorphic", "stratified_split", "load_snn_dataset"]
@@ -49,7 +49,7 @@ class SNNData(NamedTuple):
 
 def rate_coded_digits(seed: int = 0, T: int = 4, encode_seed: int = 0
                       ) -> Tuple[TensorDataset, TensorDataset]:
-    """scikit-learn's digits (split as :func:`qfv_brevitas.data.load_digits_split`) turned into
+    """scikit-learn's digits (split as :func:`qfv_brevitas.zoo.data.load_digits_split`) turned into
     fixed rate-coded spike trains: samples of shape ``(T, 1, 8, 8)`` with values in {0, 1}
     (batches ``(N, T, 1, 8, 8)``: ``layout="batch_first"``, ``encoding="none"``).
 
@@ -237,7 +237,7 @@ def _check_archives(download: Path, cls) -> None:
 
 
 def _dataset_class(name: str):
-    from .neurons import spikingjelly
+    from qfv_brevitas.snn.neurons import spikingjelly
 
     spikingjelly()
     try:

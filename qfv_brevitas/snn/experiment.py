@@ -11,17 +11,17 @@ from typing import Optional, Sequence, Union
 import torch
 from torch.utils.data import TensorDataset
 
-from ..checkpoint import save_checkpoint
-from ..config import VARIANTS, NMultConfig
-from ..convert import quantize_model
-from ..data import fingerprint
-from ..experiment import accuracy_table, not_a_run_folder
-from ..safeio import atomic_dir, atomic_write, check_output
-from ..train import TrainConfig, evaluate, fit
-from .config import SpikingConfig
-from .data import load_snn_dataset
-from .models import SPIKING_MODEL_NAMES, build_spiking_model
-from .network import snn_export_metadata
+from qfv_brevitas.zoo.checkpoint import save_checkpoint
+from qfv_brevitas.core.config import VARIANTS, NMultConfig
+from qfv_brevitas.core.convert import quantize_model
+from qfv_brevitas.zoo.data import fingerprint
+from qfv_brevitas.studies.experiment import accuracy_table, not_a_run_folder
+from qfv_brevitas.util.safeio import atomic_dir, atomic_write, check_output
+from qfv_brevitas.core.train import TrainConfig, evaluate, fit
+from qfv_brevitas.snn.config import SpikingConfig
+from qfv_brevitas.snn.data import load_snn_dataset
+from qfv_brevitas.snn.models import SPIKING_MODEL_NAMES, build_spiking_model
+from qfv_brevitas.snn.network import snn_export_metadata
 
 __all__ = ["run_snn_experiment", "format_snn_results", "snn_for_data"]
 
@@ -65,9 +65,9 @@ def run_snn_experiment(out_dir: Union[str, Path], dataset: str = "digits",
     regularizer and its lambda schedule (the paper's SNN setup, section 4.2).
 
     Writes ``results.json`` and (with ``save_models``) ``float.pt`` and
-    ``{variant}_w{b}.pt`` checkpoints that :func:`qfv_brevitas.checkpoint.load_checkpoint`
+    ``{variant}_w{b}.pt`` checkpoints that :func:`qfv_brevitas.zoo.checkpoint.load_checkpoint`
     and the ``qfv faults`` / ``qfv variability`` commands read; returns the results.
-    The run folder is written whole, as by :func:`qfv_brevitas.experiment.run_experiment`
+    The run folder is written whole, as by :func:`qfv_brevitas.studies.experiment.run_experiment`
     (the previous run or this one, never a mix; an existing one only with ``overwrite``).
     """
     if arch not in SPIKING_MODEL_NAMES:

@@ -9,9 +9,9 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..models import ResNetCIFAR, vgg_cifar
-from .config import SpikingConfig
-from .network import SpikingNet, to_spiking
+from qfv_brevitas.zoo.models import ResNetCIFAR, vgg_cifar
+from qfv_brevitas.snn.config import SpikingConfig
+from qfv_brevitas.snn.network import SpikingNet, to_spiking
 
 __all__ = ["ResNet19", "DigitsCNN", "bn_mlp", "spiking_vgg11", "spiking_resnet19", "spiking_small_cnn", "spiking_mlp",
            "build_spiking_model", "SPIKING_MODEL_NAMES"]
@@ -80,7 +80,7 @@ def spiking_resnet19(num_classes: int = 10, in_channels: int = 2, width: int = 1
 class DigitsCNN(nn.Module):
     """A small plain CNN made to spike well: every hidden synaptic layer is followed by
     BatchNorm (normalised currents keep the LIF layers firing from the start; a hidden Linear
-    without it, as in :class:`~qfv_brevitas.models.SmallCNN`, starts silent at tau = 4 and does
+    without it, as in :class:`~qfv_brevitas.zoo.models.SmallCNN`, starts silent at tau = 4 and does
     not learn) and the readout is a single Linear layer. Max-pooling and ReLU, like any user
     network: :func:`spiking_small_cnn` converts it."""
 

@@ -7,10 +7,10 @@ from typing import Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..config import NMultConfig
-from ..convert import ConversionError, quantize_model
-from .config import SpikingConfig
-from .neurons import LIF, rate_encode, spikingjelly
+from qfv_brevitas.core.config import NMultConfig
+from qfv_brevitas.core.convert import ConversionError, quantize_model
+from qfv_brevitas.snn.config import SpikingConfig
+from qfv_brevitas.snn.neurons import LIF, rate_encode, spikingjelly
 
 __all__ = ["SpikingNet", "to_spiking", "snn_export_metadata", "lif_layers"]
 

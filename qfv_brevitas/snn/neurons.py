@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .config import SpikingConfig
+from qfv_brevitas.snn.config import SpikingConfig
 
 __all__ = ["spikingjelly", "LIF", "rate_encode", "SNNDependencyError"]
 

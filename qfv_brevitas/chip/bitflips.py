@@ -1,0 +1,220 @@
+"""Transient bit errors: random flips of the stored weight bits, drawn anew on every inference.
+
+Stuck-at faults (:mod:`qfv_brevitas.chip.faults`) are persistent: one map per chip, attached as
+buffers. Bit flips are a per-forward effect (read disturbs, low-voltage SRAM): each forward pass
+of a layer reads every stored bit of every weight flipped with probability ``rate`` (the
+bit-error rate, BER), independently. The programmed code ``S`` (nearest level, or the device-aware
+code with ``deploy_mapping="aware"``) is read as ``S xor F`` with a fresh random mask ``F``; a
+stuck cell stays stuck (the device forces its bit after the flip) and cell variability applies
+to the flipped code. So flips compose with attached fault and variability maps.
+
+They are kept apart from the persistent maps, as aihwkit keeps per-forward noise apart from
+programmed state: an injector is a forward hook on the layer's weight quantizer, never in the
+state dict. Each layer draws from its own generator seeded by ``(seed, layer name)``, so a run
+is reproducible and the ``k``-th forward pass of a layer sees the same flips whatever else runs.
+One draw serves a whole batch; evaluate with ``batch_size=1`` for flips per sample.
+
+- :class:`BitFlipModel`, :func:`attach_bitflips`, :func:`detach_bitflips`;
+- :func:`evaluate_bitflips`: Monte Carlo over seeds, as :func:`qfv_brevitas.evaluate_faults`;
+- :func:`random_bit_error_finetune`: random-bit-error training (flips in the training forward
+  pass, straight-through gradient), the usual baseline against bit errors.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from qfv_brevitas.core import device as D
+from qfv_brevitas.studies import montecarlo as E
+from qfv_brevitas.chip.maps import check_fraction, check_layer_dict, check_seed, layer_generator, \
+    quantized_layers
+from qfv_brevitas.core.quantizers import NMultTensorQuant, nmult_layers, quant_of
+from qfv_brevitas.core.train import TrainConfig, fit
+
+__all__ = ["BitFlipModel", "BitFlipInjector", "flip_masks", "attach_bitflips",
+           "detach_bitflips", "bitflip_injectors", "evaluate_bitflips",
+           "random_bit_error_finetune"]
+
+
+@dataclass
+class BitFlipModel:
+    """How to flip stored weight bits on each inference.
+
+    Args:
+        rate: bit-error rate: probability that a stored bit reads flipped, per bit cell and
+            forward pass, in [0, 1].
+        seed: seed of the flip streams; each layer's generator is derived from it and the
+            layer's name.
+        layer_rates: per-layer rates overriding ``rate``, by qualified module name.
+
+    >>> BitFlipModel(rate=0.01, layer_rates={"fc": 0.0}).layer_rate("fc")
+    0.0
+    >>> BitFlipModel(rate=2)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: BitFlipModel.rate must be a number in [0, 1] (a bit-error rate: ...), got 2
+    """
+
+    rate: float
+    seed: int = 0
+    layer_rates: Dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        hint = " (a bit-error rate: 0.01 for 1% of the bits read flipped)"
+        self.rate = check_fraction(self.rate, "BitFlipModel.rate", hint)
+        self.seed = check_seed(self.seed, "BitFlipModel.seed")
+        self.layer_rates = check_layer_dict(self.layer_rates, "BitFlipModel.layer_rates",
+                                            lambda v, w: check_fraction(v, w, hint))
+
+    def layer_rate(self, name: str) -> float:
+        """The bit-error rate of layer ``name``."""
+        return self.layer_rates.get(name, self.rate)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def flip_masks(numel: int, bits: int, rate: float, gen: torch.Generator) -> Tensor:
+    """Flat uint8 masks: bit ``i`` of entry ``j`` set with probability ``rate``, independently
+    (one float32 uniform per cell, one bit plane at a time, from ``gen`` on the CPU).
+
+    >>> m = flip_masks(6, 3, 1.0, torch.Generator().manual_seed(0))
+    >>> m.tolist()
+    [7, 7, 7, 7, 7, 7]
+    """
+    out = torch.zeros(numel, dtype=torch.uint8)
+    if rate == 0.0:
+        return out
+    for i in range(bits):
+        out |= (torch.rand(numel, generator=gen) < rate).to(torch.uint8) << i
+    return out
+
+
+class BitFlipInjector:
+    """Forward hook on an :class:`NMultTensorQuant`: replaces the quantized weight by what the
+    device reads with fresh random bit flips. In training mode the flipped values carry a
+    straight-through gradient to the weights and the exact one to ``r`` and ``c`` (as the
+    chip-in-loop forward does). Counts the cells it read and flipped (``cells``, ``flipped``)."""
+
+    def __init__(self, name: str, rate: float, bits: int, seed: int):
+        self.name, self.rate, self.bits, self.seed = name, float(rate), int(bits), int(seed)
+        self.gen = layer_generator("bitflips", self.seed, name)
+        self.cells = 0
+        self._flipped = []  # per forward pass, a count on the weights' device (no sync)
+        self.last_mask: Optional[Tensor] = None
+
+    @property
+    def flipped(self) -> int:
+        """Bits read flipped so far."""
+        self._flipped = [sum(int(t) for t in self._flipped)] if self._flipped else []
+        return self._flipped[0] if self._flipped else 0
+
+    def __call__(self, tq: NMultTensorQuant, inputs, output):
+        x = inputs[0]
+        w2d = tq.to_groups(x)
+        dev = tq.device_state()
+        codes = tq.to_groups(tq.codes(x))  # programmed codes (mapping and maps as attached)
+        mask = flip_masks(codes.numel(), self.bits, self.rate, self.gen)
+        mask = mask.view(codes.shape)
+        if codes.device.type == "cuda":  # drawn on the CPU (reproducible): pinned, async copy
+            mask = mask.pin_memory().to(codes.device, non_blocking=True)
+        else:
+            mask = mask.to(codes.device)
+        self.last_mask = mask
+        self.cells += codes.numel() * self.bits
+        self._flipped.append(sum(((mask >> i) & 1).sum() for i in range(self.bits)))
+        read = codes.to(torch.uint8) ^ mask
+        sa0, sa1, lrs, hrs = (None, None, None, None) if dev is None else dev[:4]
+        v = D.deployed_values(read, tq.multipliers(), tq.offset(), sa0, sa1, lrs, hrs)
+        v = v.to(x.dtype)
+        if tq.training and torch.is_grad_enabled():
+            v = v + (w2d - w2d.detach())  # straight through to the weights
+        else:
+            v = v.detach()
+        return (tq.from_groups(v, x.shape),) + tuple(output[1:])
+
+
+def _injectors(tq: nn.Module):
+    return [(k, h) for k, h in tq._forward_hooks.items() if isinstance(h, BitFlipInjector)]
+
+
+def bitflip_injectors(model: nn.Module) -> Dict[str, BitFlipInjector]:
+    """``{layer name: injector}`` of the bit-flip injectors attached to ``model``."""
+    out = {}
+    for name, layer in nmult_layers(model):
+        for _, h in _injectors(quant_of(layer)):
+            out[name] = h
+    return out
+
+
+def attach_bitflips(model: nn.Module, flip_model: BitFlipModel) -> nn.Module:
+    """Read every N-multiplier layer's weights with random bit flips at its rate from now on
+    (replacing injectors attached before). Fault and variability maps attached to the model
+    stay in force. Returns ``model``.
+
+    >>> from qfv_brevitas import NMultConfig, quantize_model
+    >>> m = quantize_model(nn.Sequential(nn.Linear(8, 4)), NMultConfig(act_bits=None,
+    ...                                                                first_last_bits=None))
+    >>> sorted(bitflip_injectors(attach_bitflips(m, BitFlipModel(rate=0.05, seed=1))))
+    ['0']
+    """
+    if not isinstance(flip_model, BitFlipModel):
+        raise TypeError(f"attach_bitflips takes a BitFlipModel, got {type(flip_model).__name__}")
+    layers = quantized_layers(model, "attach_bitflips", flip_model.layer_rates,
+                              "BitFlipModel.layer_rates")
+    detach_bitflips(model)
+    for name, layer in layers.items():
+        tq = quant_of(layer)
+        tq.register_forward_hook(BitFlipInjector(name, flip_model.layer_rate(name), tq.bits,
+                                                 flip_model.seed))
+    return model
+
+
+def detach_bitflips(model: nn.Module) -> nn.Module:
+    """Remove every bit-flip injector from ``model`` (maps are kept). Returns ``model``."""
+    for _, layer in nmult_layers(model):
+        tq = quant_of(layer)
+        for key, _ in _injectors(tq):
+            del tq._forward_hooks[key]
+    return model
+
+
+def _flip_sampler(layers: str):
+    def attach(model: nn.Module, level: float, seed: int) -> None:
+        attach_bitflips(model, BitFlipModel(rate=level, seed=seed,
+                                            layer_rates=E._exempt(model, layers)))
+    return attach
+
+
+def evaluate_bitflips(model: nn.Module, test: Dataset, rates: Sequence[float], trials: int = 10,
+                      seed: int = 0, mapping: str = "naive", layers: str = "inner",
+                      progress: bool = True, workers: int = 1, distributed: bool = False,
+                      device=None) -> E.MonteCarloResult:
+    """Accuracy with random bit flips at each bit-error rate, ``trials`` seeded runs per rate
+    (trial ``k`` uses seed ``seed + k``); one flip draw per evaluation batch of 512 images.
+    ``mapping`` and ``layers`` as in :func:`qfv_brevitas.evaluate_faults` (the mapping matters
+    only with a fault or variability map attached to ``model``); ``workers``, ``distributed``,
+    ``device`` as there."""
+    E.check_choice(mapping, ("naive", "aware"), "deploy mapping")
+    return E._run("bitflips", model, None, test, E._check_levels(rates, "bit-error rates", 1.0),
+                  E._check_trials(trials), seed, ["none"], _flip_sampler(layers),
+                  {"none": E._deploy(mapping)}, progress, {"layers": layers, "mapping": mapping},
+                  workers, distributed, device)
+
+
+def random_bit_error_finetune(model: nn.Module, train: Dataset, test: Optional[Dataset],
+                              cfg: TrainConfig, flips: BitFlipModel, progress: bool = True
+                              ) -> dict:
+    """Random-bit-error training: fine-tune ``model`` in place with fresh random bit flips at
+    ``flips.rate`` in every training forward pass (straight-through gradient), the regularizer
+    of ``cfg`` as usual. The injectors are removed afterwards: the model deploys as before,
+    hopefully tolerating flips. Returns :func:`qfv_brevitas.core.train.fit`'s history."""
+    attach_bitflips(model, flips)
+    try:
+        return fit(model, train, test, cfg, desc="random-bit-error", progress=progress)
+    finally:
+        detach_bitflips(model)

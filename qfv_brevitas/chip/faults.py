@@ -1,0 +1,313 @@
+"""Stuck-at bit faults of the N-bit weight cells: sample, save, load, validate, attach.
+
+Each weight of an N-multiplier layer is stored as an N-bit code in N bit cells; its level is
+``c + sum_i r_i * bit_i(code)``. A cell stuck at 0 (SA0) or 1 (SA1) forces its bit whatever
+the code (paper section 3.6). A :class:`FaultMap` holds, per layer, two ``uint8`` masks of the
+weight's shape: bit ``i`` of ``sa0[j]`` set means bit ``i`` of weight ``j`` is stuck at 0, of
+``sa1[j]`` stuck at 1.
+
+A map is a persistent effect: sampled once from an explicit seed, attached to the layers'
+weight proxies as buffers (so it travels with the state dict), saved and loaded on its own.
+
+- :class:`FaultModel`: bit-fault rate, SA1 share, per-layer rates, seed.
+- :func:`sample_fault_map`: one map per model, reproducible on any machine; each layer draws
+  from its own generator seeded by ``(seed, layer name)``, so adding, removing or reordering
+  other layers leaves a layer's map unchanged. At a fixed seed the stuck cells are nested in
+  the rate: every cell stuck at rate ``p`` is stuck at any rate ``q > p`` (one uniform number
+  per cell, compared with the rate), which makes rate sweeps monotone rather than noisy.
+- :func:`attach_faults`, :func:`detach_faults`: put a map on a model, take it off.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Optional, Tuple, Type
+
+import torch
+from torch import Tensor, nn
+
+from qfv_brevitas.util.errors import QfvError
+
+from qfv_brevitas.core.quantizers import nmult_layers, quant_of
+
+__all__ = ["FaultModel", "FaultMap", "FaultMapError", "sample_fault_map", "attach_faults",
+           "detach_faults"]
+
+FORMAT = "qfv-brevitas/faultmap/1"
+
+
+class FaultMapError(QfvError):
+    """A fault map is malformed, unreadable, or does not fit the model it is used with."""
+
+
+from qfv_brevitas.chip.maps import (check_fraction, check_seed, check_layer_dict, layer_generator,  # noqa: F401
+                    quantized_layers, check_names_in_model, save_tagged, load_tagged,
+                    check_map_bits)
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+@dataclass
+class FaultModel:
+    """How to draw stuck-at faults.
+
+    Args:
+        rate: fraction of weight bit cells that are stuck (the paper's bit-fault rate), in [0, 1].
+        sa1_fraction: probability that a stuck cell is stuck at 1 (else at 0), in [0, 1].
+        layer_rates: per-layer rates overriding ``rate``, by qualified module name.
+        seed: seed of the map; each layer's generator is derived from it and the layer's name.
+
+    >>> FaultModel(rate=0.1, layer_rates={"features.0": 0.0}).layer_rate("features.3")
+    0.1
+    >>> FaultModel(rate=10)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: FaultModel.rate must be a number in [0, 1] (a fraction of bit cells: ...), got 10
+    """
+
+    rate: float
+    sa1_fraction: float = 0.5
+    layer_rates: Dict[str, float] = field(default_factory=dict)
+    seed: int = 0
+
+    def __post_init__(self):
+        hint = " (a fraction of bit cells: 0.01 for 1%)"
+        self.rate = check_fraction(self.rate, "FaultModel.rate", hint)
+        self.sa1_fraction = check_fraction(
+            self.sa1_fraction, "FaultModel.sa1_fraction",
+            " (the share of stuck cells stuck at 1: 0 for stuck-at-0 only, 1 for stuck-at-1 only)")
+        self.layer_rates = check_layer_dict(self.layer_rates, "FaultModel.layer_rates",
+                                            lambda v, w: check_fraction(v, w, hint))
+        self.seed = check_seed(self.seed, "FaultModel.seed")
+
+    def layer_rate(self, name: str) -> float:
+        """The bit-fault rate of layer ``name``."""
+        return self.layer_rates.get(name, self.rate)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- the map ------------------------------------------------------------------------------------
+
+class FaultMap:
+    """Stuck-at masks per layer: ``layers[name] = (sa0, sa1)``, ``uint8`` tensors of the
+    weight's shape, with the layer's bit width in ``bits[name]``.
+
+    ``meta`` is the :class:`FaultModel` (as a dict) that sampled the map, or ``None`` for a
+    map measured on hardware. The constructor checks the masks themselves (dtype, shapes, no
+    cell stuck both ways, no stuck bit at or above the bit width); :meth:`validate` checks the
+    map against a model.
+
+    >>> sa0 = torch.tensor([[0, 1], [0, 0]], dtype=torch.uint8)
+    >>> sa1 = torch.tensor([[2, 0], [0, 4]], dtype=torch.uint8)
+    >>> fmap = FaultMap({"fc": (sa0, sa1)}, bits={"fc": 3})
+    >>> fmap.summary()["fc"]["stuck"], fmap.stuck_fraction()
+    (3, 0.25)
+    """
+
+    def __init__(self, layers: Dict[str, Tuple[Tensor, Tensor]], bits: Dict[str, int],
+                 meta: Optional[dict] = None):
+        if not isinstance(layers, dict) or not isinstance(bits, dict):
+            raise FaultMapError("FaultMap(layers, bits) takes two dicts keyed by layer name")
+        if set(layers) != set(bits):
+            raise FaultMapError(
+                f"FaultMap: layers and bits must name the same layers; only in layers: "
+                f"{sorted(set(layers) - set(bits))}, only in bits: "
+                f"{sorted(set(bits) - set(layers))}")
+        self.layers: Dict[str, Tuple[Tensor, Tensor]] = {}
+        self.bits: Dict[str, int] = {}
+        for name, masks in layers.items():
+            where = f"fault map layer {name!r}"
+            if not isinstance(name, str):
+                raise FaultMapError(f"fault map layer names must be str, got {name!r}")
+            self.bits[name] = check_map_bits(bits[name], where, FaultMapError)
+            if not (isinstance(masks, (tuple, list)) and len(masks) == 2):
+                raise FaultMapError(f"{where}: expected a pair (sa0, sa1) of uint8 tensors")
+            sa0, sa1 = masks
+            for label, t in (("sa0", sa0), ("sa1", sa1)):
+                if not isinstance(t, Tensor) or t.dtype != torch.uint8:
+                    raise FaultMapError(
+                        f"{where}: {label} must be a torch.uint8 tensor, got "
+                        f"{getattr(t, 'dtype', type(t).__name__)}; convert with .to(torch.uint8)")
+            if sa0.shape != sa1.shape:
+                raise FaultMapError(f"{where}: sa0 has shape {tuple(sa0.shape)} but sa1 "
+                                    f"{tuple(sa1.shape)}; both have the weight's shape")
+            self.layers[name] = (sa0, sa1)
+            _check_mask_bits(name, sa0, sa1, self.bits[name], FaultMapError)
+        self.meta = meta
+
+    @property
+    def shapes(self) -> Dict[str, Tuple[int, ...]]:
+        """Weight shape per layer."""
+        return {n: tuple(sa0.shape) for n, (sa0, _) in self.layers.items()}
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __repr__(self) -> str:
+        return (f"FaultMap({len(self)} layers, stuck fraction {self.stuck_fraction():.4g}, "
+                f"{'sampled' if self.meta is not None else 'measured'})")
+
+    def _counts(self, name: str) -> Tuple[int, int, int]:
+        """(cells, SA0 cells, SA1 cells) of one layer."""
+        sa0, sa1 = self.layers[name]
+        bits = self.bits[name]
+        return sa0.numel() * bits, _popcount(sa0, bits), _popcount(sa1, bits)
+
+    def stuck_fraction(self) -> float:
+        """Stuck bit cells over all bit cells of the map's layers (0.0 for an empty map)."""
+        cells = stuck = 0
+        for name in self.layers:
+            n, k0, k1 = self._counts(name)
+            cells, stuck = cells + n, stuck + k0 + k1
+        return stuck / cells if cells else 0.0
+
+    def summary(self) -> Dict[str, Dict[str, Any]]:
+        """Per layer: ``shape``, ``bits``, ``cells``, ``stuck``, ``sa0``, ``sa1``, ``fraction``."""
+        out = {}
+        for name in self.layers:
+            n, k0, k1 = self._counts(name)
+            out[name] = {"shape": tuple(self.layers[name][0].shape), "bits": self.bits[name],
+                         "cells": n, "stuck": k0 + k1, "sa0": k0, "sa1": k1,
+                         "fraction": (k0 + k1) / n if n else 0.0}
+        return out
+
+    def to(self, device) -> "FaultMap":
+        """A copy with every mask on ``device``."""
+        return FaultMap({n: (a.to(device), b.to(device)) for n, (a, b) in self.layers.items()},
+                        dict(self.bits), self.meta)
+
+    def save(self, path: os.PathLike, overwrite: bool = False) -> None:
+        """Write the map to ``path`` (plain tensors and a checksum, atomically; an existing
+        file only with ``overwrite=True``; read back with :meth:`load`)."""
+        save_tagged(path, {
+            "format": FORMAT, "meta": self.meta,
+            "layers": {n: {"sa0": a.detach().cpu(), "sa1": b.detach().cpu(), "bits": self.bits[n]}
+                       for n, (a, b) in self.layers.items()}}, overwrite)
+
+    @classmethod
+    def load(cls, path: os.PathLike) -> "FaultMap":
+        """Read a map written by :meth:`save` (tensors on the CPU); :class:`FaultMapError`
+        naming the file if it is corrupt or not a fault map."""
+        data = load_tagged(path, FORMAT, FaultMapError, "fault map")
+        try:
+            entries = data["layers"]
+            layers = {n: (e["sa0"], e["sa1"]) for n, e in entries.items()}
+            bits = {n: e["bits"] for n, e in entries.items()}
+            meta = data.get("meta")
+            return cls(layers, bits, meta)
+        except (LookupError, TypeError, AttributeError, ValueError) as e:
+            raise FaultMapError(f"{os.fspath(path)!r} is a damaged fault map: {e}") from e
+
+    def validate(self, model: nn.Module) -> None:
+        """Check that the map fits ``model``: each entry names an N-multiplier layer whose weight
+        has the entry's shape and bit width, and no stuck bit lies at or above that width.
+        Layers of the model without an entry are fault-free. Raises :class:`FaultMapError`."""
+        layers = check_names_in_model(model, self.layers, FaultMapError, "stuck bits")
+        for name, layer in layers.items():
+            sa0, sa1 = self.layers[name]
+            shape, bits = tuple(layer.weight.shape), quant_of(layer).bits
+            if tuple(sa0.shape) != shape or tuple(sa1.shape) != shape:
+                raise FaultMapError(
+                    f"fault map layer {name!r}: masks of shape {tuple(sa0.shape)} but the "
+                    f"layer's weight has shape {shape}. Sample the map from this model.")
+            if self.bits[name] != bits:
+                raise FaultMapError(
+                    f"fault map layer {name!r}: map made for {self.bits[name]}-bit weights but the "
+                    f"layer has {bits}-bit weights. Sample the map from this model.")
+            _check_mask_bits(name, sa0, sa1, bits, FaultMapError)
+
+
+def _popcount(mask: Tensor, bits: int) -> int:
+    return int(sum(int(((mask >> i) & 1).sum()) for i in range(bits)))
+
+
+def _check_mask_bits(name: str, sa0: Tensor, sa1: Tensor, bits: int,
+                     error: Type[ValueError]) -> None:
+    if sa0.numel() == 0:
+        return
+    top = int(torch.maximum(sa0.max(), sa1.max()))
+    if top >= 1 << bits:
+        raise error(f"fault map layer {name!r}: stuck bit {top.bit_length() - 1} at or above "
+                    f"the layer's bit width {bits} (mask value {top}); bits are numbered "
+                    f"0..{bits - 1}")
+    both = sa0 & sa1
+    if bool(both.any()):
+        j = int(both.flatten().nonzero()[0])
+        raise error(f"fault map layer {name!r}: weight {j} (flat index) has bits stuck at 0 and "
+                    f"at 1 at once (sa0 & sa1 = {int(both.flatten()[j])}); a cell is stuck one "
+                    f"way only")
+
+
+# -- sampling and attaching ----------------------------------------------------------------------
+
+def _sample_masks(numel: int, bits: int, rate: float, sa1_fraction: float,
+                  gen: torch.Generator) -> Tuple[Tensor, Tensor]:
+    """Flat ``(sa0, sa1)`` masks: one uniform ``u`` per cell (float64, one bit plane at a time);
+    stuck if ``u < rate``, and SA1 if ``u < rate * sa1_fraction``: P(SA1 | stuck) is exactly
+    ``sa1_fraction``, and stuck sets are nested in the rate at a fixed seed."""
+    sa0 = torch.zeros(numel, dtype=torch.uint8)
+    sa1 = torch.zeros(numel, dtype=torch.uint8)
+    if rate == 0.0:
+        return sa0, sa1
+    t1 = rate * sa1_fraction  # <= rate in floating point as sa1_fraction <= 1
+    for i in range(bits):
+        u = torch.rand(numel, generator=gen, dtype=torch.float64)
+        stuck, one = u < rate, u < t1
+        sa1 |= one.to(torch.uint8) << i
+        sa0 |= (stuck ^ one).to(torch.uint8) << i
+    return sa0, sa1
+
+
+def sample_fault_map(model: nn.Module, fault_model: FaultModel) -> FaultMap:
+    """Draw a stuck-at map for every N-multiplier layer of ``model``: each of the ``bits``
+    cells of each weight is stuck independently with the layer's rate.
+
+    Reproducible on any machine: each layer draws on the CPU from a generator seeded by
+    ``(fault_model.seed, layer name)``; the masks are then moved to the weight's device.
+
+    >>> from qfv_brevitas import NMultConfig, quantize_model
+    >>> model = quantize_model(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2)),
+    ...                        NMultConfig(weight_bits=4, act_bits=None, first_last_bits=None))
+    >>> fmap = sample_fault_map(model, FaultModel(rate=0.1, layer_rates={"2": 0.0}, seed=1))
+    >>> fmap.bits, fmap.shapes["0"], fmap.summary()["2"]["stuck"]
+    ({'0': 4, '2': 4}, (8, 16), 0)
+    """
+    if not isinstance(fault_model, FaultModel):
+        raise TypeError(f"sample_fault_map takes a FaultModel, got {type(fault_model).__name__}")
+    layers = quantized_layers(model, "sample_fault_map", fault_model.layer_rates,
+                              "FaultModel.layer_rates")
+    masks, bits = {}, {}
+    for name, layer in layers.items():
+        w = layer.weight
+        bits[name] = quant_of(layer).bits
+        gen = layer_generator("faults", fault_model.seed, name)
+        sa0, sa1 = _sample_masks(w.numel(), bits[name], fault_model.layer_rate(name),
+                                 fault_model.sa1_fraction, gen)
+        masks[name] = (sa0.view(w.shape).to(w.device), sa1.view(w.shape).to(w.device))
+    return FaultMap(masks, bits, fault_model.to_dict())
+
+
+def attach_faults(model: nn.Module, fault_map: FaultMap) -> nn.Module:
+    """Validate ``fault_map`` against ``model`` and set each layer's stuck bits on its weight
+    proxy (buffers ``weight_quant.fault_sa0``/``fault_sa1``, saved with the state dict).
+    Layers without an entry are made fault-free. Returns ``model``."""
+    if not isinstance(fault_map, FaultMap):
+        raise TypeError(f"attach_faults takes a FaultMap, got {type(fault_map).__name__}")
+    fault_map.validate(model)
+    for name, layer in nmult_layers(model):
+        if name in fault_map.layers:
+            sa0, sa1 = fault_map.layers[name]
+            dev = layer.weight.device
+            layer.weight_quant.set_faults(sa0.to(dev), sa1.to(dev))
+        else:
+            layer.weight_quant.clear_faults()
+    return model
+
+
+def detach_faults(model: nn.Module) -> nn.Module:
+    """Make every N-multiplier layer of ``model`` fault-free again. Returns ``model``."""
+    for _, layer in nmult_layers(model):
+        layer.weight_quant.clear_faults()
+    return model

@@ -1,0 +1,156 @@
+"""Helpers shared by the map modules (:mod:`faults`, :mod:`variability`): argument checks,
+per-layer seeded generators, tagged file I/O."""
+from __future__ import annotations
+
+import hashlib
+import math
+import operator
+import os
+import pickle
+import warnings
+from typing import Any, Callable, Dict, Type
+
+import torch
+from torch import nn
+
+from qfv_brevitas.core.levels import MAX_BITS
+from qfv_brevitas.core.quantizers import nmult_layers
+from qfv_brevitas.util.safeio import content_digest, torch_save
+
+# ---------------------------------------------------------
+
+def as_number(value: Any) -> float:
+    """``value`` as a float, or NaN if it is not a number (bools and strings are not)."""
+    if isinstance(value, (bool, str, bytes)):
+        return float("nan")
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return float("nan")
+
+
+def check_fraction(value: Any, what: str, hint: str = "") -> float:
+    """``value`` as a float in ``[0, 1]`` (a clear ``ValueError`` otherwise)."""
+    x = as_number(value)
+    if not (math.isfinite(x) and 0.0 <= x <= 1.0):
+        raise ValueError(f"{what} must be a number in [0, 1]{hint}, got {value!r}")
+    return x
+
+
+def check_seed(seed: Any, what: str) -> int:
+    """``seed`` as a Python int (floats and bools are refused: they hide typos)."""
+    if isinstance(seed, bool):
+        raise ValueError(f"{what} must be an integer, got {seed!r}")
+    try:
+        return operator.index(seed)
+    except TypeError:
+        raise ValueError(f"{what} must be an integer, got {seed!r}") from None
+
+
+def check_layer_dict(d: Any, what: str, check: Callable[[Any, str], Any]) -> Dict[str, Any]:
+    """A ``{layer name: value}`` dict with string keys, each value passed through ``check``."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{what} must be a dict {{layer name: value}}, got {type(d).__name__}")
+    out = {}
+    for k, v in d.items():
+        if not isinstance(k, str):
+            raise ValueError(f"{what} keys must be layer names (str) as in "
+                             f"model.named_modules(), got {k!r}")
+        out[k] = check(v, f"{what}[{k!r}]")
+    return out
+
+
+def layer_generator(domain: str, seed: int, name: str) -> torch.Generator:
+    """A CPU generator seeded by a stable hash of ``(domain, seed, layer name)``.
+
+    Stable across processes and machines (Python's ``hash`` is salted per process), and
+    independent of the other layers, so a layer's draw does not depend on the model around it.
+    ``domain`` keeps fault and variability draws of the same seed unrelated.
+    """
+    digest = hashlib.blake2b(f"{domain}\0{seed}\0{name}".encode(), digest_size=8).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def quantized_layers(model: nn.Module, what: str, overrides: Any = None,
+                     field: str = "") -> Dict[str, nn.Module]:
+    """``{name: layer}`` of the model's N-multiplier layers; an error if there is none, or if
+    ``overrides`` (a per-layer dict, the config field ``field``) names any other layer."""
+    layers = dict(nmult_layers(model))
+    if not layers:
+        raise ValueError(f"{what}: the model has no N-multiplier layer. Quantize it first with "
+                         "qfv_brevitas.quantize_model() or swap_weight_quant().")
+    unknown = set(overrides or ()) - set(layers)
+    if unknown:
+        raise ValueError(f"{field} names layers that are not N-multiplier layers of the model: "
+                         f"{sorted(unknown)}; the quantized layers are {sorted(layers)}")
+    return layers
+
+
+def check_names_in_model(model: nn.Module, names, error: Type[ValueError], payload: str
+                         ) -> Dict[str, nn.Module]:
+    """``{name: layer}`` for ``names``; an error naming a layer that is absent or unquantized."""
+    quantized = dict(nmult_layers(model))
+    modules = None
+    for name in names:
+        if name in quantized:
+            continue
+        modules = modules if modules is not None else dict(model.named_modules())
+        if name in modules:
+            raise error(
+                f"{payload} on a layer that is not quantized: {name!r} "
+                f"({type(modules[name]).__name__}) has no N-multiplier weight quantizer. Quantize "
+                f"it, or drop its entry from the map.")
+        raise error(f"layer {name!r} of the map does not exist in the model; its quantized "
+                    f"layers are {sorted(quantized)}. Was the map made for another model?")
+    return {n: quantized[n] for n in names}
+
+
+def save_tagged(path: os.PathLike, payload: dict, overwrite: bool = False) -> None:
+    """``torch.save`` of plain tensors/containers with a checksum of its contents, written
+    atomically (:mod:`qfv_brevitas.util.safeio`): an interrupted save never leaves a truncated map,
+    and an existing file is replaced only with ``overwrite=True``."""
+    torch_save(dict(payload, sha256=content_digest(payload)), path, overwrite=overwrite)
+
+
+def load_tagged(path: os.PathLike, tag: str, error: Type[ValueError], what: str) -> dict:
+    """The dict saved by :func:`save_tagged` under format ``tag``; ``FileNotFoundError`` if it
+    is missing, ``error`` naming the file if it is unreadable, unsafe (loaded with
+    ``weights_only=True``: nothing in it runs),
+    damaged (checksum), not a dict, or of another format."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} file {path!r} does not exist"
+                                + (" (it is a folder)" if os.path.isdir(path) else ""))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():  # random bytes or a truncation, not a crafted file
+            raise error(f"{path!r} is not a readable {what} file (UnpicklingError: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise error(f"{path!r}: refused: the file holds Python objects that loading would have "
+                    f"to run; a {what} holds only tensors and plain values. Nothing of it was "
+                    "executed.") from None
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise error(f"{path!r} is not a readable {what} file "
+                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    found = data.get("format") if isinstance(data, dict) else None
+    if found != tag:
+        raise error(f"{path!r} is not a {what} file: its format tag is {found!r}, expected "
+                    f"{tag!r}")
+    if "sha256" in data:  # maps written before checksums were added have none
+        try:
+            ok = content_digest(data) == data["sha256"]
+        except TypeError:
+            ok = False
+        if not ok:
+            raise error(f"{path!r}: the {what}'s contents do not match their checksum: the "
+                        "file is damaged or was edited")
+    return data
+
+
+def check_map_bits(bits: Any, where: str, error: Type[ValueError]) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
+        raise error(f"{where}: bit width must be an int in 1..{MAX_BITS}, got {bits!r}")
+    return bits

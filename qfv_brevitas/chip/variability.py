@@ -1,0 +1,367 @@
+"""Device-to-device variability of the N-bit weight cells: sample, save, load, validate, attach.
+
+Each bit cell ``i`` of weight ``j`` gets its own factors (paper eq. 12, extended to HRS as the
+paper's section 3.7 suggests): a cell holding "1" (low-resistance state, LRS) contributes
+``lrs[j, i] * r_i`` (ideal factor 1), a cell holding "0" (HRS) contributes ``hrs[j, i] * r_i``
+(ideal 0). The deployed value of code ``S`` is
+``c + sum_i r_i * (S_i * lrs[j, i] + (1 - S_i) * hrs[j, i])``.
+
+A :class:`VariabilityMap` holds, per layer, ``lrs`` and optionally ``hrs``, float tensors of
+shape ``weight.shape + (bits,)``. Like a fault map it is a persistent effect: sampled once from
+an explicit seed, attached to the weight proxies as buffers (``weight_quant.var_lrs`` and
+``var_hrs``) that travel with the state dict. A model can carry a fault map and a variability
+map at once.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from qfv_brevitas.util.errors import QfvError
+
+from qfv_brevitas.chip.maps import (as_number, check_map_bits, check_layer_dict, check_names_in_model, check_seed,
+                     layer_generator, load_tagged, quantized_layers, save_tagged)
+from qfv_brevitas.core.quantizers import nmult_layers, quant_of
+
+__all__ = ["DISTRIBUTIONS", "VariabilityModel", "VariabilityMap", "VariabilityMapError",
+           "sample_variability_map", "attach_variability", "detach_variability"]
+
+FORMAT = "qfv-brevitas/varmap/1"
+#: Distributions of a cell's factor around its nominal value.
+DISTRIBUTIONS = ("normal", "lognormal")
+
+
+class VariabilityMapError(QfvError):
+    """A variability map is malformed, unreadable, or does not fit the model it is used with."""
+
+
+def _check_sigma(value: Any, what: str) -> float:
+    x = as_number(value)
+    if not (math.isfinite(x) and x >= 0.0):
+        raise ValueError(f"{what} must be a finite number >= 0 (the relative spread sigma/mu "
+                         f"of a cell's conductance: 0.1 for 10%), got {value!r}")
+    return x
+
+
+@dataclass
+class VariabilityModel:
+    """How to draw per-cell variability factors.
+
+    Args:
+        sigma: relative spread (std over mean) of a "1" (LRS) cell's contribution; 0 is ideal.
+        hrs_on_off: LRS/HRS conductance ratio (> 1). With it, a "0" cell contributes
+            ``r_i / hrs_on_off`` on average (its nominal "1" value over the ratio), varied with
+            ``hrs_sigma`` independently of the cell's LRS factor; without it a "0" cell
+            contributes nothing (the paper's LRS-only model).
+        hrs_sigma: relative spread of the HRS contribution; ``None`` uses each layer's LRS sigma.
+        distribution: ``"normal"``: factor ``1 + sigma * z``, ``z ~ N(0, 1)``, clipped at 0
+            because a conductance cannot be negative (the clip matters from sigma ~0.3 on: 0.04%
+            of cells at 0.3, 2.3% at 0.5; the paper's reference leaves negative factors).
+            ``"lognormal"``: factor ``exp(mu + s * z)`` with ``s**2 = log(1 + sigma**2)`` and
+            ``mu = -s**2 / 2``, so mean 1 and std ``sigma`` exactly and always positive.
+        seed: seed of the map; each layer's generator is derived from it and the layer's name.
+        layer_sigmas: per-layer LRS sigmas overriding ``sigma``, by qualified module name.
+        chip_sigma: relative spread of a *between-chip* component: one factor (same
+            distribution, mean 1) drawn per chip multiplies every cell's factors, LRS and HRS,
+            of every layer (a chip whose conductances all run high or low). 0: none.
+        layer_shared_sigma: relative spread of a component shared by all cells of one layer
+            (one factor per layer and chip, e.g. one crossbar array per layer). 0: none.
+            A layer whose ``layer_sigmas`` entry is 0 is kept off the analog device: it gets
+            no shared component either (how ``layers="inner"`` keeps the 8-bit edges ideal).
+        chip_seed: seed of the shared components; ``None`` uses ``seed``. Maps with the same
+            ``chip_seed`` and different ``seed`` are different devices of the same chip: Monte
+            Carlo over chips varies ``chip_seed``, over devices within a chip ``seed``.
+
+    The per-device factors depend only on ``seed``, ``sigma``, ``hrs_*`` and ``distribution``:
+    a map with shared components is the map without them times the shared factors (recorded in
+    the map's ``meta["shared_factors"]``).
+
+    >>> VariabilityModel(sigma=0.1, hrs_on_off=10, layer_sigmas={"fc": 0.2}).layer_sigmas
+    {'fc': 0.2}
+    >>> VariabilityModel(sigma=0.1, distribution="gauss")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown VariabilityModel.distribution 'gauss'; choose one of normal, lognormal
+    """
+
+    sigma: float
+    hrs_on_off: Optional[float] = None
+    hrs_sigma: Optional[float] = None
+    distribution: str = "normal"
+    seed: int = 0
+    layer_sigmas: Dict[str, float] = field(default_factory=dict)
+    chip_sigma: float = 0.0
+    layer_shared_sigma: float = 0.0
+    chip_seed: Optional[int] = None
+
+    def __post_init__(self):
+        self.sigma = _check_sigma(self.sigma, "VariabilityModel.sigma")
+        self.chip_sigma = _check_sigma(self.chip_sigma, "VariabilityModel.chip_sigma")
+        self.layer_shared_sigma = _check_sigma(self.layer_shared_sigma,
+                                               "VariabilityModel.layer_shared_sigma")
+        if self.chip_seed is not None:
+            self.chip_seed = check_seed(self.chip_seed, "VariabilityModel.chip_seed")
+        if self.hrs_on_off is not None:
+            on_off = as_number(self.hrs_on_off)
+            if not (math.isfinite(on_off) and on_off > 1):
+                raise ValueError(
+                    f"VariabilityModel.hrs_on_off must be a finite number > 1 (the LRS/HRS "
+                    f"conductance ratio, e.g. 10 or 100), or None for no HRS current; got "
+                    f"{self.hrs_on_off!r}")
+            self.hrs_on_off = on_off
+        if self.hrs_sigma is not None:
+            self.hrs_sigma = _check_sigma(self.hrs_sigma, "VariabilityModel.hrs_sigma")
+            if self.hrs_on_off is None:
+                raise ValueError("VariabilityModel.hrs_sigma is set but hrs_on_off is None: give "
+                                 "hrs_on_off (the LRS/HRS ratio) to model HRS current")
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"unknown VariabilityModel.distribution {self.distribution!r}; "
+                             f"choose one of {', '.join(DISTRIBUTIONS)}")
+        self.seed = check_seed(self.seed, "VariabilityModel.seed")
+        self.layer_sigmas = check_layer_dict(self.layer_sigmas, "VariabilityModel.layer_sigmas",
+                                             _check_sigma)
+
+    def layer_sigma(self, name: str) -> float:
+        """The LRS sigma of layer ``name``."""
+        return self.layer_sigmas.get(name, self.sigma)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _factors(z: Tensor, sigma: float, distribution: str) -> Tensor:
+    """Factors of mean 1 and std ``sigma`` (before the normal's clip) from standard normals."""
+    if distribution == "normal":
+        return (1.0 + sigma * z).clamp_(min=0.0)
+    s2 = math.log1p(sigma * sigma)
+    return torch.exp(math.sqrt(s2) * z - s2 / 2)
+
+
+# -- the map ------------------------------------------------------------------------------------
+
+class VariabilityMap:
+    """Per-cell factors per layer: ``layers[name] = (lrs, hrs)``, float tensors of shape
+    ``weight.shape + (bits,)`` (``hrs`` may be ``None``: "0" cells contribute nothing), with
+    the layer's bit width in ``bits[name]``.
+
+    ``meta`` is the :class:`VariabilityModel` (as a dict) that sampled the map, or ``None`` for
+    a measured map. The constructor checks the factors (finite, >= 0, last axis = bits);
+    :meth:`validate` checks the map against a model.
+
+    >>> vmap = VariabilityMap({"fc": (torch.full((2, 3, 4), 1.5), None)}, bits={"fc": 4})
+    >>> vmap.shapes, vmap.summary()["fc"]["lrs_mean"]
+    ({'fc': (2, 3)}, 1.5)
+    """
+
+    def __init__(self, layers: Dict[str, Tuple[Tensor, Optional[Tensor]]], bits: Dict[str, int],
+                 meta: Optional[dict] = None):
+        if not isinstance(layers, dict) or not isinstance(bits, dict):
+            raise VariabilityMapError("VariabilityMap(layers, bits) takes two dicts keyed by "
+                                      "layer name")
+        if set(layers) != set(bits):
+            raise VariabilityMapError(
+                f"VariabilityMap: layers and bits must name the same layers; only in layers: "
+                f"{sorted(set(layers) - set(bits))}, only in bits: "
+                f"{sorted(set(bits) - set(layers))}")
+        self.layers: Dict[str, Tuple[Tensor, Optional[Tensor]]] = {}
+        self.bits: Dict[str, int] = {}
+        for name, factors in layers.items():
+            if not isinstance(name, str):
+                raise VariabilityMapError(f"variability map layer names must be str, got {name!r}")
+            where = f"variability map layer {name!r}"
+            bits_ = self.bits[name] = check_map_bits(bits[name], where, VariabilityMapError)
+            if not (isinstance(factors, (tuple, list)) and len(factors) == 2):
+                raise VariabilityMapError(f"{where}: expected a pair (lrs, hrs or None)")
+            lrs, hrs = factors
+            for label, t in (("lrs", lrs), ("hrs", hrs)):
+                if t is None and label == "hrs":
+                    continue
+                if not isinstance(t, Tensor) or not t.is_floating_point():
+                    raise VariabilityMapError(
+                        f"{where}: {label} must be a floating-point tensor, got "
+                        f"{getattr(t, 'dtype', type(t).__name__)}")
+                if t.dim() < 1 or t.shape[-1] != bits_:
+                    raise VariabilityMapError(
+                        f"{where}: {label} has shape {tuple(t.shape)}; expected weight shape + "
+                        f"({bits_},), one factor per bit cell")
+                if t.numel() and not bool((torch.isfinite(t) & (t >= 0)).all()):
+                    raise VariabilityMapError(
+                        f"{where}: {label} factors must be finite and >= 0 (a conductance "
+                        f"cannot be negative); min {float(t.min())}, max {float(t.max())}")
+            if hrs is not None and hrs.shape != lrs.shape:
+                raise VariabilityMapError(f"{where}: lrs has shape {tuple(lrs.shape)} but hrs "
+                                          f"{tuple(hrs.shape)}")
+            self.layers[name] = (lrs, hrs)
+        self.meta = meta
+
+    @property
+    def shapes(self) -> Dict[str, Tuple[int, ...]]:
+        """Weight shape per layer (the factors' shape without the last, per-bit axis)."""
+        return {n: tuple(lrs.shape[:-1]) for n, (lrs, _) in self.layers.items()}
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __repr__(self) -> str:
+        hrs = any(h is not None for _, h in self.layers.values())
+        return (f"VariabilityMap({len(self)} layers, {'LRS+HRS' if hrs else 'LRS'}, "
+                f"{'sampled' if self.meta is not None else 'measured'})")
+
+    def summary(self) -> Dict[str, Dict[str, Any]]:
+        """Per layer: ``shape``, ``bits``, ``cells``, ``lrs_mean``/``std``/``min``/``max`` and
+        ``hrs_mean``/``hrs_std`` (``None`` without HRS)."""
+        out = {}
+        for name, (lrs, hrs) in self.layers.items():
+            x = lrs.detach().double()
+            row = {"shape": tuple(lrs.shape[:-1]), "bits": self.bits[name], "cells": lrs.numel(),
+                   "lrs_mean": float(x.mean()), "lrs_std": float(x.std()) if x.numel() > 1 else 0.0,
+                   "lrs_min": float(x.min()), "lrs_max": float(x.max()),
+                   "hrs_mean": None, "hrs_std": None}
+            if hrs is not None:
+                h = hrs.detach().double()
+                row["hrs_mean"] = float(h.mean())
+                row["hrs_std"] = float(h.std()) if h.numel() > 1 else 0.0
+            out[name] = row
+        return out
+
+    def to(self, device) -> "VariabilityMap":
+        """A copy with every factor tensor on ``device``."""
+        return VariabilityMap(
+            {n: (l.to(device), None if h is None else h.to(device))
+             for n, (l, h) in self.layers.items()}, dict(self.bits), self.meta)
+
+    def save(self, path: os.PathLike, overwrite: bool = False) -> None:
+        """Write the map to ``path`` (plain tensors and a checksum, atomically; an existing
+        file only with ``overwrite=True``; read back with :meth:`load`)."""
+        save_tagged(path, {
+            "format": FORMAT, "meta": self.meta,
+            "layers": {n: {"lrs": l.detach().cpu(),
+                           "hrs": None if h is None else h.detach().cpu(), "bits": self.bits[n]}
+                       for n, (l, h) in self.layers.items()}}, overwrite)
+
+    @classmethod
+    def load(cls, path: os.PathLike) -> "VariabilityMap":
+        """Read a map written by :meth:`save` (tensors on the CPU);
+        :class:`VariabilityMapError` naming the file if it is corrupt or not a variability map."""
+        data = load_tagged(path, FORMAT, VariabilityMapError, "variability map")
+        try:
+            entries = data["layers"]
+            layers = {n: (e["lrs"], e["hrs"]) for n, e in entries.items()}
+            bits = {n: e["bits"] for n, e in entries.items()}
+            return cls(layers, bits, data.get("meta"))
+        except (LookupError, TypeError, AttributeError, ValueError) as e:
+            raise VariabilityMapError(f"{os.fspath(path)!r} is a damaged variability map: {e}") \
+                from e
+
+    def validate(self, model: nn.Module) -> None:
+        """Check that the map fits ``model``: each entry names an N-multiplier layer whose weight
+        has the entry's shape and bit width. Layers without an entry stay ideal. Raises
+        :class:`VariabilityMapError`."""
+        layers = check_names_in_model(model, self.layers, VariabilityMapError,
+                                      "variability factors")
+        for name, layer in layers.items():
+            lrs, _ = self.layers[name]
+            shape, bits = tuple(layer.weight.shape), quant_of(layer).bits
+            if self.bits[name] != bits:
+                raise VariabilityMapError(
+                    f"variability map layer {name!r}: map made for {self.bits[name]}-bit weights "
+                    f"but the layer has {bits}-bit weights. Sample the map from this model.")
+            if tuple(lrs.shape) != shape + (bits,):
+                raise VariabilityMapError(
+                    f"variability map layer {name!r}: factors of shape {tuple(lrs.shape)} but "
+                    f"the layer needs weight shape + bits = {shape + (bits,)}. Sample the map "
+                    f"from this model.")
+
+
+# -- sampling and attaching ----------------------------------------------------------------------
+
+def sample_variability_map(model: nn.Module, var_model: VariabilityModel) -> VariabilityMap:
+    """Draw per-cell factors for every N-multiplier layer of ``model``.
+
+    Reproducible on any machine: each layer draws on the CPU from a generator seeded by
+    ``(var_model.seed, layer name)``, LRS normals first, then HRS normals; the factors are
+    moved to the weight's device. The LRS factors do not depend on the HRS settings.
+
+    >>> from qfv_brevitas import NMultConfig, quantize_model
+    >>> model = quantize_model(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2)),
+    ...                        NMultConfig(weight_bits=4, act_bits=None, first_last_bits=None))
+    >>> vmap = sample_variability_map(model, VariabilityModel(sigma=0.1, hrs_on_off=10, seed=1))
+    >>> tuple(vmap.layers["0"][0].shape), round(vmap.summary()["0"]["hrs_mean"], 1)
+    ((8, 16, 4), 0.1)
+    """
+    if not isinstance(var_model, VariabilityModel):
+        raise TypeError(f"sample_variability_map takes a VariabilityModel, got "
+                        f"{type(var_model).__name__}")
+    layers = quantized_layers(model, "sample_variability_map", var_model.layer_sigmas,
+                              "VariabilityModel.layer_sigmas")
+    factors, bits = {}, {}
+    shared = _shared_factors(var_model, list(layers))
+    for name, layer in layers.items():
+        w = layer.weight
+        bits[name] = quant_of(layer).bits
+        shape = tuple(w.shape) + (bits[name],)
+        gen = layer_generator("variability", var_model.seed, name)
+        sigma = var_model.layer_sigma(name)
+        lrs = _factors(torch.randn(shape, generator=gen), sigma, var_model.distribution)
+        hrs = None
+        if var_model.hrs_on_off is not None:
+            hsigma = sigma if var_model.hrs_sigma is None else var_model.hrs_sigma
+            hrs = _factors(torch.randn(shape, generator=gen), hsigma, var_model.distribution)
+            hrs = hrs / var_model.hrs_on_off
+        if shared is not None and var_model.layer_sigmas.get(name) != 0:
+            f = shared["chip"] * shared["layers"][name]
+            lrs = lrs * f
+            hrs = None if hrs is None else hrs * f
+        factors[name] = (lrs.to(w.device), None if hrs is None else hrs.to(w.device))
+    meta = var_model.to_dict()
+    if shared is not None:
+        meta["shared_factors"] = shared
+    return VariabilityMap(factors, bits, meta)
+
+
+def _shared_factors(var_model: VariabilityModel, names) -> Optional[dict]:
+    """The chip factor and each layer's shared factor (floats), or ``None`` without shared
+    components. Drawn from their own generators, so the per-device draws do not move."""
+    if var_model.chip_sigma == 0 and var_model.layer_shared_sigma == 0:
+        return None
+    seed = var_model.seed if var_model.chip_seed is None else var_model.chip_seed
+
+    def draw(domain: str, name: str, sigma: float) -> float:
+        if sigma == 0:
+            return 1.0
+        z = torch.randn(1, generator=layer_generator(domain, seed, name), dtype=torch.float64)
+        return float(_factors(z, sigma, var_model.distribution))
+
+    return {"chip": draw("variability-chip", "", var_model.chip_sigma),
+            "layers": {n: draw("variability-layer", n, var_model.layer_shared_sigma)
+                       for n in names}}
+
+
+def attach_variability(model: nn.Module, var_map: VariabilityMap) -> nn.Module:
+    """Validate ``var_map`` against ``model`` and set each layer's factors on its weight proxy
+    (buffers ``weight_quant.var_lrs``/``var_hrs``, saved with the state dict). Layers without
+    an entry are made ideal. Faults attached to the model are kept. Returns ``model``."""
+    if not isinstance(var_map, VariabilityMap):
+        raise TypeError(f"attach_variability takes a VariabilityMap, got {type(var_map).__name__}")
+    var_map.validate(model)
+    for name, layer in nmult_layers(model):
+        if name in var_map.layers:
+            lrs, hrs = var_map.layers[name]
+            dev = layer.weight.device
+            layer.weight_quant.set_variability(lrs.to(dev), None if hrs is None else hrs.to(dev))
+        else:
+            layer.weight_quant.clear_variability()
+    return model
+
+
+def detach_variability(model: nn.Module) -> nn.Module:
+    """Make every N-multiplier layer of ``model`` ideal again (faults are kept). Returns
+    ``model``."""
+    for _, layer in nmult_layers(model):
+        layer.weight_quant.clear_variability()
+    return model

@@ -1,0 +1,176 @@
+"""``qfv export | inspect | verify | crossbar``: QONNX files and crossbar mappings."""
+from __future__ import annotations
+
+import json
+import sys
+
+__all__ = ["register"]
+
+
+def register(sub) -> None:
+    from qfv_brevitas.cli.app import declare_io
+    from qfv_brevitas.export import EXPORTERS, FORMS
+
+    def data_args(p):
+        p.add_argument("--dataset", choices=("digits", "idx"), default="digits",
+                       help="the data the checkpoint was trained on (for inputs and accuracy)")
+        p.add_argument("--data-dir", help="folder with the IDX files (for --dataset idx)")
+        p.add_argument("--samples", type=int, default=64,
+                       help="test images the file is verified on (default 64)")
+
+    p = sub.add_parser("export", help="write a checkpoint to QONNX (compact / bit planes / "
+                                      "fixed point / plane-parallel), verified against torch")
+    p.add_argument("checkpoint", help="a quantized model saved by qfv train/demo/finetune")
+    p.add_argument("--form", choices=FORMS, default="compact")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--frac-bits", type=int,
+                   help="fixed and planes forms: fractional bits f of r and c")
+    p.add_argument("--max-acc-drop", type=float,
+                   help="fixed and planes forms: pick the smallest f whose test accuracy drop "
+                        "stays within this many points")
+    p.add_argument("--exporter", choices=EXPORTERS, default="dynamo")
+    p.add_argument("--ideal", action="store_true",
+                   help="export the ideal levels even if the checkpoint carries a fault or "
+                        "variability map (default: what that device computes)")
+    p.add_argument("--batch", type=int, default=1, help="the graph's (static) batch size")
+    p.add_argument("--no-verify", action="store_true")
+    data_args(p)
+    declare_io(p, "file", inputs=("checkpoint", "data_dir"))
+    p.set_defaults(_run=_run_export)
+
+    p = sub.add_parser("inspect", help="the per-layer bits, r, c and device summary of a file "
+                                       "written by qfv export")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true", help="print the metadata as JSON")
+    declare_io(p, None, inputs=("file",))
+    p.set_defaults(_run=_run_inspect)
+
+    p = sub.add_parser("verify", help="run an exported file with torch, qonnx and onnxruntime "
+                                      "and compare")
+    p.add_argument("file")
+    p.add_argument("checkpoint", help="the checkpoint the file was exported from")
+    p.add_argument("--tolerance", type=float, help="max output difference (default: see "
+                                                   "README)")
+    p.add_argument("--min-agreement", type=float,
+                   help="quantized activations: least top-1 agreement of each pair of runtimes "
+                        "(default 0.98)")
+    data_args(p)
+    declare_io(p, None, inputs=("file", "checkpoint", "data_dir"))
+    p.set_defaults(_run=_run_verify)
+
+    p = sub.add_parser("crossbar", help="per-layer bit-plane matrices and multipliers for an "
+                                        "accelerator (npz + manifest.json)")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--ideal", action="store_true", help="ideal codes, ignoring attached maps")
+    declare_io(p, "crossbar")
+    p.set_defaults(_run=_run_crossbar)
+
+
+def _model_and_data(args):
+    from qfv_brevitas.cli.app import _load_for_device
+
+    if args.samples < 1:
+        raise ValueError(f"--samples must be at least 1, got {args.samples}")
+    model, info, train, test = _load_for_device(args)
+    n = min(args.samples, len(test))
+    inputs = test.tensors[0][:n]
+    return model, info, test, inputs
+
+
+def _run_export(args) -> int:
+    from qfv_brevitas.export import export_qonnx
+    from qfv_brevitas.export.api import FIXED_POINT_FORMS, ExportVerificationError
+
+    if args.batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {args.batch}")
+    if args.form not in FIXED_POINT_FORMS and (args.frac_bits is not None
+                                               or args.max_acc_drop is not None):
+        raise ValueError("--frac-bits / --max-acc-drop apply to --form fixed or planes only")
+    if args.max_acc_drop is not None and not args.max_acc_drop >= 0:
+        raise ValueError(f"--max-acc-drop must be >= 0 points, got {args.max_acc_drop}")
+    model, info, test, inputs = _model_and_data(args)
+    example = test.tensors[0][:args.batch]
+    example, inputs = _spike_trains(model, example), _spike_trains(model, inputs)
+    data = test if args.form in FIXED_POINT_FORMS and (args.max_acc_drop is not None
+                                                       or args.frac_bits is not None) else None
+    try:
+        res = export_qonnx(model, example, args.out, args.form, frac_bits=args.frac_bits,
+                           max_accuracy_drop=args.max_acc_drop, data=data,
+                           device=not args.ideal, exporter=args.exporter,
+                           verify=not args.no_verify, verify_inputs=inputs,
+                           extra_metadata={"checkpoint": str(args.checkpoint),
+                                           "arch": info["arch"]}, overwrite=args.force)
+    except ExportVerificationError as e:
+        if e.report is not None:
+            print(e.report.summary())
+        raise
+    print(res.summary())
+    return 0
+
+
+def _spike_trains(model, x):
+    """A rate-coding spiking model exports on spike trains: encode the test images the way its
+    evaluation does (its fixed evaluation seed), so the file sees the same spikes."""
+    from qfv_brevitas.export.api import _spiking_net
+
+    net = _spiking_net(model)
+    if net is None or net.config.encoding != "rate" or x.dim() != net.config.sample_ndim + 1:
+        return x
+    import torch
+
+    from qfv_brevitas.snn import rate_encode
+
+    seq = rate_encode(x, net.config.T,
+                      generator=torch.Generator().manual_seed(net.config.eval_seed))
+    return seq if net.config.layout == "time_first" else seq.transpose(0, 1)
+
+
+def _run_inspect(args) -> int:
+    from qfv_brevitas.export import format_layers, read_metadata
+
+    info = read_metadata(args.file)
+    print(json.dumps(info, indent=1) if args.json else format_layers(info))
+    return 0
+
+
+def _run_verify(args) -> int:
+    from qfv_brevitas.export import read_metadata, reference_model, verify_qonnx
+    from qfv_brevitas.export.api import expected_export
+
+    for name, v, hi in (("--tolerance", args.tolerance, float("inf")),
+                        ("--min-agreement", args.min_agreement, 1.0)):
+        if v is not None and not 0.0 <= v <= hi:
+            raise ValueError(f"{name} must be in [0, {hi:g}], got {v}")
+    meta = read_metadata(args.file, check_graph=False)  # a clear error for a foreign file first
+    model, info, test, inputs = _model_and_data(args)
+    inputs = _spike_trains(model, inputs)
+    reference = reference_model(model, args.file)
+    # The file must be exactly what this checkpoint exports with the file's settings: every
+    # parameter of the graph (weights, biases, activation scales, zero points, thresholds).
+    expected = expected_export(model, meta)
+    rep = verify_qonnx(reference, args.file, inputs, tolerance=args.tolerance,
+                       min_agreement=args.min_agreement, expected=expected)
+    print(rep.summary())
+    if not rep.passed:
+        print(f"qfv verify: {args.file} does not match {args.checkpoint}: "
+              f"{rep.first_failure()}", file=sys.stderr)
+    return 0 if rep.passed else 1
+
+
+def _run_crossbar(args) -> int:
+    from qfv_brevitas.zoo.checkpoint import load_checkpoint
+    from qfv_brevitas.export import write_crossbar
+
+    from qfv_brevitas.cli.app import _require_quantized
+
+    model, info = load_checkpoint(args.checkpoint)
+    _require_quantized(args, info)
+    manifest = write_crossbar(model, args.out, device=not args.ideal, overwrite=args.force,
+                              inputs=[args.checkpoint])
+    data = json.loads(manifest.read_text())
+    for row in data["layers"]:
+        print(f"  {row['layer']}: {row['bits']} planes of {row['matrix_shape'][0]}x"
+              f"{row['matrix_shape'][1]} -> {row['file']}")
+    print(f"wrote {manifest}")
+    return 0

@@ -1,0 +1,138 @@
+"""``qfv snn``: spiking networks with N-multiplier weights (needs the snn extra).
+
+* ``qfv snn train``: a full-precision spiking model and its N-multiplier weight QAT, side by
+  side; the checkpoints go to ``qfv faults`` / ``qfv variability`` / ``qfv report`` as they are.
+* ``qfv snn neurons CHECKPOINT``: the time handling and LIF parameters of a saved model (JSON).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Optional
+
+from qfv_brevitas.core.config import VARIANTS
+
+__all__ = ["register"]
+
+_EVENT_T = 10  # frames per sample on the neuromorphic data sets (paper section 4.2)
+
+
+def _optional_float(s: str) -> Optional[float]:
+    return None if s.lower() == "none" else float(s)
+
+
+def _optional_int(s: str) -> Optional[int]:
+    return None if s.lower() == "none" else int(s)
+
+
+def register(sub) -> None:
+    from qfv_brevitas.cli.app import declare_io
+    from qfv_brevitas.snn.config import ENCODINGS, SURROGATES
+    from qfv_brevitas.snn.data import SNN_DATASETS
+    from qfv_brevitas.snn.models import SPIKING_MODEL_NAMES
+
+    snn = sub.add_parser("snn", help="spiking networks (LIF neurons) with N-multiplier weights")
+    ssub = snn.add_subparsers(dest="action", required=True)
+    p = ssub.add_parser(
+        "train", help="train a float spiking model and its quantized version, report both",
+        description="Trains a full-precision spiking model, then QATs its weights at each "
+                    "--bits with the regularizer (spikes are the activations). Writes "
+                    "results.json, float.pt and {variant}_w{bits}.pt to --out.")
+    p.add_argument("--dataset", choices=SNN_DATASETS, default="digits",
+                   help="digits/idx: static images, rate-coded inside the model; synthetic: "
+                        "small moving-square event tensors; cifar10dvs/ncaltech101: "
+                        "spikingjelly's classes on the folder given by --data-dir")
+    p.add_argument("--data-dir", help="IDX folder (idx) or spikingjelly dataset root")
+    p.add_argument("--arch", choices=SPIKING_MODEL_NAMES, default="spiking_small_cnn")
+    p.add_argument("--T", type=int, default=None,
+                   help=f"time steps (default 4; {_EVENT_T} frames on the neuromorphic sets)")
+    p.add_argument("--tau", type=float, default=4.0, help="membrane time constant (beta=1/tau)")
+    p.add_argument("--v-threshold", type=float, default=0.5)
+    p.add_argument("--v-reset", type=_optional_float, default=0.0,
+                   help="reset potential, or 'none' for reset by subtraction")
+    p.add_argument("--surrogate", choices=SURROGATES, default="atan")
+    p.add_argument("--encoding", choices=[e for e in ENCODINGS if e != "none"], default="rate",
+                   help="how static images become spikes (event data brings its own)")
+    p.add_argument("--frame-size", type=int, default=48,
+                   help="neuromorphic frames are resized to this square size")
+    p.add_argument("--bits", type=int, nargs="+", default=[4], help="weight bits of inner layers")
+    p.add_argument("--variant", choices=VARIANTS, default="nmult")
+    p.add_argument("--per-channel", action="store_true")
+    p.add_argument("--first-last-bits", type=_optional_int, default=8,
+                   help="weight bits of the first and last layers, or 'none' for --bits")
+    p.add_argument("--fp-epochs", type=int, default=12)
+    p.add_argument("--q-epochs", type=int, default=6)
+    p.add_argument("--lr", type=float, default=0.1, help="float training learning rate")
+    p.add_argument("--q-lr", type=float, default=0.01, help="QAT learning rate of the weights")
+    p.add_argument("--quant-lr", type=float, default=1e-4, help="learning rate of r, c, step")
+    p.add_argument("--quant-optimizer", choices=("adam", "sgd"), default="adam")
+    p.add_argument("--lambda-start", type=float, default=100.0)
+    p.add_argument("--lambda-end", type=float, default=2000.0)
+    p.add_argument("--lambda-rise-epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="qfv-snn", help="output folder")
+    p.add_argument("--no-progress", action="store_true")
+    declare_io(p, "run", inputs=("data_dir",))
+    p.set_defaults(_run=_run_train)
+
+    p = ssub.add_parser("neurons", help="time steps, encoding and LIF parameters of a spiking "
+                                        "checkpoint, as JSON")
+    p.add_argument("checkpoint")
+    declare_io(p, None)
+    p.set_defaults(_run=_run_neurons)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from qfv_brevitas.snn import SNNDependencyError, SpikingConfig
+    from qfv_brevitas.snn.data import NEUROMORPHIC
+    from qfv_brevitas.snn.experiment import format_snn_results, run_snn_experiment
+    from qfv_brevitas.core.train import TrainConfig
+
+    if args.dataset == "idx" and not args.data_dir:
+        raise ValueError("--dataset idx needs --data-dir DIR (a folder with the IDX files)")
+    if args.dataset in NEUROMORPHIC and not args.data_dir:
+        raise ValueError(f"--dataset {args.dataset} needs --data-dir DIR: the folder "
+                         "spikingjelly manages for it (with events_np/ or download/)")
+    T = args.T if args.T is not None else (_EVENT_T if args.dataset in NEUROMORPHIC else 4)
+    snn = SpikingConfig(T=T, tau=args.tau, v_threshold=args.v_threshold, v_reset=args.v_reset,
+                        surrogate=args.surrogate, encoding=args.encoding)
+    fp = TrainConfig(epochs=args.fp_epochs, lr=args.lr, batch_size=args.batch_size,
+                     seed=args.seed)
+    q = TrainConfig(epochs=args.q_epochs, lr=args.q_lr, quant_lr=args.quant_lr,
+                    quant_optimizer=args.quant_optimizer, batch_size=args.batch_size,
+                    seed=args.seed, lambda_start=args.lambda_start, lambda_end=args.lambda_end,
+                    lambda_rise_epochs=min(args.lambda_rise_epochs, args.q_epochs))
+    try:
+        results = run_snn_experiment(
+            args.out, dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, snn=snn,
+            bits=args.bits, variant=args.variant, per_channel=args.per_channel,
+            first_last_bits=args.first_last_bits, fp_train=fp, q_train=q, seed=args.seed,
+            frame_size=args.frame_size, progress=not args.no_progress, overwrite=args.force)
+    except SNNDependencyError as e:  # an install hint, not a traceback
+        raise ValueError(str(e)) from e
+    print(format_snn_results(results))
+    names = ", ".join(f"{args.out}/{r['variant']}_w{r['weight_bits']}.pt"
+                      for r in results["runs"])
+    print(f"\nwrote {args.out}/results.json, {args.out}/float.pt, {names} "
+          f"({results['seconds']:.0f} s)")
+    if args.dataset in ("digits", "idx"):
+        print(f"next: qfv faults eval {args.out}/{results['runs'][0]['variant']}_w"
+              f"{results['runs'][0]['weight_bits']}.pt --dataset {args.dataset}"
+              + (f" --data-dir {args.data_dir}" if args.data_dir else ""))
+    return 0
+
+
+def _run_neurons(args: argparse.Namespace) -> int:
+    from qfv_brevitas.zoo.checkpoint import load_checkpoint
+    from qfv_brevitas.snn import SNNDependencyError, snn_export_metadata
+
+    try:
+        model, info = load_checkpoint(args.checkpoint)
+    except SNNDependencyError as e:
+        raise ValueError(str(e)) from e
+    if not info["arch"].startswith("spiking_"):
+        raise ValueError(f"{args.checkpoint} holds a non-spiking model ({info['arch']}); "
+                         "train a spiking one with qfv snn train")
+    print(json.dumps(snn_export_metadata(model), indent=2))
+    return 0

@@ -1,0 +1,272 @@
+"""Give a model N-multiplier weight quantizers.
+
+- :func:`quantize_model`: a plain torch model (Conv1d/2d/3d and Linear, with BatchNorm,
+  residual adds, anything around them) gets Brevitas layers with these weight quantizers and
+  Brevitas' learned-scale input-activation quantizers; first and last compute layers at 8 bits.
+- :func:`swap_weight_quant`: an existing Brevitas model keeps its layers and activation
+  quantizers; each quantized layer's weight quantizer is replaced, initialised from its weights.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+import brevitas.nn as qnn
+from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
+from brevitas.quant import Int8ActPerTensorFloat, Uint8ActPerTensorFloat
+
+from qfv_brevitas.core.config import MODES, NMultConfig, check_choice
+from qfv_brevitas.util.errors import QfvError
+from qfv_brevitas.core.levels import check_bits
+from qfv_brevitas.core.quantizers import (FixedLevelWeightQuant, LearnedStepWeightQuant, NMultWeightQuant,
+                         NMultWeightQuantProxy, nmult_layers, quant_of)
+
+__all__ = ["quantize_model", "swap_weight_quant", "set_forward_mode", "ConversionError",
+           "weight_quant_for", "unsigned_input_layers"]
+
+
+class ConversionError(QfvError):
+    """A layer of the model cannot be given an N-multiplier quantizer."""
+
+
+_VARIANT_QUANT = {"nmult": NMultWeightQuant, "step": LearnedStepWeightQuant,
+                  "fixed": FixedLevelWeightQuant}
+
+_CONV = {nn.Conv1d: qnn.QuantConv1d, nn.Conv2d: qnn.QuantConv2d, nn.Conv3d: qnn.QuantConv3d}
+_UNSUPPORTED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear,
+                nn.modules.lazy.LazyModuleMixin)
+
+
+def weight_quant_for(config: NMultConfig, bits: int, name: Optional[str] = None):
+    """The weight-quant injector for ``config`` at ``bits`` (per-layer attributes bound)."""
+    return _VARIANT_QUANT[config.variant].let(
+        bit_width=check_bits(bits, f"layer {name}"), forward_mode=config.mode,
+        scaling_per_output_channel=config.per_channel, layer_name=name, level_init=config.init)
+
+
+def _probe(model: nn.Module, example_input) -> Tuple[List[str], Dict[str, bool]]:
+    """Conv/Linear layer names in execution order (registration order without an input), and
+    for each layer run on ``example_input`` whether its inputs were all non-negative.
+
+    The pass runs in eval mode so that BatchNorm running statistics are left untouched."""
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, *_CONV))]
+    if example_input is None:
+        return names, {}
+    order: List[str] = []
+    mins: Dict[str, float] = {}
+
+    def hook(n, x):
+        order.append(n)
+        mins[n] = min(mins.get(n, float("inf")), float(x.detach().min()))
+
+    mods = dict(model.named_modules())
+    hooks = [mods[n].register_forward_pre_hook(lambda mod, inp, n=n: hook(n, inp[0]))
+             for n in names]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, t in modes.items():
+            m.training = t
+    seen = list(dict.fromkeys(order))
+    return seen + [n for n in names if n not in seen], {n: v >= 0 for n, v in mins.items()}
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _build_quant_layer(name: str, old: nn.Module, wq, act_quant, act_bits: Optional[int],
+                       stats_steps: int, level_init: Optional[str] = None) -> nn.Module:
+    # With ``level_init`` (N-multiplier quantizers) the layer is built with LSQ's cheap start:
+    # its random init weights are replaced below, and only then are the levels initialised
+    # the configured way (a fit to the random weights would be wasted).
+    kw = dict(weight_quant=wq if level_init is None else wq.let(level_init="lsq"),
+              bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype,
+              return_quant_tensor=False)
+    if act_quant is not None:
+        kw.update(input_quant=act_quant, input_bit_width=act_bits,
+                  input_collect_stats_steps=stats_steps)
+    if isinstance(old, nn.Linear):
+        new = qnn.QuantLinear(old.in_features, old.out_features, **kw)
+    else:
+        cls = next(q for base, q in _CONV.items() if isinstance(old, base))
+        if isinstance(old.padding, str) and old.padding == "same" and any(
+                s != 1 for s in old.stride):
+            raise ConversionError(f"layer {name!r}: padding='same' with stride > 1 is not supported")
+        new = cls(old.in_channels, old.out_channels, old.kernel_size, stride=old.stride,
+                  padding=old.padding, dilation=old.dilation, groups=old.groups,
+                  padding_mode=old.padding_mode, **kw)
+    with torch.no_grad():
+        new.weight.copy_(old.weight)
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+    new.train(old.training)
+    # The quantizer was initialised from the layer's random init: start it from the real weights.
+    proxy = new.weight_quant
+    if level_init is not None:
+        proxy.quant_injector = proxy.quant_injector.let(level_init=level_init)
+    proxy.init_tensor_quant()
+    new.weight_quant.train(old.training)
+    return new
+
+
+def quantize_model(model: nn.Module, config: Optional[NMultConfig] = None,
+                   example_input: Optional[torch.Tensor] = None, inplace: bool = False,
+                   skip: tuple = (), unsigned_inputs: Optional[Sequence[str]] = None
+                   ) -> nn.Module:
+    """Replace the Conv/Linear layers of a plain torch model by Brevitas layers with
+    N-multiplier weight quantizers and learned-scale input-activation quantizers.
+
+    Args:
+        model: a plain torch model (BatchNorm, residual adds etc. are left as they are).
+        config: bits, variant, mode, granularity; first and last compute layers get
+            ``config.first_last_bits`` for weights and input activations (paper section 4).
+        example_input: optional batch; with it, first/last layers are found in execution order
+            and layers whose inputs are never negative get unsigned activation quantizers.
+        inplace: modify ``model`` instead of a deep copy.
+        skip: qualified names of compute layers to leave in float.
+        unsigned_inputs: names of layers whose input quantizer is unsigned; overrides the
+            detection from ``example_input`` (used to rebuild a saved model exactly).
+
+    Returns the quantized model; its weights and biases equal the original's.
+
+    >>> m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+    >>> q = quantize_model(m, NMultConfig(weight_bits=3, act_bits=4))
+    >>> [quant_of(l).bits for _, l in nmult_layers(q)]
+    [8, 3, 8]
+    """
+    config = config or NMultConfig()
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantWeightBiasInputOutputLayer):
+            raise ConversionError(
+                f"layer {name!r} is already a Brevitas layer ({type(mod).__name__}); use "
+                "swap_weight_quant(model, config) to give an existing Brevitas model N-multiplier "
+                "weights")
+        if isinstance(mod, _UNSUPPORTED) and name not in skip:
+            raise ConversionError(
+                f"layer {name!r} ({type(mod).__name__}) cannot be converted: supported compute "
+                "layers are Conv1d, Conv2d, Conv3d and Linear. Pass its name in skip=() to leave "
+                "it in float.")
+        if isinstance(mod, nn.MultiheadAttention):
+            inner = [f"{name}.{c}" for c, _ in mod.named_children()]
+            if any(n not in skip for n in inner):
+                raise ConversionError(
+                    f"layer {name!r} (MultiheadAttention) reads the weights of {inner} directly, "
+                    "so a quantizer on them would never run. Pass them in skip=() to leave them "
+                    "in float.")
+    unknown = set(skip) - {n for n, _ in model.named_modules()}
+    if unknown:
+        raise ConversionError(f"skip names not in the model: {sorted(unknown)}")
+    unknown = set(config.layer_bits) - {n for n, _ in model.named_modules()}
+    if unknown:
+        raise ConversionError(f"layer_bits names not in the model: {sorted(unknown)}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    order, observed = _probe(model, example_input)
+    names = [n for n in order if n not in skip]
+    if not names:
+        raise ConversionError("the model has no Conv1d/Conv2d/Conv3d/Linear layer to quantize")
+    if unsigned_inputs is not None:
+        unknown = set(unsigned_inputs) - set(names)
+        if unknown:
+            raise ConversionError(f"unsigned_inputs names are not converted layers: {sorted(unknown)}")
+        nonneg = {n: True for n in unsigned_inputs}
+    else:
+        nonneg = observed
+    edge = {names[0], names[-1]} if config.first_last_bits is not None else set()
+    mods = dict(model.named_modules())
+    for name in names:
+        old = mods[name]
+        wbits = config.layer_bits.get(name, config.first_last_bits if name in edge
+                                      else config.weight_bits)
+        abits = config.first_last_bits if name in edge else config.act_bits
+        act_quant = None
+        if config.act_bits is not None:
+            act_quant = Uint8ActPerTensorFloat if nonneg.get(name, False) else Int8ActPerTensorFloat
+        new = _build_quant_layer(name, old, weight_quant_for(config, wbits, name), act_quant,
+                                 abits, config.act_collect_stats_steps, config.init)
+        _set_submodule(model, name, new)
+    return model
+
+
+def swap_weight_quant(model: nn.Module, config: Optional[NMultConfig] = None,
+                      keep_bit_width: bool = False, include_float: bool = False) -> nn.Module:
+    """Give every quantized layer of an existing Brevitas model an N-multiplier weight
+    quantizer, in place, initialised from its current weights. Activations are untouched.
+
+    Args:
+        config: bits/variant/mode/granularity (``layer_bits`` overrides per layer).
+        keep_bit_width: keep each layer's current weight bit width instead of
+            ``config.weight_bits`` (e.g. 1-bit for ``bnn_pynq`` LFC 1w1a).
+        include_float: also swap layers whose weight quantization is disabled.
+
+    Returns ``model``.
+    """
+    config = config or NMultConfig()
+    layers = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, QuantWeightBiasInputOutputLayer)]
+    if not layers:
+        raise ConversionError("the model has no Brevitas QuantConv/QuantLinear layer; use "
+                              "quantize_model() for a plain torch model")
+    unknown = set(config.layer_bits) - {n for n, _ in layers}
+    if unknown:
+        raise ConversionError(f"layer_bits names are not quantized layers: {sorted(unknown)}")
+    plan = []
+    for name, layer in layers:
+        proxy = layer.weight_quant
+        if not proxy.is_quant_enabled and not include_float:
+            continue
+        bq = getattr(layer, "bias_quant", None)
+        if layer.bias is not None and bq is not None and bq.is_quant_enabled and getattr(
+                bq, "requires_input_scale", False):
+            raise ConversionError(
+                f"layer {name!r}: its bias quantizer derives the bias scale from the weight "
+                "scale, which N-multiplier levels do not have. Build the layer with "
+                "bias_quant=None (float bias) or a bias quantizer with its own scale.")
+        if name in config.layer_bits:
+            bits = config.layer_bits[name]
+        elif keep_bit_width:
+            if not proxy.is_quant_enabled:
+                raise ConversionError(f"layer {name!r} has no weight bit width to keep")
+            bits = int(proxy.bit_width())
+        else:
+            bits = config.weight_bits
+        if layer.weight.dim() < 2 and config.per_channel:
+            raise ConversionError(f"layer {name!r}: per-channel needs a weight with channels")
+        plan.append((name, layer, check_bits(bits, f"layer {name}")))
+    for name, layer, bits in plan:
+        layer.weight_quant = NMultWeightQuantProxy(layer, weight_quant_for(config, bits, name))
+        layer.weight_quant.train(layer.training)
+    return model
+
+
+def set_forward_mode(model: nn.Module, mode: str) -> nn.Module:
+    """Switch every N-multiplier layer to ``mode`` (``paper``, ``ste`` or ``both``); the mode
+    is kept in the state dict and survives Brevitas re-initialising the quantizer."""
+    check_choice(mode, MODES, "forward mode")
+    for _, layer in nmult_layers(model):
+        proxy = layer.weight_quant
+        proxy.quant_injector = proxy.quant_injector.let(forward_mode=mode)
+        quant_of(layer).mode = mode
+    return model
+
+
+def unsigned_input_layers(model: nn.Module) -> List[str]:
+    """Names of layers whose input-activation quantizer is unsigned."""
+    out = []
+    for name, m in model.named_modules():
+        iq = getattr(m, "input_quant", None)
+        if isinstance(m, QuantWeightBiasInputOutputLayer) and iq is not None and \
+                iq.is_quant_enabled and iq.is_signed is False:
+            out.append(name)
+    return out

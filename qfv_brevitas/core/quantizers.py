@@ -1,0 +1,572 @@
+"""The Brevitas seam: a ``tensor_quant`` module, its proxy, and ready weight-quant injectors.
+
+>>> import brevitas.nn as qnn
+>>> layer = qnn.QuantLinear(8, 4, bias=False, weight_quant=NMultWeightQuant, weight_bit_width=3)
+>>> quant_of(layer).bits, tuple(quant_of(layer).multipliers().shape)
+(3, (1, 3))
+"""
+from __future__ import annotations
+
+import warnings
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from brevitas import config as brevitas_config
+from brevitas.core.function_wrapper.misc import Identity
+from brevitas.inject import ExtendedInjector, value
+from brevitas.proxy import WeightQuantProxyFromInjector
+
+from qfv_brevitas.core import device as D
+from qfv_brevitas.core import fitting as FIT
+from qfv_brevitas.core import levels as L
+from qfv_brevitas.core.config import INITS, MODES, VARIANTS, check_choice
+
+__all__ = [
+    "DeviceState",
+    "MAPPINGS",
+    "NMultTensorQuant",
+    "NMultWeightQuantProxy",
+    "NMultWeightQuant",
+    "NMultWeightPerChannelQuant",
+    "LearnedStepWeightQuant",
+    "LearnedStepWeightPerChannelQuant",
+    "FixedLevelWeightQuant",
+    "FixedLevelWeightPerChannelQuant",
+    "quant_of",
+    "is_nmult_layer",
+    "nmult_layers",
+]
+
+
+class DeviceState(NamedTuple):
+    """Maps of one layer in ``(G, M)`` / ``(G, M, N)`` layout (see :mod:`qfv_brevitas.core.device`)."""
+
+    sa0: Optional[Tensor]
+    sa1: Optional[Tensor]
+    lrs: Optional[Tensor]
+    hrs: Optional[Tensor]
+    mapping: str
+
+
+MAPPINGS = ("naive", "aware")
+
+
+class NMultTensorQuant(nn.Module):
+    """Weight quantizer with levels ``{<r, S> + c : S in {0,1}^N}`` (paper eq. 2-5).
+
+    Holds ``r`` (``(G, N)``) and ``c`` (``(G,)``), ``G = 1`` per tensor or the number of output
+    channels. Variants: ``nmult`` learns ``r`` and ``c``; ``step`` learns a step ``s`` with
+    ``r_i = s * 2**i`` and ``c``; ``fixed`` keeps the initial uniform grid.
+
+    Initial levels (``level_init``, :data:`qfv_brevitas.core.config.INITS`): ``"lsq"`` the
+    symmetric uniform grid with LSQ's step ``2 mean|w| / sqrt(Q_P)``; ``"uniform"`` the uniform
+    grid with the least squared error to the weights; ``"fit"`` levels fitted to the weights
+    within the variant's family (:func:`qfv_brevitas.core.fitting.fit_multipliers` for ``nmult``,
+    the best uniform grid for ``step`` and ``fixed``).
+
+    Returns Brevitas' tuple ``(value, scale, zero_point, bit_width)``; ``scale`` is nominal
+    (the smallest multiplier) since the levels need not be uniform.
+    """
+
+    def __init__(self, bit_width, tracked_parameter_list: List[Tensor], quant_variant: str = "nmult",
+                 forward_mode: str = "paper", scaling_per_output_channel: bool = False,
+                 output_channel_dim: int = 0, layer_name: Optional[str] = None,
+                 level_init: str = "lsq"):
+        super().__init__()
+        self.bits = L.check_bits(bit_width, f"weight quantizer{_where(layer_name)}")
+        self.variant = check_choice(quant_variant, VARIANTS, "quantizer variant")
+        self.mode = check_choice(forward_mode, MODES, "forward mode")
+        self.level_init = check_choice(level_init, INITS, "level init")
+        self.per_channel = bool(scaling_per_output_channel)
+        self.channel_dim = int(output_channel_dim)
+        self.layer_name = layer_name
+        w = tracked_parameter_list[0]
+        if self.per_channel and not 0 <= self.channel_dim < w.dim():
+            raise ValueError(
+                f"per-channel weight quantizer{_where(layer_name)}: output channel axis "
+                f"{self.channel_dim} does not exist in a weight of shape {tuple(w.shape)}")
+        self.groups = w.shape[self.channel_dim] if self.per_channel else 1
+        self.weight_shape = tuple(w.shape)
+        # brevitas.graph builds layers on the meta device: create r/c beside the weight.
+        if w.is_meta:
+            step = torch.ones(self.groups, dtype=w.dtype, device=w.device)
+            r, c = L.uniform_multipliers(step, self.bits)
+        else:
+            w2d = self.to_groups(w.detach())
+            L.check_finite(w2d, f"initialising the weight quantizer{_where(layer_name)}")
+            step, r, c = self._initial_levels(w2d)
+            zero = int((w2d.abs().amax(dim=1) == 0).sum())
+            if zero:
+                warnings.warn(
+                    f"weight quantizer{_where(layer_name)}: "
+                    + (f"{zero} of {self.groups} channels have" if self.per_channel else "the layer has")
+                    + " all-zero weights, so its levels start collapsed (step 1e-8); "
+                    + ("the 'fixed' variant keeps them there: initialise the weights first"
+                       if quant_variant == "fixed" else
+                       "r and c must be learned from there: initialise the weights first"),
+                    UserWarning, stacklevel=2)
+        if self.variant == "nmult":
+            self.r = nn.Parameter(r)
+            self.c = nn.Parameter(c)
+        elif self.variant == "step":
+            self.step = nn.Parameter(step)
+            self.c = nn.Parameter(c)
+        else:
+            self.register_buffer("r", r)
+            self.register_buffer("c", c)
+
+    def _initial_levels(self, w2d: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(step, r, c)`` of the starting grid (``step`` is used by the ``step`` variant)."""
+        if self.level_init == "lsq":
+            step = L.lsq_step_init(w2d, self.bits)
+            return (step, *L.uniform_multipliers(step, self.bits))
+        if self.level_init == "fit" and self.variant == "nmult":
+            fit = FIT.fit_multipliers(w2d, self.bits)
+            return fit.uniform.step, fit.r, fit.c
+        grid = FIT.best_uniform_grid(w2d, self.bits)
+        return (grid.step, *grid.multipliers(self.bits))
+
+    @torch.no_grad()
+    def refit_(self, w: Tensor, warm: bool = False) -> Tuple[Tensor, Tensor]:
+        """Fit this quantizer's levels to the weights ``w``, in place; returns the per-group
+        squared error before and after (float64).
+
+        ``warm=False``: the fit of ``level_init="fit"`` (multi-start, never worse than the best
+        uniform grid); ``warm=True``: alternating minimisation from the current levels only
+        (cheap, never worse than them; used while training). ``nmult`` fits ``r`` and ``c``,
+        ``step`` the step and ``c``; ``fixed`` levels are set only by a full fit.
+        The parameters are updated in place, so optimizers that hold them keep working."""
+        w2d = self._checked_groups(w.detach())
+        before = FIT.grid_error(w2d, self.levels().detach())
+        if self.variant == "fixed" and warm:
+            return before, before
+        r0, c0 = self.multipliers().detach(), self.offset().detach()
+        if self.variant == "nmult":
+            fit = FIT.fit_multipliers(w2d, self.bits, init=(r0, c0), search=not warm)
+            self.r.copy_(fit.r)
+            self.c.copy_(fit.c)
+            return before, fit.error
+        init = (self.step.detach(), c0) if self.variant == "step" else (r0[:, 0], c0)
+        grid = FIT.best_uniform_grid(w2d, self.bits, init=init, search=not warm)
+        if self.variant == "step":
+            self.step.copy_(grid.step)
+        else:
+            self.r.copy_(grid.multipliers(self.bits)[0])
+        self.c.copy_(grid.offset)
+        return before, grid.error
+
+    # -- levels --------------------------------------------------------------------------
+    def multipliers(self) -> Tensor:
+        """Effective bit multipliers ``(G, N)`` (differentiable)."""
+        if self.variant == "step":
+            pow2 = 2.0 ** torch.arange(self.bits, dtype=self.step.dtype, device=self.step.device)
+            return self.step[:, None] * pow2
+        return self.r
+
+    def offset(self) -> Tensor:
+        return self.c
+
+    def levels(self) -> Tensor:
+        """Level table ``(G, 2**N)`` indexed by code (differentiable in ``r`` and ``c``)."""
+        return L.level_table(self.multipliers(), self.offset())
+
+    # -- layout --------------------------------------------------------------------------
+    def to_groups(self, w: Tensor) -> Tensor:
+        """View ``w`` as ``(G, M)``: one row per output channel (or a single row)."""
+        if not self.per_channel:
+            return w.reshape(1, -1)
+        return w.movedim(self.channel_dim, 0).reshape(w.shape[self.channel_dim], -1)
+
+    def from_groups(self, w2d: Tensor, shape) -> Tensor:
+        if not self.per_channel:
+            return w2d.reshape(shape)
+        moved = list(shape)
+        moved.insert(0, moved.pop(self.channel_dim))
+        return w2d.reshape(moved).movedim(0, self.channel_dim)
+
+    def check_weight(self, w: Tensor) -> None:
+        if self.per_channel and (w.dim() <= self.channel_dim
+                                 or w.shape[self.channel_dim] != self.groups):
+            raise ValueError(
+                f"per-channel weight quantizer{_where(self.layer_name)} has {self.groups} "
+                f"channels on axis {self.channel_dim} but got a weight of shape {tuple(w.shape)}")
+
+    # -- the device (fault / variability maps held by the proxy) -----------------------------
+    def device_state(self) -> Optional["DeviceState"]:
+        """The attached fault/variability maps in ``(G, M)`` layout, or ``None``."""
+        proxy = self.__dict__.get("_owner")
+        if proxy is None or not (proxy.has_faults or proxy.has_variability):
+            return None
+        g = self.to_groups
+        sa0 = g(proxy.fault_sa0) if proxy.has_faults else None
+        sa1 = g(proxy.fault_sa1) if proxy.has_faults else None
+        lrs = hrs = None
+        if proxy.has_variability:
+            lrs = self._cells_to_groups(proxy.var_lrs)
+            if proxy.var_hrs is not None:
+                hrs = self._cells_to_groups(proxy.var_hrs)
+        return DeviceState(sa0, sa1, lrs, hrs, proxy.deploy_mapping)
+
+    def _cells_to_groups(self, t: Tensor) -> Tensor:
+        """``weight.shape + (N,)`` -> ``(G, M, N)``."""
+        if not self.per_channel:
+            return t.reshape(1, -1, self.bits)
+        return t.movedim(self.channel_dim, 0).reshape(self.groups, -1, self.bits)
+
+    def _programmed_codes(self, w2d: Tensor, dev: "DeviceState", mapping: str) -> Tensor:
+        r, c = self.multipliers(), self.offset()
+        if mapping == "aware":
+            return D.aware_codes(w2d, r, c, dev.sa0, dev.sa1, dev.lrs, dev.hrs)
+        return D.naive_codes(w2d, r.detach(), c.detach())
+
+    # -- quantization ----------------------------------------------------------------------
+    def _checked_groups(self, w: Tensor, training: bool = False) -> Tensor:
+        self.check_weight(w)
+        w2d = self.to_groups(w)
+        # In a GPU training step the check would be a host sync per layer; there a NaN weight
+        # reaches the output through the straight-through term and fit reports it per epoch.
+        if not (training and L.sync_free(w2d)):
+            L.check_finite(w2d, f"weights of {self.layer_name or 'layer'}")
+        return w2d
+
+    @torch.no_grad()
+    def snap(self, w: Tensor) -> Tensor:
+        """Each weight's deployed value (no gradient): its nearest level, or with a fault or
+        variability map attached, what the device holds for the programmed code."""
+        w2d = self._checked_groups(w)
+        dev = self.device_state()
+        if dev is None:
+            q, _ = L.nearest(w2d, self.levels())
+        else:
+            codes = self._programmed_codes(w2d, dev, dev.mapping)
+            q = D.deployed_values(codes, self.multipliers(), self.offset(), dev.sa0, dev.sa1,
+                                  dev.lrs, dev.hrs)
+        return self.from_groups(q, w.shape)
+
+    @torch.no_grad()
+    def codes(self, w: Tensor) -> Tensor:
+        """Each weight's programmed N-bit code (int64, shape of ``w``): ideally its level is
+        ``levels[code]``; with a map attached and ``deploy_mapping="aware"`` the code whose
+        deployed value is nearest."""
+        w2d = self._checked_groups(w)
+        dev = self.device_state()
+        if dev is None:
+            codes = L.nearest(w2d, self.levels())[1]
+        else:
+            codes = self._programmed_codes(w2d, dev, dev.mapping)
+        return self.from_groups(codes, w.shape)
+
+    def distance(self, w: Tensor) -> Tensor:
+        """``sum_i min_q (w_i - q)^2`` over this layer (eq. 6/7 without the factors).
+
+        With a fault or variability map attached, ``q`` ranges over the levels this weight can
+        actually take on the device (eq. 11, eq. 12): unreachable levels are excluded."""
+        out = self._distance(w)
+        if not torch.isfinite(out):
+            self.raise_not_finite(w)
+        return out
+
+    def raise_not_finite(self, w: Tensor) -> None:
+        """The error for a non-finite regularizer term: NaN/inf weights, else diverged r/c."""
+        L.check_finite(self.to_groups(w), f"weights of {self.layer_name or 'layer'}")
+        raise ValueError(f"levels of {self.layer_name or 'layer'} are not finite: r/c diverged")
+
+    def _distance(self, w: Tensor) -> Tensor:
+        """:meth:`distance` without the finiteness check (a host sync on a GPU):
+        :func:`qfv_brevitas.regularization_loss` checks the sum over all layers once."""
+        self.check_weight(w)
+        w2d = self.to_groups(w)
+        dev = self.device_state()
+        if dev is None:
+            # No separate finiteness pass on this hot path: a NaN/inf weight makes the sum
+            # non-finite (or the search reject it), and is reported below.
+            try:
+                out = L.sq_distance_to_levels(w2d, self.levels())
+            except ValueError:
+                L.check_finite(w2d, f"weights of {self.layer_name or 'layer'}")
+                raise
+        else:
+            # Search and distance in one call (one pass on the CPU kernels); NaN/inf weights
+            # raise there (on a GPU the sum's check reports them).
+            out = D.aware_sq_distance(w2d, self.multipliers(), self.offset(), dev.sa0, dev.sa1,
+                                      dev.lrs, dev.hrs,
+                                      where=f"weights of {self.layer_name or 'layer'}")
+        return out
+
+    @property
+    def uses_regularizer(self) -> bool:
+        return self.mode in ("paper", "both")
+
+    def nominal_scale(self) -> Tensor:
+        return self.multipliers().detach().abs().min(dim=1).values
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        self.check_weight(x)
+        if self.mode == "paper" and self.training:
+            out = x  # the paper trains on full-precision weights; the regularizer pulls them in
+        elif self.mode in ("ste", "both") and self.training:
+            w2d = self._checked_groups(x, training=True)
+            dev = self.device_state()
+            if dev is None:
+                out = self.from_groups(L.snap_ste(w2d, self.levels()), x.shape)
+            else:
+                # Training through what the device holds (simulated chip-in-loop): the deployed
+                # values carry r/c gradients, the weights a straight-through one.
+                codes = self._programmed_codes(w2d.detach(), dev, dev.mapping)
+                v = D.deployed_values(codes, self.multipliers(), self.offset(), dev.sa0,
+                                      dev.sa1, dev.lrs, dev.hrs)
+                out = self.from_groups(v + (w2d - w2d.detach()), x.shape)
+        else:
+            out = self.snap(x)
+        scale = self.nominal_scale()
+        if self.per_channel:
+            shape = [1] * x.dim()
+            shape[self.channel_dim] = self.groups
+            scale = scale.view(shape)
+        else:
+            scale = scale.reshape(())
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        # torch.full, not torch.tensor: no host-to-device copy (a sync) on every forward pass.
+        return out, scale, zero, torch.full((), float(self.bits), device=x.device)
+
+    # -- state ---------------------------------------------------------------------------
+    def config_dict(self) -> dict:
+        return {"bits": self.bits, "variant": self.variant, "mode": self.mode,
+                "per_channel": self.per_channel, "groups": self.groups}
+
+    def get_extra_state(self):
+        return self.config_dict()
+
+    def set_extra_state(self, state) -> None:
+        mine = self.config_dict()
+        for key in ("bits", "variant", "per_channel", "groups"):
+            if key in state and state[key] != mine[key]:
+                raise ValueError(
+                    f"checkpoint does not match the weight quantizer{_where(self.layer_name)}: "
+                    f"{key} is {state[key]!r} in the checkpoint but {mine[key]!r} in the model. "
+                    "Build the model with the checkpoint's configuration before loading it.")
+        self.mode = check_choice(state.get("mode", self.mode), MODES, "forward mode")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        # Loading a float checkpoint into a quantized model (Brevitas' IGNORE_MISSING_KEYS):
+        # keep the initialisation from the loaded weights, as Brevitas' own scaling modules do.
+        if brevitas_config.IGNORE_MISSING_KEYS:
+            for name in list(self._parameters) + list(self._buffers) + ["_extra_state"]:
+                key = prefix + name
+                if key in missing_keys:
+                    missing_keys.remove(key)
+
+    def extra_repr(self) -> str:
+        return (f"bits={self.bits}, variant={self.variant}, mode={self.mode}, "
+                f"per_channel={self.per_channel}, level_init={self.level_init}")
+
+
+def _where(name: Optional[str]) -> str:
+    return f" of {name}" if name else ""
+
+
+class NMultWeightQuantProxy(WeightQuantProxyFromInjector):
+    """Weight proxy of the N-multiplier family.
+
+    Its own class so that export handlers can be matched on it: Brevitas' stock handler would
+    export these weights as a uniform ``Quant`` node, silently wrong. The layer receives plain
+    tensors (never an ``IntQuantTensor``), so that no downstream op consumes the nominal scale.
+    """
+
+    def __init__(self, quant_layer: nn.Module, quant_injector) -> None:
+        super().__init__(quant_layer, quant_injector)
+        self.skip_create_quant_tensor = True
+        # A mode restored from a state dict must survive the next re-initialisation of the
+        # quantizer from the injector: keep the injector in step after every load.
+        self.register_load_state_dict_post_hook(NMultWeightQuantProxy._sync_injector)
+
+    _DEVICE_BUFFERS = ("fault_sa0", "fault_sa1", "var_lrs", "var_hrs")
+
+    def init_tensor_quant(self, *args, **kwargs):
+        super().init_tensor_quant(*args, **kwargs)
+        if self.tensor_quant is not None:
+            # A plain attribute, not a submodule (no cycle in the module tree): the quantizer
+            # reads the maps it needs. A strong reference, so that copy.deepcopy of a model
+            # points each copied quantizer at its own copied proxy (a weakref would be shared).
+            self.tensor_quant.__dict__["_owner"] = self
+        for name in self._DEVICE_BUFFERS:
+            if not hasattr(self, name):
+                self.register_buffer(name, None)
+        if not hasattr(self, "deploy_mapping"):
+            self.deploy_mapping = "naive"
+
+    # -- device maps (persistent state: sampled once, travel with the state dict) ----------
+    @property
+    def has_faults(self) -> bool:
+        return self.fault_sa0 is not None
+
+    @property
+    def has_variability(self) -> bool:
+        return self.var_lrs is not None
+
+    def _weight(self) -> Tensor:
+        return self.tracked_parameter_list[0]
+
+    def _where(self) -> str:
+        tq = self.tensor_quant
+        return f"layer {tq.layer_name!r}" if tq is not None and tq.layer_name else "layer"
+
+    def set_faults(self, sa0: Tensor, sa1: Tensor) -> None:
+        """Attach stuck-at masks: bit i of ``sa0[j]`` (``sa1[j]``) set = bit i of weight j stuck
+        at 0 (1). uint8, the weight's shape."""
+        w, bits = self._weight(), self.tensor_quant.bits
+        for name, m in (("sa0", sa0), ("sa1", sa1)):
+            if tuple(m.shape) != tuple(w.shape):
+                raise ValueError(f"{self._where()}: {name} mask has shape {tuple(m.shape)}, the "
+                                 f"weight {tuple(w.shape)}")
+            if m.dtype != torch.uint8:
+                raise ValueError(f"{self._where()}: {name} mask must be uint8, got {m.dtype}")
+            if bool((m.long() >> bits).any()):
+                raise ValueError(f"{self._where()}: {name} mask sets bits at or above the "
+                                 f"layer's {bits}-bit width")
+        if bool((sa0 & sa1).any()):
+            raise ValueError(f"{self._where()}: a bit cannot be stuck at 0 and at 1")
+        self.fault_sa0 = sa0.to(w.device)
+        self.fault_sa1 = sa1.to(w.device)
+
+    def clear_faults(self) -> None:
+        self.fault_sa0 = None
+        self.fault_sa1 = None
+
+    def set_variability(self, lrs: Tensor, hrs: Optional[Tensor] = None) -> None:
+        """Attach per-cell factors, shape ``weight.shape + (bits,)``: ``lrs`` scales a "1"
+        cell's ``r_i`` (ideal 1), ``hrs`` is the fraction of ``r_i`` a "0" cell adds (ideal 0)."""
+        w, bits = self._weight(), self.tensor_quant.bits
+        want = tuple(w.shape) + (bits,)
+        for name, t in (("lrs", lrs), ("hrs", hrs)):
+            if t is None:
+                continue
+            if tuple(t.shape) != want:
+                raise ValueError(f"{self._where()}: {name} factors have shape {tuple(t.shape)}, "
+                                 f"expected weight shape + bits = {want}")
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()) or bool(
+                    (t < 0).any()):
+                raise ValueError(f"{self._where()}: {name} factors must be finite, non-negative "
+                                 "floats (a cell's conductance cannot be negative)")
+        self.var_lrs = lrs.to(device=w.device, dtype=w.dtype)
+        self.var_hrs = None if hrs is None else hrs.to(device=w.device, dtype=w.dtype)
+
+    def clear_variability(self) -> None:
+        self.var_lrs = None
+        self.var_hrs = None
+
+    def get_extra_state(self):
+        return {"deploy_mapping": self.deploy_mapping}
+
+    def set_extra_state(self, state) -> None:
+        mapping = state.get("deploy_mapping", "naive")
+        if mapping not in MAPPINGS:
+            raise ValueError(f"{self._where()}: unknown deploy mapping {mapping!r} in checkpoint")
+        self.deploy_mapping = mapping
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Maps saved with a model come back with it, also into a freshly built model.
+        for name in self._DEVICE_BUFFERS:
+            key = prefix + name
+            if key in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[key]))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if prefix + "_extra_state" in missing_keys:
+            # Saved without a deploy mapping (float checkpoint, or before maps existed): naive.
+            missing_keys.remove(prefix + "_extra_state")
+            self.deploy_mapping = "naive"
+
+    @staticmethod
+    def _sync_injector(module, incompatible_keys) -> None:
+        tq = module.tensor_quant
+        if tq is not None and module.quant_injector.forward_mode != tq.mode:
+            module.quant_injector = module.quant_injector.let(forward_mode=tq.mode)
+
+    @property
+    def input_view_impl(self):
+        return Identity()
+
+    def retrieve_attribute(self, attribute: str):
+        if not self.is_quant_enabled:
+            return None
+        tq = self.tensor_quant
+        if attribute == "bit_width":
+            return torch.tensor(float(tq.bits))
+        if attribute == "scale":
+            return tq.nominal_scale()
+        if attribute == "zero_point":
+            return torch.zeros(())
+        raise AttributeError(attribute)
+
+
+class NMultWeightQuant(ExtendedInjector):
+    """N-multiplier weights, per tensor: ``weight_quant=NMultWeightQuant, weight_bit_width=4``.
+
+    Layer keyword arguments with the ``weight_`` prefix override the attributes below, e.g.
+    ``weight_forward_mode="ste"``, ``weight_scaling_per_output_channel=True`` or
+    ``weight_level_init="fit"`` (levels fitted to the layer's weights).
+    """
+
+    proxy_class = NMultWeightQuantProxy
+    tensor_quant = NMultTensorQuant
+    bit_width = 4
+    quant_variant = "nmult"
+    forward_mode = "paper"
+    level_init = "lsq"
+    scaling_per_output_channel = False
+    signed = True
+    layer_name = None
+
+    @value
+    def output_channel_dim(module):
+        if isinstance(module, tuple):
+            module = module[0]
+        return getattr(module, "output_channel_dim", 0)
+
+
+class NMultWeightPerChannelQuant(NMultWeightQuant):
+    scaling_per_output_channel = True
+
+
+class LearnedStepWeightQuant(NMultWeightQuant):
+    """Uniform levels with a learned step and offset (paper eq. 3), LSQ initialisation."""
+
+    quant_variant = "step"
+
+
+class LearnedStepWeightPerChannelQuant(LearnedStepWeightQuant):
+    scaling_per_output_channel = True
+
+
+class FixedLevelWeightQuant(NMultWeightQuant):
+    """Uniform levels fixed at their LSQ initialisation (nothing learned)."""
+
+    quant_variant = "fixed"
+
+
+class FixedLevelWeightPerChannelQuant(FixedLevelWeightQuant):
+    scaling_per_output_channel = True
+
+
+def is_nmult_layer(module: nn.Module) -> bool:
+    proxy = getattr(module, "weight_quant", None)
+    return isinstance(proxy, NMultWeightQuantProxy) and proxy.tensor_quant is not None
+
+
+def quant_of(module: nn.Module) -> NMultTensorQuant:
+    """The :class:`NMultTensorQuant` of a quantized layer (a clear error otherwise)."""
+    if not is_nmult_layer(module):
+        raise TypeError(f"{type(module).__name__} has no N-multiplier weight quantizer")
+    return module.weight_quant.tensor_quant
+
+
+def nmult_layers(model: nn.Module):
+    """``(name, layer)`` for every layer of ``model`` with an N-multiplier weight quantizer."""
+    return [(n, m) for n, m in model.named_modules() if is_nmult_layer(m)]

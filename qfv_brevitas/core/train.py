@@ -1,0 +1,255 @@
+"""A plain training loop for QAT with the regularizer (SGD + momentum, cosine decay)."""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Union
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from qfv_brevitas.core.config import LambdaSchedule
+from qfv_brevitas.util.errors import QfvError
+from qfv_brevitas.util.progress import RunProgress
+from qfv_brevitas.studies.ptq import refit_levels_
+from qfv_brevitas.core.quantizers import nmult_layers, quant_of
+from qfv_brevitas.core.regularizer import QuantRegularizer
+from qfv_brevitas.core.sam import SharpnessAware
+from qfv_brevitas.core.shapes import check_shape, check_width
+
+__all__ = ["TrainConfig", "TrainingError", "fit", "evaluate", "param_groups"]
+
+
+class TrainingError(QfvError):
+    """Training diverged (a NaN or infinite loss): nothing is saved from it."""
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of :func:`fit` (paper section 4: SGD, momentum 0.9, cosine decay,
+    lambda held then raised exponentially over the final epochs).
+
+    The quantizer parameters (``r``, ``c``, step) get their own optimizer. The paper uses SGD
+    at 1e-6; but their eq. 7 gradient sums over a layer's weights, so its curvature grows with
+    ``lambda * sqrt(n_l)`` and SGD diverges once lambda rises on large layers (seen on bnn_pynq
+    LFC: r blew up to 1e10 within 2 epochs). Adam's step is bounded by its learning rate
+    whatever that scale, so it is the default; ``quant_optimizer="sgd"`` gives the paper's.
+    """
+
+    epochs: int = 20
+    lr: float = 0.05
+    quant_lr: float = 1e-4
+    quant_optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    seed: int = 0
+    lambda_start: float = 100.0
+    lambda_end: float = 2000.0
+    lambda_rise_epochs: int = 20
+    #: regularizer shape (:data:`qfv_brevitas.core.shapes.SHAPES`: ``sq`` = paper, ``gauss``, ``sin``)
+    reg_shape: str = "sq"
+    #: Gaussian width as a fraction of the local level spacing (``reg_shape="gauss"`` only)
+    reg_width: float = 0.25
+    #: SAM radius (FlatENN's sharpness-aware quantization, :mod:`qfv_brevitas.core.sam`); 0 = off
+    sam_rho: float = 0.0
+    #: every this many optimizer steps, refit each learnable quantizer's levels to its
+    #: current weights in closed form (alternating minimisation from the current levels,
+    #: :func:`qfv_brevitas.studies.ptq.refit_levels_` with ``warm=True``), so that the levels keep
+    #: following the weights; 0 = off. Layers with a fault or variability map attached are
+    #: left to the device-aware regularizer. Default 10: with fitted initial levels, the one
+    #: setting at or above fixed, learned-step and stock Brevitas QAT in every digits cell
+    #: measured (``BENCHMARKS.md``; its lead over no refit is within noise there).
+    refit_every: int = 10
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "seed", "lambda_rise_epochs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ValueError(f"TrainConfig.{name} must be an integer, got {v!r}")
+        if int(self.epochs) < 1:
+            raise ValueError(f"TrainConfig.epochs must be >= 1, got {self.epochs}")
+        for name, lo in (("lr", 0.0), ("quant_lr", None), ("momentum", None),
+                         ("weight_decay", None), ("lambda_start", None), ("lambda_end", None)):
+            v = getattr(self, name)
+            ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) \
+                and (v > lo if lo is not None else v >= 0)
+            if not ok:
+                raise ValueError(f"TrainConfig.{name} must be a finite number "
+                                 f"{'> 0' if lo is not None else '>= 0'}, got {v!r}")
+        if self.quant_optimizer not in ("adam", "sgd"):
+            raise ValueError("TrainConfig.quant_optimizer must be 'adam' or 'sgd'")
+        if int(self.batch_size) < 1:
+            raise ValueError("TrainConfig.batch_size must be >= 1")
+        check_shape(self.reg_shape)
+        self.reg_width = check_width(self.reg_width)
+        try:
+            rho = float(self.sam_rho)
+        except (TypeError, ValueError):
+            rho = float("nan")
+        if isinstance(self.sam_rho, bool) or not (math.isfinite(rho) and rho >= 0):
+            raise ValueError(f"TrainConfig.sam_rho must be a finite number >= 0 (the SAM "
+                             f"radius, e.g. 0.05; 0 = plain updates), got {self.sam_rho!r}")
+        if isinstance(self.refit_every, bool) or not isinstance(self.refit_every, int) \
+                or self.refit_every < 0:
+            raise ValueError(f"TrainConfig.refit_every must be an int >= 0 (optimizer steps "
+                             f"between refits of the levels; 0 = off), got {self.refit_every!r}")
+
+    def schedule(self) -> LambdaSchedule:
+        return LambdaSchedule(self.epochs, self.lambda_start, self.lambda_end,
+                              min(self.lambda_rise_epochs, self.epochs))
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> List[dict]:
+    """Weights with weight decay; quantizer parameters (``r``, ``c``, step) at ``quant_lr``
+    and activation scales at ``lr``, both without weight decay."""
+    quant, scales, decay, no_decay = [], [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ".weight_quant." in name or name.startswith("weight_quant."):
+            quant.append(p)
+        elif "_quant." in name:
+            scales.append(p)
+        elif p.dim() <= 1:
+            no_decay.append(p)  # BatchNorm and biases
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0},
+              {"params": scales, "weight_decay": 0.0},
+              {"params": quant, "weight_decay": 0.0, "lr": cfg.quant_lr, "quant": True}]
+    return [g for g in groups if g["params"]]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s parameters (the CPU for a model without any)."""
+    p = next(model.parameters(), None)
+    if p is None:
+        p = next(model.buffers(), None)
+    return torch.device("cpu") if p is None else p.device
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 512,
+             device: Optional[torch.device] = None) -> float:
+    """Top-1 accuracy in eval mode (N-multiplier weights snapped to their levels). Batches go
+    to ``device`` (default: the model's); the count stays there until the end (one sync)."""
+    was_training = model.training
+    model.eval()
+    device = torch.device(device) if device is not None else model_device(model)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    total = 0
+    for x, y in DataLoader(dataset, batch_size=batch_size):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        correct += (model(x).argmax(1) == y).sum()
+        total += len(y)
+    model.train(was_training)
+    return int(correct) / max(total, 1)
+
+
+def _raise_diverged(model: nn.Module, epoch: int, desc: str, loss: float,
+                    cfg: "TrainConfig") -> None:
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    raise TrainingError(
+        f"{desc}: the loss became {loss} in epoch {epoch + 1}: training diverged "
+        f"(non-finite parameters: {', '.join(bad) or 'none'}); lower the learning rate "
+        f"(lr={cfg.lr:g}, quant_lr={cfg.quant_lr:g}) or lambda, or check the data for NaN/inf "
+        "inputs")
+
+
+def fit(model: nn.Module, train: Dataset, test: Optional[Dataset], cfg: TrainConfig,
+        desc: str = "train", progress: Union[bool, RunProgress] = True,
+        device: Optional[torch.device] = None,
+        epoch_end: Optional[Callable[[int], None]] = None) -> Dict[str, list]:
+    """Train ``model``; with N-multiplier layers the loss adds ``lambda(epoch) * R(model)``.
+
+    ``epoch_end(epoch)`` runs after each epoch's updates, before its evaluation (e.g. the
+    periodic nearest-valid-level remapping of fault-aware training).
+    ``progress``: ``True`` shows one bar over all batches of all epochs (rate, time left; plain
+    lines when stderr is not a terminal), ``False`` nothing; a :class:`RunProgress` of a larger
+    run is advanced instead, with ``desc`` as its phase. Batches go to ``device`` (default: the
+    model's); losses are summed there and read once per epoch, so a GPU step makes no host sync.
+    Returns the history: per epoch the task loss, the regularizer, lambda and test accuracy.
+    """
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=g)
+    groups = param_groups(model, cfg)
+    quant = [g for g in groups if g.get("quant")]
+    rest = [g for g in groups if not g.get("quant")]
+    opts = [torch.optim.SGD(rest, lr=cfg.lr, momentum=cfg.momentum)]
+    if quant:
+        if cfg.quant_optimizer == "adam":
+            opts.append(torch.optim.Adam(quant, lr=cfg.quant_lr))
+        else:
+            opts.append(torch.optim.SGD(quant, lr=cfg.quant_lr, momentum=cfg.momentum))
+    scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=cfg.epochs * len(loader))
+              for o in opts]
+    uses_reg = any(quant_of(m).uses_regularizer for _, m in nmult_layers(model))
+    reg = QuantRegularizer(model, cfg.schedule(), shape=cfg.reg_shape,
+                           width=cfg.reg_width) if uses_reg else None
+    sam = SharpnessAware(model, cfg.sam_rho) if cfg.sam_rho > 0 else None
+    loss_fn = nn.CrossEntropyLoss()
+    hist: Dict[str, list] = {"task_loss": [], "reg": [], "lambda": [], "test_acc": []}
+    refit = cfg.refit_every > 0 and any(quant_of(m).variant != "fixed"
+                                        for _, m in nmult_layers(model))
+    steps = 0
+    device = torch.device(device) if device is not None else model_device(model)
+    own = not isinstance(progress, RunProgress)
+    bar = RunProgress(cfg.epochs * len(loader), desc, enabled=bool(progress)) if own else progress
+    if not own:
+        bar.set_phase(desc)
+    for epoch in range(cfg.epochs):
+        model.train()
+        tl = torch.zeros((), device=device)
+        rl = torch.zeros((), device=device)
+        # the lambda this epoch applies; the history records this value, not a recomputation
+        lam = reg.lam(epoch) if reg is not None else 0.0
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            task = loss_fn(model(x), y)
+            loss = task
+            if reg is not None:
+                r = reg.unweighted()
+                loss = loss + lam * r
+                rl += r.detach()
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            loss.backward()
+            if sam is not None:
+                # SAM: the gradient at the worst point within rho, applied at the weights.
+                sam.ascend()
+                with sam.frozen_norm_stats():
+                    loss2 = loss_fn(model(x), y)
+                    if reg is not None:
+                        loss2 = loss2 + lam * reg.unweighted()
+                    for o in opts:
+                        o.zero_grad(set_to_none=True)
+                    loss2.backward()
+                sam.restore()
+            for o, sch in zip(opts, scheds):
+                o.step()
+                sch.step()
+            steps += 1
+            if refit and steps % cfg.refit_every == 0:
+                refit_levels_(model, warm=True)
+            tl += task.detach()
+            bar.update(1)
+        if epoch_end is not None:
+            epoch_end(epoch)
+        tl, rl = float(tl), float(rl)
+        if not (math.isfinite(tl) and math.isfinite(rl)):
+            _raise_diverged(model, epoch, desc, tl if not math.isfinite(tl) else rl, cfg)
+        hist["task_loss"].append(tl / len(loader))
+        hist["reg"].append(rl / len(loader))
+        hist["lambda"].append(lam)
+        acc = evaluate(model, test, device=device) if test is not None else float("nan")
+        hist["test_acc"].append(acc)
+        bar.set_info(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{hist['task_loss'][-1]:.3f}",
+                     reg=f"{hist['reg'][-1]:.2e}", acc=f"{acc:.3f}")
+    if own:
+        bar.close()
+    return hist

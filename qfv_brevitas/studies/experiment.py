@@ -1,0 +1,179 @@
+"""The main job: full precision, then fixed-level, learned-step and N-multiplier QAT."""
+from __future__ import annotations
+
+import copy
+import json
+import re
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Union
+
+import torch
+from torch.utils.data import DataLoader
+
+from qfv_brevitas.zoo.checkpoint import save_checkpoint
+from qfv_brevitas.core.config import VARIANTS, NMultConfig
+from qfv_brevitas.core.convert import quantize_model
+from qfv_brevitas.zoo.data import DataError, fingerprint, load_dataset
+from qfv_brevitas.zoo.models import build_model
+from qfv_brevitas.studies.plots import plot_levels
+from qfv_brevitas.util.progress import RunProgress
+from qfv_brevitas.util.safeio import atomic_dir, atomic_write, check_output
+from qfv_brevitas.core.train import TrainConfig, evaluate, fit
+
+__all__ = ["run_experiment", "format_results", "check_model_fits", "not_a_run_folder"]
+
+
+def run_experiment(out_dir: Union[str, Path], dataset: str = "digits",
+                   data_dir: Optional[str] = None, arch: str = "small_cnn",
+                   bits: Sequence[int] = (4, 3), variants: Sequence[str] = ("fixed", "step", "nmult"),
+                   mode: str = "paper", per_channel: bool = False,
+                   fp_train: Optional[TrainConfig] = None, q_train: Optional[TrainConfig] = None,
+                   seed: int = 0, progress: bool = True, save_models: bool = True,
+                   device=None, threads=None, overwrite: bool = False,
+                   init: Optional[str] = None) -> dict:
+    """Train a float model, then QAT it at W{b}A{b} for each bit width and quantizer variant
+    (levels initialised by ``init``, see :data:`qfv_brevitas.core.config.INITS`; ``None``: each
+    variant's default).
+
+    Writes ``results.json``, ``levels.png``, per N-multiplier model ``levels_fit_w{b}a{b}.png``
+    (weight histogram per layer with its levels, the best uniform grid and Lloyd-Max) and
+    (with ``save_models``) a checkpoint per model to ``out_dir``; returns the results
+    dictionary. ``progress`` shows one bar (or log lines) over every batch of the run.
+    ``device``: where to train (default CPU). ``threads``: intra-op threads for the run
+    (``"auto"``: :func:`qfv_brevitas.util.threads.auto_threads`; ``None``: torch's setting as it is).
+
+    The run folder is written whole (:func:`qfv_brevitas.util.safeio.atomic_dir`): it is built
+    beside ``out_dir`` and swapped in at the end, so ``out_dir`` holds the previous run or this
+    one, never a mix, whatever interrupts the run. An existing run folder is replaced only with
+    ``overwrite=True``; a folder holding other files is refused. Data and configuration are
+    checked first.
+    """
+    for v in variants:
+        if v not in VARIANTS:
+            raise ValueError(f"unknown quantizer variant {v!r}; choose from {', '.join(VARIANTS)}")
+    if not len(bits):
+        raise ValueError("bits is empty: give at least one bit width, e.g. bits=(4,)")
+    # Validate every configuration before spending time on the float model.
+    configs = [NMultConfig(weight_bits=b, act_bits=b, variant=v, mode=mode, init=init,
+                           per_channel=per_channel) for b in bits for v in variants]
+    fp_train = replace(fp_train or TrainConfig(epochs=30, lr=0.05), seed=seed)
+    q_train = replace(q_train or TrainConfig(epochs=15, lr=0.01, lambda_rise_epochs=5), seed=seed)
+    check_output(out_dir, overwrite=overwrite, inputs=[data_dir], kind="dir",
+                 replaceable=not_a_run_folder)
+    train, test, num_classes, shape = load_dataset(dataset, data_dir, seed)
+    torch.manual_seed(seed)
+    fp = build_model(arch, shape, num_classes)
+    check_model_fits(fp, arch, shape)
+    if threads is not None:
+        from qfv_brevitas.util.threads import auto_threads, set_threads
+
+        example = next(iter(DataLoader(train, batch_size=1)))[0]
+        set_threads(auto_threads(fp, example, fp_train.batch_size) if threads == "auto"
+                    else int(threads))
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    fp = fp.to(dev)
+    per_epoch = -(-len(train) // fp_train.batch_size)
+    per_q_epoch = -(-len(train) // q_train.batch_size)
+    bar = RunProgress(fp_train.epochs * per_epoch + len(configs) * q_train.epochs * per_q_epoch,
+                      "qfv", enabled=progress)
+    with atomic_dir(out_dir, overwrite=overwrite, inputs=[data_dir],
+                    replaceable=not_a_run_folder) as out:
+        t0 = time.perf_counter()
+        fit(fp, train, test, fp_train, desc="float", progress=bar)
+        fp_acc = evaluate(fp, test)
+        results = {"dataset": dataset, "arch": arch, "seed": seed, "num_train": len(train),
+                   "num_test": len(test), "fp_acc": fp_acc, "fp_train": asdict(fp_train),
+                   "q_train": asdict(q_train), "runs": [], "files": ["results.json"]}
+        meta = dict(dataset=dataset, data_seed=seed, data_sha256=fingerprint(train, test))
+        if save_models:
+            save_checkpoint(out / "float.pt", fp, arch, shape, num_classes, None, acc=fp_acc,
+                            **meta)
+            results["files"].append("float.pt")
+        example = next(iter(DataLoader(train, batch_size=256)))[0].to(dev)
+        plotted: Dict[str, torch.nn.Module] = {}
+        for cfg in configs:
+            b, variant = cfg.weight_bits, cfg.variant
+            q = quantize_model(copy.deepcopy(fp), cfg, example_input=example).to(dev)
+            hist = fit(q, train, test, q_train, desc=f"{variant} W{b}A{b}", progress=bar)
+            acc = evaluate(q, test)
+            results["runs"].append({"variant": variant, "weight_bits": b, "act_bits": b,
+                                    "mode": mode, "init": cfg.init, "per_channel": per_channel,
+                                    "acc": acc, "delta_vs_fp": acc - fp_acc, "history": hist})
+            if save_models:
+                name = f"{variant}_w{b}a{b}.pt"
+                save_checkpoint(out / name, q, arch, shape, num_classes, cfg, acc=acc, **meta)
+                results["files"].append(name)
+            if variant == "nmult":
+                from qfv_brevitas.studies.plots import plot_fitted_levels
+
+                name = f"levels_fit_w{b}a{b}.png"
+                plot_fitted_levels(q, out / name)
+                results["files"].append(name)
+            if variant == "nmult" or (variant == variants[-1] and "nmult" not in variants):
+                plotted[f"{variant} W{b}A{b}"] = q
+        bar.close()
+        if plotted:
+            plot_levels(plotted, out / "levels.png")
+            results["files"].append("levels.png")
+        results["seconds"] = time.perf_counter() - t0
+        atomic_write(out / "results.json", json.dumps(results, indent=2))
+    return results
+
+
+#: Names a run folder holds (what run_experiment and run_snn_experiment write).
+_RUN_FILES = re.compile(
+    r"^(results\.json|levels\.png|levels_fit_w\d+a\d+\.png|float\.pt|"
+    r"(fixed|step|nmult)_w\d+(a\d+)?\.pt)$")
+
+
+def not_a_run_folder(folder: Path) -> Optional[str]:
+    """Why ``folder`` may not be replaced by a new run (None if it holds only a run's files:
+    those its ``results.json`` lists, or the names runs write)."""
+    try:
+        listed = set(json.loads((folder / "results.json").read_text()).get("files", []))
+    except (OSError, ValueError, AttributeError):
+        listed = set()
+    other = sorted(p.name for p in folder.iterdir()
+                   if p.name not in listed and not _RUN_FILES.match(p.name))
+    if other:
+        return (f"it holds files that are not from a qfv run ({', '.join(other[:5])}"
+                f"{', ...' if len(other) > 5 else ''}); move them or choose another folder")
+    return None
+
+
+def check_model_fits(model: torch.nn.Module, arch: str, shape) -> None:
+    """One blank sample through ``model`` before any training: inputs too small for the
+    architecture (e.g. 1x1 images through pooling layers) are a clear error here."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *shape))
+    except RuntimeError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"--arch {arch} cannot take inputs of shape {tuple(shape)} from this "
+                        f"data set ({first[:160]}); use larger images or a smaller model such "
+                        "as mlp") from None
+    finally:
+        model.train(was)
+
+
+def format_results(results: dict) -> str:
+    """Accuracy table: one row per (bits, variant) against full precision."""
+    return accuracy_table(
+        f"dataset {results['dataset']} ({results['num_train']} train / {results['num_test']} "
+        f"test), model {results['arch']}, seed {results['seed']}", "float", results,
+        lambda r: f"{r['variant']} W{r['weight_bits']}A{r['act_bits']}")
+
+
+def accuracy_table(title: str, fp_name: str, results: dict, run_name) -> str:
+    """``title``, then the float model (``results["fp_acc"]``) and each of ``results["runs"]``
+    (named by ``run_name(run)``) with its accuracy and its change against float."""
+    lines = [title, f"{'model':<22} {'accuracy':>9} {'vs float':>9}", "-" * 42,
+             f"{fp_name:<22} {100 * results['fp_acc']:>8.2f}% {'':>9}"]
+    for r in results["runs"]:
+        lines.append(f"{run_name(r):<22} {100 * r['acc']:>8.2f}% "
+                     f"{100 * r['delta_vs_fp']:>+8.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,138 @@
+"""Monte Carlo trials spread over worker processes and over machines.
+
+A Monte Carlo run is a list of independent tasks (one map or flip stream, one method): each is
+seeded by its own trial number, so it gives the same result wherever it runs. :func:`run_tasks`
+computes them
+
+- in this process (``workers=1``, not distributed);
+- in ``workers`` forked processes on this machine (Linux/macOS; each with one intra-op thread:
+  the processes are the parallelism), results sent back as they finish;
+- on the ranks of an initialised ``torch.distributed`` process group (``distributed=True``,
+  e.g. under ``torchrun``, the launcher of DDP training): rank ``r`` takes tasks ``r, r + W,
+  ...`` (and may fork ``workers`` of its own), and every rank receives all results
+  (``all_gather_object``);
+
+and returns the results in task order, so the rows, tables and files are identical to a
+single-process run with one intra-op thread (reductions inside torch ops are split by thread
+count, so other thread counts agree to float rounding only).
+"""
+from __future__ import annotations
+
+import os
+import traceback
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from qfv_brevitas.util.progress import RunProgress
+
+__all__ = ["run_tasks", "init_distributed", "check_workers"]
+
+
+def check_workers(workers) -> int:
+    if isinstance(workers, bool) or not float(workers).is_integer() or int(workers) < 1:
+        raise ValueError(f"workers must be an integer >= 1 (processes on this machine), got "
+                         f"{workers!r}")
+    return int(workers)
+
+
+def init_distributed(backend: Optional[str] = None) -> bool:
+    """Join the process group that ``torchrun`` describes in the environment (``RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``); gloo on CPUs, nccl with CUDA. Returns
+    whether this process is one of several ranks (False without torchrun's variables)."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+    return dist.get_world_size() > 1
+
+
+def _shard(n: int, distributed: bool) -> List[int]:
+    if not distributed:
+        return list(range(n))
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("distributed=True needs an initialised torch.distributed process group "
+                         "(run under torchrun and call qfv_brevitas.util.parallel.init_distributed() "
+                         "or torch.distributed.init_process_group first)")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return list(range(rank, n, world))
+
+
+def _local(tasks: Sequence[int], fn: Callable[[int], Any], workers: int,
+           bar: Optional[RunProgress]) -> Dict[int, Any]:
+    if workers <= 1 or len(tasks) <= 1:
+        out = {}
+        for i in tasks:
+            out[i] = fn(i)
+            if bar is not None:
+                bar.update(1)
+        return out
+    import multiprocessing as mp
+
+    if "fork" not in mp.get_all_start_methods():
+        raise ValueError("workers > 1 needs the 'fork' start method (Linux, macOS); on this "
+                         "system run the trials in one process, or over ranks with torchrun")
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        raise ValueError("workers > 1 cannot fork a process that uses CUDA; launch one process "
+                         "per GPU with torchrun instead (distributed=True)")
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    workers = min(workers, len(tasks))
+    procs = [ctx.Process(target=_worker, args=(fn, list(tasks[w::workers]), queue),
+                         daemon=True) for w in range(workers)]
+    for p in procs:
+        p.start()
+    out: Dict[int, Any] = {}
+    finished = 0
+    try:
+        while finished < workers:
+            kind, i, value = queue.get()
+            if kind == "error":
+                raise RuntimeError(f"a Monte Carlo worker failed on task {i}:\n{value}")
+            if kind == "done":
+                finished += 1
+                continue
+            out[i] = value
+            if bar is not None:
+                bar.update(1)
+    finally:
+        for p in procs:
+            if p.is_alive() and finished < workers:
+                p.terminate()
+        for p in procs:
+            p.join()
+    return out
+
+
+def _worker(fn, tasks, queue) -> None:
+    torch.set_num_threads(1)
+    try:
+        for i in tasks:
+            try:
+                queue.put(("row", i, fn(i)))
+            except BaseException:
+                queue.put(("error", i, traceback.format_exc()))
+                return
+    finally:
+        queue.put(("done", -1, None))
+
+
+def run_tasks(n: int, fn: Callable[[int], Any], workers: int = 1, distributed: bool = False,
+              progress: Optional[RunProgress] = None) -> List[Any]:
+    """``[fn(0), ..., fn(n - 1)]``, computed as the module docstring says. ``fn`` must be
+    deterministic given its task number; its result must pickle (plain data)."""
+    workers = check_workers(workers)
+    mine = _shard(n, distributed)
+    local = _local(mine, fn, workers, progress)
+    if distributed:
+        import torch.distributed as dist
+
+        parts: List[Dict[int, Any]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+        dist.all_gather_object(parts, local)
+        for p in parts:
+            local.update(p)
+    return [local[i] for i in range(n)]

@@ -1,0 +1,385 @@
+"""Writing files so that nothing is lost: output checks and atomic writes.
+
+Every file the library writes goes through this module:
+
+- :func:`check_output`: before any work, refuse an output that is one of the inputs, that
+  exists (unless ``overwrite=True``, ``--force`` on the command line), or whose folder cannot be
+  written;
+- :func:`atomic_paths` / :func:`atomic_path` / :func:`atomic_write`: the writer writes to a
+  temporary file in the same folder; on success the file is flushed to disk (fsync) and renamed
+  over the target, so the target is the old file or the complete new one, never a part. On any
+  failure (an exception, a full disk, Ctrl-C) the temporary file is removed and the target is
+  untouched. Several files given together are renamed together at the end;
+- :func:`atomic_dir`: the same for a whole folder (a run folder, a crossbar folder): written
+  as a temporary folder beside it, then swapped in (an atomic exchange where the system has one).
+
+Ctrl-C (and SIGTERM) is held back while files are renamed into place (:func:`deferred_interrupts`),
+so an interrupt never falls between "old file gone" and "new file there".
+
+>>> import os, tempfile
+>>> d = tempfile.mkdtemp()
+>>> p = atomic_write(os.path.join(d, "a.txt"), "hello")
+>>> with atomic_path(p, overwrite=True) as tmp:   # a writer that wants a file name
+...     _ = open(tmp, "w").write("new")
+>>> open(p).read(), sorted(os.listdir(d))
+('new', ['a.txt'])
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import io
+import os
+import secrets
+import shutil
+import signal
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Union
+
+import torch
+
+from qfv_brevitas.util.errors import OutputError
+
+__all__ = ["check_output", "atomic_path", "atomic_paths", "atomic_write", "atomic_dir",
+           "torch_save", "same_path", "content_digest", "deferred_interrupts"]
+
+PathLike = Union[str, os.PathLike]
+_HINT = "pass --force (overwrite=True in Python) to replace it"
+
+
+def same_path(a: PathLike, b: PathLike) -> bool:
+    """Whether ``a`` and ``b`` name the same file (after symlinks; hard links too)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def _inside(inner: Path, outer: Path) -> bool:
+    try:
+        inner.resolve().relative_to(outer.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def check_output(path: PathLike, *, overwrite: bool = False, inputs: Iterable = (),
+                 kind: str = "file", replaceable: Optional[Callable[[Path], Optional[str]]] = None
+                 ) -> Path:
+    """Check, before any work, that ``path`` may be written; returns it resolved.
+
+    ``kind="file"``: a file (refused if it is a folder). ``kind="dir"``: a folder replaced as a
+    whole (refused if it holds an input; a non-empty existing one needs ``overwrite`` and, with
+    ``replaceable``, that ``replaceable(path)`` returns None rather than a reason).
+    Raises :class:`~qfv_brevitas.util.errors.OutputError` naming the path and the problem.
+    """
+    if path is None or str(path) == "":
+        raise OutputError("the output path is empty")
+    given = Path(path)
+    target = given.resolve()
+    for inp in inputs:
+        if inp is None or str(inp) == "":
+            continue
+        if same_path(target, inp):
+            raise OutputError(f"output {given} is the input {inp}: writing it would destroy the "
+                              "input; choose another output path")
+        if kind == "dir" and _inside(Path(inp), target):
+            raise OutputError(f"output folder {given} would be replaced as a whole, but it holds "
+                              f"the input {inp}; choose another output folder")
+    if target.exists():
+        if kind == "file" and target.is_dir():
+            raise OutputError(f"output {given} is a folder; give a file name")
+        if kind == "dir" and not target.is_dir():
+            raise OutputError(f"output folder {given} exists and is not a folder")
+        if kind == "file" and not overwrite:
+            raise OutputError(f"output {given} exists; {_HINT}")
+        if kind == "dir" and any(target.iterdir()):
+            if not overwrite:
+                raise OutputError(f"output folder {given} exists; {_HINT}")
+            reason = replaceable(target) if replaceable is not None else None
+            if reason:
+                raise OutputError(f"output folder {given} is not replaced: {reason}")
+    _check_writable(target.parent, given)
+    return target
+
+
+def _check_writable(folder: Path, given: Path) -> None:
+    """The nearest existing folder above the output must be a folder we can create files in."""
+    anc = folder
+    while not anc.exists():
+        if anc.parent == anc:
+            break
+        anc = anc.parent
+    if not anc.is_dir():
+        raise OutputError(f"cannot write {given}: {anc} is not a folder")
+    try:  # a real probe: permission bits do not stop root, a read-only mount does
+        with tempfile.TemporaryFile(dir=anc):
+            pass
+    except OSError as e:
+        raise OutputError(f"cannot write {given}: folder {anc} is not writable "
+                          f"({e.strerror or e})") from None
+
+
+# -- atomic files -------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) and SIGTERM back until the block ends, then deliver them, so that
+    a commit is never cut in half. Python runs signal handlers in the main thread whichever
+    thread the system hands the signal to (torch has many), so replacing the handlers for the
+    block is enough; outside the main thread the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: List[int] = []
+
+    def hold(signum, frame):
+        caught.append(signum)
+
+    old = {}
+    for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
+        if sig is not None and signal.getsignal(sig) is not None:  # None: not set from Python
+            old[sig] = signal.signal(sig, hold)
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(caught):  # delivered now, as they would have been
+            handler = old[sig]
+            if callable(handler):
+                handler(sig, None)  # the default SIGINT handler raises KeyboardInterrupt
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), sig)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        _fsync(path)
+    except OSError:  # some systems cannot open or sync a folder; the data is synced already
+        pass
+
+
+def _temp_file(target: Path) -> Path:
+    """A new empty file beside ``target`` (same folder: the rename is atomic), created with the
+    usual permissions (umask applies, unlike ``mkstemp``'s 0600)."""
+    while True:
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: Sequence[PathLike], *, overwrite: bool = False,
+                 inputs: Iterable = ()) -> Iterator[List[Path]]:
+    """Temporary paths for ``paths``, renamed over them together when the block succeeds.
+
+    Each is checked first (:func:`check_output`). Whatever fails inside the block, or while
+    syncing, leaves every target as it was and removes the temporary files.
+    """
+    inputs = list(inputs)
+    targets = [check_output(p, overwrite=overwrite, inputs=inputs) for p in paths]
+    if len(set(targets)) != len(targets):
+        raise OutputError(f"the same output is given twice: {[str(p) for p in paths]}")
+    tmps: List[Path] = []
+    try:
+        for t in targets:
+            t.parent.mkdir(parents=True, exist_ok=True)
+            tmps.append(_temp_file(t))
+        try:
+            yield list(tmps)
+            for tmp in tmps:
+                _fsync(tmp)
+        except OSError as e:  # name the output, not its hidden temporary file
+            raise _named(e, {str(t): str(p) for t, p in zip(tmps, paths)}, str(paths[0])) from e
+        with deferred_interrupts():
+            for p, t in zip(paths, targets):  # something may have appeared meanwhile
+                if t.exists() and (t.is_dir() or not overwrite):
+                    raise OutputError(f"output {p} appeared while it was being written; "
+                                      f"{_HINT}")
+            for tmp, t in zip(tmps, targets):
+                os.replace(tmp, t)
+            for folder in {t.parent for t in targets}:
+                _fsync_dir(folder)
+    finally:
+        with deferred_interrupts():
+            for tmp in tmps:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike, *, overwrite: bool = False, inputs: Iterable = ()
+                ) -> Iterator[Path]:
+    """One temporary path, renamed over ``path`` when the block succeeds (see
+    :func:`atomic_paths`). For writers that take a file name: ``onnx.save(proto, tmp)``."""
+    with atomic_paths([path], overwrite=overwrite, inputs=inputs) as (tmp,):
+        yield tmp
+
+
+def atomic_write(path: PathLike, data: Union[str, bytes, memoryview], *,
+                 overwrite: bool = False, inputs: Iterable = ()) -> Path:
+    """Write ``data`` (text as UTF-8, or bytes) to ``path`` atomically; returns the path."""
+    with atomic_path(path, overwrite=overwrite, inputs=inputs) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+    return Path(path)
+
+
+def torch_save(obj: Any, path: PathLike, *, overwrite: bool = False,
+               inputs: Iterable = ()) -> Path:
+    """``torch.save`` through :func:`atomic_write`. Serialised in memory first: a write that
+    fails (a full disk) is then the ``OSError`` it is, not torch's opaque ``RuntimeError``."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write(path, buf.getbuffer(), overwrite=overwrite, inputs=inputs)
+
+
+def _named(e: OSError, names: dict, default: str) -> OSError:
+    """``e`` again, naming the output it was writing rather than a temporary path."""
+    fn = str(e.filename) if e.filename is not None else None
+    name = default
+    if fn is not None:
+        for tmp, real in names.items():
+            if fn == tmp or fn.startswith(tmp + os.sep):
+                name = real + fn[len(tmp):]
+                break
+        else:
+            name = fn
+    err = OSError(e.errno, e.strerror or str(e), name) if e.errno is not None else \
+        OSError(f"{name}: {e}")
+    return err
+
+
+# -- contents checksum --------------------------------------------------------------------
+
+def _feed(h, obj: Any, where: str) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}|".encode())
+        for k in sorted(obj, key=repr):
+            _feed(h, k, where)
+            _feed(h, obj[k], f"{where}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}|".encode())
+        for i, v in enumerate(obj):
+            _feed(h, v, f"{where}[{i}]")
+    elif obj is None or isinstance(obj, bool):
+        h.update(f"{obj}|".encode())
+    elif isinstance(obj, int):
+        h.update(f"I{obj}|".encode())
+    elif isinstance(obj, float):
+        h.update(f"F{obj.hex()}|".encode())
+    elif isinstance(obj, str):
+        h.update(f"S{len(obj)}|{obj}".encode())
+    else:
+        raise TypeError(f"{where}: a {type(obj).__name__} cannot be stored (tensors, numbers, "
+                        "strings, lists and dicts only)")
+
+
+def content_digest(payload: dict) -> str:
+    """SHA-256 of a saved dict's contents (every tensor's dtype, shape and bytes, every value),
+    independent of how ``torch.save`` laid them out; its own ``sha256`` entry excluded.
+    ``TypeError`` for values other than tensors, numbers, strings, lists and dicts."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in payload.items() if k != "sha256"}, "payload")
+    return h.hexdigest()
+
+
+# -- atomic folders -----------------------------------------------------------------------
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False if the system
+    or file system cannot, so the caller falls back to two renames."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _umask() -> int:
+    try:  # Linux: read it, as setting it to read it back is not thread-safe
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _sync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            _fsync(Path(dirpath) / f)
+        _fsync_dir(Path(dirpath))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: PathLike, *, overwrite: bool = False, inputs: Iterable = (),
+               replaceable: Optional[Callable[[Path], Optional[str]]] = None) -> Iterator[Path]:
+    """A temporary folder beside ``path``; when the block succeeds it replaces ``path`` as a
+    whole (the old folder, if any, is removed), so ``path`` holds the old or the new content,
+    never a mix. On failure the temporary folder is removed and ``path`` is untouched."""
+    given = Path(path)
+    target = check_output(path, overwrite=overwrite, inputs=inputs, kind="dir",
+                          replaceable=replaceable)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
+        try:
+            yield tmp
+            _sync_tree(tmp)
+        except OSError as e:  # name the output folder, not its hidden temporary one
+            raise _named(e, {str(tmp): str(given)}, str(given)) from e
+        with deferred_interrupts():
+            if target.exists() and any(target.iterdir()) and not overwrite:
+                raise OutputError(f"output folder {given} appeared while it was being "
+                                  f"written; {_HINT}")
+            if target.exists():
+                if not _exchange(tmp, target):
+                    old = target.with_name(f".{target.name}.{secrets.token_hex(4)}.old")
+                    os.rename(target, old)
+                    try:
+                        os.rename(tmp, target)
+                    except BaseException:
+                        os.rename(old, target)
+                        raise
+                    os.rename(old, tmp)
+                # tmp now holds the old content
+            else:
+                os.rename(tmp, target)
+            _fsync_dir(target.parent)
+            shutil.rmtree(tmp, ignore_errors=True)  # the old content, before any interrupt
+    finally:
+        with deferred_interrupts():
+            shutil.rmtree(tmp, ignore_errors=True)

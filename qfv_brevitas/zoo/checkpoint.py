@@ -1,0 +1,216 @@
+"""Save and load quantized reference models with what is needed to rebuild them.
+
+A checkpoint is a ``torch.save`` of plain containers and tensors only, read back with
+``torch.load(weights_only=True)``: a file that holds anything else (a crafted pickle that would
+run code) is refused before any of it runs. It carries a SHA-256 of its contents, checked on
+load, so a damaged file is a clear error rather than a model with different weights. (The
+checksum detects damage; it is no signature: whoever edits a file can recompute it.)
+"""
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Optional, Tuple, Union
+
+import torch
+from brevitas import config as brevitas_config
+from torch import nn
+
+from qfv_brevitas.core.config import NMultConfig
+from qfv_brevitas.core.convert import quantize_model, unsigned_input_layers
+from qfv_brevitas.util.errors import QfvError
+from qfv_brevitas.zoo.models import build_model
+from qfv_brevitas.util.safeio import content_digest, torch_save
+
+__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "content_digest"]
+
+FORMAT = "qfv-brevitas/2"
+#: Earlier formats still read (without a checksum to check).
+LEGACY_FORMATS = ("qfv-brevitas/1",)
+
+#: Classes a checkpoint may hold beyond tensors and plain containers, allowed for
+#: ``torch.load(weights_only=True)`` (none today: configs and metadata are stored as dicts).
+SAFE_GLOBALS: list = []
+
+
+class CheckpointError(QfvError):
+    """A checkpoint file that cannot be read, is damaged, or does not fit."""
+
+
+def _plain(value: Any, where: str) -> Any:
+    """``value`` with numpy scalars and dataclasses made plain (what weights_only loads)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hasattr(value, "item") and not isinstance(value, torch.Tensor):  # numpy scalar
+        return value.item()
+    return value
+
+
+def _check_finite(params: Iterable[Tuple[str, torch.Tensor]], what: str) -> None:
+    for name, p in params:
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise CheckpointError(f"{what}: parameter {name} holds NaN or inf values (the "
+                                  "training diverged? try a lower learning rate)")
+
+
+def save_checkpoint(path: Union[str, Path], model: nn.Module, arch: str,
+                    input_shape: Tuple[int, ...], num_classes: int,
+                    config: Optional[NMultConfig] = None, *, overwrite: bool = False,
+                    **meta) -> Path:
+    """Write ``model`` (a :func:`qfv_brevitas.zoo.models.build_model` architecture, quantized with
+    ``config`` or float when ``config`` is None) with everything :func:`load_checkpoint` needs.
+
+    Written atomically (an existing file is replaced only with ``overwrite=True``, and stays
+    intact if anything fails); a model with NaN/inf parameters is refused.
+    """
+    path = Path(path)
+    _check_finite(model.named_parameters(), f"not saving {path}")
+    # Brevitas leaves learned activation scales out of the state dict while they are still
+    # collecting statistics; the full state dict makes any checkpoint loadable.
+    full = brevitas_config._FULL_STATE_DICT
+    brevitas_config._FULL_STATE_DICT = True
+    try:
+        state = model.state_dict()
+    finally:
+        brevitas_config._FULL_STATE_DICT = full
+    payload = {
+        "format": FORMAT, "arch": arch, "input_shape": [int(d) for d in input_shape],
+        "num_classes": int(num_classes), "config": None if config is None else config.to_dict(),
+        "unsigned_inputs": unsigned_input_layers(model) if config is not None else [],
+        "state_dict": state, "meta": _plain(meta, "meta"),
+    }
+    try:
+        payload["sha256"] = content_digest(payload)
+    except TypeError as e:
+        raise CheckpointError(f"not saving {path}: {e}") from None
+    torch_save(payload, path, overwrite=overwrite)
+    return path
+
+
+def weights_only_load(path: Path, error: type = None, what: str = "checkpoint",
+                      holds: str = "a qfv-brevitas checkpoint"):
+    """``torch.load(path, weights_only=True)`` on the CPU, with every failure turned into one
+    ``error`` (default :class:`CheckpointError`) naming the file: a crafted pickle is refused
+    before any of it runs, a damaged file is "not a readable {what}"; ``holds`` says what a
+    good file holds."""
+    error = error or CheckpointError
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on foreign pickle protocols
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        found = next((ln for ln in lines if "global" in ln.lower()), None)
+        if found is None:  # not a pickle torch can read at all (random bytes, a truncation)
+            raise error(f"{path}: not a readable {what} (UnpicklingError: "
+                        f"{(lines[0] if lines else '')[:200]})") from None
+        raise error(
+            f"{path}: refused: the file holds Python objects that loading would have to run "
+            f"({found[:200]}); {holds} holds only tensors and plain values. "
+            "Nothing of it was executed.") from None
+    except Exception as e:  # torch raises many types for a damaged file
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise error(f"{path}: not a readable {what} ({type(e).__name__}: "
+                    f"{first[:200]})") from None
+
+
+def _load_raw(path: Path) -> dict:
+    ckpt = weights_only_load(path)
+    if not isinstance(ckpt, dict) or (ckpt.get("format") != FORMAT
+                                      and ckpt.get("format") not in LEGACY_FORMATS):
+        raise CheckpointError(f"{path}: not a qfv-brevitas checkpoint (expected format {FORMAT})")
+    if ckpt["format"] == FORMAT:
+        if "sha256" not in ckpt:
+            raise CheckpointError(f"{path}: has no checksum (damaged, or edited by hand)")
+        try:
+            digest = content_digest(ckpt)
+        except TypeError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        if digest != ckpt["sha256"]:
+            raise CheckpointError(f"{path}: its contents do not match their checksum: the file "
+                                  "is damaged or was edited; use an intact copy")
+    else:
+        warnings.warn(f"{path}: an older checkpoint ({ckpt['format']}) without a checksum: "
+                      "damage cannot be detected; re-save it with save_checkpoint",
+                      stacklevel=3)
+    return ckpt
+
+
+def _field(ckpt: dict, key: str, ok, what: str, path: Path):
+    if key not in ckpt:
+        raise CheckpointError(f"{path}: the checkpoint has no {key!r} entry")
+    value = ckpt[key]
+    if not ok(value):
+        raise CheckpointError(f"{path}: the checkpoint's {key!r} must be {what}, got {value!r:.80}")
+    return value
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def load_checkpoint(path: Union[str, Path]) -> Tuple[nn.Module, dict]:
+    """Rebuild the model of a checkpoint written by :func:`save_checkpoint`.
+
+    Returns ``(model, info)`` with the model in eval mode; ``info`` holds arch, input shape,
+    number of classes, the quantization config and the saved metadata. Raises
+    :class:`CheckpointError` naming the file for a missing, unreadable, damaged, unsafe or
+    foreign file, or one whose contents do not fit together.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    ckpt = _load_raw(path)
+    arch = _field(ckpt, "arch", lambda v: isinstance(v, str), "a model name", path)
+    shape = _field(ckpt, "input_shape", lambda v: isinstance(v, list) and v and
+                   all(_positive_int(d) for d in v), "a list of positive ints", path)
+    num_classes = _field(ckpt, "num_classes", _positive_int, "a positive int", path)
+    cfg = _field(ckpt, "config", lambda v: v is None or isinstance(v, dict), "a dict or None",
+                 path)
+    unsigned = ckpt.get("unsigned_inputs", [])
+    state = _field(ckpt, "state_dict", lambda v: isinstance(v, dict), "a dict", path)
+    meta = ckpt.get("meta") or {}
+    if not isinstance(meta, dict) or not isinstance(unsigned, list):
+        raise CheckpointError(f"{path}: the checkpoint's 'meta' / 'unsigned_inputs' entries "
+                              "are not a dict / list")
+    _check_finite(((k, v) for k, v in state.items() if isinstance(v, torch.Tensor)), str(path))
+    # Spiking models keep their neuron/time settings in meta["snn"] (qfv_brevitas.snn).
+    try:
+        model = build_model(arch, tuple(shape), num_classes, snn=meta.get("snn"))
+    except ImportError as e:  # the snn extra is missing: its message says what to install
+        raise CheckpointError(f"{path}: {e}") from None
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: cannot rebuild its model {arch!r} for inputs "
+                              f"{tuple(shape)}: {e}") from None
+    config = None
+    if cfg is not None:
+        known = {f.name for f in dataclasses.fields(NMultConfig)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise CheckpointError(f"{path}: unknown quantization settings {unknown} in the "
+                                  "checkpoint's config (written by another version?)")
+        try:
+            config = NMultConfig(**cfg)
+            # r and c come from the state dict: build with LSQ's cheap start instead of
+            # fitting levels to the random init weights only to overwrite them.
+            model = quantize_model(model, dataclasses.replace(config, init="lsq"),
+                                   unsigned_inputs=unsigned, inplace=True)
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{path}: its quantization config does not fit: {e}") from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path}: does not fit its model: {e}") from e
+    _check_finite(model.named_parameters(), str(path))
+    model.eval()
+    info = {"arch": arch, "input_shape": shape, "num_classes": num_classes, "meta": meta,
+            "config": config}
+    return model, info

@@ -1,0 +1,363 @@
+"""Datasets: scikit-learn's bundled 8x8 digits and MNIST-family IDX files on disk.
+
+Nothing here downloads anything. ``digits`` ships with scikit-learn; ``idx`` reads the four
+IDX files of MNIST, Fashion-MNIST, KMNIST (or any dataset in the same format) from a folder,
+including torchvision's ``<root>/<Name>/raw`` layout.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import struct
+import zlib
+from pathlib import Path
+from typing import List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from qfv_brevitas.util.errors import QfvError
+
+__all__ = [
+    "DataError",
+    "DATASETS",
+    "IDX_FILES",
+    "load_digits_split",
+    "read_idx",
+    "load_idx_split",
+    "load_dataset",
+    "check_labels",
+    "fingerprint",
+]
+
+PathLike = Union[str, Path]
+
+#: Names accepted by :func:`load_dataset`.
+DATASETS = ("digits", "idx")
+
+#: The four files of an MNIST-family dataset, each optionally followed by ``.gz``.
+IDX_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+# IDX type code -> big-endian numpy dtype (http://yann.lecun.com/exdb/mnist/, "THE IDX FILE FORMAT").
+_IDX_TYPES = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+class DataError(QfvError):
+    """A dataset file is missing, unreadable or does not hold what it should."""
+
+
+# --------------------------------------------------------------------------------------------
+# scikit-learn digits
+# --------------------------------------------------------------------------------------------
+
+
+def load_digits_split(seed: int = 0, test_fraction: float = 0.2) -> Tuple[TensorDataset, TensorDataset]:
+    """Stratified train/test split of scikit-learn's bundled 8x8 digits (1797 images, 10 classes).
+
+    Images are float32 tensors of shape ``(N, 1, 8, 8)`` in ``[0, 1]`` (pixel values / 16),
+    labels int64. The split is ``train_test_split(random_state=seed, stratify=labels)``, so the
+    same ``seed`` always gives the same split.
+
+    Args:
+        seed: random state of the split.
+        test_fraction: share of the samples put in the test set, strictly between 0 and 1.
+    """
+    if not isinstance(test_fraction, (int, float)) or not 0.0 < float(test_fraction) < 1.0:
+        raise ValueError(f"test_fraction must be strictly between 0 and 1, got {test_fraction!r}")
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = (np.asarray(digits.images, dtype=np.float32) / 16.0)[:, None, :, :]
+    y = np.asarray(digits.target, dtype=np.int64)
+    try:
+        x_tr, x_te, y_tr, y_te = train_test_split(
+            x, y, test_size=float(test_fraction), random_state=seed, stratify=y
+        )
+    except ValueError as exc:  # e.g. a test set smaller than the number of classes
+        raise ValueError(
+            f"cannot split the digits data set with test_fraction={test_fraction!r}: {exc}; "
+            "choose a test_fraction that leaves at least one sample per class on each side"
+        ) from exc
+    return (
+        TensorDataset(torch.from_numpy(np.ascontiguousarray(x_tr)), torch.from_numpy(y_tr)),
+        TensorDataset(torch.from_numpy(np.ascontiguousarray(x_te)), torch.from_numpy(y_te)),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# IDX files
+# --------------------------------------------------------------------------------------------
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, gunzipped when its name ends in ``.gz``."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as fh:
+                return fh.read()
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: file not found; check the path or download the data set") from exc
+    except IsADirectoryError as exc:
+        raise DataError(f"{path}: is a directory, expected an IDX file") from exc
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise DataError(
+            f"{path}: corrupt or truncated gzip data ({exc}); delete the file and download it again"
+        ) from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file ({exc})") from exc
+
+
+def read_idx(path: PathLike) -> np.ndarray:
+    """Read an IDX file (plain, or gzipped when its name ends in ``.gz``) into a numpy array.
+
+    The header is two zero bytes, a type code (0x08 ubyte, 0x09 byte, 0x0B short, 0x0C int,
+    0x0D float, 0x0E double), the number of dimensions, then one big-endian uint32 per
+    dimension; the payload follows in big-endian, row-major order. The result is a writable
+    array in native byte order.
+
+    Raises:
+        DataError: the file is missing, too short, has a bad magic number or type code, is
+            corrupt gzip, or its payload size does not match its dimensions.
+    """
+    path = Path(path)
+    raw = _read_bytes(path)
+    if len(raw) < 4:
+        raise DataError(
+            f"{path}: file too short ({len(raw)} bytes) to hold an IDX header (at least 4 bytes); "
+            "the file is truncated, download it again"
+        )
+    zero0, zero1, code, ndim = raw[0], raw[1], raw[2], raw[3]
+    if zero0 != 0 or zero1 != 0:
+        hint = (
+            "; it looks gzipped, give it a .gz suffix"
+            if raw[:2] == b"\x1f\x8b"
+            else "; this is not an IDX file"
+        )
+        raise DataError(
+            f"{path}: bad magic number {raw[:4].hex()} (an IDX file starts with two zero bytes){hint}"
+        )
+    if code not in _IDX_TYPES:
+        known = ", ".join(f"0x{c:02X}" for c in _IDX_TYPES)
+        raise DataError(f"{path}: unknown IDX type code 0x{code:02X}; expected one of {known}")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(
+            f"{path}: file too short ({len(raw)} bytes) for an IDX header with {ndim} dimensions "
+            f"({header} bytes); the file is truncated, download it again"
+        )
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = _IDX_TYPES[code]
+    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    actual = len(raw) - header
+    if actual != expected:
+        raise DataError(
+            f"{path}: payload is {actual} bytes but dimensions {tuple(dims)} of {dtype.itemsize}-byte "
+            f"items need {expected} bytes; the file is truncated or corrupt, download it again"
+        )
+    data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+    return data.astype(dtype.newbyteorder("="), copy=True)
+
+
+def _candidate_dirs(data_dir: Path) -> List[Path]:
+    """``data_dir``, ``data_dir/raw`` and every ``data_dir/<Name>/raw``, in that order."""
+    dirs = [data_dir, data_dir / "raw"]
+    try:
+        subdirs = sorted(p for p in data_dir.iterdir() if p.is_dir() and p.name != "raw")
+    except OSError:
+        subdirs = []
+    dirs += [p / "raw" for p in subdirs if (p / "raw").is_dir()]
+    return [d for d in dirs if d.is_dir()]
+
+
+def _find_file(directory: Path, name: str) -> Optional[Path]:
+    """``directory/name``, else ``directory/name.gz``, else ``None``."""
+    for candidate in (directory / name, directory / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _locate_idx_files(data_dir: Path) -> List[Path]:
+    """Paths of the four :data:`IDX_FILES`, all from the same folder."""
+    if not data_dir.is_dir():
+        raise DataError(
+            f"{data_dir}: data directory does not exist or is not a directory; pass the folder "
+            f"holding {', '.join(IDX_FILES)} (optionally .gz), or its torchvision root"
+        )
+    dirs = _candidate_dirs(data_dir)
+    found = {d: [_find_file(d, n) for n in IDX_FILES] for d in dirs}
+    complete = [d for d in dirs if all(found[d])]
+    top = [d for d in complete if d in (data_dir, data_dir / "raw")]
+    if top:
+        return list(found[top[0]])  # type: ignore[arg-type]
+    if len(complete) == 1:
+        return list(found[complete[0]])  # type: ignore[arg-type]
+    if len(complete) > 1:
+        raise DataError(
+            f"{data_dir}: several data sets found ({', '.join(str(d) for d in complete)}); "
+            "pass the one you want as data_dir"
+        )
+    best = max(dirs, key=lambda d: sum(p is not None for p in found[d]))
+    missing = [n for n, p in zip(IDX_FILES, found[best]) if p is None]
+    raise DataError(
+        f"{data_dir}: missing IDX files {', '.join(missing)} (with or without .gz) in {best}; "
+        f"looked in {', '.join(str(d) for d in dirs)}; put the four files "
+        f"{', '.join(IDX_FILES)} in one of these folders"
+    )
+
+
+def _images_to_tensor(images: np.ndarray, path: Path) -> torch.Tensor:
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise DataError(
+            f"{path}: expected 3-D uint8 images (N, H, W), got {images.ndim}-D {images.dtype} "
+            f"with shape {images.shape}; is this an images file?"
+        )
+    return torch.from_numpy(images.astype(np.float32)[:, None, :, :] / np.float32(255.0))
+
+
+def _labels_to_tensor(labels: np.ndarray, path: Path) -> torch.Tensor:
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise DataError(
+            f"{path}: expected 1-D integer labels, got {labels.ndim}-D {labels.dtype} "
+            f"with shape {labels.shape}; is this a labels file?"
+        )
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) > 255):
+        raise DataError(
+            f"{path}: labels must lie in 0..255, found {int(labels.min())}..{int(labels.max())}"
+        )
+    return torch.from_numpy(labels.astype(np.int64))
+
+
+def load_idx_split(
+    data_dir: PathLike, seed: int = 0
+) -> Tuple[TensorDataset, TensorDataset, int]:
+    """Train and test sets of an MNIST-family data set stored as IDX files.
+
+    Looks for ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``
+    and ``t10k-labels-idx1-ubyte`` (each optionally ``.gz``) in ``data_dir``, ``data_dir/raw``
+    and ``data_dir/<Name>/raw`` (torchvision's layout). Images become float32 tensors of shape
+    ``(N, 1, H, W)`` in ``[0, 1]`` (pixel / 255), labels int64.
+
+    Args:
+        data_dir: folder holding the files, or a torchvision root above it.
+        seed: unused, since the files fix the train/test split; kept so every loader takes
+            the same arguments as :func:`load_digits_split`.
+
+    Returns:
+        ``(train, test, num_classes)`` with ``num_classes = max label + 1``.
+    """
+    del seed  # the split is fixed by the files
+    tr_img_p, tr_lab_p, te_img_p, te_lab_p = _locate_idx_files(Path(data_dir))
+    sets = []
+    for img_p, lab_p in ((tr_img_p, tr_lab_p), (te_img_p, te_lab_p)):
+        images = _images_to_tensor(read_idx(img_p), img_p)
+        labels = _labels_to_tensor(read_idx(lab_p), lab_p)
+        if images.shape[0] != labels.shape[0]:
+            raise DataError(
+                f"{img_p} holds {images.shape[0]} images but {lab_p} holds {labels.shape[0]} "
+                "labels; the files do not belong together or one is damaged"
+            )
+        sets.append((img_p, images, labels))
+    (tr_p, tr_x, tr_y), (te_p, te_x, te_y) = sets
+    if tr_x.shape[1:] != te_x.shape[1:]:
+        raise DataError(
+            f"{tr_p} holds {tuple(tr_x.shape[2:])} images but {te_p} holds "
+            f"{tuple(te_x.shape[2:])} images; the files come from different data sets"
+        )
+    if tr_y.numel() == 0:
+        raise DataError(f"{tr_lab_p}: holds no labels; the training set is empty")
+    if te_y.numel() == 0:
+        raise DataError(f"{te_lab_p}: holds no labels; the test set is empty, so no accuracy "
+                        "could be measured")
+    num_classes = check_labels(tr_y, te_y, str(tr_lab_p), str(te_lab_p))
+    return TensorDataset(tr_x, tr_y), TensorDataset(te_x, te_y), num_classes
+
+
+def check_labels(train_labels: torch.Tensor, test_labels: torch.Tensor, train_where: str,
+                 test_where: str) -> int:
+    """The number of classes K of integer labels ``0..K-1``; a :class:`DataError` naming the
+    file and the label if a class in ``0..K-1`` never occurs in the training labels (a stray
+    label, e.g. 200 among digits 0..9, would otherwise make a 201-class model) or a test label
+    is not one of the training classes."""
+    k = int(train_labels.max()) + 1
+    counts = torch.bincount(train_labels, minlength=k)
+    missing = (counts == 0).nonzero().flatten().tolist()
+    if missing:
+        top = int(train_labels.max())
+        at = int((train_labels == top).nonzero()[0])
+        shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        raise DataError(
+            f"{train_where}: labels must be 0..K-1 with every class in the training set, but "
+            f"classes {shown} never occur while label {top} does (first at index {at}); fix or "
+            "remove the stray labels"
+        )
+    bad = ((test_labels < 0) | (test_labels >= k)).nonzero().flatten()
+    if bad.numel():
+        i = int(bad[0])
+        raise DataError(
+            f"{test_where}: label {int(test_labels[i])} at index {i} is not one of the "
+            f"training classes 0..{k - 1}"
+        )
+    return k
+
+
+def fingerprint(train: TensorDataset, test: TensorDataset) -> str:
+    """SHA-256 of a split's images and labels: stored in a checkpoint, it tells later commands
+    whether they were given the data the model was trained on."""
+    h = hashlib.sha256()
+    for ds in (train, test):
+        for t in ds.tensors:
+            t = t.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatch
+# --------------------------------------------------------------------------------------------
+
+
+def load_dataset(
+    name: str, data_dir: Optional[PathLike] = None, seed: int = 0
+) -> Tuple[TensorDataset, TensorDataset, int, Tuple[int, int, int]]:
+    """Load a data set by name.
+
+    Args:
+        name: ``"digits"`` (scikit-learn's 8x8 digits, stratified split by ``seed``) or
+            ``"idx"`` (MNIST-family IDX files in ``data_dir``, see :func:`load_idx_split`).
+        data_dir: folder of the IDX files; required for ``"idx"``, ignored for ``"digits"``.
+        seed: split seed (``"digits"`` only).
+
+    Returns:
+        ``(train, test, num_classes, input_shape)`` with ``input_shape = (C, H, W)``.
+    """
+    if name == "digits":
+        train, test = load_digits_split(seed=seed)
+        num_classes = 10
+    elif name == "idx":
+        if data_dir is None:
+            raise ValueError(
+                "data set 'idx' needs data_dir: the folder holding the MNIST-family IDX files "
+                f"({', '.join(IDX_FILES)}, optionally .gz) or its torchvision root"
+            )
+        train, test, num_classes = load_idx_split(data_dir, seed=seed)
+    else:
+        raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    c, h, w = train.tensors[0].shape[1:]
+    return train, test, num_classes, (int(c), int(h), int(w))

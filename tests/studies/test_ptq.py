@@ -1,0 +1,397 @@
+"""Fitted levels on models: ``init="fit"`` on Brevitas layers and in ``quantize_model``,
+``refit_levels_``, QAT whose multipliers keep learning, post-training quantization (Python and
+``qfv quantize``), the levels figure, and bad input."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shlex
+
+import brevitas.nn as qnn
+import pytest
+import torch
+from torch import nn
+
+from qfv_brevitas import NMultConfig, quantize_model
+from qfv_brevitas.core import fitting as F
+from qfv_brevitas.zoo.checkpoint import load_checkpoint, save_checkpoint
+from qfv_brevitas.cli.app import main
+from qfv_brevitas.core.convert import ConversionError
+from qfv_brevitas.chip.faults import FaultModel, attach_faults, sample_fault_map
+from qfv_brevitas.core.levels import level_table
+from qfv_brevitas.zoo.models import SmallCNN, build_model
+from qfv_brevitas.studies.ptq import (PTQError, brevitas_uniform, float_state_dict, level_errors,
+                              quantize_post_training, refit_levels_)
+from qfv_brevitas.core.quantizers import (FixedLevelWeightQuant, LearnedStepWeightQuant,
+                                     NMultWeightQuant, nmult_layers, quant_of)
+from qfv_brevitas.core.train import TrainConfig, evaluate, fit
+
+SHAPE, CLASSES = (1, 8, 8), 10
+
+
+@pytest.fixture(scope="module")
+def float_cnn(digits):
+    """The ``qfv demo`` architecture trained briefly in float (eval mode)."""
+    train, _ = digits
+    torch.manual_seed(0)
+    m = build_model("small_cnn", SHAPE, CLASSES)
+    fit(m, train, None, TrainConfig(epochs=5, lr=0.05), progress=False)
+    return m.eval()
+
+
+def groups_of(layer):
+    tq = quant_of(layer)
+    return tq, tq.to_groups(layer.weight.detach())
+
+
+# ------------------------------------------------------------------------ init on the layers
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_level_init_on_a_brevitas_layer(per_channel):
+    torch.manual_seed(0)
+    kw = dict(bias=False, weight_bit_width=3, weight_scaling_per_output_channel=per_channel)
+    fitted = qnn.QuantLinear(40, 6, weight_quant=NMultWeightQuant, weight_level_init="fit", **kw)
+    tq, w2d = groups_of(fitted)
+    ref = F.fit_multipliers(w2d, 3)
+    assert torch.equal(tq.r, ref.r) and torch.equal(tq.c, ref.c)
+    assert tq.level_init == "fit" and "level_init=fit" in repr(tq)
+    # "uniform": the best uniform grid, for every variant; "fit" for step/fixed is the same.
+    best = F.best_uniform_grid(w2d, 3)
+    for inj, init in ((NMultWeightQuant, "uniform"), (LearnedStepWeightQuant, "fit"),
+                      (FixedLevelWeightQuant, "fit")):
+        layer = qnn.QuantLinear(40, 6, weight_quant=inj, weight_level_init=init, **kw)
+        with torch.no_grad():
+            layer.weight.copy_(fitted.weight)
+        layer.weight_quant.init_tensor_quant()
+        q2, _ = groups_of(layer)
+        torch.testing.assert_close(q2.levels(), level_table(*best.multipliers(3)))
+        assert float(F.nonuniformity(q2.multipliers().detach()).max()) < 1e-5
+    # The fit is the better one, and LSQ's grid (the default) the worst.
+    lsq = qnn.QuantLinear(40, 6, weight_quant=NMultWeightQuant, **kw)
+    with torch.no_grad():
+        lsq.weight.copy_(fitted.weight)
+    lsq.weight_quant.init_tensor_quant()
+    e_lsq = F.grid_error(w2d, quant_of(lsq).levels().detach()).sum()
+    assert ref.error.sum() <= best.error.sum() < e_lsq
+    with pytest.raises(ValueError, match="unknown level init"):
+        qnn.QuantLinear(4, 2, weight_quant=NMultWeightQuant, weight_level_init="kmeans")
+
+
+def test_quantize_model_fits_the_real_weights_not_the_random_init(float_cnn):
+    q = quantize_model(float_cnn, NMultConfig(weight_bits=3, act_bits=None, init="fit",
+                                              per_channel=True))
+    for name, layer in nmult_layers(q):
+        tq, w2d = groups_of(layer)
+        assert torch.equal(w2d, tq.to_groups(float_cnn.get_submodule(name).weight.detach()))
+        ref = F.fit_multipliers(w2d, tq.bits)
+        assert torch.equal(tq.r, ref.r) and torch.equal(tq.c, ref.c), name
+    with pytest.raises(ValueError, match="unknown level init"):
+        NMultConfig(init="kmeans")
+
+
+def test_state_dict_round_trip_of_fitted_quantizers(float_cnn, tmp_path):
+    cfg = NMultConfig(weight_bits=3, act_bits=None, init="fit", per_channel=True)
+    q = quantize_model(float_cnn, cfg).eval()
+    x = torch.rand(16, *SHAPE)
+    ref = q(x)
+    # Into a model built from other weights and with LSQ's start: the fitted r/c come back.
+    other = quantize_model(build_model("small_cnn", SHAPE, CLASSES),
+                           NMultConfig(weight_bits=3, act_bits=None, per_channel=True))
+    other.load_state_dict(q.state_dict())
+    other.eval()
+    for (n, a), (_, b) in zip(nmult_layers(q), nmult_layers(other)):
+        assert torch.equal(quant_of(a).r, quant_of(b).r) and torch.equal(
+            quant_of(a).c, quant_of(b).c), n
+    assert torch.equal(other(x), ref)
+    loaded, info = load_checkpoint(save_checkpoint(tmp_path / "q.pt", q, "small_cnn", SHAPE,
+                                                   CLASSES, cfg))
+    assert info["config"] == cfg and info["config"].init == "fit"
+    assert torch.equal(loaded(x), ref)
+
+
+# ---------------------------------------------------------------------------- refit in place
+
+def test_refit_levels_in_place(float_cnn):
+    q = quantize_model(float_cnn, NMultConfig(weight_bits=3, act_bits=None, init="lsq",
+                                              first_last_bits=None))
+    params = {n: (quant_of(l).r, quant_of(l).c) for n, l in nmult_layers(q)}
+    rows = refit_levels_(q)
+    assert [r["layer"] for r in rows] == list(params)
+    for row, (name, layer) in zip(rows, nmult_layers(q)):
+        tq, w2d = groups_of(layer)
+        assert tq.r is params[name][0] and tq.c is params[name][1]  # in place
+        fitted = F.fit_multipliers(w2d, 3)
+        assert row["error_after"] == pytest.approx(float(fitted.error.sum()), rel=1e-6)
+        assert row["error_after"] < 0.7 * row["error_before"]  # LSQ's grid is far off
+    # Warm refits from the fit never increase the error.
+    for row in refit_levels_(q, warm=True):
+        assert row["error_after"] <= row["error_before"] * (1 + 1e-12)
+    with pytest.raises(ValueError, match="no N-multiplier layers named"):
+        refit_levels_(q, layers=["nope"])
+
+
+def test_refit_leaves_fixed_levels_alone_when_warm_and_device_mapped_layers(float_cnn):
+    q = quantize_model(float_cnn, NMultConfig(weight_bits=3, act_bits=None, variant="fixed"))
+    before = {n: quant_of(l).levels().clone() for n, l in nmult_layers(q)}
+    refit_levels_(q, warm=True)
+    for n, l in nmult_layers(q):
+        assert torch.equal(quant_of(l).levels(), before[n])
+    q = quantize_model(float_cnn, NMultConfig(weight_bits=3, act_bits=None))
+    attach_faults(q, sample_fault_map(q, FaultModel(rate=0.1, seed=0,
+                                                    layer_rates={"features.0": 0.0})))
+    # Every layer carries a map (rate 0 on one): all are left to the device-aware regularizer.
+    assert refit_levels_(q) == []
+    assert len(refit_levels_(q, skip_device_maps=False)) == len(nmult_layers(q))
+
+
+# ---------------------------------------------------------------- QAT: levels keep learning
+
+def _nonuniform_inner(model):
+    return max(float(F.nonuniformity(quant_of(l).multipliers().detach()).max())
+               for _, l in nmult_layers(model) if quant_of(l).bits < 8)
+
+
+def test_quant_optimizer_moves_r_from_a_uniform_start(float_cnn, digits):
+    """Only the r/c optimizer can make LSQ's uniform grid non-uniform here (no refit): this
+    fails if it is never built or never steps."""
+    train, _ = digits
+    q = quantize_model(float_cnn, NMultConfig(weight_bits=3, act_bits=4, init="lsq"))
+    assert _nonuniform_inner(q) < 1e-6
+    fit(q, train, None, TrainConfig(epochs=1, lr=0.01, lambda_rise_epochs=1, refit_every=0),
+        progress=False)
+    assert _nonuniform_inner(q) > 1e-3
+
+
+@pytest.mark.parametrize("optimizer,lr", [("adam", 1e-4), ("sgd", 1e-6)])
+def test_fit_with_defaults_keeps_levels_non_uniform_and_moving(float_cnn, digits, optimizer,
+                                                               lr):
+    """With the library's defaults the multipliers start fitted (non-uniform) and keep
+    changing during QAT; the paper's SGD at 1e-6 runs too."""
+    train, test = digits
+    q = quantize_model(float_cnn, NMultConfig(weight_bits=3, act_bits=4))
+    r0 = {n: quant_of(l).r.detach().clone() for n, l in nmult_layers(q)}
+    fit(q, train, None, TrainConfig(epochs=1, lr=0.01, lambda_rise_epochs=1,
+                                    quant_optimizer=optimizer, quant_lr=lr), progress=False)
+    assert _nonuniform_inner(q) > 0.05
+    moved = [float((quant_of(l).r.detach() - r0[n]).abs().max() / r0[n].abs().max())
+             for n, l in nmult_layers(q)]
+    assert all(torch.isfinite(quant_of(l).r).all() for _, l in nmult_layers(q))
+    assert max(moved) > 1e-4
+    assert evaluate(q, test) > 0.8
+
+
+def test_refit_every_refits_during_training(float_cnn, digits):
+    """With the r/c learning rate at 0 only the refits can move the levels; after training the
+    levels are a fixed point of the refit (the last step ends with one)."""
+    train, _ = digits
+    q = quantize_model(float_cnn, NMultConfig(weight_bits=3, act_bits=None, init="uniform"))
+    r0 = {n: quant_of(l).r.detach().clone() for n, l in nmult_layers(q)}
+    steps = -(-len(train) // 64)
+    fit(q, train, None, TrainConfig(epochs=1, lr=0.01, quant_lr=0.0, lambda_rise_epochs=1,
+                                    refit_every=steps), progress=False)
+    assert any(not torch.equal(quant_of(l).r, r0[n]) for n, l in nmult_layers(q))
+    for row in refit_levels_(q, warm=True):
+        assert row["error_after"] >= row["error_before"] * (1 - 1e-9), row
+    with pytest.raises(ValueError, match="refit_every"):
+        TrainConfig(refit_every=-1)
+
+
+# ------------------------------------------------------------------------ post-training
+
+def test_quantize_post_training_from_a_model(float_cnn, digits, tmp_path):
+    _, test = digits
+    before = copy.deepcopy(float_cnn.state_dict())
+    res = quantize_post_training(float_cnn, 2, data=test)
+    for k, v in float_cnn.state_dict().items():  # the source is untouched
+        assert torch.equal(v, before[k])
+    bits = {r["layer"]: r["bits"] for r in res.layers}
+    assert bits == {"features.0": 8, "features.3": 2, "features.7": 2, "classifier.1": 2,
+                    "classifier.3": 8}
+    for r in res.layers:
+        assert r["mse"] <= r["uniform_mse"] * (1 + 1e-9), r
+        assert r["mse"] <= r["lsq_mse"], r
+    assert not any(getattr(m, "input_quant", None) is not None and m.input_quant.is_quant_enabled
+                   for m in res.model.modules())  # float activations
+    assert res.float_acc == pytest.approx(evaluate(float_cnn, test))
+    assert res.acc == pytest.approx(evaluate(res.model, test))
+    base = brevitas_uniform(float_cnn, 2).eval()
+    assert res.baseline_acc == pytest.approx(evaluate(base, test))
+    # What it exists for: at 2 bits the fitted levels keep the model, max-abs uniform does not.
+    assert res.acc > res.baseline_acc + 0.2
+    assert "fitted N-multiplier" in res.table() and "features.3" in res.table()
+    png = res.plot(tmp_path / "levels.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quantize_post_training_sources(float_cnn, digits, tmp_path):
+    _, test = digits
+    ref = quantize_post_training(float_cnn, 3, per_channel=True, lloyd=False)
+    x = torch.rand(8, *SHAPE)
+    expect = ref.model(x)
+    sd = float_cnn.state_dict()
+    template = build_model("small_cnn", SHAPE, CLASSES)
+    torch.save(sd, tmp_path / "sd.pt")
+    save_checkpoint(tmp_path / "float.pt", float_cnn, "small_cnn", SHAPE, CLASSES)
+    for src, kw in ((sd, {"model": template}), (tmp_path / "sd.pt", {"model": template}),
+                    (str(tmp_path / "float.pt"), {})):
+        out = quantize_post_training(src, 3, per_channel=True, lloyd=False, **kw)
+        torch.testing.assert_close(out.model(x), expect)
+    # A quantized qfv checkpoint: its float weights are quantized afresh.
+    q = quantize_model(float_cnn, NMultConfig(weight_bits=4, act_bits=4))
+    save_checkpoint(tmp_path / "q.pt", q, "small_cnn", SHAPE, CLASSES,
+                    NMultConfig(weight_bits=4, act_bits=4))
+    torch.testing.assert_close(
+        quantize_post_training(tmp_path / "q.pt", 3, per_channel=True, lloyd=False).model(x),
+        expect)
+    # A Brevitas model: weight quantizers swapped to fitted levels, activations kept.
+    swapped = quantize_post_training(q, 3, lloyd=False, data=test)
+    assert {r["layer"]: r["bits"] for r in swapped.layers}["features.3"] == 3
+    assert swapped.model.features[3].input_quant.is_quant_enabled
+    assert swapped.baseline_acc is None and swapped.acc > 0.5
+
+
+def test_quantize_post_training_bad_input(float_cnn, tmp_path):
+    with pytest.raises(ValueError, match="bit width must be in 1..8"):
+        quantize_post_training(float_cnn, 9)
+    with pytest.raises(ValueError, match="bit width must be in 1..8"):
+        quantize_post_training(float_cnn, 0)
+    with pytest.raises(ConversionError, match="no Conv1d/Conv2d/Conv3d/Linear layer"):
+        quantize_post_training(nn.Sequential(nn.ReLU()), 3)
+    with pytest.raises(PTQError, match="no float weights"):
+        float_state_dict({"a": torch.arange(3), "b": torch.ones(4)})
+    torch.save({"step": 3, "codes": torch.zeros(4, 4, dtype=torch.uint8)}, tmp_path / "c.pt")
+    with pytest.raises(PTQError, match="no float weights"):
+        quantize_post_training(tmp_path / "c.pt", 3, model=float_cnn)
+    with pytest.raises(PTQError, match="needs the model"):
+        quantize_post_training(float_cnn.state_dict(), 3)
+    with pytest.raises(PTQError, match="does not fit the model"):
+        quantize_post_training({"x.weight": torch.ones(2, 2)}, 3, model=float_cnn)
+    with pytest.raises(PTQError, match="no such file"):
+        quantize_post_training(tmp_path / "missing.pt", 3)
+
+
+# ------------------------------------------------------------------------------ qfv quantize
+
+def test_qfv_quantize_end_to_end(float_cnn, digits, tmp_path, capsys):
+    _, test = digits
+    src = save_checkpoint(tmp_path / "float.pt", float_cnn, "small_cnn", SHAPE, CLASSES,
+                          dataset="digits", data_seed=0)
+    out = tmp_path / "out" / "w3.pt"
+    assert main(["quantize", str(src), "--bits", "3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "features.3" in printed and "x uniform" in printed and "accuracy: float" in printed
+    for f in (out, out.with_suffix(".json"), out.with_name("w3_levels.png")):
+        assert f.is_file(), f
+    summary = json.loads(out.with_suffix(".json").read_text())
+    model, info = load_checkpoint(out)
+    assert info["config"].weight_bits == 3 and info["config"].act_bits is None
+    assert evaluate(model, test) == pytest.approx(summary["acc"])
+    assert info["meta"]["acc"] == pytest.approx(summary["acc"])
+    # The checkpoint is what qfv report, faults and export take.
+    assert main(["report", str(out)]) == 0
+    assert "features.3" in capsys.readouterr().out
+    assert main(["faults", "eval", str(out), "--rates", "0", "0.1", "--trials", "1",
+                 "--out", str(tmp_path / "fe"), "--no-progress"]) == 0
+    assert main(["export", str(out), "--out", str(tmp_path / "m.onnx"), "--samples", "8"]) == 0
+    assert "PASSED" in capsys.readouterr().out
+    # A plain state dict with --arch, per channel, default output name, no plot.
+    torch.save(float_cnn.state_dict(), tmp_path / "sd.pt")
+    assert main(["quantize", str(tmp_path / "sd.pt"), "--bits", "2", "--per-channel",
+                 "--arch", "small_cnn", "--no-plot", "--no-lloyd"]) == 0
+    assert (tmp_path / "sd_nmult_w2_pc.pt").is_file()
+    assert not (tmp_path / "sd_nmult_w2_pc_levels.png").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bits", "9"], "bit width must be in 1..8"),
+    (["--bits", "0"], "bit width must be in 1..8"),
+    (["--bits", "3", "--first-last-bits", "x"], "--first-last-bits"),
+])
+def test_qfv_quantize_bad_bits(float_cnn, tmp_path, capsys, args, message):
+    src = save_checkpoint(tmp_path / "float.pt", float_cnn, "small_cnn", SHAPE, CLASSES)
+    assert main(["quantize", str(src), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+class _Payload:
+    """Unpickling this runs a command that creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {shlex.quote(self.marker)}",))
+
+
+def test_qfv_quantize_bad_files(tmp_path, capsys):
+    torch.save({"codes": torch.zeros(3, 3, dtype=torch.uint8)}, tmp_path / "c.pt")
+    (tmp_path / "t.txt").write_text("not a checkpoint")
+    torch.save({"state_dict": _Payload(tmp_path / "PWNED")}, tmp_path / "evil.pt")
+    (tmp_path / "dir.pt").mkdir()
+    cases = [([str(tmp_path / "c.pt"), "--arch", "small_cnn"], "no float weights"),
+             ([str(tmp_path / "c.pt")], "needs --arch"),
+             ([str(tmp_path / "t.txt")], "not a readable checkpoint"),
+             ([str(tmp_path / "evil.pt"), "--arch", "small_cnn"], "Nothing of it was executed"),
+             ([str(tmp_path / "dir.pt")], "is a folder"),
+             ([str(tmp_path / "missing.pt")], "no such file")]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for args, message in cases:
+        assert main(["quantize", *args, "--bits", "3"]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "PWNED").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_qfv_quantize_outputs_need_force(float_cnn, tmp_path, capsys):
+    """An existing output (the checkpoint, its summary or its figure) is refused before any
+    work, exit 3, unless --force; the input is never an output."""
+    src = save_checkpoint(tmp_path / "float.pt", float_cnn, "small_cnn", SHAPE, CLASSES)
+    out = tmp_path / "q.pt"
+    for existing in (out, out.with_suffix(".json"), tmp_path / "q_levels.png"):
+        existing.write_text("keep me")
+        assert main(["quantize", str(src), "--bits", "3", "--out", str(out), "--no-eval",
+                     "--no-lloyd"]) == 3
+        assert "exists" in capsys.readouterr().err and existing.read_text() == "keep me"
+        existing.unlink()
+    assert main(["quantize", str(src), "--bits", "3", "--out", str(src), "--force"]) == 3
+    assert "is the input" in capsys.readouterr().err
+    out.write_text("old")
+    assert main(["quantize", str(src), "--bits", "3", "--out", str(out), "--no-eval",
+                 "--no-lloyd", "--no-plot", "--force"]) == 0
+    assert load_checkpoint(out)[1]["config"].weight_bits == 3
+
+
+def test_level_errors_rows(float_cnn):
+    q = quantize_model(float_cnn, NMultConfig(weight_bits=3, act_bits=None, init="fit"))
+    rows = level_errors(q)
+    for r in rows:
+        assert r["mse"] <= r["uniform_mse"] * (1 + 1e-9)
+        assert r["lloyd_mse"] <= r["mse"] * (1 + 1e-9)
+        assert r["vs_uniform"] == pytest.approx(r["mse"] / r["uniform_mse"])
+    inner = [r for r in rows if r["bits"] == 3]
+    assert max(r["nonuniformity"] for r in inner) > 0.05
+
+
+def test_train_init_and_refit_every_options(tmp_path):
+    """``--init`` reaches the quantizers and ``--refit-every`` the training: LSQ's start with no
+    refit stays near uniform; fitted levels, refitted, do not."""
+    common = ["--arch", "mlp", "--bits", "3", "--variants", "nmult", "--fp-epochs", "2",
+              "--q-epochs", "1", "--no-progress"]
+    assert main(["train", "--init", "lsq", "--refit-every", "0", "--out",
+                 str(tmp_path / "lsq"), *common]) == 0
+    assert main(["train", "--init", "uniform", "--refit-every", "0", "--out",
+                 str(tmp_path / "uniform"), *common]) == 0
+    assert main(["train", "--init", "fit", "--refit-every", "5", "--out",
+                 str(tmp_path / "fit"), *common]) == 0
+    runs = {}
+    for init, refit in (("lsq", "0"), ("uniform", "0"), ("fit", "5")):
+        out = tmp_path / init
+        res = json.loads((out / "results.json").read_text())
+        assert res["runs"][0]["init"] == init and res["q_train"]["refit_every"] == int(refit)
+        model, info = load_checkpoint(out / "nmult_w3a3.pt")
+        assert info["config"].init == init
+        assert (out / "levels_fit_w3a3.png").is_file()
+        inner = [quant_of(l) for _, l in nmult_layers(model) if quant_of(l).bits == 3]
+        runs[init] = max(float(F.nonuniformity(tq.multipliers().detach()).max()) for tq in inner)
+    assert runs["lsq"] < 0.05 and runs["uniform"] < 0.05 < runs["fit"], runs
