@@ -21,7 +21,7 @@ One draw serves a whole batch; evaluate with ``batch_size=1`` for flips per samp
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -30,10 +30,11 @@ from torch.utils.data import Dataset
 
 from qfv_brevitas.core import device as D
 from qfv_brevitas.studies import montecarlo as E
-from qfv_brevitas.chip.maps import check_fraction, check_layer_dict, check_seed, layer_generator, \
-    quantized_layers
+from qfv_brevitas.chip.maps import layer_generator, quantized_layers
 from qfv_brevitas.core.quantizers import NMultTensorQuant, nmult_layers, quant_of
 from qfv_brevitas.core.train import TrainConfig, fit
+from qfv_brevitas.util.configbase import QfvConfig
+from qfv_brevitas.util.validate import check_fraction, check_layer_dict, check_seed
 
 __all__ = ["BitFlipModel", "BitFlipInjector", "flip_masks", "attach_bitflips",
            "detach_bitflips", "bitflip_injectors", "evaluate_bitflips",
@@ -41,7 +42,7 @@ __all__ = ["BitFlipModel", "BitFlipInjector", "flip_masks", "attach_bitflips",
 
 
 @dataclass
-class BitFlipModel:
+class BitFlipModel(QfvConfig):
     """How to flip stored weight bits on each inference.
 
     Args:
@@ -56,14 +57,14 @@ class BitFlipModel:
     >>> BitFlipModel(rate=2)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: BitFlipModel.rate must be a number in [0, 1] (a bit-error rate: ...), got 2
+    qfv_brevitas.util.errors.QfvError: BitFlipModel.rate must be a number in [0, 1] (a bit-error rate: ...), got 2
     """
 
     rate: float
     seed: int = 0
     layer_rates: Dict[str, float] = field(default_factory=dict)
 
-    def __post_init__(self):
+    def validate(self) -> None:
         hint = " (a bit-error rate: 0.01 for 1% of the bits read flipped)"
         self.rate = check_fraction(self.rate, "BitFlipModel.rate", hint)
         self.seed = check_seed(self.seed, "BitFlipModel.seed")
@@ -73,9 +74,6 @@ class BitFlipModel:
     def layer_rate(self, name: str) -> float:
         """The bit-error rate of layer ``name``."""
         return self.layer_rates.get(name, self.rate)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def flip_masks(numel: int, bits: int, rate: float, gen: torch.Generator) -> Tensor:

@@ -20,15 +20,18 @@ weight proxies as buffers (so it travels with the state dict), saved and loaded 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple, Type
 
 import torch
 from torch import Tensor, nn
 
-from qfv_brevitas.util.errors import QfvError
-
+from qfv_brevitas.chip.maps import (check_map_bits, check_names_in_model, layer_generator,
+                                    load_tagged, quantized_layers, save_tagged)
 from qfv_brevitas.core.quantizers import nmult_layers, quant_of
+from qfv_brevitas.util.configbase import QfvConfig
+from qfv_brevitas.util.errors import QfvError
+from qfv_brevitas.util.validate import check_fraction, check_layer_dict, check_seed, check_type
 
 __all__ = ["FaultModel", "FaultMap", "FaultMapError", "sample_fault_map", "attach_faults",
            "detach_faults"]
@@ -40,15 +43,10 @@ class FaultMapError(QfvError):
     """A fault map is malformed, unreadable, or does not fit the model it is used with."""
 
 
-from qfv_brevitas.chip.maps import (check_fraction, check_seed, check_layer_dict, layer_generator,  # noqa: F401
-                    quantized_layers, check_names_in_model, save_tagged, load_tagged,
-                    check_map_bits)
-
-
 # -- configuration ------------------------------------------------------------------------------
 
 @dataclass
-class FaultModel:
+class FaultModel(QfvConfig):
     """How to draw stuck-at faults.
 
     Args:
@@ -62,7 +60,7 @@ class FaultModel:
     >>> FaultModel(rate=10)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: FaultModel.rate must be a number in [0, 1] (a fraction of bit cells: ...), got 10
+    qfv_brevitas.util.errors.QfvError: FaultModel.rate must be a number in [0, 1] (a fraction of bit cells: ...), got 10
     """
 
     rate: float
@@ -70,7 +68,7 @@ class FaultModel:
     layer_rates: Dict[str, float] = field(default_factory=dict)
     seed: int = 0
 
-    def __post_init__(self):
+    def validate(self) -> None:
         hint = " (a fraction of bit cells: 0.01 for 1%)"
         self.rate = check_fraction(self.rate, "FaultModel.rate", hint)
         self.sa1_fraction = check_fraction(
@@ -83,9 +81,6 @@ class FaultModel:
     def layer_rate(self, name: str) -> float:
         """The bit-fault rate of layer ``name``."""
         return self.layer_rates.get(name, self.rate)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # -- the map ------------------------------------------------------------------------------------
@@ -196,6 +191,8 @@ class FaultMap:
             layers = {n: (e["sa0"], e["sa1"]) for n, e in entries.items()}
             bits = {n: e["bits"] for n, e in entries.items()}
             meta = data.get("meta")
+            if meta is not None:  # the FaultModel that sampled it (maps of any version)
+                meta = FaultModel.from_dict(meta).to_dict()
             return cls(layers, bits, meta)
         except (LookupError, TypeError, AttributeError, ValueError) as e:
             raise FaultMapError(f"{os.fspath(path)!r} is a damaged fault map: {e}") from e
@@ -224,7 +221,7 @@ def _popcount(mask: Tensor, bits: int) -> int:
 
 
 def _check_mask_bits(name: str, sa0: Tensor, sa1: Tensor, bits: int,
-                     error: Type[ValueError]) -> None:
+                     error: Type[QfvError]) -> None:
     if sa0.numel() == 0:
         return
     top = int(torch.maximum(sa0.max(), sa1.max()))
@@ -274,8 +271,7 @@ def sample_fault_map(model: nn.Module, fault_model: FaultModel) -> FaultMap:
     >>> fmap.bits, fmap.shapes["0"], fmap.summary()["2"]["stuck"]
     ({'0': 4, '2': 4}, (8, 16), 0)
     """
-    if not isinstance(fault_model, FaultModel):
-        raise TypeError(f"sample_fault_map takes a FaultModel, got {type(fault_model).__name__}")
+    check_type(fault_model, FaultModel, "sample_fault_map")
     layers = quantized_layers(model, "sample_fault_map", fault_model.layer_rates,
                               "FaultModel.layer_rates")
     masks, bits = {}, {}

@@ -1,63 +1,24 @@
-"""Helpers shared by the map modules (:mod:`faults`, :mod:`variability`): argument checks,
-per-layer seeded generators, tagged file I/O."""
+"""Helpers shared by the map modules (:mod:`faults`, :mod:`variability`, :mod:`bitflips`):
+per-layer seeded generators, the model's quantized layers, map checks and tagged file I/O.
+(The argument validators they use are :mod:`qfv_brevitas.util.validate`'s.)"""
 from __future__ import annotations
 
 import hashlib
-import math
-import operator
 import os
 import pickle
 import warnings
-from typing import Any, Callable, Dict, Type
+from typing import Any, Dict, Type
 
 import torch
 from torch import nn
 
 from qfv_brevitas.core.levels import MAX_BITS
 from qfv_brevitas.core.quantizers import nmult_layers
+from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.util.safeio import content_digest, torch_save
 
-# ---------------------------------------------------------
-
-def as_number(value: Any) -> float:
-    """``value`` as a float, or NaN if it is not a number (bools and strings are not)."""
-    if isinstance(value, (bool, str, bytes)):
-        return float("nan")
-    try:
-        return float(value)
-    except (TypeError, ValueError, RuntimeError):
-        return float("nan")
-
-
-def check_fraction(value: Any, what: str, hint: str = "") -> float:
-    """``value`` as a float in ``[0, 1]`` (a clear ``ValueError`` otherwise)."""
-    x = as_number(value)
-    if not (math.isfinite(x) and 0.0 <= x <= 1.0):
-        raise ValueError(f"{what} must be a number in [0, 1]{hint}, got {value!r}")
-    return x
-
-
-def check_seed(seed: Any, what: str) -> int:
-    """``seed`` as a Python int (floats and bools are refused: they hide typos)."""
-    if isinstance(seed, bool):
-        raise ValueError(f"{what} must be an integer, got {seed!r}")
-    try:
-        return operator.index(seed)
-    except TypeError:
-        raise ValueError(f"{what} must be an integer, got {seed!r}") from None
-
-
-def check_layer_dict(d: Any, what: str, check: Callable[[Any, str], Any]) -> Dict[str, Any]:
-    """A ``{layer name: value}`` dict with string keys, each value passed through ``check``."""
-    if not isinstance(d, dict):
-        raise ValueError(f"{what} must be a dict {{layer name: value}}, got {type(d).__name__}")
-    out = {}
-    for k, v in d.items():
-        if not isinstance(k, str):
-            raise ValueError(f"{what} keys must be layer names (str) as in "
-                             f"model.named_modules(), got {k!r}")
-        out[k] = check(v, f"{what}[{k!r}]")
-    return out
+__all__ = ["layer_generator", "quantized_layers", "check_names_in_model", "save_tagged",
+           "load_tagged", "check_map_bits"]
 
 
 def layer_generator(domain: str, seed: int, name: str) -> torch.Generator:
@@ -77,16 +38,16 @@ def quantized_layers(model: nn.Module, what: str, overrides: Any = None,
     ``overrides`` (a per-layer dict, the config field ``field``) names any other layer."""
     layers = dict(nmult_layers(model))
     if not layers:
-        raise ValueError(f"{what}: the model has no N-multiplier layer. Quantize it first with "
+        raise QfvError(f"{what}: the model has no N-multiplier layer. Quantize it first with "
                          "qfv_brevitas.quantize_model() or swap_weight_quant().")
     unknown = set(overrides or ()) - set(layers)
     if unknown:
-        raise ValueError(f"{field} names layers that are not N-multiplier layers of the model: "
+        raise QfvError(f"{field} names layers that are not N-multiplier layers of the model: "
                          f"{sorted(unknown)}; the quantized layers are {sorted(layers)}")
     return layers
 
 
-def check_names_in_model(model: nn.Module, names, error: Type[ValueError], payload: str
+def check_names_in_model(model: nn.Module, names, error: Type[QfvError], payload: str
                          ) -> Dict[str, nn.Module]:
     """``{name: layer}`` for ``names``; an error naming a layer that is absent or unquantized."""
     quantized = dict(nmult_layers(model))
@@ -112,7 +73,7 @@ def save_tagged(path: os.PathLike, payload: dict, overwrite: bool = False) -> No
     torch_save(dict(payload, sha256=content_digest(payload)), path, overwrite=overwrite)
 
 
-def load_tagged(path: os.PathLike, tag: str, error: Type[ValueError], what: str) -> dict:
+def load_tagged(path: os.PathLike, tag: str, error: Type[QfvError], what: str) -> dict:
     """The dict saved by :func:`save_tagged` under format ``tag``; ``FileNotFoundError`` if it
     is missing, ``error`` naming the file if it is unreadable, unsafe (loaded with
     ``weights_only=True``: nothing in it runs),
@@ -150,7 +111,7 @@ def load_tagged(path: os.PathLike, tag: str, error: Type[ValueError], what: str)
     return data
 
 
-def check_map_bits(bits: Any, where: str, error: Type[ValueError]) -> int:
+def check_map_bits(bits: Any, where: str, error: Type[QfvError]) -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
         raise error(f"{where}: bit width must be an int in 1..{MAX_BITS}, got {bits!r}")
     return bits

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from qfv_brevitas.core import device as D
-from qfv_brevitas.core.config import check_choice
+from qfv_brevitas.util.validate import check_choice
 from qfv_brevitas.core.convert import set_forward_mode
 from qfv_brevitas.core.quantizers import MAPPINGS, nmult_layers, quant_of
 from qfv_brevitas.core.train import TrainConfig, fit

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from qfv_brevitas.core.config import check_choice
+from qfv_brevitas.util.validate import check_choice
 from qfv_brevitas.core.quantizers import nmult_layers
 
 __all__ = ["MODES", "ReferenceStats", "SelfTuning", "reference_statistics", "layer_statistics",

@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from qfv_brevitas.util.errors import QfvError
-
-from qfv_brevitas.chip.maps import (as_number, check_map_bits, check_layer_dict, check_names_in_model, check_seed,
-                     layer_generator, load_tagged, quantized_layers, save_tagged)
+from qfv_brevitas.chip.maps import (check_map_bits, check_names_in_model, layer_generator,
+                                    load_tagged, quantized_layers, save_tagged)
 from qfv_brevitas.core.quantizers import nmult_layers, quant_of
+from qfv_brevitas.util.configbase import QfvConfig
+from qfv_brevitas.util.errors import QfvError
+from qfv_brevitas.util.validate import (check_choice, check_layer_dict, check_real, check_seed,
+                                        check_type)
 
 __all__ = ["DISTRIBUTIONS", "VariabilityModel", "VariabilityMap", "VariabilityMapError",
            "sample_variability_map", "attach_variability", "detach_variability"]
@@ -41,15 +43,12 @@ class VariabilityMapError(QfvError):
 
 
 def _check_sigma(value: Any, what: str) -> float:
-    x = as_number(value)
-    if not (math.isfinite(x) and x >= 0.0):
-        raise ValueError(f"{what} must be a finite number >= 0 (the relative spread sigma/mu "
-                         f"of a cell's conductance: 0.1 for 10%), got {value!r}")
-    return x
+    return check_real(value, what, hint=" (the relative spread sigma/mu of a cell's "
+                                        "conductance: 0.1 for 10%)")
 
 
 @dataclass
-class VariabilityModel:
+class VariabilityModel(QfvConfig):
     """How to draw per-cell variability factors.
 
     Args:
@@ -86,7 +85,7 @@ class VariabilityModel:
     >>> VariabilityModel(sigma=0.1, distribution="gauss")
     Traceback (most recent call last):
     ...
-    ValueError: unknown VariabilityModel.distribution 'gauss'; choose one of normal, lognormal
+    qfv_brevitas.util.errors.QfvError: unknown VariabilityModel.distribution 'gauss'; choose one of normal, lognormal
     """
 
     sigma: float
@@ -99,7 +98,7 @@ class VariabilityModel:
     layer_shared_sigma: float = 0.0
     chip_seed: Optional[int] = None
 
-    def __post_init__(self):
+    def validate(self) -> None:
         self.sigma = _check_sigma(self.sigma, "VariabilityModel.sigma")
         self.chip_sigma = _check_sigma(self.chip_sigma, "VariabilityModel.chip_sigma")
         self.layer_shared_sigma = _check_sigma(self.layer_shared_sigma,
@@ -107,21 +106,16 @@ class VariabilityModel:
         if self.chip_seed is not None:
             self.chip_seed = check_seed(self.chip_seed, "VariabilityModel.chip_seed")
         if self.hrs_on_off is not None:
-            on_off = as_number(self.hrs_on_off)
-            if not (math.isfinite(on_off) and on_off > 1):
-                raise ValueError(
-                    f"VariabilityModel.hrs_on_off must be a finite number > 1 (the LRS/HRS "
-                    f"conductance ratio, e.g. 10 or 100), or None for no HRS current; got "
-                    f"{self.hrs_on_off!r}")
-            self.hrs_on_off = on_off
+            self.hrs_on_off = check_real(
+                self.hrs_on_off, "VariabilityModel.hrs_on_off", 1, strict=True,
+                hint=" (the LRS/HRS conductance ratio, e.g. 10 or 100), or None for no HRS "
+                     "current")
         if self.hrs_sigma is not None:
             self.hrs_sigma = _check_sigma(self.hrs_sigma, "VariabilityModel.hrs_sigma")
             if self.hrs_on_off is None:
-                raise ValueError("VariabilityModel.hrs_sigma is set but hrs_on_off is None: give "
+                raise QfvError("VariabilityModel.hrs_sigma is set but hrs_on_off is None: give "
                                  "hrs_on_off (the LRS/HRS ratio) to model HRS current")
-        if self.distribution not in DISTRIBUTIONS:
-            raise ValueError(f"unknown VariabilityModel.distribution {self.distribution!r}; "
-                             f"choose one of {', '.join(DISTRIBUTIONS)}")
+        check_choice(self.distribution, DISTRIBUTIONS, "VariabilityModel.distribution")
         self.seed = check_seed(self.seed, "VariabilityModel.seed")
         self.layer_sigmas = check_layer_dict(self.layer_sigmas, "VariabilityModel.layer_sigmas",
                                              _check_sigma)
@@ -129,9 +123,6 @@ class VariabilityModel:
     def layer_sigma(self, name: str) -> float:
         """The LRS sigma of layer ``name``."""
         return self.layer_sigmas.get(name, self.sigma)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _factors(z: Tensor, sigma: float, distribution: str) -> Tensor:
@@ -253,7 +244,7 @@ class VariabilityMap:
             entries = data["layers"]
             layers = {n: (e["lrs"], e["hrs"]) for n, e in entries.items()}
             bits = {n: e["bits"] for n, e in entries.items()}
-            return cls(layers, bits, data.get("meta"))
+            return cls(layers, bits, _read_meta(data.get("meta")))
         except (LookupError, TypeError, AttributeError, ValueError) as e:
             raise VariabilityMapError(f"{os.fspath(path)!r} is a damaged variability map: {e}") \
                 from e
@@ -278,6 +269,21 @@ class VariabilityMap:
                     f"from this model.")
 
 
+def _read_meta(meta: Optional[dict]) -> Optional[dict]:
+    """The stored ``meta`` of a map (of any version) read through
+    :meth:`VariabilityModel.from_dict`, its ``shared_factors`` kept."""
+    if meta is None:
+        return None
+    if not isinstance(meta, dict):
+        raise VariabilityMapError(f"its meta must be a dict of VariabilityModel settings, got "
+                                  f"{type(meta).__name__}")
+    settings = {k: v for k, v in meta.items() if k != "shared_factors"}
+    out = VariabilityModel.from_dict(settings).to_dict()
+    if "shared_factors" in meta:
+        out["shared_factors"] = meta["shared_factors"]
+    return out
+
+
 # -- sampling and attaching ----------------------------------------------------------------------
 
 def sample_variability_map(model: nn.Module, var_model: VariabilityModel) -> VariabilityMap:
@@ -294,9 +300,7 @@ def sample_variability_map(model: nn.Module, var_model: VariabilityModel) -> Var
     >>> tuple(vmap.layers["0"][0].shape), round(vmap.summary()["0"]["hrs_mean"], 1)
     ((8, 16, 4), 0.1)
     """
-    if not isinstance(var_model, VariabilityModel):
-        raise TypeError(f"sample_variability_map takes a VariabilityModel, got "
-                        f"{type(var_model).__name__}")
+    check_type(var_model, VariabilityModel, "sample_variability_map")
     layers = quantized_layers(model, "sample_variability_map", var_model.layer_sigmas,
                               "VariabilityModel.layer_sigmas")
     factors, bits = {}, {}

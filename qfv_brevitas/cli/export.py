@@ -112,9 +112,9 @@ def _run_export(args) -> int:
 def _spike_trains(model, x):
     """A rate-coding spiking model exports on spike trains: encode the test images the way its
     evaluation does (its fixed evaluation seed), so the file sees the same spikes."""
-    from qfv_brevitas.export.api import _spiking_net
+    from qfv_brevitas.snn.network import spiking_net
 
-    net = _spiking_net(model)
+    net = spiking_net(model)
     if net is None or net.config.encoding != "rate" or x.dim() != net.config.sample_ndim + 1:
         return x
     import torch

@@ -1,11 +1,16 @@
-"""Validated configuration dataclasses (one per job, checked in ``__post_init__``)."""
+"""Validated configuration dataclasses of quantization (:class:`~qfv_brevitas.util.configbase.QfvConfig`:
+checked in ``validate()``, stored with ``to_dict()`` / read with ``from_dict()``)."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+import numbers
+from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 from qfv_brevitas.core.levels import check_bits
+from qfv_brevitas.util.configbase import QfvConfig
+from qfv_brevitas.util.errors import QfvError
+from qfv_brevitas.util.validate import as_number, check_choice, check_int
 
 __all__ = ["VARIANTS", "MODES", "INITS", "NMultConfig", "LambdaSchedule"]
 
@@ -21,14 +26,8 @@ MODES = ("paper", "ste", "both")
 INITS = ("lsq", "uniform", "fit")
 
 
-def check_choice(value: str, choices, what: str) -> str:
-    if value not in choices:
-        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
-    return value
-
-
 @dataclass
-class NMultConfig:
+class NMultConfig(QfvConfig):
     """How to quantize weights (and, for :func:`qfv_brevitas.quantize_model`, activations).
 
     Args:
@@ -62,7 +61,7 @@ class NMultConfig:
     layer_bits: Dict[str, int] = field(default_factory=dict)
     act_collect_stats_steps: int = 30
 
-    def __post_init__(self):
+    def validate(self) -> None:
         self.weight_bits = check_bits(self.weight_bits, "NMultConfig.weight_bits")
         if self.act_bits is not None:
             self.act_bits = check_bits(self.act_bits, "NMultConfig.act_bits")
@@ -75,15 +74,12 @@ class NMultConfig:
         check_choice(self.init, INITS, "level init")
         self.layer_bits = {k: check_bits(v, f"NMultConfig.layer_bits[{k!r}]")
                            for k, v in dict(self.layer_bits).items()}
-        if int(self.act_collect_stats_steps) < 1:
-            raise ValueError("NMultConfig.act_collect_stats_steps must be >= 1")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        self.act_collect_stats_steps = check_int(self.act_collect_stats_steps,
+                                                 "NMultConfig.act_collect_stats_steps", 1)
 
 
 @dataclass
-class LambdaSchedule:
+class LambdaSchedule(QfvConfig):
     """Regularization strength per epoch: ``start`` held, then an exponential rise to ``end``
     over the final ``rise_epochs`` epochs (paper section 4: 100 -> 2000 over the last 20).
 
@@ -97,23 +93,26 @@ class LambdaSchedule:
     end: float = 2000.0
     rise_epochs: int = 20
 
-    def __post_init__(self):
-        if int(self.total_epochs) < 1:
-            raise ValueError(f"LambdaSchedule.total_epochs must be >= 1, got {self.total_epochs}")
-        if not (math.isfinite(self.start) and math.isfinite(self.end)) or self.start < 0 \
-                or self.end < 0:
-            raise ValueError(f"LambdaSchedule.start and .end must be finite and >= 0, got "
-                             f"{self.start} and {self.end}")
-        if not 0 <= int(self.rise_epochs) <= int(self.total_epochs):
-            raise ValueError(
+    def validate(self) -> None:
+        self.total_epochs = check_int(self.total_epochs, "LambdaSchedule.total_epochs", 1)
+        start, end = as_number(self.start), as_number(self.end)
+        if not (math.isfinite(start) and math.isfinite(end)) or start < 0 or end < 0:
+            raise QfvError(f"LambdaSchedule.start and .end must be finite and >= 0, got "
+                           f"{self.start} and {self.end}")
+        self.start, self.end = start, end
+        rise = self.rise_epochs
+        if isinstance(rise, bool) or not isinstance(rise, numbers.Integral) \
+                or not 0 <= rise <= self.total_epochs:
+            raise QfvError(
                 f"LambdaSchedule.rise_epochs ({self.rise_epochs}) must lie in 0..total_epochs "
                 f"({self.total_epochs})")
+        self.rise_epochs = int(rise)
         if self.rise_epochs and self.start == 0 < self.end:
-            raise ValueError("an exponential rise needs start > 0")
+            raise QfvError("an exponential rise needs start > 0")
 
     def __call__(self, epoch: int) -> float:
         if not 0 <= epoch < self.total_epochs:
-            raise ValueError(f"epoch {epoch} outside 0..{self.total_epochs - 1}")
+            raise QfvError(f"epoch {epoch} outside 0..{self.total_epochs - 1}")
         first_rise = self.total_epochs - self.rise_epochs
         if epoch < first_rise or self.start == self.end:
             return float(self.start)

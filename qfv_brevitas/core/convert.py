@@ -18,14 +18,16 @@ import brevitas.nn as qnn
 from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
 from brevitas.quant import Int8ActPerTensorFloat, Uint8ActPerTensorFloat
 
-from qfv_brevitas.core.config import MODES, NMultConfig, check_choice
+from qfv_brevitas.core.config import MODES, NMultConfig
 from qfv_brevitas.util.errors import QfvError
+from qfv_brevitas.util.validate import check_choice
 from qfv_brevitas.core.levels import check_bits
 from qfv_brevitas.core.quantizers import (FixedLevelWeightQuant, LearnedStepWeightQuant, NMultWeightQuant,
                          NMultWeightQuantProxy, nmult_layers, quant_of)
 
 __all__ = ["quantize_model", "swap_weight_quant", "set_forward_mode", "ConversionError",
-           "weight_quant_for", "unsigned_input_layers"]
+           "weight_quant_for", "unsigned_input_layers", "probe_layers", "set_submodule",
+           "build_quant_layer"]
 
 
 class ConversionError(QfvError):
@@ -47,9 +49,10 @@ def weight_quant_for(config: NMultConfig, bits: int, name: Optional[str] = None)
         scaling_per_output_channel=config.per_channel, layer_name=name, level_init=config.init)
 
 
-def _probe(model: nn.Module, example_input) -> Tuple[List[str], Dict[str, bool]]:
-    """Conv/Linear layer names in execution order (registration order without an input), and
-    for each layer run on ``example_input`` whether its inputs were all non-negative.
+def probe_layers(model: nn.Module, example_input) -> Tuple[List[str], Dict[str, bool]]:
+    """Conv/Linear layer names of ``model`` in execution order (registration order without an
+    input), and for each layer run on ``example_input`` whether its inputs were all
+    non-negative.
 
     The pass runs in eval mode so that BatchNorm running statistics are left untouched."""
     names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, *_CONV))]
@@ -79,14 +82,20 @@ def _probe(model: nn.Module, example_input) -> Tuple[List[str], Dict[str, bool]]
     return seen + [n for n in names if n not in seen], {n: v >= 0 for n, v in mins.items()}
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at qualified name ``name`` (``"features.0"``) by ``new``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
 
 
-def _build_quant_layer(name: str, old: nn.Module, wq, act_quant, act_bits: Optional[int],
-                       stats_steps: int, level_init: Optional[str] = None) -> nn.Module:
+def build_quant_layer(name: str, old: nn.Module, wq, act_quant, act_bits: Optional[int],
+                      stats_steps: int = NMultConfig.act_collect_stats_steps,
+                      level_init: Optional[str] = None) -> nn.Module:
+    """The Brevitas counterpart of the Conv/Linear layer ``old`` (named ``name``): weight
+    quantizer ``wq`` (any Brevitas weight-quant injector), input quantizer ``act_quant`` at
+    ``act_bits`` (``None``: float inputs) collecting statistics for ``stats_steps`` steps, and
+    ``old``'s weights and bias. ``level_init``: the level init of an N-multiplier ``wq``."""
     # With ``level_init`` (N-multiplier quantizers) the layer is built with LSQ's cheap start:
     # its random init weights are replaced below, and only then are the levels initialised
     # the configured way (a fit to the random weights would be wasted).
@@ -172,7 +181,7 @@ def quantize_model(model: nn.Module, config: Optional[NMultConfig] = None,
         raise ConversionError(f"layer_bits names not in the model: {sorted(unknown)}")
     if not inplace:
         model = copy.deepcopy(model)
-    order, observed = _probe(model, example_input)
+    order, observed = probe_layers(model, example_input)
     names = [n for n in order if n not in skip]
     if not names:
         raise ConversionError("the model has no Conv1d/Conv2d/Conv3d/Linear layer to quantize")
@@ -193,9 +202,9 @@ def quantize_model(model: nn.Module, config: Optional[NMultConfig] = None,
         act_quant = None
         if config.act_bits is not None:
             act_quant = Uint8ActPerTensorFloat if nonneg.get(name, False) else Int8ActPerTensorFloat
-        new = _build_quant_layer(name, old, weight_quant_for(config, wbits, name), act_quant,
-                                 abits, config.act_collect_stats_steps, config.init)
-        _set_submodule(model, name, new)
+        new = build_quant_layer(name, old, weight_quant_for(config, wbits, name), act_quant,
+                                abits, config.act_collect_stats_steps, config.init)
+        set_submodule(model, name, new)
     return model
 
 

@@ -21,7 +21,8 @@ from brevitas.proxy import WeightQuantProxyFromInjector
 from qfv_brevitas.core import device as D
 from qfv_brevitas.core import fitting as FIT
 from qfv_brevitas.core import levels as L
-from qfv_brevitas.core.config import INITS, MODES, VARIANTS, check_choice
+from qfv_brevitas.core.config import INITS, MODES, VARIANTS
+from qfv_brevitas.util.validate import check_choice
 
 __all__ = [
     "DeviceState",

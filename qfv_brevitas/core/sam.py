@@ -18,12 +18,26 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, List
+from typing import Any, Iterator, List
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["sam_params", "SharpnessAware"]
+from qfv_brevitas.util.validate import check_real
+
+__all__ = ["sam_params", "SharpnessAware", "check_rho"]
+
+
+def check_rho(rho: Any, what: str = "SAM radius rho", off_at_zero: bool = False) -> float:
+    """``rho`` as a float: a finite SAM radius > 0 (>= 0 with ``off_at_zero``: 0 turns SAM
+    off); the one check of every setting that holds a SAM radius.
+
+    >>> check_rho(0, "TrainConfig.sam_rho", off_at_zero=True)
+    0.0
+    """
+    hint = " (the SAM radius, e.g. 0.05; 0 = plain updates)" if off_at_zero else \
+        " (the SAM radius, e.g. 0.05)"
+    return check_real(rho, what, strict=not off_at_zero, hint=hint)
 
 
 def sam_params(model: nn.Module) -> List[nn.Parameter]:
@@ -63,11 +77,8 @@ class SharpnessAware:
     """
 
     def __init__(self, model: nn.Module, rho: float):
-        if isinstance(rho, bool) or not (math.isfinite(float(rho)) and float(rho) > 0):
-            raise ValueError(f"SAM radius rho must be a finite number > 0 (e.g. 0.05), got "
-                             f"{rho!r}")
         self.model = model
-        self.rho = float(rho)
+        self.rho = check_rho(rho)
         self.params = sam_params(model)
         self._saved: List[Tensor] = []
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Union
 
@@ -11,13 +10,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from qfv_brevitas.core.config import LambdaSchedule
+from qfv_brevitas.core.quantizers import nmult_layers, quant_of
+from qfv_brevitas.core.refit import refit_levels_
+from qfv_brevitas.core.regularizer import QuantRegularizer
+from qfv_brevitas.core.sam import SharpnessAware, check_rho
+from qfv_brevitas.core.shapes import DEFAULT_WIDTH, check_shape, check_width
+from qfv_brevitas.util.configbase import QfvConfig
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.util.progress import RunProgress
-from qfv_brevitas.studies.ptq import refit_levels_
-from qfv_brevitas.core.quantizers import nmult_layers, quant_of
-from qfv_brevitas.core.regularizer import QuantRegularizer
-from qfv_brevitas.core.sam import SharpnessAware
-from qfv_brevitas.core.shapes import check_shape, check_width
+from qfv_brevitas.util.validate import check_int, check_real
 
 __all__ = ["TrainConfig", "TrainingError", "fit", "evaluate", "param_groups"]
 
@@ -27,7 +28,7 @@ class TrainingError(QfvError):
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(QfvConfig):
     """Hyper-parameters of :func:`fit` (paper section 4: SGD, momentum 0.9, cosine decay,
     lambda held then raised exponentially over the final epochs).
 
@@ -46,56 +47,44 @@ class TrainConfig:
     weight_decay: float = 5e-4
     batch_size: int = 64
     seed: int = 0
-    lambda_start: float = 100.0
-    lambda_end: float = 2000.0
-    lambda_rise_epochs: int = 20
+    #: lambda schedule (:class:`~qfv_brevitas.core.config.LambdaSchedule`'s defaults: paper
+    #: section 4, 100 held, then raised to 2000 over the last 20 epochs)
+    lambda_start: float = LambdaSchedule.start
+    lambda_end: float = LambdaSchedule.end
+    lambda_rise_epochs: int = LambdaSchedule.rise_epochs
     #: regularizer shape (:data:`qfv_brevitas.core.shapes.SHAPES`: ``sq`` = paper, ``gauss``, ``sin``)
     reg_shape: str = "sq"
     #: Gaussian width as a fraction of the local level spacing (``reg_shape="gauss"`` only)
-    reg_width: float = 0.25
+    reg_width: float = DEFAULT_WIDTH
     #: SAM radius (FlatENN's sharpness-aware quantization, :mod:`qfv_brevitas.core.sam`); 0 = off
     sam_rho: float = 0.0
     #: every this many optimizer steps, refit each learnable quantizer's levels to its
     #: current weights in closed form (alternating minimisation from the current levels,
-    #: :func:`qfv_brevitas.studies.ptq.refit_levels_` with ``warm=True``), so that the levels keep
+    #: :func:`qfv_brevitas.core.refit.refit_levels_` with ``warm=True``), so that the levels keep
     #: following the weights; 0 = off. Layers with a fault or variability map attached are
     #: left to the device-aware regularizer. Default 10: with fitted initial levels, the one
     #: setting at or above fixed, learned-step and stock Brevitas QAT in every digits cell
     #: measured (``BENCHMARKS.md``; its lead over no refit is within noise there).
     refit_every: int = 10
 
-    def __post_init__(self):
-        for name in ("epochs", "batch_size", "seed", "lambda_rise_epochs"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-                raise ValueError(f"TrainConfig.{name} must be an integer, got {v!r}")
-        if int(self.epochs) < 1:
-            raise ValueError(f"TrainConfig.epochs must be >= 1, got {self.epochs}")
-        for name, lo in (("lr", 0.0), ("quant_lr", None), ("momentum", None),
-                         ("weight_decay", None), ("lambda_start", None), ("lambda_end", None)):
-            v = getattr(self, name)
-            ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) \
-                and (v > lo if lo is not None else v >= 0)
-            if not ok:
-                raise ValueError(f"TrainConfig.{name} must be a finite number "
-                                 f"{'> 0' if lo is not None else '>= 0'}, got {v!r}")
+    def validate(self) -> None:
+        self.epochs = check_int(self.epochs, "TrainConfig.epochs", 1)
+        self.batch_size = check_int(self.batch_size, "TrainConfig.batch_size", 1)
+        self.seed = check_int(self.seed, "TrainConfig.seed", -2 ** 63)
+        self.lambda_rise_epochs = check_int(self.lambda_rise_epochs,
+                                            "TrainConfig.lambda_rise_epochs")
+        self.lr = check_real(self.lr, "TrainConfig.lr", strict=True)
+        for name in ("quant_lr", "momentum", "weight_decay", "lambda_start", "lambda_end"):
+            setattr(self, name, check_real(getattr(self, name), f"TrainConfig.{name}"))
         if self.quant_optimizer not in ("adam", "sgd"):
-            raise ValueError("TrainConfig.quant_optimizer must be 'adam' or 'sgd'")
-        if int(self.batch_size) < 1:
-            raise ValueError("TrainConfig.batch_size must be >= 1")
+            raise QfvError("TrainConfig.quant_optimizer must be 'adam' or 'sgd'")
         check_shape(self.reg_shape)
         self.reg_width = check_width(self.reg_width)
-        try:
-            rho = float(self.sam_rho)
-        except (TypeError, ValueError):
-            rho = float("nan")
-        if isinstance(self.sam_rho, bool) or not (math.isfinite(rho) and rho >= 0):
-            raise ValueError(f"TrainConfig.sam_rho must be a finite number >= 0 (the SAM "
-                             f"radius, e.g. 0.05; 0 = plain updates), got {self.sam_rho!r}")
+        self.sam_rho = check_rho(self.sam_rho, "TrainConfig.sam_rho", off_at_zero=True)
         if isinstance(self.refit_every, bool) or not isinstance(self.refit_every, int) \
                 or self.refit_every < 0:
-            raise ValueError(f"TrainConfig.refit_every must be an int >= 0 (optimizer steps "
-                             f"between refits of the levels; 0 = off), got {self.refit_every!r}")
+            raise QfvError(f"TrainConfig.refit_every must be an int >= 0 (optimizer steps "
+                           f"between refits of the levels; 0 = off), got {self.refit_every!r}")
 
     def schedule(self) -> LambdaSchedule:
         return LambdaSchedule(self.epochs, self.lambda_start, self.lambda_end,

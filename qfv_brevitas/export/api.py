@@ -26,9 +26,10 @@ from qfv_brevitas.export.layers import LayerExport, collect_layers, without_maps
 from qfv_brevitas.export.metadata import FORMAT, format_layers, write_metadata
 from qfv_brevitas.export.ops import DOMAIN, OP_TYPE
 from qfv_brevitas.export.verify import VerifyReport, verify_qonnx
+from qfv_brevitas.snn.network import snn_export_metadata, spiking_net
 
 __all__ = ["EXPORTERS", "ExportError", "ExportVerificationError", "ExportResult", "export_qonnx",
-           "reference_model", "expected_export"]
+           "reference_model", "expected_export", "on_cpu"]
 
 EXPORTERS = ("dynamo", "torchscript")
 #: forms whose multipliers are rounded to the fixed-point grid ``m * 2**-f``
@@ -101,7 +102,7 @@ def _accuracy_fn(data) -> Optional[Callable[[nn.Module], float]]:
     return lambda m: evaluate(m, data)
 
 
-def _on_cpu(model: nn.Module, *tensors):
+def on_cpu(model: nn.Module, *tensors):
     """``model`` (a CPU copy if it is elsewhere) and ``tensors`` on the CPU."""
     import copy
 
@@ -152,7 +153,7 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
     (True, 0.0)
     """
     # Exported files are written from the CPU: a model trained on a GPU exports from a copy.
-    model, example_input, verify_inputs = _on_cpu(model, example_input, verify_inputs)
+    model, example_input, verify_inputs = on_cpu(model, example_input, verify_inputs)
     if form not in FORMS:
         raise ExportError(f"unknown form {form!r}: choose one of {', '.join(FORMS)}")
     if exporter not in EXPORTERS:
@@ -170,13 +171,11 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
             raise ExportError(f"parameter {name} is not finite (NaN/inf): nothing sensible to "
                               "export")
     extra_metadata = dict(extra_metadata or {})
-    snn = _spiking_net(model)
+    snn = spiking_net(model)
     if snn is not None:
         x = _check_spiking(snn, x, exporter, "example_input")
         if verify_inputs is not None:
             verify_inputs = _check_spiking(snn, verify_inputs, exporter, "verify_inputs")
-        from qfv_brevitas.snn import snn_export_metadata
-
         extra_metadata.setdefault("snn", snn_export_metadata(model))
     check_output(path, overwrite=overwrite)  # before the work: exists? writable?
     path = Path(path)
@@ -255,15 +254,6 @@ def expected_export(model: nn.Module, info: dict) -> onnx.ModelProto:
     except (KeyError, TypeError) as e:
         raise ExportError(f"the file's metadata lacks an export setting ({e})") from None
     return proto
-
-
-def _spiking_net(model: nn.Module):
-    """The model's :class:`~qfv_brevitas.snn.SpikingNet`, if it is a spiking model."""
-    try:
-        from qfv_brevitas.snn.network import SpikingNet
-    except ImportError:  # the snn extra is not installed: no spiking model can exist either
-        return None
-    return next((m for m in model.modules() if isinstance(m, SpikingNet)), None)
 
 
 def _check_spiking(net, x: Tensor, exporter: str, what: str) -> Tensor:

@@ -67,9 +67,9 @@ def write_crossbar(model: nn.Module, folder: Union[str, Path], device: bool = Tr
     """
     if not nmult_layers(model):
         raise QfvError("the model has no N-multiplier layers: nothing to map onto crossbars")
-    from qfv_brevitas.export.api import _on_cpu
+    from qfv_brevitas.export.api import on_cpu
 
-    model = _on_cpu(model)[0]
+    model = on_cpu(model)[0]
     with atomic_dir(folder, overwrite=overwrite, inputs=inputs,
                     replaceable=not_a_crossbar_folder) as tmp:
         _write_layers(model, tmp, device)

@@ -18,7 +18,7 @@ from qfv_brevitas.core.quantizers import nmult_layers
 from qfv_brevitas.export.layers import LayerExport
 
 __all__ = ["round_to_grid", "fixed_point_layer", "fixed_point_model", "choose_frac_bits",
-           "MAX_FRAC_BITS"]
+           "int_bits", "MAX_FRAC_BITS"]
 
 #: integers must stay exact in float32 (24-bit significand)
 _MAX_INT_BITS = 24
@@ -35,8 +35,12 @@ def round_to_grid(t: Tensor, frac_bits: int) -> Tensor:
     return (t.double() * s).round().div(s).to(t.dtype)
 
 
-def _int_bits(lo: int, hi: int):
-    """Smallest width holding the integer range [lo, hi]: (bits, signed)."""
+def int_bits(lo: int, hi: int):
+    """Smallest width holding the integer range [lo, hi]: (bits, signed).
+
+    >>> int_bits(0, 5), int_bits(-3, 3)
+    ((3, False), (3, True))
+    """
     if lo >= 0:
         return max(1, int(hi).bit_length()), False
     b = 1
@@ -62,7 +66,7 @@ def fixed_point_layer(info: LayerExport, frac_bits: int) -> dict:
     mc = (info.c.double() * s).round()
     table = level_table(mr, mc)  # exact integers (float64)
     lo, hi = int(table.min()), int(table.max())
-    bits, signed = _int_bits(lo, hi)
+    bits, signed = int_bits(lo, hi)
     if bits > _MAX_INT_BITS:
         raise ValueError(f"layer {info.name!r}: at frac_bits={f} its levels need {bits}-bit "
                          f"integers (more than {_MAX_INT_BITS}); use fewer fractional bits")

@@ -45,7 +45,7 @@ def _signed_width(values: Sequence[int]) -> int:
     """Bits of the smallest two's-complement (or unsigned, if no value is negative) integer
     type holding ``values`` (at least 2 when signed: a 1-bit signed ``Quant`` is not one that
     every runtime takes)."""
-    bits, signed = FX._int_bits(int(min(values)), int(max(values)))
+    bits, signed = FX.int_bits(int(min(values)), int(max(values)))
     return max(bits, 2) if signed else bits
 
 

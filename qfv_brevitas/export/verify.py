@@ -15,6 +15,7 @@ from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.export.checks import compare_graphs, graph_problems
 from qfv_brevitas.export.graph import constant_tensors, to_onnxruntime
 from qfv_brevitas.export.metadata import graph_intact, read_metadata
+from qfv_brevitas.snn.network import spiking_net
 
 __all__ = ["VerifyReport", "verify_qonnx", "reference_weights"]
 
@@ -125,9 +126,7 @@ def _chunks(x: Tensor, batch: int, axis: int = 0):
 
 def _batch_axis(model: nn.Module) -> int:
     """Spiking models in the time-first layout take ``(T, N, ...)``: the batch is axis 1."""
-    from qfv_brevitas.export.api import _spiking_net
-
-    net = _spiking_net(model)
+    net = spiking_net(model)
     return 1 if net is not None and net.config.layout == "time_first" else 0
 
 
@@ -214,9 +213,7 @@ def verify_qonnx(reference: nn.Module, source: Union[str, Path, onnx.ModelProto]
         weight_tolerance = 1e-6 * wmax if has_var else 0.0
     # Spikes are binary activations: a membrane potential within float rounding of the
     # threshold fires in one runtime and not in another, as at a quantizer threshold.
-    from qfv_brevitas.export.api import _spiking_net
-
-    act = _has_activation_quant(model) or _spiking_net(reference) is not None
+    act = _has_activation_quant(model) or spiking_net(reference) is not None
     scale = max(1.0, float(np.abs(t).max()))
     if tolerance is None:
         tolerance = 1e-4 * scale

@@ -10,12 +10,14 @@ on it unchanged::
     q = quantize_model(snn, NMultConfig(weight_bits=4, act_bits=None))  # the usual call
 
 Importing this package needs nothing extra; building a spiking layer needs spikingjelly
-(the ``snn`` extra), and says so when it is missing.
+(the ``snn`` extra), and says so when it is missing. Importing it registers the spiking models
+by name (:func:`qfv_brevitas.zoo.models.build_model`, checkpoints). The spiking job,
+:func:`run_snn_experiment` and :func:`format_snn_results` (:mod:`qfv_brevitas.snn.experiment`,
+which uses the experiment code of :mod:`qfv_brevitas.studies`), loads on first use.
 """
 from qfv_brevitas.snn.config import ENCODINGS, LAYOUTS, SURROGATES, SpikingConfig
 from qfv_brevitas.snn.data import (NEUROMORPHIC, SNN_DATASETS, SNNData, load_neuromorphic, load_snn_dataset,
                    rate_coded_digits, synthetic_events)
-from qfv_brevitas.snn.experiment import format_snn_results, run_snn_experiment
 from qfv_brevitas.snn.models import (SPIKING_MODEL_NAMES, DigitsCNN, ResNet19, bn_mlp, build_spiking_model, spiking_mlp,
                      spiking_resnet19, spiking_small_cnn, spiking_vgg11)
 from qfv_brevitas.snn.network import SpikingNet, lif_layers, snn_export_metadata, to_spiking
@@ -29,3 +31,14 @@ __all__ = [
     "spiking_vgg11", "SpikingNet", "lif_layers", "snn_export_metadata", "to_spiking", "LIF",
     "SNNDependencyError", "rate_encode",
 ]
+
+_LAZY = {"run_snn_experiment", "format_snn_results"}
+
+
+def __getattr__(name: str):
+    # The spiking job pulls in the studies layer: loaded when first asked for, not on import.
+    if name in _LAZY:
+        from qfv_brevitas.snn import experiment
+
+        return getattr(experiment, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
+
+from qfv_brevitas.util.configbase import QfvConfig
+from qfv_brevitas.util.errors import QfvError
+from qfv_brevitas.util.validate import check_choice, check_seed
 
 __all__ = ["SpikingConfig", "SURROGATES", "ENCODINGS", "LAYOUTS"]
 
@@ -21,7 +25,7 @@ LAYOUTS = ("time_first", "batch_first")
 
 
 @dataclass
-class SpikingConfig:
+class SpikingConfig(QfvConfig):
     """Neuron model and time handling of a spiking network (paper section 3.5 / 4.2).
 
     LIF dynamics (spikingjelly's ``LIFNode`` with ``decay_input=True``):
@@ -66,46 +70,42 @@ class SpikingConfig:
     sample_ndim: int = 3
     eval_seed: int = 0
 
-    def __post_init__(self):
+    def validate(self) -> None:
         try:
             t = float(self.T) if not isinstance(self.T, bool) else math.nan
         except (TypeError, ValueError):
             t = math.nan
         if not t.is_integer() or t < 1:
-            raise ValueError(f"SpikingConfig.T must be a whole number of time steps >= 1, got "
-                             f"{self.T!r}; a spiking model needs at least one step (e.g. T=4)")
+            raise QfvError(f"SpikingConfig.T must be a whole number of time steps >= 1, got "
+                           f"{self.T!r}; a spiking model needs at least one step (e.g. T=4)")
         self.T = int(self.T)
         self.tau = float(self.tau)
         if not math.isfinite(self.tau) or self.tau <= 1.0:
-            raise ValueError(f"SpikingConfig.tau must be > 1 (decay beta = 1/tau < 1), got "
-                             f"{self.tau}; the paper's beta = 0.25 is tau = 4")
+            raise QfvError(f"SpikingConfig.tau must be > 1 (decay beta = 1/tau < 1), got "
+                           f"{self.tau}; the paper's beta = 0.25 is tau = 4")
         self.v_threshold = float(self.v_threshold)
         if self.v_reset is not None:
             self.v_reset = float(self.v_reset)
             if not self.v_reset < self.v_threshold:
-                raise ValueError(f"SpikingConfig.v_reset ({self.v_reset}) must lie below "
-                                 f"v_threshold ({self.v_threshold})")
+                raise QfvError(f"SpikingConfig.v_reset ({self.v_reset}) must lie below "
+                               f"v_threshold ({self.v_threshold})")
         if not math.isfinite(self.v_threshold):
-            raise ValueError("SpikingConfig.v_threshold must be finite")
-        if self.surrogate not in SURROGATES:
-            raise ValueError(f"unknown surrogate {self.surrogate!r}; choose one of "
-                             f"{', '.join(SURROGATES)}")
+            raise QfvError("SpikingConfig.v_threshold must be finite")
+        check_choice(self.surrogate, SURROGATES, "surrogate")
         if self.surrogate_alpha is not None:
             self.surrogate_alpha = float(self.surrogate_alpha)
             if not (math.isfinite(self.surrogate_alpha) and self.surrogate_alpha > 0):
-                raise ValueError(f"SpikingConfig.surrogate_alpha must be > 0, got "
-                                 f"{self.surrogate_alpha}")
-        if self.encoding not in ENCODINGS:
-            raise ValueError(f"unknown encoding {self.encoding!r}; choose one of "
-                             f"{', '.join(ENCODINGS)}")
+                raise QfvError(f"SpikingConfig.surrogate_alpha must be > 0, got "
+                               f"{self.surrogate_alpha}")
+        check_choice(self.encoding, ENCODINGS, "encoding")
         if self.layout not in LAYOUTS:
-            raise ValueError(f"unknown layout {self.layout!r}; choose 'time_first' for "
-                             "(T, N, C, H, W) or 'batch_first' for (N, T, C, H, W)")
+            raise QfvError(f"unknown layout {self.layout!r}; choose 'time_first' for "
+                           "(T, N, C, H, W) or 'batch_first' for (N, T, C, H, W)")
         if isinstance(self.sample_ndim, bool) or int(self.sample_ndim) < 1:
-            raise ValueError(f"SpikingConfig.sample_ndim must be >= 1 (3 for C, H, W images), "
-                             f"got {self.sample_ndim!r}")
+            raise QfvError(f"SpikingConfig.sample_ndim must be >= 1 (3 for C, H, W images), "
+                           f"got {self.sample_ndim!r}")
         self.sample_ndim = int(self.sample_ndim)
-        self.eval_seed = int(self.eval_seed)
+        self.eval_seed = check_seed(self.eval_seed, "SpikingConfig.eval_seed")
 
     @property
     def beta(self) -> float:
@@ -118,6 +118,3 @@ class SpikingConfig:
         if self.surrogate_alpha is not None:
             return self.surrogate_alpha
         return 2.0 if self.surrogate == "atan" else 4.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)

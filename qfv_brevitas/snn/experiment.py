@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -16,7 +16,9 @@ from qfv_brevitas.core.config import VARIANTS, NMultConfig
 from qfv_brevitas.core.convert import quantize_model
 from qfv_brevitas.zoo.data import fingerprint
 from qfv_brevitas.studies.experiment import accuracy_table, not_a_run_folder
+from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.util.safeio import atomic_dir, atomic_write, check_output
+from qfv_brevitas.util.validate import check_choice
 from qfv_brevitas.core.train import TrainConfig, evaluate, fit
 from qfv_brevitas.snn.config import SpikingConfig
 from qfv_brevitas.snn.data import load_snn_dataset
@@ -46,7 +48,7 @@ def _check_fits(model: torch.nn.Module, arch: str, data) -> None:
         with torch.no_grad():
             model(x)
     except RuntimeError as e:
-        raise ValueError(f"{arch} does not fit samples of shape {tuple(x.shape[1:])} from this "
+        raise QfvError(f"{arch} does not fit samples of shape {tuple(x.shape[1:])} from this "
                          f"data set ({e}); choose a smaller model or larger frames") from e
     finally:
         model.train()
@@ -55,8 +57,9 @@ def _check_fits(model: torch.nn.Module, arch: str, data) -> None:
 def run_snn_experiment(out_dir: Union[str, Path], dataset: str = "digits",
                        data_dir: Optional[str] = None, arch: str = "spiking_small_cnn",
                        snn: Optional[SpikingConfig] = None, bits: Sequence[int] = (4,),
-                       variant: str = "nmult", per_channel: bool = False,
-                       first_last_bits: Optional[int] = 8, fp_train: Optional[TrainConfig] = None,
+                       variant: str = NMultConfig.variant,
+                       per_channel: bool = NMultConfig.per_channel,
+                       first_last_bits: Optional[int] = NMultConfig.first_last_bits, fp_train: Optional[TrainConfig] = None,
                        q_train: Optional[TrainConfig] = None, seed: int = 0,
                        frame_size: int = 48, progress: bool = True,
                        save_models: bool = True, overwrite: bool = False) -> dict:
@@ -70,22 +73,18 @@ def run_snn_experiment(out_dir: Union[str, Path], dataset: str = "digits",
     The run folder is written whole, as by :func:`qfv_brevitas.studies.experiment.run_experiment`
     (the previous run or this one, never a mix; an existing one only with ``overwrite``).
     """
-    if arch not in SPIKING_MODEL_NAMES:
-        raise ValueError(f"unknown spiking model {arch!r}; choose one of "
-                         f"{', '.join(SPIKING_MODEL_NAMES)}")
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown quantizer variant {variant!r}; choose one of "
-                         f"{', '.join(VARIANTS)}")
+    check_choice(arch, SPIKING_MODEL_NAMES, "spiking model")
+    check_choice(variant, VARIANTS, "quantizer variant")
     configs = [NMultConfig(weight_bits=b, act_bits=None, variant=variant, per_channel=per_channel,
                            first_last_bits=first_last_bits) for b in bits]
     if not configs:
-        raise ValueError("bits is empty: give at least one weight bit width, e.g. bits=(4,)")
+        raise QfvError("bits is empty: give at least one weight bit width, e.g. bits=(4,)")
     snn = snn or SpikingConfig()
     check_output(out_dir, overwrite=overwrite, inputs=[data_dir], kind="dir",
                  replaceable=not_a_run_folder)
     data = load_snn_dataset(dataset, data_dir, seed, T=snn.T, size=frame_size)
     snn = snn_for_data(snn, data.temporal)
-    fp_train = replace(fp_train or TrainConfig(epochs=20, lr=0.05), seed=seed)
+    fp_train = replace(fp_train or TrainConfig(), seed=seed)
     q_train = replace(q_train or TrainConfig(epochs=10, lr=0.01, lambda_rise_epochs=4), seed=seed)
     torch.manual_seed(seed)
     fp = build_spiking_model(arch, data.input_shape, data.num_classes, snn)
@@ -100,8 +99,8 @@ def run_snn_experiment(out_dir: Union[str, Path], dataset: str = "digits",
             meta["data_sha256"] = fingerprint(data.train, data.test)
         results = {"dataset": dataset, "arch": arch, "seed": seed,
                    "num_train": len(data.train), "num_test": len(data.test),
-                   "snn": snn.to_dict(), "fp_acc": fp_acc, "fp_train": asdict(fp_train),
-                   "q_train": asdict(q_train), "runs": [], "neurons": snn_export_metadata(fp),
+                   "snn": snn.to_dict(), "fp_acc": fp_acc, "fp_train": fp_train.to_dict(),
+                   "q_train": q_train.to_dict(), "runs": [], "neurons": snn_export_metadata(fp),
                    "files": ["results.json"]}
         if save_models:
             save_checkpoint(out / "float.pt", fp, arch, data.input_shape, data.num_classes,

@@ -1,22 +1,23 @@
 """Spiking reference models: VGG-11 and ResNet-19 of the paper (section 4.2), and small ones
 for the digits. Each is a plain torch network made spiking by :func:`to_spiking` (ReLU -> LIF,
 max-pooling -> average pooling); quantize it with :func:`qfv_brevitas.quantize_model` and
-``NMultConfig(act_bits=None)``."""
+``NMultConfig(act_bits=None)``. Importing this module registers them under their names in
+:func:`qfv_brevitas.zoo.models.build_model`'s registry."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+import math
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from qfv_brevitas.zoo.models import ResNetCIFAR, vgg_cifar
 from qfv_brevitas.snn.config import SpikingConfig
 from qfv_brevitas.snn.network import SpikingNet, to_spiking
+from qfv_brevitas.util.validate import check_choice
+from qfv_brevitas.zoo.models import ResNetCIFAR, register_model, vgg_cifar
 
 __all__ = ["ResNet19", "DigitsCNN", "bn_mlp", "spiking_vgg11", "spiking_resnet19", "spiking_small_cnn", "spiking_mlp",
            "build_spiking_model", "SPIKING_MODEL_NAMES"]
-
-SPIKING_MODEL_NAMES = ("spiking_small_cnn", "spiking_mlp", "spiking_vgg11", "spiking_resnet19")
 
 #: VGG-11's convolution plan ("M" = pooling, average in the spiking version).
 VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
@@ -126,6 +127,50 @@ def spiking_mlp(in_features: int = 64, num_classes: int = 10, hidden: Sequence[i
     return to_spiking(bn_mlp(in_features, num_classes, hidden), _cfg(config))
 
 
+#: ``name -> builder(input_shape, num_classes, config)`` of the spiking reference models.
+_BUILDERS: Dict[str, Callable[..., SpikingNet]] = {}
+
+
+def _spiking_model(name: str) -> Callable:
+    """Decorator: register ``builder(input_shape, num_classes, config)`` under ``name`` for
+    :func:`build_spiking_model` and in :func:`qfv_brevitas.zoo.models.register_model`'s registry
+    (there with the settings as a ``SpikingConfig`` dict, as checkpoints store them)."""
+
+    def register(builder: Callable[..., SpikingNet]) -> Callable[..., SpikingNet]:
+        _BUILDERS[name] = builder
+
+        @register_model(name, snn=True)
+        def from_settings(input_shape, num_classes, snn: Optional[dict] = None) -> SpikingNet:
+            return builder(input_shape, num_classes, SpikingConfig.from_dict(snn or {}))
+
+        return builder
+
+    return register
+
+
+@_spiking_model("spiking_small_cnn")
+def _small_cnn(input_shape, num_classes, config):
+    return spiking_small_cnn(num_classes, input_shape[0], config=config)
+
+
+@_spiking_model("spiking_mlp")
+def _mlp(input_shape, num_classes, config):
+    return spiking_mlp(math.prod(input_shape), num_classes, config=config)
+
+
+@_spiking_model("spiking_vgg11")
+def _vgg11(input_shape, num_classes, config):
+    return spiking_vgg11(num_classes, input_shape[0], config=config)
+
+
+@_spiking_model("spiking_resnet19")
+def _resnet19(input_shape, num_classes, config):
+    return spiking_resnet19(num_classes, input_shape[0], config=config)
+
+
+SPIKING_MODEL_NAMES = tuple(_BUILDERS)
+
+
 def build_spiking_model(name: str, input_shape: Tuple[int, ...], num_classes: int,
                         config: Optional[SpikingConfig] = None) -> SpikingNet:
     """A spiking reference model by name for samples of shape ``(C, H, W)`` (one frame).
@@ -133,16 +178,5 @@ def build_spiking_model(name: str, input_shape: Tuple[int, ...], num_classes: in
     >>> build_spiking_model("spiking_mlp", (1, 8, 8), 10, SpikingConfig(T=2)).T
     2
     """
-    if name == "spiking_small_cnn":
-        return spiking_small_cnn(num_classes, input_shape[0], config=config)
-    if name == "spiking_mlp":
-        n = 1
-        for d in input_shape:
-            n *= d
-        return spiking_mlp(n, num_classes, config=config)
-    if name == "spiking_vgg11":
-        return spiking_vgg11(num_classes, input_shape[0], config=config)
-    if name == "spiking_resnet19":
-        return spiking_resnet19(num_classes, input_shape[0], config=config)
-    raise ValueError(f"unknown spiking model {name!r}; choose one of "
-                     f"{', '.join(SPIKING_MODEL_NAMES)}")
+    check_choice(name, SPIKING_MODEL_NAMES, "spiking model")
+    return _BUILDERS[name](input_shape, num_classes, config)

@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from qfv_brevitas.core.config import NMultConfig
-from qfv_brevitas.core.convert import ConversionError, quantize_model
+from qfv_brevitas.core.convert import ConversionError, quantize_model, set_submodule
 from qfv_brevitas.snn.config import SpikingConfig
 from qfv_brevitas.snn.neurons import LIF, rate_encode, spikingjelly
+from qfv_brevitas.util.errors import QfvError
 
-__all__ = ["SpikingNet", "to_spiking", "snn_export_metadata", "lif_layers"]
+__all__ = ["SpikingNet", "to_spiking", "snn_export_metadata", "lif_layers", "spiking_net"]
 
 _MAXPOOL = {nn.MaxPool1d: nn.AvgPool1d, nn.MaxPool2d: nn.AvgPool2d, nn.MaxPool3d: nn.AvgPool3d}
 _ADAPTIVE = {nn.AdaptiveMaxPool1d: nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool2d: nn.AdaptiveAvgPool2d,
@@ -68,7 +70,7 @@ class SpikingNet(nn.Module):
 
     @T.setter
     def T(self, value: int) -> None:
-        self.config = SpikingConfig(**{**self.config.to_dict(), "T": value})
+        self.config = dataclasses.replace(self.config, T=value)
 
     def lifs(self) -> List[Tuple[str, LIF]]:
         """``(name, layer)`` of every LIF layer, in registration order."""
@@ -138,15 +140,15 @@ class SpikingNet(nn.Module):
                 f"encoding={c.encoding!r}, layout={c.layout!r}")
 
 
+def spiking_net(model: nn.Module) -> Optional[SpikingNet]:
+    """The :class:`SpikingNet` of ``model`` (itself or its first submodule that is one), or
+    ``None`` for a model that is not spiking."""
+    return next((m for m in model.modules() if isinstance(m, SpikingNet)), None)
+
+
 def lif_layers(model: nn.Module) -> List[Tuple[str, LIF]]:
     """``(name, layer)`` for every :class:`LIF` layer of ``model``."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LIF)]
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def _avg_pool_for(name: str, m: nn.Module) -> nn.Module:
@@ -229,7 +231,7 @@ def to_spiking(model: nn.Module, config: Optional[SpikingConfig] = None,
             "torch.relu / F.relu, use nn.ReLU modules instead")
     for name, new in plan:
         new.train(model.training)
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
     net = SpikingNet(model, cfg)
     net.train(model.training)
     if nmult is not None:
@@ -247,10 +249,9 @@ def snn_export_metadata(model: nn.Module) -> dict:
     >>> meta["T"], meta["step_mode"], meta["lif_layers"]["body.1"]["beta"]
     (4, 'multi-step', 0.25)
     """
-    nets = [m for m in model.modules() if isinstance(m, SpikingNet)]
-    if not nets:
-        raise ValueError("not a spiking model: build one with to_spiking(model, config)")
-    net = nets[0]
+    net = spiking_net(model)
+    if net is None:
+        raise QfvError("not a spiking model: build one with to_spiking(model, config)")
     cfg = net.config
     return {
         "format": "qfv-snn/1",

@@ -41,9 +41,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from qfv_brevitas.studies import montecarlo as E
-from qfv_brevitas.chip.maps import check_fraction, check_seed
+from qfv_brevitas.util.validate import check_fraction, check_seed
 from qfv_brevitas.chip.bitflips import BitFlipModel, _flip_sampler, random_bit_error_finetune
-from qfv_brevitas.core.config import check_choice
+from qfv_brevitas.util.validate import check_choice
 from qfv_brevitas.core.convert import set_forward_mode
 from qfv_brevitas.util.parallel import check_workers, run_tasks
 from qfv_brevitas.util.progress import RunProgress

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from qfv_brevitas.core.config import check_choice
+from qfv_brevitas.util.validate import check_choice
 from qfv_brevitas.core.convert import set_forward_mode
 from qfv_brevitas.util.parallel import check_workers, run_tasks
 from qfv_brevitas.util.progress import RunProgress

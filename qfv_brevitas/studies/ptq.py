@@ -1,9 +1,9 @@
-"""Levels fitted to a model's weights: refit in place, post-training quantization (no
-training), per-layer errors against the best uniform grid and Lloyd-Max, and the stock
+"""Levels fitted to a model's weights: post-training quantization (no training), per-layer errors against the best uniform grid and Lloyd-Max, and the stock
 Brevitas uniform-quantizer baseline.
 
 The math is in :mod:`qfv_brevitas.core.fitting` (pure torch); this module applies it to the
-N-multiplier layers of a Brevitas model.
+N-multiplier layers of a Brevitas model (the in-place refit that training runs is
+:func:`qfv_brevitas.core.refit.refit_levels_`).
 """
 from __future__ import annotations
 
@@ -20,63 +20,18 @@ from torch import Tensor, nn
 from qfv_brevitas.core import fitting as FIT
 from qfv_brevitas.core import levels as L
 from qfv_brevitas.core.config import NMultConfig
-from qfv_brevitas.core.convert import ConversionError, quantize_model, swap_weight_quant
+from qfv_brevitas.core.convert import (ConversionError, build_quant_layer, probe_layers,
+                                      quantize_model, set_submodule, swap_weight_quant)
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.core.quantizers import nmult_layers, quant_of
 
-__all__ = ["refit_levels_", "level_errors", "format_level_errors", "quantize_post_training",
+__all__ = ["level_errors", "format_level_errors", "quantize_post_training",
            "PTQResult", "PTQError", "brevitas_uniform", "float_state_dict",
            "float_model_of_checkpoint", "read_model_file"]
 
 
 class PTQError(QfvError):
     """A model or file that post-training quantization cannot take (``qfv`` exit 2)."""
-
-
-def _has_device_map(layer: nn.Module) -> bool:
-    proxy = layer.weight_quant
-    return bool(proxy.has_faults or proxy.has_variability)
-
-
-@torch.no_grad()
-def refit_levels_(model: nn.Module, warm: bool = False,
-                  layers: Optional[Sequence[str]] = None,
-                  skip_device_maps: bool = True) -> List[dict]:
-    """Fit every N-multiplier layer's levels to its current weights, in place.
-
-    ``warm=False``: the full fit (:func:`qfv_brevitas.core.fitting.fit_multipliers`, never worse than
-    the best uniform grid; ``step``/``fixed`` layers get the best uniform grid);
-    ``warm=True``: alternating minimisation from the current levels (cheap, never worse than
-    them; ``fixed`` layers are left alone), what :func:`qfv_brevitas.core.train.fit` runs every
-    ``TrainConfig.refit_every`` steps. Layers with a fault or variability map attached are
-    skipped unless ``skip_device_maps=False`` (the fit knows the ideal levels only; the
-    device-aware regularizer fits those). ``layers`` restricts the refit to these names.
-
-    Returns per refitted layer its name and the squared error before and after (sums).
-
-    >>> import brevitas.nn as qnn
-    >>> from qfv_brevitas.core.quantizers import NMultWeightQuant
-    >>> torch.manual_seed(0) and None
-    >>> m = nn.Sequential(qnn.QuantLinear(64, 32, bias=False, weight_quant=NMultWeightQuant,
-    ...                                   weight_bit_width=3))
-    >>> row = refit_levels_(m)[0]
-    >>> row["error_after"] < row["error_before"]
-    True
-    """
-    names = None if layers is None else set(layers)
-    found = {n for n, _ in nmult_layers(model)}
-    if names is not None and names - found:
-        raise ValueError(f"refit_levels_: no N-multiplier layers named {sorted(names - found)}")
-    rows = []
-    for name, layer in nmult_layers(model):
-        if (names is not None and name not in names) or (skip_device_maps
-                                                         and _has_device_map(layer)):
-            continue
-        tq = quant_of(layer)
-        before, after = tq.refit_(layer.weight, warm=warm)
-        rows.append({"layer": name, "bits": tq.bits, "variant": tq.variant,
-                     "error_before": float(before.sum()), "error_after": float(after.sum())})
-    return rows
 
 
 @torch.no_grad()
@@ -363,18 +318,16 @@ def brevitas_uniform(model: nn.Module, weight_bits: int, per_channel: bool = Fal
                                 Int8WeightPerChannelFloatMSE, Int8WeightPerTensorFloat,
                                 Int8WeightPerTensorFloatMSE, Uint8ActPerTensorFloat)
 
-    from qfv_brevitas.core.convert import _build_quant_layer, _probe, _set_submodule
-
     quants = {("max", False): Int8WeightPerTensorFloat, ("max", True): Int8WeightPerChannelFloat,
               ("mse", False): Int8WeightPerTensorFloatMSE,
               ("mse", True): Int8WeightPerChannelFloatMSE}
     if (scale, bool(per_channel)) not in quants:
-        raise ValueError(f"brevitas_uniform: scale must be 'max' or 'mse', got {scale!r}")
+        raise QfvError(f"brevitas_uniform: scale must be 'max' or 'mse', got {scale!r}")
     weight_bits = L.check_bits(weight_bits, "brevitas_uniform: weight_bits")
     if _is_brevitas(model):
         raise ConversionError("brevitas_uniform takes a plain torch model")
     q = copy.deepcopy(model)
-    order, observed = _probe(q, example_input)
+    order, observed = probe_layers(q, example_input)
     names = [n for n in order if n not in set(skip)]
     if not names:
         raise ConversionError("the model has no Conv1d/Conv2d/Conv3d/Linear layer to quantize")
@@ -387,5 +340,5 @@ def brevitas_uniform(model: nn.Module, weight_bits: int, per_channel: bool = Fal
         if act_bits is not None:
             act = Uint8ActPerTensorFloat if observed.get(name, False) else Int8ActPerTensorFloat
             abits = first_last_bits if name in edge else act_bits
-        _set_submodule(q, name, _build_quant_layer(name, mods[name], wq, act, abits, 30))
+        set_submodule(q, name, build_quant_layer(name, mods[name], wq, act, abits))
     return q

@@ -6,13 +6,18 @@ set) is a :class:`QfvError`, itself a ``ValueError`` so that ``except ValueError
 """
 from __future__ import annotations
 
-__all__ = ["QfvError", "OutputError", "VerificationError"]
+__all__ = ["QfvError", "QfvTypeError", "OutputError", "VerificationError"]
 
 
 class QfvError(ValueError):
     """Bad input: an argument, a file or a data set that the message names. ``qfv`` exit 2."""
 
     exit_code = 2
+
+
+class QfvTypeError(QfvError, TypeError):
+    """An argument of the wrong type (e.g. a dict where a ``FaultModel`` is expected): bad input
+    like any :class:`QfvError`, and a ``TypeError`` as Python code expects. ``qfv`` exit 2."""
 
 
 class OutputError(QfvError):

@@ -6,13 +6,14 @@ Each returns the checked value or raises :class:`~qfv_brevitas.util.errors.QfvEr
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from typing import Any, Callable, Dict, Iterable
 
-from qfv_brevitas.util.errors import QfvError
+from qfv_brevitas.util.errors import QfvError, QfvTypeError
 
 __all__ = ["as_number", "check_choice", "check_fraction", "check_seed", "check_layer_dict",
-           "check_positive_int"]
+           "check_positive_int", "check_int", "check_real", "check_type"]
 
 
 def as_number(value: Any) -> float:
@@ -57,6 +58,52 @@ def check_positive_int(value: Any, what: str) -> int:
     if n < 1:
         raise QfvError(f"{what} must be >= 1, got {value!r}")
     return n
+
+
+def check_int(value: Any, what: str, minimum: int = 0) -> int:
+    """``value`` as a Python int >= ``minimum`` (floats and bools are refused), e.g.
+    ``TrainConfig.epochs``.
+
+    >>> check_int(3, "epochs", 1)
+    3
+    >>> check_int(2.0, "epochs")
+    Traceback (most recent call last):
+    ...
+    qfv_brevitas.util.errors.QfvError: epochs must be an integer, got 2.0
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise QfvError(f"{what} must be an integer, got {value!r}")
+    if value < minimum:
+        raise QfvError(f"{what} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_real(value: Any, what: str, minimum: float = 0.0, strict: bool = False,
+               hint: str = "") -> float:
+    """``value`` as a finite float ``>= minimum`` (``> minimum`` with ``strict``); bools and
+    strings are refused. ``hint`` (e.g. ``" (the SAM radius, e.g. 0.05)"``) follows the bound
+    in the message.
+
+    >>> check_real(0.05, "TrainConfig.sam_rho")
+    0.05
+    >>> check_real(-1, "TrainConfig.lr", strict=True)
+    Traceback (most recent call last):
+    ...
+    qfv_brevitas.util.errors.QfvError: TrainConfig.lr must be a finite number > 0, got -1
+    """
+    x = as_number(value)
+    if not (math.isfinite(x) and (x > minimum if strict else x >= minimum)):
+        bound = f"{'>' if strict else '>='} {minimum:g}"
+        raise QfvError(f"{what} must be a finite number {bound}{hint}, got {value!r}")
+    return x
+
+
+def check_type(value: Any, cls: type, what: str) -> Any:
+    """``value`` if it is a ``cls``, else a :class:`~qfv_brevitas.util.errors.QfvTypeError`
+    (``"{what} takes a {cls}, got {type}"``)."""
+    if not isinstance(value, cls):
+        raise QfvTypeError(f"{what} takes a {cls.__name__}, got {type(value).__name__}")
+    return value
 
 
 def check_layer_dict(d: Any, what: str, check: Callable[[Any, str], Any]) -> Dict[str, Any]:

@@ -20,6 +20,7 @@ from torch import nn
 
 from qfv_brevitas.core.config import NMultConfig
 from qfv_brevitas.core.convert import quantize_model, unsigned_input_layers
+from qfv_brevitas.util.configbase import VERSION_KEY
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.zoo.models import build_model
 from qfv_brevitas.util.safeio import content_digest, torch_save
@@ -192,13 +193,13 @@ def load_checkpoint(path: Union[str, Path]) -> Tuple[nn.Module, dict]:
                               f"{tuple(shape)}: {e}") from None
     config = None
     if cfg is not None:
-        known = {f.name for f in dataclasses.fields(NMultConfig)}
+        known = {f.name for f in dataclasses.fields(NMultConfig)} | {VERSION_KEY}
         unknown = sorted(set(cfg) - known)
         if unknown:
             raise CheckpointError(f"{path}: unknown quantization settings {unknown} in the "
                                   "checkpoint's config (written by another version?)")
         try:
-            config = NMultConfig(**cfg)
+            config = NMultConfig.from_dict(cfg)  # also a legacy dict without a version
             # r and c come from the state dict: build with LSQ's cheap start instead of
             # fitting levels to the random init weights only to overwrite them.
             model = quantize_model(model, dataclasses.replace(config, init="lsq"),

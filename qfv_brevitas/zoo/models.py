@@ -1,15 +1,19 @@
 """Plain torch reference models (no Brevitas): quantize them with
-:func:`qfv_brevitas.quantize_model`."""
+:func:`qfv_brevitas.quantize_model`. Models are built by name from a registry
+(:func:`register_model`, :func:`build_model`) that other packages add to (the spiking models of
+:mod:`qfv_brevitas.snn`)."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+import math
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["SmallCNN", "MLP", "resnet18_cifar", "vgg_cifar", "build_model", "MODEL_NAMES"]
+from qfv_brevitas.util.errors import QfvError
 
-MODEL_NAMES = ("small_cnn", "mlp", "resnet18", "vgg")
+__all__ = ["SmallCNN", "MLP", "resnet18_cifar", "vgg_cifar", "build_model", "MODEL_NAMES",
+           "register_model", "model_names"]
 
 
 class SmallCNN(nn.Module):
@@ -117,24 +121,80 @@ def vgg_cifar(num_classes: int = 10, in_channels: int = 3,
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
 
 
+# -- the registry ------------------------------------------------------------------------------
+
+#: ``name -> (builder, takes_snn)``; filled by :func:`register_model`.
+_REGISTRY: Dict[str, Tuple[Callable[..., nn.Module], bool]] = {}
+
+
+def register_model(name: str, snn: bool = False) -> Callable:
+    """Decorator: register ``builder(input_shape, num_classes)`` under ``name`` for
+    :func:`build_model` (and so for checkpoints and the ``qfv`` commands). With ``snn=True``
+    the builder also takes ``snn``, the spiking settings (a ``SpikingConfig`` dict, or
+    ``None``), as a keyword: :mod:`qfv_brevitas.snn` registers its models that way when it is
+    imported.
+
+    >>> @register_model("tiny_linear")
+    ... def _tiny(input_shape, num_classes):
+    ...     return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[-1], num_classes))
+    >>> build_model("tiny_linear", (1, 1, 4), 3)(torch.rand(2, 1, 1, 4)).shape
+    torch.Size([2, 3])
+    >>> del _REGISTRY["tiny_linear"]
+    """
+    if not isinstance(name, str) or not name:
+        raise QfvError(f"register_model: a model name is a non-empty str, got {name!r}")
+
+    def register(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY and _REGISTRY[name][0] is not builder:
+            raise QfvError(f"register_model: a model named {name!r} is registered already")
+        _REGISTRY[name] = (builder, bool(snn))
+        return builder
+
+    return register
+
+
+def model_names() -> Tuple[str, ...]:
+    """Every registered model name (the spiking ones once :mod:`qfv_brevitas.snn` is imported)."""
+    return tuple(_REGISTRY)
+
+
+@register_model("small_cnn")
+def _small_cnn(input_shape: Tuple[int, ...], num_classes: int) -> nn.Module:
+    return SmallCNN(input_shape[0], num_classes)
+
+
+@register_model("mlp")
+def _mlp(input_shape: Tuple[int, ...], num_classes: int) -> nn.Module:
+    return MLP(math.prod(input_shape), num_classes)
+
+
+@register_model("resnet18")
+def _resnet18(input_shape: Tuple[int, ...], num_classes: int) -> nn.Module:
+    return resnet18_cifar(num_classes, input_shape[0])
+
+
+@register_model("vgg")
+def _vgg(input_shape: Tuple[int, ...], num_classes: int) -> nn.Module:
+    return vgg_cifar(num_classes, input_shape[0], input_size=min(input_shape[1:]))
+
+
+#: The plain reference models (the spiking ones are :data:`qfv_brevitas.snn.SPIKING_MODEL_NAMES`).
+MODEL_NAMES = model_names()
+
+
 def build_model(name: str, input_shape: Tuple[int, ...], num_classes: int,
                 snn: Optional[dict] = None) -> nn.Module:
-    """A reference model by name for inputs of shape ``(C, H, W)``; ``spiking_*`` names are
-    the spiking models of :mod:`qfv_brevitas.snn`, built with ``SpikingConfig(**snn)``."""
-    if name.startswith("spiking_"):
-        from qfv_brevitas.snn import SpikingConfig, build_spiking_model  # spikingjelly: the snn extra
-
-        return build_spiking_model(name, input_shape, num_classes,
-                                   SpikingConfig(**(snn or {})))
-    if name == "small_cnn":
-        return SmallCNN(input_shape[0], num_classes)
-    if name == "mlp":
-        n = 1
-        for d in input_shape:
-            n *= d
-        return MLP(n, num_classes)
-    if name == "resnet18":
-        return resnet18_cifar(num_classes, input_shape[0])
-    if name == "vgg":
-        return vgg_cifar(num_classes, input_shape[0], input_size=min(input_shape[1:]))
-    raise ValueError(f"unknown model {name!r}; choose small_cnn, mlp, resnet18 or vgg")
+    """A registered model (:func:`register_model`) by name for inputs of shape ``(C, H, W)``;
+    ``spiking_*`` names are the spiking models of :mod:`qfv_brevitas.snn`, built with
+    the spiking settings ``snn`` (a ``SpikingConfig`` dict; ignored by the other models)."""
+    if name not in _REGISTRY:
+        if name.startswith("spiking_"):
+            raise QfvError(
+                f"unknown model {name!r}: spiking models are registered by qfv_brevitas.snn; "
+                "install the snn extra (pip install 'qfv-brevitas[snn]') and import "
+                "qfv_brevitas.snn first")
+        raise QfvError(f"unknown model {name!r}; choose one of {', '.join(_REGISTRY)}")
+    builder, takes_snn = _REGISTRY[name]
+    if takes_snn:
+        return builder(input_shape, num_classes, snn=snn)
+    return builder(input_shape, num_classes)

@@ -242,7 +242,7 @@ def test_save_load_round_trip_is_bitwise_and_keeps_meta(tmp_path, qmodel):
     fmap.save(path)
     back = FaultMap.load(path)
     assert back.bits == fmap.bits == {"fc1": 4, "fc2": 3, "fc3": 4}
-    assert back.meta == fm.to_dict() and FaultModel(**back.meta) == fm
+    assert back.meta == fm.to_dict() and FaultModel.from_dict(back.meta) == fm
     for name in fmap.layers:
         for i in range(2):
             assert back.layers[name][i].dtype == torch.uint8

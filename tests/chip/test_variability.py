@@ -228,7 +228,7 @@ def test_save_load_round_trip_is_bitwise_and_keeps_meta(tmp_path, qmodel):
     path = tmp_path / "var.pt"
     vmap.save(path)
     back = VariabilityMap.load(path)
-    assert back.meta == vm.to_dict() and VariabilityModel(**back.meta) == vm
+    assert back.meta == vm.to_dict() and VariabilityModel.from_dict(back.meta) == vm
     assert back.bits == vmap.bits == {"fc1": 2, "fc2": 4, "fc3": 4}
     for name in vmap.layers:
         for i in range(2):

@@ -21,8 +21,9 @@ from qfv_brevitas.core.convert import ConversionError
 from qfv_brevitas.chip.faults import FaultModel, attach_faults, sample_fault_map
 from qfv_brevitas.core.levels import level_table
 from qfv_brevitas.zoo.models import SmallCNN, build_model
+from qfv_brevitas.core.refit import refit_levels_
 from qfv_brevitas.studies.ptq import (PTQError, brevitas_uniform, float_state_dict, level_errors,
-                              quantize_post_training, refit_levels_)
+                              quantize_post_training)
 from qfv_brevitas.core.quantizers import (FixedLevelWeightQuant, LearnedStepWeightQuant,
                                      NMultWeightQuant, nmult_layers, quant_of)
 from qfv_brevitas.core.train import TrainConfig, evaluate, fit
