@@ -21,6 +21,7 @@ import onnx
 from onnx import numpy_helper
 
 from qfv_brevitas.export.ops import DOMAIN, OP_TYPE
+from qfv_brevitas.util.errors import QfvError
 
 __all__ = ["ALLOWED_DOMAINS", "check_domains", "graph_digest", "graph_problems",
            "compare_graphs"]
@@ -29,7 +30,7 @@ __all__ = ["ALLOWED_DOMAINS", "check_domains", "graph_digest", "graph_problems",
 ALLOWED_DOMAINS = ("", "ai.onnx", "qonnx.custom_op.general", DOMAIN)
 
 
-def check_domains(model: onnx.ModelProto, where: str, error=ValueError) -> None:
+def check_domains(model: onnx.ModelProto, where: str, error=QfvError) -> None:
     """Raise ``error`` if a node uses an op domain outside :data:`ALLOWED_DOMAINS`."""
     for n in model.graph.node:
         if n.domain not in ALLOWED_DOMAINS:

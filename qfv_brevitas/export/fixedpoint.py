@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from qfv_brevitas.core.levels import level_table
 from qfv_brevitas.core.quantizers import nmult_layers
 from qfv_brevitas.export.layers import LayerExport
+from qfv_brevitas.util.errors import QfvError
 
 __all__ = ["round_to_grid", "fixed_point_layer", "fixed_point_model", "choose_frac_bits",
            "int_bits", "MAX_FRAC_BITS"]
@@ -55,11 +56,11 @@ def fixed_point_layer(info: LayerExport, frac_bits: int) -> dict:
     description (integer width, signedness, multiplier and weight errors) and stores the
     deployed weights (``int * 2**-f``, float32) in ``info.extra``."""
     if not 0 <= int(frac_bits) <= MAX_FRAC_BITS:
-        raise ValueError(f"frac_bits must be in 0..{MAX_FRAC_BITS}, got {frac_bits}")
+        raise QfvError(f"frac_bits must be in 0..{MAX_FRAC_BITS}, got {frac_bits}")
     if info.lrs is not None or info.hrs is not None:
-        raise ValueError(f"layer {info.name!r} has a variability map attached: a device whose "
-                         "cells vary is not on a fixed-point grid; export it in the 'compact' or "
-                         "'bitplanes' form, or with device=False")
+        raise QfvError(f"layer {info.name!r} has a variability map attached: a device whose "
+                       "cells vary is not on a fixed-point grid; export it in the 'compact' or "
+                       "'bitplanes' form, or with device=False")
     f = int(frac_bits)
     s = 2.0 ** f
     mr = (info.r.double() * s).round()
@@ -68,8 +69,8 @@ def fixed_point_layer(info: LayerExport, frac_bits: int) -> dict:
     lo, hi = int(table.min()), int(table.max())
     bits, signed = int_bits(lo, hi)
     if bits > _MAX_INT_BITS:
-        raise ValueError(f"layer {info.name!r}: at frac_bits={f} its levels need {bits}-bit "
-                         f"integers (more than {_MAX_INT_BITS}); use fewer fractional bits")
+        raise QfvError(f"layer {info.name!r}: at frac_bits={f} its levels need {bits}-bit "
+                       f"integers (more than {_MAX_INT_BITS}); use fewer fractional bits")
     w = (info.lookup(table) / s).float()
     r_err = float((mr / s - info.r.double()).abs().max())
     c_err = float((mc / s - info.c.double()).abs().max())
@@ -103,7 +104,7 @@ def choose_frac_bits(model: nn.Module, layers: Sequence[LayerExport],
     (percentage points) below the model's own. Returns ``{"frac_bits", "accuracy",
     "reference_accuracy", "tried": {f: accuracy}}``; raises if no candidate qualifies."""
     if not max_drop >= 0:
-        raise ValueError(f"max accuracy drop must be >= 0 points, got {max_drop}")
+        raise QfvError(f"max accuracy drop must be >= 0 points, got {max_drop}")
     ref = 100.0 * accuracy(model)
     tried: Dict[int, float] = {}
     for f in (candidates if candidates is not None else range(0, MAX_FRAC_BITS + 1)):
@@ -118,6 +119,6 @@ def choose_frac_bits(model: nn.Module, layers: Sequence[LayerExport],
         tried[f] = acc
         if ref - acc <= max_drop:
             return {"frac_bits": f, "accuracy": acc, "reference_accuracy": ref, "tried": tried}
-    raise ValueError(f"no fractional width up to {max(tried) if tried else 0} keeps the accuracy "
-                     f"within {max_drop} points of {ref:.2f}% (tried {tried}); allow a larger "
-                     "drop or pass frac_bits")
+    raise QfvError(f"no fractional width up to {max(tried) if tried else 0} keeps the accuracy "
+                   f"within {max_drop} points of {ref:.2f}% (tried {tried}); allow a larger "
+                   "drop or pass frac_bits")

@@ -18,6 +18,7 @@ from qonnx.transformation.general import (GiveUniqueNodeNames, RemoveStaticGraph
 from qonnx.transformation.infer_shapes import InferShapes
 
 from qfv_brevitas.export.ops import OP_TYPE
+from qfv_brevitas.util.errors import QfvError
 
 __all__ = ["COMPUTE_OPS", "QUANT_OPS", "default_domain_first", "locate_layers", "rename_tensor",
            "unshare_weight_quants", "constant_tensors",
@@ -195,15 +196,15 @@ class LowerQuantToStandard(Transformation):
             mode = attrs.get("rounding_mode", b"ROUND")
             mode = (mode.decode() if isinstance(mode, bytes) else mode).upper()
             if mode not in self._ROUND:
-                raise ValueError(f"Quant node {node.name}: rounding mode {mode} has no standard "
-                                 "ONNX equivalent here")
+                raise QfvError(f"Quant node {node.name}: rounding mode {mode} has no standard "
+                               "ONNX equivalent here")
             bw = model.get_initializer(node.input[3])
             if bw is None:
-                raise ValueError(f"Quant node {node.name}: bit width is not a constant")
+                raise QfvError(f"Quant node {node.name}: bit width is not a constant")
             bw = float(np.asarray(bw))
             signed, narrow = int(attrs.get("signed", 1)), int(attrs.get("narrow", 0))
             if bw == 1 and signed:
-                raise ValueError(f"Quant node {node.name}: 1-bit signed (bipolar) is not lowered")
+                raise QfvError(f"Quant node {node.name}: 1-bit signed (bipolar) is not lowered")
             lo = (-(2 ** (bw - 1)) + narrow) if signed else 0.0
             hi = (2 ** (bw - 1) - 1) if signed else (2 ** bw - 1 - narrow)
             x, s, z = node.input[0], node.input[1], node.input[2]
@@ -256,7 +257,7 @@ def to_onnxruntime(model: onnx.ModelProto) -> onnx.ModelProto:
     mw = mw.transform(RemoveUnusedTensors())
     left = sorted({n.op_type for n in mw.graph.node if n.domain not in ("", "ai.onnx")})
     if left:
-        raise ValueError(f"ops {left} have no onnxruntime equivalent")
+        raise QfvError(f"ops {left} have no onnxruntime equivalent")
     keep = [o for o in mw.model.opset_import if o.domain in ("", "ai.onnx")]
     del mw.model.opset_import[:]
     mw.model.opset_import.extend(keep)

@@ -21,6 +21,8 @@ from onnx import TensorProto, helper
 from qonnx.core.datatype import DataType
 from qonnx.custom_op.base import CustomOp
 
+from qfv_brevitas.util.errors import QfvError
+
 __all__ = ["NMultWeight", "nmult_weight", "DOMAIN", "OP_TYPE", "OP_VERSION"]
 
 DOMAIN = "qfv_brevitas.export.ops"
@@ -57,15 +59,15 @@ def nmult_weight(codes: np.ndarray, r: np.ndarray, c: np.ndarray, axis: int = -1
     r = np.asarray(r, dtype=np.float32)
     c = np.asarray(c, dtype=np.float32)
     if r.ndim != 2 or c.ndim != 1 or r.shape[0] != c.shape[0]:
-        raise ValueError(f"NMultWeight: r must be (G, N) and c (G,), got {r.shape} and {c.shape}")
+        raise QfvError(f"NMultWeight: r must be (G, N) and c (G,), got {r.shape} and {c.shape}")
     G, N = r.shape
     if axis < 0 and G != 1:
-        raise ValueError(f"NMultWeight: {G} rows of r need a channel axis (axis = -1 means one)")
+        raise QfvError(f"NMultWeight: {G} rows of r need a channel axis (axis = -1 means one)")
     if axis >= 0 and (axis >= codes.ndim or codes.shape[axis] != G):
-        raise ValueError(f"NMultWeight: r has {G} rows but the codes {codes.shape} have no axis "
-                         f"{axis} of that length")
+        raise QfvError(f"NMultWeight: r has {G} rows but the codes {codes.shape} have no axis "
+                       f"{axis} of that length")
     if codes.size and int(codes.max()) >= (1 << N):
-        raise ValueError(f"NMultWeight: a code exceeds the {N}-bit range")
+        raise QfvError(f"NMultWeight: a code exceeds the {N}-bit range")
     k = np.arange(1 << N)
     b = ((k[:, None] >> np.arange(N)) & 1).astype(np.float32)  # (2**N, N), LSB first
     table = c[:, None] + r[:, :1] * b[:, 0]
@@ -127,8 +129,8 @@ class NMultWeight(CustomOp):
         codes, r, c, lrs, hrs = ins
         bits = self.get_nodeattr("bit_width")
         if r.shape[-1] != bits:
-            raise ValueError(f"NMultWeight {node.name}: bit_width {bits} but r has "
-                             f"{r.shape[-1]} columns")
+            raise QfvError(f"NMultWeight {node.name}: bit_width {bits} but r has "
+                           f"{r.shape[-1]} columns")
         context[node.output[0]] = nmult_weight(codes, r, c, self.get_nodeattr("axis"), lrs, hrs)
 
     def verify_node(self):

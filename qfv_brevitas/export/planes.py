@@ -32,6 +32,7 @@ from onnx import helper, numpy_helper
 
 from qfv_brevitas.export import fixedpoint as FX
 from qfv_brevitas.export.layers import LayerExport
+from qfv_brevitas.util.errors import QfvError
 
 __all__ = ["check_layer", "planes_layer", "split_into_planes", "file_weights", "memory_bits",
            "PLANE_OPS"]
@@ -54,14 +55,14 @@ def check_layer(info: LayerExport) -> None:
     variability map (every cell has its own factor, not one per plane and channel), or
     multipliers along another axis than the output channels."""
     if info.lrs is not None or info.hrs is not None:
-        raise ValueError(
+        raise QfvError(
             f"layer {info.name!r} has a variability map attached: in the plane-parallel form "
             "each plane is scaled by one integer multiplier per output channel, but a varying "
             "device gives every cell its own factor, which no per-channel multiplier "
             "expresses; export it in the 'compact' or 'bitplanes' form, or with device=False")
     if info.axis not in (-1, 0):
-        raise ValueError(f"layer {info.name!r}: multipliers along weight axis {info.axis}; the "
-                         "plane-parallel form scales output channels (axis 0) only")
+        raise QfvError(f"layer {info.name!r}: multipliers along weight axis {info.axis}; the "
+                       "plane-parallel form scales output channels (axis 0) only")
 
 
 @torch.no_grad()
@@ -147,14 +148,14 @@ def split_into_planes(model: onnx.ModelProto, layers: Sequence[LayerExport]) -> 
         if len(users) != 1 or users[0].op_type not in PLANE_OPS or \
                 list(users[0].input).index(wname) != 1:
             ops = sorted({n.op_type for n in users}) or ["nothing"]
-            raise ValueError(
+            raise QfvError(
                 f"layer {info.name!r}: its weights feed {', '.join(ops)}; the plane-parallel "
                 f"form splits {' and '.join(PLANE_OPS)} layers only (Conv1d/2d/3d, Linear)")
         node = users[0]
         if node.op_type == "Gemm" and (_attr(node, "transB", 0) != 1 or _attr(node, "transA", 0)
                                        or _attr(node, "alpha", 1.0) != 1.0):
-            raise ValueError(f"layer {info.name!r}: a Gemm other than x @ W.T (+ b) is not "
-                             "supported by the plane-parallel form")
+            raise QfvError(f"layer {info.name!r}: a Gemm other than x @ W.T (+ b) is not "
+                           "supported by the plane-parallel form")
         _split_layer(model, node, info, row)
     _remove_dead_nodes(model)
     return model
@@ -262,11 +263,11 @@ def _split_layer(model: onnx.ModelProto, node: onnx.NodeProto, info: LayerExport
         if op == "Conv":  # Conv's B is (O,): broadcast it over the output's channel axis
             arr = _initializer(g, bias)
             if arr is None:
-                raise ValueError(f"layer {L!r}: its bias is not a constant")
+                raise QfvError(f"layer {L!r}: its bias is not a constant")
             b = _init(g, f"{L}.planes_bias", arr.reshape(bshape))
         elif _attr(node, "beta", 1.0) != 1.0:
-            raise ValueError(f"layer {L!r}: a Gemm with beta != 1 is not supported by the "
-                             "plane-parallel form")
+            raise QfvError(f"layer {L!r}: a Gemm with beta != 1 is not supported by the "
+                           "plane-parallel form")
         new.append(helper.make_node("Add", [f"{L}.out_scaled", b], [out], name=f"{L}.bias_add"))
     pos = list(g.node).index(node)
     g.node.remove(node)

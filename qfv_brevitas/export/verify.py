@@ -103,8 +103,8 @@ def reference_weights(model: nn.Module, info: dict) -> Dict[str, Tensor]:
     for row in info["layers"]:
         layer = mods.get(row["layer"])
         if layer is None:
-            raise ValueError(f"the model has no layer {row['layer']!r} from the file: is it the "
-                             "model that was exported?")
+            raise QfvError(f"the model has no layer {row['layer']!r} from the file: is it the "
+                           "model that was exported?")
         proxy = layer.weight_quant
         # The quantizer itself (eval: snapped, or the device's values), not the proxy, whose
         # output type depends on Brevitas' quant-tensor settings.

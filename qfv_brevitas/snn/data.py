@@ -17,6 +17,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from qfv_brevitas.zoo.data import DataError, load_dataset, load_digits_split
 from qfv_brevitas.snn.neurons import rate_encode
+from qfv_brevitas.util.errors import QfvError
 
 __all__ = ["SNN_DATASETS", "NEUROMORPHIC", "SNNData", "rate_coded_digits", "synthetic_events",
            "ResizeFrames", "load_neuromorphic", "stratified_split", "load_snn_dataset"]
@@ -91,17 +92,17 @@ def synthetic_events(num_samples: int = 256, T: int = 4, size: int = 16, num_cla
     ((8, 3, 2, 12, 12), [0, 1, 2, 3])
     """
     if not 1 <= int(num_classes) <= len(_DIRECTIONS):
-        raise ValueError(f"num_classes must lie in 1..{len(_DIRECTIONS)}, got {num_classes}")
+        raise QfvError(f"num_classes must lie in 1..{len(_DIRECTIONS)}, got {num_classes}")
     if int(T) < 1:
-        raise ValueError(f"T must be >= 1 time steps, got {T}")
+        raise QfvError(f"T must be >= 1 time steps, got {T}")
     if int(num_samples) < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        raise QfvError(f"num_samples must be >= 1, got {num_samples}")
     if not 0 <= noise < 1:
-        raise ValueError(f"noise must lie in [0, 1), got {noise}")
+        raise QfvError(f"noise must lie in [0, 1), got {noise}")
     span = 2 * (T - 1) + 3  # the square's travel at the top speed
     if size < span + 2:
-        raise ValueError(f"size {size} is too small for T={T}: the square travels {span} "
-                         f"pixels; use size >= {span + 2}")
+        raise QfvError(f"size {size} is too small for T={T}: the square travels {span} "
+                       f"pixels; use size >= {span + 2}")
     rng = np.random.default_rng(seed)
     x = np.zeros((num_samples, T, 2, size, size), dtype=np.float32)
     y = np.arange(num_samples) % num_classes  # balanced classes
@@ -133,7 +134,7 @@ class ResizeFrames:
 
     def __init__(self, size: int = 48):
         if int(size) < 1:
-            raise ValueError(f"frame size must be >= 1, got {size}")
+            raise QfvError(f"frame size must be >= 1, got {size}")
         self.size = int(size)
 
     def __call__(self, frames) -> torch.Tensor:
@@ -153,7 +154,7 @@ def stratified_split(targets: Sequence[int], train_fraction: float = 0.9, seed: 
     (18, 2, True)
     """
     if not 0 < train_fraction < 1:
-        raise ValueError(f"train_fraction must lie strictly between 0 and 1, got {train_fraction}")
+        raise QfvError(f"train_fraction must lie strictly between 0 and 1, got {train_fraction}")
     targets = np.asarray(list(targets))
     rng = np.random.default_rng(seed)
     train, test = [], []
@@ -262,10 +263,10 @@ def load_neuromorphic(name: str, root: PathLike, T: int = 10, size: int = 48,
     with ``SpikingConfig(T=T, encoding="none", layout="batch_first")``.
     """
     if name not in NEUROMORPHIC:
-        raise ValueError(f"unknown neuromorphic data set {name!r}; choose one of "
-                         f"{', '.join(NEUROMORPHIC)}")
+        raise QfvError(f"unknown neuromorphic data set {name!r}; choose one of "
+                       f"{', '.join(NEUROMORPHIC)}")
     if isinstance(T, bool) or int(T) < 1:
-        raise ValueError(f"T must be >= 1 frames, got {T!r}")
+        raise QfvError(f"T must be >= 1 frames, got {T!r}")
     root = Path(root).expanduser()
     download = _check_layout(name, root, int(T))
     cls = _dataset_class(name)
@@ -303,7 +304,7 @@ def load_snn_dataset(name: str, data_dir: Optional[PathLike] = None, seed: int =
                        True)
     if name in NEUROMORPHIC:
         if data_dir is None:
-            raise ValueError(f"data set {name!r} needs data_dir: the folder spikingjelly "
-                             "manages for it (with events_np/ or download/)")
+            raise QfvError(f"data set {name!r} needs data_dir: the folder spikingjelly "
+                           "manages for it (with events_np/ or download/)")
         return load_neuromorphic(name, data_dir, T=T, size=size, seed=seed)
-    raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(SNN_DATASETS)}")
+    raise QfvError(f"unknown data set {name!r}; choose one of {', '.join(SNN_DATASETS)}")

@@ -12,7 +12,7 @@ from qfv_brevitas.core.config import NMultConfig
 from qfv_brevitas.core.convert import ConversionError, quantize_model, set_submodule
 from qfv_brevitas.snn.config import SpikingConfig
 from qfv_brevitas.snn.neurons import LIF, rate_encode, spikingjelly
-from qfv_brevitas.util.errors import QfvError
+from qfv_brevitas.util.errors import QfvError, QfvTypeError
 
 __all__ = ["SpikingNet", "to_spiking", "snn_export_metadata", "lif_layers", "spiking_net"]
 
@@ -80,12 +80,12 @@ class SpikingNet(nn.Module):
         """The time-first sequence ``(T, N, *sample)`` the network runs on for input ``x``."""
         cfg = self.config
         if not isinstance(x, Tensor):
-            raise TypeError(f"a spiking model takes a tensor, got {type(x).__name__}")
+            raise QfvTypeError(f"a spiking model takes a tensor, got {type(x).__name__}")
         nd, sample = cfg.sample_ndim, _sample_desc(cfg.sample_ndim)
         seq_desc = f"(T, N, {sample})" if cfg.layout == "time_first" else f"(N, T, {sample})"
         if x.dim() == nd + 1:
             if cfg.encoding == "none":
-                raise ValueError(
+                raise QfvError(
                     f"this spiking model takes sequences {seq_desc} (layout={cfg.layout!r}, "
                     f"T={cfg.T}) but got a static batch of shape {tuple(x.shape)}, read as "
                     f"(N, {sample}); encode it first (rate_encode(x, T)) or build the model "
@@ -100,8 +100,8 @@ class SpikingNet(nn.Module):
             seq = x if cfg.layout == "time_first" else x.transpose(0, 1)
             t = seq.shape[0]
             if t == 0:
-                raise ValueError(f"input of shape {tuple(x.shape)}, read as {seq_desc}, has "
-                                 "T = 0 time steps; a spiking model needs at least one")
+                raise QfvError(f"input of shape {tuple(x.shape)}, read as {seq_desc}, has "
+                               "T = 0 time steps; a spiking model needs at least one")
             if t != cfg.T:
                 other = x.shape[1] if cfg.layout == "time_first" else x.shape[0]
                 if other == cfg.T:
@@ -111,13 +111,13 @@ class SpikingNet(nn.Module):
                             f"with SpikingConfig(layout={swap!r})")
                 else:
                     hint = f"; to run the model at {t} steps set model.T = {t}"
-                raise ValueError(f"input of shape {tuple(x.shape)}, read as {seq_desc}, has "
-                                 f"T={t} time steps but the model runs T={cfg.T}{hint}")
+                raise QfvError(f"input of shape {tuple(x.shape)}, read as {seq_desc}, has "
+                               f"T={t} time steps but the model runs T={cfg.T}{hint}")
             return seq
         static = "" if cfg.encoding == "none" else f"a static batch (N, {sample}) or "
-        raise ValueError(f"this spiking model takes {static}a sequence {seq_desc}, got a "
-                         f"{x.dim()}-D input of shape {tuple(x.shape)}; set "
-                         "SpikingConfig(sample_ndim=...) if one sample is not C, H, W")
+        raise QfvError(f"this spiking model takes {static}a sequence {seq_desc}, got a "
+                       f"{x.dim()}-D input of shape {tuple(x.shape)}; set "
+                       "SpikingConfig(sample_ndim=...) if one sample is not C, H, W")
 
     def forward(self, x: Tensor) -> Tensor:
         seq = self.to_sequence(x)
@@ -196,7 +196,7 @@ def to_spiking(model: nn.Module, config: Optional[SpikingConfig] = None,
     """
     cfg = config or SpikingConfig()
     if not isinstance(model, nn.Module):
-        raise TypeError(f"to_spiking takes an nn.Module, got {type(model).__name__}")
+        raise QfvTypeError(f"to_spiking takes an nn.Module, got {type(model).__name__}")
     if isinstance(model, SpikingNet) or lif_layers(model):
         raise ConversionError("the model is already spiking; to quantize it, call "
                               "quantize_model(model, NMultConfig(act_bits=None))")

@@ -9,12 +9,17 @@ import torch
 from torch import Tensor, nn
 
 from qfv_brevitas.snn.config import SpikingConfig
+from qfv_brevitas.util.errors import QfvError
 
 __all__ = ["spikingjelly", "LIF", "rate_encode", "SNNDependencyError"]
 
 
 class SNNDependencyError(ImportError):
-    """spikingjelly (the ``snn`` extra) is not installed."""
+    """spikingjelly (the ``snn`` extra) is not installed.
+
+    Not a :class:`~qfv_brevitas.util.errors.QfvError`: nothing the caller passed is wrong, the
+    environment lacks an optional package, so it is an ``ImportError`` as Python code expects
+    (``except ImportError`` around optional features); its message is the install hint."""
 
 
 _SJ = None
@@ -117,11 +122,11 @@ def rate_encode(x: Tensor, T: int, generator: Optional[torch.Generator] = None) 
     (torch.Size([3, 1, 2]), [[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
     """
     if isinstance(T, bool) or int(T) != T or T < 1:
-        raise ValueError(f"rate coding needs T >= 1 time steps, got {T!r}")
+        raise QfvError(f"rate coding needs T >= 1 time steps, got {T!r}")
     if x.numel() and (not torch.isfinite(x).all() or float(x.min()) < 0 or float(x.max()) > 1):
         lo, hi = float(x.min()), float(x.max())
-        raise ValueError(f"rate coding needs intensities in [0, 1], got values in [{lo:g}, "
-                         f"{hi:g}]; scale the inputs to [0, 1] or use encoding='direct'")
+        raise QfvError(f"rate coding needs intensities in [0, 1], got values in [{lo:g}, "
+                       f"{hi:g}]; scale the inputs to [0, 1] or use encoding='direct'")
     u = torch.rand((int(T),) + tuple(x.shape), generator=generator, device=x.device,
                    dtype=x.dtype if x.is_floating_point() else torch.float32)
     return (u < x).to(u.dtype)

@@ -25,14 +25,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from qfv_brevitas.util.progress import RunProgress
+from qfv_brevitas.util.errors import QfvError
 
 __all__ = ["run_tasks", "init_distributed", "check_workers"]
 
 
 def check_workers(workers) -> int:
     if isinstance(workers, bool) or not float(workers).is_integer() or int(workers) < 1:
-        raise ValueError(f"workers must be an integer >= 1 (processes on this machine), got "
-                         f"{workers!r}")
+        raise QfvError(f"workers must be an integer >= 1 (processes on this machine), got "
+                       f"{workers!r}")
     return int(workers)
 
 
@@ -55,9 +56,9 @@ def _shard(n: int, distributed: bool) -> List[int]:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("distributed=True needs an initialised torch.distributed process group "
-                         "(run under torchrun and call qfv_brevitas.util.parallel.init_distributed() "
-                         "or torch.distributed.init_process_group first)")
+        raise QfvError("distributed=True needs an initialised torch.distributed process group "
+                       "(run under torchrun and call qfv_brevitas.util.parallel.init_distributed() "
+                       "or torch.distributed.init_process_group first)")
     rank, world = dist.get_rank(), dist.get_world_size()
     return list(range(rank, n, world))
 
@@ -74,11 +75,11 @@ def _local(tasks: Sequence[int], fn: Callable[[int], Any], workers: int,
     import multiprocessing as mp
 
     if "fork" not in mp.get_all_start_methods():
-        raise ValueError("workers > 1 needs the 'fork' start method (Linux, macOS); on this "
-                         "system run the trials in one process, or over ranks with torchrun")
+        raise QfvError("workers > 1 needs the 'fork' start method (Linux, macOS); on this "
+                       "system run the trials in one process, or over ranks with torchrun")
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        raise ValueError("workers > 1 cannot fork a process that uses CUDA; launch one process "
-                         "per GPU with torchrun instead (distributed=True)")
+        raise QfvError("workers > 1 cannot fork a process that uses CUDA; launch one process "
+                       "per GPU with torchrun instead (distributed=True)")
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     workers = min(workers, len(tasks))

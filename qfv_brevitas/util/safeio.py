@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, 
 
 import torch
 
-from qfv_brevitas.util.errors import OutputError
+from qfv_brevitas.util.errors import OutputError, QfvTypeError
 
 __all__ = ["check_output", "atomic_path", "atomic_paths", "atomic_write", "atomic_dir",
            "torch_save", "same_path", "content_digest", "deferred_interrupts"]
@@ -292,8 +292,8 @@ def _feed(h, obj: Any, where: str) -> None:
     elif isinstance(obj, str):
         h.update(f"S{len(obj)}|{obj}".encode())
     else:
-        raise TypeError(f"{where}: a {type(obj).__name__} cannot be stored (tensors, numbers, "
-                        "strings, lists and dicts only)")
+        raise QfvTypeError(f"{where}: a {type(obj).__name__} cannot be stored (tensors, numbers, "
+                           "strings, lists and dicts only)")
 
 
 def content_digest(payload: dict) -> str:

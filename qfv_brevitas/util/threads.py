@@ -14,6 +14,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from qfv_brevitas.util.errors import QfvError
+
 __all__ = ["SMALL_STEP_MACS", "forward_macs", "auto_threads", "set_threads", "parse_threads"]
 
 #: Below this many multiply-accumulates per forward pass of a training batch, one thread.
@@ -69,7 +71,7 @@ def parse_threads(text: Union[str, int, None]) -> Optional[int]:
     except (TypeError, ValueError):
         n = 0
     if n < 1:
-        raise ValueError(f"--threads must be 'auto' or an integer >= 1, got {text!r}")
+        raise QfvError(f"--threads must be 'auto' or an integer >= 1, got {text!r}")
     return n
 
 

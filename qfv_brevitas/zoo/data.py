@@ -76,7 +76,7 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.2) -> Tuple[Tensor
         test_fraction: share of the samples put in the test set, strictly between 0 and 1.
     """
     if not isinstance(test_fraction, (int, float)) or not 0.0 < float(test_fraction) < 1.0:
-        raise ValueError(f"test_fraction must be strictly between 0 and 1, got {test_fraction!r}")
+        raise QfvError(f"test_fraction must be strictly between 0 and 1, got {test_fraction!r}")
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -88,7 +88,7 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.2) -> Tuple[Tensor
             x, y, test_size=float(test_fraction), random_state=seed, stratify=y
         )
     except ValueError as exc:  # e.g. a test set smaller than the number of classes
-        raise ValueError(
+        raise QfvError(
             f"cannot split the digits data set with test_fraction={test_fraction!r}: {exc}; "
             "choose a test_fraction that leaves at least one sample per class on each side"
         ) from exc
@@ -352,12 +352,12 @@ def load_dataset(
         num_classes = 10
     elif name == "idx":
         if data_dir is None:
-            raise ValueError(
+            raise QfvError(
                 "data set 'idx' needs data_dir: the folder holding the MNIST-family IDX files "
                 f"({', '.join(IDX_FILES)}, optionally .gz) or its torchvision root"
             )
         train, test, num_classes = load_idx_split(data_dir, seed=seed)
     else:
-        raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+        raise QfvError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     c, h, w = train.tensors[0].shape[1:]
     return train, test, num_classes, (int(c), int(h), int(w))
