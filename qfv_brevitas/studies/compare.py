@@ -79,7 +79,7 @@ class Scenario:
     >>> Scenario("bitflip", 0.01)
     Traceback (most recent call last):
     ...
-    ValueError: unknown scenario kind 'bitflip'; choose one of faults, bitflips, variability
+    qfv_brevitas.util.errors.QfvError: unknown scenario kind 'bitflip'; choose one of faults, bitflips, variability
     """
 
     kind: str
