@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from qfv_brevitas.zoo.data import DataError, load_dataset, load_digits_split
+from qfv_brevitas.snn.config import SpikingConfig
 from qfv_brevitas.snn.neurons import rate_encode
 from qfv_brevitas.util.errors import QfvError
 
@@ -48,7 +49,7 @@ class SNNData(NamedTuple):
     temporal: bool  # samples carry their own time axis (N, T, C, H, W batches)
 
 
-def rate_coded_digits(seed: int = 0, T: int = 4, encode_seed: int = 0
+def rate_coded_digits(seed: int = 0, T: int = SpikingConfig.T, encode_seed: int = 0
                       ) -> Tuple[TensorDataset, TensorDataset]:
     """scikit-learn's digits (split as :func:`qfv_brevitas.zoo.data.load_digits_split`) turned into
     fixed rate-coded spike trains: samples of shape ``(T, 1, 8, 8)`` with values in {0, 1}
@@ -80,7 +81,7 @@ def _square(size: int, cx: int, cy: int, half: int) -> np.ndarray:
 _DIRECTIONS = ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, -1), (1, -1), (-1, 1))
 
 
-def synthetic_events(num_samples: int = 256, T: int = 4, size: int = 16, num_classes: int = 4,
+def synthetic_events(num_samples: int = 256, T: int = SpikingConfig.T, size: int = 16, num_classes: int = 4,
                      seed: int = 0, noise: float = 0.01) -> TensorDataset:
     """Small event-camera-like data: a 3x3 square moving one of ``num_classes`` directions
     (right, left, down, up, then the diagonals) at 1 or 2 pixels per step. Each frame has two

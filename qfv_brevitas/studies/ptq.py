@@ -175,8 +175,9 @@ class PTQResult:
 
 
 def quantize_post_training(source: Union[nn.Module, Mapping, str, Path], bits: int,
-                           per_channel: bool = False, *, model: Optional[nn.Module] = None,
-                           first_last_bits: Optional[int] = 8, data=None,
+                           per_channel: bool = NMultConfig.per_channel, *,
+                           model: Optional[nn.Module] = None,
+                           first_last_bits: Optional[int] = NMultConfig.first_last_bits, data=None,
                            example_input: Optional[Tensor] = None, skip: Sequence[str] = (),
                            lloyd: bool = True, baseline: Optional[str] = "max",
                            batch_size: int = 512) -> PTQResult:
@@ -303,8 +304,9 @@ def float_model_of_checkpoint(path: Union[str, Path]):
     return fp, info
 
 
-def brevitas_uniform(model: nn.Module, weight_bits: int, per_channel: bool = False,
-                     act_bits: Optional[int] = None, first_last_bits: Optional[int] = 8,
+def brevitas_uniform(model: nn.Module, weight_bits: int,
+                     per_channel: bool = NMultConfig.per_channel, act_bits: Optional[int] = None,
+                     first_last_bits: Optional[int] = NMultConfig.first_last_bits,
                      example_input: Optional[Tensor] = None, scale: str = "max",
                      skip: Sequence[str] = ()) -> nn.Module:
     """The stock Brevitas baseline for a plain torch model: the same layers as

@@ -20,7 +20,7 @@ from torch import nn
 
 from qfv_brevitas.core.config import NMultConfig
 from qfv_brevitas.core.convert import quantize_model, unsigned_input_layers
-from qfv_brevitas.util.configbase import VERSION_KEY
+from qfv_brevitas.util.configbase import VERSION_KEY, QfvConfig
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.zoo.models import build_model
 from qfv_brevitas.util.safeio import content_digest, torch_save
@@ -41,8 +41,11 @@ class CheckpointError(QfvError):
 
 
 def _plain(value: Any, where: str) -> Any:
-    """``value`` with numpy scalars and dataclasses made plain (what weights_only loads)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    """``value`` with numpy scalars and dataclasses made plain (what weights_only loads); a
+    configuration (:class:`~qfv_brevitas.util.configbase.QfvConfig`) as its ``to_dict()``."""
+    if isinstance(value, QfvConfig):
+        value = value.to_dict()
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = dataclasses.asdict(value)
     if isinstance(value, dict):
         return {k: _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
