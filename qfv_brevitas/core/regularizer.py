@@ -16,7 +16,7 @@ from qfv_brevitas.core.config import LambdaSchedule
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.core.levels import qp, sync_free
 from qfv_brevitas.core.quantizers import nmult_layers, quant_of
-from qfv_brevitas.core.shapes import check_shape, check_width, layer_distance
+from qfv_brevitas.core.shapes import check_shape, check_width
 
 __all__ = ["layer_factor", "regularization_loss", "QuantRegularizer", "LambdaSchedule"]
 
@@ -69,7 +69,7 @@ def _loss_terms(model: nn.Module, shape: str = "sq", width: float = 0.25
         if not tq.uses_regularizer:
             continue
         w = layer.weight
-        dist = tq._distance(w) if shape == "sq" else layer_distance(tq, w, shape, width)
+        dist = tq.distance_unchecked(w, shape, width)
         term = layer_factor(w.numel(), tq.bits) * dist
         total = term if total is None else total + term
         terms[name] = term.detach()

@@ -44,7 +44,7 @@ from qfv_brevitas.core import levels as L
 
 __all__ = ["SHAPES", "DEFAULT_WIDTH", "check_shape", "check_width", "shape_terms",
            "shaped_distance_to_levels", "neighbour_codes", "deployed_shaped_distance",
-           "layer_distance"]
+           ]
 
 #: Regularizer shapes by name.
 SHAPES = ("sq", "gauss", "sin")
@@ -406,27 +406,3 @@ def deployed_shaped_distance(w2d: Tensor, r: Tensor, c: Tensor, codes: Tensor,
                            sa0, sa1)
     nb = neighbour_codes(w2d.detach(), r, c, forced, sa0, sa1, lrs, hrs)
     return _DeployedShapedDistance.apply(w2d, r, c, forced, nb, lrs, hrs, shape, width)
-
-
-def layer_distance(tq, w: Tensor, shape: str = "sq", width: float = DEFAULT_WIDTH) -> Tensor:
-    """One layer's regularizer term (without its factor) with a shape: what
-    :meth:`NMultTensorQuant.distance` computes for ``"sq"``, over the ideal grid or, with a
-    fault/variability map attached, over the levels each weight can actually take."""
-    check_shape(shape)
-    if shape == "sq":
-        return tq.distance(w)
-    tq.check_weight(w)
-    w2d = tq.to_groups(w)
-    where = f"layer {tq.layer_name!r}" if tq.layer_name else "layer"
-    L.check_finite(w2d, f"weights of {tq.layer_name or 'layer'}")
-    dev = tq.device_state()
-    if dev is None:
-        out = shaped_distance_to_levels(w2d, tq.levels(), shape, width, where)
-    else:
-        r, c = tq.multipliers(), tq.offset()
-        codes = D.aware_codes(w2d.detach(), r, c, dev.sa0, dev.sa1, dev.lrs, dev.hrs)
-        out = deployed_shaped_distance(w2d, r, c, codes, dev.sa0, dev.sa1, dev.lrs, dev.hrs,
-                                       shape, width, where)
-    if not torch.isfinite(out):
-        raise ValueError(f"levels of {tq.layer_name or 'layer'} are not finite: r/c diverged")
-    return out

@@ -34,8 +34,7 @@ class PTQError(QfvError):
 
 
 def _has_device_map(layer: nn.Module) -> bool:
-    proxy = layer.weight_quant
-    return bool(proxy.has_faults or proxy.has_variability)
+    return layer.weight_quant.chip.has_maps
 
 
 @torch.no_grad()

@@ -122,7 +122,7 @@ def test_deepcopy_keeps_maps_with_their_copy():
     c = copy.deepcopy(m)
     layer = c[0]
     sa1 = torch.full_like(layer.weight, 0b1000, dtype=torch.uint8)
-    layer.weight_quant.set_faults(torch.zeros_like(sa1), sa1)
+    layer.weight_quant.chip.set_faults(torch.zeros_like(sa1), sa1)
     assert torch.equal(m(x), clean)
     assert not torch.equal(c(x), clean)
     top = quant_of(layer).levels()[0, 8:].detach()

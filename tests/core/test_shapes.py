@@ -24,7 +24,7 @@ from qfv_brevitas.core.quantizers import (LearnedStepWeightQuant, NMultWeightPer
                                      NMultWeightQuant, nmult_layers, quant_of)
 from qfv_brevitas.core.regularizer import QuantRegularizer
 from qfv_brevitas.core.shapes import (DEFAULT_WIDTH, SHAPES, deployed_shaped_distance,
-                                 layer_distance, shape_terms, shaped_distance_to_levels)
+                                 shape_terms, shaped_distance_to_levels)
 from qfv_brevitas.core.config import LambdaSchedule
 from qfv_brevitas.core.train import TrainConfig, fit
 
@@ -382,7 +382,7 @@ def test_layer_distance_uses_the_fault_map_when_one_is_attached():
     for shape in SHAPED:
         want = sum(brute_term(float(w2d[g, j]), deployable(r, c, g, j, 3, g0, g1, None, None),
                               shape) for g in range(w2d.shape[0]) for j in range(w2d.shape[1]))
-        got = layer_distance(tq, layer.weight, shape).detach()
+        got = tq.distance(layer.weight, shape).detach()
         assert float(got) == pytest.approx(want, rel=1e-10)
 
 
