@@ -31,8 +31,9 @@ import torch
 from torch import Tensor, nn
 
 from qfv_brevitas.core import device as D
+from qfv_brevitas.core import distance as DI
 from qfv_brevitas.core import levels as L
-from qfv_brevitas.core import shapes as S
+from qfv_brevitas.core import search as S
 from qfv_brevitas.core.groups import GroupLayout
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.util.validate import check_choice
@@ -167,7 +168,7 @@ class Chip(nn.Module):
         """The programmed code of each weight (int64): its nearest ideal level's, or with
         maps and ``mapping="aware"`` the code whose deployed value is nearest."""
         if not self.has_maps:
-            return L.nearest(w2d, L.level_table(r, c))[1]
+            return S.nearest(w2d, L.level_table(r, c))[1]
         if self.mapping == "aware":
             return D.aware_codes(w2d, r, c, *self.maps())
         return D.naive_codes(w2d, r.detach(), c.detach())
@@ -201,7 +202,7 @@ class Chip(nn.Module):
     def snap(self, w2d: Tensor, r: Tensor, c: Tensor) -> Tensor:
         """Each weight's deployed value, as programmed and held (no gradient, no bit flips)."""
         if not self.has_maps:
-            return L.nearest(w2d, L.level_table(r, c))[0]
+            return S.nearest(w2d, L.level_table(r, c))[0]
         return self.values(self.codes(w2d, r, c), r, c)
 
     @torch.no_grad()
@@ -215,11 +216,11 @@ class Chip(nn.Module):
         """Training through the chip (bit flips included): the values read carry the exact
         gradient to ``r`` and ``c`` and a straight-through one to the weights."""
         if self.is_ideal:
-            return L.snap_ste(w2d, L.level_table(r, c))
+            return S.snap_ste(w2d, L.level_table(r, c))
         return self._read_values(w2d.detach(), r, c) + (w2d - w2d.detach())
 
     def distance(self, w2d: Tensor, r: Tensor, c: Tensor, shape: str = "sq",
-                 width: float = S.DEFAULT_WIDTH) -> Tensor:
+                 width: float = DI.DEFAULT_WIDTH) -> Tensor:
         """``sum_i rho(w_i, q_i)`` over the layer, ``q_i`` the nearest value weight ``i`` can
         reach on this chip and ``rho`` the regularizer shape (``"sq"``: paper eq. 6/7 and, with
         maps, eq. 11/12). Not checked for finiteness (the caller checks the sum once)."""
@@ -227,22 +228,15 @@ class Chip(nn.Module):
         if shape != "sq":
             L.check_finite(w2d, where)
         if not self.has_maps:
-            levels = L.level_table(r, c)
-            if shape == "sq":
+            try:
                 # No separate finiteness pass on this hot path: a NaN/inf weight makes the sum
                 # non-finite (or the search reject it), and is reported by the caller.
-                try:
-                    return L.sq_distance_to_levels(w2d, levels)
-                except ValueError:
-                    L.check_finite(w2d, where)
-                    raise
-            return S.shaped_distance_to_levels(w2d, levels, shape, width, self.where)
-        maps = self.maps()
-        if shape == "sq":
-            # Search and distance in one call (one pass on the CPU kernels).
-            return D.aware_sq_distance(w2d, r, c, *maps, where=where)
-        codes = D.aware_codes(w2d.detach(), r, c, *maps)
-        return S.deployed_shaped_distance(w2d, r, c, codes, *maps, shape, width, self.where)
+                return DI.ideal_distance(w2d, L.level_table(r, c), shape, width, self.where)
+            except ValueError:
+                L.check_finite(w2d, where)
+                raise
+        return DI.chip_distance(w2d, r, c, *self.maps(), shape=shape, width=width,
+                                where=where if shape == "sq" else self.where)
 
     # -- state -----------------------------------------------------------------------------
     def get_extra_state(self):

@@ -23,7 +23,8 @@ from qfv_brevitas.core import levels as L
 from qfv_brevitas.core.chip import Chip
 from qfv_brevitas.core.config import INITS, MODES, VARIANTS, check_choice
 from qfv_brevitas.core.groups import GroupLayout
-from qfv_brevitas.core.shapes import DEFAULT_WIDTH
+from qfv_brevitas.core.search import sync_free
+from qfv_brevitas.core.distance import DEFAULT_WIDTH
 
 __all__ = [
     "NMultTensorQuant",
@@ -196,7 +197,7 @@ class NMultTensorQuant(nn.Module):
         w2d = self.to_groups(w)
         # In a GPU training step the check would be a host sync per layer; there a NaN weight
         # reaches the output through the straight-through term and fit reports it per epoch.
-        if not (training and L.sync_free(w2d)):
+        if not (training and sync_free(w2d)):
             L.check_finite(w2d, f"weights of {self.layer_name or 'layer'}")
         return w2d
 
@@ -218,7 +219,7 @@ class NMultTensorQuant(nn.Module):
 
     def distance(self, w: Tensor, shape: str = "sq", width: float = DEFAULT_WIDTH) -> Tensor:
         """``sum_i min_q (w_i - q)^2`` over this layer (eq. 6/7 without the factors), or
-        another regularizer shape (:mod:`qfv_brevitas.core.shapes`).
+        another regularizer shape (:mod:`qfv_brevitas.core.distance`).
 
         With a fault or variability map attached, ``q`` ranges over the levels this weight can
         actually take on the chip (eq. 11, eq. 12): unreachable levels are excluded."""

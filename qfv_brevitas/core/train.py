@@ -17,7 +17,7 @@ from qfv_brevitas.studies.ptq import refit_levels_
 from qfv_brevitas.core.quantizers import nmult_layers, quant_of
 from qfv_brevitas.core.regularizer import QuantRegularizer
 from qfv_brevitas.core.sam import SharpnessAware
-from qfv_brevitas.core.shapes import check_shape, check_width
+from qfv_brevitas.core.distance import DEFAULT_WIDTH, check_shape, check_width
 
 __all__ = ["TrainConfig", "TrainingError", "fit", "evaluate", "param_groups"]
 
@@ -49,10 +49,10 @@ class TrainConfig:
     lambda_start: float = 100.0
     lambda_end: float = 2000.0
     lambda_rise_epochs: int = 20
-    #: regularizer shape (:data:`qfv_brevitas.core.shapes.SHAPES`: ``sq`` = paper, ``gauss``, ``sin``)
+    #: regularizer shape (:data:`qfv_brevitas.core.distance.SHAPES`: ``sq`` = paper, ``gauss``, ``sin``)
     reg_shape: str = "sq"
     #: Gaussian width as a fraction of the local level spacing (``reg_shape="gauss"`` only)
-    reg_width: float = 0.25
+    reg_width: float = DEFAULT_WIDTH
     #: SAM radius (FlatENN's sharpness-aware quantization, :mod:`qfv_brevitas.core.sam`); 0 = off
     sam_rho: float = 0.0
     #: every this many optimizer steps, refit each learnable quantizer's levels to its
