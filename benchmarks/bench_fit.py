@@ -21,7 +21,7 @@ on seeded Gaussian, Laplace and Student-t (3 dof) weights (per tensor: 20,000; p
 (``resnet18_cifar()``, 11.16M weights) at N = 4 (per tensor and per channel), median of
 ``--repeats``, with references measured in the same run: sorting all the weights
 (``torch.sort``, the floor of the method) and one forward+backward of the paper's regularizer
-over the same weights (``sq_distance_to_levels``). Memory: the extra peak RSS of fitting all
+over the same weights (``ideal_distance``). Memory: the extra peak RSS of fitting all
 layers, in a fresh process, against the weights' own size and against ``n * 2**N * 4`` bytes.
 
 ``--part ptq``: accuracy on the 360 digits test images of the ``qfv demo`` float SmallCNN
@@ -62,8 +62,8 @@ import torch  # noqa: E402
 
 from qfv_brevitas import NMultConfig, quantize_model  # noqa: E402
 from qfv_brevitas.core import fitting as F  # noqa: E402
-from qfv_brevitas.core.levels import (level_table, lsq_step_init, sq_distance_to_levels,  # noqa: E402
-                                 uniform_multipliers)
+from qfv_brevitas.core.distance import ideal_distance  # noqa: E402
+from qfv_brevitas.core.levels import level_table, lsq_step_init, uniform_multipliers  # noqa: E402
 from _machine import machine_line  # noqa: E402
 
 DISTS = ("gaussian", "laplace", "student_t3")
@@ -294,7 +294,7 @@ def part_speed(args) -> dict:
 
     def t_reg():
         w = flat.view(1, -1).requires_grad_()
-        sq_distance_to_levels(w, level_table(r, c)).backward()
+        ideal_distance(w, level_table(r, c)).backward()
 
     fns = {"fit per tensor": lambda: fit_all(ws, 4, False),
            "fit per channel": lambda: fit_all(ws, 4, True),
@@ -356,7 +356,7 @@ def ptq_methods(fp, bits: int, per_channel: bool, example):
                                                    per_channel=per_channel),
                                    example_input=example)
     # Reference: weights replaced by their nearest Lloyd-Max level (not an N-bit additive grid).
-    from qfv_brevitas.core.levels import nearest
+    from qfv_brevitas.core.search import nearest
     from qfv_brevitas.core.quantizers import nmult_layers, quant_of
 
     lm = copy.deepcopy(fp)

@@ -38,8 +38,8 @@ and the recovery self-tuning gives on top of each method. It saves the compariso
         [--data-dir DIR] [--retrain]
 
 ``--shape-cost`` runs only a cost check of the regularizer shapes instead: forward+backward
-of ``shaped_distance_to_levels`` (ideal grid) and of ``aware_codes`` +
-``deployed_shaped_distance`` (sigma/mu 0.2 variability map: what the regularizer computes per
+of ``ideal_distance`` (ideal grid) and of ``aware_codes`` +
+``chip_distance`` (sigma/mu 0.2 variability map: what the regularizer computes per
 step) on ``--shape-weights`` seeded weights (default 1M) at N = 4 and 8, each shape in a fresh
 process: median time of 3 runs after a warm-up and the extra peak RSS of one pass
 (``ru_maxrss`` after minus before), beside the paper's ``"sq"`` measured the same way (ratio),
@@ -158,7 +158,7 @@ def _shape_cost_child(shape: str, where: str, n: int, bits: int) -> None:
     """One measurement, in its own process: prints a JSON line."""
     from qfv_brevitas.core import device as D
     from qfv_brevitas.core import levels as L
-    from qfv_brevitas.core.shapes import deployed_shaped_distance, shaped_distance_to_levels
+    from qfv_brevitas.core.distance import chip_distance, ideal_distance
 
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
@@ -173,10 +173,10 @@ def _shape_cost_child(shape: str, where: str, n: int, bits: int) -> None:
     def once():
         w.grad = r.grad = c.grad = None
         if where == "ideal":
-            out = shaped_distance_to_levels(w, L.level_table(r, c), shape)
+            out = ideal_distance(w, L.level_table(r, c), shape)
         else:  # as the regularizer does it every step: aware codes, then the distance
             codes = D.aware_codes(w.detach(), r, c, lrs=lrs)
-            out = deployed_shaped_distance(w, r, c, codes, lrs=lrs, shape=shape)
+            out = chip_distance(w, r, c, lrs=lrs, shape=shape, codes=codes)
         out.backward()
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

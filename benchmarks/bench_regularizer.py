@@ -4,7 +4,7 @@
 In ONE run, on the same seeded weights (float32, ``randn * 0.05``, default 11M = ResNet-18 size):
 
 * floor:   forward+backward of ``(w ** 2).sum()``, the cheapest possible pass over the weights;
-* library: forward+backward of ``sq_distance_to_levels(w2d, level_table(r, c))`` with ``r`` and
+* library: forward+backward of ``ideal_distance(w2d, level_table(r, c))`` with ``r`` and
   ``c`` requiring grad and ``r`` perturbed (``r * (1 + 0.1 * rand)``) so the levels are truly
   non-uniform;
 * naive:   a re-implementation of the reference algorithm -- a Python loop over all ``2**N``
@@ -49,12 +49,8 @@ if _REPO not in sys.path:
 
 import torch  # noqa: E402
 
-from qfv_brevitas.core.levels import (  # noqa: E402
-    level_table,
-    lsq_step_init,
-    sq_distance_to_levels,
-    uniform_multipliers,
-)
+from qfv_brevitas.core.distance import ideal_distance  # noqa: E402
+from qfv_brevitas.core.levels import level_table, lsq_step_init, uniform_multipliers  # noqa: E402
 from _load import add_load_argument, busy_processes  # noqa: E402
 from _machine import _loadavg, machine_info  # noqa: E402
 
@@ -90,7 +86,7 @@ def floor_loss(w2d, r, c):
 
 
 def library_loss(w2d, r, c):
-    return sq_distance_to_levels(w2d, level_table(r, c))
+    return ideal_distance(w2d, level_table(r, c))
 
 
 def naive_loss(w2d, r, c):
@@ -228,7 +224,7 @@ def _agreement(lib: dict, nv: dict) -> dict:
 
 def _rows_from(timed: Dict[str, dict], bits: int, n: int, prefix: str = "",
                key_suffix: str = "", load: int = 0) -> List[dict]:
-    names = {"floor": "floor (w**2).sum()", "library": "library sq_distance_to_levels",
+    names = {"floor": "floor (w**2).sum()", "library": "library ideal_distance",
              "naive": "naive 2^N-pass loop"}
     t_floor = timed["floor"]["median_s"]
     rows = []

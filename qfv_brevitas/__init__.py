@@ -19,7 +19,7 @@ from qfv_brevitas.core.quantizers import (FixedLevelWeightPerChannelQuant, Fixed
                          NMultTensorQuant, NMultWeightPerChannelQuant, NMultWeightQuant,
                          NMultWeightQuantProxy, nmult_layers, quant_of)
 from qfv_brevitas.core.regularizer import QuantRegularizer, layer_factor, regularization_loss
-from qfv_brevitas.core.shapes import SHAPES, shaped_distance_to_levels
+from qfv_brevitas.core.distance import SHAPES, ideal_distance
 from qfv_brevitas.chip.bitflips import (BitFlipModel, attach_bitflips, detach_bitflips, evaluate_bitflips,
                       random_bit_error_finetune)
 from qfv_brevitas.core.sam import SharpnessAware
@@ -45,7 +45,7 @@ __all__ = [
     "variability_aware_finetune", "MonteCarloResult", "compare_faults", "compare_variability",
     "evaluate_faults", "evaluate_variability",
     "SpikingConfig", "SpikingNet", "run_snn_experiment", "snn_export_metadata", "to_spiking",
-    "SHAPES", "shaped_distance_to_levels", "BitFlipModel", "attach_bitflips", "detach_bitflips",
+    "SHAPES", "ideal_distance", "BitFlipModel", "attach_bitflips", "detach_bitflips",
     "evaluate_bitflips", "random_bit_error_finetune", "SharpnessAware", "ReferenceStats",
     "calibration_batch", "reference_statistics", "remove_self_tuning", "self_tune",
     "CompareConfig", "MethodComparison", "Scenario", "compare_methods", "scenarios",

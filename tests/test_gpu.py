@@ -1,7 +1,7 @@
 """GPU readiness: the training step makes no host sync, and everything runs on CUDA.
 
 No GPU in CI: the CUDA tests skip there. The sync-free code paths (``levels.sync_free``: what a
-CUDA tensor takes) are also checked on the CPU: with ``levels._GPU_PATHS_ON_CPU`` and the torch
+CUDA tensor takes) are also checked on the CPU: with ``search.GPU_PATHS_ON_CPU`` and the torch
 fallback, a TorchFunctionMode counts every call that would wait for a GPU (``.item()``,
 ``bool(tensor)``, ``float(tensor)``, ``.tolist()``, ``nonzero``) during a training step.
 """
@@ -17,6 +17,7 @@ from torch.overrides import TorchFunctionMode
 from qfv_brevitas import NMultConfig, quantize_model
 from qfv_brevitas.core import kernels as K
 from qfv_brevitas.core import levels as L
+from qfv_brevitas.core import search as S
 from qfv_brevitas.chip.faults import FaultModel, attach_faults, sample_fault_map
 from qfv_brevitas.core.regularizer import QuantRegularizer
 from qfv_brevitas.core.config import LambdaSchedule
@@ -44,7 +45,7 @@ class SyncSpy(TorchFunctionMode):
 @contextlib.contextmanager
 def gpu_paths_on_cpu():
     with K.torch_fallback(), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(L, "_GPU_PATHS_ON_CPU", True)
+        mp.setattr(S, "GPU_PATHS_ON_CPU", True)
         yield
 
 

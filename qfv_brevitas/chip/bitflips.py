@@ -1,7 +1,7 @@
 """Transient bit errors: random flips of the stored weight bits, drawn anew on every inference.
 
-Stuck-at faults (:mod:`qfv_brevitas.chip.faults`) are persistent: one map per chip, attached as
-buffers. Bit flips are a per-forward effect (read disturbs, low-voltage SRAM): each forward pass
+Stuck-at faults (:mod:`qfv_brevitas.chip.faults`) are persistent: one map per chip, held by
+the layer's chip. Bit flips are a per-forward effect (read disturbs, low-voltage SRAM): each forward pass
 of a layer reads every stored bit of every weight flipped with probability ``rate`` (the
 bit-error rate, BER), independently. The programmed code ``S`` (nearest level, or the device-aware
 code with ``deploy_mapping="aware"``) is read as ``S xor F`` with a fresh random mask ``F``; a
@@ -9,8 +9,8 @@ stuck cell stays stuck (the device forces its bit after the flip) and cell varia
 to the flipped code. So flips compose with attached fault and variability maps.
 
 They are kept apart from the persistent maps, as aihwkit keeps per-forward noise apart from
-programmed state: an injector is a forward hook on the layer's weight quantizer, never in the
-state dict. Each layer draws from its own generator seeded by ``(seed, layer name)``, so a run
+programmed state: an injector is the reader of the layer's chip
+(:class:`qfv_brevitas.core.chip.Chip`), never in the state dict. Each layer draws from its own generator seeded by ``(seed, layer name)``, so a run
 is reproducible and the ``k``-th forward pass of a layer sees the same flips whatever else runs.
 One draw serves a whole batch; evaluate with ``batch_size=1`` for flips per sample.
 
@@ -28,10 +28,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from qfv_brevitas.core import device as D
 from qfv_brevitas.studies import montecarlo as E
 from qfv_brevitas.chip.maps import layer_generator, quantized_layers
-from qfv_brevitas.core.quantizers import NMultTensorQuant, nmult_layers, quant_of
+from qfv_brevitas.core.quantizers import nmult_layers, quant_of
 from qfv_brevitas.core.train import TrainConfig, fit
 from qfv_brevitas.util.configbase import QfvConfig
 from qfv_brevitas.util.validate import check_fraction, check_layer_dict, check_seed
@@ -93,10 +92,11 @@ def flip_masks(numel: int, bits: int, rate: float, gen: torch.Generator) -> Tens
 
 
 class BitFlipInjector:
-    """Forward hook on an :class:`NMultTensorQuant`: replaces the quantized weight by what the
-    device reads with fresh random bit flips. In training mode the flipped values carry a
-    straight-through gradient to the weights and the exact one to ``r`` and ``c`` (as the
-    chip-in-loop forward does). Counts the cells it read and flipped (``cells``, ``flipped``)."""
+    """The bit-flip reader of one layer's chip (:meth:`qfv_brevitas.core.chip.Chip.set_flips`):
+    every forward pass reads the programmed codes with a fresh random flip mask, so the layer
+    computes with what the device reads (in training mode with a straight-through gradient to
+    the weights and the exact one to ``r`` and ``c``, as the chip-in-loop forward does). Counts
+    the cells it read and flipped (``cells``, ``flipped``)."""
 
     def __init__(self, name: str, rate: float, bits: int, seed: int):
         self.name, self.rate, self.bits, self.seed = name, float(rate), int(bits), int(seed)
@@ -111,11 +111,8 @@ class BitFlipInjector:
         self._flipped = [sum(int(t) for t in self._flipped)] if self._flipped else []
         return self._flipped[0] if self._flipped else 0
 
-    def __call__(self, tq: NMultTensorQuant, inputs, output):
-        x = inputs[0]
-        w2d = tq.to_groups(x)
-        dev = tq.device_state()
-        codes = tq.to_groups(tq.codes(x))  # programmed codes (mapping and maps as attached)
+    def read(self, codes: Tensor) -> Tensor:
+        """``codes`` (programmed, ``(G, M)``) as read with a fresh flip mask (uint8)."""
         mask = flip_masks(codes.numel(), self.bits, self.rate, self.gen)
         mask = mask.view(codes.shape)
         if codes.device.type == "cuda":  # drawn on the CPU (reproducible): pinned, async copy
@@ -125,28 +122,13 @@ class BitFlipInjector:
         self.last_mask = mask
         self.cells += codes.numel() * self.bits
         self._flipped.append(sum(((mask >> i) & 1).sum() for i in range(self.bits)))
-        read = codes.to(torch.uint8) ^ mask
-        sa0, sa1, lrs, hrs = (None, None, None, None) if dev is None else dev[:4]
-        v = D.deployed_values(read, tq.multipliers(), tq.offset(), sa0, sa1, lrs, hrs)
-        v = v.to(x.dtype)
-        if tq.training and torch.is_grad_enabled():
-            v = v + (w2d - w2d.detach())  # straight through to the weights
-        else:
-            v = v.detach()
-        return (tq.from_groups(v, x.shape),) + tuple(output[1:])
-
-
-def _injectors(tq: nn.Module):
-    return [(k, h) for k, h in tq._forward_hooks.items() if isinstance(h, BitFlipInjector)]
+        return codes.to(torch.uint8) ^ mask
 
 
 def bitflip_injectors(model: nn.Module) -> Dict[str, BitFlipInjector]:
-    """``{layer name: injector}`` of the bit-flip injectors attached to ``model``."""
-    out = {}
-    for name, layer in nmult_layers(model):
-        for _, h in _injectors(quant_of(layer)):
-            out[name] = h
-    return out
+    """``{layer name: injector}`` of the bit-flip readers attached to ``model``."""
+    return {name: layer.weight_quant.chip.flips for name, layer in nmult_layers(model)
+            if isinstance(layer.weight_quant.chip.flips, BitFlipInjector)}
 
 
 def attach_bitflips(model: nn.Module, flip_model: BitFlipModel) -> nn.Module:
@@ -166,18 +148,15 @@ def attach_bitflips(model: nn.Module, flip_model: BitFlipModel) -> nn.Module:
                               "BitFlipModel.layer_rates")
     detach_bitflips(model)
     for name, layer in layers.items():
-        tq = quant_of(layer)
-        tq.register_forward_hook(BitFlipInjector(name, flip_model.layer_rate(name), tq.bits,
-                                                 flip_model.seed))
+        layer.weight_quant.chip.set_flips(BitFlipInjector(name, flip_model.layer_rate(name),
+                                                          quant_of(layer).bits, flip_model.seed))
     return model
 
 
 def detach_bitflips(model: nn.Module) -> nn.Module:
     """Remove every bit-flip injector from ``model`` (maps are kept). Returns ``model``."""
     for _, layer in nmult_layers(model):
-        tq = quant_of(layer)
-        for key, _ in _injectors(tq):
-            del tq._forward_hooks[key]
+        layer.weight_quant.chip.set_flips(None)
     return model
 
 

@@ -287,7 +287,8 @@ def sample_fault_map(model: nn.Module, fault_model: FaultModel) -> FaultMap:
 
 def attach_faults(model: nn.Module, fault_map: FaultMap) -> nn.Module:
     """Validate ``fault_map`` against ``model`` and set each layer's stuck bits on its weight
-    proxy (buffers ``weight_quant.fault_sa0``/``fault_sa1``, saved with the state dict).
+    chip (:class:`qfv_brevitas.core.chip.Chip`, ``weight_quant.chip.sa0``/``sa1``, saved with
+    the state dict).
     Layers without an entry are made fault-free. Returns ``model``."""
     if not isinstance(fault_map, FaultMap):
         raise TypeError(f"attach_faults takes a FaultMap, got {type(fault_map).__name__}")
@@ -295,15 +296,14 @@ def attach_faults(model: nn.Module, fault_map: FaultMap) -> nn.Module:
     for name, layer in nmult_layers(model):
         if name in fault_map.layers:
             sa0, sa1 = fault_map.layers[name]
-            dev = layer.weight.device
-            layer.weight_quant.set_faults(sa0.to(dev), sa1.to(dev))
+            layer.weight_quant.chip.set_faults(sa0, sa1, like=layer.weight)
         else:
-            layer.weight_quant.clear_faults()
+            layer.weight_quant.chip.clear_faults()
     return model
 
 
 def detach_faults(model: nn.Module) -> nn.Module:
     """Make every N-multiplier layer of ``model`` fault-free again. Returns ``model``."""
     for _, layer in nmult_layers(model):
-        layer.weight_quant.clear_faults()
+        layer.weight_quant.chip.clear_faults()
     return model

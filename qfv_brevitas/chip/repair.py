@@ -20,10 +20,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from qfv_brevitas.core import device as D
+from qfv_brevitas.core.chip import MAPPINGS
 from qfv_brevitas.util.validate import check_choice
 from qfv_brevitas.core.convert import set_forward_mode
-from qfv_brevitas.core.quantizers import MAPPINGS, nmult_layers, quant_of
+from qfv_brevitas.core.quantizers import nmult_layers, quant_of
 from qfv_brevitas.core.train import TrainConfig, fit
 
 __all__ = ["set_deploy_mapping", "remap_to_valid_", "fault_aware_finetune",
@@ -36,20 +36,19 @@ def set_deploy_mapping(model: nn.Module, mapping: str) -> nn.Module:
     level mapping for faults, the weight's own perturbed levels for variability)."""
     check_choice(mapping, MAPPINGS, "deploy mapping")
     for _, layer in nmult_layers(model):
-        layer.weight_quant.deploy_mapping = mapping
+        layer.weight_quant.chip.set_mapping(mapping)
     return model
 
 
 def has_device_maps(model: nn.Module) -> bool:
-    return any(l.weight_quant.has_faults or l.weight_quant.has_variability
-               for _, l in nmult_layers(model))
+    return any(l.weight_quant.chip.has_maps for _, l in nmult_layers(model))
 
 
 def _require_maps(model: nn.Module, what: str, faults: bool = False) -> None:
     layers = nmult_layers(model)
     if not layers:
         raise ValueError(f"{what}: the model has no N-multiplier layer")
-    if faults and not any(l.weight_quant.has_faults for _, l in layers):
+    if faults and not any(l.weight_quant.chip.has_faults for _, l in layers):
         raise ValueError(f"{what}: no fault map attached (qfv_brevitas.chip.faults.attach_faults)")
     if not faults and not has_device_maps(model):
         raise ValueError(f"{what}: no fault or variability map attached")
@@ -62,14 +61,13 @@ def remap_to_valid_(model: nn.Module) -> Dict[str, int]:
     moved = {}
     for name, layer in nmult_layers(model):
         tq = quant_of(layer)
-        dev = tq.device_state()
-        if dev is None or dev.sa0 is None:
+        chip = tq.chip
+        if not chip.has_faults:
             continue
         w2d = tq.to_groups(layer.weight.detach())
-        r, c = tq.multipliers().detach(), tq.offset().detach()
-        codes = D.aware_codes(w2d, r, c, dev.sa0, dev.sa1, dev.lrs, dev.hrs)
-        v = D.deployed_values(codes, r, c, dev.sa0, dev.sa1, dev.lrs, dev.hrs)
-        faulty = (dev.sa0 | dev.sa1) != 0
+        v = chip.nearest_values(w2d, tq.multipliers().detach(), tq.offset().detach())
+        sa0, sa1 = chip.maps()[:2]
+        faulty = (sa0 | sa1) != 0
         new = torch.where(faulty, v.to(w2d.dtype), w2d)
         layer.weight.copy_(tq.from_groups(new, layer.weight.shape))
         moved[name] = int(faulty.sum())

@@ -8,8 +8,8 @@ paper's section 3.7 suggests): a cell holding "1" (low-resistance state, LRS) co
 
 A :class:`VariabilityMap` holds, per layer, ``lrs`` and optionally ``hrs``, float tensors of
 shape ``weight.shape + (bits,)``. Like a fault map it is a persistent effect: sampled once from
-an explicit seed, attached to the weight proxies as buffers (``weight_quant.var_lrs`` and
-``var_hrs``) that travel with the state dict. A model can carry a fault map and a variability
+an explicit seed, attached to the layers' chips (``weight_quant.chip.lrs`` and
+``hrs``) that travel with the state dict. A model can carry a fault map and a variability
 map at once.
 """
 from __future__ import annotations
@@ -347,8 +347,8 @@ def _shared_factors(var_model: VariabilityModel, names) -> Optional[dict]:
 
 
 def attach_variability(model: nn.Module, var_map: VariabilityMap) -> nn.Module:
-    """Validate ``var_map`` against ``model`` and set each layer's factors on its weight proxy
-    (buffers ``weight_quant.var_lrs``/``var_hrs``, saved with the state dict). Layers without
+    """Validate ``var_map`` against ``model`` and set each layer's factors on its chip
+    (``weight_quant.chip.lrs``/``hrs``, saved with the state dict). Layers without
     an entry are made ideal. Faults attached to the model are kept. Returns ``model``."""
     if not isinstance(var_map, VariabilityMap):
         raise TypeError(f"attach_variability takes a VariabilityMap, got {type(var_map).__name__}")
@@ -356,10 +356,9 @@ def attach_variability(model: nn.Module, var_map: VariabilityMap) -> nn.Module:
     for name, layer in nmult_layers(model):
         if name in var_map.layers:
             lrs, hrs = var_map.layers[name]
-            dev = layer.weight.device
-            layer.weight_quant.set_variability(lrs.to(dev), None if hrs is None else hrs.to(dev))
+            layer.weight_quant.chip.set_variability(lrs, hrs, like=layer.weight)
         else:
-            layer.weight_quant.clear_variability()
+            layer.weight_quant.chip.clear_variability()
     return model
 
 
@@ -367,5 +366,5 @@ def detach_variability(model: nn.Module) -> nn.Module:
     """Make every N-multiplier layer of ``model`` ideal again (faults are kept). Returns
     ``model``."""
     for _, layer in nmult_layers(model):
-        layer.weight_quant.clear_variability()
+        layer.weight_quant.chip.clear_variability()
     return model

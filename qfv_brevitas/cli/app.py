@@ -109,7 +109,7 @@ def _check_io(args) -> None:
 
 
 def _add_reg_args(p: argparse.ArgumentParser) -> None:
-    from qfv_brevitas.core.shapes import DEFAULT_WIDTH, SHAPES
+    from qfv_brevitas.core.distance import DEFAULT_WIDTH, SHAPES
 
     p.add_argument("--reg-shape", choices=SHAPES, default="sq",
                    help="regularizer shape: sq (paper), gauss (Gaussian well), sin (SinReQ)")

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from qfv_brevitas.core import levels as L
+from qfv_brevitas.core import search as S
 
 __all__ = [
     "UniformGrid",
@@ -657,10 +658,10 @@ def grid_error(w2d: Tensor, levels: Tensor) -> Tensor:
     >>> grid_error(torch.tensor([[0.0, 0.4, 1.0]]), torch.tensor([[0.0, 1.0]]))
     tensor([0.1600], dtype=torch.float64)
     """
-    li = L._LevelIndex(levels, w2d.dtype)
+    li = S.LevelIndex(levels, w2d.dtype)
     G, M = w2d.shape
     out = torch.zeros(G, dtype=_F64, device=w2d.device)
-    for r0, r1, c0, c1 in L._blocks(G, M):
+    for r0, r1, c0, c1 in S.blocks(G, M):
         wb = w2d[r0:r1, c0:c1].detach()
         q = li.values_block(li.index_block(wb, r0, r1), r0, r1)
         d = wb.to(_F64) - q.view(wb.shape).to(_F64)

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -18,15 +18,16 @@ from brevitas.core.function_wrapper.misc import Identity
 from brevitas.inject import ExtendedInjector, value
 from brevitas.proxy import WeightQuantProxyFromInjector
 
-from qfv_brevitas.core import device as D
 from qfv_brevitas.core import fitting as FIT
 from qfv_brevitas.core import levels as L
+from qfv_brevitas.core.chip import Chip
 from qfv_brevitas.core.config import INITS, MODES, VARIANTS
+from qfv_brevitas.core.distance import DEFAULT_WIDTH
+from qfv_brevitas.core.groups import GroupLayout
+from qfv_brevitas.core.search import sync_free
 from qfv_brevitas.util.validate import check_choice
 
 __all__ = [
-    "DeviceState",
-    "MAPPINGS",
     "NMultTensorQuant",
     "NMultWeightQuantProxy",
     "NMultWeightQuant",
@@ -39,19 +40,6 @@ __all__ = [
     "is_nmult_layer",
     "nmult_layers",
 ]
-
-
-class DeviceState(NamedTuple):
-    """Maps of one layer in ``(G, M)`` / ``(G, M, N)`` layout (see :mod:`qfv_brevitas.core.device`)."""
-
-    sa0: Optional[Tensor]
-    sa1: Optional[Tensor]
-    lrs: Optional[Tensor]
-    hrs: Optional[Tensor]
-    mapping: str
-
-
-MAPPINGS = ("naive", "aware")
 
 
 class NMultTensorQuant(nn.Module):
@@ -90,6 +78,8 @@ class NMultTensorQuant(nn.Module):
                 f"{self.channel_dim} does not exist in a weight of shape {tuple(w.shape)}")
         self.groups = w.shape[self.channel_dim] if self.per_channel else 1
         self.weight_shape = tuple(w.shape)
+        self.layout = GroupLayout(self.channel_dim if self.per_channel else -1)
+        self.use_chip(Chip())  # an ideal chip until the proxy hands over its own
         # brevitas.graph builds layers on the meta device: create r/c beside the weight.
         if w.is_meta:
             step = torch.ones(self.groups, dtype=w.dtype, device=w.device)
@@ -139,7 +129,7 @@ class NMultTensorQuant(nn.Module):
         (cheap, never worse than them; used while training). ``nmult`` fits ``r`` and ``c``,
         ``step`` the step and ``c``; ``fixed`` levels are set only by a full fit.
         The parameters are updated in place, so optimizers that hold them keep working."""
-        w2d = self._checked_groups(w.detach())
+        w2d = self.checked_groups(w.detach())
         before = FIT.grid_error(w2d, self.levels().detach())
         if self.variant == "fixed" and warm:
             return before, before
@@ -173,19 +163,13 @@ class NMultTensorQuant(nn.Module):
         """Level table ``(G, 2**N)`` indexed by code (differentiable in ``r`` and ``c``)."""
         return L.level_table(self.multipliers(), self.offset())
 
-    # -- layout --------------------------------------------------------------------------
+    # -- layout ----------------------------------------------------------------------------
     def to_groups(self, w: Tensor) -> Tensor:
         """View ``w`` as ``(G, M)``: one row per output channel (or a single row)."""
-        if not self.per_channel:
-            return w.reshape(1, -1)
-        return w.movedim(self.channel_dim, 0).reshape(w.shape[self.channel_dim], -1)
+        return self.layout.to_groups(w)
 
     def from_groups(self, w2d: Tensor, shape) -> Tensor:
-        if not self.per_channel:
-            return w2d.reshape(shape)
-        moved = list(shape)
-        moved.insert(0, moved.pop(self.channel_dim))
-        return w2d.reshape(moved).movedim(0, self.channel_dim)
+        return self.layout.from_groups(w2d, shape)
 
     def check_weight(self, w: Tensor) -> None:
         if self.per_channel and (w.dim() <= self.channel_dim
@@ -194,77 +178,53 @@ class NMultTensorQuant(nn.Module):
                 f"per-channel weight quantizer{_where(self.layer_name)} has {self.groups} "
                 f"channels on axis {self.channel_dim} but got a weight of shape {tuple(w.shape)}")
 
-    # -- the device (fault / variability maps held by the proxy) -----------------------------
-    def device_state(self) -> Optional["DeviceState"]:
-        """The attached fault/variability maps in ``(G, M)`` layout, or ``None``."""
-        proxy = self.__dict__.get("_owner")
-        if proxy is None or not (proxy.has_faults or proxy.has_variability):
-            return None
-        g = self.to_groups
-        sa0 = g(proxy.fault_sa0) if proxy.has_faults else None
-        sa1 = g(proxy.fault_sa1) if proxy.has_faults else None
-        lrs = hrs = None
-        if proxy.has_variability:
-            lrs = self._cells_to_groups(proxy.var_lrs)
-            if proxy.var_hrs is not None:
-                hrs = self._cells_to_groups(proxy.var_hrs)
-        return DeviceState(sa0, sa1, lrs, hrs, proxy.deploy_mapping)
+    # -- the chip (handed over by the proxy; an ideal one until then) ------------------------
+    @property
+    def chip(self) -> Chip:
+        """The :class:`~qfv_brevitas.core.chip.Chip` this layer's weights are programmed into."""
+        return self.__dict__["_chip"]
 
-    def _cells_to_groups(self, t: Tensor) -> Tensor:
-        """``weight.shape + (N,)`` -> ``(G, M, N)``."""
-        if not self.per_channel:
-            return t.reshape(1, -1, self.bits)
-        return t.movedim(self.channel_dim, 0).reshape(self.groups, -1, self.bits)
-
-    def _programmed_codes(self, w2d: Tensor, dev: "DeviceState", mapping: str) -> Tensor:
-        r, c = self.multipliers(), self.offset()
-        if mapping == "aware":
-            return D.aware_codes(w2d, r, c, dev.sa0, dev.sa1, dev.lrs, dev.hrs)
-        return D.naive_codes(w2d, r.detach(), c.detach())
+    def use_chip(self, chip: Chip) -> None:
+        """Program this layer's weights into ``chip`` (its maps, mapping and bit flips) from
+        now on. The chip is held, not registered: its owner (the weight proxy) saves it."""
+        self.__dict__["_chip"] = chip.bind(self.layout, self.bits, self.weight_shape,
+                                           self.layer_name)
 
     # -- quantization ----------------------------------------------------------------------
-    def _checked_groups(self, w: Tensor, training: bool = False) -> Tensor:
+    def checked_groups(self, w: Tensor, training: bool = False) -> Tensor:
+        """``w`` as ``(G, M)`` after checking its shape and (except in a GPU training step)
+        that it is finite."""
         self.check_weight(w)
         w2d = self.to_groups(w)
         # In a GPU training step the check would be a host sync per layer; there a NaN weight
         # reaches the output through the straight-through term and fit reports it per epoch.
-        if not (training and L.sync_free(w2d)):
+        if not (training and sync_free(w2d)):
             L.check_finite(w2d, f"weights of {self.layer_name or 'layer'}")
         return w2d
 
     @torch.no_grad()
     def snap(self, w: Tensor) -> Tensor:
         """Each weight's deployed value (no gradient): its nearest level, or with a fault or
-        variability map attached, what the device holds for the programmed code."""
-        w2d = self._checked_groups(w)
-        dev = self.device_state()
-        if dev is None:
-            q, _ = L.nearest(w2d, self.levels())
-        else:
-            codes = self._programmed_codes(w2d, dev, dev.mapping)
-            q = D.deployed_values(codes, self.multipliers(), self.offset(), dev.sa0, dev.sa1,
-                                  dev.lrs, dev.hrs)
-        return self.from_groups(q, w.shape)
+        variability map attached, what the chip holds for the programmed code."""
+        w2d = self.checked_groups(w)
+        return self.from_groups(self.chip.snap(w2d, self.multipliers(), self.offset()), w.shape)
 
     @torch.no_grad()
     def codes(self, w: Tensor) -> Tensor:
         """Each weight's programmed N-bit code (int64, shape of ``w``): ideally its level is
         ``levels[code]``; with a map attached and ``deploy_mapping="aware"`` the code whose
         deployed value is nearest."""
-        w2d = self._checked_groups(w)
-        dev = self.device_state()
-        if dev is None:
-            codes = L.nearest(w2d, self.levels())[1]
-        else:
-            codes = self._programmed_codes(w2d, dev, dev.mapping)
-        return self.from_groups(codes, w.shape)
+        w2d = self.checked_groups(w)
+        return self.from_groups(self.chip.codes(w2d, self.multipliers(), self.offset()),
+                                w.shape)
 
-    def distance(self, w: Tensor) -> Tensor:
-        """``sum_i min_q (w_i - q)^2`` over this layer (eq. 6/7 without the factors).
+    def distance(self, w: Tensor, shape: str = "sq", width: float = DEFAULT_WIDTH) -> Tensor:
+        """``sum_i min_q (w_i - q)^2`` over this layer (eq. 6/7 without the factors), or
+        another regularizer shape (:mod:`qfv_brevitas.core.distance`).
 
         With a fault or variability map attached, ``q`` ranges over the levels this weight can
-        actually take on the device (eq. 11, eq. 12): unreachable levels are excluded."""
-        out = self._distance(w)
+        actually take on the chip (eq. 11, eq. 12): unreachable levels are excluded."""
+        out = self.distance_unchecked(w, shape, width)
         if not torch.isfinite(out):
             self.raise_not_finite(w)
         return out
@@ -274,27 +234,14 @@ class NMultTensorQuant(nn.Module):
         L.check_finite(self.to_groups(w), f"weights of {self.layer_name or 'layer'}")
         raise ValueError(f"levels of {self.layer_name or 'layer'} are not finite: r/c diverged")
 
-    def _distance(self, w: Tensor) -> Tensor:
-        """:meth:`distance` without the finiteness check (a host sync on a GPU):
-        :func:`qfv_brevitas.regularization_loss` checks the sum over all layers once."""
+    def distance_unchecked(self, w: Tensor, shape: str = "sq",
+                           width: float = DEFAULT_WIDTH) -> Tensor:
+        """:meth:`distance` without the finiteness check of the result (a host sync on a GPU):
+        :func:`qfv_brevitas.core.regularizer.regularization_loss` checks the sum over all
+        layers once."""
         self.check_weight(w)
-        w2d = self.to_groups(w)
-        dev = self.device_state()
-        if dev is None:
-            # No separate finiteness pass on this hot path: a NaN/inf weight makes the sum
-            # non-finite (or the search reject it), and is reported below.
-            try:
-                out = L.sq_distance_to_levels(w2d, self.levels())
-            except ValueError:
-                L.check_finite(w2d, f"weights of {self.layer_name or 'layer'}")
-                raise
-        else:
-            # Search and distance in one call (one pass on the CPU kernels); NaN/inf weights
-            # raise there (on a GPU the sum's check reports them).
-            out = D.aware_sq_distance(w2d, self.multipliers(), self.offset(), dev.sa0, dev.sa1,
-                                      dev.lrs, dev.hrs,
-                                      where=f"weights of {self.layer_name or 'layer'}")
-        return out
+        return self.chip.distance(self.to_groups(w), self.multipliers(), self.offset(), shape,
+                                  width)
 
     @property
     def uses_regularizer(self) -> bool:
@@ -305,20 +252,23 @@ class NMultTensorQuant(nn.Module):
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         self.check_weight(x)
-        if self.mode == "paper" and self.training:
+        chip = self.chip
+        if chip.flips is not None:
+            # Bit flips are read on every pass, whatever the mode; while training the read
+            # values carry a straight-through gradient to the weights.
+            w2d = self.checked_groups(x, training=self.training)
+            r, c = self.multipliers(), self.offset()
+            if self.training and torch.is_grad_enabled():
+                out = self.from_groups(chip.ste(w2d, r, c), x.shape)
+            else:
+                out = self.from_groups(chip.read(w2d, r, c), x.shape)
+        elif self.mode == "paper" and self.training:
             out = x  # the paper trains on full-precision weights; the regularizer pulls them in
         elif self.mode in ("ste", "both") and self.training:
-            w2d = self._checked_groups(x, training=True)
-            dev = self.device_state()
-            if dev is None:
-                out = self.from_groups(L.snap_ste(w2d, self.levels()), x.shape)
-            else:
-                # Training through what the device holds (simulated chip-in-loop): the deployed
-                # values carry r/c gradients, the weights a straight-through one.
-                codes = self._programmed_codes(w2d.detach(), dev, dev.mapping)
-                v = D.deployed_values(codes, self.multipliers(), self.offset(), dev.sa0,
-                                      dev.sa1, dev.lrs, dev.hrs)
-                out = self.from_groups(v + (w2d - w2d.detach()), x.shape)
+            # Training through what the chip holds (ideal: the nearest level; with maps the
+            # simulated chip-in-loop): r/c get exact gradients, the weights a straight-through one.
+            w2d = self.checked_groups(x, training=True)
+            out = self.from_groups(chip.ste(w2d, self.multipliers(), self.offset()), x.shape)
         else:
             out = self.snap(x)
         scale = self.nominal_scale()
@@ -386,103 +336,29 @@ class NMultWeightQuantProxy(WeightQuantProxyFromInjector):
         # quantizer from the injector: keep the injector in step after every load.
         self.register_load_state_dict_post_hook(NMultWeightQuantProxy._sync_injector)
 
-    _DEVICE_BUFFERS = ("fault_sa0", "fault_sa1", "var_lrs", "var_hrs")
-
     def init_tensor_quant(self, *args, **kwargs):
         super().init_tensor_quant(*args, **kwargs)
+        if "chip" not in self._modules:
+            # The chip is the proxy's submodule: its maps travel with the state dict and with
+            # .to(device); the (re-)initialised tensor quantizer is handed the same chip.
+            self.chip = Chip()
         if self.tensor_quant is not None:
-            # A plain attribute, not a submodule (no cycle in the module tree): the quantizer
-            # reads the maps it needs. A strong reference, so that copy.deepcopy of a model
-            # points each copied quantizer at its own copied proxy (a weakref would be shared).
-            self.tensor_quant.__dict__["_owner"] = self
-        for name in self._DEVICE_BUFFERS:
-            if not hasattr(self, name):
-                self.register_buffer(name, None)
-        if not hasattr(self, "deploy_mapping"):
-            self.deploy_mapping = "naive"
+            self.tensor_quant.use_chip(self.chip)
 
-    # -- device maps (persistent state: sampled once, travel with the state dict) ----------
-    @property
-    def has_faults(self) -> bool:
-        return self.fault_sa0 is not None
-
-    @property
-    def has_variability(self) -> bool:
-        return self.var_lrs is not None
-
-    def _weight(self) -> Tensor:
-        return self.tracked_parameter_list[0]
-
-    def _where(self) -> str:
-        tq = self.tensor_quant
-        return f"layer {tq.layer_name!r}" if tq is not None and tq.layer_name else "layer"
-
-    def set_faults(self, sa0: Tensor, sa1: Tensor) -> None:
-        """Attach stuck-at masks: bit i of ``sa0[j]`` (``sa1[j]``) set = bit i of weight j stuck
-        at 0 (1). uint8, the weight's shape."""
-        w, bits = self._weight(), self.tensor_quant.bits
-        for name, m in (("sa0", sa0), ("sa1", sa1)):
-            if tuple(m.shape) != tuple(w.shape):
-                raise ValueError(f"{self._where()}: {name} mask has shape {tuple(m.shape)}, the "
-                                 f"weight {tuple(w.shape)}")
-            if m.dtype != torch.uint8:
-                raise ValueError(f"{self._where()}: {name} mask must be uint8, got {m.dtype}")
-            if bool((m.long() >> bits).any()):
-                raise ValueError(f"{self._where()}: {name} mask sets bits at or above the "
-                                 f"layer's {bits}-bit width")
-        if bool((sa0 & sa1).any()):
-            raise ValueError(f"{self._where()}: a bit cannot be stuck at 0 and at 1")
-        self.fault_sa0 = sa0.to(w.device)
-        self.fault_sa1 = sa1.to(w.device)
-
-    def clear_faults(self) -> None:
-        self.fault_sa0 = None
-        self.fault_sa1 = None
-
-    def set_variability(self, lrs: Tensor, hrs: Optional[Tensor] = None) -> None:
-        """Attach per-cell factors, shape ``weight.shape + (bits,)``: ``lrs`` scales a "1"
-        cell's ``r_i`` (ideal 1), ``hrs`` is the fraction of ``r_i`` a "0" cell adds (ideal 0)."""
-        w, bits = self._weight(), self.tensor_quant.bits
-        want = tuple(w.shape) + (bits,)
-        for name, t in (("lrs", lrs), ("hrs", hrs)):
-            if t is None:
-                continue
-            if tuple(t.shape) != want:
-                raise ValueError(f"{self._where()}: {name} factors have shape {tuple(t.shape)}, "
-                                 f"expected weight shape + bits = {want}")
-            if not t.is_floating_point() or not bool(torch.isfinite(t).all()) or bool(
-                    (t < 0).any()):
-                raise ValueError(f"{self._where()}: {name} factors must be finite, non-negative "
-                                 "floats (a cell's conductance cannot be negative)")
-        self.var_lrs = lrs.to(device=w.device, dtype=w.dtype)
-        self.var_hrs = None if hrs is None else hrs.to(device=w.device, dtype=w.dtype)
-
-    def clear_variability(self) -> None:
-        self.var_lrs = None
-        self.var_hrs = None
-
-    def get_extra_state(self):
-        return {"deploy_mapping": self.deploy_mapping}
-
-    def set_extra_state(self, state) -> None:
-        mapping = state.get("deploy_mapping", "naive")
-        if mapping not in MAPPINGS:
-            raise ValueError(f"{self._where()}: unknown deploy mapping {mapping!r} in checkpoint")
-        self.deploy_mapping = mapping
+    # Maps and mapping were saved on the proxy itself before the chip existed.
+    _LEGACY_KEYS = {"fault_sa0": "chip.sa0", "fault_sa1": "chip.sa1", "var_lrs": "chip.lrs",
+                    "var_hrs": "chip.hrs"}
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # Maps saved with a model come back with it, also into a freshly built model.
-        for name in self._DEVICE_BUFFERS:
-            key = prefix + name
-            if key in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[key]))
+        for old, new in self._LEGACY_KEYS.items():
+            if prefix + old in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+        legacy = state_dict.get(prefix + "_extra_state")
+        if isinstance(legacy, dict) and set(legacy) == {"deploy_mapping"}:
+            state_dict.setdefault(prefix + "chip._extra_state", state_dict.pop(prefix + "_extra_state"))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        if prefix + "_extra_state" in missing_keys:
-            # Saved without a deploy mapping (float checkpoint, or before maps existed): naive.
-            missing_keys.remove(prefix + "_extra_state")
-            self.deploy_mapping = "naive"
 
     @staticmethod
     def _sync_injector(module, incompatible_keys) -> None:

@@ -15,8 +15,7 @@ __all__ = ["refit_levels_"]
 
 
 def _has_device_map(layer: nn.Module) -> bool:
-    proxy = layer.weight_quant
-    return bool(proxy.has_faults or proxy.has_variability)
+    return layer.weight_quant.chip.has_maps
 
 
 @torch.no_grad()

@@ -14,9 +14,10 @@ from torch import Tensor, nn
 
 from qfv_brevitas.core.config import LambdaSchedule
 from qfv_brevitas.util.errors import QfvError
-from qfv_brevitas.core.levels import qp, sync_free
+from qfv_brevitas.core.levels import qp
+from qfv_brevitas.core.search import sync_free
 from qfv_brevitas.core.quantizers import nmult_layers, quant_of
-from qfv_brevitas.core.shapes import check_shape, check_width, layer_distance
+from qfv_brevitas.core.distance import DEFAULT_WIDTH, check_shape, check_width
 
 __all__ = ["layer_factor", "regularization_loss", "QuantRegularizer", "LambdaSchedule"]
 
@@ -27,14 +28,14 @@ def layer_factor(num_weights: int, bits: int) -> float:
 
 
 def regularization_loss(model: nn.Module, breakdown: bool = False, shape: str = "sq",
-                        width: float = 0.25
+                        width: float = DEFAULT_WIDTH
                         ) -> Union[Tensor, Tuple[Tensor, Dict[str, float]]]:
     """``sum_l alpha_l * sum_i min_q |w_i - q|^2`` over the model's N-multiplier layers.
 
     Differentiable in the weights, ``r`` and ``c``; 0 when every layer is in ``ste`` mode, and
     an error for a model without N-multiplier layers. With ``breakdown=True`` also returns each
     layer's (weighted) term as a float, for logging. ``shape`` replaces the squared distance
-    by another shape of :mod:`qfv_brevitas.core.shapes` (``"gauss"``: Gaussian well of width
+    by another shape of :mod:`qfv_brevitas.core.distance` (``"gauss"``: Gaussian well of width
     ``width`` times the local level spacing; ``"sin"``: SinReQ sinusoid).
 
     >>> import brevitas.nn as qnn
@@ -50,7 +51,7 @@ def regularization_loss(model: nn.Module, breakdown: bool = False, shape: str = 
     return total, _floats(terms)
 
 
-def _loss_terms(model: nn.Module, shape: str = "sq", width: float = 0.25
+def _loss_terms(model: nn.Module, shape: str = "sq", width: float = DEFAULT_WIDTH
                 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """The loss and each layer's weighted term (detached tensors, no host sync per layer: on
     the CPU the sum's finiteness is checked once, and only a non-finite sum looks for its
@@ -69,7 +70,7 @@ def _loss_terms(model: nn.Module, shape: str = "sq", width: float = 0.25
         if not tq.uses_regularizer:
             continue
         w = layer.weight
-        dist = tq._distance(w) if shape == "sq" else layer_distance(tq, w, shape, width)
+        dist = tq.distance_unchecked(w, shape, width)
         term = layer_factor(w.numel(), tq.bits) * dist
         total = term if total is None else total + term
         terms[name] = term.detach()
@@ -105,7 +106,7 @@ class QuantRegularizer:
     """
 
     def __init__(self, model: nn.Module, schedule: LambdaSchedule, shape: str = "sq",
-                 width: float = 0.25):
+                 width: float = DEFAULT_WIDTH):
         self.model = model
         self.schedule = schedule
         self.shape = check_shape(shape)

@@ -14,7 +14,7 @@ from qfv_brevitas.core.quantizers import nmult_layers, quant_of
 from qfv_brevitas.core.refit import refit_levels_
 from qfv_brevitas.core.regularizer import QuantRegularizer
 from qfv_brevitas.core.sam import SharpnessAware, check_rho
-from qfv_brevitas.core.shapes import DEFAULT_WIDTH, check_shape, check_width
+from qfv_brevitas.core.distance import DEFAULT_WIDTH, check_shape, check_width
 from qfv_brevitas.util.configbase import QfvConfig
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.util.progress import RunProgress
@@ -52,7 +52,7 @@ class TrainConfig(QfvConfig):
     lambda_start: float = LambdaSchedule.start
     lambda_end: float = LambdaSchedule.end
     lambda_rise_epochs: int = LambdaSchedule.rise_epochs
-    #: regularizer shape (:data:`qfv_brevitas.core.shapes.SHAPES`: ``sq`` = paper, ``gauss``, ``sin``)
+    #: regularizer shape (:data:`qfv_brevitas.core.distance.SHAPES`: ``sq`` = paper, ``gauss``, ``sin``)
     reg_shape: str = "sq"
     #: Gaussian width as a fraction of the local level spacing (``reg_shape="gauss"`` only)
     reg_width: float = DEFAULT_WIDTH

@@ -22,6 +22,7 @@ from brevitas.export.onnx.handler import ONNXBaseHandler
 from brevitas.export.onnx.qonnx.function import BrevitasQuantOp
 from brevitas.export.onnx.qonnx.manager import QONNXDynamoManager, QONNXManager
 
+from qfv_brevitas.core.chip import Chip
 from qfv_brevitas.core.quantizers import NMultTensorQuant, NMultWeightQuantProxy
 from qfv_brevitas.export.layers import LayerExport
 from qfv_brevitas.export.ops import DOMAIN, OP_TYPE, OP_VERSION
@@ -170,7 +171,7 @@ def manager_for(form: str, layers: Dict[int, LayerExport], dynamo: bool) -> Type
 def plain_state_dict() -> Iterator[None]:
     """The TorchScript exporter detaches every state-dict entry, and the library's modules keep
     their configuration as a dict in ``_extra_state``: hide it for the export's duration."""
-    classes = (NMultWeightQuantProxy, NMultTensorQuant)
+    classes = (Chip, NMultTensorQuant)
     saved = {cls: cls.__dict__["get_extra_state"] for cls in classes}
     try:
         for cls in classes:

@@ -12,8 +12,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from qfv_brevitas.core import device as D
-from qfv_brevitas.core import levels as L
+from qfv_brevitas.core.chip import Chip
+from qfv_brevitas.core.groups import GroupLayout
 from qfv_brevitas.core.quantizers import nmult_layers, quant_of
 
 __all__ = ["LayerExport", "collect_layers", "decode", "without_maps", "fault_summary",
@@ -54,18 +54,11 @@ class LayerExport:
     def to_groups(self, t: Tensor) -> Tensor:
         """``t`` (the weight's shape, optionally with trailing dims) as ``(G, M, ...)``: one
         row per group of ``r``."""
-        tail = tuple(t.shape[len(self.weight_shape):])
-        if self.axis < 0:
-            return t.reshape((1, -1) + tail)
-        return t.movedim(self.axis, 0).reshape((self.weight_shape[self.axis], -1) + tail)
+        return GroupLayout(self.axis).to_groups(t, tail=t.dim() - len(self.weight_shape))
 
     def from_groups(self, t2d: Tensor) -> Tensor:
         """Inverse of :meth:`to_groups` for a ``(G, M)`` tensor: back to the weight's shape."""
-        if self.axis < 0:
-            return t2d.reshape(self.weight_shape)
-        moved = list(self.weight_shape)
-        moved.insert(0, moved.pop(self.axis))
-        return t2d.reshape(moved).movedim(0, self.axis)
+        return GroupLayout(self.axis).from_groups(t2d, self.weight_shape)
 
     def lookup(self, table: Tensor) -> Tensor:
         """``table[g, code]`` for every weight, in the weight's shape (``table``: ``(G, 2**N)``
@@ -112,8 +105,8 @@ def without_maps(model: nn.Module) -> nn.Module:
     ideal device."""
     twin = copy.deepcopy(model)
     for _, layer in nmult_layers(twin):
-        layer.weight_quant.clear_faults()
-        layer.weight_quant.clear_variability()
+        layer.weight_quant.chip.clear_faults()
+        layer.weight_quant.chip.clear_variability()
     return twin.eval()
 
 
@@ -128,29 +121,27 @@ def collect_layers(model: nn.Module, device: bool = True) -> List[LayerExport]:
     out = []
     for name, layer in nmult_layers(model):
         tq = quant_of(layer)
-        proxy = layer.weight_quant
         w = layer.weight.detach()
-        dev = tq.device_state() if device else None
-        if dev is None:  # the ideal levels: each weight's nearest
-            codes = tq.from_groups(L.nearest(tq._checked_groups(w), tq.levels())[1], w.shape)
-        else:
-            codes = tq.codes(w)  # programmed (naive or aware mapping)
+        # device=False: the same layer on an ideal chip (each weight's nearest level)
+        chip = tq.chip if device else Chip().bind(tq.layout, tq.bits, tq.weight_shape,
+                                                  tq.layer_name)
+        r, c = tq.multipliers().detach(), tq.offset().detach()
+        w2d = tq.checked_groups(w)
         info = LayerExport(
             name=name, bits=tq.bits, variant=tq.variant,
-            axis=tq.channel_dim if tq.per_channel else -1, weight_shape=tuple(w.shape),
-            codes=codes.to(torch.uint8).cpu(),
-            r=tq.multipliers().detach().float().cpu().clone(),
-            c=tq.offset().detach().float().cpu().clone())
-        if dev is not None and proxy.has_faults:
-            info.faults = fault_summary(proxy.fault_sa0.cpu(), proxy.fault_sa1.cpu(), tq.bits)
-            info.codes = D.force_codes(info.codes, proxy.fault_sa0.cpu(), proxy.fault_sa1.cpu())
-            info.faults["mapping"] = proxy.deploy_mapping
-        if dev is not None and proxy.has_variability:
-            info.lrs = proxy.var_lrs.detach().float().cpu()
-            info.hrs = None if proxy.var_hrs is None else proxy.var_hrs.detach().float().cpu()
+            axis=tq.layout.axis, weight_shape=tuple(w.shape),
+            codes=tq.from_groups(chip.held_codes(w2d, r, c), w.shape).to(torch.uint8).cpu(),
+            r=r.float().cpu().clone(), c=c.float().cpu().clone())
+        if chip.has_faults:
+            info.faults = fault_summary(chip.sa0.cpu(), chip.sa1.cpu(), tq.bits)
+            info.faults["mapping"] = chip.mapping
+        if chip.has_variability:
+            info.lrs = chip.lrs.detach().float().cpu()
+            info.hrs = None if chip.hrs is None else chip.hrs.detach().float().cpu()
             info.variability = variability_summary(info.lrs, info.hrs)
-            info.variability["mapping"] = proxy.deploy_mapping
-        info.weight = (tq.snap(w) if device else decode(info)).detach().float().cpu()
+            info.variability["mapping"] = chip.mapping
+        info.weight = (tq.from_groups(chip.snap(w2d, r, c), w.shape) if device
+                       else decode(info)).detach().float().cpu()
         out.append(info)
     return out
 

@@ -22,6 +22,7 @@ from qfv_brevitas import (FaultModel, VariabilityModel, attach_faults, attach_va
                           set_deploy_mapping)
 from qfv_brevitas.core import device as D
 from qfv_brevitas.core import levels as L
+from qfv_brevitas.core import search as S
 from qfv_brevitas.chip.bitflips import (BitFlipModel, attach_bitflips, bitflip_injectors,
                                   detach_bitflips, evaluate_bitflips, flip_masks,
                                   random_bit_error_finetune)
@@ -92,7 +93,7 @@ def test_the_flipped_weights_are_the_levels_of_the_flipped_codes(trained, digits
         mask = inj.last_mask
         cells += mask.numel() * tq.bits
         flipped += popcount(mask, tq.bits)
-        codes = tq.to_groups(L.nearest(tq.to_groups(layer.weight.detach()), tq.levels())[1])
+        codes = tq.to_groups(S.nearest(tq.to_groups(layer.weight.detach()), tq.levels())[1])
         sa0, sa1 = (tq.to_groups(t) for t in fmap.layers[name])
         read = D.force_codes(codes.to(torch.uint8) ^ mask, sa0, sa1)
         want = tq.levels().detach().gather(1, read.long())
@@ -158,7 +159,7 @@ def test_straight_through_gradient_in_training():
     y = model(x)
     tq = quant_of(layer)
     inj = bitflip_injectors(model)["0"]
-    codes = L.nearest(tq.to_groups(layer.weight.detach()), tq.levels())[1]
+    codes = S.nearest(tq.to_groups(layer.weight.detach()), tq.levels())[1]
     v = tq.levels().detach().gather(1, codes ^ inj.last_mask.long()).view(3, 6)
     assert torch.allclose(y, x @ v.t())  # trained through the flipped weights
     y.sum().backward()

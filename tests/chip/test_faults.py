@@ -194,7 +194,7 @@ def test_masks_follow_the_weights_device_and_match_the_cpu_draw(qmodel):
         assert torch.equal(gpu.layers[name][0].cpu(), cpu.layers[name][0])
         assert torch.equal(gpu.layers[name][1].cpu(), cpu.layers[name][1])
     attach_faults(model, cpu)  # a CPU (e.g. loaded) map goes onto a CUDA model
-    assert model.fc1.weight_quant.fault_sa0.device.type == "cuda"
+    assert model.fc1.weight_quant.chip.sa0.device.type == "cuda"
 
 
 # -- the FaultMap object --------------------------------------------------------------------------
@@ -341,14 +341,14 @@ def test_attach_sets_the_proxy_buffers_and_detach_clears_them(qmodel):
     assert attach_faults(model, fmap) is model
     for name, layer in nmult_layers(model):
         proxy = layer.weight_quant
-        assert proxy.has_faults
-        assert torch.equal(proxy.fault_sa0, fmap.layers[name][0])
-        assert torch.equal(proxy.fault_sa1, fmap.layers[name][1])
+        assert proxy.chip.has_faults
+        assert torch.equal(proxy.chip.sa0, fmap.layers[name][0])
+        assert torch.equal(proxy.chip.sa1, fmap.layers[name][1])
     # a partial map clears the layers it does not name
     attach_faults(model, FaultMap({"fc2": fmap.layers["fc2"]}, {"fc2": 4}))
-    assert [l.weight_quant.has_faults for _, l in nmult_layers(model)] == [False, True, False]
+    assert [l.weight_quant.chip.has_faults for _, l in nmult_layers(model)] == [False, True, False]
     assert detach_faults(model) is model
-    assert not any(l.weight_quant.has_faults for _, l in nmult_layers(model))
+    assert not any(l.weight_quant.chip.has_faults for _, l in nmult_layers(model))
 
 
 def test_attach_validates_before_touching_the_model(qmodel):
@@ -359,7 +359,7 @@ def test_attach_validates_before_touching_the_model(qmodel):
     with pytest.raises(FaultMapError, match="'nope'"):
         attach_faults(model, bad)
     for name, layer in nmult_layers(model):  # the earlier map is still in place, untouched
-        assert torch.equal(layer.weight_quant.fault_sa0, fmap.layers[name][0])
+        assert torch.equal(layer.weight_quant.chip.sa0, fmap.layers[name][0])
 
 
 def test_faults_travel_with_the_state_dict_into_a_fresh_model(qmodel):
@@ -369,17 +369,17 @@ def test_faults_travel_with_the_state_dict_into_a_fresh_model(qmodel):
                                   {"fc1": 4, "fc3": 4}))
     sd = model.state_dict()
     for name in ("fc1", "fc3"):
-        assert torch.equal(sd[f"{name}.weight_quant.fault_sa0"], fmap.layers[name][0])
-        assert torch.equal(sd[f"{name}.weight_quant.fault_sa1"], fmap.layers[name][1])
-    assert "fc2.weight_quant.fault_sa0" not in sd
+        assert torch.equal(sd[f"{name}.weight_quant.chip.sa0"], fmap.layers[name][0])
+        assert torch.equal(sd[f"{name}.weight_quant.chip.sa1"], fmap.layers[name][1])
+    assert "fc2.weight_quant.chip.sa0" not in sd
 
     fresh = qmodel(SMALL, seed=1)
-    assert not any(l.weight_quant.has_faults for _, l in nmult_layers(fresh))
+    assert not any(l.weight_quant.chip.has_faults for _, l in nmult_layers(fresh))
     fresh.load_state_dict(sd)
     for name, layer in nmult_layers(fresh):
         proxy = layer.weight_quant
-        assert proxy.has_faults == (name != "fc2")
-        if proxy.has_faults:
-            assert proxy.fault_sa0.dtype == torch.uint8
-            assert torch.equal(proxy.fault_sa0, fmap.layers[name][0])
-            assert torch.equal(proxy.fault_sa1, fmap.layers[name][1])
+        assert proxy.chip.has_faults == (name != "fc2")
+        if proxy.chip.has_faults:
+            assert proxy.chip.sa0.dtype == torch.uint8
+            assert torch.equal(proxy.chip.sa0, fmap.layers[name][0])
+            assert torch.equal(proxy.chip.sa1, fmap.layers[name][1])

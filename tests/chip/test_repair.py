@@ -160,7 +160,7 @@ def attach_random_faults(model, rate=0.3, seed=0):
     masks = {}
     for i, (name, layer) in enumerate(nmult_layers(model)):
         sa0, sa1 = random_masks(layer.weight.shape, quant_of(layer).bits, rate, seed + i)
-        layer.weight_quant.set_faults(sa0, sa1)
+        layer.weight_quant.chip.set_faults(sa0, sa1)
         masks[name] = (sa0, sa1)
     return masks
 
@@ -192,14 +192,14 @@ def hand_layer():
         quant_of(layer).r.copy_(torch.tensor([[0.25, 0.5, 1.0]]))
         quant_of(layer).c.copy_(torch.tensor([-0.875]))
         layer.weight.copy_(torch.tensor(W_HAND))
-    layer.weight_quant.set_faults(torch.tensor(SA0_HAND, dtype=torch.uint8),
+    layer.weight_quant.chip.set_faults(torch.tensor(SA0_HAND, dtype=torch.uint8),
                                   torch.tensor(SA1_HAND, dtype=torch.uint8))
     return q.eval(), layer
 
 
 def test_hand_made_stuck_bits_naive_deployment():
     q, layer = hand_layer()
-    assert layer.weight_quant.deploy_mapping == "naive"  # the default
+    assert layer.weight_quant.chip.mapping == "naive"  # the default
     # [0,0] -0.1 -> code 3 (-0.125); MSB stuck at 1 -> code 7: a near-zero weight deploys at
     #       the top of the range.
     # [0,1]  0.4 -> code 5 (0.375, odd); LSB stuck at 0 -> code 4 (0.125).
@@ -458,7 +458,7 @@ def test_remap_moves_only_faulty_weights_onto_their_nearest_reachable_level(per_
     q = tiny(4, per_channel, seed=4)
     conv, fc = q[0], q[3]
     sa0, sa1 = random_masks(conv.weight.shape, 4, rate=0.15, seed=9)
-    conv.weight_quant.set_faults(sa0, sa1)  # fc has no map
+    conv.weight_quant.chip.set_faults(sa0, sa1)  # fc has no map
     before = {n: l.weight.detach().clone() for n, l in nmult_layers(q)}
     _, want, _ = ref_aware(conv, sa0, sa1)
     faulty = (sa0 | sa1) != 0
@@ -507,8 +507,8 @@ def inner_fault_map(model, seed):
 def _maps_equal(model, fmap):
     for name, layer in nmult_layers(model):
         sa0, sa1 = fmap.layers[name]
-        if not (torch.equal(layer.weight_quant.fault_sa0, sa0)
-                and torch.equal(layer.weight_quant.fault_sa1, sa1)):
+        if not (torch.equal(layer.weight_quant.chip.sa0, sa0)
+                and torch.equal(layer.weight_quant.chip.sa1, sa1)):
             return False
     return True
 
@@ -540,7 +540,7 @@ def test_fault_aware_finetune_beats_nearest_valid_mapping_on_the_same_map(digits
     # faulty weight on the nearest level it can reach (the device holds it exactly)
     assert _maps_equal(fa, fmap)
     for name, layer in nmult_layers(fa):
-        assert quant_of(layer).mode == "paper" and layer.weight_quant.deploy_mapping == "aware"
+        assert quant_of(layer).mode == "paper" and layer.weight_quant.chip.mapping == "aware"
         sa0, sa1 = fmap.layers[name]
         faulty = (sa0 | sa1) != 0
         w = layer.weight.detach()
@@ -602,7 +602,7 @@ def test_chip_in_loop_finetune_trains_through_the_faulty_weights(digits, trained
     assert len(hist["test_acc"]) == 2 and hist["reg"] == [0.0, 0.0]  # STE: no regularizer
     assert _maps_equal(m, fmap)
     for _, layer in nmult_layers(m):
-        assert quant_of(layer).mode == "ste" and layer.weight_quant.deploy_mapping == "naive"
+        assert quant_of(layer).mode == "ste" and layer.weight_quant.chip.mapping == "naive"
     assert evaluate(m, test) > naive + 0.2
 
 
@@ -619,9 +619,9 @@ def test_variability_aware_finetune_runs_and_leaves_the_map(digits, trained):
                                       progress=False)
     assert len(hist["reg"]) == 3 and hist["reg"][0] > 0
     for name, layer in nmult_layers(m):
-        assert quant_of(layer).mode == "paper" and layer.weight_quant.deploy_mapping == "aware"
-        assert torch.equal(layer.weight_quant.var_lrs, vmap.layers[name][0])
-        assert layer.weight_quant.var_hrs is None and not layer.weight_quant.has_faults
+        assert quant_of(layer).mode == "paper" and layer.weight_quant.chip.mapping == "aware"
+        assert torch.equal(layer.weight_quant.chip.lrs, vmap.layers[name][0])
+        assert layer.weight_quant.chip.hrs is None and not layer.weight_quant.chip.has_faults
     # sigma 0.2 costs a naive deployment >10 points (with the library's fitted default levels
     # ~15, with LSQ's grid ~40); the aware fine-tune wins back at least half of it.
     clean = evaluate(q, test)
@@ -672,8 +672,8 @@ def test_maps_and_aware_mapping_round_trip_through_a_checkpoint(tmp_path):
         assert torch.equal(loaded(x), ref)
     for name, layer in nmult_layers(loaded):
         proxy = layer.weight_quant
-        assert proxy.deploy_mapping == "aware", name
-        assert torch.equal(proxy.fault_sa0, fmap.layers[name][0]), name
-        assert torch.equal(proxy.fault_sa1, fmap.layers[name][1]), name
-        assert torch.equal(proxy.var_lrs, vmap.layers[name][0]), name
-        assert torch.equal(proxy.var_hrs, vmap.layers[name][1]), name
+        assert proxy.chip.mapping == "aware", name
+        assert torch.equal(proxy.chip.sa0, fmap.layers[name][0]), name
+        assert torch.equal(proxy.chip.sa1, fmap.layers[name][1]), name
+        assert torch.equal(proxy.chip.lrs, vmap.layers[name][0]), name
+        assert torch.equal(proxy.chip.hrs, vmap.layers[name][1]), name

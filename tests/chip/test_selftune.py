@@ -95,7 +95,7 @@ def test_reference_statistics_are_those_of_the_ideal_device(trained, calib):
     clean = layer_statistics(model, calib)
     for n in clean.mean:
         assert torch.equal(ref.mean[n], clean.mean[n]) and torch.equal(ref.std[n], clean.std[n])
-    assert c.features[3].weight_quant.has_variability  # the chip itself is left as it was
+    assert c.features[3].weight_quant.chip.has_variability  # the chip itself is left as it was
 
 
 def test_recovers_accuracy_and_is_removable(trained, digits, calib):

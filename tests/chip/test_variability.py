@@ -287,22 +287,22 @@ def test_attach_detach_and_the_state_dict_round_trip(qmodel):
     partial = VariabilityMap({"fc1": vmap.layers["fc1"], "fc2": (vmap.layers["fc2"][0], None)},
                              {"fc1": 4, "fc2": 4})
     assert attach_variability(model, partial) is model
-    assert [l.weight_quant.has_variability for _, l in nmult_layers(model)] == [True, True, False]
+    assert [l.weight_quant.chip.has_variability for _, l in nmult_layers(model)] == [True, True, False]
     sd = model.state_dict()
-    assert torch.equal(sd["fc1.weight_quant.var_lrs"], vmap.layers["fc1"][0])
-    assert torch.equal(sd["fc1.weight_quant.var_hrs"], vmap.layers["fc1"][1])
-    assert "fc2.weight_quant.var_hrs" not in sd and "fc3.weight_quant.var_lrs" not in sd
+    assert torch.equal(sd["fc1.weight_quant.chip.lrs"], vmap.layers["fc1"][0])
+    assert torch.equal(sd["fc1.weight_quant.chip.hrs"], vmap.layers["fc1"][1])
+    assert "fc2.weight_quant.chip.hrs" not in sd and "fc3.weight_quant.chip.lrs" not in sd
 
     fresh = qmodel(SMALL, seed=3)
     fresh.load_state_dict(sd)
     p1, p2, p3 = (l.weight_quant for _, l in nmult_layers(fresh))
-    assert p1.has_variability and p2.has_variability and not p3.has_variability
-    assert torch.equal(p1.var_lrs, vmap.layers["fc1"][0])
-    assert torch.equal(p1.var_hrs, vmap.layers["fc1"][1])
-    assert torch.equal(p2.var_lrs, vmap.layers["fc2"][0]) and p2.var_hrs is None
+    assert p1.chip.has_variability and p2.chip.has_variability and not p3.chip.has_variability
+    assert torch.equal(p1.chip.lrs, vmap.layers["fc1"][0])
+    assert torch.equal(p1.chip.hrs, vmap.layers["fc1"][1])
+    assert torch.equal(p2.chip.lrs, vmap.layers["fc2"][0]) and p2.chip.hrs is None
 
     assert detach_variability(model) is model
-    assert not any(l.weight_quant.has_variability for _, l in nmult_layers(model))
+    assert not any(l.weight_quant.chip.has_variability for _, l in nmult_layers(model))
 
 
 def test_faults_and_variability_coexist_and_detach_separately(qmodel):
@@ -317,15 +317,15 @@ def test_faults_and_variability_coexist_and_detach_separately(qmodel):
     for m in (model, fresh):
         for name, layer in nmult_layers(m):
             proxy = layer.weight_quant
-            assert proxy.has_faults and proxy.has_variability
-            assert torch.equal(proxy.fault_sa1, fmap.layers[name][1])
-            assert torch.equal(proxy.var_hrs, vmap.layers[name][1])
+            assert proxy.chip.has_faults and proxy.chip.has_variability
+            assert torch.equal(proxy.chip.sa1, fmap.layers[name][1])
+            assert torch.equal(proxy.chip.hrs, vmap.layers[name][1])
     detach_faults(model)
-    assert all(l.weight_quant.has_variability and not l.weight_quant.has_faults
+    assert all(l.weight_quant.chip.has_variability and not l.weight_quant.chip.has_faults
                for _, l in nmult_layers(model))
     attach_faults(model, fmap)
     detach_variability(model)
-    assert all(l.weight_quant.has_faults and not l.weight_quant.has_variability
+    assert all(l.weight_quant.chip.has_faults and not l.weight_quant.chip.has_variability
                for _, l in nmult_layers(model))
 
 

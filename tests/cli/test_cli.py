@@ -85,9 +85,9 @@ def test_faults_sample_finetune_eval_compare(trained_ckpt, tmp_path, capsys):
     assert "after fault_aware" in capsys.readouterr().out
     model, info = load_checkpoint(out)
     proxy = model.features[3].weight_quant
-    assert proxy.has_faults and proxy.deploy_mapping == "aware"
+    assert proxy.chip.has_faults and proxy.chip.mapping == "aware"
     import torch
-    assert torch.equal(proxy.fault_sa0.cpu(), m.layers["features.3"][0])
+    assert torch.equal(proxy.chip.sa0.cpu(), m.layers["features.3"][0])
     res_dir = tmp_path / "cmp"
     assert main(["faults", "compare", str(trained_ckpt), "--rates", "0", "0.2", "--trials", "2",
                  "--methods", "none", "nearest_valid", "--out", str(res_dir),

@@ -112,10 +112,10 @@ def test_faults_finetune_methods(method, ckpt, tmp_path, capsys):
     before, _ = load_checkpoint(ckpt)
     model, info = load_checkpoint(out)
     assert info["meta"]["method"] == method
-    inner = [n for n, l in nmult_layers(model) if l.weight_quant.has_faults]
+    inner = [n for n, l in nmult_layers(model) if l.weight_quant.chip.has_faults]
     assert inner  # the map travels with the model
     for name, layer in nmult_layers(model):
-        mode, mapping = quant_of(layer).mode, layer.weight_quant.deploy_mapping
+        mode, mapping = quant_of(layer).mode, layer.weight_quant.chip.mapping
         assert (mode, mapping) == {"fault_aware": ("paper", "aware"),
                                    "nearest_valid": ("paper", "aware"),
                                    "chip_in_loop": ("ste", "naive")}[method]

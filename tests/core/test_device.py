@@ -7,8 +7,14 @@ import torch
 
 from qfv_brevitas.core import kernels as K
 from qfv_brevitas.core import levels as L
-from qfv_brevitas.core.device import (aware_codes, aware_sq_distance, deployed_sq_distance,
-                                 deployed_values, force_codes, naive_codes)
+from qfv_brevitas.core import search as S
+from qfv_brevitas.core.device import aware_codes, deployed_values, force_codes, naive_codes
+from qfv_brevitas.core.distance import chip_distance, ideal_distance
+
+
+def deployed_sq_distance(w, r, c, codes, sa0=None, sa1=None, lrs=None, hrs=None):
+    """The squared device distance for given programmed codes."""
+    return chip_distance(w, r, c, sa0, sa1, lrs, hrs, codes=codes)
 
 pytestmark = pytest.mark.usefixtures("kernel_backend")
 
@@ -102,7 +108,7 @@ def test_ideal_device_changes_nothing():
         assert torch.equal(aware_codes(w, r, c, *args), ideal)
         assert torch.equal(deployed_values(ideal, r, c, *args),
                            L.level_table(r, c).gather(1, ideal))
-        assert deployed_sq_distance(w, r, c, ideal, *args) == L.sq_distance_to_levels(
+        assert deployed_sq_distance(w, r, c, ideal, *args) == ideal_distance(
             w, L.level_table(r, c))
 
 
@@ -122,7 +128,7 @@ def test_deepcopy_keeps_maps_with_their_copy():
     c = copy.deepcopy(m)
     layer = c[0]
     sa1 = torch.full_like(layer.weight, 0b1000, dtype=torch.uint8)
-    layer.weight_quant.set_faults(torch.zeros_like(sa1), sa1)
+    layer.weight_quant.chip.set_faults(torch.zeros_like(sa1), sa1)
     assert torch.equal(m(x), clean)
     assert not torch.equal(c(x), clean)
     top = quant_of(layer).levels()[0, 8:].detach()
@@ -147,10 +153,10 @@ def test_aware_sq_distance_is_the_distance_of_the_aware_codes(G, N, faults, var,
     lrs = None if lrs is None else lrs.to(dtype)
     hr = None if hr is None else hr.to(dtype)
     codes = aware_codes(w, r, c, sa0, sa1, lrs, hr)
-    got = _grads(lambda *a: aware_sq_distance(*a, sa0, sa1, lrs, hr), w, r, c)
+    got = _grads(lambda *a: chip_distance(*a, sa0, sa1, lrs, hr), w, r, c)
     ref = _grads(lambda *a: deployed_sq_distance(*a, codes, sa0, sa1, lrs, hr), w, r, c)
     with K.torch_fallback():
-        torch_ref = _grads(lambda *a: aware_sq_distance(*a, sa0, sa1, lrs, hr), w, r, c)
+        torch_ref = _grads(lambda *a: chip_distance(*a, sa0, sa1, lrs, hr), w, r, c)
     tol = dict(rtol=1e-12, atol=1e-15) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-7)
     for a, b, t in zip(got, ref, torch_ref):
         assert a.dtype == dtype
@@ -160,7 +166,7 @@ def test_aware_sq_distance_is_the_distance_of_the_aware_codes(G, N, faults, var,
     assert torch.equal(got[1], ref[1])
     # The device really matters here (else this test would not see a wrong search).
     if faults or var:
-        assert float(got[0]) > 1.01 * float(L.sq_distance_to_levels(w, L.level_table(r, c)))
+        assert float(got[0]) > 1.01 * float(ideal_distance(w, L.level_table(r, c)))
 
 
 def test_aware_sq_distance_across_chunks_and_short_rows():
@@ -168,9 +174,9 @@ def test_aware_sq_distance_across_chunks_and_short_rows():
     same sum and gradients as the pure-torch path."""
     w, r, c, sa0, sa1, lrs, hr = _setup(2, 4, True, True, True, seed=5, M=2 * 16384 + 37)
     w, r, c, lrs, hr = (t.float() for t in (w, r, c, lrs, hr))
-    got = _grads(lambda *a: aware_sq_distance(*a, sa0, sa1, lrs, hr), w, r, c)
+    got = _grads(lambda *a: chip_distance(*a, sa0, sa1, lrs, hr), w, r, c)
     with K.torch_fallback():
-        ref = _grads(lambda *a: aware_sq_distance(*a, sa0, sa1, lrs, hr), w, r, c)
+        ref = _grads(lambda *a: chip_distance(*a, sa0, sa1, lrs, hr), w, r, c)
     for a, b in zip(got, ref):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
     # Codes agree but for float near-ties (the two paths round candidate values differently).
@@ -185,9 +191,9 @@ def test_aware_sq_distance_rejects_non_finite_weights_and_allows_a_second_backwa
     bad = w.clone()
     bad[1, 7] = float("nan")
     with pytest.raises(ValueError, match=r"weights of fc: 1 of 100 weights are NaN"):
-        aware_sq_distance(bad, r, c, sa0, sa1, lrs, hr, where="weights of fc")
+        chip_distance(bad, r, c, sa0, sa1, lrs, hr, where="weights of fc")
     wg = w.clone().requires_grad_()
-    out = aware_sq_distance(wg, r, c, sa0, sa1, lrs, hr)
+    out = chip_distance(wg, r, c, sa0, sa1, lrs, hr)
     g1 = torch.autograd.grad(out, wg, retain_graph=True)[0]
     g2 = torch.autograd.grad(out, wg)[0]
     assert torch.equal(g1, g2) and bool(g1.abs().sum() > 0)
@@ -208,4 +214,4 @@ def test_aware_codes_ties_go_to_the_lowest_code():
     assert aware_codes(w, r, c, None, None, ones).tolist() == [[1, 1, 2, 2]]
     assert aware_codes(w, r, c, sa0, sa1, ones).tolist() == [[1, 0, 2, 2]]
     # 0.0 ties -0.25 / 0.25, 0.5 ties 0.25 / 0.75: 2 * 0.25^2, plus the stuck weights' 0.5^2
-    assert float(aware_sq_distance(w, r, c, sa0, sa1, ones)) == 0.0625 + 0.25 + 0.0625
+    assert float(chip_distance(w, r, c, sa0, sa1, ones)) == 0.0625 + 0.25 + 0.0625

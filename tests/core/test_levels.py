@@ -3,7 +3,7 @@
 Every search result is checked against a brute force over the full ``(G, M, 2**N)`` distance
 tensor (small sizes only) and against the documented contract of the search
 (``sorted index == #{thresholds <= w}``, ties go to the upper level). Both search paths (the
-lookup table and the ``torch.searchsorted`` fallback) and the blocked tiling (``_BLOCK``
+lookup table and the ``torch.searchsorted`` fallback) and the blocked tiling (``BLOCK``
 monkeypatched small) are exercised for per-tensor (G = 1) and per-channel (G > 1) groups.
 """
 from __future__ import annotations
@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 
 from qfv_brevitas.core import kernels as K
 from qfv_brevitas.core import levels as L
+from qfv_brevitas.core import search as S
+from qfv_brevitas.core.distance import ideal_distance
 from qfv_brevitas.core.levels import (
     MAX_BITS,
     bit_matrix,
@@ -27,14 +29,11 @@ from qfv_brevitas.core.levels import (
     codes_to_bits,
     level_table,
     lsq_step_init,
-    nearest,
-    nearest_sorted_index,
     qp,
-    snap_ste,
     sort_levels,
-    sq_distance_to_levels,
     uniform_multipliers,
 )
+from qfv_brevitas.core.search import nearest, nearest_sorted_index, snap_ste
 
 DTYPES = [torch.float32, torch.float64]
 BITS = list(range(1, MAX_BITS + 1))
@@ -58,16 +57,16 @@ SLOW = settings(max_examples=25, deadline=None)
 def patched(block=None, path="auto"):
     with pytest.MonkeyPatch.context() as mp:
         if block is not None:
-            mp.setattr(L, "_BLOCK", block)
+            mp.setattr(S, "BLOCK", block)
         if path == "searchsorted":
-            mp.setattr(L, "_MAX_TABLE", 0)
+            mp.setattr(S, "MAX_TABLE", 0)
         yield
 
 
 def uses_lut(levels: torch.Tensor, dtype=None) -> bool:
     """Whether the torch path would search with its lookup table."""
     with K.torch_fallback():
-        return L._LevelIndex(levels, dtype or levels.dtype).lut is not None
+        return S.LevelIndex(levels, dtype or levels.dtype).lut is not None
 
 
 def brute_min_dist(w: torch.Tensor, levels: torch.Tensor):
@@ -365,7 +364,7 @@ def test_special_multipliers_agree_with_brute_force(dtype, G, r_row, expect_lut,
     with patched(block):
         values, codes = nearest(w, lv)
         sidx = nearest_sorted_index(w, lv)
-        total = sq_distance_to_levels(w, lv)
+        total = ideal_distance(w, lv)
     assert torch.equal(lv.gather(1, codes), values)
     bmin, _ = brute_min_dist(w, lv)
     assert bool(((w - values).abs() - bmin <= near_tol(w, lv)).all())
@@ -400,7 +399,7 @@ def test_uniform_grids_use_the_lookup_table():
 def test_blocks_tile_the_array_exactly_once(G, M, block):
     with patched(block):
         seen = torch.zeros(G, M, dtype=torch.int64)
-        for r0, r1, c0, c1 in L._blocks(G, M):
+        for r0, r1, c0, c1 in S.blocks(G, M):
             assert 0 <= r0 < r1 <= G and 0 <= c0 < c1 <= M
             seen[r0:r1, c0:c1] += 1
     assert bool((seen == 1).all())
@@ -423,7 +422,7 @@ def test_tiling_matches_unblocked(dtype, block, G, M, path):
         v, codes = nearest(w, lv)
         sidx = nearest_sorted_index(w, lv)
         wl, lvl = w.clone().requires_grad_(), lv.clone().requires_grad_()
-        total = sq_distance_to_levels(wl, lvl)
+        total = ideal_distance(wl, lvl)
         total.backward()
         ws, lvs = w.clone().requires_grad_(), lv.clone().requires_grad_()
         out = snap_ste(ws, lvs)
@@ -450,7 +449,7 @@ def test_sq_distance_matches_brute_force(q, M, seed, block, path):
     lv = level_table(r, c)
     w = make_weights(lv, M, seed)
     with patched(block, path):
-        total = sq_distance_to_levels(w, lv)
+        total = ideal_distance(w, lv)
     bmin, _ = brute_min_dist(w, lv)
     assert total.shape == () and total.dtype == w.dtype
     ref = (bmin.double() ** 2).sum().to(w.dtype)
@@ -469,7 +468,7 @@ def test_sq_distance_zero_on_levels_positive_off(q, M, seed, block, path):
     gen = torch.Generator().manual_seed(seed)
     on = lv.gather(1, torch.randint(0, Lc, (G, M), generator=gen))
     with patched(block, path):
-        assert float(sq_distance_to_levels(on, lv)) == 0.0
+        assert float(ideal_distance(on, lv)) == 0.0
         # Off the levels: midpoints of distinct adjacent levels (exact with dyadic levels), and
         # beyond the extreme levels.
         sv = lv.sort(1).values
@@ -478,13 +477,13 @@ def test_sq_distance_zero_on_levels_positive_off(q, M, seed, block, path):
         for g in range(G):
             off = torch.cat([mids[g][distinct[g]], sv[g, :1] - 0.5, sv[g, -1:] + 0.5])
             expect = float((brute_min_dist(off[None], lv[g:g + 1])[0] ** 2).sum())
-            got = float(sq_distance_to_levels(off[None], lv[g:g + 1]))
+            got = float(ideal_distance(off[None], lv[g:g + 1]))
             assert got > 0.0
             assert got == pytest.approx(expect, rel=1e-6)
         # One weight off the levels makes the total positive.
         w = on.clone()
         w[G - 1, M - 1] = sv[G - 1, -1] + 1.0
-        assert float(sq_distance_to_levels(w, lv)) == pytest.approx(1.0)
+        assert float(ideal_distance(w, lv)) == pytest.approx(1.0)
 
 
 @given(bits=st.sampled_from(BITS), G=st.sampled_from([1, 3]), M=st.integers(1, 9),
@@ -502,7 +501,7 @@ def test_sq_distance_gradcheck(bits, G, M, seed, block, path):
     c.requires_grad_()
     with patched(block, path):
         assert torch.autograd.gradcheck(
-            lambda w_, r_, c_: sq_distance_to_levels(w_, level_table(r_, c_)),
+            lambda w_, r_, c_: ideal_distance(w_, level_table(r_, c_)),
             (w, r, c), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
@@ -518,7 +517,7 @@ def test_sq_distance_gradients_are_eq7(q, M, seed, block, path, upstream):
     c = c.clone().requires_grad_()
     w = w.clone().requires_grad_()
     with patched(block, path):
-        total = sq_distance_to_levels(w, level_table(r, c))
+        total = ideal_distance(w, level_table(r, c))
         (upstream * total).backward()
         q_vals, codes = nearest(w.detach(), level_table(r, c).detach())
     d = w.detach() - q_vals
@@ -538,10 +537,10 @@ def test_sq_distance_grad_to_one_input_only(dtype):
     w = make_weights(lv, 50, seed=3)
     q, codes = nearest(w, lv)
     wl = w.clone().requires_grad_()
-    sq_distance_to_levels(wl, lv).backward()
+    ideal_distance(wl, lv).backward()
     torch.testing.assert_close(wl.grad, 2 * (w - q))
     lvl = lv.clone().requires_grad_()
-    sq_distance_to_levels(w, lvl).backward()
+    ideal_distance(w, lvl).backward()
     torch.testing.assert_close(lvl.grad, torch.zeros_like(lv).scatter_add_(1, codes, -2 * (w - q)))
 
 
@@ -668,7 +667,7 @@ def test_eight_bits_a_million_weights():
     w = (torch.randn(1, n, generator=gen) * 0.6).requires_grad_()
     rr, cc = r.clone().requires_grad_(), c.clone().requires_grad_()
     lv = level_table(rr, cc)
-    total = sq_distance_to_levels(w, lv)
+    total = ideal_distance(w, lv)
     total.backward()
     lvd = lv.detach()
     q, codes = nearest(w.detach(), lvd)
@@ -694,7 +693,9 @@ _PEAK_CHILD = r"""
 import json, resource, sys
 import torch
 torch.set_num_threads(1)
-from qfv_brevitas.core.levels import level_table, nearest, sq_distance_to_levels, uniform_multipliers
+from qfv_brevitas.core.distance import ideal_distance
+from qfv_brevitas.core.levels import level_table, uniform_multipliers
+from qfv_brevitas.core.search import nearest
 
 def peak():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
@@ -713,7 +714,7 @@ for G in (1, 256):
 for w, lv, _, _ in setups.values():
     nearest(w[:, :64], lv)
     few = w[:, :64].clone().requires_grad_()
-    sq_distance_to_levels(few, lv.clone().requires_grad_()).backward()
+    ideal_distance(few, lv.clone().requires_grad_()).backward()
 base = peak()
 vm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize:"))
 resource.setrlimit(resource.RLIMIT_AS, (vm + n * 2 ** N, resource.RLIM_INFINITY))
@@ -721,7 +722,7 @@ resource.setrlimit(resource.RLIMIT_AS, (vm + n * 2 ** N, resource.RLIM_INFINITY)
 # an upper bound of the job's own extra memory.
 for G in (1, 256):
     _, _, w, lv = setups[G]
-    sq_distance_to_levels(w, lv).backward()
+    ideal_distance(w, lv).backward()
     w.grad = lv.grad = None
     out[f"regularizer G={G}"] = peak() - base
 for G in (256, 1):
@@ -761,9 +762,9 @@ def test_nearest_and_regularizer_peak_memory_is_o_n_at_8_bits():
 
 
 def test_per_channel_rows_longer_than_the_block():
-    # Default _BLOCK with M > _BLOCK (ragged last tile): the per-row column tiling of the real
+    # Default BLOCK with M > BLOCK (ragged last tile): the per-row column tiling of the real
     # configuration, per channel.
-    G, M, bits = 2, L._BLOCK + 1234, 8
+    G, M, bits = 2, S.BLOCK + 1234, 8
     gen = torch.Generator().manual_seed(1)
     r, c = uniform_multipliers(torch.tensor([0.02, 0.005]), bits)
     lv = level_table(r, c)
@@ -792,4 +793,4 @@ def test_level_one_ulp_from_neighbour_snaps_to_itself(dtype):
     lv = torch.stack([a, torch.nextafter(a, torch.tensor(2.0, dtype=dtype))])[None]
     w = torch.tensor([[1.0]], dtype=dtype)
     assert nearest(w, lv)[0].item() == 1.0
-    assert float(sq_distance_to_levels(w, lv)) == 0.0
+    assert float(ideal_distance(w, lv)) == 0.0

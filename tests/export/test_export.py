@@ -232,8 +232,8 @@ def test_faulty_device_export_holds_the_forced_codes(tmp_path):
     const = inits(onnx.load(str(res.path)))
     for name, layer in nmult_layers(model):
         proxy = layer.weight_quant
-        held = force_codes(quant_of(layer).codes(layer.weight), proxy.fault_sa0,
-                           proxy.fault_sa1)
+        held = force_codes(quant_of(layer).codes(layer.weight), proxy.chip.sa0,
+                           proxy.chip.sa1)
         assert np.array_equal(const[f"{name}.weight_codes"], held.numpy().astype(np.uint8))
     row = res.metadata["layers"][1]
     assert 0.1 < row["faults"]["rate"] < 0.3

@@ -38,8 +38,8 @@ def fingerprint(model, test):
         out = model(x)
     sd = {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
           for k, v in model.state_dict().items()}
-    layers = [(n, l.weight_quant.has_faults, l.weight_quant.has_variability,
-               l.weight_quant.deploy_mapping, l.weight_quant.tensor_quant.mode)
+    layers = [(n, l.weight_quant.chip.has_faults, l.weight_quant.chip.has_variability,
+               l.weight_quant.chip.mapping, l.weight_quant.tensor_quant.mode)
               for n, l in nmult_layers(model)]
     return out, sd, layers, model.training
 

@@ -1,4 +1,4 @@
-"""Tests of ``qfv_brevitas.core.shapes``: the Gaussian-well and SinReQ regularizer shapes beside the
+"""Tests of ``qfv_brevitas.core.distance``: the Gaussian-well and SinReQ regularizer shapes beside the
 paper's squared distance, on the ideal grid and on a device (stuck bits, variability).
 
 Every value is checked against a brute force written from the definitions, one weight at a
@@ -23,8 +23,14 @@ from qfv_brevitas.core import levels as L
 from qfv_brevitas.core.quantizers import (LearnedStepWeightQuant, NMultWeightPerChannelQuant,
                                      NMultWeightQuant, nmult_layers, quant_of)
 from qfv_brevitas.core.regularizer import QuantRegularizer
-from qfv_brevitas.core.shapes import (DEFAULT_WIDTH, SHAPES, deployed_shaped_distance,
-                                 layer_distance, shape_terms, shaped_distance_to_levels)
+from qfv_brevitas.core.distance import (DEFAULT_WIDTH, SHAPES, chip_distance, ideal_distance,
+                                        shape_terms)
+
+
+def deployed_shaped_distance(w, r, c, codes, sa0=None, sa1=None, lrs=None, hrs=None,
+                             shape="sq", width=DEFAULT_WIDTH, where="layer"):
+    """The device distance with a shape for given programmed codes."""
+    return chip_distance(w, r, c, sa0, sa1, lrs, hrs, shape, width, where, codes=codes)
 from qfv_brevitas.core.config import LambdaSchedule
 from qfv_brevitas.core.train import TrainConfig, fit
 
@@ -95,7 +101,7 @@ def test_value_equals_brute_force(shape, G, N):
     lv = L.level_table(r, c)
     want = sum(brute_term(float(w[g, j]), lv[g].tolist(), shape)
                for g in range(G) for j in range(w.shape[1]))
-    got = float(shaped_distance_to_levels(w, lv, shape))
+    got = float(ideal_distance(w, lv, shape))
     assert got == pytest.approx(want, rel=1e-10, abs=1e-12)
 
 
@@ -104,13 +110,13 @@ def test_value_equals_brute_force(shape, G, N):
 def test_zero_on_levels_positive_off_them(shape, dtype):
     r, c = grid(2, 3, dtype)
     lv = L.level_table(r, c)
-    assert float(shaped_distance_to_levels(lv.clone(), lv, shape)) == 0.0
+    assert float(ideal_distance(lv.clone(), lv, shape)) == 0.0
     w = weights(2, 30, r, c)
     on = (w[:, :, None] == lv[:, None, :]).any(-1)
     assert not bool(on.any())
     for g in range(2):
         for j in range(30):
-            one = shaped_distance_to_levels(w[g:g + 1, j:j + 1], lv[g:g + 1], shape)
+            one = ideal_distance(w[g:g + 1, j:j + 1], lv[g:g + 1], shape)
             assert float(one) > 0, (g, j)
 
 
@@ -121,7 +127,7 @@ def test_gradcheck_float64(shape, G, N):
     w = weights(G, 30, r, c).requires_grad_()
     r, c = r.clone().requires_grad_(), c.clone().requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda w, r, c: shaped_distance_to_levels(w, L.level_table(r, c), shape), (w, r, c))
+        lambda w, r, c: ideal_distance(w, L.level_table(r, c), shape), (w, r, c))
 
 
 def test_sin_on_a_uniform_grid_is_sinreq():
@@ -130,7 +136,7 @@ def test_sin_on_a_uniform_grid_is_sinreq():
     step = float(r[0, 0])
     lv = L.level_table(r, c)
     w = torch.linspace(float(lv.min()), float(lv.max()), 101, dtype=torch.float64)[None]
-    per = [float(shaped_distance_to_levels(w[:, j:j + 1], lv, "sin")) for j in range(101)]
+    per = [float(ideal_distance(w[:, j:j + 1], lv, "sin")) for j in range(101)]
     sinreq = [(step / math.pi) ** 2 * math.sin(math.pi * (float(x) - float(c[0])) / step) ** 2
               for x in w[0]]
     assert per == pytest.approx(sinreq, rel=1e-9, abs=1e-15)
@@ -144,7 +150,7 @@ def test_curvature_at_a_level_is_that_of_the_squared_distance(shape):
     lv = L.level_table(r, c)
     q = float(lv[0, 3])
     for d in (1e-3, -1e-3):
-        f = float(shaped_distance_to_levels(torch.tensor([[q + d]], dtype=torch.float64), lv,
+        f = float(ideal_distance(torch.tensor([[q + d]], dtype=torch.float64), lv,
                                             shape))
         assert f / d ** 2 == pytest.approx(1.0, rel=1e-3)
 
@@ -157,7 +163,7 @@ def test_outside_the_range_the_pull_keeps_growing(shape):
     lv = L.level_table(r, c)
     top = float(lv.max())
     xs = top + torch.linspace(0, 5, 60, dtype=torch.float64)
-    vals = [float(shaped_distance_to_levels(torch.tensor([[x]]), lv, shape)) for x in xs]
+    vals = [float(ideal_distance(torch.tensor([[x]]), lv, shape)) for x in xs]
     assert all(b > a for a, b in zip(vals, vals[1:]))
     _, fd, _ = shape_terms(torch.tensor([3.0]), torch.tensor([1.0]), shape)
     assert float(fd) > 0
@@ -171,7 +177,7 @@ def test_sin_is_smooth_across_levels_of_unequal_spacing():
     for x in (1.0, 3.0):
         for eps in (1e-7, -1e-7):
             w = torch.tensor([[x + eps]], dtype=torch.float64, requires_grad=True)
-            shaped_distance_to_levels(w, lv, "sin").backward()
+            ideal_distance(w, lv, "sin").backward()
             assert abs(float(w.grad)) < 1e-6
 
 
@@ -181,7 +187,7 @@ def test_gauss_width_sets_sigma():
         r = torch.tensor([[h]], dtype=torch.float64)  # levels 0 and h
         lv = L.level_table(r, torch.zeros(1, dtype=torch.float64))
         for k in (0.25, 0.5, 1.0):
-            f = float(shaped_distance_to_levels(torch.tensor([[h / 2]], dtype=torch.float64),
+            f = float(ideal_distance(torch.tensor([[h / 2]], dtype=torch.float64),
                                                 lv, "gauss", k))
             s = k * h
             assert f == pytest.approx(s * s * (1 - math.exp(-1 / (4 * k * k))), rel=1e-12)
@@ -195,18 +201,18 @@ def test_coincident_levels_are_skipped_for_the_spacing():
     w = torch.tensor([[-0.4, 0.3, 1.2, 2.6, 3.5]], dtype=torch.float64)
     for shape in SHAPED:
         want = sum(brute_term(float(x), lv[0].tolist(), shape) for x in w[0])
-        assert float(shaped_distance_to_levels(w, lv, shape)) == pytest.approx(want, rel=1e-12)
+        assert float(ideal_distance(w, lv, shape)) == pytest.approx(want, rel=1e-12)
 
 
 def test_a_grid_without_spacing_is_a_clear_error():
     r = torch.zeros(1, 3, dtype=torch.float64)
     lv = L.level_table(r, torch.ones(1, dtype=torch.float64))
     w = torch.tensor([[0.5, 2.0]], dtype=torch.float64)
-    assert float(shaped_distance_to_levels(w, lv, "sq")) == pytest.approx(0.25 + 1.0)
+    assert float(ideal_distance(w, lv, "sq")) == pytest.approx(0.25 + 1.0)
     sa0 = torch.tensor([[1, 0]], dtype=torch.uint8)
     for shape in SHAPED:
         with pytest.raises(ValueError, match="coincide.*no level spacing.*'sq'"):
-            shaped_distance_to_levels(w, lv, shape)
+            ideal_distance(w, lv, shape)
         with pytest.raises(ValueError, match="coincide.*no level spacing"):
             deployed_shaped_distance(w, r, torch.ones(1, dtype=torch.float64),
                                      torch.zeros(1, 2, dtype=torch.long), sa0,
@@ -218,10 +224,10 @@ def test_unknown_shape_and_bad_width_are_errors():
     w = torch.zeros(1, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="unknown regularizer shape 'cos'; choose one of sq, "
                                          "gauss, sin"):
-        shaped_distance_to_levels(w, lv, "cos")
+        ideal_distance(w, lv, "cos")
     for bad in (0, -1, float("nan"), "wide", True):
         with pytest.raises(ValueError, match="width must be a finite number > 0"):
-            shaped_distance_to_levels(w, lv, "gauss", bad)
+            ideal_distance(w, lv, "gauss", bad)
     with pytest.raises(ValueError, match="unknown regularizer shape"):
         TrainConfig(reg_shape="triangle")
     with pytest.raises(ValueError, match="width"):
@@ -297,7 +303,7 @@ def test_a_weight_with_every_bit_stuck_is_charged_the_squared_distance():
     v0 = float(L.level_table(r, c)[0, 2])
     for shape in SHAPED:
         full = float(deployed_shaped_distance(w, r, c, codes, sa0, sa1, shape=shape))
-        healthy = float(shaped_distance_to_levels(w[:, 1:], L.level_table(r, c), shape))
+        healthy = float(ideal_distance(w[:, 1:], L.level_table(r, c), shape))
         assert full - healthy == pytest.approx((0.3 - v0) ** 2, rel=1e-12)
 
 
@@ -382,7 +388,7 @@ def test_layer_distance_uses_the_fault_map_when_one_is_attached():
     for shape in SHAPED:
         want = sum(brute_term(float(w2d[g, j]), deployable(r, c, g, j, 3, g0, g1, None, None),
                               shape) for g in range(w2d.shape[0]) for j in range(w2d.shape[1]))
-        got = layer_distance(tq, layer.weight, shape).detach()
+        got = tq.distance(layer.weight, shape).detach()
         assert float(got) == pytest.approx(want, rel=1e-10)
 
 
