@@ -155,7 +155,7 @@ def run_study(model: nn.Module, train: Optional[Dataset], test: Dataset,
     """
     check_choice(kind, SCENARIO_KINDS + (COMPARISON,), "study kind")
     methods = check_methods(methods, None if kind == COMPARISON else kind)
-    cfg = config or CompareConfig()
+    cfg = CompareConfig() if config is None else config
     if not isinstance(cfg, CompareConfig):
         raise TypeError(f"config must be a CompareConfig, got {type(cfg).__name__}")
     scenario_list = list(scenario_list)

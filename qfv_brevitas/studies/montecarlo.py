@@ -44,9 +44,11 @@ def _sweep(kind: str, model: nn.Module, train: Optional[Dataset], test: Dataset,
 
 
 def _config(trials: int, seed: int, layers: str, finetune: Optional[TrainConfig] = None,
-            remap_every: int = 4) -> CompareConfig:
+            remap_every: int = CompareConfig.remap_every, sam_rho: float = CompareConfig.sam_rho,
+            rbe_rate: float = CompareConfig.rbe_rate) -> CompareConfig:
     return CompareConfig(trials=trials, seed=seed, layers=layers, selftune_on_top=False,
-                         finetune=finetune or default_finetune(), remap_every=remap_every)
+                         finetune=finetune or default_finetune(), remap_every=remap_every,
+                         sam_rho=sam_rho, rbe_rate=rbe_rate)
 
 
 def _deploy_method(mapping: str) -> str:
@@ -124,20 +126,24 @@ def evaluate_bitflips(model: nn.Module, test: Dataset, rates: Sequence[float], t
 
 def compare_faults(model: nn.Module, train: Dataset, test: Dataset, rates: Sequence[float],
                    trials: int = 10, methods: Sequence[str] = FAULT_METHODS,
-                   finetune: Optional[TrainConfig] = None, remap_every: int = 4, seed: int = 0,
+                   finetune: Optional[TrainConfig] = None,
+                   remap_every: int = CompareConfig.remap_every, seed: int = 0,
                    sa1_fraction: float = 0.5, layers: str = "inner", progress: bool = True,
-                   workers: int = 1, distributed: bool = False, device=None
-                   ) -> StudyResult:
+                   workers: int = 1, distributed: bool = False, device=None,
+                   sam_rho: float = CompareConfig.sam_rho,
+                   rbe_rate: float = CompareConfig.rbe_rate) -> StudyResult:
     """Each method on the same fault maps, e.g. ``none`` (naive deployment),
     ``nearest_valid`` (FAQ/Matic nearest-valid-level mapping), ``paper`` (eq. 11 fine-tune +
     remap every ``remap_every`` epochs, per map) and ``chip_in_loop`` (STE fine-tune through
     the faulty weights, per map): any registered method that applies to faults
     (:mod:`qfv_brevitas.studies.methods`). ``finetune`` defaults to
-    :func:`~qfv_brevitas.studies.engine.default_finetune`; ``workers``, ``distributed``,
+    :func:`~qfv_brevitas.studies.engine.default_finetune`; ``sam_rho`` is the SAM radius of
+    ``saq``/``saq_aware``, ``rbe_rate`` the training bit-error rate of ``random_bit_error``
+    (:class:`~qfv_brevitas.studies.engine.CompareConfig`); ``workers``, ``distributed``,
     ``device`` as in :func:`evaluate_faults`."""
     methods = check_methods(methods, "faults", "fault method")
     levels = check_levels(rates, "fault rates", 1.0)
-    cfg = _config(trials, seed, layers, finetune, remap_every)
+    cfg = _config(trials, seed, layers, finetune, remap_every, sam_rho, rbe_rate)
     return _sweep("faults", model, train, test, levels, {"sa1_fraction": sa1_fraction},
                   methods, cfg, {"sa1_fraction": sa1_fraction,
                                  "finetune_epochs": cfg.finetune.epochs,
@@ -152,17 +158,19 @@ def compare_variability(model: nn.Module, train: Dataset, test: Dataset,
                         hrs_on_off: Optional[float] = None, distribution: str = "normal",
                         layers: str = "inner", progress: bool = True, chip_sigma: float = 0.0,
                         layer_shared_sigma: float = 0.0, devices_per_chip: int = 1,
-                        workers: int = 1, distributed: bool = False, device=None
-                        ) -> StudyResult:
+                        workers: int = 1, distributed: bool = False, device=None,
+                        sam_rho: float = CompareConfig.sam_rho,
+                        rbe_rate: float = CompareConfig.rbe_rate) -> StudyResult:
     """Each method on the same variability maps, e.g. ``none``, ``chip_in_loop`` and
     ``paper`` (eq. 12 fine-tune, deployed with aware mapping): any registered method that
-    applies to variability; shared components as in :func:`evaluate_variability`; ``workers``,
+    applies to variability; shared components as in :func:`evaluate_variability`;
+    ``finetune``, ``sam_rho``, ``rbe_rate`` as in :func:`compare_faults`; ``workers``,
     ``distributed``, ``device`` as in :func:`evaluate_faults`."""
     methods = check_methods(methods, "variability", "variability method")
     levels = check_levels(sigmas, "sigmas", None)
     settings = _variability_settings(hrs_on_off, distribution, chip_sigma, layer_shared_sigma,
                                      devices_per_chip)
-    cfg = _config(trials, seed, layers, finetune)
+    cfg = _config(trials, seed, layers, finetune, sam_rho=sam_rho, rbe_rate=rbe_rate)
     return _sweep("variability", model, train, test, levels, settings, methods, cfg,
                   dict(settings, finetune_epochs=cfg.finetune.epochs, layers=layers), "naive",
                   progress, workers, distributed, device)
