@@ -19,109 +19,90 @@ def _sa1(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sa1-fraction", type=float, default=Scenario.sa1_fraction)
 
 
-def _methods(p: argparse.ArgumentParser, kind: str, default) -> None:
-    from qfv_brevitas.studies.methods import method_names
-
-    p.add_argument("--methods", nargs="+", choices=method_names(kind), default=list(default))
-
-
-# -- qfv faults ------------------------------------------------------------------------------------
-
-command_group("faults", help="stuck-at bit faults: sample, evaluate, fine-tune, compare")
-
-
-@command("faults", "sample", help="draw a fault map for a model and save it")
-def faults_sample(p: argparse.ArgumentParser):
-    add_checkpoint_args(p, "faultmap.pt", "file")
-    p.add_argument("--rate", type=float, required=True, help="fraction of stuck bit cells")
-    _sa1(p)
-    return run_sample
-
-
-@command("faults", "eval", help="Monte Carlo accuracy over random fault maps")
-def faults_eval(p: argparse.ArgumentParser):
-    add_checkpoint_args(p, "qfv-faults", "results", result_names("faults_eval"))
-    p.add_argument("--rates", type=float, nargs="+", default=[0, 0.05, 0.1, 0.2, 0.3])
-    p.add_argument("--trials", type=int, default=10)
-    p.add_argument("--mapping", choices=("naive", "aware"), default="naive",
-                   help="aware = nearest-valid-level mapping")
-    _sa1(p)
-    return run_eval
-
-
-@command("faults", "finetune", help="fit a model to one chip's fault map")
-def faults_finetune(p: argparse.ArgumentParser):
-    add_checkpoint_args(p, "finetuned.pt", "file", inputs=("checkpoint", "data_dir", "map"))
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--map", help="a fault map file (e.g. measured on the chip)")
-    g.add_argument("--rate", type=float, help="draw a map at this rate (with --seed)")
-    _sa1(p)
+def _faults_finetune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=("fault_aware", "nearest_valid", "chip_in_loop"),
                    default="fault_aware")
     p.add_argument("--remap-every", type=int, default=4)
-    add_finetune_args(p)
-    return run_finetune
 
 
-@command("faults", "compare", help="methods side by side on the same random maps")
-def faults_compare(p: argparse.ArgumentParser):
-    from qfv_brevitas.studies.montecarlo import FAULT_METHODS
-
-    add_checkpoint_args(p, "qfv-faults", "results", result_names("faults_compare"))
-    p.add_argument("--rates", type=float, nargs="+", default=[0, 0.05, 0.1, 0.2, 0.3])
-    _methods(p, "faults", FAULT_METHODS)
-    _sa1(p)
-    add_study_args(p)
-    return run_compare
-
-
-# -- qfv variability -------------------------------------------------------------------------------
-
-command_group("variability", help="per-bit device variability: sample, evaluate, fine-tune, "
-                                  "compare")
-
-
-@command("variability", "sample", help="draw a variability map for a model and save it")
-def variability_sample(p: argparse.ArgumentParser):
-    add_checkpoint_args(p, "varmap.pt", "file")
-    p.add_argument("--sigma", type=float, required=True, help="sigma/mu of the LRS cells")
-    add_variability_args(p)
-    return run_sample
-
-
-@command("variability", "eval", help="Monte Carlo accuracy over random variability maps")
-def variability_eval(p: argparse.ArgumentParser):
-    add_checkpoint_args(p, "qfv-variability", "results", result_names("variability_eval"))
-    p.add_argument("--sigmas", type=float, nargs="+", default=[0, 0.1, 0.2, 0.4])
-    p.add_argument("--trials", type=int, default=10)
-    p.add_argument("--mapping", choices=("naive", "aware"), default="naive")
-    add_variability_args(p)
-    return run_eval
-
-
-@command("variability", "finetune", help="fit a model to one chip's variability map")
-def variability_finetune(p: argparse.ArgumentParser):
-    add_checkpoint_args(p, "finetuned.pt", "file", inputs=("checkpoint", "data_dir", "map"))
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--map", help="a variability map file (a characterised chip)")
-    g.add_argument("--sigma", type=float, help="draw a map at this sigma/mu (with --seed)")
-    add_variability_args(p)
+def _variability_finetune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=("variability_aware", "chip_in_loop"),
                    default="variability_aware")
-    add_finetune_args(p)
-    return run_finetune
 
 
-@command("variability", "compare", help="methods side by side on the same random maps")
-def variability_compare(p: argparse.ArgumentParser):
-    from qfv_brevitas.studies.montecarlo import VARIABILITY_METHODS
+#: What differs between ``qfv faults ...`` and ``qfv variability ...``: the group's help, the
+#: level (one: ``sample``/``finetune``; many: ``eval``/``compare``), the sample file, the help
+#: of the map file, the kind's settings, the fine-tune methods and whether compare remaps.
+_KINDS = {
+    "faults": dict(
+        help="stuck-at bit faults: sample, evaluate, fine-tune, compare",
+        one=("--rate", "fraction of stuck bit cells", "draw a map at this rate (with --seed)"),
+        many=("--rates", [0, 0.05, 0.1, 0.2, 0.3]), sample_out="faultmap.pt",
+        map_help="a fault map file (e.g. measured on the chip)", settings=_sa1,
+        finetune=_faults_finetune, remap=True, mapping_help="aware = nearest-valid-level mapping"),
+    "variability": dict(
+        help="per-bit device variability: sample, evaluate, fine-tune, compare",
+        one=("--sigma", "sigma/mu of the LRS cells",
+             "draw a map at this sigma/mu (with --seed)"),
+        many=("--sigmas", [0, 0.1, 0.2, 0.4]), sample_out="varmap.pt",
+        map_help="a variability map file (a characterised chip)", settings=add_variability_args,
+        finetune=_variability_finetune, remap=False, mapping_help=None),
+}
 
-    add_checkpoint_args(p, "qfv-variability", "results", result_names("variability_compare"))
-    p.add_argument("--sigmas", type=float, nargs="+", default=[0, 0.1, 0.2, 0.4])
-    _methods(p, "variability", VARIABILITY_METHODS)
-    add_variability_args(p)
-    add_study_args(p, remap=False)
-    return run_compare
+
+def _register(kind: str, spec: dict) -> None:
+    """``qfv <kind> sample|eval|finetune|compare``."""
+    from qfv_brevitas.studies import montecarlo as M
+
+    what = "fault" if kind == "faults" else "variability"
+    defaults = M.FAULT_METHODS if kind == "faults" else M.VARIABILITY_METHODS
+    one, sample_help, draw_help = spec["one"]
+    many, many_default = spec["many"]
+    command_group(kind, help=spec["help"])
+
+    @command(kind, "sample", help=f"draw a {what} map for a model and save it")
+    def sample(p: argparse.ArgumentParser):
+        add_checkpoint_args(p, spec["sample_out"], "file")
+        p.add_argument(one, type=float, required=True, help=sample_help)
+        spec["settings"](p)
+        return run_sample
+
+    @command(kind, "eval", help=f"Monte Carlo accuracy over random {what} maps")
+    def evaluate(p: argparse.ArgumentParser):
+        add_checkpoint_args(p, f"qfv-{kind}", "results", result_names(f"{kind}_eval"))
+        p.add_argument(many, type=float, nargs="+", default=many_default)
+        p.add_argument("--trials", type=int, default=10)
+        p.add_argument("--mapping", choices=("naive", "aware"), default="naive",
+                       help=spec["mapping_help"])
+        spec["settings"](p)
+        return run_eval
+
+    @command(kind, "finetune", help=f"fit a model to one chip's {what} map")
+    def finetune(p: argparse.ArgumentParser):
+        add_checkpoint_args(p, "finetuned.pt", "file", inputs=("checkpoint", "data_dir", "map"))
+        g = p.add_mutually_exclusive_group(required=True)
+        g.add_argument("--map", help=spec["map_help"])
+        g.add_argument(one, type=float, help=draw_help)
+        spec["settings"](p)
+        spec["finetune"](p)
+        add_finetune_args(p)
+        return run_finetune
+
+    @command(kind, "compare", help="methods side by side on the same random maps")
+    def compare(p: argparse.ArgumentParser):
+        from qfv_brevitas.studies.methods import method_names
+
+        add_checkpoint_args(p, f"qfv-{kind}", "results", result_names(f"{kind}_compare"))
+        p.add_argument(many, type=float, nargs="+", default=many_default)
+        p.add_argument("--methods", nargs="+", choices=method_names(kind),
+                       default=list(defaults))
+        spec["settings"](p)
+        add_study_args(p, remap=spec["remap"])
+        return run_compare
+
+
+for _kind, _spec in _KINDS.items():
+    _register(_kind, _spec)
 
 
 # -- running them ----------------------------------------------------------------------------------
