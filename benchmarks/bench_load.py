@@ -124,7 +124,7 @@ def run_demo(out: str, threads: str) -> float:
 
 
 def bench_mc(ckpt: str, maps: int) -> dict:
-    from qfv_brevitas import evaluate_faults
+    from qfv_brevitas.studies import evaluate_faults
     from qfv_brevitas.zoo.checkpoint import load_checkpoint
     from qfv_brevitas.zoo.data import load_dataset
 

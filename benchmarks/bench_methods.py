@@ -16,7 +16,7 @@ default), trained once with
                     lambda_rise_epochs=1, seed=seed), calib_size=64, rbe_rate=0.02,
                     sam_rho=0.05))
 
-i.e. every method of :mod:`qfv_brevitas.studies.compare` (none, nearest_valid, the paper's regularizer,
+i.e. every method of :mod:`qfv_brevitas.studies.methods` (none, nearest_valid, the paper's regularizer,
 the Gaussian and SinReQ shapes, chip-in-loop, SAQ on the fault/variability-aware fine-tune,
 random-bit-error training, SAQ, self-tuning alone) and each of them again after self-tuning, at
 stuck-at rates 10/20%, bit-error rates 1/5% and LRS sigma/mu 20/40% without and with a
@@ -69,8 +69,11 @@ if _REPO not in sys.path:
 import torch  # noqa: E402
 
 from qfv_brevitas.zoo.checkpoint import load_checkpoint  # noqa: E402
-from qfv_brevitas.studies.compare import (METHODS, CompareConfig, MethodComparison,  # noqa: E402
-                                  compare_methods, scenarios)
+from qfv_brevitas.studies.compare import compare_methods  # noqa: E402
+from qfv_brevitas.studies.engine import CompareConfig  # noqa: E402
+from qfv_brevitas.studies.methods import METHODS  # noqa: E402
+from qfv_brevitas.studies.results import StudyResult  # noqa: E402
+from qfv_brevitas.studies.scenario import scenarios  # noqa: E402
 from qfv_brevitas.zoo.data import DataError, load_dataset  # noqa: E402
 from qfv_brevitas.studies.experiment import run_experiment  # noqa: E402
 from qfv_brevitas.core.train import TrainConfig, evaluate  # noqa: E402
@@ -101,12 +104,12 @@ def base_model(out: Path, dataset: str, data_dir: Optional[str], seed: int, retr
     return ckpt
 
 
-def _accs(res: MethodComparison, sc: str, method: str) -> Dict[int, float]:
+def _accs(res: StudyResult, sc: str, method: str) -> Dict[int, float]:
     return {r["trial"]: r["acc"] for r in res.rows
             if r["scenario"] == sc and r["method"] == method}
 
 
-def _paired(res: MethodComparison, sc: str, a: str, b: str) -> str:
+def _paired(res: StudyResult, sc: str, a: str, b: str) -> str:
     xa, xb = _accs(res, sc, a), _accs(res, sc, b)
     keys = sorted(set(xa) & set(xb))
     w = sum(xa[k] > xb[k] + EPS for k in keys)
@@ -114,7 +117,7 @@ def _paired(res: MethodComparison, sc: str, a: str, b: str) -> str:
     return f"{w}/{len(keys) - w - lo}/{lo}"
 
 
-def against_reference(res: MethodComparison, ref: str = "paper") -> List[str]:
+def against_reference(res: StudyResult, ref: str = "paper") -> List[str]:
     """Each method's mean minus the reference method's, per scenario (points), with per-map
     wins/ties/losses."""
     summ = {(s["scenario"], s["method"]): s for s in res.summary()}
@@ -134,7 +137,7 @@ def against_reference(res: MethodComparison, ref: str = "paper") -> List[str]:
     return lines
 
 
-def selftune_recovery(res: MethodComparison) -> List[str]:
+def selftune_recovery(res: StudyResult) -> List[str]:
     """Per method and scenario: mean with self-tuning minus mean without (points), with
     per-map wins/ties/losses of the self-tuned model."""
     summ = {(s["scenario"], s["method"]): s for s in res.summary()}

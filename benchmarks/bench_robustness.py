@@ -11,10 +11,10 @@ W{b}A{b} (SmallCNN on scikit-learn's digits by default), trained once with
 ``qfv_brevitas.zoo.checkpoint.load_checkpoint``; ``--retrain`` forces training), and runs on it:
 
 * faults: ``compare_faults(model, train, test, rates=[0, .05, .10, .20, .30], trials,
-  methods=("none", "nearest_valid", "fault_aware"), finetune=TrainConfig(epochs=E,
+  methods=("none", "nearest_valid", "paper"), finetune=TrainConfig(epochs=E,
   lr=0.005, lambda_rise_epochs=2), seed=seed)``;
 * variability: ``compare_variability(model, train, test, sigmas=[0, .10, .20, .40], trials,
-  methods=("none", "chip_in_loop", "variability_aware"), finetune=..., seed=seed)``.
+  methods=("none", "chip_in_loop", "paper"), finetune=..., seed=seed)``.
 
 Both with the library defaults otherwise: ``layers="inner"`` (the 8-bit first and last layers
 stay ideal), SA1 share 0.5, LRS-only normal variability, remap every 4 epochs. Every method
@@ -56,15 +56,16 @@ if _REPO not in sys.path:
 
 from qfv_brevitas.zoo.checkpoint import load_checkpoint  # noqa: E402
 from qfv_brevitas.zoo.data import DataError, load_dataset  # noqa: E402
-from qfv_brevitas.studies.montecarlo import MonteCarloResult, compare_faults, compare_variability  # noqa: E402
+from qfv_brevitas.studies.montecarlo import compare_faults, compare_variability  # noqa: E402
+from qfv_brevitas.studies.results import StudyResult  # noqa: E402
 from qfv_brevitas.studies.experiment import run_experiment  # noqa: E402
 from qfv_brevitas.core.train import TrainConfig, evaluate  # noqa: E402
 from _machine import machine_line  # noqa: E402
 
 RATES = [0.0, 0.05, 0.10, 0.20, 0.30]
 SIGMAS = [0.0, 0.10, 0.20, 0.40]
-FAULT_METHODS = ("none", "nearest_valid", "fault_aware")
-VAR_METHODS = ("none", "chip_in_loop", "variability_aware")
+FAULT_METHODS = ("none", "nearest_valid", "paper")
+VAR_METHODS = ("none", "chip_in_loop", "paper")
 #: Largest allowed drop, in accuracy points, of the aware method below the ideal-device model.
 FAULT_MAX_DROP_AT_10 = 2.0
 VAR_MAX_DROP_AT_40 = 3.0
@@ -83,16 +84,16 @@ def _log(msg: str) -> None:
 # Targets
 # --------------------------------------------------------------------------------------------
 
-def _by(result: MonteCarloResult) -> Dict[tuple, dict]:
+def _by(result: StudyResult) -> Dict[tuple, dict]:
     return {(s["method"], s["level"]): s for s in result.summary()}
 
 
-def _trial_accs(result: MonteCarloResult, method: str, level: float) -> Dict[int, float]:
+def _trial_accs(result: StudyResult, method: str, level: float) -> Dict[int, float]:
     return {r["trial"]: r["acc"] for r in result.rows
             if r["method"] == method and r["level"] == level}
 
 
-def _wins(result: MonteCarloResult, a: str, b: str, level: float) -> str:
+def _wins(result: StudyResult, a: str, b: str, level: float) -> str:
     """Paired comparison over the trials (same maps): wins/ties/losses of ``a`` against ``b``."""
     xa, xb = _trial_accs(result, a, level), _trial_accs(result, b, level)
     w = sum(xa[k] > xb[k] + EPS for k in xa)
@@ -105,11 +106,11 @@ def _mean_pts(by: Dict[tuple, dict], method: str, level: float) -> Optional[floa
     return None if s is None else 100 * s["mean"]
 
 
-def fault_targets(result: MonteCarloResult) -> List[dict]:
+def fault_targets(result: StudyResult) -> List[dict]:
     by = _by(result)
     out = []
     clean = _mean_pts(by, "none", 0.0)
-    fa10 = _mean_pts(by, "fault_aware", 0.10)
+    fa10 = _mean_pts(by, "paper", 0.10)
     if clean is not None and fa10 is not None:
         d = fa10 - clean
         out.append({"name": f"fault_aware at 10% within {FAULT_MAX_DROP_AT_10:g} points of the "
@@ -117,21 +118,21 @@ def fault_targets(result: MonteCarloResult) -> List[dict]:
                     "value": f"{fa10:.2f}% ({d:+.2f} points)",
                     "ok": d >= -FAULT_MAX_DROP_AT_10 - EPS})
     for rate in [r for r in RATES if r >= 0.10 - EPS]:
-        fa, nv = _mean_pts(by, "fault_aware", rate), _mean_pts(by, "nearest_valid", rate)
+        fa, nv = _mean_pts(by, "paper", rate), _mean_pts(by, "nearest_valid", rate)
         if fa is None or nv is None:
             continue
         out.append({"name": f"fault_aware ahead of nearest_valid at {100 * rate:g}%",
                     "value": f"{fa:.2f}% vs {nv:.2f}% ({fa - nv:+.2f} points; "
-                             f"{_wins(result, 'fault_aware', 'nearest_valid', rate)})",
+                             f"{_wins(result, 'paper', 'nearest_valid', rate)})",
                     "ok": fa > nv + EPS})
     return out
 
 
-def variability_targets(result: MonteCarloResult) -> List[dict]:
+def variability_targets(result: StudyResult) -> List[dict]:
     by = _by(result)
     out = []
     clean = _mean_pts(by, "none", 0.0)
-    va40 = _mean_pts(by, "variability_aware", 0.40)
+    va40 = _mean_pts(by, "paper", 0.40)
     if clean is not None and va40 is not None:
         d = va40 - clean
         out.append({"name": f"variability_aware at sigma/mu 0.40 within {VAR_MAX_DROP_AT_40:g} "
@@ -139,12 +140,12 @@ def variability_targets(result: MonteCarloResult) -> List[dict]:
                     "value": f"{va40:.2f}% ({d:+.2f} points)",
                     "ok": d >= -VAR_MAX_DROP_AT_40 - EPS})
     for sigma in (0.20, 0.40):
-        va, cil = _mean_pts(by, "variability_aware", sigma), _mean_pts(by, "chip_in_loop", sigma)
+        va, cil = _mean_pts(by, "paper", sigma), _mean_pts(by, "chip_in_loop", sigma)
         if va is None or cil is None:
             continue
         out.append({"name": f"variability_aware ahead of chip_in_loop at sigma/mu {sigma:.2f}",
                     "value": f"{va:.2f}% vs {cil:.2f}% ({va - cil:+.2f} points; "
-                             f"{_wins(result, 'variability_aware', 'chip_in_loop', sigma)})",
+                             f"{_wins(result, 'paper', 'chip_in_loop', sigma)})",
                     "ok": va > cil + EPS})
     return out
 

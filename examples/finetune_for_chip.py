@@ -16,7 +16,7 @@ from qfv_brevitas import (FaultMap, FaultModel, NMultConfig, attach_faults, faul
                           quantize_model, sample_fault_map, set_deploy_mapping)
 from qfv_brevitas.zoo.checkpoint import load_checkpoint
 from qfv_brevitas.zoo.data import load_digits_split
-from qfv_brevitas.studies.montecarlo import edge_layers
+from qfv_brevitas.studies.scenario import edge_layers
 from qfv_brevitas.zoo.models import SmallCNN
 from qfv_brevitas.core.train import TrainConfig, evaluate, fit
 

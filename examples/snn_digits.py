@@ -16,8 +16,9 @@ import json
 import torch
 from torch import nn
 
-from qfv_brevitas import (NMultConfig, SpikingConfig, evaluate_faults, quantize_model,
-                          snn_export_metadata, to_spiking)
+from qfv_brevitas import NMultConfig, SpikingConfig, quantize_model, to_spiking
+from qfv_brevitas.snn import snn_export_metadata
+from qfv_brevitas.studies import evaluate_faults
 from qfv_brevitas.zoo.data import load_digits_split
 from qfv_brevitas.core.train import TrainConfig, evaluate, fit
 

@@ -156,7 +156,7 @@ def test_cuda_training_step_without_sync(mode, maps):
 
 @needs_cuda
 def test_cuda_matches_cpu_and_runs_the_jobs(tmp_path):
-    from qfv_brevitas import evaluate_faults, evaluate_variability
+    from qfv_brevitas.studies import evaluate_faults, evaluate_variability
     from qfv_brevitas.export import export_qonnx
     from qfv_brevitas.core.train import TrainConfig, evaluate, fit
     from torch.utils.data import TensorDataset

@@ -336,13 +336,13 @@ def test_sigterm_stops_as_cleanly_as_ctrl_c(monkeypatch, capsys):
     import signal
     import time
 
-    from qfv_brevitas.cli import app as cli
+    from qfv_brevitas.cli import train as cli
 
     def killed(args):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # interrupted here
         return 0
-    monkeypatch.setattr(cli, "_run_report", killed)
+    monkeypatch.setattr(cli, "run_report", killed)
     before = signal.getsignal(signal.SIGTERM)
     assert main(["report", "any.pt"]) == 130
     assert "interrupted" in capsys.readouterr().err

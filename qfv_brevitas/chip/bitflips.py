@@ -15,29 +15,25 @@ is reproducible and the ``k``-th forward pass of a layer sees the same flips wha
 One draw serves a whole batch; evaluate with ``batch_size=1`` for flips per sample.
 
 - :class:`BitFlipModel`, :func:`attach_bitflips`, :func:`detach_bitflips`;
-- :func:`evaluate_bitflips`: Monte Carlo over seeds, as :func:`qfv_brevitas.evaluate_faults`;
-- :func:`random_bit_error_finetune`: random-bit-error training (flips in the training forward
-  pass, straight-through gradient), the usual baseline against bit errors.
+- the Monte Carlo over seeds (:func:`qfv_brevitas.studies.montecarlo.evaluate_bitflips`) and
+  random-bit-error training (:func:`qfv_brevitas.studies.methods.random_bit_error_finetune`)
+  are studies built on them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
-from qfv_brevitas.studies import montecarlo as E
 from qfv_brevitas.chip.maps import layer_generator, quantized_layers
 from qfv_brevitas.core.quantizers import nmult_layers, quant_of
-from qfv_brevitas.core.train import TrainConfig, fit
 from qfv_brevitas.util.configbase import QfvConfig
 from qfv_brevitas.util.validate import check_fraction, check_layer_dict, check_seed
 
 __all__ = ["BitFlipModel", "BitFlipInjector", "flip_masks", "attach_bitflips",
-           "detach_bitflips", "bitflip_injectors", "evaluate_bitflips",
-           "random_bit_error_finetune"]
+           "detach_bitflips", "bitflip_injectors"]
 
 
 @dataclass
@@ -158,40 +154,3 @@ def detach_bitflips(model: nn.Module) -> nn.Module:
     for _, layer in nmult_layers(model):
         layer.weight_quant.chip.set_flips(None)
     return model
-
-
-def _flip_sampler(layers: str):
-    def attach(model: nn.Module, level: float, seed: int) -> None:
-        attach_bitflips(model, BitFlipModel(rate=level, seed=seed,
-                                            layer_rates=E._exempt(model, layers)))
-    return attach
-
-
-def evaluate_bitflips(model: nn.Module, test: Dataset, rates: Sequence[float], trials: int = 10,
-                      seed: int = 0, mapping: str = "naive", layers: str = "inner",
-                      progress: bool = True, workers: int = 1, distributed: bool = False,
-                      device=None) -> E.MonteCarloResult:
-    """Accuracy with random bit flips at each bit-error rate, ``trials`` seeded runs per rate
-    (trial ``k`` uses seed ``seed + k``); one flip draw per evaluation batch of 512 images.
-    ``mapping`` and ``layers`` as in :func:`qfv_brevitas.evaluate_faults` (the mapping matters
-    only with a fault or variability map attached to ``model``); ``workers``, ``distributed``,
-    ``device`` as there."""
-    E.check_choice(mapping, ("naive", "aware"), "deploy mapping")
-    return E._run("bitflips", model, None, test, E._check_levels(rates, "bit-error rates", 1.0),
-                  E._check_trials(trials), seed, ["none"], _flip_sampler(layers),
-                  {"none": E._deploy(mapping)}, progress, {"layers": layers, "mapping": mapping},
-                  workers, distributed, device)
-
-
-def random_bit_error_finetune(model: nn.Module, train: Dataset, test: Optional[Dataset],
-                              cfg: TrainConfig, flips: BitFlipModel, progress: bool = True
-                              ) -> dict:
-    """Random-bit-error training: fine-tune ``model`` in place with fresh random bit flips at
-    ``flips.rate`` in every training forward pass (straight-through gradient), the regularizer
-    of ``cfg`` as usual. The injectors are removed afterwards: the model deploys as before,
-    hopefully tolerating flips. Returns :func:`qfv_brevitas.core.train.fit`'s history."""
-    attach_bitflips(model, flips)
-    try:
-        return fit(model, train, test, cfg, desc="random-bit-error", progress=progress)
-    finally:
-        detach_bitflips(model)

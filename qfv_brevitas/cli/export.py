@@ -4,22 +4,23 @@ from __future__ import annotations
 import json
 import sys
 
-__all__ = ["register"]
+from qfv_brevitas.cli.common import (add_dataset_args, command, declare_io, load_for_device,
+                                     require_quantized)
+
+__all__ = ["run_export", "run_inspect", "run_verify", "run_crossbar"]
 
 
-def register(sub) -> None:
-    from qfv_brevitas.cli.app import declare_io
+def _data_args(p):
+    add_dataset_args(p, help="the data the checkpoint was trained on (for inputs and accuracy)")
+    p.add_argument("--samples", type=int, default=64,
+                   help="test images the file is verified on (default 64)")
+
+
+@command("export", help="write a checkpoint to QONNX (compact / bit planes / fixed point / "
+                        "plane-parallel), verified against torch")
+def export(p):
     from qfv_brevitas.export import EXPORTERS, FORMS
 
-    def data_args(p):
-        p.add_argument("--dataset", choices=("digits", "idx"), default="digits",
-                       help="the data the checkpoint was trained on (for inputs and accuracy)")
-        p.add_argument("--data-dir", help="folder with the IDX files (for --dataset idx)")
-        p.add_argument("--samples", type=int, default=64,
-                       help="test images the file is verified on (default 64)")
-
-    p = sub.add_parser("export", help="write a checkpoint to QONNX (compact / bit planes / "
-                                      "fixed point / plane-parallel), verified against torch")
     p.add_argument("checkpoint", help="a quantized model saved by qfv train/demo/finetune")
     p.add_argument("--form", choices=FORMS, default="compact")
     p.add_argument("--out", required=True, help="the .onnx file to write")
@@ -34,19 +35,22 @@ def register(sub) -> None:
                         "variability map (default: what that device computes)")
     p.add_argument("--batch", type=int, default=1, help="the graph's (static) batch size")
     p.add_argument("--no-verify", action="store_true")
-    data_args(p)
+    _data_args(p)
     declare_io(p, "file", inputs=("checkpoint", "data_dir"))
-    p.set_defaults(_run=_run_export)
+    return run_export
 
-    p = sub.add_parser("inspect", help="the per-layer bits, r, c and device summary of a file "
-                                       "written by qfv export")
+
+@command("inspect", help="the per-layer bits, r, c and device summary of a file written by "
+                         "qfv export")
+def inspect(p):
     p.add_argument("file")
     p.add_argument("--json", action="store_true", help="print the metadata as JSON")
     declare_io(p, None, inputs=("file",))
-    p.set_defaults(_run=_run_inspect)
+    return run_inspect
 
-    p = sub.add_parser("verify", help="run an exported file with torch, qonnx and onnxruntime "
-                                      "and compare")
+
+@command("verify", help="run an exported file with torch, qonnx and onnxruntime and compare")
+def verify(p):
     p.add_argument("file")
     p.add_argument("checkpoint", help="the checkpoint the file was exported from")
     p.add_argument("--tolerance", type=float, help="max output difference (default: see "
@@ -54,31 +58,31 @@ def register(sub) -> None:
     p.add_argument("--min-agreement", type=float,
                    help="quantized activations: least top-1 agreement of each pair of runtimes "
                         "(default 0.98)")
-    data_args(p)
+    _data_args(p)
     declare_io(p, None, inputs=("file", "checkpoint", "data_dir"))
-    p.set_defaults(_run=_run_verify)
+    return run_verify
 
-    p = sub.add_parser("crossbar", help="per-layer bit-plane matrices and multipliers for an "
-                                        "accelerator (npz + manifest.json)")
+
+@command("crossbar", help="per-layer bit-plane matrices and multipliers for an accelerator "
+                          "(npz + manifest.json)")
+def crossbar(p):
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--ideal", action="store_true", help="ideal codes, ignoring attached maps")
     declare_io(p, "crossbar")
-    p.set_defaults(_run=_run_crossbar)
+    return run_crossbar
 
 
 def _model_and_data(args):
-    from qfv_brevitas.cli.app import _load_for_device
-
     if args.samples < 1:
         raise ValueError(f"--samples must be at least 1, got {args.samples}")
-    model, info, train, test = _load_for_device(args)
+    model, info, train, test = load_for_device(args)
     n = min(args.samples, len(test))
     inputs = test.tensors[0][:n]
     return model, info, test, inputs
 
 
-def _run_export(args) -> int:
+def run_export(args) -> int:
     from qfv_brevitas.export import export_qonnx
     from qfv_brevitas.export.api import FIXED_POINT_FORMS, ExportVerificationError
 
@@ -126,7 +130,7 @@ def _spike_trains(model, x):
     return seq if net.config.layout == "time_first" else seq.transpose(0, 1)
 
 
-def _run_inspect(args) -> int:
+def run_inspect(args) -> int:
     from qfv_brevitas.export import format_layers, read_metadata
 
     info = read_metadata(args.file)
@@ -134,7 +138,7 @@ def _run_inspect(args) -> int:
     return 0
 
 
-def _run_verify(args) -> int:
+def run_verify(args) -> int:
     from qfv_brevitas.export import read_metadata, reference_model, verify_qonnx
     from qfv_brevitas.export.api import expected_export
 
@@ -158,14 +162,12 @@ def _run_verify(args) -> int:
     return 0 if rep.passed else 1
 
 
-def _run_crossbar(args) -> int:
+def run_crossbar(args) -> int:
     from qfv_brevitas.zoo.checkpoint import load_checkpoint
     from qfv_brevitas.export import write_crossbar
 
-    from qfv_brevitas.cli.app import _require_quantized
-
     model, info = load_checkpoint(args.checkpoint)
-    _require_quantized(args, info)
+    require_quantized(args, info)
     manifest = write_crossbar(model, args.out, device=not args.ideal, overwrite=args.force,
                               inputs=[args.checkpoint])
     data = json.loads(manifest.read_text())

@@ -1,5 +1,5 @@
 """``qfv compare``, ``qfv bitflips`` and ``qfv selftune``: the related methods from the command
-line (registered through :data:`qfv_brevitas.cli.app._COMMAND_MODULES`).
+line.
 
 * ``qfv compare CKPT``: every chosen method on the same maps over stuck-at, bit-flip and
   variability scenarios; one table (printed, ``compare.md``), CSV/JSON and one plot.
@@ -11,44 +11,29 @@ line (registered through :data:`qfv_brevitas.cli.app._COMMAND_MODULES`).
 from __future__ import annotations
 
 import argparse
-from typing import Optional
 
-from qfv_brevitas.studies.compare import METHODS
+from qfv_brevitas.cli.common import (add_checkpoint_args, add_finetune_args, add_study_args,
+                                     command, command_group,
+                                     finetune_config, is_output_rank, load_for_device, meta_of,
+                                     result_names, study_config)
 
-__all__ = ["register"]
+__all__ = ["run_compare", "run_bitflips_eval", "run_bitflips_finetune", "run_selftune"]
 
-
-def _common(p: argparse.ArgumentParser, out_default: Optional[str], out: Optional[str] = None,
-            names=()) -> None:
-    from qfv_brevitas.cli.app import declare_io
-
-    declare_io(p, out, names, inputs=("checkpoint", "data_dir", "fault_map", "var_map"))
-    p.add_argument("checkpoint", help="a model saved by qfv demo/train (or a fine-tune)")
-    p.add_argument("--dataset", choices=("digits", "idx"), default="digits")
-    p.add_argument("--data-dir")
-    p.add_argument("--seed", type=int, default=0, help="seed of the maps / flip streams")
-    p.add_argument("--layers", choices=("inner", "all"), default="inner",
-                   help="inner: first and last (8-bit) layers stay ideal (paper setup)")
-    if out_default is not None:
-        p.add_argument("--out", default=out_default)
-    p.add_argument("--no-progress", action="store_true")
+_INPUTS = ("checkpoint", "data_dir", "fault_map", "var_map")
 
 
-def _finetune(p: argparse.ArgumentParser, epochs: int, rise: int) -> None:
-    p.add_argument("--epochs", type=int, default=epochs, help="epochs of every fine-tune")
-    p.add_argument("--lr", type=float, default=0.005)
-    p.add_argument("--lambda-rise-epochs", type=int, default=rise)
+@command("compare", help="the related methods side by side on the same maps: one table, one plot",
+         description="Runs each --methods on --trials seeded maps per scenario (stuck-at rates, "
+                     "bit-error rates, LRS sigmas with and without a between-chip component) "
+                     "and writes compare.{md,csv,json,png} to --out. Per-map methods do not "
+                     "apply to transient bit flips (n/a).")
+def compare(p: argparse.ArgumentParser):
+    from qfv_brevitas.studies.methods import METHODS, method_names
 
-
-def register(sub) -> None:
-    p = sub.add_parser(
-        "compare", help="the related methods side by side on the same maps: one table, one plot",
-        description="Runs each --methods on --trials seeded maps per scenario (stuck-at rates, "
-                    "bit-error rates, LRS sigmas with and without a between-chip component) "
-                    "and writes compare.{md,csv,json,png} to --out. Per-map methods do not "
-                    "apply to transient bit flips (n/a).")
-    _common(p, "qfv-compare", "results", [f"compare.{k}" for k in ("csv", "json", "md", "png")])
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    add_checkpoint_args(p, "qfv-compare", "results", result_names("compare", ("csv", "json",
+                                                                              "md", "png")),
+                        inputs=_INPUTS)
+    p.add_argument("--methods", nargs="+", choices=method_names(), default=list(METHODS))
     p.add_argument("--stuck", type=float, nargs="*", default=[0.1, 0.2],
                    help="stuck-at bit-fault rates")
     p.add_argument("--ber", type=float, nargs="*", default=[0.01, 0.05], help="bit-error rates")
@@ -57,74 +42,28 @@ def register(sub) -> None:
     p.add_argument("--chip-sigma", type=float, default=0.1,
                    help="between-chip sigma: each --sigmas scenario again with this shared "
                         "component (0: not)")
-    p.add_argument("--trials", type=int, default=10)
-    p.add_argument("--no-selftune-on-top", action="store_true",
-                   help="do not report every method after self-tuning too")
-    p.add_argument("--calib-size", type=int, default=64)
-    p.add_argument("--selftune-passes", type=int, default=8,
-                   help="bit-flip scenarios: calibration passes (flip draws) pooled")
-    p.add_argument("--rbe-rate", type=float, default=0.02,
-                   help="bit-error rate of random-bit-error training")
-    p.add_argument("--sam-rho", type=float, default=0.05, help="SAM radius of saq, saq_aware")
-    p.add_argument("--remap-every", type=int, default=4)
-    _finetune(p, 2, 1)
-    p.set_defaults(_run=_run_compare)
-
-    b = sub.add_parser("bitflips", help="transient bit flips: Monte Carlo evaluation, "
-                                        "random-bit-error training")
-    bsub = b.add_subparsers(dest="action", required=True)
-    p = bsub.add_parser("eval", help="accuracy under random bit flips, seeded runs per rate")
-    _common(p, "qfv-bitflips", "results", [f"bitflips_eval.{k}" for k in ("csv", "json", "png")])
-    p.add_argument("--rates", type=float, nargs="+", default=[0, 0.01, 0.02, 0.05])
-    p.add_argument("--trials", type=int, default=10)
-    p.set_defaults(_run=_run_bitflips)
-    p = bsub.add_parser("finetune", help="random-bit-error training; saves the model")
-    _common(p, "rbe.pt", "file")
-    p.add_argument("--rate", type=float, required=True, help="training bit-error rate")
-    _finetune(p, 4, 2)
-    p.set_defaults(_run=_run_bitflips)
-
-    p = sub.add_parser("selftune", help="self-tuning of one simulated chip (no labels)",
-                       description="Puts the model on one chip (map files and/or maps drawn "
-                                   "with --seed) and reports accuracy on the ideal device, on "
-                                   "the chip, and on the chip after self-tuning on "
-                                   "--calib-size unlabeled training images.")
-    _common(p, None)
-    p.add_argument("--fault-map", help="a fault map file")
-    p.add_argument("--var-map", help="a variability map file")
-    p.add_argument("--rate", type=float, help="draw stuck-at faults at this rate")
-    p.add_argument("--sigma", type=float, help="draw LRS variability at this sigma/mu")
-    p.add_argument("--chip-sigma", type=float, default=0.0,
-                   help="between-chip component of the drawn variability")
-    p.add_argument("--ber", type=float, help="transient bit flips at this bit-error rate")
-    p.add_argument("--calib-size", type=int, default=64)
-    p.add_argument("--mode", choices=("affine", "shift"), default="affine")
-    p.add_argument("--passes", type=int, default=None,
-                   help="calibration passes pooled (default 8 with --ber, else 1)")
-    p.set_defaults(_run=_run_selftune)
+    p.add_argument("--hrs-on-off", type=float, default=None,
+                   help="variability scenarios: model HRS too, LRS/HRS on/off ratio")
+    p.add_argument("--distribution", choices=("normal", "lognormal"), default="normal",
+                   help="variability scenarios: distribution of the cell factors")
+    add_study_args(p, selftune=True)
+    return run_compare
 
 
-def _run_compare(args) -> int:
-    from qfv_brevitas.cli.app import _load_for_device
-    from qfv_brevitas.studies.compare import CompareConfig, compare_methods, scenarios
-    from qfv_brevitas.core.train import TrainConfig
+def run_compare(args) -> int:
+    """``qfv compare``."""
+    from qfv_brevitas.studies.compare import compare_methods
+    from qfv_brevitas.studies.scenario import scenarios
 
-    model, info, train, test = _load_for_device(args)
-    ft = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed,
-                     lambda_rise_epochs=min(args.lambda_rise_epochs, args.epochs))
-    cfg = CompareConfig(trials=args.trials, seed=args.seed, finetune=ft,
-                        selftune_on_top=not args.no_selftune_on_top, calib_size=args.calib_size,
-                        selftune_passes=args.selftune_passes,
-                        rbe_rate=args.rbe_rate, sam_rho=args.sam_rho,
-                        remap_every=args.remap_every, layers=args.layers)
-    scs = scenarios(args.stuck, args.ber, args.sigmas, args.chip_sigma)
+    model, info, train, test = load_for_device(args)
+    cfg = study_config(args)
+    scs = scenarios(args.stuck, args.ber, args.sigmas, args.chip_sigma,
+                    hrs_on_off=args.hrs_on_off, distribution=args.distribution)
     res = compare_methods(model, train, test, scs, args.methods, cfg,
                           progress=not args.no_progress, workers=args.workers,
                           distributed=args.distributed)
     res.meta["title"] = f"{info['arch']} {args.checkpoint}, {args.trials} maps per scenario"
-    from qfv_brevitas.cli.app import _is_output_rank
-
-    if not _is_output_rank(args):
+    if not is_output_rank(args):
         return 0
     paths = res.save(args.out, "compare", overwrite=args.force)
     print(res.table())
@@ -136,31 +75,57 @@ def _run_compare(args) -> int:
     return 0
 
 
-def _run_bitflips(args) -> int:
-    from qfv_brevitas.chip import bitflips as B
-    from qfv_brevitas.zoo.checkpoint import save_checkpoint
-    from qfv_brevitas.cli.app import _finetune_cfg, _load_for_device, meta_of
-    from qfv_brevitas.studies.montecarlo import _exempt
-    from qfv_brevitas.core.train import evaluate
+command_group("bitflips", help="transient bit flips: Monte Carlo evaluation, random-bit-error "
+                                "training")
 
-    model, info, train, test = _load_for_device(args)
-    if args.action == "eval":
-        res = B.evaluate_bitflips(model, test, args.rates, trials=args.trials, seed=args.seed,
-                                  layers=args.layers, progress=not args.no_progress,
-                                  workers=args.workers, distributed=args.distributed)
-        res.meta["title"] = f"{info['arch']} {args.checkpoint}"
-        from qfv_brevitas.cli.app import _is_output_rank
 
-        if not _is_output_rank(args):
-            return 0
-        paths = res.save(args.out, "bitflips_eval", overwrite=args.force)
-        print(res.table())
-        print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+@command("bitflips", "eval", help="accuracy under random bit flips, seeded runs per rate")
+def bitflips_eval(p: argparse.ArgumentParser):
+    add_checkpoint_args(p, "qfv-bitflips", "results", result_names("bitflips_eval"),
+                        inputs=_INPUTS)
+    p.add_argument("--rates", type=float, nargs="+", default=[0, 0.01, 0.02, 0.05])
+    p.add_argument("--trials", type=int, default=10)
+    return run_bitflips_eval
+
+
+@command("bitflips", "finetune", help="random-bit-error training; saves the model")
+def bitflips_finetune(p: argparse.ArgumentParser):
+    add_checkpoint_args(p, "rbe.pt", "file", inputs=_INPUTS)
+    p.add_argument("--rate", type=float, required=True, help="training bit-error rate")
+    add_finetune_args(p)
+    return run_bitflips_finetune
+
+
+def run_bitflips_eval(args) -> int:
+    """``qfv bitflips eval``."""
+    from qfv_brevitas.studies.montecarlo import evaluate_bitflips
+
+    model, info, train, test = load_for_device(args)
+    res = evaluate_bitflips(model, test, args.rates, trials=args.trials, seed=args.seed,
+                            layers=args.layers, progress=not args.no_progress,
+                            workers=args.workers, distributed=args.distributed)
+    res.meta["title"] = f"{info['arch']} {args.checkpoint}"
+    if not is_output_rank(args):
         return 0
-    flips = B.BitFlipModel(args.rate, args.seed, _exempt(model, args.layers))
+    paths = res.save(args.out, "bitflips_eval", overwrite=args.force)
+    print(res.table())
+    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def run_bitflips_finetune(args) -> int:
+    """``qfv bitflips finetune``."""
+    from qfv_brevitas.chip.bitflips import BitFlipModel
+    from qfv_brevitas.core.train import evaluate
+    from qfv_brevitas.studies.methods import random_bit_error_finetune
+    from qfv_brevitas.studies.scenario import exempt_layers
+    from qfv_brevitas.zoo.checkpoint import save_checkpoint
+
+    model, info, train, test = load_for_device(args)
+    flips = BitFlipModel(args.rate, args.seed, exempt_layers(model, args.layers))
     before = evaluate(model, test)
-    B.random_bit_error_finetune(model, train, None, _finetune_cfg(args), flips,
-                                progress=not args.no_progress)
+    random_bit_error_finetune(model, train, None, finetune_config(args), flips,
+                              progress=not args.no_progress)
     after = evaluate(model, test)
     save_checkpoint(args.out, model, info["arch"], info["input_shape"], info["num_classes"],
                     info["config"], overwrite=args.force, **{**meta_of(info), "acc": after,
@@ -172,15 +137,37 @@ def _run_bitflips(args) -> int:
     return 0
 
 
-def _run_selftune(args) -> int:
-    from qfv_brevitas.studies import montecarlo as E
+@command("selftune", help="self-tuning of one simulated chip (no labels)",
+         description="Puts the model on one chip (map files and/or maps drawn with --seed) and "
+                     "reports accuracy on the ideal device, on the chip, and on the chip after "
+                     "self-tuning on --calib-size unlabeled training images.")
+def selftune(p: argparse.ArgumentParser):
+    from qfv_brevitas.studies.engine import CompareConfig
+
+    add_checkpoint_args(p, None, None, inputs=_INPUTS)
+    p.add_argument("--fault-map", help="a fault map file")
+    p.add_argument("--var-map", help="a variability map file")
+    p.add_argument("--rate", type=float, help="draw stuck-at faults at this rate")
+    p.add_argument("--sigma", type=float, help="draw LRS variability at this sigma/mu")
+    p.add_argument("--chip-sigma", type=float, default=0.0,
+                   help="between-chip component of the drawn variability")
+    p.add_argument("--ber", type=float, help="transient bit flips at this bit-error rate")
+    p.add_argument("--calib-size", type=int, default=CompareConfig.calib_size)
+    p.add_argument("--mode", choices=("affine", "shift"), default="affine")
+    p.add_argument("--passes", type=int, default=None,
+                   help="calibration passes pooled (default 8 with --ber, else 1)")
+    return run_selftune
+
+
+def run_selftune(args) -> int:
+    """``qfv selftune``."""
     from qfv_brevitas.chip.bitflips import BitFlipModel, attach_bitflips
-    from qfv_brevitas.cli.app import _load_for_device
     from qfv_brevitas.chip.faults import FaultMap, FaultModel, attach_faults, sample_fault_map
     from qfv_brevitas.chip.selftune import calibration_batch, reference_statistics, self_tune
+    from qfv_brevitas.chip.variability import (VariabilityMap, VariabilityModel,
+                                               attach_variability, sample_variability_map)
     from qfv_brevitas.core.train import evaluate
-    from qfv_brevitas.chip.variability import (VariabilityMap, VariabilityModel, attach_variability,
-                              sample_variability_map)
+    from qfv_brevitas.studies.scenario import exempt_layers
 
     if not any(v is not None for v in (args.fault_map, args.var_map, args.rate, args.sigma,
                                        args.ber)):
@@ -190,11 +177,11 @@ def _run_selftune(args) -> int:
         raise ValueError("give --fault-map or --rate, not both")
     if args.var_map and args.sigma is not None:
         raise ValueError("give --var-map or --sigma, not both")
-    model, info, train, test = _load_for_device(args)
+    model, info, train, test = load_for_device(args)
     calib = calibration_batch(train, args.calib_size, args.seed)
     ref = reference_statistics(model, calib)
     ideal = evaluate(model, test)
-    exempt = E._exempt(model, args.layers)
+    exempt = exempt_layers(model, args.layers)
     if args.fault_map:
         attach_faults(model, FaultMap.load(args.fault_map))
     elif args.rate is not None:

@@ -4,16 +4,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["register"]
+from qfv_brevitas.cli.common import add_dataset_args, command, declare_io
+
+__all__ = ["run_quantize", "default_out"]
 
 
-def register(sub) -> None:
-    from qfv_brevitas.cli.app import declare_io
+@command("quantize", help="post-training quantization: a trained float model's weights to "
+                          "N-bit levels fitted to them (no training)")
+def quantize(p):
     from qfv_brevitas.zoo.models import MODEL_NAMES
 
-    p = sub.add_parser(
-        "quantize", help="post-training quantization: a trained float model's weights to "
-                         "N-bit levels fitted to them (no training)")
     p.add_argument("checkpoint", help="a qfv checkpoint (float, or quantized: its float weights "
                                       "are used) or a torch.save-d state dict (with --arch)")
     p.add_argument("--bits", type=int, required=True, help="weight bits N of the inner layers")
@@ -25,10 +25,8 @@ def register(sub) -> None:
                                  "<out>.json are written beside it")
     p.add_argument("--arch", choices=MODEL_NAMES,
                    help="architecture of a plain state dict (qfv checkpoints carry theirs)")
-    p.add_argument("--dataset", choices=("digits", "idx"), default="digits",
-                   help="test data for the accuracy before/after (and the input shape of a "
-                        "plain state dict)")
-    p.add_argument("--data-dir", help="folder with the IDX files (for --dataset idx)")
+    add_dataset_args(p, help="test data for the accuracy before/after (and the input shape "
+                             "of a plain state dict)")
     p.add_argument("--seed", type=int, default=0,
                    help="data split seed for a plain state dict (checkpoints carry theirs)")
     p.add_argument("--baseline", choices=("max", "mse", "none"), default="max",
@@ -38,7 +36,8 @@ def register(sub) -> None:
     p.add_argument("--no-lloyd", action="store_true", help="skip the Lloyd-Max reference")
     p.add_argument("--no-plot", action="store_true", help="no levels figure")
     declare_io(p, "file", inputs=("checkpoint", "data_dir"))
-    p.set_defaults(_run=_run_quantize, _io_default_out=default_out)
+    p.set_defaults(_io_default_out=default_out)
+    return run_quantize
 
 
 def default_out(args) -> str:
@@ -57,7 +56,7 @@ def _outputs(args):
     return paths
 
 
-def _run_quantize(args) -> int:
+def run_quantize(args) -> int:
     import torch
 
     from qfv_brevitas.core import levels as L

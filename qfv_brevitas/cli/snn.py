@@ -10,9 +10,10 @@ import argparse
 import json
 from typing import Optional
 
+from qfv_brevitas.cli.common import command, command_group, declare_io
 from qfv_brevitas.core.config import VARIANTS
 
-__all__ = ["register"]
+__all__ = ["run_train", "run_neurons"]
 
 _EVENT_T = 10  # frames per sample on the neuromorphic data sets (paper section 4.2)
 
@@ -25,19 +26,20 @@ def _optional_int(s: str) -> Optional[int]:
     return None if s.lower() == "none" else int(s)
 
 
-def register(sub) -> None:
-    from qfv_brevitas.cli.app import declare_io
+command_group("snn", help="spiking networks (LIF neurons) with N-multiplier weights")
+
+
+@command("snn", "train",
+         help="train a float spiking model and its quantized version, report both",
+         description="Trains a full-precision spiking model, then QATs its weights at each "
+                     "--bits with the regularizer (spikes are the activations). Writes "
+                     "results.json, float.pt and {variant}_w{bits}.pt to --out.")
+def train(p: argparse.ArgumentParser):
+    from qfv_brevitas.core.train import TrainConfig
     from qfv_brevitas.snn.config import ENCODINGS, SURROGATES
     from qfv_brevitas.snn.data import SNN_DATASETS
     from qfv_brevitas.snn.models import SPIKING_MODEL_NAMES
 
-    snn = sub.add_parser("snn", help="spiking networks (LIF neurons) with N-multiplier weights")
-    ssub = snn.add_subparsers(dest="action", required=True)
-    p = ssub.add_parser(
-        "train", help="train a float spiking model and its quantized version, report both",
-        description="Trains a full-precision spiking model, then QATs its weights at each "
-                    "--bits with the regularizer (spikes are the activations). Writes "
-                    "results.json, float.pt and {variant}_w{bits}.pt to --out.")
     p.add_argument("--dataset", choices=SNN_DATASETS, default="digits",
                    help="digits/idx: static images, rate-coded inside the model; synthetic: "
                         "small moving-square event tensors; cifar10dvs/ncaltech101: "
@@ -64,26 +66,30 @@ def register(sub) -> None:
     p.add_argument("--q-epochs", type=int, default=6)
     p.add_argument("--lr", type=float, default=0.1, help="float training learning rate")
     p.add_argument("--q-lr", type=float, default=0.01, help="QAT learning rate of the weights")
-    p.add_argument("--quant-lr", type=float, default=1e-4, help="learning rate of r, c, step")
-    p.add_argument("--quant-optimizer", choices=("adam", "sgd"), default="adam")
-    p.add_argument("--lambda-start", type=float, default=100.0)
-    p.add_argument("--lambda-end", type=float, default=2000.0)
+    p.add_argument("--quant-lr", type=float, default=TrainConfig.quant_lr,
+                   help="learning rate of r, c, step")
+    p.add_argument("--quant-optimizer", choices=("adam", "sgd"),
+                   default=TrainConfig.quant_optimizer)
+    p.add_argument("--lambda-start", type=float, default=TrainConfig.lambda_start)
+    p.add_argument("--lambda-end", type=float, default=TrainConfig.lambda_end)
     p.add_argument("--lambda-rise-epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="qfv-snn", help="output folder")
     p.add_argument("--no-progress", action="store_true")
     declare_io(p, "run", inputs=("data_dir",))
-    p.set_defaults(_run=_run_train)
+    return run_train
 
-    p = ssub.add_parser("neurons", help="time steps, encoding and LIF parameters of a spiking "
-                                        "checkpoint, as JSON")
+
+@command("snn", "neurons", help="time steps, encoding and LIF parameters of a spiking "
+                                "checkpoint, as JSON")
+def neurons(p: argparse.ArgumentParser):
     p.add_argument("checkpoint")
     declare_io(p, None)
-    p.set_defaults(_run=_run_neurons)
+    return run_neurons
 
 
-def _run_train(args: argparse.Namespace) -> int:
+def run_train(args: argparse.Namespace) -> int:
     from qfv_brevitas.snn import SNNDependencyError, SpikingConfig
     from qfv_brevitas.snn.data import NEUROMORPHIC
     from qfv_brevitas.snn.experiment import format_snn_results, run_snn_experiment
@@ -123,7 +129,7 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_neurons(args: argparse.Namespace) -> int:
+def run_neurons(args: argparse.Namespace) -> int:
     from qfv_brevitas.zoo.checkpoint import load_checkpoint
     from qfv_brevitas.snn import SNNDependencyError, snn_export_metadata
 

@@ -1,8 +1,9 @@
-"""Figures: quantization levels over the weight histogram of a few layers."""
+"""Figures: quantization levels over the weight histogram of a few layers, and the accuracy
+plots of a study (:class:`qfv_brevitas.studies.results.StudyResult`)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import matplotlib
 
@@ -14,7 +15,8 @@ from torch import nn  # noqa: E402
 from qfv_brevitas.core.quantizers import nmult_layers, quant_of  # noqa: E402
 from qfv_brevitas.util.safeio import atomic_path, check_output  # noqa: E402
 
-__all__ = ["plot_levels", "save_figure"]
+__all__ = ["plot_levels", "save_figure", "plot_fitted_levels", "plot_accuracy_by_level",
+           "plot_accuracy_by_scenario"]
 
 
 def plot_levels(models: Dict[str, nn.Module], path: Union[str, Path], max_layers: int = 3,
@@ -118,3 +120,54 @@ def plot_fitted_levels(model: nn.Module, path: Union[str, Path], max_bits: int =
 
 def _rel(a: float, b: float) -> str:
     return "0" if b == 0 and a == 0 else (f"{a / b:.2f}" if b > 0 else "inf")
+
+
+def plot_accuracy_by_level(summary: List[dict], level_name: str, path: Union[str, Path],
+                           title: str = "", overwrite: bool = False,
+                           format: Optional[str] = None) -> Path:
+    """Accuracy against level (``summary`` rows with ``method``, ``level``, ``mean``,
+    ``std``), one line per method with std error bars, written to ``path`` (atomically; an
+    existing file only with ``overwrite``)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in dict.fromkeys(s["method"] for s in summary):
+        pts = sorted((s["level"], s["mean"], s["std"]) for s in summary if s["method"] == m)
+        xs = [100 * p[0] for p in pts]
+        ax.errorbar(xs, [100 * p[1] for p in pts], yerr=[100 * p[2] for p in pts],
+                    marker="o", capsize=3, label=m)
+    ax.set_xlabel(f"{level_name} (%)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return save_figure(fig, path, ax, title, title_size=10, overwrite=overwrite, format=format)
+
+
+def plot_accuracy_by_scenario(summary: List[dict], scenarios: List[str], methods: List[str],
+                              path: Union[str, Path], title: str = "", overwrite: bool = False,
+                              format: Optional[str] = None) -> Path:
+    """Grouped bars: one group per scenario, one bar per method (``summary`` rows with
+    ``scenario``, ``method``, ``mean``, ``std``, ``min``), error bar = std, a black tick at the
+    worst map (atomically; an existing file only with ``overwrite``)."""
+    summ = {(s["scenario"], s["method"]): s for s in summary}
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.9 * len(scenarios) * max(len(methods), 4) / 4
+                                        + 3), 4.8))
+    cmap = plt.get_cmap("tab20")
+    for j, m in enumerate(methods):
+        xs, ys, es, mins = [], [], [], []
+        for i, sc in enumerate(scenarios):
+            s = summ.get((sc, m))
+            if s is None:
+                continue
+            xs.append(i - 0.4 + (j + 0.5) * width)
+            ys.append(100 * s["mean"])
+            es.append(100 * s["std"])
+            mins.append(100 * s["min"])
+        ax.bar(xs, ys, width, yerr=es, capsize=1.5, label=m, color=cmap(j % 20))
+        ax.plot(xs, mins, "k_", markersize=4)
+    ax.set_xticks(range(len(scenarios)))
+    ax.set_xticklabels(scenarios, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("test accuracy (%): mean, std, worst map")
+    ax.set_ylim(0, 100)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="lower left", bbox_to_anchor=(1.0, 0.0))
+    return save_figure(fig, path, ax, title, title_size=9, overwrite=overwrite, format=format)

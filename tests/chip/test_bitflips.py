@@ -1,5 +1,5 @@
-"""Tests of ``qfv_brevitas.chip.bitflips``: transient bit flips on every inference, their Monte Carlo
-evaluation, and random-bit-error training.
+"""Tests of ``qfv_brevitas.chip.bitflips``: transient bit flips on every inference (their Monte
+Carlo evaluation and random-bit-error training are tested with the studies).
 
 The weights a layer computes with are compared with an independent recomputation from the
 injector's flip mask: the programmed code (nearest level, or the aware code), xor the mask, the
@@ -15,7 +15,6 @@ import brevitas.nn as qnn
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Subset
 
 from qfv_brevitas import (FaultModel, VariabilityModel, attach_faults, attach_variability,
                           nmult_layers, quant_of, sample_fault_map, sample_variability_map,
@@ -24,10 +23,8 @@ from qfv_brevitas.core import device as D
 from qfv_brevitas.core import levels as L
 from qfv_brevitas.core import search as S
 from qfv_brevitas.chip.bitflips import (BitFlipModel, attach_bitflips, bitflip_injectors,
-                                  detach_bitflips, evaluate_bitflips, flip_masks,
-                                  random_bit_error_finetune)
+                                        detach_bitflips, flip_masks)
 from qfv_brevitas.core.quantizers import NMultWeightQuant
-from qfv_brevitas.core.train import TrainConfig, evaluate, fit
 
 
 def outputs(model, x):
@@ -180,43 +177,3 @@ def test_bad_input():
         attach_bitflips(m, 0.1)
     with pytest.raises(ValueError, match="no N-multiplier layer"):
         attach_bitflips(nn.Sequential(nn.Linear(2, 2)), BitFlipModel(rate=0.1))
-
-
-def test_monte_carlo_rows_are_reproducible(trained, digits):
-    model, clean = trained
-    test = digits[1]
-    res = evaluate_bitflips(model, test, [0.0, 0.05], trials=2, seed=5, progress=False)
-    assert res.kind == "bitflips" and res.level_name == "bit-error rate"
-    assert [(r["level"], r["seed"]) for r in res.rows] == [(0.0, 5), (0.0, 6), (0.05, 5),
-                                                          (0.05, 6)]
-    assert res.rows[0]["acc"] == clean
-    for row in res.rows[2:]:
-        m = copy.deepcopy(model)
-        attach_bitflips(m, BitFlipModel(rate=0.05, seed=row["seed"],
-                                        layer_rates={"features.0": 0.0, "classifier.3": 0.0}))
-        assert evaluate(m, test) == row["acc"]
-    assert max(r["acc"] for r in res.rows[2:]) < clean  # 5% of the bits flipped hurts
-    bad = evaluate_bitflips(model, test, [0.05], trials=1, layers="all", progress=False)
-    assert bad.meta["layers"] == "all"
-    with pytest.raises(ValueError, match="bit-error rates must be in"):
-        evaluate_bitflips(model, test, [1.5], progress=False)
-
-
-def test_random_bit_error_training_trains_through_flips(trained, digits):
-    model, _ = trained
-    train = Subset(digits[0], range(320))
-    cfg = TrainConfig(epochs=1, lr=0.01, lambda_rise_epochs=1)
-    flipped = copy.deepcopy(model)
-    random_bit_error_finetune(flipped, train, None, cfg, BitFlipModel(rate=0.05, seed=0),
-                              progress=False)
-    assert bitflip_injectors(flipped) == {}  # removed afterwards
-    plain = copy.deepcopy(model)
-    fit(plain, train, None, cfg, progress=False)
-    zero = copy.deepcopy(model)
-    random_bit_error_finetune(zero, train, None, cfg, BitFlipModel(rate=0.0, seed=0),
-                              progress=False)
-    # Flips in the loop change the result; the path itself (rate 0: the STE forward through the
-    # snapped weights) trains to somewhere else than the paper's full-precision forward, too.
-    w = lambda m: torch.cat([l.weight.detach().flatten() for _, l in nmult_layers(m)])  # noqa
-    assert not torch.equal(w(flipped), w(zero))
-    assert not torch.equal(w(zero), w(plain))

@@ -24,8 +24,8 @@ from torch.func import functional_call
 
 from qfv_brevitas import (FaultModel, NMultConfig, VariabilityModel, attach_faults,
                           attach_variability, nmult_layers, quant_of, quantize_model,
-                          regularization_loss, sample_fault_map, sample_variability_map,
-                          set_forward_mode)
+                          regularization_loss, sample_fault_map, sample_variability_map)
+from qfv_brevitas.core.convert import set_forward_mode
 from qfv_brevitas.zoo.checkpoint import load_checkpoint, save_checkpoint
 from qfv_brevitas.zoo.models import build_model
 from qfv_brevitas.chip.repair import (chip_in_loop_finetune, fault_aware_finetune, has_device_maps,

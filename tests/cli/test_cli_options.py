@@ -140,11 +140,11 @@ def test_faults_eval_aware_mapping_beats_naive_on_the_same_maps(ckpt, tmp_path):
 def test_faults_compare_names_each_method(ckpt, tmp_path):
     out = tmp_path / "cmp"
     assert main(["faults", "compare", str(ckpt), "--rates", "0.2", "--trials", "1", "--methods",
-                 "none", "nearest_valid", "fault_aware", "--epochs", "1", "--remap-every", "1",
+                 "none", "nearest_valid", "paper", "--epochs", "1", "--remap-every", "1",
                  "--reg-shape", "sq", "--out", str(out), *QUIET]) == 0
     summary = json.loads((out / "faults_compare.json").read_text())["summary"]
     acc = {s["method"]: s["mean"] for s in summary}
-    assert set(acc) == {"none", "nearest_valid", "fault_aware"}
+    assert set(acc) == {"none", "nearest_valid", "paper"}
     assert acc["nearest_valid"] > acc["none"]
 
 
@@ -175,13 +175,13 @@ def test_variability_sample_options_shape_the_map(ckpt, tmp_path):
 def test_variability_compare_with_device_options(ckpt, tmp_path):
     out = tmp_path / "vc"
     assert main(["variability", "compare", str(ckpt), "--sigmas", "0", "0.5", "--trials", "2",
-                 "--methods", "none", "variability_aware", "--distribution", "lognormal",
+                 "--methods", "none", "paper", "--distribution", "lognormal",
                  "--hrs-on-off", "10", "--devices-per-chip", "2", "--chip-sigma", "0.1",
                  "--epochs", "1", "--out", str(out), *QUIET]) == 0
     data = json.loads((out / "variability_compare.json").read_text())
     acc = {(s["method"], s["level"]): s["mean"] for s in data["summary"]}
-    assert set(acc) == {(m, s) for m in ("none", "variability_aware") for s in (0.0, 0.5)}
-    assert acc[("variability_aware", 0.5)] > acc[("none", 0.5)]
+    assert set(acc) == {(m, s) for m in ("none", "paper") for s in (0.0, 0.5)}
+    assert acc[("paper", 0.5)] > acc[("none", 0.5)]
 
 
 def test_selftune_on_a_drawn_fault_map_and_a_variability_map_file(ckpt, tmp_path, capsys):
@@ -233,3 +233,17 @@ def test_crossbar_ideal_holds_the_ideal_codes(faulty_ckpt, tmp_path):
         assert np.array_equal(planes, bits.numpy().astype(np.uint8)), name  # nearest levels
         changed += int((dev[name]["planes"] != ideal[name]["planes"]).sum())
     assert changed > 0  # the device file holds the stuck bits, the ideal one does not
+
+
+def test_compare_with_hrs_and_lognormal_variability(ckpt, tmp_path):
+    out = tmp_path / "cmp"
+    assert main(["compare", str(ckpt), "--methods", "none", "nearest_valid", "--stuck", "--ber",
+                 "--sigmas", "0.3", "--chip-sigma", "0", "--hrs-on-off", "10",
+                 "--distribution", "lognormal", "--trials", "1", "--no-selftune-on-top",
+                 "--out", str(out), *QUIET]) == 0
+    data = json.loads((out / "compare.json").read_text())
+    (sc,) = data["meta"]["scenarios"]
+    assert (sc["hrs_on_off"], sc["distribution"], sc["label"]) == (
+        10.0, "lognormal", "LRS 30% lognormal HRS 1/10")
+    assert {(r["scenario"], r["method"]) for r in data["rows"]} == {
+        (s, m) for s in ("ideal device", sc["label"]) for m in ("none", "nearest_valid")}

@@ -22,9 +22,10 @@ import brevitas.nn as qnn
 from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
 from brevitas.quant import Int8WeightPerTensorFloat, Int32Bias
 
-from qfv_brevitas import (ConversionError, NMultConfig, NMultWeightQuantProxy, nmult_layers,
-                          quant_of, quantize_model, regularization_loss, set_forward_mode,
-                          swap_weight_quant)
+from qfv_brevitas import (NMultConfig, nmult_layers, quant_of, quantize_model,
+                          regularization_loss, swap_weight_quant)
+from qfv_brevitas.core.convert import ConversionError, set_forward_mode
+from qfv_brevitas.core.quantizers import NMultWeightQuantProxy
 from qfv_brevitas.core.convert import unsigned_input_layers
 from qfv_brevitas.zoo.models import resnet18_cifar, vgg_cifar
 from qfv_brevitas.core.train import TrainConfig, param_groups

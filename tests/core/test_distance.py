@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from qfv_brevitas import (FaultMap, NMultConfig, attach_faults, layer_factor, quantize_model,
-                          regularization_loss)
+from qfv_brevitas import FaultMap, NMultConfig, attach_faults, quantize_model, regularization_loss
+from qfv_brevitas.core.regularizer import layer_factor
 from qfv_brevitas.core import device as D
 from qfv_brevitas.core import levels as L
 from qfv_brevitas.core.quantizers import (LearnedStepWeightQuant, NMultWeightPerChannelQuant,

@@ -19,7 +19,7 @@ from brevitas import config as brevitas_config
 from brevitas.quant_tensor import QuantTensor
 from torch import nn
 
-from qfv_brevitas import set_forward_mode
+from qfv_brevitas.core.convert import set_forward_mode
 from qfv_brevitas.core.quantizers import (
     FixedLevelWeightPerChannelQuant,
     FixedLevelWeightQuant,

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from qfv_brevitas import (LambdaSchedule, QuantRegularizer, layer_factor, regularization_loss,
-                          set_forward_mode, snap_weights_)
+from qfv_brevitas import LambdaSchedule, QuantRegularizer, regularization_loss, snap_weights_
+from qfv_brevitas.core.convert import set_forward_mode
+from qfv_brevitas.core.regularizer import layer_factor
 from qfv_brevitas.core.quantizers import (FixedLevelWeightPerChannelQuant, LearnedStepWeightQuant,
                                      LearnedStepWeightPerChannelQuant, NMultWeightPerChannelQuant,
                                      NMultWeightQuant, nmult_layers, quant_of)

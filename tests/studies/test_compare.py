@@ -20,11 +20,14 @@ from torch.utils.data import Subset
 from qfv_brevitas import (FaultModel, NMultConfig, VariabilityModel, attach_faults,
                           attach_variability, quantize_model, sample_fault_map,
                           sample_variability_map, set_deploy_mapping)
-from qfv_brevitas.chip.bitflips import BitFlipModel, attach_bitflips, random_bit_error_finetune
+from qfv_brevitas.chip.bitflips import BitFlipModel, attach_bitflips
 from qfv_brevitas.zoo.checkpoint import load_checkpoint, save_checkpoint
 from qfv_brevitas.cli.app import main
-from qfv_brevitas.studies.compare import (APPLIES, METHODS, CompareConfig, MethodComparison, Scenario,
-                                  compare_methods, scenarios)
+from qfv_brevitas.studies.compare import compare_methods
+from qfv_brevitas.studies.engine import CompareConfig
+from qfv_brevitas.studies.methods import METHODS, get_method, random_bit_error_finetune
+from qfv_brevitas.studies.results import StudyResult
+from qfv_brevitas.studies.scenario import Scenario, scenarios
 from qfv_brevitas.zoo.models import build_model
 from qfv_brevitas.chip.repair import fault_aware_finetune, variability_aware_finetune
 from qfv_brevitas.chip.selftune import calibration_batch, reference_statistics, self_tune
@@ -73,9 +76,9 @@ def test_which_methods_apply_where(run):
     assert res.scenario_labels == ["ideal device"] + labels
     for m in METHODS:
         for sc, kind in zip(labels, ("faults", "bitflips", "variability")):
-            assert ((sc, m) in got) == (m in APPLIES[kind])
+            assert ((sc, m) in got) == get_method(m).applies(kind)
             if m not in ("selftune", "none"):  # none + self-tuning is the selftune row
-                assert ((sc, f"{m}+selftune") in got) == (m in APPLIES[kind])
+                assert ((sc, f"{m}+selftune") in got) == get_method(m).applies(kind)
             assert (sc, "none+selftune") not in got
     assert ("ideal device", "selftune") not in got
     assert {m for sc, m in got if sc == "ideal device"} == set(METHODS) - {"selftune"}
@@ -167,7 +170,7 @@ def test_bad_input_is_refused_with_a_clear_message(trained, digits):
             CompareConfig(**kw)
     assert [s.label for s in scenarios([0.2], [], [0.4], 0.05)] == [
         "stuck-at 20%", "LRS 40%", "LRS 40% + chip 5%"]
-    assert isinstance(MethodComparison().table(), str)
+    assert isinstance(StudyResult().table(), str)
 
 
 # -- the commands --------------------------------------------------------------------------------

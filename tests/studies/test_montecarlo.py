@@ -1,5 +1,5 @@
 """Tests of ``qfv_brevitas.studies.montecarlo``: Monte Carlo accuracy under random fault and
-variability maps, method comparisons on common maps, and the result object (summary, table,
+variability maps and bit flips, method comparisons on common maps, and the result object (summary, table,
 CSV/JSON/PNG).
 
 Rows are checked against an independent recomputation: for a row's ``(level, seed)`` the map
@@ -18,11 +18,14 @@ import pytest
 import torch
 from PIL import Image
 
-from qfv_brevitas import (FaultModel, MonteCarloResult, VariabilityModel, attach_faults,
-                          attach_variability, compare_faults, compare_variability,
-                          evaluate_faults, evaluate_variability, nmult_layers, sample_fault_map,
-                          sample_variability_map, set_deploy_mapping)
-from qfv_brevitas.studies.montecarlo import edge_layers
+from qfv_brevitas import (FaultModel, VariabilityModel, attach_faults, attach_variability,
+                          nmult_layers, sample_fault_map, sample_variability_map,
+                          set_deploy_mapping)
+from qfv_brevitas.studies import (StudyResult, compare_faults, compare_variability,
+                                  evaluate_faults, evaluate_variability)
+from qfv_brevitas.chip.bitflips import BitFlipModel, attach_bitflips
+from qfv_brevitas.studies.montecarlo import evaluate_bitflips
+from qfv_brevitas.studies.scenario import edge_layers
 from qfv_brevitas.zoo.models import SmallCNN
 from qfv_brevitas.chip.repair import (chip_in_loop_finetune, fault_aware_finetune,
                                  variability_aware_finetune)
@@ -89,7 +92,7 @@ def fault_eval(trained, digits):
 
 def test_rows_cover_every_rate_and_trial_with_consecutive_seeds(fault_eval):
     res, _ = fault_eval
-    assert isinstance(res, MonteCarloResult) and res.kind == "faults"
+    assert isinstance(res, StudyResult) and res.kind == "faults"
     assert res.level_name == "bit-fault rate"
     assert [(r["method"], r["level"], r["trial"], r["seed"]) for r in res.rows] == [
         ("none", lv, k, 10 + k) for lv in RATES for k in range(TRIALS)]
@@ -174,7 +177,7 @@ def test_summary_matches_the_statistics_module(fault_eval):
 
 
 def test_summary_of_a_single_trial_has_zero_std():
-    res = MonteCarloResult("variability", rows=[
+    res = StudyResult("variability", rows=[
         {"method": "a", "level": 0.1, "trial": 0, "seed": 0, "acc": 0.5}])
     assert res.summary() == [{"method": "a", "level": 0.1, "mean": 0.5, "std": 0.0,
                               "min": 0.5, "max": 0.5, "trials": 1}]
@@ -249,12 +252,11 @@ def test_table_mentions_each_method_and_level(fault_cmp):
 @pytest.mark.parametrize("call,match", [
     (lambda q, tr, te: compare_faults(q, tr, te, rates=[0.1], methods=("none", "magic"),
                                       progress=False),
-     r"unknown fault method 'magic'; choose one of none, nearest_valid, fault_aware, "
+     r"unknown fault method 'magic'; choose one of none, nearest_valid, paper, gauss, sin, "
      r"chip_in_loop"),
-    (lambda q, tr, te: compare_variability(q, tr, te, sigmas=[0.1], methods=("nearest_valid",),
+    (lambda q, tr, te: compare_variability(q, tr, te, sigmas=[0.1], methods=("fault_aware",),
                                            progress=False),
-     r"unknown variability method 'nearest_valid'; choose one of none, chip_in_loop, "
-     r"variability_aware"),
+     r"unknown variability method 'fault_aware'; choose one of none, nearest_valid, paper, "),
     (lambda q, tr, te: evaluate_faults(q, te, rates=[0.1, 1.5], progress=False),
      r"fault rates must be in \[0, 1(\.0)?\], got 1\.5"),
     (lambda q, tr, te: compare_faults(q, tr, te, rates=[-0.1], progress=False),
@@ -305,16 +307,16 @@ def test_a_model_without_quantized_layers_is_refused(digits):
 
 
 def test_compare_faults_fine_tunes_a_copy_per_map(trained, digits):
-    """fault_aware and chip_in_loop train a copy of the model per map: each row is the same
+    """paper (the fault-aware fine-tune) and chip_in_loop train a copy of the model per map: each row is the same
     fine-tune redone independently, and the model passed in is left as it was."""
     q, _ = trained
     train, test = digits
     before = fingerprint(q, test)
     ft = TrainConfig(epochs=1, lr=0.01, lambda_rise_epochs=1)
     res = compare_faults(q, train, test, rates=[0.1], trials=1,
-                         methods=("fault_aware", "chip_in_loop"), finetune=ft, remap_every=1,
+                         methods=("paper", "chip_in_loop"), finetune=ft, remap_every=1,
                          seed=6, progress=False)
-    assert [(r["method"], r["seed"]) for r in res.rows] == [("fault_aware", 6),
+    assert [(r["method"], r["seed"]) for r in res.rows] == [("paper", 6),
                                                              ("chip_in_loop", 6)]
     assert res.meta["finetune_epochs"] == 1 and res.meta["remap_every"] == 1
     fm = FaultModel(rate=0.1, seed=6, layer_rates=dict.fromkeys(EDGES, 0.0))
@@ -351,12 +353,11 @@ def test_compare_variability_runs_on_common_maps(trained, digits):
     before = fingerprint(q, test)
     ft = TrainConfig(epochs=1, lr=0.005, lambda_rise_epochs=1)
     res = compare_variability(q, train, test, sigmas=[0.1], trials=1,
-                              methods=("none", "variability_aware"), finetune=ft, seed=2,
+                              methods=("none", "paper"), finetune=ft, seed=2,
                               progress=False)
     assert [(r["method"], r["level"], r["seed"]) for r in res.rows] == [
-        ("none", 0.1, 2), ("variability_aware", 0.1, 2)]
-    assert res.meta["finetune_epochs"] == 1 and res.meta["methods"] == ["none",
-                                                                        "variability_aware"]
+        ("none", 0.1, 2), ("paper", 0.1, 2)]
+    assert res.meta["finetune_epochs"] == 1 and res.meta["methods"] == ["none", "paper"]
     # recomputed independently on the map of seed 2
     vm = VariabilityModel(sigma=0.1, seed=2, layer_sigmas=dict.fromkeys(EDGES, 0.0))
     naive = attach_variability(copy.deepcopy(q), sample_variability_map(q, vm))
@@ -364,5 +365,27 @@ def test_compare_variability_runs_on_common_maps(trained, digits):
     tuned = attach_variability(copy.deepcopy(q), sample_variability_map(q, vm))
     variability_aware_finetune(tuned, train, None, ft, progress=False)
     assert res.rows[1]["acc"] == evaluate(tuned, test)
-    assert "variability_aware" in res.table() and "sigma/mu" in res.table()
+    assert "paper" in res.table() and "sigma/mu" in res.table()
     assert_unchanged(before, fingerprint(q, test))
+
+
+# -- evaluate_bitflips ---------------------------------------------------------------------------
+
+def test_evaluate_bitflips_rows_are_reproducible(trained, digits):
+    model, clean = trained
+    test = digits[1]
+    res = evaluate_bitflips(model, test, [0.0, 0.05], trials=2, seed=5, progress=False)
+    assert res.kind == "bitflips" and res.level_name == "bit-error rate"
+    assert [(r["level"], r["seed"]) for r in res.rows] == [(0.0, 5), (0.0, 6), (0.05, 5),
+                                                          (0.05, 6)]
+    assert res.rows[0]["acc"] == clean
+    for row in res.rows[2:]:
+        m = copy.deepcopy(model)
+        attach_bitflips(m, BitFlipModel(rate=0.05, seed=row["seed"],
+                                        layer_rates={"features.0": 0.0, "classifier.3": 0.0}))
+        assert evaluate(m, test) == row["acc"]
+    assert max(r["acc"] for r in res.rows[2:]) < clean  # 5% of the bits flipped hurts
+    bad = evaluate_bitflips(model, test, [0.05], trials=1, layers="all", progress=False)
+    assert bad.meta["layers"] == "all"
+    with pytest.raises(ValueError, match="bit-error rates must be in"):
+        evaluate_bitflips(model, test, [1.5], progress=False)

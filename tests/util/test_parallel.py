@@ -10,10 +10,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from qfv_brevitas import NMultConfig, evaluate_faults, quantize_model
-from qfv_brevitas.chip.bitflips import evaluate_bitflips
-from qfv_brevitas.studies.compare import CompareConfig, compare_methods, scenarios
-from qfv_brevitas.studies.montecarlo import evaluate_variability
+from qfv_brevitas import NMultConfig, quantize_model
+from qfv_brevitas.studies import evaluate_faults
+from qfv_brevitas.studies.compare import compare_methods
+from qfv_brevitas.studies.engine import CompareConfig
+from qfv_brevitas.studies.montecarlo import evaluate_bitflips, evaluate_variability
+from qfv_brevitas.studies.scenario import scenarios
 from qfv_brevitas.util.parallel import run_tasks
 from qfv_brevitas.core.train import TrainConfig
 

@@ -1,0 +1,401 @@
+"""What every ``qfv`` command module shares: the command registry, the argument groups (built
+from the configs' defaults), the input/output checks and loading a checkpoint with its data.
+
+A command module declares each subcommand with :func:`command`; the decorated function adds
+the subcommand's arguments to its parser and returns the function that runs it (a function of
+the parsed arguments returning the exit status)::
+
+    command_group("bitflips", help="transient bit flips: ...")
+
+    @command("bitflips", "eval", help="accuracy under random bit flips")
+    def bitflips_eval(p):
+        add_checkpoint_args(p, out="qfv-bitflips", kind="results", names=...)
+        p.add_argument("--rates", ...)
+        return run_bitflips
+
+:func:`qfv_brevitas.cli.app.build_parser` builds the parser from the registry, in the order
+the commands were registered.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from qfv_brevitas.util.errors import QfvError
+
+__all__ = ["command", "command_group", "add_commands", "declare_io", "check_io",
+           "add_dataset_args", "add_checkpoint_args", "add_reg_args", "add_finetune_args",
+           "finetune_config", "add_study_args", "study_config", "add_variability_args",
+           "variability_settings", "add_run_args", "apply_run_args", "result_names",
+           "require_quantized", "load_for_device", "meta_of", "is_output_rank",
+           "NEEDS_QUANTIZED", "DATASETS"]
+
+#: The data sets of the image commands.
+DATASETS = ("digits", "idx")
+
+
+# -- the registry --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Command:
+    path: Tuple[str, ...]
+    declare: Optional[Callable[[argparse.ArgumentParser], Callable]]
+    kwargs: dict
+
+
+_COMMANDS: List[_Command] = []
+
+
+def _register(path: Tuple[str, ...], declare, kwargs: dict) -> None:
+    if not path or not all(isinstance(p, str) and p for p in path):
+        raise QfvError(f"a command path is one or more names, got {path!r}")
+    known = {c.path: c for c in _COMMANDS}
+    if path in known:
+        raise QfvError(f"qfv {' '.join(path)} is registered already")
+    parent = path[:-1]
+    if parent and (parent not in known or known[parent].declare is not None):
+        raise QfvError(f"qfv {' '.join(path)}: register the group qfv {' '.join(parent)} "
+                       "first (command_group)")
+    _COMMANDS.append(_Command(path, declare, dict(kwargs)))
+
+
+def command(*path: str, **parser_kwargs) -> Callable:
+    """Decorator: register ``qfv <path>``; ``parser_kwargs`` go to ``add_parser`` (``help``,
+    ``description``). The decorated ``declare(p)`` adds the arguments to the parser ``p``
+    and returns the run function ``run(args) -> exit status``."""
+    def decorate(declare: Callable[[argparse.ArgumentParser], Callable]) -> Callable:
+        _register(tuple(path), declare, parser_kwargs)
+        return declare
+    return decorate
+
+
+def command_group(*path: str, **parser_kwargs) -> None:
+    """Register ``qfv <path>`` as a group of subcommands (``qfv faults sample|eval|...``)."""
+    _register(tuple(path), None, parser_kwargs)
+
+
+def add_commands(sub) -> None:
+    """Add every registered command to ``sub`` (the top-level subparsers): groups get their
+    own subparsers (``dest="action"``), leaves their arguments, ``--threads``/``--device``
+    (:func:`add_run_args`) and their run function (``args._run``)."""
+    subs: Dict[Tuple[str, ...], object] = {(): sub}
+    for c in _COMMANDS:
+        p = subs[c.path[:-1]].add_parser(c.path[-1], **c.kwargs)
+        if c.declare is None:
+            subs[c.path] = p.add_subparsers(dest="action", required=True)
+            continue
+        run = c.declare(p)
+        add_run_args(p)
+        p.set_defaults(_run=run)
+
+
+# -- inputs and outputs ----------------------------------------------------------------------------
+
+def declare_io(p: argparse.ArgumentParser, out: Optional[str],
+               names: Sequence[str] = (), inputs: Sequence[str] = ("checkpoint",)) -> None:
+    """Declare what a subcommand reads and writes, for the checks :func:`check_io` runs before
+    any work (a command module calls this beside its own ``add_argument`` calls).
+
+    ``inputs``: argument names (dests) holding input paths. ``out``: what ``--out`` is:
+    ``"file"`` (one file), ``"run"`` (a run folder replaced whole), ``"crossbar"`` (a crossbar
+    folder replaced whole), ``"results"`` (a folder receiving the files ``names``), or None
+    (the command writes nothing). With an output, ``--force`` is added: an existing output is
+    replaced only with it; an output that is one of the inputs is always refused. A command
+    whose ``--out`` is optional names its default with ``set_defaults(_io_default_out=f)``,
+    ``f(args) -> path``, so that the default is checked the same way.
+    """
+    if out is not None:
+        p.add_argument("--force", action="store_true",
+                       help="replace an existing output (it is never one of the inputs)")
+    p.set_defaults(_io_out=out, _io_names=tuple(names), _io_inputs=tuple(inputs))
+
+
+def check_io(args) -> None:
+    """The declared output of ``args`` (see :func:`declare_io`) may be written: not an input,
+    not existing unless --force, its folder writable. Raises OutputError naming it."""
+    from qfv_brevitas.util.safeio import check_output
+
+    kind = getattr(args, "_io_out", None)
+    if kind is None:
+        return
+    if getattr(args, "out", None) is None and getattr(args, "_io_default_out", None):
+        args.out = args._io_default_out(args)  # an output named after the input
+    inputs = [getattr(args, d) for d in getattr(args, "_io_inputs", ())
+              if getattr(args, d, None)]
+    force = bool(getattr(args, "force", False))
+    if kind == "file":
+        check_output(args.out, overwrite=force, inputs=inputs)
+    elif kind == "run":
+        from qfv_brevitas.studies.experiment import not_a_run_folder
+
+        check_output(args.out, overwrite=force, inputs=inputs, kind="dir",
+                     replaceable=not_a_run_folder)
+    elif kind == "crossbar":
+        from qfv_brevitas.export.crossbar import not_a_crossbar_folder
+
+        check_output(args.out, overwrite=force, inputs=inputs, kind="dir",
+                     replaceable=not_a_crossbar_folder)
+    elif kind == "results":
+        from qfv_brevitas.util.errors import OutputError
+
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise OutputError(f"output folder {args.out} exists and is not a folder")
+        for name in args._io_names:
+            check_output(Path(args.out) / name, overwrite=force, inputs=inputs)
+
+
+def result_names(name: str, kinds: Sequence[str] = ("csv", "json", "png")) -> List[str]:
+    """The files a study command writes: ``name.csv``, ``name.json``, ``name.png``."""
+    return [f"{name}.{k}" for k in kinds]
+
+
+# -- argument groups -------------------------------------------------------------------------------
+
+def add_dataset_args(p: argparse.ArgumentParser,
+                     help: str = "digits: scikit-learn's bundled 8x8 digits; idx: "
+                                 "MNIST-family IDX files") -> None:
+    """``--dataset digits|idx`` and ``--data-dir``."""
+    p.add_argument("--dataset", choices=DATASETS, default="digits", help=help)
+    p.add_argument("--data-dir", help="folder with the IDX files (for --dataset idx)")
+
+
+def add_checkpoint_args(p: argparse.ArgumentParser, out: Optional[str] = None,
+                        kind: Optional[str] = None, names: Sequence[str] = (),
+                        inputs: Sequence[str] = ("checkpoint", "data_dir")) -> None:
+    """The arguments of a command that puts a checkpoint on a simulated chip: ``CHECKPOINT``,
+    the data (``--dataset``, ``--data-dir``), ``--seed`` of the maps, ``--layers``, ``--out``
+    (default ``out``; none if None), ``--no-progress``; what it reads and writes
+    (:func:`declare_io`: ``kind``, ``names``, ``inputs``)."""
+    declare_io(p, kind, names, inputs)
+    p.add_argument("checkpoint", help="a model saved by qfv demo/train (or a fine-tune)")
+    add_dataset_args(p, help="the data the checkpoint was trained on")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the maps / flip streams (the data split is the checkpoint's "
+                        "own)")
+    if out is not None:
+        p.add_argument("--out", default=out)
+    from qfv_brevitas.studies.scenario import LAYER_SETS
+
+    p.add_argument("--layers", choices=LAYER_SETS, default="inner",
+                   help="inner: first and last (8-bit) layers stay ideal (paper setup); "
+                        "all: every quantized layer is on the imperfect device")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def add_reg_args(p: argparse.ArgumentParser, sam: bool = True) -> None:
+    """``--reg-shape``, ``--reg-width`` and (``sam``) ``--sam-rho`` of a training
+    (defaults: :class:`~qfv_brevitas.core.train.TrainConfig`)."""
+    from qfv_brevitas.core.distance import SHAPES
+    from qfv_brevitas.core.train import TrainConfig
+
+    p.add_argument("--reg-shape", choices=SHAPES, default=TrainConfig.reg_shape,
+                   help="regularizer shape: sq (paper), gauss (Gaussian well), sin (SinReQ)")
+    p.add_argument("--reg-width", type=float, default=TrainConfig.reg_width,
+                   help="gauss: sigma as a fraction of the local level spacing")
+    if sam:
+        p.add_argument("--sam-rho", type=float, default=TrainConfig.sam_rho,
+                       help="SAM radius (FlatENN's sharpness-aware quantization); 0 = off")
+
+
+def add_finetune_args(p: argparse.ArgumentParser, sam: bool = True) -> None:
+    """``--epochs``, ``--lr``, ``--lambda-rise-epochs`` of a fine-tune (defaults:
+    :func:`~qfv_brevitas.studies.engine.default_finetune`) and the regularizer's arguments
+    (:func:`add_reg_args`)."""
+    from qfv_brevitas.studies.engine import default_finetune
+
+    ft = default_finetune()
+    p.add_argument("--epochs", type=int, default=ft.epochs, help="epochs of every fine-tune")
+    p.add_argument("--lr", type=float, default=ft.lr)
+    p.add_argument("--lambda-rise-epochs", type=int, default=ft.lambda_rise_epochs)
+    add_reg_args(p, sam)
+
+
+def finetune_config(args, sam: bool = True):
+    """The :class:`~qfv_brevitas.core.train.TrainConfig` of :func:`add_finetune_args` (its
+    ``--sam-rho`` with ``sam``)."""
+    from dataclasses import replace
+
+    from qfv_brevitas.studies.engine import default_finetune
+
+    sam = {"sam_rho": args.sam_rho} if sam else {}
+    return replace(default_finetune(), epochs=args.epochs, lr=args.lr,
+                   lambda_rise_epochs=min(args.lambda_rise_epochs, args.epochs),
+                   seed=args.seed, reg_shape=args.reg_shape, reg_width=args.reg_width, **sam)
+
+
+def add_study_args(p: argparse.ArgumentParser, selftune: bool = False, remap: bool = True
+                   ) -> None:
+    """The knobs of a Monte Carlo study with fine-tunes (defaults:
+    :class:`~qfv_brevitas.studies.engine.CompareConfig`): ``--trials``, (``remap``)
+    ``--remap-every``, ``--sam-rho`` (of ``saq``/``saq_aware``), ``--rbe-rate``, the fine-tune
+    (:func:`add_finetune_args`) and with ``selftune`` ``--no-selftune-on-top``,
+    ``--calib-size``, ``--selftune-passes``."""
+    from qfv_brevitas.studies.engine import CompareConfig as C
+
+    p.add_argument("--trials", type=int, default=C.trials)
+    if remap:
+        p.add_argument("--remap-every", type=int, default=C.remap_every,
+                       help="epochs between the nearest-valid remaps of the fault-aware "
+                            "fine-tunes")
+    p.add_argument("--sam-rho", type=float, default=C.sam_rho,
+                   help="SAM radius of saq, saq_aware")
+    p.add_argument("--rbe-rate", type=float, default=C.rbe_rate,
+                   help="bit-error rate of random-bit-error training")
+    add_finetune_args(p, sam=False)
+    if selftune:
+        p.add_argument("--no-selftune-on-top", action="store_true",
+                       help="do not report every method after self-tuning too")
+        p.add_argument("--calib-size", type=int, default=C.calib_size)
+        p.add_argument("--selftune-passes", type=int, default=C.selftune_passes,
+                       help="bit-flip scenarios: calibration passes (flip draws) pooled")
+
+
+def study_config(args, **changes):
+    """The :class:`~qfv_brevitas.studies.engine.CompareConfig` of :func:`add_study_args`."""
+    from qfv_brevitas.studies.engine import CompareConfig
+
+    kw = dict(trials=args.trials, seed=args.seed, finetune=finetune_config(args, sam=False),
+              rbe_rate=args.rbe_rate, sam_rho=args.sam_rho, remap_every=args.remap_every,
+              layers=args.layers)
+    if hasattr(args, "no_selftune_on_top"):
+        kw.update(selftune_on_top=not args.no_selftune_on_top, calib_size=args.calib_size,
+                  selftune_passes=args.selftune_passes)
+    kw.update(changes)
+    return CompareConfig(**kw)
+
+
+def add_variability_args(p: argparse.ArgumentParser) -> None:
+    """The variability settings of a :class:`~qfv_brevitas.studies.scenario.Scenario`
+    (defaults from it): ``--hrs-on-off``, ``--distribution``, ``--chip-sigma``,
+    ``--layer-shared-sigma``, ``--devices-per-chip``."""
+    from qfv_brevitas.studies.scenario import Scenario as S
+
+    p.add_argument("--hrs-on-off", type=float, default=S.hrs_on_off,
+                   help="model HRS too: LRS/HRS on/off ratio")
+    p.add_argument("--distribution", choices=("normal", "lognormal"), default=S.distribution)
+    p.add_argument("--chip-sigma", type=float, default=S.chip_sigma,
+                   help="between-chip component shared by every cell of a chip")
+    p.add_argument("--layer-shared-sigma", type=float, default=S.layer_shared_sigma,
+                   help="component shared by every cell of a layer")
+    p.add_argument("--devices-per-chip", type=int, default=S.devices_per_chip,
+                   help="eval/compare: trials in groups of this many device maps per chip")
+
+
+def variability_settings(args) -> dict:
+    """The keyword arguments of :func:`add_variability_args`."""
+    return dict(hrs_on_off=args.hrs_on_off, distribution=args.distribution,
+                chip_sigma=args.chip_sigma, layer_shared_sigma=args.layer_shared_sigma,
+                devices_per_chip=args.devices_per_chip)
+
+
+# -- run options -----------------------------------------------------------------------------------
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """``--threads``, ``--device`` (and ``--workers``/``--distributed`` on Monte Carlo
+    commands, those with ``--trials``) of a leaf command."""
+    p.add_argument("--threads", default="auto",
+                   help="intra-op threads: an integer, or auto (1 for small models such as the "
+                        "digits ones, else one per core)")
+    p.add_argument("--device", default=None,
+                   help="cpu (default) or cuda[:N]: where the model runs")
+    if p.get_default("trials") is not None:
+        p.add_argument("--workers", type=int, default=1,
+                       help="processes on this machine that share the Monte Carlo maps "
+                            "(same results as 1)")
+        p.add_argument("--distributed", action="store_true",
+                       help="share the maps over the ranks of torchrun (gloo on CPUs, nccl "
+                            "on GPUs); rank 0 writes the outputs")
+
+
+def apply_run_args(args) -> None:
+    """Set the thread count and join the ``torch.distributed`` group the arguments ask for."""
+    from qfv_brevitas.util.threads import parse_threads
+
+    n = parse_threads(getattr(args, "threads", "auto"))
+    if n is not None:
+        import torch
+
+        torch.set_num_threads(n)
+        args.threads = n
+    if getattr(args, "distributed", False):
+        from qfv_brevitas.util.parallel import init_distributed
+
+        init_distributed()
+
+
+def is_output_rank(args) -> bool:
+    """Whether this process writes the outputs (rank 0 under ``--distributed``)."""
+    from qfv_brevitas.studies.engine import is_main_rank
+
+    return is_main_rank(bool(getattr(args, "distributed", False)))
+
+
+# -- checkpoints and their data --------------------------------------------------------------------
+
+#: what each command does with a checkpoint, for the error on a float (unquantized) one
+NEEDS_QUANTIZED = {
+    "export": "qfv export writes N-multiplier layers to QONNX",
+    "verify": "qfv verify checks an export of N-multiplier layers",
+    "crossbar": "qfv crossbar maps N-multiplier layers onto crossbars",
+    "compare": "the methods compared act on N-multiplier layers",
+    "bitflips": "bit flips act on the bit cells of N-multiplier layers",
+    "selftune": "self-tuning corrects a chip of N-multiplier layers",
+}
+
+
+def require_quantized(args, info) -> None:
+    """A clear error if the checkpoint ``info`` holds a float model."""
+    if info["config"] is None:
+        what = NEEDS_QUANTIZED.get(args.command, "faults and variability apply to "
+                                                 "N-multiplier layers")
+        raise QfvError(f"{args.checkpoint} is a float model ({info['arch']}, no quantized "
+                       f"layers): {what}; give a quantized checkpoint such as "
+                       "nmult_w4a4.pt from qfv train/demo")
+
+
+def load_for_device(args):
+    """``(model, info, train, test)``: the quantized checkpoint ``args.checkpoint`` on
+    ``args.device`` and the train/test split it was made with (checked against its
+    fingerprint)."""
+    from qfv_brevitas.zoo.checkpoint import load_checkpoint
+    from qfv_brevitas.zoo.data import fingerprint, load_dataset
+
+    if args.dataset == "idx" and not args.data_dir:
+        raise QfvError("--dataset idx needs --data-dir DIR (a folder with the IDX files)")
+    model, info = load_checkpoint(args.checkpoint)
+    require_quantized(args, info)
+    model = model.to(getattr(args, "device", None) or "cpu")
+    # Evaluate on the test split the model was trained against (digits' split depends on the
+    # seed it was made with): anything else would leak training images into the test set.
+    meta = info["meta"] or {}
+    trained_on = meta.get("dataset")
+    if trained_on is not None and trained_on != args.dataset:
+        raise QfvError(f"{args.checkpoint} was trained on --dataset {trained_on}, not "
+                       f"{args.dataset}: pass --dataset {trained_on}"
+                       + (" --data-dir DIR" if trained_on == "idx" else ""))
+    train, test, num_classes, shape = load_dataset(args.dataset, args.data_dir,
+                                                   int(meta.get("data_seed", 0)))
+    if tuple(shape) != tuple(info["input_shape"]) or num_classes != info["num_classes"]:
+        raise QfvError(
+            f"{args.checkpoint} was trained on inputs {tuple(info['input_shape'])} with "
+            f"{info['num_classes']} classes, but --dataset {args.dataset}"
+            + (f" --data-dir {args.data_dir}" if args.data_dir else "")
+            + f" has {tuple(shape)} and {num_classes}")
+    if meta.get("data_sha256") and meta["data_sha256"] != fingerprint(train, test):
+        where = f"--data-dir {args.data_dir}" if args.data_dir else f"--dataset {args.dataset}"
+        raise QfvError(f"{where} is not the data {args.checkpoint} was trained and tested on "
+                       "(its images or labels differ): evaluating on other data would "
+                       "report a wrong accuracy; pass the same data")
+    if getattr(args, "threads", None) == "auto":
+        from qfv_brevitas.util.threads import auto_threads, set_threads
+
+        set_threads(auto_threads(model, test[0][0][None].to(next(model.parameters()).device),
+                                 64))
+    return model, info, train, test
+
+
+def meta_of(info) -> dict:
+    """The checkpoint's metadata, as a new dict."""
+    return dict(info.get("meta") or {})

@@ -1,0 +1,225 @@
+"""``qfv faults`` and ``qfv variability``: draw a chip's map, Monte Carlo over maps, fine-tune a
+model to one chip, and methods side by side on the same maps (the study engine,
+:mod:`qfv_brevitas.studies.engine`)."""
+from __future__ import annotations
+
+import argparse
+
+from qfv_brevitas.cli.common import (add_checkpoint_args, add_finetune_args, add_study_args,
+                                     add_variability_args, command, command_group,
+                                     finetune_config, is_output_rank, load_for_device, meta_of,
+                                     result_names, variability_settings)
+
+__all__ = ["run_sample", "run_eval", "run_finetune", "run_compare"]
+
+
+def _sa1(p: argparse.ArgumentParser) -> None:
+    from qfv_brevitas.studies.scenario import Scenario
+
+    p.add_argument("--sa1-fraction", type=float, default=Scenario.sa1_fraction)
+
+
+def _faults_finetune(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=("fault_aware", "nearest_valid", "chip_in_loop"),
+                   default="fault_aware")
+    p.add_argument("--remap-every", type=int, default=4)
+
+
+def _variability_finetune(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=("variability_aware", "chip_in_loop"),
+                   default="variability_aware")
+
+
+#: What differs between ``qfv faults ...`` and ``qfv variability ...``: the group's help, the
+#: level (one: ``sample``/``finetune``; many: ``eval``/``compare``), the sample file, the help
+#: of the map file, the kind's settings, the fine-tune methods and whether compare remaps.
+_KINDS = {
+    "faults": dict(
+        help="stuck-at bit faults: sample, evaluate, fine-tune, compare",
+        one=("--rate", "fraction of stuck bit cells", "draw a map at this rate (with --seed)"),
+        many=("--rates", [0, 0.05, 0.1, 0.2, 0.3]), sample_out="faultmap.pt",
+        map_help="a fault map file (e.g. measured on the chip)", settings=_sa1,
+        finetune=_faults_finetune, remap=True, mapping_help="aware = nearest-valid-level mapping"),
+    "variability": dict(
+        help="per-bit device variability: sample, evaluate, fine-tune, compare",
+        one=("--sigma", "sigma/mu of the LRS cells",
+             "draw a map at this sigma/mu (with --seed)"),
+        many=("--sigmas", [0, 0.1, 0.2, 0.4]), sample_out="varmap.pt",
+        map_help="a variability map file (a characterised chip)", settings=add_variability_args,
+        finetune=_variability_finetune, remap=False, mapping_help=None),
+}
+
+
+def _register(kind: str, spec: dict) -> None:
+    """``qfv <kind> sample|eval|finetune|compare``."""
+    from qfv_brevitas.studies import montecarlo as M
+
+    what = "fault" if kind == "faults" else "variability"
+    defaults = M.FAULT_METHODS if kind == "faults" else M.VARIABILITY_METHODS
+    one, sample_help, draw_help = spec["one"]
+    many, many_default = spec["many"]
+    command_group(kind, help=spec["help"])
+
+    @command(kind, "sample", help=f"draw a {what} map for a model and save it")
+    def sample(p: argparse.ArgumentParser):
+        add_checkpoint_args(p, spec["sample_out"], "file")
+        p.add_argument(one, type=float, required=True, help=sample_help)
+        spec["settings"](p)
+        return run_sample
+
+    @command(kind, "eval", help=f"Monte Carlo accuracy over random {what} maps")
+    def evaluate(p: argparse.ArgumentParser):
+        add_checkpoint_args(p, f"qfv-{kind}", "results", result_names(f"{kind}_eval"))
+        p.add_argument(many, type=float, nargs="+", default=many_default)
+        p.add_argument("--trials", type=int, default=10)
+        p.add_argument("--mapping", choices=("naive", "aware"), default="naive",
+                       help=spec["mapping_help"])
+        spec["settings"](p)
+        return run_eval
+
+    @command(kind, "finetune", help=f"fit a model to one chip's {what} map")
+    def finetune(p: argparse.ArgumentParser):
+        add_checkpoint_args(p, "finetuned.pt", "file", inputs=("checkpoint", "data_dir", "map"))
+        g = p.add_mutually_exclusive_group(required=True)
+        g.add_argument("--map", help=spec["map_help"])
+        g.add_argument(one, type=float, help=draw_help)
+        spec["settings"](p)
+        spec["finetune"](p)
+        add_finetune_args(p)
+        return run_finetune
+
+    @command(kind, "compare", help="methods side by side on the same random maps")
+    def compare(p: argparse.ArgumentParser):
+        from qfv_brevitas.studies.methods import method_names
+
+        add_checkpoint_args(p, f"qfv-{kind}", "results", result_names(f"{kind}_compare"))
+        p.add_argument(many, type=float, nargs="+", default=many_default)
+        p.add_argument("--methods", nargs="+", choices=method_names(kind),
+                       default=list(defaults))
+        spec["settings"](p)
+        add_study_args(p, remap=spec["remap"])
+        return run_compare
+
+
+for _kind, _spec in _KINDS.items():
+    _register(_kind, _spec)
+
+
+# -- running them ----------------------------------------------------------------------------------
+
+def _draw(args, model, level: float):
+    """The map of one chip: ``args.seed``, the settings of ``args``, edge layers kept ideal
+    with ``--layers inner``."""
+    from qfv_brevitas.studies.scenario import exempt_layers
+
+    exempt = exempt_layers(model, args.layers)
+    if args.command == "faults":
+        from qfv_brevitas.chip.faults import FaultModel, sample_fault_map
+
+        return sample_fault_map(model, FaultModel(rate=level, sa1_fraction=args.sa1_fraction,
+                                                  seed=args.seed, layer_rates=exempt))
+    from qfv_brevitas.chip.variability import VariabilityModel, sample_variability_map
+
+    return sample_variability_map(model, VariabilityModel(
+        sigma=level, hrs_on_off=args.hrs_on_off, distribution=args.distribution, seed=args.seed,
+        layer_sigmas=exempt, chip_sigma=args.chip_sigma,
+        layer_shared_sigma=args.layer_shared_sigma))
+
+
+def _level(args) -> float:
+    return args.rate if args.command == "faults" else args.sigma
+
+
+def run_sample(args) -> int:
+    """``qfv faults|variability sample``."""
+    model, info, train, test = load_for_device(args)
+    m = _draw(args, model, _level(args))
+    m.save(args.out, overwrite=args.force)
+    print(f"wrote {args.out}")
+    for name, row in m.summary().items():
+        print(f"  {name}: {row}")
+    return 0
+
+
+def _study_kw(args) -> dict:
+    kw = dict(trials=args.trials, seed=args.seed, progress=not args.no_progress,
+              layers=args.layers, workers=args.workers, distributed=args.distributed)
+    if args.command == "faults":
+        kw["sa1_fraction"] = args.sa1_fraction
+    else:
+        kw.update(variability_settings(args))
+    return kw
+
+
+def _write(args, info, res) -> int:
+    res.meta["title"] = f"{info['arch']} {args.checkpoint}"
+    if not is_output_rank(args):
+        return 0
+    paths = res.save(args.out, f"{args.command}_{args.action}", overwrite=args.force)
+    print(res.table())
+    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def run_eval(args) -> int:
+    """``qfv faults|variability eval``."""
+    from qfv_brevitas.studies import montecarlo as M
+
+    model, info, train, test = load_for_device(args)
+    fn = M.evaluate_faults if args.command == "faults" else M.evaluate_variability
+    levels = args.rates if args.command == "faults" else args.sigmas
+    return _write(args, info, fn(model, test, levels, mapping=args.mapping, **_study_kw(args)))
+
+
+def run_compare(args) -> int:
+    """``qfv faults|variability compare``."""
+    from qfv_brevitas.studies import montecarlo as M
+
+    model, info, train, test = load_for_device(args)
+    kw = dict(_study_kw(args), methods=args.methods, finetune=finetune_config(args, sam=False),
+              sam_rho=args.sam_rho, rbe_rate=args.rbe_rate)
+    if args.command == "faults":
+        res = M.compare_faults(model, train, test, args.rates, remap_every=args.remap_every,
+                               **kw)
+    else:
+        res = M.compare_variability(model, train, test, args.sigmas, **kw)
+    return _write(args, info, res)
+
+
+def run_finetune(args) -> int:
+    """``qfv faults|variability finetune``: one chip's map (a file, or drawn), then a fine-tune
+    to it; the map travels with the saved model."""
+    from qfv_brevitas.chip import repair as R
+    from qfv_brevitas.core.train import evaluate as accuracy
+    from qfv_brevitas.zoo.checkpoint import save_checkpoint
+
+    model, info, train, test = load_for_device(args)
+    progress = not args.no_progress
+    if args.command == "faults":
+        from qfv_brevitas.chip.faults import FaultMap as Map, attach_faults as attach
+    else:
+        from qfv_brevitas.chip.variability import VariabilityMap as Map
+        from qfv_brevitas.chip.variability import attach_variability as attach
+    # the map first (a bad map file is an error before any work)
+    dmap = Map.load(args.map) if args.map else _draw(args, model, _level(args))
+    before = accuracy(model, test)
+    attach(model, dmap)
+    naive = accuracy(model, test)
+    cfg = finetune_config(args)
+    if args.method == "nearest_valid":
+        R.set_deploy_mapping(model, "aware")
+    elif args.method == "fault_aware":
+        R.fault_aware_finetune(model, train, test, cfg, args.remap_every, progress)
+    elif args.method == "variability_aware":
+        R.variability_aware_finetune(model, train, test, cfg, progress)
+    else:
+        R.chip_in_loop_finetune(model, train, test, cfg, progress)
+    after = accuracy(model, test)
+    save_checkpoint(args.out, model, info["arch"], info["input_shape"], info["num_classes"],
+                    info["config"], overwrite=args.force,
+                    **{**meta_of(info), "acc": after, "method": args.method,
+                       "source": str(args.checkpoint)})
+    print(f"ideal device {100 * before:.2f}% | on this chip as is {100 * naive:.2f}% | "
+          f"after {args.method} {100 * after:.2f}%")
+    print(f"wrote {args.out} (the map travels with the model)")
+    return 0
