@@ -26,8 +26,8 @@ from typing import Any, Dict, Optional, Tuple, Type
 import torch
 from torch import Tensor, nn
 
-from qfv_brevitas.chip.maps import (check_map_bits, check_names_in_model, layer_generator,
-                                    load_tagged, quantized_layers, save_tagged)
+from qfv_brevitas.chip.maps import (attach_layer_maps, check_map_bits, check_names_in_model,
+                                    layer_generator, load_tagged, quantized_layers, save_tagged)
 from qfv_brevitas.core.quantizers import nmult_layers, quant_of
 from qfv_brevitas.util.configbase import QfvConfig
 from qfv_brevitas.util.errors import QfvError
@@ -290,20 +290,12 @@ def attach_faults(model: nn.Module, fault_map: FaultMap) -> nn.Module:
     chip (:class:`qfv_brevitas.core.chip.Chip`, ``weight_quant.chip.sa0``/``sa1``, saved with
     the state dict).
     Layers without an entry are made fault-free. Returns ``model``."""
-    if not isinstance(fault_map, FaultMap):
-        raise TypeError(f"attach_faults takes a FaultMap, got {type(fault_map).__name__}")
-    fault_map.validate(model)
-    for name, layer in nmult_layers(model):
-        if name in fault_map.layers:
-            sa0, sa1 = fault_map.layers[name]
-            layer.weight_quant.chip.set_faults(sa0, sa1, like=layer.weight)
-        else:
-            layer.weight_quant.chip.clear_faults()
-    return model
+    return attach_layer_maps(
+        model, fault_map, FaultMap, "attach_faults",
+        lambda chip, masks, w: chip.set_faults(*masks, like=w), lambda chip: chip.clear_faults())
 
 
 def detach_faults(model: nn.Module) -> nn.Module:
     """Make every N-multiplier layer of ``model`` fault-free again. Returns ``model``."""
-    for _, layer in nmult_layers(model):
-        layer.weight_quant.chip.clear_faults()
-    return model
+    return attach_layer_maps(model, None, FaultMap, "detach_faults",
+                             clear_map=lambda chip: chip.clear_faults())

@@ -7,17 +7,17 @@ import hashlib
 import os
 import pickle
 import warnings
-from typing import Any, Dict, Type
+from typing import Any, Callable, Dict, Mapping, Optional, Type
 
 import torch
 from torch import nn
 
 from qfv_brevitas.core.levels import MAX_BITS
 from qfv_brevitas.core.quantizers import nmult_layers
-from qfv_brevitas.util.errors import QfvError
+from qfv_brevitas.util.errors import QfvError, QfvTypeError
 from qfv_brevitas.util.safeio import content_digest, torch_save
 
-__all__ = ["layer_generator", "quantized_layers", "check_names_in_model", "save_tagged",
+__all__ = ["attach_layer_maps", "layer_generator", "quantized_layers", "check_names_in_model", "save_tagged",
            "load_tagged", "check_map_bits"]
 
 
@@ -115,3 +115,25 @@ def check_map_bits(bits: Any, where: str, error: Type[QfvError]) -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
         raise error(f"{where}: bit width must be an int in 1..{MAX_BITS}, got {bits!r}")
     return bits
+
+
+def attach_layer_maps(model: nn.Module, maps: Any, kind: type, what: str,
+                      set_map: Optional[Callable] = None,
+                      clear_map: Callable = lambda chip: None) -> nn.Module:
+    """Put a map on the chips of ``model``'s N-multiplier layers: ``maps`` (a ``kind``, checked
+    against the model with its ``validate``) gives ``set_map(chip, entry, weight)`` each layer's
+    entry; layers without one get ``clear_map(chip)``. ``maps=None``: every chip is cleared
+    (``detach_*``). Returns ``model``."""
+    layers: Mapping[str, Any] = {}
+    if maps is not None or set_map is not None:
+        if not isinstance(maps, kind):
+            raise QfvTypeError(f"{what} takes a {kind.__name__}, got {type(maps).__name__}")
+        maps.validate(model)
+        layers = maps.layers
+    for name, layer in nmult_layers(model):
+        chip = layer.weight_quant.chip
+        if name in layers:
+            set_map(chip, layers[name], layer.weight)
+        else:
+            clear_map(chip)
+    return model

@@ -22,8 +22,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from qfv_brevitas.chip.maps import (check_map_bits, check_names_in_model, layer_generator,
-                                    load_tagged, quantized_layers, save_tagged)
+from qfv_brevitas.chip.maps import (attach_layer_maps, check_map_bits, check_names_in_model,
+                                    layer_generator, load_tagged, quantized_layers, save_tagged)
 from qfv_brevitas.core.quantizers import nmult_layers, quant_of
 from qfv_brevitas.util.configbase import QfvConfig
 from qfv_brevitas.util.errors import QfvError
@@ -350,21 +350,13 @@ def attach_variability(model: nn.Module, var_map: VariabilityMap) -> nn.Module:
     """Validate ``var_map`` against ``model`` and set each layer's factors on its chip
     (``weight_quant.chip.lrs``/``hrs``, saved with the state dict). Layers without
     an entry are made ideal. Faults attached to the model are kept. Returns ``model``."""
-    if not isinstance(var_map, VariabilityMap):
-        raise TypeError(f"attach_variability takes a VariabilityMap, got {type(var_map).__name__}")
-    var_map.validate(model)
-    for name, layer in nmult_layers(model):
-        if name in var_map.layers:
-            lrs, hrs = var_map.layers[name]
-            layer.weight_quant.chip.set_variability(lrs, hrs, like=layer.weight)
-        else:
-            layer.weight_quant.chip.clear_variability()
-    return model
+    return attach_layer_maps(
+        model, var_map, VariabilityMap, "attach_variability",
+        lambda chip, f, w: chip.set_variability(*f, like=w), lambda chip: chip.clear_variability())
 
 
 def detach_variability(model: nn.Module) -> nn.Module:
     """Make every N-multiplier layer of ``model`` ideal again (faults are kept). Returns
     ``model``."""
-    for _, layer in nmult_layers(model):
-        layer.weight_quant.chip.clear_variability()
-    return model
+    return attach_layer_maps(model, None, VariabilityMap, "detach_variability",
+                             clear_map=lambda chip: chip.clear_variability())

@@ -246,10 +246,12 @@ class IdealDistance(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor):
+        w2d, idx = ctx.saved_tensors
+        args = (ctx, g, w2d, idx, ctx.li, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         if ctx.shape_ is SQ:
-            grad_w, grad_levels = _ideal_sq_backward(ctx, g)
+            grad_w, grad_levels = _ideal_sq_backward(*args)
         else:
-            grad_w, grad_levels = _ideal_shaped_backward(ctx, g)
+            grad_w, grad_levels = _ideal_shaped_backward(*args)
         return grad_w, grad_levels, None, None, None
 
 
@@ -272,11 +274,9 @@ def _ideal_sq_forward(ctx, li, w2d: Tensor) -> Tensor:
     return total
 
 
-def _ideal_sq_backward(ctx, g: Tensor):
-    w2d, idx = ctx.saved_tensors
-    li = ctx.li
+def _ideal_sq_backward(ctx, g: Tensor, w2d: Tensor, idx: Tensor, li, need_w: bool,
+                       need_lv: bool):
     G, M = w2d.shape
-    need_w, need_lv = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if li.native and K.usable(w2d, g):
         gf = float(g)
         grad_w, sums = K.nearest_backward(w2d, idx, li.values, 2 * gf, need_w, need_lv)
@@ -319,11 +319,9 @@ def _ideal_shaped_forward(ctx, li, w2d: Tensor, shape: Shape, width: float, wher
     return total
 
 
-def _ideal_shaped_backward(ctx, g: Tensor):
-    w2d, idx = ctx.saved_tensors
-    li = ctx.li
+def _ideal_shaped_backward(ctx, g: Tensor, w2d: Tensor, idx: Tensor, li, need_w: bool,
+                           need_lv: bool):
     G, M = w2d.shape
-    need_w, need_lv = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_w = torch.empty_like(w2d) if need_w else None
     sums = torch.zeros(G * li.L, dtype=w2d.dtype, device=w2d.device) if need_lv else None
     for r0, r1, c0, c1 in S.blocks(G, M):
