@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple, Type
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from qfv_brevitas.chip.maps import (attach_layer_maps, check_map_bits, check_names_in_model,
                                     layer_generator, load_tagged, quantized_layers, save_tagged)
-from qfv_brevitas.core.quantizers import nmult_layers, quant_of
+from qfv_brevitas.core.chip import check_stuck_masks
+from qfv_brevitas.core.quantizers import quant_of
 from qfv_brevitas.util.configbase import QfvConfig
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.util.validate import check_fraction, check_layer_dict, check_seed, check_type
@@ -129,7 +130,7 @@ class FaultMap:
                 raise FaultMapError(f"{where}: sa0 has shape {tuple(sa0.shape)} but sa1 "
                                     f"{tuple(sa1.shape)}; both have the weight's shape")
             self.layers[name] = (sa0, sa1)
-            _check_mask_bits(name, sa0, sa1, self.bits[name], FaultMapError)
+            check_stuck_masks(sa0, sa1, self.bits[name], f"fault map layer {name!r}", FaultMapError)
         self.meta = meta
 
     @property
@@ -213,28 +214,11 @@ class FaultMap:
                 raise FaultMapError(
                     f"fault map layer {name!r}: map made for {self.bits[name]}-bit weights but the "
                     f"layer has {bits}-bit weights. Sample the map from this model.")
-            _check_mask_bits(name, sa0, sa1, bits, FaultMapError)
+            check_stuck_masks(sa0, sa1, bits, f"fault map layer {name!r}", FaultMapError)
 
 
 def _popcount(mask: Tensor, bits: int) -> int:
     return int(sum(int(((mask >> i) & 1).sum()) for i in range(bits)))
-
-
-def _check_mask_bits(name: str, sa0: Tensor, sa1: Tensor, bits: int,
-                     error: Type[QfvError]) -> None:
-    if sa0.numel() == 0:
-        return
-    top = int(torch.maximum(sa0.max(), sa1.max()))
-    if top >= 1 << bits:
-        raise error(f"fault map layer {name!r}: stuck bit {top.bit_length() - 1} at or above "
-                    f"the layer's bit width {bits} (mask value {top}); bits are numbered "
-                    f"0..{bits - 1}")
-    both = sa0 & sa1
-    if bool(both.any()):
-        j = int(both.flatten().nonzero()[0])
-        raise error(f"fault map layer {name!r}: weight {j} (flat index) has bits stuck at 0 and "
-                    f"at 1 at once (sa0 & sa1 = {int(both.flatten()[j])}); a cell is stuck one "
-                    f"way only")
 
 
 # -- sampling and attaching ----------------------------------------------------------------------

@@ -25,7 +25,7 @@ All tensors the methods take and return are in group layout ``(G, M)``
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Type
 
 import torch
 from torch import Tensor, nn
@@ -38,12 +38,30 @@ from qfv_brevitas.core.groups import GroupLayout
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.util.validate import check_choice
 
-__all__ = ["Chip", "MAPPINGS"]
+__all__ = ["Chip", "MAPPINGS", "check_stuck_masks"]
 
 #: How codes are chosen for a chip with maps (see :meth:`Chip.codes`).
 MAPPINGS = ("naive", "aware")
 
 _MAPS = ("sa0", "sa1", "lrs", "hrs")
+
+
+def check_stuck_masks(sa0: Tensor, sa1: Tensor, bits: int, where: str,
+                      error: Type[QfvError] = QfvError) -> None:
+    """Stuck-at masks fit ``bits``-bit weights: no stuck bit at or above the width, no cell
+    stuck both ways. The one check of a fault map's bits (the chip runs it when masks are set,
+    a fault map before it attaches anything); raises ``error`` naming ``where``."""
+    if sa0.numel() == 0:
+        return
+    top = int(torch.maximum(sa0.max(), sa1.max()))
+    if top >= 1 << bits:
+        raise error(f"{where}: stuck bit {top.bit_length() - 1} at or above the layer's bit "
+                    f"width {bits} (mask value {top}); bits are numbered 0..{bits - 1}")
+    both = sa0 & sa1
+    if bool(both.any()):
+        j = int(both.flatten().nonzero()[0])
+        raise error(f"{where}: weight {j} (flat index) has bits stuck at 0 and at 1 at once "
+                    f"(sa0 & sa1 = {int(both.flatten()[j])}); a cell is stuck one way only")
 
 
 class Chip(nn.Module):
@@ -107,11 +125,7 @@ class Chip(nn.Module):
                                  f"weight {self.weight_shape}")
             if m.dtype != torch.uint8:
                 raise QfvError(f"{self.where}: {name} mask must be uint8, got {m.dtype}")
-            if bool((m.long() >> bits).any()):
-                raise QfvError(f"{self.where}: {name} mask sets bits at or above the "
-                                 f"layer's {bits}-bit width")
-        if bool((sa0 & sa1).any()):
-            raise QfvError(f"{self.where}: a bit cannot be stuck at 0 and at 1")
+        check_stuck_masks(sa0, sa1, bits, self.where)
         if like is not None:
             sa0, sa1 = sa0.to(like.device), sa1.to(like.device)
         self.sa0, self.sa1 = sa0, sa1

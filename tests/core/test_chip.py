@@ -109,7 +109,7 @@ def test_variability_changes_the_values_held():
 @pytest.mark.parametrize("bad, match", [
     (dict(sa0=torch.zeros(3, 6, dtype=torch.uint8)), "sa0 mask has shape"),
     (dict(sa0=torch.zeros(4, 6, dtype=torch.int64)), "must be uint8"),
-    (dict(sa0=torch.full((4, 6), 8, dtype=torch.uint8)), "at or above the layer's 3-bit"),
+    (dict(sa0=torch.full((4, 6), 8, dtype=torch.uint8)), "at or above the layer's bit width 3"),
     (dict(sa1=torch.ones(4, 6, dtype=torch.uint8), sa0=torch.ones(4, 6, dtype=torch.uint8)),
      "stuck at 0 and at 1"),
 ])
