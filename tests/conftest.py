@@ -27,6 +27,15 @@ _hsettings.load_profile(os.environ.get("QFV_HYPOTHESIS", "ci"))
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    """Back to one thread after every test: a `qfv ... --threads N` run in-process (or a test
+    that sets threads itself) must not leave the next tests of its worker oversubscribed."""
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="module")
 def digits():
     return load_digits_split(seed=0)

@@ -37,15 +37,6 @@ _COMPUTE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 SMALL_VGG = (8, "M", 16, "M", 16, 16, "M", 32, "M")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Intra-op threads spin-wait on a busy 2-core machine: one thread is ~20x faster here.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # -- helpers --------------------------------------------------------------------------------
 
 def float_compute_layers(model: nn.Module):

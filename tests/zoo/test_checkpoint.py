@@ -19,14 +19,6 @@ SHAPE = (1, 8, 8)
 CLASSES = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def train_a_little(model: nn.Module, steps: int, seed: int = 0) -> None:
     """A few SGD steps (CE + regularizer) so that weights, r, c, activation scales and
     BatchNorm statistics all differ from their initial values."""
