@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from qfv_brevitas.core import kernels as K
-from qfv_brevitas.core.levels import check_finite, level_table, sort_levels, uniform_multipliers  # noqa: F401 (doctests)
+from qfv_brevitas.core.levels import check_finite, sort_levels
 
 __all__ = ["BLOCK", "CAND_BLOCK", "GPU_PATHS_ON_CPU", "sync_free", "block_for", "cand_block",
            "blocks", "LevelIndex", "nearest_sorted_index", "nearest", "snap_ste"]
@@ -217,6 +217,7 @@ def nearest(w2d: Tensor, levels: Tensor) -> Tuple[Tensor, Tensor]:
     ``w2d`` is ``(G, M)`` (one row per group), ``levels`` is ``(G, 2**N)`` indexed by code.
     Returns ``(values, codes)``, both ``(G, M)``; no gradient flows.
 
+    >>> from qfv_brevitas.core.levels import level_table, uniform_multipliers
     >>> r, c = uniform_multipliers(torch.tensor([1.0]), 2)
     >>> nearest(torch.tensor([[-2.0, 0.1, 0.6, 5.0]]), level_table(r, c))
     (tensor([[-1.5000,  0.5000,  0.5000,  1.5000]]), tensor([[0, 2, 2, 3]]))
