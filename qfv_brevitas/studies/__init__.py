@@ -3,7 +3,7 @@
 One engine (:func:`run_study`) runs registered methods (:func:`register_method`) over
 :class:`Scenario` s (stuck bits, variability, bit flips) and seeded maps, into one
 :class:`StudyResult` (statistics, tables, files, plots). The entry points below are thin calls
-into it. Importing this package loads matplotlib (the results draw themselves).
+into it. matplotlib is loaded only when a result draws its plot.
 """
 from qfv_brevitas.studies.compare import compare_methods
 from qfv_brevitas.studies.engine import CompareConfig, run_study
