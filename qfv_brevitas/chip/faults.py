@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from qfv_brevitas.chip.maps import (attach_layer_maps, check_map_bits, check_names_in_model,
                                     layer_generator, load_tagged, quantized_layers, save_tagged)
 from qfv_brevitas.core.chip import check_stuck_masks
-from qfv_brevitas.core.quantizers import quant_of
+from qfv_brevitas.core.quantizers import nmult_layers, quant_of
 from qfv_brevitas.util.configbase import QfvConfig
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.util.validate import check_fraction, check_layer_dict, check_seed, check_type
@@ -281,5 +281,6 @@ def attach_faults(model: nn.Module, fault_map: FaultMap) -> nn.Module:
 
 def detach_faults(model: nn.Module) -> nn.Module:
     """Make every N-multiplier layer of ``model`` fault-free again. Returns ``model``."""
-    return attach_layer_maps(model, None, FaultMap, "detach_faults",
-                             clear_map=lambda chip: chip.clear_faults())
+    for _, layer in nmult_layers(model):
+        layer.weight_quant.chip.clear_faults()
+    return model

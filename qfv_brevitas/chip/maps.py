@@ -7,7 +7,7 @@ import hashlib
 import os
 import pickle
 import warnings
-from typing import Any, Callable, Dict, Mapping, Optional, Type
+from typing import Any, Callable, Dict, Type
 
 import torch
 from torch import nn
@@ -118,22 +118,18 @@ def check_map_bits(bits: Any, where: str, error: Type[QfvError]) -> int:
 
 
 def attach_layer_maps(model: nn.Module, maps: Any, kind: type, what: str,
-                      set_map: Optional[Callable] = None,
-                      clear_map: Callable = lambda chip: None) -> nn.Module:
+                      set_map: Callable, clear_map: Callable) -> nn.Module:
     """Put a map on the chips of ``model``'s N-multiplier layers: ``maps`` (a ``kind``, checked
-    against the model with its ``validate``) gives ``set_map(chip, entry, weight)`` each layer's
-    entry; layers without one get ``clear_map(chip)``. ``maps=None``: every chip is cleared
-    (``detach_*``). Returns ``model``."""
-    layers: Mapping[str, Any] = {}
-    if maps is not None or set_map is not None:
-        if not isinstance(maps, kind):
-            raise QfvTypeError(f"{what} takes a {kind.__name__}, got {type(maps).__name__}")
-        maps.validate(model)
-        layers = maps.layers
+    against the model with its ``validate`` before any chip changes) gives
+    ``set_map(chip, entry, weight)`` each layer's entry; layers without one get
+    ``clear_map(chip)``. Returns ``model``."""
+    if not isinstance(maps, kind):
+        raise QfvTypeError(f"{what} takes a {kind.__name__}, got {type(maps).__name__}")
+    maps.validate(model)
     for name, layer in nmult_layers(model):
         chip = layer.weight_quant.chip
-        if name in layers:
-            set_map(chip, layers[name], layer.weight)
+        if name in maps.layers:
+            set_map(chip, maps.layers[name], layer.weight)
         else:
             clear_map(chip)
     return model
