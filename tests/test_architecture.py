@@ -159,3 +159,102 @@ def test_importing_the_package_loads_no_plotting_or_experiment_code():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env={"PATH": "", "MPLBACKEND": ""}).stdout.split("\n")
     assert out[0] == "", f"import qfv_brevitas loaded {out[0]}"
+
+
+# -- size and the export-form registry (issue 20) -------------------------------------------------
+MAX_MODULE_LINES = 800
+MAX_FUNCTION_LINES = 80
+#: functions allowed over MAX_FUNCTION_LINES, each with the reason it stays whole
+LONG_FUNCTIONS = {
+}
+
+
+def long_functions():
+    """``{"module:qualname": lines}`` of every function longer than MAX_FUNCTION_LINES
+    (decorators excluded, docstring included)."""
+    out = {}
+    for m, path in MODULES.items():
+        tree = ast.parse(path.read_text(), str(path))
+
+        def walk(node, prefix):
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    name = f"{prefix}{child.name}"
+                    if not isinstance(child, ast.ClassDef):
+                        n = child.end_lineno - child.lineno + 1
+                        if n > MAX_FUNCTION_LINES:
+                            out[f"{m}:{name}"] = n
+                    walk(child, name + ".")
+                else:
+                    walk(child, prefix)
+
+        walk(tree, "")
+    return out
+
+
+def test_no_module_over_800_lines():
+    big = {m: len(p.read_text().splitlines()) for m, p in MODULES.items()}
+    big = {m: n for m, n in big.items() if n > MAX_MODULE_LINES}
+    assert not big, f"modules over {MAX_MODULE_LINES} lines (split them by concern): {big}"
+
+
+def test_no_function_over_80_lines_unless_listed_with_a_reason():
+    found = long_functions()
+    unlisted = {f: n for f, n in found.items() if f not in LONG_FUNCTIONS}
+    assert not unlisted, (f"functions over {MAX_FUNCTION_LINES} lines (split them, or list "
+                          f"them in LONG_FUNCTIONS with the reason they stay whole): {unlisted}")
+    stale = sorted(set(LONG_FUNCTIONS) - set(found))
+    assert not stale, f"LONG_FUNCTIONS lists functions that are short now or gone: {stale}"
+
+
+def _mentions_form(node) -> bool:
+    """An expression naming an export form: ``form``, ``x_form``, ``obj.form``,
+    ``d["form"]``, ``d.get("form")``."""
+    if isinstance(node, ast.Name):
+        return node.id == "form" or node.id.endswith("_form")
+    if isinstance(node, ast.Attribute):
+        return node.attr == "form"
+    if isinstance(node, ast.Subscript):
+        return isinstance(node.slice, ast.Constant) and node.slice.value == "form"
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+            and node.func.attr == "get" and node.args:
+        return isinstance(node.args[0], ast.Constant) and node.args[0].value == "form"
+    return False
+
+
+def form_switches(source: str, forms) -> list:
+    """Line numbers where ``source`` branches on an export form outside the registry: a
+    comparison one side of which names a form, or a literal collection of form names."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare) and any(
+                _mentions_form(n) for n in [node.left] + node.comparators):
+            out.append(node.lineno)
+        elif isinstance(node, (ast.Tuple, ast.List, ast.Set)) and len(node.elts) >= 2 and all(
+                isinstance(e, ast.Constant) and e.value in forms for e in node.elts):
+            out.append(node.lineno)
+    return out
+
+
+def test_the_form_switch_detector_catches_switches():
+    forms = ("compact", "bitplanes", "fixed", "planes")
+    assert form_switches('if form == "planes":\n    pass\n', forms) == [1]
+    assert form_switches('x = args.form not in FIXED\n', forms) == [1]
+    assert form_switches('y = info["form"] != "fixed"\n', forms) == [1]
+    assert form_switches('z = meta.get("form") in ("a",)\n', forms) == [1]
+    assert form_switches('FIXED = ("fixed", "planes")\n', forms) == [1]
+    assert form_switches('v = variant == "fixed"\nw = ("fixed", "step")\n', forms) == []
+
+
+def test_no_export_form_is_switched_on_outside_the_forms_registry():
+    from qfv_brevitas.export.forms import form_names
+
+    bad = []
+    for m, path in MODULES.items():
+        if m.startswith("qfv_brevitas.export.forms"):
+            continue
+        bad += [f"{m}:{line}" for line in form_switches(path.read_text(), form_names())]
+    assert not bad, ("code that branches on an export form's name outside "
+                     "qfv_brevitas/export/forms/ (ask the form: "
+                     "qfv_brevitas.export.forms.form_named(name).<attribute>):\n"
+                     + "\n".join(bad))

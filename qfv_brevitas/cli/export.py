@@ -22,7 +22,10 @@ def export(p):
     from qfv_brevitas.export import EXPORTERS, FORMS
 
     p.add_argument("checkpoint", help="a quantized model saved by qfv train/demo/finetune")
-    p.add_argument("--form", choices=FORMS, default="compact")
+    from qfv_brevitas.export import form_named
+
+    p.add_argument("--form", choices=FORMS, default="compact",
+                   help="; ".join(f"{f}: {form_named(f).help}" for f in FORMS))
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--frac-bits", type=int,
                    help="fixed and planes forms: fractional bits f of r and c")
@@ -84,24 +87,26 @@ def _model_and_data(args):
 
 def run_export(args) -> int:
     from qfv_brevitas.export import export_qonnx
-    from qfv_brevitas.export.api import FIXED_POINT_FORMS, ExportVerificationError
+    from qfv_brevitas.export import ExportVerificationError, FORMS, form_named
 
     if args.batch < 1:
         raise ValueError(f"--batch must be at least 1, got {args.batch}")
-    if args.form not in FIXED_POINT_FORMS and (args.frac_bits is not None
-                                               or args.max_acc_drop is not None):
-        raise ValueError("--frac-bits / --max-acc-drop apply to --form fixed or planes only")
+    fixed_point = form_named(args.form).needs_fixed_point
+    if not fixed_point and (args.frac_bits is not None or args.max_acc_drop is not None):
+        fixed = [f for f in FORMS if form_named(f).needs_fixed_point]
+        raise ValueError(f"--frac-bits / --max-acc-drop apply to --form {' or '.join(fixed)} "
+                         "only")
     if args.max_acc_drop is not None and not args.max_acc_drop >= 0:
         raise ValueError(f"--max-acc-drop must be >= 0 points, got {args.max_acc_drop}")
     model, info, test, inputs = _model_and_data(args)
     example = test.tensors[0][:args.batch]
     example, inputs = _spike_trains(model, example), _spike_trains(model, inputs)
-    data = test if args.form in FIXED_POINT_FORMS and (args.max_acc_drop is not None
-                                                       or args.frac_bits is not None) else None
+    data = test if fixed_point and (args.max_acc_drop is not None
+                                    or args.frac_bits is not None) else None
     try:
         res = export_qonnx(model, example, args.out, args.form, frac_bits=args.frac_bits,
                            max_accuracy_drop=args.max_acc_drop, data=data,
-                           device=not args.ideal, exporter=args.exporter,
+                           with_maps=not args.ideal, exporter=args.exporter,
                            verify=not args.no_verify, verify_inputs=inputs,
                            extra_metadata={"checkpoint": str(args.checkpoint),
                                            "arch": info["arch"]}, overwrite=args.force)
@@ -168,7 +173,7 @@ def run_crossbar(args) -> int:
 
     model, info = load_checkpoint(args.checkpoint)
     require_quantized(args, info)
-    manifest = write_crossbar(model, args.out, device=not args.ideal, overwrite=args.force,
+    manifest = write_crossbar(model, args.out, with_maps=not args.ideal, overwrite=args.force,
                               inputs=[args.checkpoint])
     data = json.loads(manifest.read_text())
     for row in data["layers"]:

@@ -14,17 +14,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from qfv_brevitas.util.errors import QfvError, VerificationError
 from qfv_brevitas.core.quantizers import nmult_layers
 from qfv_brevitas.util.safeio import atomic_path, check_output
 from qfv_brevitas.export import fixedpoint as FX
-from qfv_brevitas.export import planes as P
-from qfv_brevitas.export.graph import (cleanup_qonnx, default_domain_first, locate_layers, rename_tensor,
-                    unshare_weight_quants)
-from qfv_brevitas.export.handler import FORMS, manager_for, plain_state_dict
+from qfv_brevitas.export.errors import ExportError, ExportVerificationError
+from qfv_brevitas.export.forms import ExportForm, form_named, form_names
+from qfv_brevitas.export.graph import apply_transformations, cleanup_qonnx, default_domain_first
+from qfv_brevitas.export.handler import manager_for, plain_state_dict
 from qfv_brevitas.export.layers import LayerExport, collect_layers, without_maps
 from qfv_brevitas.export.metadata import FORMAT, format_layers, write_metadata
-from qfv_brevitas.export.ops import DOMAIN, OP_TYPE
 from qfv_brevitas.export.verify import VerifyReport, verify_qonnx
 from qfv_brevitas.snn.network import snn_export_metadata, spiking_net
 
@@ -32,21 +30,6 @@ __all__ = ["EXPORTERS", "ExportError", "ExportVerificationError", "ExportResult"
            "reference_model", "expected_export", "on_cpu"]
 
 EXPORTERS = ("dynamo", "torchscript")
-#: forms whose multipliers are rounded to the fixed-point grid ``m * 2**-f``
-FIXED_POINT_FORMS = ("fixed", "planes")
-
-
-class ExportError(QfvError):
-    """The model cannot be exported as asked (the message says how to fix the call)."""
-
-
-class ExportVerificationError(ExportError, VerificationError):
-    """The exported graph does not compute what the torch model computes; nothing was written.
-    ``report`` is the :class:`~qfv_brevitas.export.verify.VerifyReport`."""
-
-    def __init__(self, message: str, report: Optional[VerifyReport] = None):
-        super().__init__(message)
-        self.report = report
 
 
 @dataclass
@@ -64,12 +47,7 @@ class ExportResult:
     def summary(self) -> str:
         out = [f"wrote {self.path} ({self.form} form, {self.exporter} exporter)",
                format_layers(self.metadata)]
-        if self.form == "planes":
-            pl = self.metadata["planes"]
-            out.append(f"planes: {pl['weight_bits']} weight bits in 1-bit planes + "
-                       f"{pl['total_bits'] - pl['weight_bits']} bits of multipliers and offset "
-                       f"layers = {pl['bits_per_weight']:.3f} bits per weight (fixed form: "
-                       f"{pl['fixed_form_bits_per_weight']:.3f})")
+        out += form_named(self.form).summary(self.metadata)
         if self.fixed_point:
             fx = self.fixed_point
             out.append(f"fixed point: f = {fx['frac_bits']} fractional bits, max multiplier "
@@ -114,11 +92,12 @@ def on_cpu(model: nn.Module, *tensors):
 
 def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path],
                  form: str = "compact", *, frac_bits: Optional[int] = None,
-                 max_accuracy_drop: Optional[float] = None, data=None, device: bool = True,
+                 max_accuracy_drop: Optional[float] = None, data=None, with_maps: bool = True,
                  exporter: str = "dynamo", verify: bool = True,
                  verify_inputs: Optional[Tensor] = None, extra_metadata: Optional[dict] = None,
                  overwrite: bool = False) -> ExportResult:
-    """Write ``model`` (with N-multiplier layers) to a QONNX file in one of four forms.
+    """Write ``model`` (with N-multiplier layers) to a QONNX file in one of the registered
+    forms (:mod:`qfv_brevitas.export.forms`):
 
     - ``"compact"``: one ``qfv_brevitas.export.ops::NMultWeight`` node per layer holding the
       uint8 codes, ``r`` and ``c`` (spec: ``docs/ops/NMultWeight.md``);
@@ -134,7 +113,7 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
       ``frac_bits`` / ``data`` + ``max_accuracy_drop``), so both forms compute the same weights.
 
     Activations quantized by Brevitas export as standard QONNX ``Quant`` nodes. With a fault or
-    variability map attached the file computes what that device computes (``device=False``:
+    variability map attached the file computes what that chip computes (``with_maps=False``:
     the ideal levels). ``exporter``: ``"dynamo"`` (torch.export) or ``"torchscript"``.
     Unless ``verify=False`` the graph is run with qonnx and onnxruntime on ``verify_inputs``
     (default: ``example_input``) against the torch model before anything is written; a failed
@@ -154,22 +133,11 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
     """
     # Exported files are written from the CPU: a model trained on a GPU exports from a copy.
     model, example_input, verify_inputs = on_cpu(model, example_input, verify_inputs)
-    if form not in FORMS:
-        raise ExportError(f"unknown form {form!r}: choose one of {', '.join(FORMS)}")
-    if exporter not in EXPORTERS:
-        raise ExportError(f"unknown exporter {exporter!r}: choose one of {', '.join(EXPORTERS)}")
-    if form not in FIXED_POINT_FORMS and (frac_bits is not None or max_accuracy_drop is not None):
-        raise ExportError("frac_bits / max_accuracy_drop apply to form='fixed' or 'planes' only")
+    fm = _check_settings(form, exporter, frac_bits, max_accuracy_drop)
     x = _check_input(example_input)
     if verify_inputs is not None:
         verify_inputs = _check_input(verify_inputs)
-    if not nmult_layers(model):
-        raise ExportError("the model has no N-multiplier layers: give it quantizers first "
-                          "(quantize_model or swap_weight_quant)")
-    for name, p in model.named_parameters():
-        if not bool(torch.isfinite(p).all()):
-            raise ExportError(f"parameter {name} is not finite (NaN/inf): nothing sensible to "
-                              "export")
+    _check_model(model)
     extra_metadata = dict(extra_metadata or {})
     snn = spiking_net(model)
     if snn is not None:
@@ -182,56 +150,90 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
     original, was_training = model, model.training
     model.eval()
     try:
-        proto, meta, fixed, reference = _build(model, x, form, frac_bits, max_accuracy_drop,
-                                               data, device, exporter, extra_metadata)
-        result = ExportResult(path=path, form=form, exporter=exporter, metadata=meta,
+        proto, meta, fixed, reference = _build(model, x, fm, frac_bits, max_accuracy_drop,
+                                               data, with_maps, exporter, extra_metadata)
+        result = ExportResult(path=path, form=fm.name, exporter=exporter, metadata=meta,
                               fixed_point=fixed, reference=reference)
         if verify:
-            rep = verify_qonnx(reference, proto, x if verify_inputs is None else verify_inputs)
-            result.verification = rep
-            if not rep.passed:
-                raise ExportVerificationError(
-                    f"{path}: not written: the exported graph does not match the torch model "
-                    f"({rep.first_failure()})", rep)
-        data_bytes = proto.SerializeToString()
-        with atomic_path(path, overwrite=overwrite) as tmp:
-            onnx.save(proto, str(tmp))
-            if Path(tmp).read_bytes() != data_bytes:
-                raise ExportError(f"{path}: not written: the file did not read back as exported")
+            result.verification = _verified(reference, proto, path,
+                                            x if verify_inputs is None else verify_inputs)
+        _write(proto, path, overwrite)
         return result
     finally:
-        original.train(was_training)  # not the map-free twin of device=False
+        original.train(was_training)  # not the map-free twin of with_maps=False
 
 
-def _build(model, x, form, frac_bits, max_accuracy_drop, data, device, exporter,
-           extra_metadata):
+def _check_settings(form: str, exporter: str, frac_bits, max_accuracy_drop) -> ExportForm:
+    """The form asked for, once the call's settings are checked."""
+    fm = form_named(form)
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter {exporter!r}: choose one of {', '.join(EXPORTERS)}")
+    if not fm.needs_fixed_point and (frac_bits is not None or max_accuracy_drop is not None):
+        fixed = [f for f in form_names() if form_named(f).needs_fixed_point]
+        raise ExportError(f"frac_bits / max_accuracy_drop apply to form="
+                          f"{' or '.join(repr(f) for f in fixed)} only")
+    return fm
+
+
+def _check_model(model: nn.Module) -> None:
+    """Something to export: N-multiplier layers, finite parameters."""
+    if not nmult_layers(model):
+        raise ExportError("the model has no N-multiplier layers: give it quantizers first "
+                          "(quantize_model or swap_weight_quant)")
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise ExportError(f"parameter {name} is not finite (NaN/inf): nothing sensible to "
+                              "export")
+
+
+def _verified(reference: nn.Module, proto: onnx.ModelProto, path: Path, inputs: Tensor
+              ) -> VerifyReport:
+    """The graph run against ``reference``; raises (nothing written) if it does not match."""
+    rep = verify_qonnx(reference, proto, inputs)
+    if not rep.passed:
+        raise ExportVerificationError(
+            f"{path}: not written: the exported graph does not match the torch model "
+            f"({rep.first_failure()})", rep)
+    return rep
+
+
+def _write(proto: onnx.ModelProto, path: Path, overwrite: bool) -> None:
+    """Write the file atomically and read it back."""
+    data_bytes = proto.SerializeToString()
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        onnx.save(proto, str(tmp))
+        if Path(tmp).read_bytes() != data_bytes:
+            raise ExportError(f"{path}: not written: the file did not read back as exported")
+
+
+def _build(model, x, form: ExportForm, frac_bits, max_accuracy_drop, data, with_maps: bool,
+           exporter: str, extra_metadata):
     """The exported graph with its metadata, the fixed-point summary and the torch reference
-    (``model`` in eval mode; its maps removed when ``device`` is False)."""
-    if not device:
+    (``model`` in eval mode; its maps removed unless ``with_maps``)."""
+    if not with_maps:
         model = without_maps(model)
     try:
-        layers = collect_layers(model, device=True)
+        layers = collect_layers(model)
+        for info in layers:  # refuse what the form cannot express before any accuracy run
+            form.check_layer(info)
     except ValueError as e:
         raise ExportError(str(e)) from None
     fixed = None
     reference = model
-    if form in FIXED_POINT_FORMS:
+    if form.needs_fixed_point:
         fixed, reference = _fixed_point(model, layers, frac_bits, max_accuracy_drop, data,
                                         form)
     by_proxy = {id(m.weight_quant): info for (_, m), info in zip(nmult_layers(model), layers)}
     proto = _run_exporter(model, x, form, by_proxy, exporter)
     proto = _finish(proto, layers, form)
-    meta = {"format": FORMAT, "form": form, "exporter": exporter,
-            "version": _version(), "device": bool(device),
+    meta = {"format": FORMAT, "form": form.name, "exporter": exporter,
+            "version": _version(), "device": bool(with_maps),
             "input_shape": list(x.shape),
-            "layers": [info.metadata() if form == "planes" else
-                       dict(info.metadata(), weight_tensor=f"{info.name}.weight")
-                       for info in layers],
+            "layers": [form.layer_metadata(info) for info in layers],
             "extra": extra_metadata}
     if fixed is not None:
         meta["fixed_point"] = {k: v for k, v in fixed.items() if k != "tried"}
-    if form == "planes":
-        meta["planes"] = _planes_summary(layers)
+    meta.update(form.metadata(layers))
     write_metadata(proto, meta)
     return proto, meta, fixed, reference
 
@@ -242,12 +244,13 @@ def expected_export(model: nn.Module, info: dict) -> onnx.ModelProto:
     the file must equal, parameter for parameter, if it was exported from ``model``."""
     fx = info.get("fixed_point") or {}
     try:
+        form = form_named(info["form"])
         x = torch.zeros([int(d) for d in info["input_shape"]])
-        frac = fx.get("frac_bits") if info["form"] in FIXED_POINT_FORMS else None
+        frac = fx.get("frac_bits") if form.needs_fixed_point else None
         was_training = model.training
         model.eval()
         try:
-            proto, *_ = _build(model, x, info["form"], frac, None, None,
+            proto, *_ = _build(model, x, form, frac, None, None,
                                bool(info.get("device", True)), info["exporter"], {})
         finally:
             model.train(was_training)
@@ -276,63 +279,48 @@ def _version() -> str:
     return __version__
 
 
-def _planes_summary(layers: Sequence[LayerExport]) -> dict:
-    """Weight memory of the plane-parallel file against the fixed form's, whole model."""
-    mem = [info.extra["planes"]["memory"] for info in layers]
-    n = sum(m["weights"] for m in mem)
-    total = sum(m["total_bits"] for m in mem)
-    fixed = sum(m["fixed_form_bits"] for m in mem)
-    return {"weights": n, "weight_bits": sum(m["plane_bits"] for m in mem), "total_bits": total,
-            "bits_per_weight": total / n, "fixed_form_bits": fixed,
-            "fixed_form_bits_per_weight": fixed / n}
-
-
 def _fixed_point(model, layers: Sequence[LayerExport], frac_bits, max_drop, data,
-                 form: str = "fixed"):
-    if form == "planes":  # refuse what the planes cannot express before any accuracy run
-        try:
-            for info in layers:
-                P.check_layer(info)
-        except ValueError as e:
-            raise ExportError(str(e)) from None
+                 form: ExportForm):
+    """Round every layer's multipliers to ``2**-f`` (``f`` given, or the smallest within the
+    accuracy bound); returns the fixed-point summary and the fixed-point torch reference."""
     acc = _accuracy_fn(data)
-    if frac_bits is None:
-        if max_drop is None or acc is None:
-            raise ExportError(f"form={form!r} needs frac_bits, or data and max_accuracy_drop to "
-                              "choose the smallest fractional width within that accuracy drop")
-        try:
+    try:
+        if frac_bits is None:
+            if max_drop is None or acc is None:
+                raise ExportError(
+                    f"form={form.name!r} needs frac_bits, or data and max_accuracy_drop to "
+                    "choose the smallest fractional width within that accuracy drop")
             pick = FX.choose_frac_bits(model, layers, acc, max_drop)
-        except ValueError as e:
-            raise ExportError(str(e)) from None
-    else:
-        try:
+        else:
             for info in layers:
                 FX.fixed_point_layer(info, frac_bits)
-        except ValueError as e:
-            raise ExportError(str(e)) from None
-        pick = {"frac_bits": int(frac_bits)}
-        if acc is not None:
-            pick["reference_accuracy"] = 100.0 * acc(model)
+            pick = {"frac_bits": int(frac_bits)}
+            if acc is not None:
+                pick["reference_accuracy"] = 100.0 * acc(model)
+    except ExportError:
+        raise
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     reference = FX.fixed_point_model(model, layers)
     if acc is not None and "accuracy" not in pick:
         pick["accuracy"] = 100.0 * acc(reference)
-    rows = [info.extra["fixed_point"] for info in layers]
-    pick.update(max_multiplier_error=max(r["max_multiplier_error"] for r in rows),
-                max_weight_error=max(r["max_weight_error"] for r in rows),
-                layers={info.name: {k: v for k, v in info.extra["fixed_point"].items()
-                                    if k in ("int_bits", "signed", "max_weight_error")}
+    rows = [info.fixed_point for info in layers]
+    pick.update(max_multiplier_error=max(r.max_multiplier_error for r in rows),
+                max_weight_error=max(r.max_weight_error for r in rows),
+                layers={info.name: {"int_bits": info.fixed_point.int_bits,
+                                    "signed": info.fixed_point.signed,
+                                    "max_weight_error": info.fixed_point.max_weight_error}
                         for info in layers})
     pick.setdefault("accuracy", None)
     pick.setdefault("reference_accuracy", None)
-    if form == "planes":
-        for info in layers:
-            P.planes_layer(info, pick["frac_bits"])
+    for info in layers:
+        form.finish_layer(info, pick["frac_bits"])
     return pick, reference
 
 
-def _run_exporter(model, x, form, by_proxy, exporter) -> onnx.ModelProto:
+def _run_exporter(model, x, form: ExportForm, by_proxy, exporter) -> onnx.ModelProto:
     dynamo = exporter == "dynamo"
-    manager = manager_for(form, by_proxy, dynamo)
+    manager = manager_for(form.handler, by_proxy, dynamo)
     kwargs = dict(dynamo=True, optimize=True) if dynamo else dict(dynamo=False)
     with warnings.catch_warnings(), plain_state_dict():
         warnings.simplefilter("ignore")
@@ -362,39 +350,15 @@ def _quiet():
         log.setLevel(level)
 
 
-def _finish(proto: onnx.ModelProto, layers: Sequence[LayerExport], form: str) -> onnx.ModelProto:
-    """Name each layer's weight tensor ``<layer>.weight`` (and the compact op's inputs), then
-    clean up without folding the weight quantizers."""
+def _finish(proto: onnx.ModelProto, layers: Sequence[LayerExport], form: ExportForm
+            ) -> onnx.ModelProto:
+    """The form's graph rewrites (each layer's weight tensor named ``<layer>.weight``, ...),
+    then a cleanup that does not fold the weight quantizers."""
     default_domain_first(proto)
-    for node in proto.graph.node:  # the dynamo exporter's stack traces: not for a deployed file
-        del node.metadata_props[:]
-        node.doc_string = ""
-    if not any(o.domain == DOMAIN for o in proto.opset_import) and form == "compact":
-        proto.opset_import.add(domain=DOMAIN, version=1)
-    if form == "bitplanes":
-        unshare_weight_quants(proto)
-    found = locate_layers(proto, [i.name for i in layers])
-    for info in layers:
-        rename_tensor(proto, found[info.name], f"{info.name}.weight")
-    if form == "compact":
-        inits = {i.name for i in proto.graph.initializer}
-        for node in proto.graph.node:
-            if node.op_type != OP_TYPE:
-                continue
-            layer = next(a.s.decode() for a in node.attribute if a.name == "layer")
-            for pos, role in enumerate(("codes", "r", "c", "lrs", "hrs")[:len(node.input)]):
-                if node.input[pos] in inits:
-                    rename_tensor(proto, node.input[pos], f"{layer}.weight_{role}")
-                    inits = {i.name for i in proto.graph.initializer}
-    if form == "fixed":
-        for info in layers:
-            prod = next(n for n in proto.graph.node if f"{info.name}.weight" in n.output)
-            rename_tensor(proto, prod.input[0], f"{info.name}.weight_fixed")
-    if form == "planes":
-        try:
-            P.split_into_planes(proto, layers)
-        except ValueError as e:
-            raise ExportError(str(e)) from None
+    try:
+        proto = apply_transformations(proto, form.transformations(layers))
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     return cleanup_qonnx(proto)
 
 
@@ -406,7 +370,7 @@ def reference_model(model: nn.Module, source) -> nn.Module:
 
     info = read_metadata(source, check_graph=False)  # the graph: verify_qonnx compares it
     twin = model.eval() if info.get("device", True) else without_maps(model)
-    layers = collect_layers(twin, device=True)
+    layers = collect_layers(twin)
     have = {i.name: i for i in layers}
     where = "the file" if isinstance(source, onnx.ModelProto) else str(source)
 
@@ -436,7 +400,7 @@ def reference_model(model: nn.Module, source) -> nn.Module:
             raise mismatch(f"layer {row['layer']!r}: the model's multipliers differ from the "
                            "file's r, c (another checkpoint of this architecture, or the model "
                            "was trained further after the export)")
-    if info["form"] not in FIXED_POINT_FORMS:
+    if not form_named(info["form"]).needs_fixed_point:
         return twin
     f = info["fixed_point"]["frac_bits"]
     for i in layers:

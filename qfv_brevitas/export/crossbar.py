@@ -54,12 +54,12 @@ def not_a_crossbar_folder(folder: Path) -> Optional[str]:
     return None
 
 
-def write_crossbar(model: nn.Module, folder: Union[str, Path], device: bool = True,
+def write_crossbar(model: nn.Module, folder: Union[str, Path], with_maps: bool = True,
                    overwrite: bool = False, inputs=()) -> Path:
     """Write every N-multiplier layer of ``model`` as crossbar planes; returns the manifest.
 
-    ``device=True`` writes the codes the device holds (stuck bits forced) and the per-cell
-    factors of an attached variability map; ``device=False`` the ideal codes. Per-channel
+    ``with_maps=True`` writes the codes the chip holds (stuck bits forced) and the per-cell
+    factors of an attached variability map; ``with_maps=False`` the ideal codes. Per-channel
     layers must have their channels on axis 0 (``r``/``c`` rows are the matrix rows).
     The folder is written whole (:func:`qfv_brevitas.util.safeio.atomic_dir`): an existing crossbar
     folder is replaced only with ``overwrite=True``, and never mixed with the new files; a
@@ -72,20 +72,20 @@ def write_crossbar(model: nn.Module, folder: Union[str, Path], device: bool = Tr
     model = on_cpu(model)[0]
     with atomic_dir(folder, overwrite=overwrite, inputs=inputs,
                     replaceable=not_a_crossbar_folder) as tmp:
-        _write_layers(model, tmp, device)
+        _write_layers(model, tmp, with_maps)
     return Path(folder) / "manifest.json"
 
 
-def _write_layers(model: nn.Module, folder: Path, device: bool) -> None:
-    if not device:
+def _write_layers(model: nn.Module, folder: Path, with_maps: bool) -> None:
+    if not with_maps:
         model = without_maps(model)
     rows = []
-    for info in collect_layers(model.eval(), device=True):
+    for info in collect_layers(model.eval()):
         if info.axis > 0:
             raise QfvError(f"layer {info.name!r}: per-channel multipliers on axis {info.axis}; "
                              "the crossbar format expects output channels on axis 0")
         out = info.weight_shape[0]
-        planes = np.stack([p.numpy().reshape(out, -1) for p in info.planes()]).astype(np.uint8)
+        planes = np.stack([p.numpy().reshape(out, -1) for p in info.bit_planes()]).astype(np.uint8)
         arrays = {"planes": planes, "r": info.r.numpy().astype(np.float32),
                   "c": info.c.numpy().astype(np.float32)}
         for key in ("lrs", "hrs"):

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from qfv_brevitas.core.levels import level_table
 from qfv_brevitas.core.quantizers import nmult_layers
-from qfv_brevitas.export.layers import LayerExport
+from qfv_brevitas.export.layers import FixedPointLayer, LayerExport
 from qfv_brevitas.util.errors import QfvError
 
 __all__ = ["round_to_grid", "fixed_point_layer", "fixed_point_model", "choose_frac_bits",
@@ -52,15 +52,16 @@ def int_bits(lo: int, hi: int):
 
 @torch.no_grad()
 def fixed_point_layer(info: LayerExport, frac_bits: int) -> dict:
-    """Round ``info``'s multipliers to ``2**-frac_bits``; returns the layer's fixed-point
-    description (integer width, signedness, multiplier and weight errors) and stores the
-    deployed weights (``int * 2**-f``, float32) in ``info.extra``."""
+    """Round ``info``'s multipliers to ``2**-frac_bits``: sets ``info.fixed_point`` (a
+    :class:`~qfv_brevitas.export.layers.FixedPointLayer` holding the deployed weights ``int *
+    2**-f``, float32) and returns its description as the file's metadata stores it (integer
+    width, signedness, multiplier and weight errors)."""
     if not 0 <= int(frac_bits) <= MAX_FRAC_BITS:
         raise QfvError(f"frac_bits must be in 0..{MAX_FRAC_BITS}, got {frac_bits}")
     if info.lrs is not None or info.hrs is not None:
         raise QfvError(f"layer {info.name!r} has a variability map attached: a device whose "
                        "cells vary is not on a fixed-point grid; export it in the 'compact' or "
-                       "'bitplanes' form, or with device=False")
+                       "'bitplanes' form, or with with_maps=False")
     f = int(frac_bits)
     s = 2.0 ** f
     mr = (info.r.double() * s).round()
@@ -74,13 +75,12 @@ def fixed_point_layer(info: LayerExport, frac_bits: int) -> dict:
     w = (info.lookup(table) / s).float()
     r_err = float((mr / s - info.r.double()).abs().max())
     c_err = float((mc / s - info.c.double()).abs().max())
-    row = {"frac_bits": f, "int_bits": bits, "signed": signed, "int_min": lo, "int_max": hi,
-           "r_fixed": (mr / s).tolist(), "c_fixed": (mc / s).tolist(),
-           "max_multiplier_error": max(r_err, c_err),
-           "max_weight_error": float((w.double() - info.weight.double()).abs().max())}
-    info.extra["fixed_point"] = row
-    info.extra["_fixed_weight"] = w
-    return row
+    info.fixed_point = FixedPointLayer(
+        frac_bits=f, int_bits=bits, signed=signed, int_min=lo, int_max=hi,
+        r_fixed=(mr / s).tolist(), c_fixed=(mc / s).tolist(),
+        max_multiplier_error=max(r_err, c_err),
+        max_weight_error=float((w.double() - info.weight.double()).abs().max()), weight=w)
+    return info.fixed_point.metadata()
 
 
 def fixed_point_model(model: nn.Module, layers: Sequence[LayerExport]) -> nn.Module:
@@ -92,7 +92,7 @@ def fixed_point_model(model: nn.Module, layers: Sequence[LayerExport]) -> nn.Mod
     for info in layers:
         layer = by_name[info.name]
         with torch.no_grad():
-            layer.weight.copy_(info.extra["_fixed_weight"].to(layer.weight))
+            layer.weight.copy_(info.fixed_point.weight.to(layer.weight))
         layer.weight_quant.disable_quant = True
     return twin.eval()
 

@@ -4,11 +4,11 @@ modified)``) where they are transformations."""
 from __future__ import annotations
 
 from collections import Counter
-from typing import Dict, Iterable, Set
+from typing import Dict, Iterable, List, Optional, Sequence, Set
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.transformation.base import Transformation
@@ -20,14 +20,16 @@ from qonnx.transformation.infer_shapes import InferShapes
 from qfv_brevitas.export.ops import OP_TYPE
 from qfv_brevitas.util.errors import QfvError
 
-__all__ = ["COMPUTE_OPS", "QUANT_OPS", "default_domain_first", "locate_layers", "rename_tensor",
-           "unshare_weight_quants", "constant_tensors",
-           "cleanup_qonnx", "LowerQuantToStandard", "to_onnxruntime"]
+__all__ = ["COMPUTE_OPS", "QUANT_OPS", "QONNX_DOMAIN", "default_domain_first", "locate_layers",
+           "rename_tensor", "attr", "initializer", "constants", "upstream", "constant_tensors",
+           "unshare_weight_quants", "remove_dead_nodes", "apply_transformations",
+           "UnshareWeightQuants", "NameLayerWeights", "StripNodeDebugInfo", "cleanup_qonnx",
+           "LowerQuantToStandard", "to_onnxruntime"]
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 #: ops a cleanup must not fold away although their inputs are constant
 QUANT_OPS = ("Quant", "BipolarQuant", "Trunc", OP_TYPE)
-_QONNX_DOMAIN = "qonnx.custom_op.general"
+QONNX_DOMAIN = "qonnx.custom_op.general"
 
 
 def default_domain_first(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -152,6 +154,103 @@ def rename_tensor(model: onnx.ModelProto, old: str, new: str) -> None:
                 v.name = new
 
 
+def attr(node: onnx.NodeProto, name: str, default=None):
+    """The value of a node's attribute ``name`` (``default`` if it has none)."""
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def initializer(g: onnx.GraphProto, name: str) -> Optional[np.ndarray]:
+    """The value of initializer ``name`` (None if there is none)."""
+    for i in g.initializer:
+        if i.name == name:
+            return numpy_helper.to_array(i)
+    return None
+
+
+def constants(model: onnx.ModelProto) -> Dict[str, np.ndarray]:
+    """Every constant of the graph by name: initializers and ``Constant`` nodes' values."""
+    out = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+            for a in n.attribute:
+                if a.name == "value":
+                    out[n.output[0]] = numpy_helper.to_array(a.t)
+    return out
+
+
+def upstream(tensor: str, producers: Dict[str, onnx.NodeProto]) -> List[onnx.NodeProto]:
+    """The nodes ``tensor`` depends on (``producers``: output name -> node)."""
+    nodes, seen, stack = [], set(), [tensor]
+    while stack:
+        n = producers.get(stack.pop())
+        if n is None or id(n) in seen:
+            continue
+        seen.add(id(n))
+        nodes.append(n)
+        stack.extend(t for t in n.input if t)
+    return nodes
+
+
+def remove_dead_nodes(model: onnx.ModelProto) -> None:
+    """Drop nodes none of whose outputs is used (e.g. a replaced weight subgraph)."""
+    g = model.graph
+    while True:
+        used = {t for n in g.node for t in n.input} | {o.name for o in g.output}
+        dead = [n for n in g.node if not any(o in used for o in n.output)]
+        if not dead:
+            return
+        for n in dead:
+            g.node.remove(n)
+
+
+def apply_transformations(model: onnx.ModelProto, transformations: Sequence[Transformation]
+                          ) -> onnx.ModelProto:
+    """``model`` with qonnx ``Transformation``s applied in order (each on the result of the
+    one before)."""
+    # no deep copies, no qonnx cleanup between steps: the export cleans up once at the end
+    mw = ModelWrapper(model, fix_missing_initializer_valueinfo=False)
+    for t in transformations:
+        mw = mw.transform(t, make_deepcopy=False, cleanup=False)
+    return mw.model
+
+
+class StripNodeDebugInfo(Transformation):
+    """Drop the exporters' per-node stack traces and doc strings: not for a deployed file."""
+
+    def apply(self, model):
+        for node in model.graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+        return model, False
+
+
+class UnshareWeightQuants(Transformation):
+    """Give every consumer of a shared weight-side ``Quant`` node its own copy
+    (:func:`unshare_weight_quants`)."""
+
+    def apply(self, model):
+        unshare_weight_quants(model.model)
+        return model, False
+
+
+class NameLayerWeights(Transformation):
+    """Name each quantized layer's weight tensor ``<layer>.weight`` (found by
+    :func:`locate_layers`), so that files, metadata and checks refer to layers by name."""
+
+    def __init__(self, layers: Sequence[str]):
+        super().__init__()
+        self.layers = list(layers)
+
+    def apply(self, model):
+        found = locate_layers(model.model, self.layers)
+        for name in self.layers:
+            rename_tensor(model.model, found[name], f"{name}.weight")
+        return model, False
+
+
 class _Cleanup(Transformation):
     def apply(self, model):
         for t in (InferShapes(), FoldConstants(exclude_op_types=list(QUANT_OPS)),
@@ -170,7 +269,7 @@ def cleanup_qonnx(model: onnx.ModelProto) -> onnx.ModelProto:
     # qonnx's own cleanup marks its ops' domain the same way (older exports used onnx.brevitas).
     for n in mw.graph.node:
         if n.op_type in ("Quant", "BipolarQuant", "Trunc") and n.domain in ("onnx.brevitas", ""):
-            n.domain = _QONNX_DOMAIN
+            n.domain = QONNX_DOMAIN
     return mw.transform(_Cleanup()).model
 
 

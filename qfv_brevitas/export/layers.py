@@ -6,18 +6,83 @@ verification all read the same :class:`LayerExport`), so the forms cannot drift 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional
 
 import torch
 from torch import Tensor, nn
 
-from qfv_brevitas.core.chip import Chip
+from qfv_brevitas.core.device import deployed_values
 from qfv_brevitas.core.groups import GroupLayout
 from qfv_brevitas.core.quantizers import nmult_layers, quant_of
 
-__all__ = ["LayerExport", "collect_layers", "decode", "without_maps", "fault_summary",
-           "variability_summary"]
+__all__ = ["LayerExport", "FixedPointLayer", "PlanesLayer", "PlaneTensors", "collect_layers",
+           "decode", "without_maps", "fault_summary", "variability_summary"]
+
+
+@dataclass
+class FixedPointLayer:
+    """A layer's multipliers and offset rounded to ``m * 2**-f`` (the ``fixed`` and ``planes``
+    forms; :func:`~qfv_brevitas.export.fixedpoint.fixed_point_layer`)."""
+
+    frac_bits: int
+    int_bits: int                  # width of the integer levels
+    signed: bool
+    int_min: int
+    int_max: int
+    r_fixed: list                  # (G, N) rounded multipliers
+    c_fixed: list                  # (G,) rounded offset
+    max_multiplier_error: float
+    max_weight_error: float
+    weight: Tensor = field(repr=False)  # the deployed weights ``int * 2**-f`` (float32)
+
+    def metadata(self) -> dict:
+        """The layer's ``fixed_point`` entry in the file's metadata."""
+        return {k: v for k, v in asdict(self).items() if k != "weight"}
+
+
+@dataclass
+class PlaneTensors:
+    """The graph tensors of one plane-parallel layer (names), written by the graph rewrite."""
+
+    planes: List[str]              # the 0/1 initializers, LSB first
+    plane_outputs: List[str]       # their Quant nodes' outputs
+    multipliers: List[str]         # the integer multipliers per plane
+    scale: str                     # 2**-f
+    layout: str                    # "matmul": planes stored (in, out); "weight": as the weight
+    ones: Optional[str] = None     # the all-ones offset layer and its Quant output
+    ones_output: Optional[str] = None
+    offset: Optional[str] = None   # the integer offsets and their Quant (or Mul) input
+    offset_output: Optional[str] = None
+
+    def metadata(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class PlanesLayer:
+    """A layer in the plane-parallel form: integer multipliers per plane and channel, integer
+    offsets, their widths and the weight memory (:func:`~qfv_brevitas.export.forms.planes.
+    planes_layer`)."""
+
+    frac_bits: int
+    planes: int                    # N
+    multipliers: list              # (G, N) integers
+    offset: list                   # (G,) integers
+    multiplier_bits: int
+    offset_bits: int
+    offset_layer: bool             # whether a nonzero offset needs the all-ones layer
+    memory: dict                   # bits: planes, ones, multipliers, offset, total
+    tensors: Optional[PlaneTensors] = None
+
+    def metadata(self) -> dict:
+        """The layer's ``planes`` entry in the file's metadata."""
+        row = {k: getattr(self, k) for k in ("frac_bits", "planes", "multipliers", "offset",
+                                             "multiplier_bits", "offset_bits", "offset_layer")}
+        row["memory"] = dict(self.memory)
+        if self.tensors is not None:
+            row["tensors"] = self.tensors.metadata()
+        return row
 
 
 @dataclass
@@ -37,7 +102,8 @@ class LayerExport:
     faults: Optional[dict] = None
     variability: Optional[dict] = None
     weight: Optional[Tensor] = None  # what the torch model computes with (reference)
-    extra: Dict[str, object] = field(default_factory=dict)
+    fixed_point: Optional[FixedPointLayer] = None  # set by the fixed-point forms
+    planes: Optional[PlanesLayer] = None           # set by the plane-parallel form
 
     @property
     def granularity(self) -> str:
@@ -65,7 +131,7 @@ class LayerExport:
         indexed by code, e.g. a level table)."""
         return self.from_groups(table.gather(1, self.to_groups(self.codes.long())))
 
-    def planes(self) -> List[Tensor]:
+    def bit_planes(self) -> List[Tensor]:
         """Bit plane ``k`` (float 0/1, the weight's shape) of the held codes, LSB first."""
         c = self.codes.long()
         return [((c >> k) & 1).to(torch.float32) for k in range(self.bits)]
@@ -78,8 +144,10 @@ class LayerExport:
             "r": self.r.tolist(), "c": self.c.tolist(),
             "faults": self.faults, "variability": self.variability,
         }
-        # extra entries starting with "_" are working tensors (e.g. the fixed-point weights)
-        row.update({k: v for k, v in self.extra.items() if not k.startswith("_")})
+        if self.fixed_point is not None:
+            row["fixed_point"] = self.fixed_point.metadata()
+        if self.planes is not None:
+            row["planes"] = self.planes.metadata()
         return row
 
 
@@ -111,20 +179,17 @@ def without_maps(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def collect_layers(model: nn.Module, device: bool = True) -> List[LayerExport]:
-    """Every N-multiplier layer of ``model`` as it deploys.
-
-    ``device=True``: with a fault map attached the codes are those the device holds (stuck bits
-    forced), with a variability map the per-cell factors come along: the export computes what
-    the imperfect device computes. ``device=False``: the ideal levels (maps ignored).
+def collect_layers(model: nn.Module) -> List[LayerExport]:
+    """Every N-multiplier layer of ``model`` as its chip deploys it: with a fault map attached
+    the codes are those the device holds (stuck bits forced), with a variability map the
+    per-cell factors come along, so the export computes what the imperfect device computes.
+    For the ideal levels, collect the layers of :func:`without_maps` ``(model)``.
     """
     out = []
     for name, layer in nmult_layers(model):
         tq = quant_of(layer)
         w = layer.weight.detach()
-        # device=False: the same layer on an ideal chip (each weight's nearest level)
-        chip = tq.chip if device else Chip().bind(tq.layout, tq.bits, tq.weight_shape,
-                                                  tq.layer_name)
+        chip = tq.chip
         r, c = tq.multipliers().detach(), tq.offset().detach()
         w2d = tq.checked_groups(w)
         info = LayerExport(
@@ -140,26 +205,16 @@ def collect_layers(model: nn.Module, device: bool = True) -> List[LayerExport]:
             info.hrs = None if chip.hrs is None else chip.hrs.detach().float().cpu()
             info.variability = variability_summary(info.lrs, info.hrs)
             info.variability["mapping"] = chip.mapping
-        info.weight = (tq.from_groups(chip.snap(w2d, r, c), w.shape) if device
-                       else decode(info)).detach().float().cpu()
+        info.weight = tq.from_groups(chip.snap(w2d, r, c), w.shape).detach().float().cpu()
         out.append(info)
     return out
 
 
 def decode(info: LayerExport, r: Optional[Tensor] = None, c: Optional[Tensor] = None) -> Tensor:
-    """The weights ``info`` describes (torch, the op's formula), optionally with other r, c."""
-    from qfv_brevitas.core.levels import level_table
-
+    """The weights ``info`` describes (the chip's deployed values of its held codes, with its
+    cells' factors), optionally with other r, c."""
     r = info.r if r is None else r
     c = info.c if c is None else c
-    w = info.lookup(level_table(r, c))
-    if info.lrs is None and info.hrs is None:
-        return w
-    N = info.bits
-    bits = ((info.to_groups(info.codes.long())[..., None] >> torch.arange(N)) & 1).float()
-    dev = torch.zeros_like(bits)
-    if info.lrs is not None:
-        dev = bits * (info.to_groups(info.lrs) - 1)
-    if info.hrs is not None:
-        dev = dev + (1 - bits) * info.to_groups(info.hrs)
-    return w + info.from_groups((dev * r[:, None, :]).sum(-1))
+    cells = [None if t is None else info.to_groups(t) for t in (info.lrs, info.hrs)]
+    return info.from_groups(deployed_values(info.to_groups(info.codes.long()), r, c,
+                                            lrs=cells[0], hrs=cells[1]))

@@ -9,18 +9,15 @@ from typing import List, Union
 import onnx
 from google.protobuf.message import DecodeError
 
-from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.export.checks import check_domains, graph_digest, graph_problems
+from qfv_brevitas.export.errors import ExportError, ExportFileError
+from qfv_brevitas.export.forms import form_named
 
 __all__ = ["FORMAT", "ExportFileError", "write_metadata", "read_metadata", "graph_intact",
            "format_layers"]
 
 FORMAT = "qfv-qonnx/1"
 _KEY = "qfv_brevitas"
-
-
-class ExportFileError(QfvError):
-    """A file that is not (or no longer) an export of this library."""
 
 
 def _digest(text: str) -> str:
@@ -83,10 +80,14 @@ def read_metadata(source: Union[str, Path, onnx.ModelProto], check_graph: bool =
     names |= {i.name for i in model.graph.initializer}
     if not isinstance(info, dict) or not isinstance(info.get("layers"), list):
         raise ExportFileError(f"{where}: the qfv-brevitas metadata has no list of layers")
+    try:
+        form = form_named(info.get("form"))
+    except ExportError as e:
+        raise ExportFileError(f"{where}: the qfv-brevitas metadata's form: {e}") from None
     for row in info["layers"]:
         if not isinstance(row, dict):
             raise ExportFileError(f"{where}: a layer entry of the metadata is not a mapping")
-        for tensor in _layer_tensors(row):
+        for tensor in form.layer_tensors(row):
             if tensor not in names:
                 raise ExportFileError(f"{where}: layer {row.get('layer')!r}'s weight tensor "
                                       f"{tensor!r} is not in the graph")
@@ -107,19 +108,6 @@ def graph_intact(model: onnx.ModelProto) -> bool:
     """Whether the graph is the one exported (its checksum; files without one: True)."""
     stored = {p.key: p.value for p in model.metadata_props}.get(f"{_KEY}.graph_sha256")
     return stored is None or stored == graph_digest(model)
-
-
-def _layer_tensors(row: dict) -> List[str]:
-    """The graph tensors a layer's metadata names: its weight tensor, or in the plane-parallel
-    form (no single weight tensor) its planes, multipliers and scale."""
-    if "weight_tensor" in row or not isinstance(row.get("planes"), dict):
-        return [row.get("weight_tensor")]
-    t = row["planes"].get("tensors")
-    if not isinstance(t, dict):
-        return [None]
-    out = [v for k in ("planes", "plane_outputs", "multipliers") for v in t.get(k) or []]
-    out += [t[k] for k in ("scale", "ones", "ones_output", "offset", "offset_output") if k in t]
-    return out or [None]
 
 
 def _short(values, limit=4) -> str:

@@ -21,6 +21,7 @@ from onnx import TensorProto, helper
 from qonnx.core.datatype import DataType
 from qonnx.custom_op.base import CustomOp
 
+from qfv_brevitas.export.arrays import cells, groups, level_table, ungroup
 from qfv_brevitas.util.errors import QfvError
 
 __all__ = ["NMultWeight", "nmult_weight", "DOMAIN", "OP_TYPE", "OP_VERSION"]
@@ -28,21 +29,6 @@ __all__ = ["NMultWeight", "nmult_weight", "DOMAIN", "OP_TYPE", "OP_VERSION"]
 DOMAIN = "qfv_brevitas.export.ops"
 OP_TYPE = "NMultWeight"
 OP_VERSION = 1
-
-
-def _groups(t: np.ndarray, axis: int) -> np.ndarray:
-    """``(G, M)`` view: one row per output channel along ``axis`` (or one row)."""
-    if axis < 0:
-        return t.reshape(1, -1)
-    return np.moveaxis(t, axis, 0).reshape(t.shape[axis], -1)
-
-
-def _ungroup(t2d: np.ndarray, shape, axis: int) -> np.ndarray:
-    if axis < 0:
-        return t2d.reshape(shape)
-    moved = list(shape)
-    moved.insert(0, moved.pop(axis))
-    return np.moveaxis(t2d.reshape(moved), 0, axis)
 
 
 def nmult_weight(codes: np.ndarray, r: np.ndarray, c: np.ndarray, axis: int = -1,
@@ -68,33 +54,22 @@ def nmult_weight(codes: np.ndarray, r: np.ndarray, c: np.ndarray, axis: int = -1
                        f"{axis} of that length")
     if codes.size and int(codes.max()) >= (1 << N):
         raise QfvError(f"NMultWeight: a code exceeds the {N}-bit range")
-    k = np.arange(1 << N)
-    b = ((k[:, None] >> np.arange(N)) & 1).astype(np.float32)  # (2**N, N), LSB first
-    table = c[:, None] + r[:, :1] * b[:, 0]
-    for i in range(1, N):
-        table = table + r[:, i:i + 1] * b[:, i]
-    c2d = _groups(codes.astype(np.int64), axis)
+    table = level_table(r, c)
+    c2d = groups(codes.astype(np.int64), axis)
     w2d = np.take_along_axis(table, c2d, axis=1).astype(np.float32)
     if lrs is not None or hrs is not None:
         bits = ((c2d[..., None] >> np.arange(N)) & 1).astype(np.float32)  # (G, M, N)
         dev = np.zeros_like(bits)
         if lrs is not None:
-            dev = bits * (_cells(lrs, axis, G, N) - np.float32(1))
+            dev = bits * (cells(lrs, axis, G, N) - np.float32(1))
         if hrs is not None:
-            dev = dev + (np.float32(1) - bits) * _cells(hrs, axis, G, N)
+            dev = dev + (np.float32(1) - bits) * cells(hrs, axis, G, N)
         terms = dev * r[:, None, :]
         acc = terms[..., 0]
         for i in range(1, N):
             acc = acc + terms[..., i]
         w2d = w2d + acc
-    return _ungroup(w2d, codes.shape, axis).astype(np.float32)
-
-
-def _cells(t: np.ndarray, axis: int, G: int, N: int) -> np.ndarray:
-    t = np.asarray(t, dtype=np.float32)
-    if axis < 0:
-        return t.reshape(1, -1, N)
-    return np.moveaxis(t, axis, 0).reshape(G, -1, N)
+    return ungroup(w2d, codes.shape, axis).astype(np.float32)
 
 
 class NMultWeight(CustomOp):

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.export.checks import compare_graphs, graph_problems
+from qfv_brevitas.export.forms import form_named
 from qfv_brevitas.export.graph import constant_tensors, to_onnxruntime
 from qfv_brevitas.export.metadata import graph_intact, read_metadata
 from qfv_brevitas.snn.network import spiking_net
@@ -148,25 +149,9 @@ def verify_qonnx(reference: nn.Module, source: Union[str, Path, onnx.ModelProto]
     settings, :func:`~qfv_brevitas.export.api.expected_export`), parameter by parameter and
     exactly: weights, biases, codes, activation scales, zero points, bit widths, thresholds.
     """
-    for name, value, lo, hi in (("tolerance", tolerance, 0.0, math.inf),
-                                ("weight_tolerance", weight_tolerance, 0.0, math.inf),
-                                ("min_agreement", min_agreement, 0.0, 1.0)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not lo <= value <= hi or math.isnan(value)):
-            raise QfvError(f"{name} must be a number in [{lo:g}, {hi:g}], got {value!r}")
-    if not isinstance(inputs, Tensor) or inputs.numel() == 0:
-        raise QfvError("inputs must be a non-empty tensor (a batch the model accepts)")
-    from qonnx.core.modelwrapper import ModelWrapper
-    from qonnx.core.onnx_exec import execute_onnx
-    import onnxruntime as ort
-
-    if isinstance(source, onnx.ModelProto):
-        model = onnx.ModelProto()
-        model.CopyFrom(source)  # the runtimes below may annotate it; the caller's stays as is
-    else:
-        read_metadata(source, check_graph=False)  # a clear error for a missing/foreign file
-        model = onnx.load(str(source))
-    info = read_metadata(model, check_graph=False)  # refuses unknown op domains before any run
+    _check_settings(inputs, tolerance=tolerance, weight_tolerance=weight_tolerance,
+                    min_agreement=min_agreement)
+    model, info = _load(source)
     structural = graph_problems(model, info)
     graph_diff = compare_graphs(expected, model) if expected is not None else []
     graph_diff += structural
@@ -180,6 +165,71 @@ def verify_qonnx(reference: nn.Module, source: Union[str, Path, onnx.ModelProto]
                             qonnx_vs_ort=nan, tolerance=0.0, agreement={"torch_vs_qonnx": 0.0},
                             quantized_activations=False, graph_diff=graph_diff, passed=False)
     reference = reference.eval()
+    t, q, o, weights_file = _run_three(reference, model, info, inputs)
+    ref_w = reference_weights(reference, info)
+    wdiff = {k: float(np.abs(weights_file[k].astype(np.float64)
+                             - ref_w[k].numpy().astype(np.float64)).max())
+             for k in ref_w}
+    has_var = any(r.get("variability") for r in info["layers"])
+    if weight_tolerance is None:
+        wmax = max(float(w.abs().max()) for w in ref_w.values())
+        weight_tolerance = 1e-6 * wmax if has_var else 0.0
+    # Spikes are binary activations: a membrane potential within float rounding of the
+    # threshold fires in one runtime and not in another, as at a quantizer threshold.
+    act = _has_activation_quant(model) or spiking_net(reference) is not None
+    if tolerance is None:
+        tolerance = 1e-4 * max(1.0, float(np.abs(t).max()))
+    if min_agreement is None:
+        min_agreement = 0.98 if act else 1.0
+    rep = VerifyReport(
+        form=info["form"], samples=int(t.shape[0]), weight_diff=wdiff,
+        weight_tolerance=float(weight_tolerance),
+        torch_vs_qonnx=float(np.abs(t - q).max()), torch_vs_ort=float(np.abs(t - o).max()),
+        qonnx_vs_ort=float(np.abs(q - o).max()), tolerance=float(tolerance),
+        agreement={"torch_vs_qonnx": _agreement(t, q, tolerance),
+                   "torch_vs_ort": _agreement(t, o, tolerance),
+                   "qonnx_vs_ort": _agreement(q, o, tolerance)},
+        quantized_activations=act, min_agreement=float(min_agreement), graph_diff=graph_diff)
+    weights_ok = all(d <= rep.weight_tolerance for d in wdiff.values())
+    if act:
+        outputs_ok = rep.argmax_agreement >= rep.min_agreement
+    else:
+        outputs_ok = max(rep.torch_vs_qonnx, rep.torch_vs_ort, rep.qonnx_vs_ort) <= tolerance
+    rep.passed = weights_ok and outputs_ok and not graph_diff
+    return rep
+
+
+def _check_settings(inputs, **limits) -> None:
+    """The tolerances are numbers in their ranges; the inputs a non-empty tensor."""
+    for name, value in limits.items():
+        lo, hi = 0.0, (1.0 if name == "min_agreement" else math.inf)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not lo <= value <= hi or math.isnan(value)):
+            raise QfvError(f"{name} must be a number in [{lo:g}, {hi:g}], got {value!r}")
+    if not isinstance(inputs, Tensor) or inputs.numel() == 0:
+        raise QfvError("inputs must be a non-empty tensor (a batch the model accepts)")
+
+
+def _load(source: Union[str, Path, onnx.ModelProto]):
+    """The file as a model of its own (the runtimes may annotate it; a caller's proto stays
+    as is) and its metadata, unknown op domains refused before anything runs."""
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+    else:
+        read_metadata(source, check_graph=False)  # a clear error for a missing/foreign file
+        model = onnx.load(str(source))
+    return model, read_metadata(model, check_graph=False)
+
+
+def _run_three(reference: nn.Module, model: onnx.ModelProto, info: dict, inputs: Tensor):
+    """Outputs of torch, qonnx and onnxruntime on ``inputs`` (batch by batch, at the graph's
+    static batch size) and the weights each layer of the file computes (qonnx)."""
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+    import onnxruntime as ort
+
+    form = form_named(info["form"])
     mw = ModelWrapper(model)
     iname, oname = mw.graph.input[0].name, mw.graph.output[0].name
     axis = _batch_axis(reference)
@@ -199,58 +249,20 @@ def verify_qonnx(reference: nn.Module, source: Union[str, Path, onnx.ModelProto]
         arr = part.cpu().numpy()
         ctx = execute_onnx(mw, {iname: arr}, return_full_exec_context=weights_file is None)
         if weights_file is None:
-            weights_file = {r["layer"]: _file_weight(ctx, r) for r in info["layers"]}
+            weights_file = {r["layer"]: form.file_weight(ctx, r) for r in info["layers"]}
         q_out.append(np.asarray(ctx[oname])[:n])
         o_out.append(sess.run(None, {iname: arr})[0][:n])
     t, q, o = (np.concatenate(a) for a in (t_out, q_out, o_out))
-    ref_w = reference_weights(reference, info)
-    wdiff = {k: float(np.abs(weights_file[k].astype(np.float64)
-                             - ref_w[k].numpy().astype(np.float64)).max())
-             for k in ref_w}
-    has_var = any(r.get("variability") for r in info["layers"])
-    if weight_tolerance is None:
-        wmax = max(float(w.abs().max()) for w in ref_w.values())
-        weight_tolerance = 1e-6 * wmax if has_var else 0.0
-    # Spikes are binary activations: a membrane potential within float rounding of the
-    # threshold fires in one runtime and not in another, as at a quantizer threshold.
-    act = _has_activation_quant(model) or spiking_net(reference) is not None
-    scale = max(1.0, float(np.abs(t).max()))
-    if tolerance is None:
-        tolerance = 1e-4 * scale
-    if min_agreement is None:
-        min_agreement = 0.98 if act else 1.0
-
-    def agree(a, b) -> float:
-        if a.ndim == 2 and a.shape[1] > 1:
-            return float((a.argmax(1) == b.argmax(1)).mean())
-        close = np.abs(a - b).reshape(a.shape[0], -1).max(1) <= tolerance
-        return float(close.mean())
-
-    rep = VerifyReport(
-        form=info["form"], samples=int(t.shape[0]), weight_diff=wdiff,
-        weight_tolerance=float(weight_tolerance),
-        torch_vs_qonnx=float(np.abs(t - q).max()), torch_vs_ort=float(np.abs(t - o).max()),
-        qonnx_vs_ort=float(np.abs(q - o).max()), tolerance=float(tolerance),
-        agreement={"torch_vs_qonnx": agree(t, q), "torch_vs_ort": agree(t, o),
-                   "qonnx_vs_ort": agree(q, o)},
-        quantized_activations=act, min_agreement=float(min_agreement), graph_diff=graph_diff)
-    weights_ok = all(d <= rep.weight_tolerance for d in wdiff.values())
-    if act:
-        outputs_ok = rep.argmax_agreement >= rep.min_agreement
-    else:
-        outputs_ok = max(rep.torch_vs_qonnx, rep.torch_vs_ort, rep.qonnx_vs_ort) <= tolerance
-    rep.passed = weights_ok and outputs_ok and not graph_diff
-    return rep
+    return t, q, o, weights_file
 
 
-def _file_weight(ctx: dict, row: dict) -> np.ndarray:
-    """The weights a layer of the file computes, from qonnx's execution context: its weight
-    tensor, or for the plane-parallel form (no single weight tensor) the planes decoded."""
-    if "weight_tensor" in row:
-        return np.asarray(ctx[row["weight_tensor"]])
-    from qfv_brevitas.export.planes import file_weights
-
-    return file_weights(ctx, row["planes"], row["weight_shape"])
+def _agreement(a: np.ndarray, b: np.ndarray, tolerance: float) -> float:
+    """Fraction of inputs on which two runtimes agree: same top-1 class for a classifier's
+    outputs, otherwise outputs within ``tolerance``."""
+    if a.ndim == 2 and a.shape[1] > 1:
+        return float((a.argmax(1) == b.argmax(1)).mean())
+    close = np.abs(a - b).reshape(a.shape[0], -1).max(1) <= tolerance
+    return float(close.mean())
 
 
 def _has_activation_quant(model: onnx.ModelProto) -> bool:

@@ -216,7 +216,7 @@ def test_export_restores_training_mode_and_leaves_model_unchanged(tmp_path):
     model.train()
     export_qonnx(model, x[:1], tmp_path / "m.onnx")
     assert model.training
-    export_qonnx(model, x[:1], tmp_path / "ideal.onnx", device=False)  # exports a twin
+    export_qonnx(model, x[:1], tmp_path / "ideal.onnx", with_maps=False)  # exports a twin
     assert model.training
     after = model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())
@@ -238,7 +238,7 @@ def test_faulty_device_export_holds_the_forced_codes(tmp_path):
     row = res.metadata["layers"][1]
     assert 0.1 < row["faults"]["rate"] < 0.3
     # the faulty file differs from the ideal one where stuck bits changed a code
-    ideal = export_qonnx(model, x[:1], tmp_path / "i.onnx", "compact", device=False)
+    ideal = export_qonnx(model, x[:1], tmp_path / "i.onnx", "compact", with_maps=False)
     assert ideal.metadata["layers"][1]["faults"] is None
     ci = inits(onnx.load(str(ideal.path)))
     assert not np.array_equal(ci["3.weight_codes"], const["3.weight_codes"])
@@ -264,7 +264,7 @@ def test_variable_device_export_within_tolerance_and_fixed_refused(tmp_path):
     with pytest.raises(ExportError, match="variability"):
         export_qonnx(model, x[:1], tmp_path / "v_fixed.onnx", "fixed", frac_bits=8)
     ok = export_qonnx(model, x[:1], tmp_path / "v_ideal.onnx", "fixed", frac_bits=8,
-                      device=False, verify_inputs=x)
+                      with_maps=False, verify_inputs=x)
     assert ok.verification.passed
 
 
@@ -299,7 +299,7 @@ def test_fixed_point_rounding_error_bounded(bits, f, seed):
     err_r = (torch.tensor(row["r_fixed"], dtype=torch.float64) - r.double()).abs()
     assert bool((err_r <= bound).all())
     assert row["max_weight_error"] <= (bits + 1) * bound + 1e-6
-    w = info.extra["_fixed_weight"].double() * 2 ** f
+    w = info.fixed_point.weight.double() * 2 ** f
     assert torch.equal(w, w.round())
     lo, hi = row["int_min"], row["int_max"]
     n, signed = row["int_bits"], row["signed"]
@@ -428,7 +428,7 @@ def check_planes_structure(model, proto, meta):
     assert len(wide) == offsets  # only the 1 -> C offset layers hold wider integers
     assert meta["planes"]["weight_bits"] == sum(
         r["bits"] * math.prod(r["weight_shape"]) for r in rows)
-    codes = {i.name: i.codes.long().numpy() for i in collect_layers(model, device=True)}
+    codes = {i.name: i.codes.long().numpy() for i in collect_layers(model)}
     for r in rows:
         t = r["planes"]["tensors"]
         planes = [const[name] for name in t["planes"]]
@@ -468,7 +468,7 @@ def test_planes_form_every_model(tmp_path, name):
     fx = export_qonnx(model, x[:1], tmp_path / f"{name}_fx.onnx", "fixed", frac_bits=8,
                       verify_inputs=x)
     fconst = inits(onnx.load(str(fx.path)))
-    from qfv_brevitas.export.planes import file_weights
+    from qfv_brevitas.export.forms.planes import file_weights
 
     for row in res.metadata["layers"]:
         t, ctx = row["planes"]["tensors"], inits(proto)
@@ -520,7 +520,7 @@ def test_planes_form_with_fault_map_holds_the_forced_codes(tmp_path):
     res = export_qonnx(model, x[:1], tmp_path / "f.onnx", "planes", frac_bits=8, verify_inputs=x)
     assert res.verification.passed and max(res.verification.weight_diff.values()) == 0.0
     check_planes_structure(model, onnx.load(str(res.path)), res.metadata)  # forced codes
-    ideal = export_qonnx(model, x[:1], tmp_path / "i.onnx", "planes", frac_bits=8, device=False)
+    ideal = export_qonnx(model, x[:1], tmp_path / "i.onnx", "planes", frac_bits=8, with_maps=False)
     a = inits(onnx.load(str(res.path)))["3.weight_plane0"]
     assert not np.array_equal(a, inits(onnx.load(str(ideal.path)))["3.weight_plane0"])
 
@@ -532,7 +532,7 @@ def test_planes_form_bad_input_names_the_layer(tmp_path):
     with pytest.raises(ExportError, match="layer '1' has a variability map"):
         export_qonnx(model, x[:1], tmp_path / "v.onnx", "planes", frac_bits=8)
     with pytest.raises(ExportError, match="needs frac_bits"):
-        export_qonnx(model, x[:1], tmp_path / "v.onnx", "planes", device=False)
+        export_qonnx(model, x[:1], tmp_path / "v.onnx", "planes", with_maps=False)
     with pytest.raises(ExportError, match="no N-multiplier layers"):
         export_qonnx(nn.Linear(3, 2), torch.rand(1, 3), tmp_path / "n.onnx", "planes",
                      frac_bits=8)

@@ -1,0 +1,25 @@
+"""The errors of the export layer, in one module that every part of it can import."""
+from __future__ import annotations
+
+from typing import Optional
+
+from qfv_brevitas.util.errors import QfvError, VerificationError
+
+__all__ = ["ExportError", "ExportVerificationError", "ExportFileError"]
+
+
+class ExportError(QfvError):
+    """The model cannot be exported as asked (the message says how to fix the call)."""
+
+
+class ExportVerificationError(ExportError, VerificationError):
+    """The exported graph does not compute what the torch model computes; nothing was written.
+    ``report`` is the :class:`~qfv_brevitas.export.verify.VerifyReport`."""
+
+    def __init__(self, message: str, report: Optional[object] = None):
+        super().__init__(message)
+        self.report = report
+
+
+class ExportFileError(QfvError):
+    """A file that is not (or no longer) an export of this library."""
