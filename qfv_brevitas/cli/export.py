@@ -19,13 +19,12 @@ def _data_args(p):
 @command("export", help="write a checkpoint to QONNX (compact / bit planes / fixed point / "
                         "plane-parallel), verified against torch")
 def export(p):
-    from qfv_brevitas.export import EXPORTERS, FORMS
+    from qfv_brevitas.export import EXPORTERS
+    from qfv_brevitas.export.forms import form_named, form_names
 
     p.add_argument("checkpoint", help="a quantized model saved by qfv train/demo/finetune")
-    from qfv_brevitas.export import form_named
-
-    p.add_argument("--form", choices=FORMS, default="compact",
-                   help="; ".join(f"{f}: {form_named(f).help}" for f in FORMS))
+    p.add_argument("--form", choices=form_names(), default="compact",
+                   help="; ".join(f"{f}: {form_named(f).help}" for f in form_names()))
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--frac-bits", type=int,
                    help="fixed and planes forms: fractional bits f of r and c")
@@ -87,13 +86,14 @@ def _model_and_data(args):
 
 def run_export(args) -> int:
     from qfv_brevitas.export import export_qonnx
-    from qfv_brevitas.export import ExportVerificationError, FORMS, form_named
+    from qfv_brevitas.export import ExportVerificationError
+    from qfv_brevitas.export.forms import form_named, form_names
 
     if args.batch < 1:
         raise ValueError(f"--batch must be at least 1, got {args.batch}")
     fixed_point = form_named(args.form).needs_fixed_point
     if not fixed_point and (args.frac_bits is not None or args.max_acc_drop is not None):
-        fixed = [f for f in FORMS if form_named(f).needs_fixed_point]
+        fixed = [f for f in form_names() if form_named(f).needs_fixed_point]
         raise ValueError(f"--frac-bits / --max-acc-drop apply to --form {' or '.join(fixed)} "
                          "only")
     if args.max_acc_drop is not None and not args.max_acc_drop >= 0:

@@ -7,7 +7,7 @@
 (True, False)
 """
 from qfv_brevitas.export.forms.base import (ExportForm, GraphView, form_named, form_names,
-                                            register_form)
+                                            register_form, unregister_form)
 # importing a form's module registers it; the order here is the order users see
 from qfv_brevitas.export.forms.compact import CompactForm
 from qfv_brevitas.export.forms.bitplanes import BitPlanesForm
@@ -18,4 +18,4 @@ from qfv_brevitas.export.forms.planes import PlanesForm
 FORMS = form_names()
 
 __all__ = ["FORMS", "ExportForm", "GraphView", "form_named", "form_names", "register_form",
-           "CompactForm", "BitPlanesForm", "FixedPointForm", "PlanesForm"]
+           "unregister_form", "CompactForm", "BitPlanesForm", "FixedPointForm", "PlanesForm"]

@@ -24,7 +24,8 @@ from qfv_brevitas.export.graph import NameLayerWeights, StripNodeDebugInfo, cons
 from qfv_brevitas.export.handler import WeightHandler
 from qfv_brevitas.export.layers import LayerExport
 
-__all__ = ["ExportForm", "GraphView", "register_form", "form_named", "form_names"]
+__all__ = ["ExportForm", "GraphView", "register_form", "unregister_form", "form_named",
+           "form_names"]
 
 
 @dataclass
@@ -129,6 +130,12 @@ def register_form(cls: Type[ExportForm]) -> Type[ExportForm]:
                          f"{getattr(cls, 'name', None)!r} (taken: {sorted(_FORMS)})")
     _FORMS[cls.name] = cls()
     return cls
+
+
+def unregister_form(name: str) -> None:
+    """Remove the form called ``name`` from the registry (a plugin's tests clean up with it)."""
+    form_named(name)
+    del _FORMS[name]
 
 
 def form_names() -> Tuple[str, ...]:
