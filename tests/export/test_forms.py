@@ -124,3 +124,62 @@ def test_the_command_line_offers_every_registered_form(dense_form, capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "{compact,bitplanes,fixed,planes,dense}" in out
     assert "dense: the deployed weights as plain float constants" in out
+
+
+def _consts_by_role(proto):
+    return {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+
+
+def test_each_form_checks_its_own_structure_against_the_metadata(tmp_path):
+    """One tampered constant per form, found by that form's check and named."""
+    model, x = _model(True)
+    edits = {
+        "compact": ("2.weight_r", lambda a: a * 2, "layer '2': r in the graph"),
+        "fixed": (None, lambda a: a * 2, "layer '2': the Quant scale is"),
+        "bitplanes": (None, lambda a: a * 2, "layer '2': bit plane"),
+    }
+    for form, (name, change, msg) in edits.items():
+        res = export_qonnx(model, x[:1], tmp_path / f"{form}.onnx", form,
+                           **({"frac_bits": 8} if form_named(form).needs_fixed_point else {}))
+        proto = onnx.load(str(res.path))
+        assert graph_problems(proto, res.metadata) == []
+        if name is None:  # the weight Quant node's scale (fixed) or first plane (bitplanes)
+            producers = {o: n for n in proto.graph.node for o in n.output}
+            from qfv_brevitas.export.graph import upstream
+
+            q = next(n for n in upstream("2.weight", producers) if n.op_type == "Quant")
+            name = q.input[1] if form == "fixed" else q.input[0]
+        init = next(i for i in proto.graph.initializer if i.name == name)
+        init.CopyFrom(numpy_helper.from_array(change(numpy_helper.to_array(init)), name))
+        problems = graph_problems(proto, res.metadata)
+        assert problems and all(p.startswith("layer '2'") for p in problems), (form, problems)
+        assert any(msg in p for p in problems), (form, problems)
+
+
+def test_bitplanes_give_every_plane_its_own_quant_node(tmp_path):
+    """The dynamo exporter merges equal planes into one Quant node; the form's rewrite gives
+    each plane its own (FINN refuses a fork there): with codes 0 and 2**N - 1 only, all N
+    planes of a layer are equal."""
+    from qfv_brevitas.core.quantizers import quant_of
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    model = quantize_model(net, NMultConfig(weight_bits=2, act_bits=None), torch.rand(2, 6))
+    tq = quant_of(model[2])
+    r, c = tq.multipliers().detach()[0], tq.offset().detach()[0]
+    with torch.no_grad():
+        pick = torch.rand(model[2].weight.shape) < 0.5
+        model[2].weight.copy_(torch.where(pick, c, c + r.sum()))
+    res = export_qonnx(model.eval(), torch.rand(1, 6), tmp_path / "b.onnx", "bitplanes",
+                       verify_inputs=torch.rand(8, 6))
+    proto = onnx.load(str(res.path))
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    from qfv_brevitas.export.graph import upstream
+
+    quants = [n for n in upstream("2.weight", producers) if n.op_type == "Quant"]
+    planes = [numpy_helper.to_array(next(i for i in proto.graph.initializer
+                                         if i.name == q.input[0])) for q in quants]
+    assert len(quants) == tq.bits == 8  # an edge layer: first_last_bits
+    assert all(np.array_equal(p, planes[0]) for p in planes) and 0 < planes[0].sum() < 15
+    users = {q.output[0]: [n for n in proto.graph.node if q.output[0] in n.input] for q in quants}
+    assert all(len(u) == 1 for u in users.values()), users
