@@ -17,7 +17,7 @@ from qfv_brevitas.core.config import VARIANTS, NMultConfig
 from qfv_brevitas.core.convert import quantize_model
 from qfv_brevitas.zoo.data import DataError, fingerprint, load_dataset
 from qfv_brevitas.zoo.models import build_model
-from qfv_brevitas.studies.plots import plot_levels
+from qfv_brevitas.studies.plots import plot_fitted_levels, plot_levels
 from qfv_brevitas.util.progress import RunProgress
 from qfv_brevitas.util.safeio import atomic_dir, atomic_write, check_output
 from qfv_brevitas.core.train import TrainConfig, evaluate, fit
@@ -140,8 +140,6 @@ def train_quantized(plan: ExperimentPlan, data: ExperimentData, fp: torch.nn.Mod
                         **meta)
         results["files"].append(name)
     if variant == "nmult":
-        from qfv_brevitas.studies.plots import plot_fitted_levels
-
         name = f"levels_fit_w{b}a{b}.png"
         plot_fitted_levels(q, out / name)
         results["files"].append(name)
