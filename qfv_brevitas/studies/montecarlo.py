@@ -75,9 +75,9 @@ def evaluate_faults(model: nn.Module, test: Dataset, rates: Sequence[float], tri
     method = _deploy_method(mapping)
     levels = check_levels(rates, "fault rates", 1.0)
     return run_sweep("faults", model, None, test, levels, {"sa1_fraction": sa1_fraction},
-                  [method], sweep_config(trials, seed, layers),
-                  {"sa1_fraction": sa1_fraction, "layers": layers}, "naive", progress,
-                  workers, distributed, device)
+                     [method], sweep_config(trials, seed, layers),
+                     {"sa1_fraction": sa1_fraction, "layers": layers}, "naive", progress,
+                     workers, distributed, device)
 
 
 def variability_settings(hrs_on_off: Optional[float], distribution: str, chip_sigma: float,
@@ -105,10 +105,10 @@ def evaluate_variability(model: nn.Module, test: Dataset, sigmas: Sequence[float
     method = _deploy_method(mapping)
     levels = check_levels(sigmas, "sigmas", None)
     settings = variability_settings(hrs_on_off, distribution, chip_sigma, layer_shared_sigma,
-                                     devices_per_chip)
+                                    devices_per_chip)
     return run_sweep("variability", model, None, test, levels, settings, [method],
-                  sweep_config(trials, seed, layers), dict(settings, layers=layers), "naive",
-                  progress, workers, distributed, device)
+                     sweep_config(trials, seed, layers), dict(settings, layers=layers), "naive",
+                     progress, workers, distributed, device)
 
 
 def evaluate_bitflips(model: nn.Module, test: Dataset, rates: Sequence[float], trials: int = 10,
@@ -123,5 +123,5 @@ def evaluate_bitflips(model: nn.Module, test: Dataset, rates: Sequence[float], t
     check_choice(mapping, ("naive", "aware"), "deploy mapping")
     levels = check_levels(rates, "bit-error rates", 1.0)
     return run_sweep("bitflips", model, None, test, levels, {}, ["none"],
-                  sweep_config(trials, seed, layers), {"layers": layers, "mapping": mapping},
-                  mapping, progress, workers, distributed, device)
+                     sweep_config(trials, seed, layers), {"layers": layers, "mapping": mapping},
+                     mapping, progress, workers, distributed, device)
