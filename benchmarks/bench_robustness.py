@@ -56,7 +56,7 @@ if _REPO not in sys.path:
 
 from qfv_brevitas.zoo.checkpoint import load_checkpoint  # noqa: E402
 from qfv_brevitas.zoo.data import DataError, load_dataset  # noqa: E402
-from qfv_brevitas.studies.montecarlo import compare_faults, compare_variability  # noqa: E402
+from qfv_brevitas.studies.compare import compare_faults, compare_variability  # noqa: E402
 from qfv_brevitas.studies.results import StudyResult  # noqa: E402
 from qfv_brevitas.studies.experiment import run_experiment  # noqa: E402
 from qfv_brevitas.core.train import TrainConfig, evaluate  # noqa: E402

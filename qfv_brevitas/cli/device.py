@@ -52,10 +52,10 @@ _KINDS = {
 
 def _register(kind: str, spec: dict) -> None:
     """``qfv <kind> sample|eval|finetune|compare``."""
-    from qfv_brevitas.studies import montecarlo as M
+    from qfv_brevitas.studies import compare as C
 
     what = "fault" if kind == "faults" else "variability"
-    defaults = M.FAULT_METHODS if kind == "faults" else M.VARIABILITY_METHODS
+    defaults = C.FAULT_METHODS if kind == "faults" else C.VARIABILITY_METHODS
     one, sample_help, draw_help = spec["one"]
     many, many_default = spec["many"]
     command_group(kind, help=spec["help"])
@@ -173,16 +173,16 @@ def run_eval(args) -> int:
 
 def run_compare(args) -> int:
     """``qfv faults|variability compare``."""
-    from qfv_brevitas.studies import montecarlo as M
+    from qfv_brevitas.studies import compare as C
 
     model, info, train, test = load_for_device(args)
     kw = dict(_study_kw(args), methods=args.methods, finetune=finetune_config(args, sam=False),
               sam_rho=args.sam_rho, rbe_rate=args.rbe_rate)
     if args.command == "faults":
-        res = M.compare_faults(model, train, test, args.rates, remap_every=args.remap_every,
+        res = C.compare_faults(model, train, test, args.rates, remap_every=args.remap_every,
                                **kw)
     else:
-        res = M.compare_variability(model, train, test, args.sigmas, **kw)
+        res = C.compare_variability(model, train, test, args.sigmas, **kw)
     return _write(args, info, res)
 
 

@@ -5,12 +5,11 @@ One engine (:func:`run_study`) runs registered methods (:func:`register_method`)
 :class:`StudyResult` (statistics, tables, files, plots). The entry points below are thin calls
 into it. matplotlib is loaded only when a result draws its plot.
 """
-from qfv_brevitas.studies.compare import compare_methods
+from qfv_brevitas.studies.compare import compare_faults, compare_methods, compare_variability
 from qfv_brevitas.studies.engine import CompareConfig, run_study
 from qfv_brevitas.studies.methods import (method_names, random_bit_error_finetune,
                                           register_method, unregister_method)
-from qfv_brevitas.studies.montecarlo import (compare_faults, compare_variability,
-                                             evaluate_bitflips, evaluate_faults,
+from qfv_brevitas.studies.montecarlo import (evaluate_bitflips, evaluate_faults,
                                              evaluate_variability)
 from qfv_brevitas.studies.results import StudyResult
 from qfv_brevitas.studies.scenario import Scenario, edge_layers, scenarios

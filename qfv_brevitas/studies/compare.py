@@ -14,6 +14,11 @@ before any map is drawn and deployed naively, like ``none``. With
 ``CompareConfig.selftune_on_top`` every method is also reported after self-tuning
 (``<method>+selftune``). All fine-tunes use ``CompareConfig.finetune``. The runner is
 :func:`qfv_brevitas.studies.engine.run_study`.
+
+:func:`compare_faults` and :func:`compare_variability` compare methods over the levels of one
+kind instead (fault rates, sigma/mu): a sweep like those of
+:mod:`qfv_brevitas.studies.montecarlo`, one line per method in its plot, without self-tuning on
+top.
 """
 from __future__ import annotations
 
@@ -22,12 +27,20 @@ from typing import Optional, Sequence
 from torch import nn
 from torch.utils.data import Dataset
 
+from qfv_brevitas.core.train import TrainConfig
 from qfv_brevitas.studies.engine import CompareConfig, run_study
-from qfv_brevitas.studies.methods import METHODS
+from qfv_brevitas.studies.methods import METHODS, check_methods
+from qfv_brevitas.studies.montecarlo import run_sweep, sweep_config, variability_settings
 from qfv_brevitas.studies.results import StudyResult
-from qfv_brevitas.studies.scenario import Scenario
+from qfv_brevitas.studies.scenario import Scenario, check_levels
 
-__all__ = ["compare_methods"]
+__all__ = ["compare_methods", "compare_faults", "compare_variability", "FAULT_METHODS",
+           "VARIABILITY_METHODS"]
+
+#: Default methods of :func:`compare_faults` / :func:`compare_variability` (any registered
+#: method that applies to the kind may be given).
+FAULT_METHODS = ("none", "nearest_valid", "paper")
+VARIABILITY_METHODS = ("none", "chip_in_loop", "paper")
 
 
 def compare_methods(model: nn.Module, train: Dataset, test: Dataset,
@@ -59,3 +72,56 @@ def compare_methods(model: nn.Module, train: Dataset, test: Dataset,
     """
     return run_study(model, train, test, scenario_list, methods, config, progress=progress,
                      workers=workers, distributed=distributed, device=device)
+
+
+def compare_faults(model: nn.Module, train: Dataset, test: Dataset, rates: Sequence[float],
+                   trials: int = 10, methods: Sequence[str] = FAULT_METHODS,
+                   finetune: Optional[TrainConfig] = None,
+                   remap_every: int = CompareConfig.remap_every, seed: int = 0,
+                   sa1_fraction: float = 0.5, layers: str = "inner", progress: bool = True,
+                   workers: int = 1, distributed: bool = False, device=None,
+                   sam_rho: float = CompareConfig.sam_rho,
+                   rbe_rate: float = CompareConfig.rbe_rate) -> StudyResult:
+    """Each method on the same fault maps, e.g. ``none`` (naive deployment),
+    ``nearest_valid`` (FAQ/Matic nearest-valid-level mapping), ``paper`` (eq. 11 fine-tune +
+    remap every ``remap_every`` epochs, per map) and ``chip_in_loop`` (STE fine-tune through
+    the faulty weights, per map): any registered method that applies to faults
+    (:mod:`qfv_brevitas.studies.methods`). ``finetune`` defaults to
+    :func:`~qfv_brevitas.studies.engine.default_finetune`; ``sam_rho`` is the SAM radius of
+    ``saq``/``saq_aware``, ``rbe_rate`` the training bit-error rate of ``random_bit_error``
+    (:class:`~qfv_brevitas.studies.engine.CompareConfig`); ``workers``, ``distributed``,
+    ``device`` as in :func:`~qfv_brevitas.studies.montecarlo.evaluate_faults`."""
+    methods = check_methods(methods, "faults", "fault method")
+    levels = check_levels(rates, "fault rates", 1.0)
+    cfg = sweep_config(trials, seed, layers, finetune, remap_every, sam_rho, rbe_rate)
+    return run_sweep("faults", model, train, test, levels, {"sa1_fraction": sa1_fraction},
+                     methods, cfg, {"sa1_fraction": sa1_fraction,
+                                    "finetune_epochs": cfg.finetune.epochs,
+                                    "remap_every": cfg.remap_every, "layers": layers},
+                     "naive", progress, workers, distributed, device)
+
+
+def compare_variability(model: nn.Module, train: Dataset, test: Dataset,
+                        sigmas: Sequence[float], trials: int = 10,
+                        methods: Sequence[str] = VARIABILITY_METHODS,
+                        finetune: Optional[TrainConfig] = None, seed: int = 0,
+                        hrs_on_off: Optional[float] = None, distribution: str = "normal",
+                        layers: str = "inner", progress: bool = True, chip_sigma: float = 0.0,
+                        layer_shared_sigma: float = 0.0, devices_per_chip: int = 1,
+                        workers: int = 1, distributed: bool = False, device=None,
+                        sam_rho: float = CompareConfig.sam_rho,
+                        rbe_rate: float = CompareConfig.rbe_rate) -> StudyResult:
+    """Each method on the same variability maps, e.g. ``none``, ``chip_in_loop`` and
+    ``paper`` (eq. 12 fine-tune, deployed with aware mapping): any registered method that
+    applies to variability; shared components as in
+    :func:`~qfv_brevitas.studies.montecarlo.evaluate_variability`; ``finetune``, ``sam_rho``,
+    ``rbe_rate`` as in :func:`compare_faults`; ``workers``, ``distributed``, ``device`` as in
+    :func:`~qfv_brevitas.studies.montecarlo.evaluate_faults`."""
+    methods = check_methods(methods, "variability", "variability method")
+    levels = check_levels(sigmas, "sigmas", None)
+    settings = variability_settings(hrs_on_off, distribution, chip_sigma, layer_shared_sigma,
+                                    devices_per_chip)
+    cfg = sweep_config(trials, seed, layers, finetune, sam_rho=sam_rho, rbe_rate=rbe_rate)
+    return run_sweep("variability", model, train, test, levels, settings, methods, cfg,
+                     dict(settings, finetune_epochs=cfg.finetune.epochs, layers=layers),
+                     "naive", progress, workers, distributed, device)

@@ -5,24 +5,151 @@ import copy
 import json
 import re
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from qfv_brevitas.zoo.checkpoint import save_checkpoint
 from qfv_brevitas.core.config import VARIANTS, NMultConfig
 from qfv_brevitas.core.convert import quantize_model
 from qfv_brevitas.zoo.data import DataError, fingerprint, load_dataset
 from qfv_brevitas.zoo.models import build_model
-from qfv_brevitas.studies.plots import plot_levels
+from qfv_brevitas.studies.plots import plot_fitted_levels, plot_levels
 from qfv_brevitas.util.progress import RunProgress
 from qfv_brevitas.util.safeio import atomic_dir, atomic_write, check_output
 from qfv_brevitas.core.train import TrainConfig, evaluate, fit
 
-__all__ = ["run_experiment", "format_results", "check_model_fits", "not_a_run_folder"]
+__all__ = ["run_experiment", "format_results", "check_model_fits", "not_a_run_folder",
+           "ExperimentPlan", "ExperimentData", "plan_experiment", "float_model", "run_bar",
+           "train_float", "train_quantized", "shows_levels", "accuracy_table"]
+
+
+@dataclass(frozen=True)
+class ExperimentPlan:
+    """:func:`run_experiment`'s arguments, checked and resolved (:func:`plan_experiment`)
+    before any data is read or any model trained: one QAT run per entry of ``configs``."""
+
+    dataset: str
+    arch: str
+    seed: int
+    mode: str
+    per_channel: bool
+    variants: Tuple[str, ...]
+    configs: Tuple[NMultConfig, ...]
+    fp_train: TrainConfig
+    q_train: TrainConfig
+    save_models: bool
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class ExperimentData:
+    """The data set of an experiment (:func:`load_dataset`) and what its checkpoints record."""
+
+    train: Dataset
+    test: Dataset
+    num_classes: int
+    shape: tuple
+
+
+def plan_experiment(dataset: str, arch: str, bits: Sequence[int], variants: Sequence[str],
+                    mode: str, per_channel: bool, fp_train: Optional[TrainConfig],
+                    q_train: Optional[TrainConfig], seed: int, save_models: bool, device,
+                    init: Optional[str]) -> ExperimentPlan:
+    """The :class:`ExperimentPlan` of :func:`run_experiment`'s arguments: every configuration
+    is validated before time is spent on the float model."""
+    for v in variants:
+        if v not in VARIANTS:
+            raise ValueError(f"unknown quantizer variant {v!r}; choose from {', '.join(VARIANTS)}")
+    if not len(bits):
+        raise ValueError("bits is empty: give at least one bit width, e.g. bits=(4,)")
+    configs = tuple(NMultConfig(weight_bits=b, act_bits=b, variant=v, mode=mode, init=init,
+                                per_channel=per_channel) for b in bits for v in variants)
+    fp_train = replace(fp_train or TrainConfig(epochs=30, lr=0.05), seed=seed)
+    q_train = replace(q_train or TrainConfig(epochs=15, lr=0.01, lambda_rise_epochs=5), seed=seed)
+    return ExperimentPlan(
+        dataset=dataset, arch=arch, seed=seed, mode=mode, per_channel=per_channel,
+        variants=tuple(variants), configs=configs, fp_train=fp_train, q_train=q_train,
+        save_models=save_models,
+        device=torch.device(device) if device is not None else torch.device("cpu"))
+
+
+def float_model(plan: ExperimentPlan, data: ExperimentData, threads) -> torch.nn.Module:
+    """The untrained float model of ``plan`` (seeded), checked against the data's input
+    shape, on ``plan.device``; sets the run's intra-op ``threads`` (see
+    :func:`run_experiment`)."""
+    torch.manual_seed(plan.seed)
+    fp = build_model(plan.arch, data.shape, data.num_classes)
+    check_model_fits(fp, plan.arch, data.shape)
+    if threads is not None:
+        from qfv_brevitas.util.threads import auto_threads, set_threads
+
+        example = next(iter(DataLoader(data.train, batch_size=1)))[0]
+        set_threads(auto_threads(fp, example, plan.fp_train.batch_size) if threads == "auto"
+                    else int(threads))
+    return fp.to(plan.device)
+
+
+def run_bar(plan: ExperimentPlan, num_train: int, progress: bool) -> RunProgress:
+    """One progress bar over every training batch of the run (float, then each QAT run)."""
+    per_epoch = -(-num_train // plan.fp_train.batch_size)
+    per_q_epoch = -(-num_train // plan.q_train.batch_size)
+    return RunProgress(plan.fp_train.epochs * per_epoch
+                       + len(plan.configs) * plan.q_train.epochs * per_q_epoch,
+                       "qfv", enabled=progress)
+
+
+def train_float(plan: ExperimentPlan, data: ExperimentData, fp: torch.nn.Module, out: Path,
+                bar: RunProgress) -> Tuple[dict, dict]:
+    """Train the float model ``fp`` in place (and save it); the results dictionary so far
+    and the data entries every checkpoint of the run records."""
+    fit(fp, data.train, data.test, plan.fp_train, desc="float", progress=bar)
+    fp_acc = evaluate(fp, data.test)
+    results = {"dataset": plan.dataset, "arch": plan.arch, "seed": plan.seed,
+               "num_train": len(data.train), "num_test": len(data.test), "fp_acc": fp_acc,
+               "fp_train": asdict(plan.fp_train), "q_train": asdict(plan.q_train), "runs": [],
+               "files": ["results.json"]}
+    meta = dict(dataset=plan.dataset, data_seed=plan.seed,
+                data_sha256=fingerprint(data.train, data.test))
+    if plan.save_models:
+        save_checkpoint(out / "float.pt", fp, plan.arch, data.shape, data.num_classes, None,
+                        acc=fp_acc, **meta)
+        results["files"].append("float.pt")
+    return results, meta
+
+
+def train_quantized(plan: ExperimentPlan, data: ExperimentData, fp: torch.nn.Module,
+                    cfg: NMultConfig, example: torch.Tensor, out: Path, bar: RunProgress,
+                    results: dict, meta: dict) -> torch.nn.Module:
+    """QAT of a copy of ``fp`` with ``cfg``; its run and files are added to ``results`` (an
+    N-multiplier model also draws its fitted levels). Returns the trained model."""
+    b, variant = cfg.weight_bits, cfg.variant
+    q = quantize_model(copy.deepcopy(fp), cfg, example_input=example).to(plan.device)
+    hist = fit(q, data.train, data.test, plan.q_train, desc=f"{variant} W{b}A{b}", progress=bar)
+    acc = evaluate(q, data.test)
+    results["runs"].append({"variant": variant, "weight_bits": b, "act_bits": b,
+                            "mode": plan.mode, "init": cfg.init,
+                            "per_channel": plan.per_channel, "acc": acc,
+                            "delta_vs_fp": acc - results["fp_acc"], "history": hist})
+    if plan.save_models:
+        name = f"{variant}_w{b}a{b}.pt"
+        save_checkpoint(out / name, q, plan.arch, data.shape, data.num_classes, cfg, acc=acc,
+                        **meta)
+        results["files"].append(name)
+    if variant == "nmult":
+        name = f"levels_fit_w{b}a{b}.png"
+        plot_fitted_levels(q, out / name)
+        results["files"].append(name)
+    return q
+
+
+def shows_levels(plan: ExperimentPlan, variant: str) -> bool:
+    """Whether ``levels.png`` draws the runs of ``variant``: the N-multiplier ones, or the
+    last variant's when there is none."""
+    return variant == "nmult" or (variant == plan.variants[-1] and "nmult" not in plan.variants)
 
 
 def run_experiment(out_dir: Union[str, Path], dataset: str = "digits",
@@ -50,69 +177,23 @@ def run_experiment(out_dir: Union[str, Path], dataset: str = "digits",
     ``overwrite=True``; a folder holding other files is refused. Data and configuration are
     checked first.
     """
-    for v in variants:
-        if v not in VARIANTS:
-            raise ValueError(f"unknown quantizer variant {v!r}; choose from {', '.join(VARIANTS)}")
-    if not len(bits):
-        raise ValueError("bits is empty: give at least one bit width, e.g. bits=(4,)")
-    # Validate every configuration before spending time on the float model.
-    configs = [NMultConfig(weight_bits=b, act_bits=b, variant=v, mode=mode, init=init,
-                           per_channel=per_channel) for b in bits for v in variants]
-    fp_train = replace(fp_train or TrainConfig(epochs=30, lr=0.05), seed=seed)
-    q_train = replace(q_train or TrainConfig(epochs=15, lr=0.01, lambda_rise_epochs=5), seed=seed)
+    plan = plan_experiment(dataset, arch, bits, variants, mode, per_channel, fp_train, q_train,
+                           seed, save_models, device, init)
     check_output(out_dir, overwrite=overwrite, inputs=[data_dir], kind="dir",
                  replaceable=not_a_run_folder)
-    train, test, num_classes, shape = load_dataset(dataset, data_dir, seed)
-    torch.manual_seed(seed)
-    fp = build_model(arch, shape, num_classes)
-    check_model_fits(fp, arch, shape)
-    if threads is not None:
-        from qfv_brevitas.util.threads import auto_threads, set_threads
-
-        example = next(iter(DataLoader(train, batch_size=1)))[0]
-        set_threads(auto_threads(fp, example, fp_train.batch_size) if threads == "auto"
-                    else int(threads))
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    fp = fp.to(dev)
-    per_epoch = -(-len(train) // fp_train.batch_size)
-    per_q_epoch = -(-len(train) // q_train.batch_size)
-    bar = RunProgress(fp_train.epochs * per_epoch + len(configs) * q_train.epochs * per_q_epoch,
-                      "qfv", enabled=progress)
+    data = ExperimentData(*load_dataset(dataset, data_dir, seed))
+    fp = float_model(plan, data, threads)
+    bar = run_bar(plan, len(data.train), progress)
     with atomic_dir(out_dir, overwrite=overwrite, inputs=[data_dir],
                     replaceable=not_a_run_folder) as out:
         t0 = time.perf_counter()
-        fit(fp, train, test, fp_train, desc="float", progress=bar)
-        fp_acc = evaluate(fp, test)
-        results = {"dataset": dataset, "arch": arch, "seed": seed, "num_train": len(train),
-                   "num_test": len(test), "fp_acc": fp_acc, "fp_train": asdict(fp_train),
-                   "q_train": asdict(q_train), "runs": [], "files": ["results.json"]}
-        meta = dict(dataset=dataset, data_seed=seed, data_sha256=fingerprint(train, test))
-        if save_models:
-            save_checkpoint(out / "float.pt", fp, arch, shape, num_classes, None, acc=fp_acc,
-                            **meta)
-            results["files"].append("float.pt")
-        example = next(iter(DataLoader(train, batch_size=256)))[0].to(dev)
+        results, meta = train_float(plan, data, fp, out, bar)
+        example = next(iter(DataLoader(data.train, batch_size=256)))[0].to(plan.device)
         plotted: Dict[str, torch.nn.Module] = {}
-        for cfg in configs:
-            b, variant = cfg.weight_bits, cfg.variant
-            q = quantize_model(copy.deepcopy(fp), cfg, example_input=example).to(dev)
-            hist = fit(q, train, test, q_train, desc=f"{variant} W{b}A{b}", progress=bar)
-            acc = evaluate(q, test)
-            results["runs"].append({"variant": variant, "weight_bits": b, "act_bits": b,
-                                    "mode": mode, "init": cfg.init, "per_channel": per_channel,
-                                    "acc": acc, "delta_vs_fp": acc - fp_acc, "history": hist})
-            if save_models:
-                name = f"{variant}_w{b}a{b}.pt"
-                save_checkpoint(out / name, q, arch, shape, num_classes, cfg, acc=acc, **meta)
-                results["files"].append(name)
-            if variant == "nmult":
-                from qfv_brevitas.studies.plots import plot_fitted_levels
-
-                name = f"levels_fit_w{b}a{b}.png"
-                plot_fitted_levels(q, out / name)
-                results["files"].append(name)
-            if variant == "nmult" or (variant == variants[-1] and "nmult" not in variants):
-                plotted[f"{variant} W{b}A{b}"] = q
+        for cfg in plan.configs:
+            q = train_quantized(plan, data, fp, cfg, example, out, bar, results, meta)
+            if shows_levels(plan, cfg.variant):
+                plotted[f"{cfg.variant} W{cfg.weight_bits}A{cfg.weight_bits}"] = q
         bar.close()
         if plotted:
             plot_levels(plotted, out / "levels.png")

@@ -80,7 +80,8 @@ def register_method(name: str, applies_to: Sequence[str] = SCENARIO_KINDS,
     """Decorator: register ``fn`` as the study method ``name``.
 
     Args:
-        name: the method's name in tables, ``--methods`` and :func:`compare_methods`.
+        name: the method's name in tables, ``--methods`` and
+            :func:`~qfv_brevitas.studies.compare.compare_methods`.
         applies_to: scenario kinds it runs on; elsewhere its table cell is ``n/a`` (and a
             study of one kind refuses it).
         per_map: ``True``: ``fn(model, scenario, train, config)`` adapts a copy of the model

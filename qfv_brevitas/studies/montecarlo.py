@@ -1,4 +1,6 @@
-"""Monte Carlo sweeps over the levels of one kind of imperfect chip.
+"""Monte Carlo sweeps over the levels of one kind of imperfect chip: the accuracy of a model
+as it is deployed (no training), and the sweep that :mod:`qfv_brevitas.studies.compare` also
+runs to compare trained methods over the same levels (:func:`run_sweep`).
 
 Every trial draws its own seeded map (trial ``k`` uses ``seed + k`` at every level, so that the
 methods and the levels are compared on the same maps: common random numbers). Results are
@@ -7,8 +9,9 @@ of accuracy against the fault rate, sigma/mu or bit-error rate, one line per met
 bars = std (a :class:`~qfv_brevitas.studies.results.StudyResult`).
 
 Each function is a thin call into the study engine (:func:`qfv_brevitas.studies.engine.run_study`)
-with one :class:`~qfv_brevitas.studies.scenario.Scenario` per level; the methods are those of
-the registry (:mod:`qfv_brevitas.studies.methods`).
+with one :class:`~qfv_brevitas.studies.scenario.Scenario` per level; the rows are method
+``none`` (naive deployment) or ``nearest_valid`` (aware), of the registry
+(:mod:`qfv_brevitas.studies.methods`).
 """
 from __future__ import annotations
 
@@ -19,33 +22,31 @@ from torch.utils.data import Dataset
 
 from qfv_brevitas.core.train import TrainConfig
 from qfv_brevitas.studies.engine import CompareConfig, default_finetune, run_study
-from qfv_brevitas.studies.methods import check_methods
 from qfv_brevitas.studies.results import StudyResult
 from qfv_brevitas.studies.scenario import Scenario, check_levels
 from qfv_brevitas.util.validate import check_choice
 
-__all__ = ["evaluate_faults", "evaluate_variability", "evaluate_bitflips", "compare_faults",
-           "compare_variability", "FAULT_METHODS", "VARIABILITY_METHODS"]
-
-#: Default methods of :func:`compare_faults` / :func:`compare_variability` (any registered
-#: method that applies to the kind may be given).
-FAULT_METHODS = ("none", "nearest_valid", "paper")
-VARIABILITY_METHODS = ("none", "chip_in_loop", "paper")
+__all__ = ["evaluate_faults", "evaluate_variability", "evaluate_bitflips", "run_sweep",
+           "sweep_config", "variability_settings"]
 
 
-def _sweep(kind: str, model: nn.Module, train: Optional[Dataset], test: Dataset,
-           levels: List[float], settings: dict, methods: Sequence[str], cfg: CompareConfig,
-           meta: dict, mapping: str, progress: bool, workers: int, distributed: bool, device
-           ) -> StudyResult:
+def run_sweep(kind: str, model: nn.Module, train: Optional[Dataset], test: Dataset,
+              levels: List[float], settings: dict, methods: Sequence[str], cfg: CompareConfig,
+              meta: dict, mapping: str, progress: bool, workers: int, distributed: bool,
+              device) -> StudyResult:
+    """A study of ``kind`` with one :class:`Scenario` (of ``settings``) per level: what the
+    sweeps here and those of :mod:`qfv_brevitas.studies.compare` run."""
     scs = [Scenario(kind, level, **settings) for level in levels]
     return run_study(model, train, test, scs, methods, cfg, kind=kind, mapping=mapping,
                      meta=meta, progress=progress, workers=workers, distributed=distributed,
                      device=device)
 
 
-def _config(trials: int, seed: int, layers: str, finetune: Optional[TrainConfig] = None,
-            remap_every: int = CompareConfig.remap_every, sam_rho: float = CompareConfig.sam_rho,
-            rbe_rate: float = CompareConfig.rbe_rate) -> CompareConfig:
+def sweep_config(trials: int, seed: int, layers: str, finetune: Optional[TrainConfig] = None,
+                 remap_every: int = CompareConfig.remap_every,
+                 sam_rho: float = CompareConfig.sam_rho,
+                 rbe_rate: float = CompareConfig.rbe_rate) -> CompareConfig:
+    """The :class:`CompareConfig` of a sweep's arguments (no self-tuning on top)."""
     return CompareConfig(trials=trials, seed=seed, layers=layers, selftune_on_top=False,
                          finetune=finetune or default_finetune(), remap_every=remap_every,
                          sam_rho=sam_rho, rbe_rate=rbe_rate)
@@ -73,14 +74,15 @@ def evaluate_faults(model: nn.Module, test: Dataset, rates: Sequence[float], tri
     every N-multiplier layer on the faulty device."""
     method = _deploy_method(mapping)
     levels = check_levels(rates, "fault rates", 1.0)
-    return _sweep("faults", model, None, test, levels, {"sa1_fraction": sa1_fraction},
-                  [method], _config(trials, seed, layers),
-                  {"sa1_fraction": sa1_fraction, "layers": layers}, "naive", progress,
-                  workers, distributed, device)
+    return run_sweep("faults", model, None, test, levels, {"sa1_fraction": sa1_fraction},
+                     [method], sweep_config(trials, seed, layers),
+                     {"sa1_fraction": sa1_fraction, "layers": layers}, "naive", progress,
+                     workers, distributed, device)
 
 
-def _variability_settings(hrs_on_off, distribution, chip_sigma, layer_shared_sigma,
-                          devices_per_chip) -> dict:
+def variability_settings(hrs_on_off: Optional[float], distribution: str, chip_sigma: float,
+                         layer_shared_sigma: float, devices_per_chip: int) -> dict:
+    """The variability :class:`Scenario` settings of a sweep's arguments."""
     return {"hrs_on_off": hrs_on_off, "distribution": distribution, "chip_sigma": chip_sigma,
             "layer_shared_sigma": layer_shared_sigma, "devices_per_chip": devices_per_chip}
 
@@ -96,16 +98,17 @@ def evaluate_variability(model: nn.Module, test: Dataset, sigmas: Sequence[float
     method ``none`` (``mapping="naive"``) or ``nearest_valid`` (``"aware"``: each weight's
     nearest level on its own perturbed level set); ``workers``, ``distributed``, ``device``
     and ``layers`` as in :func:`evaluate_faults`. ``chip_sigma`` / ``layer_shared_sigma`` add
-    the between-chip / per-layer shared components of :class:`VariabilityModel`; consecutive
-    groups of ``devices_per_chip`` trials share one chip (Monte Carlo over chips and over the
-    devices of each chip)."""
+    the between-chip / per-layer shared components of
+    :class:`~qfv_brevitas.chip.variability.VariabilityModel`; consecutive groups of
+    ``devices_per_chip`` trials share one chip (Monte Carlo over chips and over the devices of
+    each chip)."""
     method = _deploy_method(mapping)
     levels = check_levels(sigmas, "sigmas", None)
-    settings = _variability_settings(hrs_on_off, distribution, chip_sigma, layer_shared_sigma,
-                                     devices_per_chip)
-    return _sweep("variability", model, None, test, levels, settings, [method],
-                  _config(trials, seed, layers), dict(settings, layers=layers), "naive",
-                  progress, workers, distributed, device)
+    settings = variability_settings(hrs_on_off, distribution, chip_sigma, layer_shared_sigma,
+                                    devices_per_chip)
+    return run_sweep("variability", model, None, test, levels, settings, [method],
+                     sweep_config(trials, seed, layers), dict(settings, layers=layers), "naive",
+                     progress, workers, distributed, device)
 
 
 def evaluate_bitflips(model: nn.Module, test: Dataset, rates: Sequence[float], trials: int = 10,
@@ -119,58 +122,6 @@ def evaluate_bitflips(model: nn.Module, test: Dataset, rates: Sequence[float], t
     it is); ``workers``, ``distributed``, ``device`` as there."""
     check_choice(mapping, ("naive", "aware"), "deploy mapping")
     levels = check_levels(rates, "bit-error rates", 1.0)
-    return _sweep("bitflips", model, None, test, levels, {}, ["none"],
-                  _config(trials, seed, layers), {"layers": layers, "mapping": mapping},
-                  mapping, progress, workers, distributed, device)
-
-
-def compare_faults(model: nn.Module, train: Dataset, test: Dataset, rates: Sequence[float],
-                   trials: int = 10, methods: Sequence[str] = FAULT_METHODS,
-                   finetune: Optional[TrainConfig] = None,
-                   remap_every: int = CompareConfig.remap_every, seed: int = 0,
-                   sa1_fraction: float = 0.5, layers: str = "inner", progress: bool = True,
-                   workers: int = 1, distributed: bool = False, device=None,
-                   sam_rho: float = CompareConfig.sam_rho,
-                   rbe_rate: float = CompareConfig.rbe_rate) -> StudyResult:
-    """Each method on the same fault maps, e.g. ``none`` (naive deployment),
-    ``nearest_valid`` (FAQ/Matic nearest-valid-level mapping), ``paper`` (eq. 11 fine-tune +
-    remap every ``remap_every`` epochs, per map) and ``chip_in_loop`` (STE fine-tune through
-    the faulty weights, per map): any registered method that applies to faults
-    (:mod:`qfv_brevitas.studies.methods`). ``finetune`` defaults to
-    :func:`~qfv_brevitas.studies.engine.default_finetune`; ``sam_rho`` is the SAM radius of
-    ``saq``/``saq_aware``, ``rbe_rate`` the training bit-error rate of ``random_bit_error``
-    (:class:`~qfv_brevitas.studies.engine.CompareConfig`); ``workers``, ``distributed``,
-    ``device`` as in :func:`evaluate_faults`."""
-    methods = check_methods(methods, "faults", "fault method")
-    levels = check_levels(rates, "fault rates", 1.0)
-    cfg = _config(trials, seed, layers, finetune, remap_every, sam_rho, rbe_rate)
-    return _sweep("faults", model, train, test, levels, {"sa1_fraction": sa1_fraction},
-                  methods, cfg, {"sa1_fraction": sa1_fraction,
-                                 "finetune_epochs": cfg.finetune.epochs,
-                                 "remap_every": cfg.remap_every, "layers": layers},
-                  "naive", progress, workers, distributed, device)
-
-
-def compare_variability(model: nn.Module, train: Dataset, test: Dataset,
-                        sigmas: Sequence[float], trials: int = 10,
-                        methods: Sequence[str] = VARIABILITY_METHODS,
-                        finetune: Optional[TrainConfig] = None, seed: int = 0,
-                        hrs_on_off: Optional[float] = None, distribution: str = "normal",
-                        layers: str = "inner", progress: bool = True, chip_sigma: float = 0.0,
-                        layer_shared_sigma: float = 0.0, devices_per_chip: int = 1,
-                        workers: int = 1, distributed: bool = False, device=None,
-                        sam_rho: float = CompareConfig.sam_rho,
-                        rbe_rate: float = CompareConfig.rbe_rate) -> StudyResult:
-    """Each method on the same variability maps, e.g. ``none``, ``chip_in_loop`` and
-    ``paper`` (eq. 12 fine-tune, deployed with aware mapping): any registered method that
-    applies to variability; shared components as in :func:`evaluate_variability`;
-    ``finetune``, ``sam_rho``, ``rbe_rate`` as in :func:`compare_faults`; ``workers``,
-    ``distributed``, ``device`` as in :func:`evaluate_faults`."""
-    methods = check_methods(methods, "variability", "variability method")
-    levels = check_levels(sigmas, "sigmas", None)
-    settings = _variability_settings(hrs_on_off, distribution, chip_sigma, layer_shared_sigma,
-                                     devices_per_chip)
-    cfg = _config(trials, seed, layers, finetune, sam_rho=sam_rho, rbe_rate=rbe_rate)
-    return _sweep("variability", model, train, test, levels, settings, methods, cfg,
-                  dict(settings, finetune_epochs=cfg.finetune.epochs, layers=layers), "naive",
-                  progress, workers, distributed, device)
+    return run_sweep("bitflips", model, None, test, levels, {}, ["none"],
+                     sweep_config(trials, seed, layers), {"layers": layers, "mapping": mapping},
+                     mapping, progress, workers, distributed, device)

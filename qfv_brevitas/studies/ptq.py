@@ -1,5 +1,6 @@
-"""Levels fitted to a model's weights: post-training quantization (no training), per-layer errors against the best uniform grid and Lloyd-Max, and the stock
-Brevitas uniform-quantizer baseline.
+"""Levels fitted to a model's weights: post-training quantization (no training), per-layer
+errors against the best uniform grid and Lloyd-Max, and the stock Brevitas uniform-quantizer
+baseline.
 
 The math is in :mod:`qfv_brevitas.core.fitting` (pure torch); this module applies it to the
 N-multiplier layers of a Brevitas model (the in-place refit that training runs is
