@@ -15,7 +15,7 @@ IDX_FP_EPOCHS, IDX_Q_EPOCHS, IDX_BATCH = 3, 2, 128
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    from qfv_brevitas.core.train import TrainConfig
+    from qfv_brevitas.training.train import TrainConfig
 
     add_dataset_args(p)
     p.add_argument("--arch", default="small_cnn", choices=("small_cnn", "mlp", "resnet18", "vgg"))
@@ -75,7 +75,7 @@ def report(p: argparse.ArgumentParser):
 
 def run_train(args) -> int:
     """``qfv demo`` / ``qfv train``."""
-    from qfv_brevitas.core.train import TrainConfig
+    from qfv_brevitas.training.train import TrainConfig
     from qfv_brevitas.studies.experiment import format_results, run_experiment
 
     if args.dataset == "idx" and not args.data_dir:

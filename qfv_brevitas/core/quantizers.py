@@ -237,7 +237,7 @@ class NMultTensorQuant(nn.Module):
     def distance_unchecked(self, w: Tensor, shape: str = "sq",
                            width: float = DEFAULT_WIDTH) -> Tensor:
         """:meth:`distance` without the finiteness check of the result (a host sync on a GPU):
-        :func:`qfv_brevitas.core.regularizer.regularization_loss` checks the sum over all
+        :func:`qfv_brevitas.training.regularizer.regularization_loss` checks the sum over all
         layers once."""
         self.check_weight(w)
         return self.chip.distance(self.to_groups(w), self.multipliers(), self.offset(), shape,

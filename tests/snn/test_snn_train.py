@@ -16,7 +16,7 @@ from qfv_brevitas.chip.faults import FaultModel, attach_faults, sample_fault_map
 from qfv_brevitas.chip.repair import fault_aware_finetune, set_deploy_mapping  # noqa: E402
 from qfv_brevitas.snn import (SpikingConfig, SpikingNet, load_snn_dataset,  # noqa: E402
                               spiking_mlp, spiking_small_cnn)
-from qfv_brevitas.core.train import TrainConfig, evaluate, fit  # noqa: E402
+from qfv_brevitas.training.train import TrainConfig, evaluate, fit  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from qfv_brevitas.core.config import LambdaSchedule
-from qfv_brevitas.core.quantizers import nmult_layers, quant_of
-from qfv_brevitas.core.refit import refit_levels_
-from qfv_brevitas.core.regularizer import QuantRegularizer
-from qfv_brevitas.core.sam import SharpnessAware, check_rho
 from qfv_brevitas.core.distance import DEFAULT_WIDTH, check_shape, check_width
+from qfv_brevitas.core.quantizers import nmult_layers, quant_of
+from qfv_brevitas.training.refit import refit_levels_
+from qfv_brevitas.training.regularizer import QuantRegularizer
+from qfv_brevitas.training.sam import SharpnessAware, check_rho
 from qfv_brevitas.util.configbase import QfvConfig
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.util.progress import RunProgress
@@ -56,12 +56,13 @@ class TrainConfig(QfvConfig):
     reg_shape: str = "sq"
     #: Gaussian width as a fraction of the local level spacing (``reg_shape="gauss"`` only)
     reg_width: float = DEFAULT_WIDTH
-    #: SAM radius (FlatENN's sharpness-aware quantization, :mod:`qfv_brevitas.core.sam`); 0 = off
+    #: SAM radius (FlatENN's sharpness-aware quantization, :mod:`qfv_brevitas.training.sam`);
+    #: 0 = off
     sam_rho: float = 0.0
     #: every this many optimizer steps, refit each learnable quantizer's levels to its
     #: current weights in closed form (alternating minimisation from the current levels,
-    #: :func:`qfv_brevitas.core.refit.refit_levels_` with ``warm=True``), so that the levels keep
-    #: following the weights; 0 = off. Layers with a fault or variability map attached are
+    #: :func:`qfv_brevitas.training.refit.refit_levels_` with ``warm=True``), so that the levels
+    #: keep following the weights; 0 = off. Layers with a fault or variability map attached are
     #: left to the device-aware regularizer. Default 10: with fitted initial levels, the one
     #: setting at or above fixed, learned-step and stock Brevitas QAT in every digits cell
     #: measured (``BENCHMARKS.md``; its lead over no refit is within noise there).
