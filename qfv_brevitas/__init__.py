@@ -29,8 +29,8 @@ from qfv_brevitas.chip.variability import (VariabilityMap, VariabilityModel, att
                                            detach_variability, sample_variability_map)
 from qfv_brevitas.core.config import LambdaSchedule, NMultConfig
 from qfv_brevitas.core.convert import quantize_model, swap_weight_quant
-from qfv_brevitas.core.deploy import format_report, layer_report, snap_weights_, weight_codes
 from qfv_brevitas.core.quantizers import NMultWeightQuant, nmult_layers, quant_of
+from qfv_brevitas.core.snapping import format_report, layer_report, snap_weights_, weight_codes
 from qfv_brevitas.snn.config import SpikingConfig
 from qfv_brevitas.snn.network import to_spiking  # also registers the spiking models in zoo
 from qfv_brevitas.training.refit import refit_levels_

@@ -107,7 +107,7 @@ def run_train(args) -> int:
 
 def run_report(args) -> int:
     """``qfv report``."""
-    from qfv_brevitas.core.deploy import format_report, layer_report
+    from qfv_brevitas.core.snapping import format_report, layer_report
     from qfv_brevitas.zoo.checkpoint import load_checkpoint
 
     model, info = load_checkpoint(args.checkpoint)

@@ -11,7 +11,7 @@ pytest.importorskip("spikingjelly")
 
 from qfv_brevitas import NMultConfig, quantize_model  # noqa: E402
 from qfv_brevitas.core.convert import ConversionError  # noqa: E402
-from qfv_brevitas.core.deploy import snap_weights_  # noqa: E402
+from qfv_brevitas.core.snapping import snap_weights_  # noqa: E402
 from qfv_brevitas.core.quantizers import nmult_layers, quant_of  # noqa: E402
 from qfv_brevitas.training.regularizer import regularization_loss  # noqa: E402
 from qfv_brevitas.snn import (LIF, ResNet19, SpikingConfig, SpikingNet, lif_layers,  # noqa: E402

@@ -44,7 +44,7 @@ def test_training_on_spike_encoded_digits_learns(spiking_w4):
 
 def test_trained_model_fires_and_its_eval_weights_are_levels(spiking_w4, digits):
     _, _, q, q_acc, _ = spiking_w4
-    from qfv_brevitas.core.deploy import snap_weights_
+    from qfv_brevitas.core.snapping import snap_weights_
 
     snapped = copy.deepcopy(q)
     with torch.no_grad():
