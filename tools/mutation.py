@@ -115,8 +115,8 @@ MUTANTS: List[Mutant] = [
       ("tests/chip/test_repair.py", "-k", "aware_deployment_is_nearest_reachable"),
       "deploy_mapping='aware' deploys naive codes"),
     M("quantizers-mode-not-restored", "qfv_brevitas/core/quantizers.py",
-      '        self.mode = check_choice(state.get("mode", self.mode), MODES, "forward mode")\n',
-      '        check_choice(state.get("mode", self.mode), MODES, "forward mode")\n',
+      '        self.mode = check_choice(state.get("mode", self.mode), FORWARD_MODES, "forward mode")\n',
+      '        check_choice(state.get("mode", self.mode), FORWARD_MODES, "forward mode")\n',
       ("tests/core/test_quantizers.py", "-k", "mode_restored_from_checkpoint"),
       "a checkpoint's forward mode is not restored on load"),
     # -- regularizer.py, config.py: eq. 6 and the lambda schedule ----------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from qfv_brevitas.cli.common import add_dataset_args, add_reg_args, command, declare_io
-from qfv_brevitas.core.config import INITS, MODES, VARIANTS
+from qfv_brevitas.core.config import FORWARD_MODES, INITS, VARIANTS
 
 __all__ = ["IDX_FP_EPOCHS", "IDX_Q_EPOCHS", "IDX_BATCH"]
 
@@ -23,7 +23,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="weight and activation bits of the inner layers (W{b}A{b})")
     p.add_argument("--variants", nargs="+", default=list(("fixed", "step", "nmult")),
                    choices=VARIANTS)
-    p.add_argument("--mode", default="paper", choices=MODES)
+    p.add_argument("--mode", default="paper", choices=FORWARD_MODES)
     p.add_argument("--init", default=None, choices=INITS,
                    help="initial levels: lsq (LSQ's uniform grid), uniform (best-MSE uniform "
                         "grid) or fit (levels fitted to the float weights); default: fit for "
