@@ -31,7 +31,7 @@ elsewhere the ``ru_maxrss`` difference of ``bench_regularizer.py`` is used). An
 (b) Drawing and attaching maps on the same ResNet-18-sized model (N=4): the time of
 ``sample_fault_map`` + ``attach_faults`` (10%) and of ``sample_variability_map`` +
 ``attach_variability`` (0.2), medians of ``--repeats``, against one evaluation pass
-(``qfv_brevitas.core.train.evaluate``) over the digits test set (360 images) of a SmallCNN converted
+(``qfv_brevitas.training.train.evaluate``) over the digits test set (360 images) of a SmallCNN converted
 at W4A4 (the model the Monte Carlo benchmarks evaluate). As context it also prints the draw on
 that SmallCNN itself, and one evaluation pass of the ResNet-18-sized model over 360 random
 32x32 images.
@@ -70,8 +70,8 @@ from qfv_brevitas.chip.faults import (FaultModel, attach_faults, detach_faults, 
                                  sample_fault_map)
 from qfv_brevitas.zoo.models import build_model, resnet18_cifar  # noqa: E402
 from qfv_brevitas.core.quantizers import nmult_layers  # noqa: E402
-from qfv_brevitas.core.regularizer import regularization_loss  # noqa: E402
-from qfv_brevitas.core.train import evaluate  # noqa: E402
+from qfv_brevitas.training.regularizer import regularization_loss  # noqa: E402
+from qfv_brevitas.training.train import evaluate  # noqa: E402
 from qfv_brevitas.chip.variability import (VariabilityModel, attach_variability,  # noqa: E402
                                       detach_variability, sample_variability_map)
 from _load import add_load_argument, busy_processes  # noqa: E402

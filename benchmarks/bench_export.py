@@ -124,7 +124,7 @@ def bench_accuracy(args, tmp: Path) -> dict:
     from qfv_brevitas.export import fixedpoint as FX
     from qfv_brevitas.export.layers import collect_layers
     from qfv_brevitas.zoo.models import SmallCNN
-    from qfv_brevitas.core.train import TrainConfig, evaluate, fit
+    from qfv_brevitas.training.train import TrainConfig, evaluate, fit
 
     train, test = load_digits_split(seed=0)
     torch.manual_seed(args.seed)

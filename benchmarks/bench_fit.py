@@ -86,7 +86,7 @@ def digits_layers(seed: int = 0):
     """Inner layers of the ``qfv demo`` float SmallCNN trained on digits (30 epochs)."""
     from qfv_brevitas.zoo.data import load_digits_split
     from qfv_brevitas.zoo.models import build_model
-    from qfv_brevitas.core.train import TrainConfig, fit
+    from qfv_brevitas.training.train import TrainConfig, fit
 
     train, test = load_digits_split(seed)
     torch.manual_seed(seed)
@@ -378,7 +378,7 @@ def part_ptq(args) -> dict:
 
     from bench_qat_levels import float_model
     from qfv_brevitas.zoo.data import load_digits_split
-    from qfv_brevitas.core.train import evaluate
+    from qfv_brevitas.training.train import evaluate
 
     rows = []
     cache = Path(args.out)

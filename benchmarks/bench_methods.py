@@ -76,7 +76,7 @@ from qfv_brevitas.studies.results import StudyResult  # noqa: E402
 from qfv_brevitas.studies.scenario import scenarios  # noqa: E402
 from qfv_brevitas.zoo.data import DataError, load_dataset  # noqa: E402
 from qfv_brevitas.studies.experiment import run_experiment  # noqa: E402
-from qfv_brevitas.core.train import TrainConfig, evaluate  # noqa: E402
+from qfv_brevitas.training.train import TrainConfig, evaluate  # noqa: E402
 from _machine import machine_info, machine_line  # noqa: E402
 
 STUCK = [0.10, 0.20]

@@ -128,7 +128,7 @@ def step_train(args) -> None:
     from qfv_brevitas.zoo.checkpoint import load_checkpoint
     from qfv_brevitas.zoo.data import load_dataset
     from qfv_brevitas.studies.experiment import run_experiment
-    from qfv_brevitas.core.train import TrainConfig, evaluate, fit
+    from qfv_brevitas.training.train import TrainConfig, evaluate, fit
 
     d = _dir(args)
     t = time.perf_counter()

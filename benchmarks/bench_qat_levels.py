@@ -54,7 +54,7 @@ from qfv_brevitas.core.fitting import nonuniformity  # noqa: E402
 from qfv_brevitas.zoo.models import build_model  # noqa: E402
 from qfv_brevitas.studies.ptq import brevitas_uniform  # noqa: E402
 from qfv_brevitas.core.quantizers import nmult_layers, quant_of  # noqa: E402
-from qfv_brevitas.core.train import TrainConfig, evaluate, fit  # noqa: E402
+from qfv_brevitas.training.train import TrainConfig, evaluate, fit  # noqa: E402
 from _machine import machine_line  # noqa: E402
 
 #: name -> (variant, mode, init, refit) ; "brevitas" is built separately

@@ -54,7 +54,7 @@ from qfv_brevitas.zoo.checkpoint import load_checkpoint  # noqa: E402
 from qfv_brevitas.core.convert import set_forward_mode  # noqa: E402
 from qfv_brevitas.zoo.data import load_digits_split  # noqa: E402
 from qfv_brevitas.snn import (SpikingConfig, run_snn_experiment, spiking_small_cnn)  # noqa: E402
-from qfv_brevitas.core.train import TrainConfig, evaluate, fit, param_groups  # noqa: E402
+from qfv_brevitas.training.train import TrainConfig, evaluate, fit, param_groups  # noqa: E402
 from _machine import _loadavg, machine_line  # noqa: E402
 from bench_train_step import make_step as train_step  # noqa: E402
 

@@ -49,8 +49,8 @@ from torch import nn  # noqa: E402
 from qfv_brevitas import NMultConfig, quantize_model  # noqa: E402
 from qfv_brevitas.zoo.models import resnet18_cifar  # noqa: E402
 from qfv_brevitas.core.quantizers import nmult_layers, quant_of  # noqa: E402
-from qfv_brevitas.core.regularizer import regularization_loss  # noqa: E402
-from qfv_brevitas.core.train import TrainConfig, param_groups  # noqa: E402
+from qfv_brevitas.training.regularizer import regularization_loss  # noqa: E402
+from qfv_brevitas.training.train import TrainConfig, param_groups  # noqa: E402
 from _machine import _loadavg, machine_info  # noqa: E402
 
 TARGET_RATIO = 1.15

@@ -20,7 +20,7 @@ from qfv_brevitas import NMultConfig, quantize_model
 from qfv_brevitas.zoo.data import load_digits_split
 from qfv_brevitas.export import export_qonnx, format_layers, read_metadata
 from qfv_brevitas.zoo.models import MLP
-from qfv_brevitas.core.train import TrainConfig, evaluate, fit
+from qfv_brevitas.training.train import TrainConfig, evaluate, fit
 
 FLOW = Path(__file__).resolve().parents[1] / "export" / "hls4ml" / "run_hls4ml.py"
 

@@ -18,7 +18,7 @@ from qfv_brevitas.zoo.checkpoint import load_checkpoint
 from qfv_brevitas.zoo.data import load_digits_split
 from qfv_brevitas.studies.scenario import edge_layers
 from qfv_brevitas.zoo.models import SmallCNN
-from qfv_brevitas.core.train import TrainConfig, evaluate, fit
+from qfv_brevitas.training.train import TrainConfig, evaluate, fit
 
 
 def main(argv=None):

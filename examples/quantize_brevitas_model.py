@@ -17,7 +17,7 @@ from torch import nn
 
 from qfv_brevitas import NMultConfig, format_report, layer_report, swap_weight_quant
 from qfv_brevitas.zoo.data import load_digits_split
-from qfv_brevitas.core.train import TrainConfig, evaluate, fit
+from qfv_brevitas.training.train import TrainConfig, evaluate, fit
 
 
 def brevitas_cnn(act_bits: int = 4) -> nn.Module:

@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 
 from qfv_brevitas import NMultConfig, format_report, layer_report, quantize_model
 from qfv_brevitas.zoo.models import resnet18_cifar
-from qfv_brevitas.core.train import TrainConfig, evaluate, fit
+from qfv_brevitas.training.train import TrainConfig, evaluate, fit
 
 
 def generated_cifar(n: int, seed: int, classes: int = 10) -> TensorDataset:

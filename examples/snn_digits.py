@@ -20,7 +20,7 @@ from qfv_brevitas import NMultConfig, SpikingConfig, quantize_model, to_spiking
 from qfv_brevitas.snn import snn_export_metadata
 from qfv_brevitas.studies import evaluate_faults
 from qfv_brevitas.zoo.data import load_digits_split
-from qfv_brevitas.core.train import TrainConfig, evaluate, fit
+from qfv_brevitas.training.train import TrainConfig, evaluate, fit
 
 
 class MyNet(nn.Module):

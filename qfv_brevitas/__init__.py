@@ -29,13 +29,13 @@ from qfv_brevitas.chip.variability import (VariabilityMap, VariabilityModel, att
                                            detach_variability, sample_variability_map)
 from qfv_brevitas.core.config import LambdaSchedule, NMultConfig
 from qfv_brevitas.core.convert import quantize_model, swap_weight_quant
-from qfv_brevitas.core.deploy import format_report, layer_report, snap_weights_, weight_codes
 from qfv_brevitas.core.quantizers import NMultWeightQuant, nmult_layers, quant_of
-from qfv_brevitas.core.refit import refit_levels_
-from qfv_brevitas.core.regularizer import QuantRegularizer, regularization_loss
-from qfv_brevitas.core.train import TrainConfig, evaluate, fit
+from qfv_brevitas.core.snapping import format_report, layer_report, snap_weights_, weight_codes
 from qfv_brevitas.snn.config import SpikingConfig
 from qfv_brevitas.snn.network import to_spiking  # also registers the spiking models in zoo
+from qfv_brevitas.training.refit import refit_levels_
+from qfv_brevitas.training.regularizer import QuantRegularizer, regularization_loss
+from qfv_brevitas.training.train import TrainConfig, evaluate, fit
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.util.version import __version__
 from qfv_brevitas.zoo.checkpoint import load_checkpoint, save_checkpoint

@@ -11,8 +11,8 @@ from torch import nn
 
 from qfv_brevitas import NMultConfig, quantize_model
 from qfv_brevitas.zoo.data import load_digits_split
-from qfv_brevitas.zoo.models import SmallCNN
-from qfv_brevitas.core.train import TrainConfig, evaluate, fit
+from qfv_brevitas.zoo.models import SmallCNN, build_model
+from qfv_brevitas.training.train import TrainConfig, evaluate, fit
 
 # Property tests draw the same examples on every run (CI must not fail on one run and pass on the
 # next); QFV_HYPOTHESIS=explore draws new ones each run, to look for failures on purpose.
@@ -55,6 +55,17 @@ def trained(digits):
     clean = evaluate(q, test)
     assert clean > 0.95
     return q, clean
+
+
+@pytest.fixture(scope="module")
+def float_cnn(digits):
+    """The ``qfv demo`` architecture trained briefly in float (eval mode); built once per test
+    module."""
+    train, _ = digits
+    torch.manual_seed(0)
+    m = build_model("small_cnn", (1, 8, 8), 10)
+    fit(m, train, None, TrainConfig(epochs=5, lr=0.05), progress=False)
+    return m.eval()
 
 
 @pytest.fixture(scope="module", params=["kernels", "torch"])

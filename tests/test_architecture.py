@@ -2,9 +2,9 @@
 crossing modules, and a top-level import free of plotting and experiment code.
 
 Layers, lowest first (a module may import its own layer and the ones below it, never above):
-``util`` < ``core`` < ``chip`` < ``zoo`` < ``studies`` < ``snn`` < ``export`` < ``cli``; the
-top-level ``qfv_brevitas/__init__.py`` is the public face and may import any layer below
-``cli``. Every import counts, also one inside a function.
+``util`` < ``core`` < ``training`` < ``chip`` < ``zoo`` < ``studies`` < ``snn`` < ``export`` <
+``cli``; the top-level ``qfv_brevitas/__init__.py`` is the public face and may import any layer
+below ``cli``. Every import counts, also one inside a function.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "qfv_brevitas"
-LAYERS = ("util", "core", "chip", "zoo", "studies", "snn", "export", "cli")
+LAYERS = ("util", "core", "training", "chip", "zoo", "studies", "snn", "export", "cli")
 
 
 def module_name(path: Path) -> str:

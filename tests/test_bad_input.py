@@ -35,7 +35,7 @@ from qfv_brevitas.zoo.data import IDX_FILES, fingerprint, load_digits_split, loa
 from qfv_brevitas.chip.faults import FaultModel, sample_fault_map
 from qfv_brevitas.zoo.models import MLP
 from qfv_brevitas.util.safeio import content_digest
-from qfv_brevitas.core.train import TrainConfig, fit
+from qfv_brevitas.training.train import TrainConfig, fit
 from qfv_brevitas.chip.variability import VariabilityModel, sample_variability_map
 
 SHAPE = (1, 8, 8)

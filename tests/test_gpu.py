@@ -19,7 +19,7 @@ from qfv_brevitas.core import kernels as K
 from qfv_brevitas.core import levels as L
 from qfv_brevitas.core import search as S
 from qfv_brevitas.chip.faults import FaultModel, attach_faults, sample_fault_map
-from qfv_brevitas.core.regularizer import QuantRegularizer
+from qfv_brevitas.training.regularizer import QuantRegularizer
 from qfv_brevitas.core.config import LambdaSchedule
 from qfv_brevitas.chip.variability import VariabilityModel, attach_variability, sample_variability_map
 
@@ -158,7 +158,7 @@ def test_cuda_training_step_without_sync(mode, maps):
 def test_cuda_matches_cpu_and_runs_the_jobs(tmp_path):
     from qfv_brevitas.studies import evaluate_faults, evaluate_variability
     from qfv_brevitas.export import export_qonnx
-    from qfv_brevitas.core.train import TrainConfig, evaluate, fit
+    from qfv_brevitas.training.train import TrainConfig, evaluate, fit
     from torch.utils.data import TensorDataset
 
     g = torch.Generator().manual_seed(0)

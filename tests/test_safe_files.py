@@ -35,7 +35,7 @@ from qfv_brevitas.export import ExportFileError, export_qonnx, read_metadata, ve
 from qfv_brevitas.export.api import ExportVerificationError, reference_model
 from qfv_brevitas.chip.faults import FaultMap, FaultMapError, FaultModel, sample_fault_map
 from qfv_brevitas.zoo.models import MLP
-from qfv_brevitas.core.train import TrainConfig, fit
+from qfv_brevitas.training.train import TrainConfig, fit
 
 SHAPE = (1, 8, 8)
 

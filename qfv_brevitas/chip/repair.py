@@ -24,7 +24,7 @@ from qfv_brevitas.core.chip import MAPPINGS
 from qfv_brevitas.util.validate import check_choice
 from qfv_brevitas.core.convert import set_forward_mode
 from qfv_brevitas.core.quantizers import nmult_layers, quant_of
-from qfv_brevitas.core.train import TrainConfig, fit
+from qfv_brevitas.training.train import TrainConfig, fit
 
 __all__ = ["set_deploy_mapping", "remap_to_valid_", "fault_aware_finetune",
            "variability_aware_finetune", "chip_in_loop_finetune", "has_device_maps"]

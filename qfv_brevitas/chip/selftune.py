@@ -37,11 +37,11 @@ from torch.utils.data import Dataset
 from qfv_brevitas.util.validate import check_choice
 from qfv_brevitas.core.quantizers import nmult_layers
 
-__all__ = ["MODES", "ReferenceStats", "SelfTuning", "reference_statistics", "layer_statistics",
-           "self_tune", "remove_self_tuning", "calibration_batch"]
+__all__ = ["SELFTUNE_MODES", "ReferenceStats", "SelfTuning", "reference_statistics",
+           "layer_statistics", "self_tune", "remove_self_tuning", "calibration_batch"]
 
 #: ``affine``: restore mean and std per channel; ``shift``: the mean only.
-MODES = ("affine", "shift")
+SELFTUNE_MODES = ("affine", "shift")
 
 
 def _channel_dim(layer: nn.Module, out: Tensor) -> int:
@@ -242,7 +242,7 @@ def self_tune(model: nn.Module, calib: Tensor, reference: Optional[ReferenceStat
     Raises ValueError for a calibration batch that is not a float tensor of the reference's
     input shape with at least 2 inputs, or statistics of another model.
     """
-    check_choice(mode, MODES, "self-tuning mode")
+    check_choice(mode, SELFTUNE_MODES, "self-tuning mode")
     if isinstance(passes, bool) or int(passes) != passes or passes < 1:
         raise ValueError(f"self_tune: passes must be an integer >= 1, got {passes!r}")
     layers = dict(nmult_layers(model))

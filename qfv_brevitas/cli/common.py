@@ -186,9 +186,9 @@ def add_checkpoint_args(p: argparse.ArgumentParser, out: Optional[str] = None,
 
 def add_reg_args(p: argparse.ArgumentParser, sam: bool = True) -> None:
     """``--reg-shape``, ``--reg-width`` and (``sam``) ``--sam-rho`` of a training
-    (defaults: :class:`~qfv_brevitas.core.train.TrainConfig`)."""
+    (defaults: :class:`~qfv_brevitas.training.train.TrainConfig`)."""
     from qfv_brevitas.core.distance import SHAPES
-    from qfv_brevitas.core.train import TrainConfig
+    from qfv_brevitas.training.train import TrainConfig
 
     p.add_argument("--reg-shape", choices=SHAPES, default=TrainConfig.reg_shape,
                    help="regularizer shape: sq (paper), gauss (Gaussian well), sin (SinReQ)")
@@ -213,7 +213,7 @@ def add_finetune_args(p: argparse.ArgumentParser, sam: bool = True) -> None:
 
 
 def finetune_config(args, sam: bool = True):
-    """The :class:`~qfv_brevitas.core.train.TrainConfig` of :func:`add_finetune_args` (its
+    """The :class:`~qfv_brevitas.training.train.TrainConfig` of :func:`add_finetune_args` (its
     ``--sam-rho`` with ``sam``)."""
     from dataclasses import replace
 

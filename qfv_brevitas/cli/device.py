@@ -190,7 +190,7 @@ def run_finetune(args) -> int:
     """``qfv faults|variability finetune``: one chip's map (a file, or drawn), then a fine-tune
     to it; the map travels with the saved model."""
     from qfv_brevitas.chip import repair as R
-    from qfv_brevitas.core.train import evaluate as accuracy
+    from qfv_brevitas.training.train import evaluate as accuracy
     from qfv_brevitas.zoo.checkpoint import save_checkpoint
 
     model, info, train, test = load_for_device(args)

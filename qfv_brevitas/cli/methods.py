@@ -116,7 +116,7 @@ def run_bitflips_eval(args) -> int:
 def run_bitflips_finetune(args) -> int:
     """``qfv bitflips finetune``."""
     from qfv_brevitas.chip.bitflips import BitFlipModel
-    from qfv_brevitas.core.train import evaluate
+    from qfv_brevitas.training.train import evaluate
     from qfv_brevitas.studies.methods import random_bit_error_finetune
     from qfv_brevitas.studies.scenario import exempt_layers
     from qfv_brevitas.zoo.checkpoint import save_checkpoint
@@ -166,7 +166,7 @@ def run_selftune(args) -> int:
     from qfv_brevitas.chip.selftune import calibration_batch, reference_statistics, self_tune
     from qfv_brevitas.chip.variability import (VariabilityMap, VariabilityModel,
                                                attach_variability, sample_variability_map)
-    from qfv_brevitas.core.train import evaluate
+    from qfv_brevitas.training.train import evaluate
     from qfv_brevitas.studies.scenario import exempt_layers
 
     if not any(v is not None for v in (args.fault_map, args.var_map, args.rate, args.sigma,

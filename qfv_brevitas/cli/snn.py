@@ -35,7 +35,7 @@ command_group("snn", help="spiking networks (LIF neurons) with N-multiplier weig
                      "--bits with the regularizer (spikes are the activations). Writes "
                      "results.json, float.pt and {variant}_w{bits}.pt to --out.")
 def train(p: argparse.ArgumentParser):
-    from qfv_brevitas.core.train import TrainConfig
+    from qfv_brevitas.training.train import TrainConfig
     from qfv_brevitas.snn.config import ENCODINGS, SURROGATES
     from qfv_brevitas.snn.data import SNN_DATASETS
     from qfv_brevitas.snn.models import SPIKING_MODEL_NAMES
@@ -93,7 +93,7 @@ def run_train(args: argparse.Namespace) -> int:
     from qfv_brevitas.snn import SNNDependencyError, SpikingConfig
     from qfv_brevitas.snn.data import NEUROMORPHIC
     from qfv_brevitas.snn.experiment import format_snn_results, run_snn_experiment
-    from qfv_brevitas.core.train import TrainConfig
+    from qfv_brevitas.training.train import TrainConfig
 
     if args.dataset == "idx" and not args.data_dir:
         raise ValueError("--dataset idx needs --data-dir DIR (a folder with the IDX files)")

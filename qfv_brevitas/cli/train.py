@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from qfv_brevitas.cli.common import add_dataset_args, add_reg_args, command, declare_io
-from qfv_brevitas.core.config import INITS, MODES, VARIANTS
+from qfv_brevitas.core.config import FORWARD_MODES, INITS, VARIANTS
 
 __all__ = ["IDX_FP_EPOCHS", "IDX_Q_EPOCHS", "IDX_BATCH"]
 
@@ -15,7 +15,7 @@ IDX_FP_EPOCHS, IDX_Q_EPOCHS, IDX_BATCH = 3, 2, 128
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    from qfv_brevitas.core.train import TrainConfig
+    from qfv_brevitas.training.train import TrainConfig
 
     add_dataset_args(p)
     p.add_argument("--arch", default="small_cnn", choices=("small_cnn", "mlp", "resnet18", "vgg"))
@@ -23,7 +23,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="weight and activation bits of the inner layers (W{b}A{b})")
     p.add_argument("--variants", nargs="+", default=list(("fixed", "step", "nmult")),
                    choices=VARIANTS)
-    p.add_argument("--mode", default="paper", choices=MODES)
+    p.add_argument("--mode", default="paper", choices=FORWARD_MODES)
     p.add_argument("--init", default=None, choices=INITS,
                    help="initial levels: lsq (LSQ's uniform grid), uniform (best-MSE uniform "
                         "grid) or fit (levels fitted to the float weights); default: fit for "
@@ -75,7 +75,7 @@ def report(p: argparse.ArgumentParser):
 
 def run_train(args) -> int:
     """``qfv demo`` / ``qfv train``."""
-    from qfv_brevitas.core.train import TrainConfig
+    from qfv_brevitas.training.train import TrainConfig
     from qfv_brevitas.studies.experiment import format_results, run_experiment
 
     if args.dataset == "idx" and not args.data_dir:
@@ -107,7 +107,7 @@ def run_train(args) -> int:
 
 def run_report(args) -> int:
     """``qfv report``."""
-    from qfv_brevitas.core.deploy import format_report, layer_report
+    from qfv_brevitas.core.snapping import format_report, layer_report
     from qfv_brevitas.zoo.checkpoint import load_checkpoint
 
     model, info = load_checkpoint(args.checkpoint)

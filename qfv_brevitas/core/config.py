@@ -12,14 +12,14 @@ from qfv_brevitas.util.configbase import QfvConfig
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.util.validate import as_number, check_choice, check_int
 
-__all__ = ["VARIANTS", "MODES", "INITS", "NMultConfig", "LambdaSchedule"]
+__all__ = ["VARIANTS", "FORWARD_MODES", "INITS", "NMultConfig", "LambdaSchedule"]
 
 #: Quantizer variants of the paper's family (eq. 2-4).
 VARIANTS = ("nmult", "step", "fixed")
 #: Forward modes: ``paper`` (full-precision weights while training, snapped in eval), ``ste``
 #: (snapped in the forward pass with a straight-through gradient, no regularizer) and ``both``
 #: (STE forward plus the regularizer).
-MODES = ("paper", "ste", "both")
+FORWARD_MODES = ("paper", "ste", "both")
 #: Initial levels of the weight quantizers: ``lsq`` (symmetric uniform grid, LSQ's step),
 #: ``uniform`` (the best-MSE uniform grid), ``fit`` (levels fitted to the weights: the
 #: N-multiplier fit for ``nmult``, the best uniform grid for ``step``/``fixed``).
@@ -35,7 +35,7 @@ class NMultConfig(QfvConfig):
         act_bits: bits of the inner layers' input activations (1..8), or ``None`` for float.
         variant: ``"nmult"`` (learnable bit multipliers ``r`` and offset ``c``), ``"step"``
             (uniform levels, learned step and offset, LSQ init) or ``"fixed"`` (uniform, frozen).
-        mode: ``"paper"``, ``"ste"`` or ``"both"`` (see :data:`MODES`).
+        mode: ``"paper"``, ``"ste"`` or ``"both"`` (see :data:`FORWARD_MODES`).
         init: initial levels of the weight quantizers (see :data:`INITS`): ``"lsq"``,
             ``"uniform"`` (best-MSE uniform grid) or ``"fit"`` (levels fitted to the weights);
             ``None`` (default): ``"fit"`` for ``nmult`` (measured best, ``BENCHMARKS.md``),
@@ -68,7 +68,7 @@ class NMultConfig(QfvConfig):
         if self.first_last_bits is not None:
             self.first_last_bits = check_bits(self.first_last_bits, "NMultConfig.first_last_bits")
         check_choice(self.variant, VARIANTS, "quantizer variant")
-        check_choice(self.mode, MODES, "forward mode")
+        check_choice(self.mode, FORWARD_MODES, "forward mode")
         if self.init is None:
             self.init = "fit" if self.variant == "nmult" else "lsq"
         check_choice(self.init, INITS, "level init")

@@ -18,7 +18,7 @@ import brevitas.nn as qnn
 from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
 from brevitas.quant import Int8ActPerTensorFloat, Uint8ActPerTensorFloat
 
-from qfv_brevitas.core.config import MODES, NMultConfig
+from qfv_brevitas.core.config import FORWARD_MODES, NMultConfig
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.util.validate import check_choice
 from qfv_brevitas.core.levels import check_bits
@@ -262,7 +262,7 @@ def swap_weight_quant(model: nn.Module, config: Optional[NMultConfig] = None,
 def set_forward_mode(model: nn.Module, mode: str) -> nn.Module:
     """Switch every N-multiplier layer to ``mode`` (``paper``, ``ste`` or ``both``); the mode
     is kept in the state dict and survives Brevitas re-initialising the quantizer."""
-    check_choice(mode, MODES, "forward mode")
+    check_choice(mode, FORWARD_MODES, "forward mode")
     for _, layer in nmult_layers(model):
         proxy = layer.weight_quant
         proxy.quant_injector = proxy.quant_injector.let(forward_mode=mode)

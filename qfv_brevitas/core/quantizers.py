@@ -21,7 +21,7 @@ from brevitas.proxy import WeightQuantProxyFromInjector
 from qfv_brevitas.core import fitting as FIT
 from qfv_brevitas.core import levels as L
 from qfv_brevitas.core.chip import Chip
-from qfv_brevitas.core.config import INITS, MODES, VARIANTS
+from qfv_brevitas.core.config import FORWARD_MODES, INITS, VARIANTS
 from qfv_brevitas.core.distance import DEFAULT_WIDTH
 from qfv_brevitas.core.groups import GroupLayout
 from qfv_brevitas.core.search import sync_free
@@ -66,7 +66,7 @@ class NMultTensorQuant(nn.Module):
         super().__init__()
         self.bits = L.check_bits(bit_width, f"weight quantizer{_where(layer_name)}")
         self.variant = check_choice(quant_variant, VARIANTS, "quantizer variant")
-        self.mode = check_choice(forward_mode, MODES, "forward mode")
+        self.mode = check_choice(forward_mode, FORWARD_MODES, "forward mode")
         self.level_init = check_choice(level_init, INITS, "level init")
         self.per_channel = bool(scaling_per_output_channel)
         self.channel_dim = int(output_channel_dim)
@@ -237,7 +237,7 @@ class NMultTensorQuant(nn.Module):
     def distance_unchecked(self, w: Tensor, shape: str = "sq",
                            width: float = DEFAULT_WIDTH) -> Tensor:
         """:meth:`distance` without the finiteness check of the result (a host sync on a GPU):
-        :func:`qfv_brevitas.core.regularizer.regularization_loss` checks the sum over all
+        :func:`qfv_brevitas.training.regularizer.regularization_loss` checks the sum over all
         layers once."""
         self.check_weight(w)
         return self.chip.distance(self.to_groups(w), self.multipliers(), self.offset(), shape,
@@ -298,7 +298,7 @@ class NMultTensorQuant(nn.Module):
                     f"checkpoint does not match the weight quantizer{_where(self.layer_name)}: "
                     f"{key} is {state[key]!r} in the checkpoint but {mine[key]!r} in the model. "
                     "Build the model with the checkpoint's configuration before loading it.")
-        self.mode = check_choice(state.get("mode", self.mode), MODES, "forward mode")
+        self.mode = check_choice(state.get("mode", self.mode), FORWARD_MODES, "forward mode")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

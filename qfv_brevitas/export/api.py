@@ -75,7 +75,7 @@ def _accuracy_fn(data) -> Optional[Callable[[nn.Module], float]]:
         return None
     if callable(data) and not isinstance(data, Dataset):
         return data
-    from qfv_brevitas.core.train import evaluate
+    from qfv_brevitas.training.train import evaluate
 
     return lambda m: evaluate(m, data)
 

@@ -19,7 +19,7 @@ from qfv_brevitas.studies.experiment import accuracy_table, not_a_run_folder
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.util.safeio import atomic_dir, atomic_write, check_output
 from qfv_brevitas.util.validate import check_choice
-from qfv_brevitas.core.train import TrainConfig, evaluate, fit
+from qfv_brevitas.training.train import TrainConfig, evaluate, fit
 from qfv_brevitas.snn.config import SpikingConfig
 from qfv_brevitas.snn.data import load_snn_dataset
 from qfv_brevitas.snn.models import SPIKING_MODEL_NAMES, build_spiking_model

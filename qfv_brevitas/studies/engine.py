@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from qfv_brevitas.chip.repair import set_deploy_mapping
 from qfv_brevitas.chip.selftune import calibration_batch, reference_statistics, self_tune
 from qfv_brevitas.core.quantizers import nmult_layers
-from qfv_brevitas.core.train import TrainConfig, evaluate, model_device
+from qfv_brevitas.training.train import TrainConfig, evaluate, model_device
 from qfv_brevitas.studies.methods import Method, check_methods, get_method
 from qfv_brevitas.studies.results import COMPARISON, IDEAL, StudyResult
 from qfv_brevitas.studies.scenario import LAYER_SETS, SCENARIO_KINDS, Scenario

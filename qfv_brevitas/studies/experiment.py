@@ -20,7 +20,7 @@ from qfv_brevitas.zoo.models import build_model
 from qfv_brevitas.studies.plots import plot_fitted_levels, plot_levels
 from qfv_brevitas.util.progress import RunProgress
 from qfv_brevitas.util.safeio import atomic_dir, atomic_write, check_output
-from qfv_brevitas.core.train import TrainConfig, evaluate, fit
+from qfv_brevitas.training.train import TrainConfig, evaluate, fit
 
 __all__ = ["run_experiment", "format_results", "check_model_fits", "not_a_run_folder",
            "ExperimentPlan", "ExperimentData", "plan_experiment", "float_model", "run_bar",

@@ -42,7 +42,7 @@ from qfv_brevitas.chip.bitflips import BitFlipModel, attach_bitflips, detach_bit
 from qfv_brevitas.chip.repair import (chip_in_loop_finetune, fault_aware_finetune,
                                       set_deploy_mapping, variability_aware_finetune)
 from qfv_brevitas.core.convert import set_forward_mode
-from qfv_brevitas.core.train import TrainConfig, fit
+from qfv_brevitas.training.train import TrainConfig, fit
 from qfv_brevitas.studies.scenario import SCENARIO_KINDS, exempt_layers
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.util.validate import check_choice
@@ -213,7 +213,7 @@ def random_bit_error_finetune(model: nn.Module, train: Dataset, test: Optional[D
     """Random-bit-error training: fine-tune ``model`` in place with fresh random bit flips at
     ``flips.rate`` in every training forward pass (straight-through gradient), the regularizer
     of ``cfg`` as usual. The injectors are removed afterwards: the model deploys as before,
-    hopefully tolerating flips. Returns :func:`qfv_brevitas.core.train.fit`'s history."""
+    hopefully tolerating flips. Returns :func:`qfv_brevitas.training.train.fit`'s history."""
     attach_bitflips(model, flips)
     try:
         return fit(model, train, test, cfg, desc="random-bit-error", progress=progress)

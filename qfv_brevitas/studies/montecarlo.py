@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence
 from torch import nn
 from torch.utils.data import Dataset
 
-from qfv_brevitas.core.train import TrainConfig
+from qfv_brevitas.training.train import TrainConfig
 from qfv_brevitas.studies.engine import CompareConfig, default_finetune, run_study
 from qfv_brevitas.studies.results import StudyResult
 from qfv_brevitas.studies.scenario import Scenario, check_levels

@@ -4,7 +4,7 @@ baseline.
 
 The math is in :mod:`qfv_brevitas.core.fitting` (pure torch); this module applies it to the
 N-multiplier layers of a Brevitas model (the in-place refit that training runs is
-:func:`qfv_brevitas.core.refit.refit_levels_`).
+:func:`qfv_brevitas.training.refit.refit_levels_`).
 """
 from __future__ import annotations
 
@@ -222,7 +222,7 @@ def quantize_post_training(source: Union[nn.Module, Mapping, str, Path], bits: i
     q.eval()
     result = PTQResult(q, config, level_errors(q, lloyd=lloyd))
     if data is not None:
-        from qfv_brevitas.core.train import evaluate
+        from qfv_brevitas.training.train import evaluate
 
         result.float_acc = evaluate(float_model, data, batch_size)
         result.acc = evaluate(q, data, batch_size)

@@ -30,7 +30,7 @@ from qfv_brevitas.zoo.checkpoint import load_checkpoint, save_checkpoint
 from qfv_brevitas.zoo.models import build_model
 from qfv_brevitas.chip.repair import (chip_in_loop_finetune, fault_aware_finetune, has_device_maps,
                                  remap_to_valid_, set_deploy_mapping, variability_aware_finetune)
-from qfv_brevitas.core.train import TrainConfig, evaluate
+from qfv_brevitas.training.train import TrainConfig, evaluate
 
 IN_SHAPE = (1, 6, 6)
 

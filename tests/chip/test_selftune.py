@@ -14,7 +14,7 @@ from qfv_brevitas import (VariabilityModel, attach_variability, nmult_layers,
 from qfv_brevitas.chip.bitflips import BitFlipModel, attach_bitflips
 from qfv_brevitas.chip.selftune import (calibration_batch, layer_statistics, reference_statistics,
                                    remove_self_tuning, self_tune)
-from qfv_brevitas.core.train import evaluate
+from qfv_brevitas.training.train import evaluate
 
 
 def hooked_stats(model, x):

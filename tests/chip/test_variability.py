@@ -447,7 +447,7 @@ def test_shared_component_settings_are_validated():
 
 def test_evaluate_variability_groups_trials_by_chip(digits, trained):
     from qfv_brevitas.studies.montecarlo import evaluate_variability
-    from qfv_brevitas.core.train import evaluate
+    from qfv_brevitas.training.train import evaluate
     import copy
 
     model, _ = trained

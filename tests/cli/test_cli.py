@@ -28,7 +28,7 @@ def test_demo_writes_table_json_png_and_checkpoints(tmp_path, capsys):
     assert info["config"].weight_bits == 3
     # The saved accuracy is what the rebuilt model gives.
     from qfv_brevitas.zoo.data import load_digits_split
-    from qfv_brevitas.core.train import evaluate
+    from qfv_brevitas.training.train import evaluate
     assert evaluate(model, load_digits_split(0)[1]) == pytest.approx(res["runs"][1]["acc"])
     assert main(["report", str(out / "nmult_w3a3.pt")]) == 0
     rep = capsys.readouterr().out

@@ -8,7 +8,7 @@ import pytest
 
 from qfv_brevitas.cli import common
 from qfv_brevitas.cli.app import build_parser
-from qfv_brevitas.core.train import TrainConfig
+from qfv_brevitas.training.train import TrainConfig
 from qfv_brevitas.studies.engine import CompareConfig, default_finetune
 from qfv_brevitas.studies.scenario import Scenario
 

@@ -15,7 +15,7 @@ from qfv_brevitas.zoo.checkpoint import save_checkpoint
 from qfv_brevitas.cli.app import main
 from qfv_brevitas.export import read_metadata
 from qfv_brevitas.zoo.models import MLP
-from qfv_brevitas.core.train import TrainConfig, fit
+from qfv_brevitas.training.train import TrainConfig, fit
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -28,7 +28,7 @@ from qfv_brevitas.core.convert import ConversionError, set_forward_mode
 from qfv_brevitas.core.quantizers import NMultWeightQuantProxy
 from qfv_brevitas.core.convert import unsigned_input_layers
 from qfv_brevitas.zoo.models import resnet18_cifar, vgg_cifar
-from qfv_brevitas.core.train import TrainConfig, param_groups
+from qfv_brevitas.training.train import TrainConfig, param_groups
 
 # LSQ's start: these tests check the conversion and LSQ's grid (fitted levels: test_ptq.py).
 CFG = NMultConfig(weight_bits=3, act_bits=4, init="lsq")

@@ -46,7 +46,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         from qfv_brevitas import regularization_loss
-        from qfv_brevitas.core.train import TrainConfig, param_groups
+        from qfv_brevitas.training.train import TrainConfig, param_groups
 
         results = {}
         for mode in MODES:

@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 from qfv_brevitas import FaultMap, NMultConfig, attach_faults, quantize_model, regularization_loss
-from qfv_brevitas.core.regularizer import layer_factor
+from qfv_brevitas.training.regularizer import layer_factor
 from qfv_brevitas.core import device as D
 from qfv_brevitas.core import levels as L
 from qfv_brevitas.core.quantizers import (LearnedStepWeightQuant, NMultWeightPerChannelQuant,
                                      NMultWeightQuant, nmult_layers, quant_of)
-from qfv_brevitas.core.regularizer import QuantRegularizer
+from qfv_brevitas.training.regularizer import QuantRegularizer
 from qfv_brevitas.core.distance import (DEFAULT_WIDTH, SHAPES, chip_distance, ideal_distance,
                                         shape_terms)
 
@@ -32,7 +32,7 @@ def deployed_shaped_distance(w, r, c, codes, sa0=None, sa1=None, lrs=None, hrs=N
     """The device distance with a shape for given programmed codes."""
     return chip_distance(w, r, c, sa0, sa1, lrs, hrs, shape, width, where, codes=codes)
 from qfv_brevitas.core.config import LambdaSchedule
-from qfv_brevitas.core.train import TrainConfig, fit
+from qfv_brevitas.training.train import TrainConfig, fit
 
 SHAPED = ("gauss", "sin")
 

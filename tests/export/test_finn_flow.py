@@ -24,7 +24,7 @@ from qfv_brevitas import NMultConfig, quantize_model
 from qfv_brevitas.zoo.checkpoint import save_checkpoint
 from qfv_brevitas.export import export_qonnx, reference_model
 from qfv_brevitas.zoo.models import build_model
-from qfv_brevitas.core.train import TrainConfig, fit
+from qfv_brevitas.training.train import TrainConfig, fit
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "export" / "finn" / "run_finn.py"

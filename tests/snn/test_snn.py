@@ -11,9 +11,9 @@ pytest.importorskip("spikingjelly")
 
 from qfv_brevitas import NMultConfig, quantize_model  # noqa: E402
 from qfv_brevitas.core.convert import ConversionError  # noqa: E402
-from qfv_brevitas.core.deploy import snap_weights_  # noqa: E402
+from qfv_brevitas.core.snapping import snap_weights_  # noqa: E402
 from qfv_brevitas.core.quantizers import nmult_layers, quant_of  # noqa: E402
-from qfv_brevitas.core.regularizer import regularization_loss  # noqa: E402
+from qfv_brevitas.training.regularizer import regularization_loss  # noqa: E402
 from qfv_brevitas.snn import (LIF, ResNet19, SpikingConfig, SpikingNet, lif_layers,  # noqa: E402
                               rate_encode, snn_export_metadata, spiking_resnet19,
                               spiking_small_cnn, spiking_vgg11, to_spiking)
@@ -233,7 +233,7 @@ def test_without_the_reset_the_library_path_would_leak_state(monkeypatch):
 
 def test_evaluation_is_repeatable_with_rate_coding():
     from qfv_brevitas.zoo.data import load_digits_split
-    from qfv_brevitas.core.train import evaluate
+    from qfv_brevitas.training.train import evaluate
 
     _, test = load_digits_split(0)
     torch.manual_seed(0)

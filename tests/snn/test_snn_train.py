@@ -16,7 +16,7 @@ from qfv_brevitas.chip.faults import FaultModel, attach_faults, sample_fault_map
 from qfv_brevitas.chip.repair import fault_aware_finetune, set_deploy_mapping  # noqa: E402
 from qfv_brevitas.snn import (SpikingConfig, SpikingNet, load_snn_dataset,  # noqa: E402
                               spiking_mlp, spiking_small_cnn)
-from qfv_brevitas.core.train import TrainConfig, evaluate, fit  # noqa: E402
+from qfv_brevitas.training.train import TrainConfig, evaluate, fit  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_training_on_spike_encoded_digits_learns(spiking_w4):
 
 def test_trained_model_fires_and_its_eval_weights_are_levels(spiking_w4, digits):
     _, _, q, q_acc, _ = spiking_w4
-    from qfv_brevitas.core.deploy import snap_weights_
+    from qfv_brevitas.core.snapping import snap_weights_
 
     snapped = copy.deepcopy(q)
     with torch.no_grad():

@@ -31,7 +31,7 @@ from qfv_brevitas.studies.scenario import Scenario, scenarios
 from qfv_brevitas.zoo.models import build_model
 from qfv_brevitas.chip.repair import fault_aware_finetune, variability_aware_finetune
 from qfv_brevitas.chip.selftune import calibration_batch, reference_statistics, self_tune
-from qfv_brevitas.core.train import TrainConfig, evaluate, fit
+from qfv_brevitas.training.train import TrainConfig, evaluate, fit
 
 EXEMPT = {"features.0": 0.0, "classifier.3": 0.0}
 FT = TrainConfig(epochs=1, lr=0.005, lambda_rise_epochs=1)

@@ -10,7 +10,7 @@ import pytest
 from qfv_brevitas import (VariabilityModel, attach_variability, sample_variability_map,
                           set_deploy_mapping)
 from qfv_brevitas.studies import evaluate_faults, evaluate_variability
-from qfv_brevitas.core.train import evaluate
+from qfv_brevitas.training.train import evaluate
 from qfv_brevitas.studies.compare import compare_methods
 from qfv_brevitas.studies.engine import CompareConfig, check_trials, default_finetune, run_study
 from qfv_brevitas.studies.results import StudyResult

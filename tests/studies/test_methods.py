@@ -14,7 +14,7 @@ from qfv_brevitas import FaultModel, attach_faults, nmult_layers, sample_fault_m
 from qfv_brevitas.studies import compare_faults
 from qfv_brevitas.chip.bitflips import BitFlipModel, bitflip_injectors
 from qfv_brevitas.cli.app import build_parser
-from qfv_brevitas.core.train import TrainConfig, evaluate, fit
+from qfv_brevitas.training.train import TrainConfig, evaluate, fit
 from qfv_brevitas.studies.compare import compare_methods
 from qfv_brevitas.studies.engine import CompareConfig, run_study
 from qfv_brevitas.studies.methods import (METHODS, get_method, method_names,

@@ -29,7 +29,7 @@ from qfv_brevitas.studies.scenario import edge_layers
 from qfv_brevitas.zoo.models import SmallCNN
 from qfv_brevitas.chip.repair import (chip_in_loop_finetune, fault_aware_finetune,
                                  variability_aware_finetune)
-from qfv_brevitas.core.train import TrainConfig, evaluate
+from qfv_brevitas.training.train import TrainConfig, evaluate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

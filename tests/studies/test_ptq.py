@@ -1,6 +1,6 @@
-"""Fitted levels on models: ``init="fit"`` on Brevitas layers and in ``quantize_model``,
-``refit_levels_``, QAT whose multipliers keep learning, post-training quantization (Python and
-``qfv quantize``), the levels figure, and bad input."""
+"""Fitted levels on models: ``init="fit"`` on Brevitas layers and in ``quantize_model``, QAT
+whose multipliers keep learning, post-training quantization (Python and ``qfv quantize``), the
+levels figure, and bad input (refits: ``tests/training/test_refit.py``)."""
 from __future__ import annotations
 
 import copy
@@ -18,27 +18,15 @@ from qfv_brevitas.core import fitting as F
 from qfv_brevitas.zoo.checkpoint import load_checkpoint, save_checkpoint
 from qfv_brevitas.cli.app import main
 from qfv_brevitas.core.convert import ConversionError
-from qfv_brevitas.chip.faults import FaultModel, attach_faults, sample_fault_map
 from qfv_brevitas.core.levels import level_table
 from qfv_brevitas.zoo.models import SmallCNN, build_model
-from qfv_brevitas.core.refit import refit_levels_
 from qfv_brevitas.studies.ptq import (PTQError, brevitas_uniform, float_state_dict, level_errors,
                               quantize_post_training)
 from qfv_brevitas.core.quantizers import (FixedLevelWeightQuant, LearnedStepWeightQuant,
                                      NMultWeightQuant, nmult_layers, quant_of)
-from qfv_brevitas.core.train import TrainConfig, evaluate, fit
+from qfv_brevitas.training.train import TrainConfig, evaluate, fit
 
 SHAPE, CLASSES = (1, 8, 8), 10
-
-
-@pytest.fixture(scope="module")
-def float_cnn(digits):
-    """The ``qfv demo`` architecture trained briefly in float (eval mode)."""
-    train, _ = digits
-    torch.manual_seed(0)
-    m = build_model("small_cnn", SHAPE, CLASSES)
-    fit(m, train, None, TrainConfig(epochs=5, lr=0.05), progress=False)
-    return m.eval()
 
 
 def groups_of(layer):
@@ -111,41 +99,6 @@ def test_state_dict_round_trip_of_fitted_quantizers(float_cnn, tmp_path):
     assert torch.equal(loaded(x), ref)
 
 
-# ---------------------------------------------------------------------------- refit in place
-
-def test_refit_levels_in_place(float_cnn):
-    q = quantize_model(float_cnn, NMultConfig(weight_bits=3, act_bits=None, init="lsq",
-                                              first_last_bits=None))
-    params = {n: (quant_of(l).r, quant_of(l).c) for n, l in nmult_layers(q)}
-    rows = refit_levels_(q)
-    assert [r["layer"] for r in rows] == list(params)
-    for row, (name, layer) in zip(rows, nmult_layers(q)):
-        tq, w2d = groups_of(layer)
-        assert tq.r is params[name][0] and tq.c is params[name][1]  # in place
-        fitted = F.fit_multipliers(w2d, 3)
-        assert row["error_after"] == pytest.approx(float(fitted.error.sum()), rel=1e-6)
-        assert row["error_after"] < 0.7 * row["error_before"]  # LSQ's grid is far off
-    # Warm refits from the fit never increase the error.
-    for row in refit_levels_(q, warm=True):
-        assert row["error_after"] <= row["error_before"] * (1 + 1e-12)
-    with pytest.raises(ValueError, match="no N-multiplier layers named"):
-        refit_levels_(q, layers=["nope"])
-
-
-def test_refit_leaves_fixed_levels_alone_when_warm_and_device_mapped_layers(float_cnn):
-    q = quantize_model(float_cnn, NMultConfig(weight_bits=3, act_bits=None, variant="fixed"))
-    before = {n: quant_of(l).levels().clone() for n, l in nmult_layers(q)}
-    refit_levels_(q, warm=True)
-    for n, l in nmult_layers(q):
-        assert torch.equal(quant_of(l).levels(), before[n])
-    q = quantize_model(float_cnn, NMultConfig(weight_bits=3, act_bits=None))
-    attach_faults(q, sample_fault_map(q, FaultModel(rate=0.1, seed=0,
-                                                    layer_rates={"features.0": 0.0})))
-    # Every layer carries a map (rate 0 on one): all are left to the device-aware regularizer.
-    assert refit_levels_(q) == []
-    assert len(refit_levels_(q, skip_device_maps=False)) == len(nmult_layers(q))
-
-
 # ---------------------------------------------------------------- QAT: levels keep learning
 
 def _nonuniform_inner(model):
@@ -180,22 +133,6 @@ def test_fit_with_defaults_keeps_levels_non_uniform_and_moving(float_cnn, digits
     assert all(torch.isfinite(quant_of(l).r).all() for _, l in nmult_layers(q))
     assert max(moved) > 1e-4
     assert evaluate(q, test) > 0.8
-
-
-def test_refit_every_refits_during_training(float_cnn, digits):
-    """With the r/c learning rate at 0 only the refits can move the levels; after training the
-    levels are a fixed point of the refit (the last step ends with one)."""
-    train, _ = digits
-    q = quantize_model(float_cnn, NMultConfig(weight_bits=3, act_bits=None, init="uniform"))
-    r0 = {n: quant_of(l).r.detach().clone() for n, l in nmult_layers(q)}
-    steps = -(-len(train) // 64)
-    fit(q, train, None, TrainConfig(epochs=1, lr=0.01, quant_lr=0.0, lambda_rise_epochs=1,
-                                    refit_every=steps), progress=False)
-    assert any(not torch.equal(quant_of(l).r, r0[n]) for n, l in nmult_layers(q))
-    for row in refit_levels_(q, warm=True):
-        assert row["error_after"] >= row["error_before"] * (1 - 1e-9), row
-    with pytest.raises(ValueError, match="refit_every"):
-        TrainConfig(refit_every=-1)
 
 
 # ------------------------------------------------------------------------ post-training

@@ -13,7 +13,7 @@ from qfv_brevitas import (FaultModel, VariabilityModel, attach_faults, attach_va
                           nmult_layers, sample_fault_map, sample_variability_map)
 from qfv_brevitas.studies.engine import CompareConfig
 from qfv_brevitas.studies.scenario import Scenario, edge_layers, exempt_layers, scenarios
-from qfv_brevitas.core.train import TrainConfig
+from qfv_brevitas.training.train import TrainConfig
 from qfv_brevitas.util.configbase import VERSION_KEY
 
 

@@ -18,7 +18,7 @@ from qfv_brevitas.chip.variability import (VariabilityMap, VariabilityMapError, 
                                            sample_variability_map)
 from qfv_brevitas.core.config import LambdaSchedule, NMultConfig
 from qfv_brevitas.core.convert import quantize_model
-from qfv_brevitas.core.train import TrainConfig
+from qfv_brevitas.training.train import TrainConfig
 from qfv_brevitas.snn.config import SpikingConfig
 from qfv_brevitas.util.configbase import VERSION_KEY, QfvConfig
 from qfv_brevitas.util.errors import QfvError

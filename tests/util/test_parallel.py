@@ -17,7 +17,7 @@ from qfv_brevitas.studies.engine import CompareConfig
 from qfv_brevitas.studies.montecarlo import evaluate_bitflips, evaluate_variability
 from qfv_brevitas.studies.scenario import scenarios
 from qfv_brevitas.util.parallel import run_tasks
-from qfv_brevitas.core.train import TrainConfig
+from qfv_brevitas.training.train import TrainConfig
 
 WORLD = 2
 TIMEOUT_S = 120

@@ -1,4 +1,6 @@
-"""Deployment: snap weights onto their levels for good, read their N-bit codes, report layers."""
+"""Weights on their levels for good: snap them in place, read their N-bit codes, and report per
+layer how far the weights lie from the levels (what a model is before it is deployed; the chip's
+arithmetic is :mod:`qfv_brevitas.core.device`)."""
 from __future__ import annotations
 
 from typing import Dict, List

@@ -1,5 +1,5 @@
 """Refit in place: each N-multiplier layer's levels fitted to its current weights (closed form,
-:mod:`qfv_brevitas.core.fitting`); :func:`qfv_brevitas.core.train.fit` runs it every
+:mod:`qfv_brevitas.core.fitting`); :func:`qfv_brevitas.training.train.fit` runs it every
 ``TrainConfig.refit_every`` steps."""
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def refit_levels_(model: nn.Module, warm: bool = False,
     ``warm=False``: the full fit (:func:`qfv_brevitas.core.fitting.fit_multipliers`, never worse than
     the best uniform grid; ``step``/``fixed`` layers get the best uniform grid);
     ``warm=True``: alternating minimisation from the current levels (cheap, never worse than
-    them; ``fixed`` layers are left alone), what :func:`qfv_brevitas.core.train.fit` runs every
+    them; ``fixed`` layers are left alone), what :func:`qfv_brevitas.training.train.fit` runs every
     ``TrainConfig.refit_every`` steps. Layers with a fault or variability map attached are
     skipped unless ``skip_device_maps=False`` (the fit knows the ideal levels only; the
     device-aware regularizer fits those). ``layers`` restricts the refit to these names.

@@ -3,18 +3,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from qfv_brevitas.core.config import LambdaSchedule
-from qfv_brevitas.core.quantizers import nmult_layers, quant_of
-from qfv_brevitas.core.refit import refit_levels_
-from qfv_brevitas.core.regularizer import QuantRegularizer
-from qfv_brevitas.core.sam import SharpnessAware, check_rho
 from qfv_brevitas.core.distance import DEFAULT_WIDTH, check_shape, check_width
+from qfv_brevitas.core.quantizers import nmult_layers, quant_of
+from qfv_brevitas.training.refit import refit_levels_
+from qfv_brevitas.training.regularizer import QuantRegularizer
+from qfv_brevitas.training.sam import SharpnessAware, check_rho
 from qfv_brevitas.util.configbase import QfvConfig
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.util.progress import RunProgress
@@ -56,12 +56,13 @@ class TrainConfig(QfvConfig):
     reg_shape: str = "sq"
     #: Gaussian width as a fraction of the local level spacing (``reg_shape="gauss"`` only)
     reg_width: float = DEFAULT_WIDTH
-    #: SAM radius (FlatENN's sharpness-aware quantization, :mod:`qfv_brevitas.core.sam`); 0 = off
+    #: SAM radius (FlatENN's sharpness-aware quantization, :mod:`qfv_brevitas.training.sam`);
+    #: 0 = off
     sam_rho: float = 0.0
     #: every this many optimizer steps, refit each learnable quantizer's levels to its
     #: current weights in closed form (alternating minimisation from the current levels,
-    #: :func:`qfv_brevitas.core.refit.refit_levels_` with ``warm=True``), so that the levels keep
-    #: following the weights; 0 = off. Layers with a fault or variability map attached are
+    #: :func:`qfv_brevitas.training.refit.refit_levels_` with ``warm=True``), so that the levels
+    #: keep following the weights; 0 = off. Layers with a fault or variability map attached are
     #: left to the device-aware regularizer. Default 10: with fitted initial levels, the one
     #: setting at or above fixed, learned-step and stock Brevitas QAT in every digits cell
     #: measured (``BENCHMARKS.md``; its lead over no refit is within noise there).
@@ -149,6 +150,136 @@ def _raise_diverged(model: nn.Module, epoch: int, desc: str, loss: float,
         "inputs")
 
 
+@dataclass
+class _FitRun:
+    """What one run of :func:`fit` carries from batch to batch (built by :func:`_prepare`)."""
+
+    model: nn.Module
+    cfg: TrainConfig
+    loader: DataLoader
+    opts: List[torch.optim.Optimizer]
+    scheds: List[torch.optim.lr_scheduler.LRScheduler]
+    reg: Optional[QuantRegularizer]
+    sam: Optional[SharpnessAware]
+    loss_fn: nn.Module
+    #: whether the levels are refitted every ``cfg.refit_every`` steps
+    refit: bool
+    device: torch.device
+    #: optimizer steps taken so far (the refit schedule counts them over all epochs)
+    steps: int = 0
+
+
+def _optimizers(model: nn.Module, cfg: TrainConfig) -> List[torch.optim.Optimizer]:
+    """SGD + momentum on everything but the quantizer parameters; those get their own optimizer
+    (Adam or SGD at ``quant_lr``, see :class:`TrainConfig`)."""
+    groups = param_groups(model, cfg)
+    quant = [g for g in groups if g.get("quant")]
+    rest = [g for g in groups if not g.get("quant")]
+    opts = [torch.optim.SGD(rest, lr=cfg.lr, momentum=cfg.momentum)]
+    if quant:
+        if cfg.quant_optimizer == "adam":
+            opts.append(torch.optim.Adam(quant, lr=cfg.quant_lr))
+        else:
+            opts.append(torch.optim.SGD(quant, lr=cfg.quant_lr, momentum=cfg.momentum))
+    return opts
+
+
+def _prepare(model: nn.Module, train: Dataset, cfg: TrainConfig,
+             device: Optional[torch.device]) -> _FitRun:
+    """Seeds, the shuffled loader, optimizers with one cosine decay over all steps, and the
+    regularizer, SAM and refits where the model and ``cfg`` ask for them."""
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=g)
+    opts = _optimizers(model, cfg)
+    scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=cfg.epochs * len(loader))
+              for o in opts]
+    uses_reg = any(quant_of(m).uses_regularizer for _, m in nmult_layers(model))
+    reg = QuantRegularizer(model, cfg.schedule(), shape=cfg.reg_shape,
+                           width=cfg.reg_width) if uses_reg else None
+    sam = SharpnessAware(model, cfg.sam_rho) if cfg.sam_rho > 0 else None
+    loss_fn = nn.CrossEntropyLoss()
+    refit = cfg.refit_every > 0 and any(quant_of(m).variant != "fixed"
+                                        for _, m in nmult_layers(model))
+    device = torch.device(device) if device is not None else model_device(model)
+    return _FitRun(model, cfg, loader, opts, scheds, reg, sam, loss_fn, refit, device)
+
+
+def _zero_grad(run: _FitRun) -> None:
+    for o in run.opts:
+        o.zero_grad(set_to_none=True)
+
+
+def _sam_gradient(run: _FitRun, x: Tensor, y: Tensor, lam: float) -> None:
+    """SAM: replace the gradients by those at the worst point within rho, then move back to
+    the weights (the optimizer applies them there)."""
+    run.sam.ascend()
+    with run.sam.frozen_norm_stats():
+        loss2 = run.loss_fn(run.model(x), y)
+        if run.reg is not None:
+            loss2 = loss2 + lam * run.reg.unweighted()
+        _zero_grad(run)
+        loss2.backward()
+    run.sam.restore()
+
+
+def _train_step(run: _FitRun, x: Tensor, y: Tensor, lam: float
+                ) -> Tuple[Tensor, Optional[Tensor]]:
+    """One optimizer step on a batch (moved to the run's device); returns the task loss and the
+    unweighted regularizer (``None`` without one), detached, for the epoch's sums."""
+    x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+    task = run.loss_fn(run.model(x), y)
+    loss = task
+    r = None
+    if run.reg is not None:
+        r = run.reg.unweighted()
+        loss = loss + lam * r
+        r = r.detach()
+    _zero_grad(run)
+    loss.backward()
+    if run.sam is not None:
+        _sam_gradient(run, x, y, lam)
+    for o, sch in zip(run.opts, run.scheds):
+        o.step()
+        sch.step()
+    run.steps += 1
+    if run.refit and run.steps % run.cfg.refit_every == 0:
+        refit_levels_(run.model, warm=True)
+    return task.detach(), r
+
+
+def _train_epoch(run: _FitRun, epoch: int, bar: RunProgress) -> Tuple[Tensor, Tensor, float]:
+    """One pass over the loader; returns the summed task losses and regularizer values (on the
+    run's device: no host sync per batch) and the lambda this epoch applied."""
+    run.model.train()
+    tl = torch.zeros((), device=run.device)
+    rl = torch.zeros((), device=run.device)
+    # the lambda this epoch applies; the history records this value, not a recomputation
+    lam = run.reg.lam(epoch) if run.reg is not None else 0.0
+    for x, y in run.loader:
+        task, r = _train_step(run, x, y, lam)
+        if r is not None:
+            rl += r
+        tl += task
+        bar.update(1)
+    return tl, rl, lam
+
+
+def _record_epoch(run: _FitRun, hist: Dict[str, list], epoch: int, sums: Tuple[Tensor, Tensor],
+                  lam: float, test: Optional[Dataset], desc: str) -> float:
+    """Read the epoch's sums once (an error if training diverged), append the epoch's row to
+    ``hist`` and return the test accuracy (NaN without a test set)."""
+    tl, rl = float(sums[0]), float(sums[1])
+    if not (math.isfinite(tl) and math.isfinite(rl)):
+        _raise_diverged(run.model, epoch, desc, tl if not math.isfinite(tl) else rl, run.cfg)
+    hist["task_loss"].append(tl / len(run.loader))
+    hist["reg"].append(rl / len(run.loader))
+    hist["lambda"].append(lam)
+    acc = evaluate(run.model, test, device=run.device) if test is not None else float("nan")
+    hist["test_acc"].append(acc)
+    return acc
+
+
 def fit(model: nn.Module, train: Dataset, test: Optional[Dataset], cfg: TrainConfig,
         desc: str = "train", progress: Union[bool, RunProgress] = True,
         device: Optional[torch.device] = None,
@@ -163,80 +294,18 @@ def fit(model: nn.Module, train: Dataset, test: Optional[Dataset], cfg: TrainCon
     model's); losses are summed there and read once per epoch, so a GPU step makes no host sync.
     Returns the history: per epoch the task loss, the regularizer, lambda and test accuracy.
     """
-    torch.manual_seed(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=g)
-    groups = param_groups(model, cfg)
-    quant = [g for g in groups if g.get("quant")]
-    rest = [g for g in groups if not g.get("quant")]
-    opts = [torch.optim.SGD(rest, lr=cfg.lr, momentum=cfg.momentum)]
-    if quant:
-        if cfg.quant_optimizer == "adam":
-            opts.append(torch.optim.Adam(quant, lr=cfg.quant_lr))
-        else:
-            opts.append(torch.optim.SGD(quant, lr=cfg.quant_lr, momentum=cfg.momentum))
-    scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=cfg.epochs * len(loader))
-              for o in opts]
-    uses_reg = any(quant_of(m).uses_regularizer for _, m in nmult_layers(model))
-    reg = QuantRegularizer(model, cfg.schedule(), shape=cfg.reg_shape,
-                           width=cfg.reg_width) if uses_reg else None
-    sam = SharpnessAware(model, cfg.sam_rho) if cfg.sam_rho > 0 else None
-    loss_fn = nn.CrossEntropyLoss()
+    run = _prepare(model, train, cfg, device)
     hist: Dict[str, list] = {"task_loss": [], "reg": [], "lambda": [], "test_acc": []}
-    refit = cfg.refit_every > 0 and any(quant_of(m).variant != "fixed"
-                                        for _, m in nmult_layers(model))
-    steps = 0
-    device = torch.device(device) if device is not None else model_device(model)
     own = not isinstance(progress, RunProgress)
-    bar = RunProgress(cfg.epochs * len(loader), desc, enabled=bool(progress)) if own else progress
+    bar = RunProgress(cfg.epochs * len(run.loader), desc, enabled=bool(progress)) if own \
+        else progress
     if not own:
         bar.set_phase(desc)
     for epoch in range(cfg.epochs):
-        model.train()
-        tl = torch.zeros((), device=device)
-        rl = torch.zeros((), device=device)
-        # the lambda this epoch applies; the history records this value, not a recomputation
-        lam = reg.lam(epoch) if reg is not None else 0.0
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            task = loss_fn(model(x), y)
-            loss = task
-            if reg is not None:
-                r = reg.unweighted()
-                loss = loss + lam * r
-                rl += r.detach()
-            for o in opts:
-                o.zero_grad(set_to_none=True)
-            loss.backward()
-            if sam is not None:
-                # SAM: the gradient at the worst point within rho, applied at the weights.
-                sam.ascend()
-                with sam.frozen_norm_stats():
-                    loss2 = loss_fn(model(x), y)
-                    if reg is not None:
-                        loss2 = loss2 + lam * reg.unweighted()
-                    for o in opts:
-                        o.zero_grad(set_to_none=True)
-                    loss2.backward()
-                sam.restore()
-            for o, sch in zip(opts, scheds):
-                o.step()
-                sch.step()
-            steps += 1
-            if refit and steps % cfg.refit_every == 0:
-                refit_levels_(model, warm=True)
-            tl += task.detach()
-            bar.update(1)
+        tl, rl, lam = _train_epoch(run, epoch, bar)
         if epoch_end is not None:
             epoch_end(epoch)
-        tl, rl = float(tl), float(rl)
-        if not (math.isfinite(tl) and math.isfinite(rl)):
-            _raise_diverged(model, epoch, desc, tl if not math.isfinite(tl) else rl, cfg)
-        hist["task_loss"].append(tl / len(loader))
-        hist["reg"].append(rl / len(loader))
-        hist["lambda"].append(lam)
-        acc = evaluate(model, test, device=device) if test is not None else float("nan")
-        hist["test_acc"].append(acc)
+        acc = _record_epoch(run, hist, epoch, (tl, rl), lam, test, desc)
         bar.set_info(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{hist['task_loss'][-1]:.3f}",
                      reg=f"{hist['reg'][-1]:.2e}", acc=f"{acc:.3f}")
     if own:

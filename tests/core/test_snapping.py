@@ -1,5 +1,5 @@
-"""Tests of ``qfv_brevitas.core.deploy``: snapping weights onto their levels for good, reading their
-N-bit codes, and the per-layer report.
+"""Tests of ``qfv_brevitas.core.snapping``: snapping weights onto their levels for good, reading
+their N-bit codes, and the per-layer report.
 
 Nearest levels are recomputed by a brute-force argmin over every level (no library search);
 codes are checked through the code -> level definition ``c + sum_i r_i * bit_i(code)``.

@@ -1,5 +1,5 @@
-"""``qfv_brevitas.core.train.fit``: what one run of it does, step by step, against a reference loop
-written here from its contract (SGD + momentum on the weights with weight decay on matrices
+"""``qfv_brevitas.training.train.fit``: what one run of it does, step by step, against a reference
+loop written here from its contract (SGD + momentum on the weights with weight decay on matrices
 only; Adam, or SGD, on ``r``/``c`` at ``quant_lr`` without weight decay; cosine decay over all
 steps; ``loss = CE + lambda(epoch) * alpha * sum_i min_q (w_i - q)^2`` with the scheduled
 lambda). The reference computes the regularizer by brute force over the level table, not with
@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 
 from qfv_brevitas.core.levels import bit_matrix
 from qfv_brevitas.core.quantizers import NMultWeightQuant, quant_of
-from qfv_brevitas.core.train import TrainConfig, fit
+from qfv_brevitas.training.train import TrainConfig, fit
 
 BITS = 3
 N_IN, N_OUT, SAMPLES = 8, 4, 16

@@ -1,5 +1,5 @@
-"""Tests of ``qfv_brevitas.core.sam`` and its use in ``fit`` (``TrainConfig.sam_rho``): FlatENN's
-sharpness-aware update, checked against a two-step update computed by hand with
+"""Tests of ``qfv_brevitas.training.sam`` and its use in ``fit`` (``TrainConfig.sam_rho``):
+FlatENN's sharpness-aware update, checked against a two-step update computed by hand with
 ``torch.autograd.grad`` on tiny models (plain, quantized with the regularizer, and with a fault
 map attached: the fault-aware regularizer)."""
 from __future__ import annotations
@@ -14,8 +14,8 @@ from torch.utils.data import TensorDataset
 
 from qfv_brevitas import FaultMap, attach_faults, quant_of, regularization_loss
 from qfv_brevitas.core.quantizers import NMultWeightQuant
-from qfv_brevitas.core.sam import SharpnessAware, sam_params
-from qfv_brevitas.core.train import TrainConfig, fit
+from qfv_brevitas.training.sam import SharpnessAware, sam_params
+from qfv_brevitas.training.train import TrainConfig, fit
 
 RHO, LR = 0.05, 0.1
 

@@ -5,8 +5,8 @@ worst nearby point ``w + e`` with ``e = rho * g / ||g||`` (one global norm over 
 tensors), take the gradient there, move back to ``w`` and let the optimizer apply the gradient
 of ``w + e``. Minima found this way are flat: a perturbation of the weights (a flipped or stuck
 bit) costs less loss. FlatENN applies it to quantized training; here it runs inside
-:func:`qfv_brevitas.core.train.fit` whenever ``TrainConfig.sam_rho > 0``, so it combines with QAT
-(the loss includes the regularizer) and with the fault- and variability-aware fine-tunes of
+:func:`qfv_brevitas.training.train.fit` whenever ``TrainConfig.sam_rho > 0``, so it combines with
+QAT (the loss includes the regularizer) and with the fault- and variability-aware fine-tunes of
 :mod:`qfv_brevitas.chip.repair`.
 
 The perturbation moves the network's own parameters (weights, biases, BatchNorm affine), not the
@@ -43,7 +43,7 @@ def check_rho(rho: Any, what: str = "SAM radius rho", off_at_zero: bool = False)
 def sam_params(model: nn.Module) -> List[nn.Parameter]:
     """The parameters SAM perturbs: every trainable parameter except quantizer parameters
     (``r``, ``c``, step: names containing ``.weight_quant.``) and activation-quantizer scales
-    (names containing ``_quant.``), the split of :func:`qfv_brevitas.core.train.param_groups`.
+    (names containing ``_quant.``), the split of :func:`qfv_brevitas.training.train.param_groups`.
 
     >>> len(sam_params(nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))))   # w, b, gamma, beta
     4

@@ -1,5 +1,5 @@
-"""Tests of ``qfv_brevitas.core.regularizer``: the model-level regularizer of paper eq. 6/7 and its
-lambda schedule.
+"""Tests of ``qfv_brevitas.training.regularizer``: the model-level regularizer of paper eq. 6/7
+and its lambda schedule.
 
 The regularizer is checked against a brute force written from the paper's formula
 ``sum_l 1/sqrt(n_l * Q_P(b_l)) * sum_i min_q (w_i - q)^2`` with levels enumerated from ``r`` and
@@ -18,7 +18,7 @@ from torch.func import functional_call
 
 from qfv_brevitas import LambdaSchedule, QuantRegularizer, regularization_loss, snap_weights_
 from qfv_brevitas.core.convert import set_forward_mode
-from qfv_brevitas.core.regularizer import layer_factor
+from qfv_brevitas.training.regularizer import layer_factor
 from qfv_brevitas.core.quantizers import (FixedLevelWeightPerChannelQuant, LearnedStepWeightQuant,
                                      LearnedStepWeightPerChannelQuant, NMultWeightPerChannelQuant,
                                      NMultWeightQuant, nmult_layers, quant_of)
