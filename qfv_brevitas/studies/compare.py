@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 from torch import nn
 from torch.utils.data import Dataset
 
-from qfv_brevitas.core.train import TrainConfig
+from qfv_brevitas.training.train import TrainConfig
 from qfv_brevitas.studies.engine import CompareConfig, run_study
 from qfv_brevitas.studies.methods import METHODS, check_methods
 from qfv_brevitas.studies.montecarlo import run_sweep, sweep_config, variability_settings
