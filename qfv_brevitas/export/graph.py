@@ -23,8 +23,8 @@ from qfv_brevitas.util.errors import QfvError
 __all__ = ["COMPUTE_OPS", "QUANT_OPS", "QONNX_DOMAIN", "default_domain_first", "locate_layers",
            "rename_tensor", "attr", "initializer", "constants", "upstream", "constant_tensors",
            "unshare_weight_quants", "remove_dead_nodes", "apply_transformations",
-           "UnshareWeightQuants", "NameLayerWeights", "StripNodeDebugInfo", "cleanup_qonnx",
-           "LowerQuantToStandard", "to_onnxruntime"]
+           "LayerTransformation", "UnshareWeightQuants", "NameLayerWeights",
+           "StripNodeDebugInfo", "cleanup_qonnx", "LowerQuantToStandard", "to_onnxruntime"]
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 #: ops a cleanup must not fold away although their inputs are constant
@@ -236,13 +236,18 @@ class UnshareWeightQuants(Transformation):
         return model, False
 
 
-class NameLayerWeights(Transformation):
-    """Name each quantized layer's weight tensor ``<layer>.weight`` (found by
-    :func:`locate_layers`), so that files, metadata and checks refer to layers by name."""
+class LayerTransformation(Transformation):
+    """A graph rewrite over the export's quantized layers (``layers``: their names, or their
+    :class:`~qfv_brevitas.export.layers.LayerExport`s, as the rewrite needs)."""
 
-    def __init__(self, layers: Sequence[str]):
+    def __init__(self, layers: Sequence):
         super().__init__()
         self.layers = list(layers)
+
+
+class NameLayerWeights(LayerTransformation):
+    """Name each quantized layer's weight tensor ``<layer>.weight`` (found by
+    :func:`locate_layers`), so that files, metadata and checks refer to layers by name."""
 
     def apply(self, model):
         found = locate_layers(model.model, self.layers)

@@ -15,7 +15,7 @@ from qonnx.transformation.base import Transformation
 
 from qfv_brevitas.export.arrays import fmt, groups, level_table, same
 from qfv_brevitas.export.forms.base import ExportForm, GraphView, register_form
-from qfv_brevitas.export.graph import attr, rename_tensor
+from qfv_brevitas.export.graph import LayerTransformation, attr, rename_tensor
 from qfv_brevitas.export.handler import WeightHandler, quant_node
 from qfv_brevitas.export.layers import LayerExport
 
@@ -36,13 +36,9 @@ class FixedPointHandler(WeightHandler):
         return quant_node(self, self.w, self.scale, self.bits, self.signed)
 
 
-class NameFixedWeights(Transformation):
+class NameFixedWeights(LayerTransformation):
     """Name the fixed-point weights each layer's ``Quant`` node reads
-    ``<layer>.weight_fixed``."""
-
-    def __init__(self, layers: Sequence[str]):
-        super().__init__()
-        self.layers = list(layers)
+    ``<layer>.weight_fixed`` (``layers``: their names)."""
 
     def apply(self, model):
         proto = model.model

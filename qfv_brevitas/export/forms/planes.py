@@ -39,8 +39,9 @@ from qfv_brevitas.export.arrays import fmt, same
 from qfv_brevitas.export.errors import ExportError
 from qfv_brevitas.export.forms.base import ExportForm, GraphView, register_form
 from qfv_brevitas.export.forms.fixed import FixedPointHandler
-from qfv_brevitas.export.graph import (QONNX_DOMAIN, attr, initializer, remove_dead_nodes,
-                                       StripNodeDebugInfo, NameLayerWeights)
+from qfv_brevitas.export.graph import (QONNX_DOMAIN, LayerTransformation, NameLayerWeights,
+                                       StripNodeDebugInfo, attr, initializer,
+                                       remove_dead_nodes)
 from qfv_brevitas.export.layers import LayerExport, PlanesLayer, PlaneTensors
 from qfv_brevitas.util.errors import QfvError
 
@@ -144,7 +145,7 @@ def _compute_node(model: onnx.ModelProto, info: LayerExport) -> onnx.NodeProto:
     return node
 
 
-class SplitIntoPlanes(Transformation):
+class SplitIntoPlanes(LayerTransformation):
     """Rewrite each layer's compute node (a ``Conv`` or ``Gemm`` whose weight input is the
     tensor ``<layer>.weight``) into its plane-parallel form (see the module docstring); the
     layer's old weight subgraph is removed. Tensors are named after the layer:
@@ -152,11 +153,7 @@ class SplitIntoPlanes(Transformation):
     ``<layer>.mult<k>`` the integer multipliers, ``<layer>.weight_ones`` and
     ``<layer>.offset_mult`` the offset layers, ``<layer>.planes_scale`` ``2**-f``; each layer's
     ``info.planes.tensors`` lists them. Raises naming the layer when its compute node is not
-    one this form supports."""
-
-    def __init__(self, layers: Sequence[LayerExport]):
-        super().__init__()
-        self.layers = list(layers)
+    one this form supports. ``layers``: the :class:`LayerExport`s."""
 
     def apply(self, model):
         proto = model.model
