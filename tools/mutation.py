@@ -48,7 +48,7 @@ class Mutant:
 
 M = Mutant
 MUTANTS: List[Mutant] = [
-    # -- levels.py: level tables, nearest-level search, the regularizer's distance -------------
+    # -- core/levels.py, search.py, distance.py: level tables, nearest-level search, distances ----
     M("levels-bit-order-reversed", "qfv_brevitas/core/levels.py",
       "        out = out + r[:, k:k + 1] * b[:, k]\n",
       "        out = out + r[:, k:k + 1] * b[:, r.shape[1] - 1 - k]\n",
@@ -93,7 +93,7 @@ MUTANTS: List[Mutant] = [
       "mean(dim=1) / qp(bits)",
       ("tests/core/test_levels.py::test_qp_and_lsq_step_init",),
       "LSQ step init divides by Q_P instead of sqrt(Q_P)"),
-    # -- quantizers.py: the Brevitas seam ----------------------------------------------------------
+    # -- core/quantizers.py: the Brevitas seam -----------------------------------------------------
     M("quantizers-to-groups-ignores-channel-dim", "qfv_brevitas/core/groups.py",
       "        return t.movedim(self.axis, 0).reshape((t.shape[self.axis], -1) + rest)\n",
       "        return t.reshape((t.shape[self.axis], -1) + rest)\n",
@@ -119,7 +119,7 @@ MUTANTS: List[Mutant] = [
       '        check_choice(state.get("mode", self.mode), FORWARD_MODES, "forward mode")\n',
       ("tests/core/test_quantizers.py", "-k", "mode_restored_from_checkpoint"),
       "a checkpoint's forward mode is not restored on load"),
-    # -- regularizer.py, config.py: eq. 6 and the lambda schedule ----------------------------------
+    # -- training/regularizer.py, core/config.py: eq. 6 and the lambda schedule ------------------
     M("regularizer-alpha", "qfv_brevitas/training/regularizer.py",
       "    return 1.0 / math.sqrt(num_weights * qp(bits))\n",
       "    return 1.0 / math.sqrt(num_weights) / qp(bits)\n",
@@ -130,7 +130,7 @@ MUTANTS: List[Mutant] = [
       "        frac = (epoch - first_rise) / self.rise_epochs\n",
       ("tests/training/test_regularizer.py", "-k", "schedule"),
       "the lambda rise starts one epoch late"),
-    # -- train.py: the QAT loop -----------------------------------------------------------------
+    # -- training/train.py: the QAT loop --------------------------------------------------------
     M("train-quant-optimizer-never-built", "qfv_brevitas/training/train.py",
       "    if quant:\n        if cfg.quant_optimizer",
       "    if False:\n        if cfg.quant_optimizer",
@@ -161,7 +161,7 @@ MUTANTS: List[Mutant] = [
       "T_max=cfg.epochs)",
       ("tests/training/test_train.py",),
       "cosine decay over epochs while it is stepped every batch"),
-    # -- repair.py: fault-aware fine-tuning --------------------------------------------------------
+    # -- chip/repair.py: fault-aware fine-tuning ---------------------------------------------------
     M("repair-remap-only-at-the-end", "qfv_brevitas/chip/repair.py",
       "        if (epoch + 1) % remap_every == 0 or epoch == cfg.epochs - 1:\n",
       "        if epoch == cfg.epochs - 1:\n",
@@ -178,7 +178,7 @@ MUTANTS: List[Mutant] = [
       "        new = v.to(w2d.dtype)\n",
       ("tests/chip/test_repair.py", "-k", "remap_moves_only_faulty"),
       "remapping moves fault-free weights too"),
-    # -- device.py, faults.py, variability.py, evaluate.py, bitflip.py -----------------------------
+    # -- core/device.py, chip/faults.py, variability.py, bitflips.py, studies/scenario.py ----------
     M("device-stuck-at-1-ignored", "qfv_brevitas/core/device.py",
       "    if sa1 is not None:\n        out = out | sa1\n",
       "    if sa1 is not None:\n        out = out\n",
@@ -209,7 +209,7 @@ MUTANTS: List[Mutant] = [
       "        out |= (torch.rand(numel, generator=gen) < rate / bits).to(torch.uint8) << i\n",
       ("tests/chip/test_bitflips.py",),
       "bit-error rate applied per word instead of per bit"),
-    # -- convert.py, export ------------------------------------------------------------------------
+    # -- core/convert.py, export/fixedpoint.py, core/chip.py ---------------------------------------
     M("convert-edges-not-8-bit", "qfv_brevitas/core/convert.py",
       "        abits = config.first_last_bits if name in edge else config.act_bits\n",
       "        abits = config.act_bits\n",

@@ -158,7 +158,7 @@ class _Sorted:
 
         Returns ``(err (G, K), n, s1, s2, sorted values, perm)`` with the per-sorted-level
         count, sum and sum of squares ``(G, K, L)``; a weight on a threshold goes to the upper
-        level, as in :func:`qfv_brevitas.core.levels.nearest`."""
+        level, as in :func:`qfv_brevitas.core.search.nearest`."""
         G, K, nl = levels.shape
         vals, perm = levels.sort(-1)
         thr = (vals[..., 1:] + vals[..., :-1]) * 0.5
