@@ -215,6 +215,68 @@ def test_planes_estimates_fewer_weight_bits_than_fixed(finn_python, mlp_ckpt, tm
 
 CONV_SAMPLES = 12
 
+#: A pre-activation z this close to a decision boundary b of its activation quantizer (relative
+#: to max(|z|, scale)) sits on it to within float rounding: torch and the file round z / s in
+#: float32, FINN compares z with b stored as a float32 threshold, so they may put z one
+#: quantization step apart. Measured on the digits SmallCNN: every pixel of exactly 8/16 under
+#: the 8-bit input quantizer (s = float32(1/255)) lies 5.9e-8 below b = 127.5 s, whose float32
+#: threshold is 0.5 itself (torch: 127, FINN: 128); no other pre-activation closer than 1.8e-5.
+TIE_RTOL = 1e-6
+
+
+def _ties(z: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: int, signed: int,
+          narrow: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where ``z`` sits within :data:`TIE_RTOL` of a decision boundary between two levels of
+    a qonnx ``Quant`` with these parameters (the level range clips the rest anyway): a mask,
+    and the boundary of each element (in z's units)."""
+    z, s = z.astype(np.float64), np.abs(scale.astype(np.float64))
+    v = z / s + zero_point.astype(np.float64)
+    k = np.floor(v)
+    lo, hi = ((-2 ** (bits - 1) + narrow, 2 ** (bits - 1) - 1) if signed
+              else (0, 2 ** bits - 1 - narrow))
+    near = np.abs(v - k - 0.5) * s <= TIE_RTOL * np.maximum(np.abs(z), s)
+    return (lo <= k) & (k < hi) & near, (k + 0.5 - zero_point) * s
+
+
+def _threshold_ties(path, x: np.ndarray
+                    ) -> tuple[list[list[str]], np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Run the file by qonnx image by image and find the pre-activations that sit on a
+    quantizer threshold (:func:`_ties`) in each. Returns the tied quantizers' node names per
+    image; per image whether all its ties are at a quantizer of the graph input itself (there
+    torch and FINN compare the very same float); and ``x`` with those input elements moved
+    just past their boundaries, up and down (two arrays: all of an image's input ties to one
+    side; on the digits images they are all at one boundary value, 8/16)."""
+    from onnx import helper
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+
+    mw = ModelWrapper(str(path))
+    iname = mw.graph.input[0].name
+    quants = []
+    for n in mw.graph.node:
+        if n.op_type == "Quant" and mw.get_initializer(n.input[0]) is None:  # activations
+            attr = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            scale, zp, bits = (mw.get_initializer(t) for t in n.input[1:4])
+            quants.append((n, dict(scale=scale, zero_point=zp, bits=int(bits),
+                                   signed=attr.get("signed", 1), narrow=attr.get("narrow", 0))))
+    names, input_only, sides = [], np.zeros(len(x), bool), (x.copy(), x.copy())
+    for i in range(len(x)):
+        ctx = execute_onnx(mw, {iname: x[i:i + 1]}, return_full_exec_context=True)
+        tied = []
+        for node, params in quants:
+            mask, b = _ties(np.asarray(ctx[node.input[0]]), **params)
+            if not mask.any():
+                continue
+            tied.append(node.name)
+            if node.input[0] == iname:
+                step = 4 * TIE_RTOL * np.maximum(np.abs(b), np.abs(params["scale"]))
+                for side, sign in zip(sides, (1, -1)):
+                    side[i][mask[0]] = (b + sign * step)[0][mask[0]]
+        names.append(tied)
+        input_only[i] = bool(tied) and all(
+            n.input[0] == iname for n, _ in quants if n.name in tied)
+    return names, input_only, sides
+
 
 @pytest.fixture(scope="module")
 def cnn_model(digits):
@@ -249,9 +311,10 @@ def test_conv_planes_file_with_batch_above_one_is_refused(cnn_model, tmp_path):
 
 def test_conv_planes_form_maps_to_one_bit_mvaus_exactly(finn_python, cnn_model, tmp_path):
     """The SmallCNN in the plane-parallel form at batch 1, run image by image: every stage
-    agrees with torch (one image may sit on a threshold, see below); streamlining and the HW
-    layers agree with the converted graph on every image; each plane of each conv and linear
-    layer an MVAU with 1-bit weights holding exactly the plane, the multipliers integer."""
+    agrees with torch on every image, but for a pre-activation sitting on a quantizer threshold
+    (see below); streamlining and the HW layers agree with the converted graph on every image;
+    each plane of each conv and linear layer an MVAU with 1-bit weights holding exactly the
+    plane, the multipliers integer."""
     model, test = cnn_model
     path = tmp_path / "planes.onnx"
     # f=10: at f=6 the 8-bit edge layers' smallest multipliers round to 0 and 1 (degenerate)
@@ -261,18 +324,29 @@ def test_conv_planes_form_maps_to_one_bit_mvaus_exactly(finn_python, cnn_model, 
     assert proc.returncode == 0, proc.stdout + proc.stderr
     x = test.tensors[0][:CONV_SAMPLES]
     assert np.array_equal(outs["inputs"], x.numpy())
+    ties, input_only, sides = _threshold_ties(path, x.numpy())
+    reference = reference_model(model, path)
     with torch.no_grad():
-        y = reference_model(model, path)(x).numpy()
+        y = reference(x).numpy()
+        y_sides = [reference(torch.from_numpy(side)).numpy() for side in sides]
     assert np.ptp(y, axis=0).max() > 0.1
     bound = 1e-4 * max(1.0, float(np.abs(y).max()))
+    tied = np.array([bool(t) for t in ties])
     for stage in ("qonnx", "finn", "streamlined", "hw"):
         assert outs[stage].shape == y.shape, stage
         err = np.abs(outs[stage] - y).max(1)
-        # the conversion to FINN's thresholds may move an activation sitting within float
-        # rounding of a quantizer threshold by one step (1 of 6 images seen at f=10): at
-        # most one image outside the bound, the rest exact
-        assert (err > bound).sum() <= 1, (stage, err)
-        assert (outs[stage].argmax(1) != y.argmax(1)).sum() <= 1, stage
+        off = (err > bound) | (outs[stage].argmax(1) != y.argmax(1))
+        # FINN's float32 thresholds may put a pre-activation that sits on a quantizer
+        # threshold one step from torch's (how many images that moves depends on the trained
+        # weights: 2 of 12 here when trained with torch's AVX512 kernels, 0 with AVX2): an
+        # image off torch must hold such a tie; all the others exact
+        assert not (off & ~tied).any(), (stage, err, ties)
+        # ties at the input quantizer only (the file's input is its pre-activation, the same
+        # float in torch and FINN): torch on the input moved just past those thresholds to
+        # one side gives FINN's outputs exactly, so the tie is the whole difference
+        for i in np.flatnonzero(off & input_only):
+            side_err = [float(np.abs(outs[stage][i] - ys[i]).max()) for ys in y_sides]
+            assert min(side_err) <= bound, (stage, i, float(err[i]), side_err, ties[i])
     # streamlining and the HW layers change nothing on any image
     for stage in ("streamlined", "hw"):
         assert np.abs(outs[stage] - outs["finn"]).max() <= bound, stage
