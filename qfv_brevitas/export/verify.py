@@ -125,12 +125,6 @@ def _chunks(x: Tensor, batch: int, axis: int = 0):
         yield part, n
 
 
-def _batch_axis(model: nn.Module) -> int:
-    """Spiking models in the time-first layout take ``(T, N, ...)``: the batch is axis 1."""
-    net = spiking_net(model)
-    return 1 if net is not None and net.config.layout == "time_first" else 0
-
-
 @torch.no_grad()
 def verify_qonnx(reference: nn.Module, source: Union[str, Path, onnx.ModelProto], inputs: Tensor,
                  tolerance: Optional[float] = None, weight_tolerance: Optional[float] = None,
@@ -165,7 +159,10 @@ def verify_qonnx(reference: nn.Module, source: Union[str, Path, onnx.ModelProto]
                             qonnx_vs_ort=nan, tolerance=0.0, agreement={"torch_vs_qonnx": 0.0},
                             quantized_activations=False, graph_diff=graph_diff, passed=False)
     reference = reference.eval()
-    t, q, o, weights_file = _run_three(reference, model, info, inputs)
+    snn = spiking_net(reference)
+    # spiking models in the time-first layout take (T, N, ...): the batch is axis 1
+    axis = 1 if snn is not None and snn.config.layout == "time_first" else 0
+    t, q, o, weights_file = _run_three(reference, model, info, inputs, axis)
     ref_w = reference_weights(reference, info)
     wdiff = {k: float(np.abs(weights_file[k].astype(np.float64)
                              - ref_w[k].numpy().astype(np.float64)).max())
@@ -176,7 +173,7 @@ def verify_qonnx(reference: nn.Module, source: Union[str, Path, onnx.ModelProto]
         weight_tolerance = 1e-6 * wmax if has_var else 0.0
     # Spikes are binary activations: a membrane potential within float rounding of the
     # threshold fires in one runtime and not in another, as at a quantizer threshold.
-    act = _has_activation_quant(model) or spiking_net(reference) is not None
+    act = _has_activation_quant(model) or snn is not None
     if tolerance is None:
         tolerance = 1e-4 * max(1.0, float(np.abs(t).max()))
     if min_agreement is None:
@@ -222,9 +219,11 @@ def _load(source: Union[str, Path, onnx.ModelProto]):
     return model, read_metadata(model, check_graph=False)
 
 
-def _run_three(reference: nn.Module, model: onnx.ModelProto, info: dict, inputs: Tensor):
-    """Outputs of torch, qonnx and onnxruntime on ``inputs`` (batch by batch, at the graph's
-    static batch size) and the weights each layer of the file computes (qonnx)."""
+def _run_three(reference: nn.Module, model: onnx.ModelProto, info: dict, inputs: Tensor,
+               axis: int):
+    """Outputs of torch, qonnx and onnxruntime on ``inputs`` (batch by batch along ``axis``,
+    at the graph's static batch size) and the weights each layer of the file computes
+    (qonnx)."""
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.core.onnx_exec import execute_onnx
     import onnxruntime as ort
@@ -232,7 +231,6 @@ def _run_three(reference: nn.Module, model: onnx.ModelProto, info: dict, inputs:
     form = form_named(info["form"])
     mw = ModelWrapper(model)
     iname, oname = mw.graph.input[0].name, mw.graph.output[0].name
-    axis = _batch_axis(reference)
     batch = mw.get_tensor_shape(iname)[axis]
     if not isinstance(batch, int) or batch < 1:
         batch = inputs.shape[axis]
