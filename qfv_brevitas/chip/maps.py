@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
-import warnings
 from typing import Any, Callable, Dict, Type
 
 import torch
@@ -15,7 +13,7 @@ from torch import nn
 from qfv_brevitas.core.levels import MAX_BITS
 from qfv_brevitas.core.quantizers import nmult_layers
 from qfv_brevitas.util.errors import QfvError, QfvTypeError
-from qfv_brevitas.util.safeio import content_digest, torch_save
+from qfv_brevitas.util.safeio import LoadError, content_digest, torch_load, torch_save
 
 __all__ = ["attach_layer_maps", "layer_generator", "quantized_layers", "check_names_in_model", "save_tagged",
            "load_tagged", "check_map_bits"]
@@ -83,19 +81,14 @@ def load_tagged(path: os.PathLike, tag: str, error: Type[QfvError], what: str) -
         raise FileNotFoundError(f"{what} file {path!r} does not exist"
                                 + (" (it is a folder)" if os.path.isdir(path) else ""))
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "global" not in str(e).lower():  # random bytes or a truncation, not a crafted file
-            raise error(f"{path!r} is not a readable {what} file (UnpicklingError: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
-        raise error(f"{path!r}: refused: the file holds Python objects that loading would have "
-                    f"to run; a {what} holds only tensors and plain values. Nothing of it was "
-                    "executed.") from None
-    except Exception as e:  # torch raises several types for truncated or foreign files
-        raise error(f"{path!r} is not a readable {what} file "
-                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        data = torch_load(path)
+    except LoadError as e:
+        if e.refused:
+            raise error(f"{path!r}: refused: the file holds Python objects that loading would "
+                        f"have to run; a {what} holds only tensors and plain values. Nothing of "
+                        "it was executed.") from None
+        raise error(f"{path!r} is not a readable {what} file ({e.kind}: {e.line})") \
+            from e.__cause__
     found = data.get("format") if isinstance(data, dict) else None
     if found != tag:
         raise error(f"{path!r} is not a {what} file: its format tag is {found!r}, expected "
