@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from qfv_brevitas.chip.maps import (attach_layer_maps, check_map_bits, check_names_in_model,
                                     layer_generator, load_tagged, quantized_layers, save_tagged)
-from qfv_brevitas.core.chip import check_stuck_masks
+from qfv_brevitas.core.chip import check_stuck_masks, stuck_counts
 from qfv_brevitas.core.quantizers import nmult_layers, quant_of
 from qfv_brevitas.util.configbase import QfvConfig
 from qfv_brevitas.util.errors import QfvError
@@ -145,28 +145,21 @@ class FaultMap:
         return (f"FaultMap({len(self)} layers, stuck fraction {self.stuck_fraction():.4g}, "
                 f"{'sampled' if self.meta is not None else 'measured'})")
 
-    def _counts(self, name: str) -> Tuple[int, int, int]:
-        """(cells, SA0 cells, SA1 cells) of one layer."""
-        sa0, sa1 = self.layers[name]
-        bits = self.bits[name]
-        return sa0.numel() * bits, _popcount(sa0, bits), _popcount(sa1, bits)
-
     def stuck_fraction(self) -> float:
         """Stuck bit cells over all bit cells of the map's layers (0.0 for an empty map)."""
-        cells = stuck = 0
-        for name in self.layers:
-            n, k0, k1 = self._counts(name)
-            cells, stuck = cells + n, stuck + k0 + k1
-        return stuck / cells if cells else 0.0
+        counts = [stuck_counts(*self.layers[n], self.bits[n]) for n in self.layers]
+        cells = sum(c["cells"] for c in counts)
+        return sum(c["stuck"] for c in counts) / cells if cells else 0.0
 
     def summary(self) -> Dict[str, Dict[str, Any]]:
-        """Per layer: ``shape``, ``bits``, ``cells``, ``stuck``, ``sa0``, ``sa1``, ``fraction``."""
+        """Per layer: ``shape``, ``bits``, ``cells``, ``stuck``, ``sa0``, ``sa1``, ``fraction``
+        (:func:`qfv_brevitas.core.chip.stuck_counts`)."""
         out = {}
-        for name in self.layers:
-            n, k0, k1 = self._counts(name)
-            out[name] = {"shape": tuple(self.layers[name][0].shape), "bits": self.bits[name],
-                         "cells": n, "stuck": k0 + k1, "sa0": k0, "sa1": k1,
-                         "fraction": (k0 + k1) / n if n else 0.0}
+        for name, (sa0, sa1) in self.layers.items():
+            n = stuck_counts(sa0, sa1, self.bits[name])
+            out[name] = {"shape": tuple(sa0.shape), "bits": self.bits[name], "cells": n["cells"],
+                         "stuck": n["stuck"], "sa0": n["sa0"], "sa1": n["sa1"],
+                         "fraction": n["fraction"]}
         return out
 
     def to(self, device) -> "FaultMap":
@@ -215,10 +208,6 @@ class FaultMap:
                     f"fault map layer {name!r}: map made for {self.bits[name]}-bit weights but the "
                     f"layer has {bits}-bit weights. Sample the map from this model.")
             check_stuck_masks(sa0, sa1, bits, f"fault map layer {name!r}", FaultMapError)
-
-
-def _popcount(mask: Tensor, bits: int) -> int:
-    return int(sum(int(((mask >> i) & 1).sum()) for i in range(bits)))
 
 
 # -- sampling and attaching ----------------------------------------------------------------------
