@@ -28,15 +28,14 @@ import torch
 
 from qfv_brevitas.util.progress import RunProgress
 from qfv_brevitas.util.errors import QfvError
+from qfv_brevitas.util.validate import check_count
 
 __all__ = ["run_tasks", "init_distributed", "check_workers"]
 
 
-def check_workers(workers) -> int:
-    if isinstance(workers, bool) or not float(workers).is_integer() or int(workers) < 1:
-        raise QfvError(f"workers must be an integer >= 1 (processes on this machine), got "
-                       f"{workers!r}")
-    return int(workers)
+def check_workers(workers: Any) -> int:
+    """``workers`` (processes on this machine) as an int >= 1."""
+    return check_count(workers, "workers", hint=" (processes on this machine)")
 
 
 def init_distributed(backend: Optional[str] = None) -> bool:
