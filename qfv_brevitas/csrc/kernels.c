@@ -378,9 +378,29 @@ DEFINE_NEAREST(f64, double)
         int backward;                                                                            \
     } deployed_ctx_##SUF;                                                                        \
                                                                                                  \
+    /* Backward over chunk k (row g, columns c0..c1) on ideal cells: residuals summed per code,  \
+     * r and c follow through the bits. */                                                       \
+    static inline __attribute__((always_inline)) void                                            \
+    deployed_ideal_bwd_##SUF(deployed_ctx_##SUF *c, int64_t k, int64_t g, int64_t c0,            \
+                             int64_t c1) {                                                       \
+        int64_t j, q, i, N = c->N, L = c->L;                                                     \
+        double s4[4][256], pr[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0};                                  \
+        const T *lv = c->levels + g * L;                                                         \
+        const uint8_t *cd = c->codes + g * c->t.M;                                               \
+        const T *w = c->w + g * c->t.M;                                                          \
+        memset(s4, 0, sizeof(double) * 4 * 256);                                                 \
+        if (c->grad_w)                                                                           \
+            for (j = c0; j < c1; j++) c->grad_w[g * c->t.M + j] = (w[j] - lv[cd[j]]) * c->gw;    \
+        for (j = c0; j + 3 < c1; j += 4)                                                         \
+            for (q = 0; q < 4; q++) s4[q][cd[j + q]] += (double)(w[j + q] - lv[cd[j + q]]);      \
+        for (; j < c1; j++) s4[0][cd[j]] += (double)(w[j] - lv[cd[j]]);                          \
+        bins_to_bit_sums(s4, L, N, pr);                                                          \
+        for (i = 0; i <= N; i++) c->part[k * (N + 1) + i] = pr[i];                               \
+    }                                                                                            \
+                                                                                                 \
     QFV_CLONES static void deployed_chunk_##SUF(void *vctx, int64_t k) {                         \
         deployed_ctx_##SUF *c = (deployed_ctx_##SUF *)vctx;                                      \
-        int64_t g, c0, c1, j, j0, i, q, N = c->N, L = c->L;                                      \
+        int64_t g, c0, c1, j0, i, q, N = c->N, L = c->L;                                         \
         const T *lv, *rg;                                                                        \
         double acc[4] = {0, 0, 0, 0}, pr[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0};                      \
         T dv[SUB];                                                                               \
@@ -388,18 +408,7 @@ DEFINE_NEAREST(f64, double)
         lv = c->levels + g * L;                                                                  \
         rg = c->r + g * N;                                                                       \
         if (!c->lrs && !c->hrs && c->backward && c->part) {                                      \
-            /* Ideal cells: residuals summed per code, r and c follow through the bits. */     \
-            double s4[4][256];                                                                   \
-            const uint8_t *cd = c->codes + g * c->t.M;                                           \
-            const T *w = c->w + g * c->t.M;                                                      \
-            memset(s4, 0, sizeof(double) * 4 * 256);                                             \
-            if (c->grad_w)                                                                       \
-                for (j = c0; j < c1; j++) c->grad_w[g * c->t.M + j] = (w[j] - lv[cd[j]]) * c->gw; \
-            for (j = c0; j + 3 < c1; j += 4)                                                     \
-                for (q = 0; q < 4; q++) s4[q][cd[j + q]] += (double)(w[j + q] - lv[cd[j + q]]);  \
-            for (; j < c1; j++) s4[0][cd[j]] += (double)(w[j] - lv[cd[j]]);                      \
-            bins_to_bit_sums(s4, L, N, pr);                                                      \
-            for (i = 0; i <= N; i++) c->part[k * (N + 1) + i] = pr[i];                           \
+            deployed_ideal_bwd_##SUF(c, k, g, c0, c1);                                           \
             return;                                                                              \
         }                                                                                        \
         for (j0 = c0; j0 < c1; j0 += SUB) {                                                      \
@@ -569,6 +578,57 @@ DEFINE_NEAREST(f64, double)
         }                                                                                        \
     }                                                                                            \
                                                                                                  \
+    /* The nearest deployable code (as T, in bestf) of each of the nj weights of a sub-block:    \
+     * xb the weights less their HRS current, e[i] the step of cell i, s0/s1 the stuck masks     \
+     * (looked at with flt), lv the row's L levels. KV groups of VL weights at a time            \
+     * (independent chains of compare-and-select); codes in ascending order, P[S] = P[S without  \
+     * its lowest bit] + e_(lowest bit), and a strict comparison keeps the lowest of equally     \
+     * near codes. */                                                                            \
+    static inline __attribute__((always_inline)) void                                            \
+    fused_var_search_##SUF(const T *xb, const IT *s0, const IT *s1, T (*e)[FU_J], const T *lv,   \
+                           const int64_t L, int flt, int64_t nj, T *bestf) {                     \
+        const int64_t VL = (int64_t)(32 / sizeof(T));                                            \
+        const vi_##SUF sgn = (vi_##SUF){0} + (IT)((uint64_t)1 << (8 * sizeof(IT) - 1));          \
+        int64_t q0, s;                                                                           \
+        for (q0 = 0; q0 < nj; q0 += KV * VL) {                                                   \
+            vt_##SUF xv[KV], best[KV], bd[KV], P[256][KV];                                       \
+            vi_##SUF m0[KV], m1[KV];                                                             \
+            int64_t kk;                                                                          \
+            for (kk = 0; kk < KV; kk++) {                                                        \
+                memcpy(&xv[kk], xb + q0 + kk * VL, sizeof(xv[kk]));                              \
+                memcpy(&m0[kk], s0 + q0 + kk * VL, sizeof(m0[kk]));                              \
+                memcpy(&m1[kk], s1 + q0 + kk * VL, sizeof(m1[kk]));                              \
+                P[0][kk] = (vt_##SUF){0};                                                        \
+                best[kk] = (vt_##SUF){0};                                                        \
+                bd[kk] = (vt_##SUF){0} + (T)INFINITY;                                            \
+            }                                                                                    \
+            for (s = 0; s < L; s++) {                                                            \
+                IT code = (IT)s;                                                                 \
+                vt_##SUF cf = (vt_##SUF){0} + (T)s;                                              \
+                T lvs = lv[s];                                                                   \
+                if (s) {                                                                         \
+                    int b = __builtin_ctzll((unsigned long long)s);                              \
+                    int64_t par = s & (s - 1);                                                   \
+                    for (kk = 0; kk < KV; kk++) {                                                \
+                        vt_##SUF ek;                                                             \
+                        memcpy(&ek, e[b] + q0 + kk * VL, sizeof(ek));                            \
+                        P[s][kk] = P[par][kk] + ek;                                              \
+                    }                                                                            \
+                }                                                                                \
+                for (kk = 0; kk < KV; kk++) {                                                    \
+                    vt_##SUF d = (vt_##SUF)((vi_##SUF)(xv[kk] - (lvs + P[s][kk])) & ~sgn);       \
+                    vi_##SUF upd = d < bd[kk];                                                   \
+                    if (flt) upd &= ((code & m0[kk]) | (~code & m1[kk])) == 0;                   \
+                    bd[kk] = (vt_##SUF)((upd & (vi_##SUF)d) | (~upd & (vi_##SUF)bd[kk]));        \
+                    best[kk] =                                                                   \
+                        (vt_##SUF)((upd & (vi_##SUF)cf) | (~upd & (vi_##SUF)best[kk]));          \
+                }                                                                                \
+            }                                                                                    \
+            for (kk = 0; kk < KV; kk++)                                                          \
+                memcpy(bestf + q0 + kk * VL, &best[kk], sizeof(best[kk]));                       \
+        }                                                                                        \
+    }                                                                                            \
+                                                                                                 \
     /* Variability (with or without stuck bits): every code's deployed value level[S] + sum_i    \
      * r_i hrs_i + sum_i S_i e_i, e_i = r_i (lrs_i - 1 - hrs_i); among equally near values       \
      * the lowest code wins (as torch's argmin over codes). N is a constant at each call site    \
@@ -576,15 +636,14 @@ DEFINE_NEAREST(f64, double)
     static inline __attribute__((always_inline)) void                                            \
     fused_var_##SUF(fused_ctx_##SUF *c, lanes_##SUF *ln, int64_t g, int64_t c0, int64_t c1,      \
                     const int64_t N) {                                                           \
-        const int64_t L = (int64_t)1 << N, VL = (int64_t)(32 / sizeof(T));                       \
-        const vi_##SUF sgn = (vi_##SUF){0} + (IT)((uint64_t)1 << (8 * sizeof(IT) - 1));          \
+        const int64_t L = (int64_t)1 << N;                                                       \
         const T *lv = c->levels + g * L, *rg = c->r + g * N;                                     \
         int flt = c->sa0 || c->sa1, sums = c->psums != NULL;                                     \
-        int64_t j, i, q, s;                                                                      \
+        int64_t j, i, q;                                                                         \
         T rr[8];                                                                                 \
         for (i = 0; i < N; i++) rr[i] = rg[i];                                                   \
         for (j = c0; j < c1; j += FU_J) {                                                        \
-            int64_t nj = c1 - j < FU_J ? c1 - j : FU_J, p0 = g * c->t.M + j, q0;                 \
+            int64_t nj = c1 - j < FU_J ? c1 - j : FU_J, p0 = g * c->t.M + j;                     \
             const T *x = c->w + p0;                                                              \
             T A[8][FU_J], H[8][FU_J], e[8][FU_J], base[FU_J], xs[FU_J], xb[FU_J], bestf[FU_J];   \
             T dv[FU_J], dev[FU_J];                                                               \
@@ -608,46 +667,7 @@ DEFINE_NEAREST(f64, double)
             /* Candidate S is compared as |(x - sum_i r_i hrs_i) - (level[S] + sum_i S_i e_i)|:  \
              * on an ideal device exactly |x - level[S]|. */                                     \
             for (q = 0; q < FU_J; q++) xb[q] = xs[q] - base[q];                                  \
-            /* KV groups of VL weights at a time (independent chains of compare-and-select);     \
-             * codes in ascending order, P[S] = P[S without its lowest bit] + e_(lowest bit),    \
-             * and a strict comparison keeps the lowest of equally near codes. */                \
-            for (q0 = 0; q0 < nj; q0 += KV * VL) {                                               \
-                vt_##SUF xv[KV], best[KV], bd[KV], P[256][KV];                                   \
-                vi_##SUF m0[KV], m1[KV];                                                         \
-                int64_t kk;                                                                      \
-                for (kk = 0; kk < KV; kk++) {                                                    \
-                    memcpy(&xv[kk], xb + q0 + kk * VL, sizeof(xv[kk]));                          \
-                    memcpy(&m0[kk], s0 + q0 + kk * VL, sizeof(m0[kk]));                          \
-                    memcpy(&m1[kk], s1 + q0 + kk * VL, sizeof(m1[kk]));                          \
-                    P[0][kk] = (vt_##SUF){0};                                                    \
-                    best[kk] = (vt_##SUF){0};                                                    \
-                    bd[kk] = (vt_##SUF){0} + (T)INFINITY;                                        \
-                }                                                                                \
-                for (s = 0; s < L; s++) {                                                        \
-                    IT code = (IT)s;                                                             \
-                    vt_##SUF cf = (vt_##SUF){0} + (T)s;                                          \
-                    T lvs = lv[s];                                                               \
-                    if (s) {                                                                     \
-                        int b = __builtin_ctzll((unsigned long long)s);                          \
-                        int64_t par = s & (s - 1);                                               \
-                        for (kk = 0; kk < KV; kk++) {                                            \
-                            vt_##SUF ek;                                                         \
-                            memcpy(&ek, e[b] + q0 + kk * VL, sizeof(ek));                        \
-                            P[s][kk] = P[par][kk] + ek;                                          \
-                        }                                                                        \
-                    }                                                                            \
-                    for (kk = 0; kk < KV; kk++) {                                                \
-                        vt_##SUF d = (vt_##SUF)((vi_##SUF)(xv[kk] - (lvs + P[s][kk])) & ~sgn);   \
-                        vi_##SUF upd = d < bd[kk];                                               \
-                        if (flt) upd &= ((code & m0[kk]) | (~code & m1[kk])) == 0;               \
-                        bd[kk] = (vt_##SUF)((upd & (vi_##SUF)d) | (~upd & (vi_##SUF)bd[kk]));    \
-                        best[kk] =                                                               \
-                            (vt_##SUF)((upd & (vi_##SUF)cf) | (~upd & (vi_##SUF)best[kk]));      \
-                    }                                                                            \
-                }                                                                                \
-                for (kk = 0; kk < KV; kk++)                                                      \
-                    memcpy(bestf + q0 + kk * VL, &best[kk], sizeof(best[kk]));                   \
-            }                                                                                    \
+            fused_var_search_##SUF(xb, s0, s1, e, lv, L, flt, nj, bestf);                        \
             /* The chosen code's deployed value as deployed_values computes it (a weight on it   \
              * has distance 0 exactly): level + sum_i (S_i (lrs_i - 1) + (1 - S_i) hrs_i) r_i.   \
              */                                                                                  \
