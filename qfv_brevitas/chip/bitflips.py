@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from qfv_brevitas.chip.maps import layer_generator, quantized_layers
+from qfv_brevitas.core.levels import popcount
 from qfv_brevitas.core.quantizers import nmult_layers, quant_of
 from qfv_brevitas.util.configbase import QfvConfig
 from qfv_brevitas.util.validate import check_fraction, check_layer_dict, check_seed
@@ -117,7 +118,7 @@ class BitFlipInjector:
             mask = mask.to(codes.device)
         self.last_mask = mask
         self.cells += codes.numel() * self.bits
-        self._flipped.append(sum(((mask >> i) & 1).sum() for i in range(self.bits)))
+        self._flipped.append(popcount(mask, self.bits))
         return codes.to(torch.uint8) ^ mask
 
 

@@ -19,17 +19,16 @@ weight proxies as buffers (so it travels with the state dict), saved and loaded 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from qfv_brevitas.chip.maps import (attach_layer_maps, check_map_bits, check_names_in_model,
-                                    layer_generator, load_tagged, quantized_layers, save_tagged)
-from qfv_brevitas.core.chip import check_stuck_masks
-from qfv_brevitas.core.quantizers import nmult_layers, quant_of
+from qfv_brevitas.chip.maps import (LayerMaps, attach_layer_maps, detach_layer_maps,
+                                    layer_generator, quantized_layers)
+from qfv_brevitas.core.chip import check_stuck_masks, stuck_counts
+from qfv_brevitas.core.quantizers import quant_of
 from qfv_brevitas.util.configbase import QfvConfig
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.util.validate import check_fraction, check_layer_dict, check_seed, check_type
@@ -86,14 +85,15 @@ class FaultModel(QfvConfig):
 
 # -- the map ------------------------------------------------------------------------------------
 
-class FaultMap:
+class FaultMap(LayerMaps):
     """Stuck-at masks per layer: ``layers[name] = (sa0, sa1)``, ``uint8`` tensors of the
     weight's shape, with the layer's bit width in ``bits[name]``.
 
     ``meta`` is the :class:`FaultModel` (as a dict) that sampled the map, or ``None`` for a
     map measured on hardware. The constructor checks the masks themselves (dtype, shapes, no
     cell stuck both ways, no stuck bit at or above the bit width); :meth:`validate` checks the
-    map against a model.
+    map against a model. Saving, loading and the checks they share with a variability map are
+    :class:`~qfv_brevitas.chip.maps.LayerMaps`'.
 
     >>> sa0 = torch.tensor([[0, 1], [0, 0]], dtype=torch.uint8)
     >>> sa1 = torch.tensor([[2, 0], [0, 4]], dtype=torch.uint8)
@@ -102,123 +102,76 @@ class FaultMap:
     (3, 0.25)
     """
 
-    def __init__(self, layers: Dict[str, Tuple[Tensor, Tensor]], bits: Dict[str, int],
-                 meta: Optional[dict] = None):
-        if not isinstance(layers, dict) or not isinstance(bits, dict):
-            raise FaultMapError("FaultMap(layers, bits) takes two dicts keyed by layer name")
-        if set(layers) != set(bits):
+    FORMAT = FORMAT
+    ERROR = FaultMapError
+    WHAT = "fault map"
+    PARTS = ("sa0", "sa1")
+    PAIR = "(sa0, sa1) of uint8 tensors"
+    PAYLOAD = "stuck bits"
+    MODEL = FaultModel
+
+    layers: Dict[str, Tuple[Tensor, Tensor]]
+
+    @classmethod
+    def check_pair(cls, sa0: Any, sa1: Any, bits: int, where: str) -> Tuple[Tensor, Tensor]:
+        """uint8 masks of one shape, no cell stuck both ways, no stuck bit at or above
+        ``bits``."""
+        for label, t in (("sa0", sa0), ("sa1", sa1)):
+            if not isinstance(t, Tensor) or t.dtype != torch.uint8:
+                raise FaultMapError(
+                    f"{where}: {label} must be a torch.uint8 tensor, got "
+                    f"{getattr(t, 'dtype', type(t).__name__)}; convert with .to(torch.uint8)")
+        if sa0.shape != sa1.shape:
+            raise FaultMapError(f"{where}: sa0 has shape {tuple(sa0.shape)} but sa1 "
+                                f"{tuple(sa1.shape)}; both have the weight's shape")
+        check_stuck_masks(sa0, sa1, bits, where, FaultMapError)
+        return sa0, sa1
+
+    def check_fit(self, name: str, shape: Tuple[int, ...], bits: int) -> None:
+        """Masks of the weight's shape, made for its bit width, no stuck bit above it."""
+        sa0, sa1 = self.layers[name]
+        if tuple(sa0.shape) != shape or tuple(sa1.shape) != shape:
             raise FaultMapError(
-                f"FaultMap: layers and bits must name the same layers; only in layers: "
-                f"{sorted(set(layers) - set(bits))}, only in bits: "
-                f"{sorted(set(bits) - set(layers))}")
-        self.layers: Dict[str, Tuple[Tensor, Tensor]] = {}
-        self.bits: Dict[str, int] = {}
-        for name, masks in layers.items():
-            where = f"fault map layer {name!r}"
-            if not isinstance(name, str):
-                raise FaultMapError(f"fault map layer names must be str, got {name!r}")
-            self.bits[name] = check_map_bits(bits[name], where, FaultMapError)
-            if not (isinstance(masks, (tuple, list)) and len(masks) == 2):
-                raise FaultMapError(f"{where}: expected a pair (sa0, sa1) of uint8 tensors")
-            sa0, sa1 = masks
-            for label, t in (("sa0", sa0), ("sa1", sa1)):
-                if not isinstance(t, Tensor) or t.dtype != torch.uint8:
-                    raise FaultMapError(
-                        f"{where}: {label} must be a torch.uint8 tensor, got "
-                        f"{getattr(t, 'dtype', type(t).__name__)}; convert with .to(torch.uint8)")
-            if sa0.shape != sa1.shape:
-                raise FaultMapError(f"{where}: sa0 has shape {tuple(sa0.shape)} but sa1 "
-                                    f"{tuple(sa1.shape)}; both have the weight's shape")
-            self.layers[name] = (sa0, sa1)
-            check_stuck_masks(sa0, sa1, self.bits[name], f"fault map layer {name!r}", FaultMapError)
-        self.meta = meta
+                f"fault map layer {name!r}: masks of shape {tuple(sa0.shape)} but the "
+                f"layer's weight has shape {shape}. Sample the map from this model.")
+        if self.bits[name] != bits:
+            raise FaultMapError(
+                f"fault map layer {name!r}: map made for {self.bits[name]}-bit weights but the "
+                f"layer has {bits}-bit weights. Sample the map from this model.")
+        check_stuck_masks(sa0, sa1, bits, f"fault map layer {name!r}", FaultMapError)
+
+    @staticmethod
+    def set_on(chip: Any, pair: Tuple[Tensor, Tensor], weight: Tensor) -> None:
+        chip.set_faults(*pair, like=weight)
+
+    @staticmethod
+    def clear_on(chip: Any) -> None:
+        chip.clear_faults()
 
     @property
     def shapes(self) -> Dict[str, Tuple[int, ...]]:
         """Weight shape per layer."""
         return {n: tuple(sa0.shape) for n, (sa0, _) in self.layers.items()}
 
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def __repr__(self) -> str:
-        return (f"FaultMap({len(self)} layers, stuck fraction {self.stuck_fraction():.4g}, "
-                f"{'sampled' if self.meta is not None else 'measured'})")
-
-    def _counts(self, name: str) -> Tuple[int, int, int]:
-        """(cells, SA0 cells, SA1 cells) of one layer."""
-        sa0, sa1 = self.layers[name]
-        bits = self.bits[name]
-        return sa0.numel() * bits, _popcount(sa0, bits), _popcount(sa1, bits)
+    def describe(self) -> str:
+        return f"stuck fraction {self.stuck_fraction():.4g}"
 
     def stuck_fraction(self) -> float:
         """Stuck bit cells over all bit cells of the map's layers (0.0 for an empty map)."""
-        cells = stuck = 0
-        for name in self.layers:
-            n, k0, k1 = self._counts(name)
-            cells, stuck = cells + n, stuck + k0 + k1
-        return stuck / cells if cells else 0.0
+        counts = [stuck_counts(*self.layers[n], self.bits[n]) for n in self.layers]
+        cells = sum(c["cells"] for c in counts)
+        return sum(c["stuck"] for c in counts) / cells if cells else 0.0
 
     def summary(self) -> Dict[str, Dict[str, Any]]:
-        """Per layer: ``shape``, ``bits``, ``cells``, ``stuck``, ``sa0``, ``sa1``, ``fraction``."""
+        """Per layer: ``shape``, ``bits``, ``cells``, ``stuck``, ``sa0``, ``sa1``, ``fraction``
+        (:func:`qfv_brevitas.core.chip.stuck_counts`)."""
         out = {}
-        for name in self.layers:
-            n, k0, k1 = self._counts(name)
-            out[name] = {"shape": tuple(self.layers[name][0].shape), "bits": self.bits[name],
-                         "cells": n, "stuck": k0 + k1, "sa0": k0, "sa1": k1,
-                         "fraction": (k0 + k1) / n if n else 0.0}
+        for name, (sa0, sa1) in self.layers.items():
+            n = stuck_counts(sa0, sa1, self.bits[name])
+            out[name] = {"shape": tuple(sa0.shape), "bits": self.bits[name], "cells": n["cells"],
+                         "stuck": n["stuck"], "sa0": n["sa0"], "sa1": n["sa1"],
+                         "fraction": n["fraction"]}
         return out
-
-    def to(self, device) -> "FaultMap":
-        """A copy with every mask on ``device``."""
-        return FaultMap({n: (a.to(device), b.to(device)) for n, (a, b) in self.layers.items()},
-                        dict(self.bits), self.meta)
-
-    def save(self, path: os.PathLike, overwrite: bool = False) -> None:
-        """Write the map to ``path`` (plain tensors and a checksum, atomically; an existing
-        file only with ``overwrite=True``; read back with :meth:`load`)."""
-        save_tagged(path, {
-            "format": FORMAT, "meta": self.meta,
-            "layers": {n: {"sa0": a.detach().cpu(), "sa1": b.detach().cpu(), "bits": self.bits[n]}
-                       for n, (a, b) in self.layers.items()}}, overwrite)
-
-    @classmethod
-    def load(cls, path: os.PathLike) -> "FaultMap":
-        """Read a map written by :meth:`save` (tensors on the CPU); :class:`FaultMapError`
-        naming the file if it is corrupt or not a fault map."""
-        data = load_tagged(path, FORMAT, FaultMapError, "fault map")
-        try:
-            entries = data["layers"]
-            layers = {n: (e["sa0"], e["sa1"]) for n, e in entries.items()}
-            bits = {n: e["bits"] for n, e in entries.items()}
-            meta = data.get("meta")
-            if meta is not None:  # the FaultModel that sampled it (maps of any version)
-                meta = FaultModel.from_dict(meta).to_dict()
-            return cls(layers, bits, meta)
-        except (LookupError, TypeError, AttributeError, ValueError) as e:
-            raise FaultMapError(f"{os.fspath(path)!r} is a damaged fault map: {e}") from e
-
-    def validate(self, model: nn.Module) -> None:
-        """Check that the map fits ``model``: each entry names an N-multiplier layer whose weight
-        has the entry's shape and bit width, and no stuck bit lies at or above that width.
-        Layers of the model without an entry are fault-free. Raises :class:`FaultMapError`."""
-        layers = check_names_in_model(model, self.layers, FaultMapError, "stuck bits")
-        for name, layer in layers.items():
-            sa0, sa1 = self.layers[name]
-            shape, bits = tuple(layer.weight.shape), quant_of(layer).bits
-            if tuple(sa0.shape) != shape or tuple(sa1.shape) != shape:
-                raise FaultMapError(
-                    f"fault map layer {name!r}: masks of shape {tuple(sa0.shape)} but the "
-                    f"layer's weight has shape {shape}. Sample the map from this model.")
-            if self.bits[name] != bits:
-                raise FaultMapError(
-                    f"fault map layer {name!r}: map made for {self.bits[name]}-bit weights but the "
-                    f"layer has {bits}-bit weights. Sample the map from this model.")
-            check_stuck_masks(sa0, sa1, bits, f"fault map layer {name!r}", FaultMapError)
-
-
-def _popcount(mask: Tensor, bits: int) -> int:
-    return int(sum(int(((mask >> i) & 1).sum()) for i in range(bits)))
 
 
 # -- sampling and attaching ----------------------------------------------------------------------
@@ -274,13 +227,9 @@ def attach_faults(model: nn.Module, fault_map: FaultMap) -> nn.Module:
     chip (:class:`qfv_brevitas.core.chip.Chip`, ``weight_quant.chip.sa0``/``sa1``, saved with
     the state dict).
     Layers without an entry are made fault-free. Returns ``model``."""
-    return attach_layer_maps(
-        model, fault_map, FaultMap, "attach_faults",
-        lambda chip, masks, w: chip.set_faults(*masks, like=w), lambda chip: chip.clear_faults())
+    return attach_layer_maps(model, fault_map, FaultMap, "attach_faults")
 
 
 def detach_faults(model: nn.Module) -> nn.Module:
     """Make every N-multiplier layer of ``model`` fault-free again. Returns ``model``."""
-    for _, layer in nmult_layers(model):
-        layer.weight_quant.chip.clear_faults()
-    return model
+    return detach_layer_maps(model, FaultMap)

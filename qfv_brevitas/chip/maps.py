@@ -1,24 +1,25 @@
-"""Helpers shared by the map modules (:mod:`faults`, :mod:`variability`, :mod:`bitflips`):
-per-layer seeded generators, the model's quantized layers, map checks and tagged file I/O.
-(The argument validators they use are :mod:`qfv_brevitas.util.validate`'s.)"""
+"""What the map modules (:mod:`faults`, :mod:`variability`, :mod:`bitflips`) share: the base
+of the two map classes (:class:`LayerMaps`: checks, files, validation against a model,
+attaching), per-layer seeded generators, the model's quantized layers, map checks and tagged
+file I/O. (The argument validators they use are :mod:`qfv_brevitas.util.validate`'s.)"""
 from __future__ import annotations
 
 import hashlib
 import os
-import pickle
-import warnings
-from typing import Any, Callable, Dict, Type
+from typing import Any, Dict, Optional, Tuple, Type
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from qfv_brevitas.core.levels import MAX_BITS
-from qfv_brevitas.core.quantizers import nmult_layers
+from qfv_brevitas.core.quantizers import nmult_layers, quant_of
+from qfv_brevitas.util.configbase import QfvConfig
 from qfv_brevitas.util.errors import QfvError, QfvTypeError
-from qfv_brevitas.util.safeio import content_digest, torch_save
+from qfv_brevitas.util.safeio import LoadError, content_digest, torch_load, torch_save
 
-__all__ = ["attach_layer_maps", "layer_generator", "quantized_layers", "check_names_in_model", "save_tagged",
-           "load_tagged", "check_map_bits"]
+__all__ = ["LayerMaps", "attach_layer_maps", "detach_layer_maps", "layer_generator",
+           "quantized_layers", "check_names_in_model", "save_tagged", "load_tagged",
+           "check_map_bits"]
 
 
 def layer_generator(domain: str, seed: int, name: str) -> torch.Generator:
@@ -83,19 +84,14 @@ def load_tagged(path: os.PathLike, tag: str, error: Type[QfvError], what: str) -
         raise FileNotFoundError(f"{what} file {path!r} does not exist"
                                 + (" (it is a folder)" if os.path.isdir(path) else ""))
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "global" not in str(e).lower():  # random bytes or a truncation, not a crafted file
-            raise error(f"{path!r} is not a readable {what} file (UnpicklingError: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
-        raise error(f"{path!r}: refused: the file holds Python objects that loading would have "
-                    f"to run; a {what} holds only tensors and plain values. Nothing of it was "
-                    "executed.") from None
-    except Exception as e:  # torch raises several types for truncated or foreign files
-        raise error(f"{path!r} is not a readable {what} file "
-                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        data = torch_load(path)
+    except LoadError as e:
+        if e.refused:
+            raise error(f"{path!r}: refused: the file holds Python objects that loading would "
+                        f"have to run; a {what} holds only tensors and plain values. Nothing of "
+                        "it was executed.") from None
+        raise error(f"{path!r} is not a readable {what} file ({e.kind}: {e.line})") \
+            from e.__cause__
     found = data.get("format") if isinstance(data, dict) else None
     if found != tag:
         raise error(f"{path!r} is not a {what} file: its format tag is {found!r}, expected "
@@ -117,19 +113,150 @@ def check_map_bits(bits: Any, where: str, error: Type[QfvError]) -> int:
     return bits
 
 
-def attach_layer_maps(model: nn.Module, maps: Any, kind: type, what: str,
-                      set_map: Callable, clear_map: Callable) -> nn.Module:
+class LayerMaps:
+    """Base of :class:`~qfv_brevitas.chip.faults.FaultMap` and
+    :class:`~qfv_brevitas.chip.variability.VariabilityMap`: per layer a pair of tensors
+    (``layers[name]``) and the bit width (``bits[name]``), and ``meta``, the settings that
+    sampled the map (``None`` for a map measured on hardware).
+
+    The base checks the dicts and each layer's name, bit width and pair, saves and loads the
+    map as a tagged file (:func:`save_tagged` / :func:`load_tagged`), validates it against a
+    model and attaches it (:func:`attach_layer_maps`). A map class names its parts in the class
+    attributes below and checks what is its own: :meth:`check_pair` (the tensors themselves),
+    :meth:`check_fit` (against one layer), :meth:`set_on` / :meth:`clear_on` (a chip).
+    """
+
+    #: The file's format tag.
+    FORMAT: str = ""
+    #: The error every check raises.
+    ERROR: Type[QfvError] = QfvError
+    #: The map in messages (``"fault map"``).
+    WHAT: str = "map"
+    #: Names of the pair's two tensors (in the file, and in messages).
+    PARTS: Tuple[str, str] = ("", "")
+    #: The pair a layer takes, in messages (``"(sa0, sa1) of uint8 tensors"``).
+    PAIR: str = ""
+    #: What the map puts on a layer, in messages (``"stuck bits"``).
+    PAYLOAD: str = ""
+    #: The configuration class that samples the map (``meta`` is its ``to_dict()``).
+    MODEL: Type[QfvConfig] = QfvConfig
+
+    def __init__(self, layers: Dict[str, Tuple[Any, Any]], bits: Dict[str, int],
+                 meta: Optional[dict] = None):
+        cls = type(self).__name__
+        if not isinstance(layers, dict) or not isinstance(bits, dict):
+            raise self.ERROR(f"{cls}(layers, bits) takes two dicts keyed by layer name")
+        if set(layers) != set(bits):
+            raise self.ERROR(
+                f"{cls}: layers and bits must name the same layers; only in layers: "
+                f"{sorted(set(layers) - set(bits))}, only in bits: "
+                f"{sorted(set(bits) - set(layers))}")
+        self.layers: Dict[str, Tuple[Any, Any]] = {}
+        self.bits: Dict[str, int] = {}
+        for name, pair in layers.items():
+            if not isinstance(name, str):
+                raise self.ERROR(f"{self.WHAT} layer names must be str, got {name!r}")
+            where = f"{self.WHAT} layer {name!r}"
+            self.bits[name] = check_map_bits(bits[name], where, self.ERROR)
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+                raise self.ERROR(f"{where}: expected a pair {self.PAIR}")
+            self.layers[name] = self.check_pair(pair[0], pair[1], self.bits[name], where)
+        self.meta = meta
+
+    @classmethod
+    def check_pair(cls, a: Any, b: Any, bits: int, where: str) -> Tuple[Any, Any]:
+        """The layer's pair ``(a, b)`` once checked for ``bits``-bit weights (``where`` names the
+        layer in the error)."""
+        raise NotImplementedError
+
+    def check_fit(self, name: str, shape: Tuple[int, ...], bits: int) -> None:
+        """Check layer ``name``'s entry against its weight's ``shape`` and bit width."""
+        raise NotImplementedError
+
+    @staticmethod
+    def set_on(chip: Any, pair: Tuple[Any, Any], weight: Tensor) -> None:
+        """Put one layer's pair on its chip (``weight``: the layer's weight, for the device)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def clear_on(chip: Any) -> None:
+        """Take this kind of map off a chip."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """The map in a few words, for ``repr``."""
+        return ""
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({len(self)} layers, {self.describe()}, "
+                f"{'sampled' if self.meta is not None else 'measured'})")
+
+    def to(self, device) -> "LayerMaps":
+        """A copy with every tensor on ``device``."""
+        return type(self)({n: tuple(None if t is None else t.to(device) for t in pair)
+                           for n, pair in self.layers.items()}, dict(self.bits), self.meta)
+
+    def save(self, path: os.PathLike, overwrite: bool = False) -> None:
+        """Write the map to ``path`` (plain tensors and a checksum, atomically; an existing
+        file only with ``overwrite=True``; read back with :meth:`load`)."""
+        a, b = self.PARTS
+        save_tagged(path, {
+            "format": self.FORMAT, "meta": self.meta,
+            "layers": {n: {a: x.detach().cpu(), b: None if y is None else y.detach().cpu(),
+                           "bits": self.bits[n]} for n, (x, y) in self.layers.items()}},
+            overwrite)
+
+    @classmethod
+    def load(cls, path: os.PathLike) -> "LayerMaps":
+        """Read a map written by :meth:`save` (tensors on the CPU); the map's error naming the
+        file if it is corrupt or not a map of this kind."""
+        data = load_tagged(path, cls.FORMAT, cls.ERROR, cls.WHAT)
+        a, b = cls.PARTS
+        try:
+            entries = data["layers"]
+            layers = {n: (e[a], e[b]) for n, e in entries.items()}
+            bits = {n: e["bits"] for n, e in entries.items()}
+            return cls(layers, bits, cls.read_meta(data.get("meta")))
+        except (LookupError, TypeError, AttributeError, ValueError) as e:
+            raise cls.ERROR(f"{os.fspath(path)!r} is a damaged {cls.WHAT}: {e}") from e
+
+    @classmethod
+    def read_meta(cls, meta: Any) -> Optional[dict]:
+        """The stored ``meta`` (of any version) read through :attr:`MODEL`'s ``from_dict``."""
+        return None if meta is None else cls.MODEL.from_dict(meta).to_dict()
+
+    def validate(self, model: nn.Module) -> None:
+        """Check that the map fits ``model``: each entry names an N-multiplier layer whose
+        weight fits the entry (:meth:`check_fit`). Layers without an entry stay ideal."""
+        layers = check_names_in_model(model, self.layers, self.ERROR, self.PAYLOAD)
+        for name, layer in layers.items():
+            self.check_fit(name, tuple(layer.weight.shape), quant_of(layer).bits)
+
+
+def attach_layer_maps(model: nn.Module, maps: Any, kind: Type[LayerMaps], what: str
+                      ) -> nn.Module:
     """Put a map on the chips of ``model``'s N-multiplier layers: ``maps`` (a ``kind``, checked
-    against the model with its ``validate`` before any chip changes) gives
-    ``set_map(chip, entry, weight)`` each layer's entry; layers without one get
-    ``clear_map(chip)``. Returns ``model``."""
+    against the model with its ``validate`` before any chip changes) puts each layer's entry on
+    its chip (``kind.set_on``); layers without one are cleared (``kind.clear_on``). ``what``
+    names the caller in the error for another type. Returns ``model``."""
     if not isinstance(maps, kind):
         raise QfvTypeError(f"{what} takes a {kind.__name__}, got {type(maps).__name__}")
     maps.validate(model)
     for name, layer in nmult_layers(model):
         chip = layer.weight_quant.chip
         if name in maps.layers:
-            set_map(chip, maps.layers[name], layer.weight)
+            kind.set_on(chip, maps.layers[name], layer.weight)
         else:
-            clear_map(chip)
+            kind.clear_on(chip)
+    return model
+
+
+def detach_layer_maps(model: nn.Module, kind: Type[LayerMaps]) -> nn.Module:
+    """Take ``kind``'s maps off every N-multiplier layer's chip (others stay). Returns
+    ``model``."""
+    for _, layer in nmult_layers(model):
+        kind.clear_on(layer.weight_quant.chip)
     return model

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from qfv_brevitas.util.validate import check_choice
+from qfv_brevitas.util.validate import check_choice, check_count
 from qfv_brevitas.core.quantizers import nmult_layers
 
 __all__ = ["SELFTUNE_MODES", "ReferenceStats", "SelfTuning", "reference_statistics",
@@ -243,8 +243,7 @@ def self_tune(model: nn.Module, calib: Tensor, reference: Optional[ReferenceStat
     input shape with at least 2 inputs, or statistics of another model.
     """
     check_choice(mode, SELFTUNE_MODES, "self-tuning mode")
-    if isinstance(passes, bool) or int(passes) != passes or passes < 1:
-        raise ValueError(f"self_tune: passes must be an integer >= 1, got {passes!r}")
+    passes = check_count(passes, "self_tune: passes")
     layers = dict(nmult_layers(model))
     if not layers:
         raise ValueError("self_tune: the model has no N-multiplier layer")
@@ -302,8 +301,7 @@ def calibration_batch(dataset: Dataset, size: int = 64, seed: int = 0) -> Tensor
     >>> calibration_batch(ds, 3, seed=1).shape
     torch.Size([3, 1])
     """
-    if isinstance(size, bool) or int(size) != size or size < 2:
-        raise ValueError(f"calibration batch size must be an integer >= 2, got {size!r}")
+    size = check_count(size, "calibration batch size", 2)
     n = len(dataset)
     if size > n:
         raise ValueError(f"calibration batch of {size} inputs from a dataset of {n}")

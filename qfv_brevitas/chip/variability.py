@@ -15,16 +15,15 @@ map at once.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from qfv_brevitas.chip.maps import (attach_layer_maps, check_map_bits, check_names_in_model,
-                                    layer_generator, load_tagged, quantized_layers, save_tagged)
-from qfv_brevitas.core.quantizers import nmult_layers, quant_of
+from qfv_brevitas.chip.maps import (LayerMaps, attach_layer_maps, detach_layer_maps,
+                                    layer_generator, quantized_layers)
+from qfv_brevitas.core.quantizers import quant_of
 from qfv_brevitas.util.configbase import QfvConfig
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.util.validate import (check_choice, check_layer_dict, check_real, check_seed,
@@ -135,73 +134,98 @@ def _factors(z: Tensor, sigma: float, distribution: str) -> Tensor:
 
 # -- the map ------------------------------------------------------------------------------------
 
-class VariabilityMap:
+class VariabilityMap(LayerMaps):
     """Per-cell factors per layer: ``layers[name] = (lrs, hrs)``, float tensors of shape
     ``weight.shape + (bits,)`` (``hrs`` may be ``None``: "0" cells contribute nothing), with
     the layer's bit width in ``bits[name]``.
 
     ``meta`` is the :class:`VariabilityModel` (as a dict) that sampled the map, or ``None`` for
     a measured map. The constructor checks the factors (finite, >= 0, last axis = bits);
-    :meth:`validate` checks the map against a model.
+    :meth:`validate` checks the map against a model. Saving, loading and the checks they share
+    with a fault map are :class:`~qfv_brevitas.chip.maps.LayerMaps`'.
 
     >>> vmap = VariabilityMap({"fc": (torch.full((2, 3, 4), 1.5), None)}, bits={"fc": 4})
     >>> vmap.shapes, vmap.summary()["fc"]["lrs_mean"]
     ({'fc': (2, 3)}, 1.5)
     """
 
-    def __init__(self, layers: Dict[str, Tuple[Tensor, Optional[Tensor]]], bits: Dict[str, int],
-                 meta: Optional[dict] = None):
-        if not isinstance(layers, dict) or not isinstance(bits, dict):
-            raise VariabilityMapError("VariabilityMap(layers, bits) takes two dicts keyed by "
-                                      "layer name")
-        if set(layers) != set(bits):
+    FORMAT = FORMAT
+    ERROR = VariabilityMapError
+    WHAT = "variability map"
+    PARTS = ("lrs", "hrs")
+    PAIR = "(lrs, hrs or None)"
+    PAYLOAD = "variability factors"
+    MODEL = VariabilityModel
+
+    layers: Dict[str, Tuple[Tensor, Optional[Tensor]]]
+
+    @classmethod
+    def check_pair(cls, lrs: Any, hrs: Any, bits: int, where: str
+                   ) -> Tuple[Tensor, Optional[Tensor]]:
+        """Finite factors >= 0 of shape ``weight shape + (bits,)``; ``hrs`` may be ``None``."""
+        for label, t in (("lrs", lrs), ("hrs", hrs)):
+            if t is None and label == "hrs":
+                continue
+            if not isinstance(t, Tensor) or not t.is_floating_point():
+                raise VariabilityMapError(
+                    f"{where}: {label} must be a floating-point tensor, got "
+                    f"{getattr(t, 'dtype', type(t).__name__)}")
+            if t.dim() < 1 or t.shape[-1] != bits:
+                raise VariabilityMapError(
+                    f"{where}: {label} has shape {tuple(t.shape)}; expected weight shape + "
+                    f"({bits},), one factor per bit cell")
+            if t.numel() and not bool((torch.isfinite(t) & (t >= 0)).all()):
+                raise VariabilityMapError(
+                    f"{where}: {label} factors must be finite and >= 0 (a conductance "
+                    f"cannot be negative); min {float(t.min())}, max {float(t.max())}")
+        if hrs is not None and hrs.shape != lrs.shape:
+            raise VariabilityMapError(f"{where}: lrs has shape {tuple(lrs.shape)} but hrs "
+                                      f"{tuple(hrs.shape)}")
+        return lrs, hrs
+
+    def check_fit(self, name: str, shape: Tuple[int, ...], bits: int) -> None:
+        """Factors made for the weight's bit width, of shape ``weight shape + (bits,)``."""
+        lrs, _ = self.layers[name]
+        if self.bits[name] != bits:
             raise VariabilityMapError(
-                f"VariabilityMap: layers and bits must name the same layers; only in layers: "
-                f"{sorted(set(layers) - set(bits))}, only in bits: "
-                f"{sorted(set(bits) - set(layers))}")
-        self.layers: Dict[str, Tuple[Tensor, Optional[Tensor]]] = {}
-        self.bits: Dict[str, int] = {}
-        for name, factors in layers.items():
-            if not isinstance(name, str):
-                raise VariabilityMapError(f"variability map layer names must be str, got {name!r}")
-            where = f"variability map layer {name!r}"
-            bits_ = self.bits[name] = check_map_bits(bits[name], where, VariabilityMapError)
-            if not (isinstance(factors, (tuple, list)) and len(factors) == 2):
-                raise VariabilityMapError(f"{where}: expected a pair (lrs, hrs or None)")
-            lrs, hrs = factors
-            for label, t in (("lrs", lrs), ("hrs", hrs)):
-                if t is None and label == "hrs":
-                    continue
-                if not isinstance(t, Tensor) or not t.is_floating_point():
-                    raise VariabilityMapError(
-                        f"{where}: {label} must be a floating-point tensor, got "
-                        f"{getattr(t, 'dtype', type(t).__name__)}")
-                if t.dim() < 1 or t.shape[-1] != bits_:
-                    raise VariabilityMapError(
-                        f"{where}: {label} has shape {tuple(t.shape)}; expected weight shape + "
-                        f"({bits_},), one factor per bit cell")
-                if t.numel() and not bool((torch.isfinite(t) & (t >= 0)).all()):
-                    raise VariabilityMapError(
-                        f"{where}: {label} factors must be finite and >= 0 (a conductance "
-                        f"cannot be negative); min {float(t.min())}, max {float(t.max())}")
-            if hrs is not None and hrs.shape != lrs.shape:
-                raise VariabilityMapError(f"{where}: lrs has shape {tuple(lrs.shape)} but hrs "
-                                          f"{tuple(hrs.shape)}")
-            self.layers[name] = (lrs, hrs)
-        self.meta = meta
+                f"variability map layer {name!r}: map made for {self.bits[name]}-bit weights "
+                f"but the layer has {bits}-bit weights. Sample the map from this model.")
+        if tuple(lrs.shape) != shape + (bits,):
+            raise VariabilityMapError(
+                f"variability map layer {name!r}: factors of shape {tuple(lrs.shape)} but "
+                f"the layer needs weight shape + bits = {shape + (bits,)}. Sample the map "
+                f"from this model.")
+
+    @staticmethod
+    def set_on(chip: Any, pair: Tuple[Tensor, Optional[Tensor]], weight: Tensor) -> None:
+        chip.set_variability(*pair, like=weight)
+
+    @staticmethod
+    def clear_on(chip: Any) -> None:
+        chip.clear_variability()
+
+    @classmethod
+    def read_meta(cls, meta: Any) -> Optional[dict]:
+        """The stored ``meta`` (of any version) read through
+        :meth:`VariabilityModel.from_dict`, its ``shared_factors`` kept."""
+        if meta is None:
+            return None
+        if not isinstance(meta, dict):
+            raise VariabilityMapError(f"its meta must be a dict of VariabilityModel settings, "
+                                      f"got {type(meta).__name__}")
+        settings = {k: v for k, v in meta.items() if k != "shared_factors"}
+        out = VariabilityModel.from_dict(settings).to_dict()
+        if "shared_factors" in meta:
+            out["shared_factors"] = meta["shared_factors"]
+        return out
 
     @property
     def shapes(self) -> Dict[str, Tuple[int, ...]]:
         """Weight shape per layer (the factors' shape without the last, per-bit axis)."""
         return {n: tuple(lrs.shape[:-1]) for n, (lrs, _) in self.layers.items()}
 
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def __repr__(self) -> str:
-        hrs = any(h is not None for _, h in self.layers.values())
-        return (f"VariabilityMap({len(self)} layers, {'LRS+HRS' if hrs else 'LRS'}, "
-                f"{'sampled' if self.meta is not None else 'measured'})")
+    def describe(self) -> str:
+        return "LRS+HRS" if any(h is not None for _, h in self.layers.values()) else "LRS"
 
     def summary(self) -> Dict[str, Dict[str, Any]]:
         """Per layer: ``shape``, ``bits``, ``cells``, ``lrs_mean``/``std``/``min``/``max`` and
@@ -219,69 +243,6 @@ class VariabilityMap:
                 row["hrs_std"] = float(h.std()) if h.numel() > 1 else 0.0
             out[name] = row
         return out
-
-    def to(self, device) -> "VariabilityMap":
-        """A copy with every factor tensor on ``device``."""
-        return VariabilityMap(
-            {n: (l.to(device), None if h is None else h.to(device))
-             for n, (l, h) in self.layers.items()}, dict(self.bits), self.meta)
-
-    def save(self, path: os.PathLike, overwrite: bool = False) -> None:
-        """Write the map to ``path`` (plain tensors and a checksum, atomically; an existing
-        file only with ``overwrite=True``; read back with :meth:`load`)."""
-        save_tagged(path, {
-            "format": FORMAT, "meta": self.meta,
-            "layers": {n: {"lrs": l.detach().cpu(),
-                           "hrs": None if h is None else h.detach().cpu(), "bits": self.bits[n]}
-                       for n, (l, h) in self.layers.items()}}, overwrite)
-
-    @classmethod
-    def load(cls, path: os.PathLike) -> "VariabilityMap":
-        """Read a map written by :meth:`save` (tensors on the CPU);
-        :class:`VariabilityMapError` naming the file if it is corrupt or not a variability map."""
-        data = load_tagged(path, FORMAT, VariabilityMapError, "variability map")
-        try:
-            entries = data["layers"]
-            layers = {n: (e["lrs"], e["hrs"]) for n, e in entries.items()}
-            bits = {n: e["bits"] for n, e in entries.items()}
-            return cls(layers, bits, _read_meta(data.get("meta")))
-        except (LookupError, TypeError, AttributeError, ValueError) as e:
-            raise VariabilityMapError(f"{os.fspath(path)!r} is a damaged variability map: {e}") \
-                from e
-
-    def validate(self, model: nn.Module) -> None:
-        """Check that the map fits ``model``: each entry names an N-multiplier layer whose weight
-        has the entry's shape and bit width. Layers without an entry stay ideal. Raises
-        :class:`VariabilityMapError`."""
-        layers = check_names_in_model(model, self.layers, VariabilityMapError,
-                                      "variability factors")
-        for name, layer in layers.items():
-            lrs, _ = self.layers[name]
-            shape, bits = tuple(layer.weight.shape), quant_of(layer).bits
-            if self.bits[name] != bits:
-                raise VariabilityMapError(
-                    f"variability map layer {name!r}: map made for {self.bits[name]}-bit weights "
-                    f"but the layer has {bits}-bit weights. Sample the map from this model.")
-            if tuple(lrs.shape) != shape + (bits,):
-                raise VariabilityMapError(
-                    f"variability map layer {name!r}: factors of shape {tuple(lrs.shape)} but "
-                    f"the layer needs weight shape + bits = {shape + (bits,)}. Sample the map "
-                    f"from this model.")
-
-
-def _read_meta(meta: Optional[dict]) -> Optional[dict]:
-    """The stored ``meta`` of a map (of any version) read through
-    :meth:`VariabilityModel.from_dict`, its ``shared_factors`` kept."""
-    if meta is None:
-        return None
-    if not isinstance(meta, dict):
-        raise VariabilityMapError(f"its meta must be a dict of VariabilityModel settings, got "
-                                  f"{type(meta).__name__}")
-    settings = {k: v for k, v in meta.items() if k != "shared_factors"}
-    out = VariabilityModel.from_dict(settings).to_dict()
-    if "shared_factors" in meta:
-        out["shared_factors"] = meta["shared_factors"]
-    return out
 
 
 # -- sampling and attaching ----------------------------------------------------------------------
@@ -350,14 +311,10 @@ def attach_variability(model: nn.Module, var_map: VariabilityMap) -> nn.Module:
     """Validate ``var_map`` against ``model`` and set each layer's factors on its chip
     (``weight_quant.chip.lrs``/``hrs``, saved with the state dict). Layers without
     an entry are made ideal. Faults attached to the model are kept. Returns ``model``."""
-    return attach_layer_maps(
-        model, var_map, VariabilityMap, "attach_variability",
-        lambda chip, f, w: chip.set_variability(*f, like=w), lambda chip: chip.clear_variability())
+    return attach_layer_maps(model, var_map, VariabilityMap, "attach_variability")
 
 
 def detach_variability(model: nn.Module) -> nn.Module:
     """Make every N-multiplier layer of ``model`` ideal again (faults are kept). Returns
     ``model``."""
-    for _, layer in nmult_layers(model):
-        layer.weight_quant.chip.clear_variability()
-    return model
+    return detach_layer_maps(model, VariabilityMap)

@@ -168,17 +168,18 @@ def add_checkpoint_args(p: argparse.ArgumentParser, out: Optional[str] = None,
     the data (``--dataset``, ``--data-dir``), ``--seed`` of the maps, ``--layers``, ``--out``
     (default ``out``; none if None), ``--no-progress``; what it reads and writes
     (:func:`declare_io`: ``kind``, ``names``, ``inputs``)."""
+    from qfv_brevitas.studies.engine import CompareConfig
+    from qfv_brevitas.studies.scenario import LAYER_SETS
+
     declare_io(p, kind, names, inputs)
     p.add_argument("checkpoint", help="a model saved by qfv demo/train (or a fine-tune)")
     add_dataset_args(p, help="the data the checkpoint was trained on")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=int, default=CompareConfig.seed,
                    help="seed of the maps / flip streams (the data split is the checkpoint's "
                         "own)")
     if out is not None:
         p.add_argument("--out", default=out)
-    from qfv_brevitas.studies.scenario import LAYER_SETS
-
-    p.add_argument("--layers", choices=LAYER_SETS, default="inner",
+    p.add_argument("--layers", choices=LAYER_SETS, default=CompareConfig.layers,
                    help="inner: first and last (8-bit) layers stay ideal (paper setup); "
                         "all: every quantized layer is on the imperfect device")
     p.add_argument("--no-progress", action="store_true")

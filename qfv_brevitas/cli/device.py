@@ -20,9 +20,11 @@ def _sa1(p: argparse.ArgumentParser) -> None:
 
 
 def _faults_finetune(p: argparse.ArgumentParser) -> None:
+    from qfv_brevitas.studies.engine import CompareConfig
+
     p.add_argument("--method", choices=("fault_aware", "nearest_valid", "chip_in_loop"),
                    default="fault_aware")
-    p.add_argument("--remap-every", type=int, default=4)
+    p.add_argument("--remap-every", type=int, default=CompareConfig.remap_every)
 
 
 def _variability_finetune(p: argparse.ArgumentParser) -> None:
@@ -53,6 +55,7 @@ _KINDS = {
 def _register(kind: str, spec: dict) -> None:
     """``qfv <kind> sample|eval|finetune|compare``."""
     from qfv_brevitas.studies import compare as C
+    from qfv_brevitas.studies.engine import CompareConfig
 
     what = "fault" if kind == "faults" else "variability"
     defaults = C.FAULT_METHODS if kind == "faults" else C.VARIABILITY_METHODS
@@ -71,7 +74,7 @@ def _register(kind: str, spec: dict) -> None:
     def evaluate(p: argparse.ArgumentParser):
         add_checkpoint_args(p, f"qfv-{kind}", "results", result_names(f"{kind}_eval"))
         p.add_argument(many, type=float, nargs="+", default=many_default)
-        p.add_argument("--trials", type=int, default=10)
+        p.add_argument("--trials", type=int, default=CompareConfig.trials)
         p.add_argument("--mapping", choices=("naive", "aware"), default="naive",
                        help=spec["mapping_help"])
         spec["settings"](p)

@@ -29,6 +29,7 @@ _INPUTS = ("checkpoint", "data_dir", "fault_map", "var_map")
                      "apply to transient bit flips (n/a).")
 def compare(p: argparse.ArgumentParser):
     from qfv_brevitas.studies.methods import METHODS, method_names
+    from qfv_brevitas.studies.scenario import Scenario
 
     add_checkpoint_args(p, "qfv-compare", "results", result_names("compare", ("csv", "json",
                                                                               "md", "png")),
@@ -42,9 +43,10 @@ def compare(p: argparse.ArgumentParser):
     p.add_argument("--chip-sigma", type=float, default=0.1,
                    help="between-chip sigma: each --sigmas scenario again with this shared "
                         "component (0: not)")
-    p.add_argument("--hrs-on-off", type=float, default=None,
+    p.add_argument("--hrs-on-off", type=float, default=Scenario.hrs_on_off,
                    help="variability scenarios: model HRS too, LRS/HRS on/off ratio")
-    p.add_argument("--distribution", choices=("normal", "lognormal"), default="normal",
+    p.add_argument("--distribution", choices=("normal", "lognormal"),
+                   default=Scenario.distribution,
                    help="variability scenarios: distribution of the cell factors")
     add_study_args(p, selftune=True)
     return run_compare
@@ -81,10 +83,12 @@ command_group("bitflips", help="transient bit flips: Monte Carlo evaluation, ran
 
 @command("bitflips", "eval", help="accuracy under random bit flips, seeded runs per rate")
 def bitflips_eval(p: argparse.ArgumentParser):
+    from qfv_brevitas.studies.engine import CompareConfig
+
     add_checkpoint_args(p, "qfv-bitflips", "results", result_names("bitflips_eval"),
                         inputs=_INPUTS)
     p.add_argument("--rates", type=float, nargs="+", default=[0, 0.01, 0.02, 0.05])
-    p.add_argument("--trials", type=int, default=10)
+    p.add_argument("--trials", type=int, default=CompareConfig.trials)
     return run_bitflips_eval
 
 
@@ -142,6 +146,7 @@ def run_bitflips_finetune(args) -> int:
                      "reports accuracy on the ideal device, on the chip, and on the chip after "
                      "self-tuning on --calib-size unlabeled training images.")
 def selftune(p: argparse.ArgumentParser):
+    from qfv_brevitas.chip.variability import VariabilityModel
     from qfv_brevitas.studies.engine import CompareConfig
 
     add_checkpoint_args(p, None, None, inputs=_INPUTS)
@@ -149,7 +154,7 @@ def selftune(p: argparse.ArgumentParser):
     p.add_argument("--var-map", help="a variability map file")
     p.add_argument("--rate", type=float, help="draw stuck-at faults at this rate")
     p.add_argument("--sigma", type=float, help="draw LRS variability at this sigma/mu")
-    p.add_argument("--chip-sigma", type=float, default=0.0,
+    p.add_argument("--chip-sigma", type=float, default=VariabilityModel.chip_sigma,
                    help="between-chip component of the drawn variability")
     p.add_argument("--ber", type=float, help="transient bit flips at this bit-error rate")
     p.add_argument("--calib-size", type=int, default=CompareConfig.calib_size)

@@ -35,8 +35,9 @@ command_group("snn", help="spiking networks (LIF neurons) with N-multiplier weig
                      "--bits with the regularizer (spikes are the activations). Writes "
                      "results.json, float.pt and {variant}_w{bits}.pt to --out.")
 def train(p: argparse.ArgumentParser):
+    from qfv_brevitas.core.config import NMultConfig
     from qfv_brevitas.training.train import TrainConfig
-    from qfv_brevitas.snn.config import ENCODINGS, SURROGATES
+    from qfv_brevitas.snn.config import ENCODINGS, SURROGATES, SpikingConfig
     from qfv_brevitas.snn.data import SNN_DATASETS
     from qfv_brevitas.snn.models import SPIKING_MODEL_NAMES
 
@@ -48,19 +49,21 @@ def train(p: argparse.ArgumentParser):
     p.add_argument("--arch", choices=SPIKING_MODEL_NAMES, default="spiking_small_cnn")
     p.add_argument("--T", type=int, default=None,
                    help=f"time steps (default 4; {_EVENT_T} frames on the neuromorphic sets)")
-    p.add_argument("--tau", type=float, default=4.0, help="membrane time constant (beta=1/tau)")
-    p.add_argument("--v-threshold", type=float, default=0.5)
-    p.add_argument("--v-reset", type=_optional_float, default=0.0,
+    p.add_argument("--tau", type=float, default=SpikingConfig.tau,
+                   help="membrane time constant (beta=1/tau)")
+    p.add_argument("--v-threshold", type=float, default=SpikingConfig.v_threshold)
+    p.add_argument("--v-reset", type=_optional_float, default=SpikingConfig.v_reset,
                    help="reset potential, or 'none' for reset by subtraction")
-    p.add_argument("--surrogate", choices=SURROGATES, default="atan")
-    p.add_argument("--encoding", choices=[e for e in ENCODINGS if e != "none"], default="rate",
+    p.add_argument("--surrogate", choices=SURROGATES, default=SpikingConfig.surrogate)
+    p.add_argument("--encoding", choices=[e for e in ENCODINGS if e != "none"],
+                   default=SpikingConfig.encoding,
                    help="how static images become spikes (event data brings its own)")
     p.add_argument("--frame-size", type=int, default=48,
                    help="neuromorphic frames are resized to this square size")
     p.add_argument("--bits", type=int, nargs="+", default=[4], help="weight bits of inner layers")
-    p.add_argument("--variant", choices=VARIANTS, default="nmult")
+    p.add_argument("--variant", choices=VARIANTS, default=NMultConfig.variant)
     p.add_argument("--per-channel", action="store_true")
-    p.add_argument("--first-last-bits", type=_optional_int, default=8,
+    p.add_argument("--first-last-bits", type=_optional_int, default=NMultConfig.first_last_bits,
                    help="weight bits of the first and last layers, or 'none' for --bits")
     p.add_argument("--fp-epochs", type=int, default=12)
     p.add_argument("--q-epochs", type=int, default=6)
@@ -73,8 +76,8 @@ def train(p: argparse.ArgumentParser):
     p.add_argument("--lambda-start", type=float, default=TrainConfig.lambda_start)
     p.add_argument("--lambda-end", type=float, default=TrainConfig.lambda_end)
     p.add_argument("--lambda-rise-epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--out", default="qfv-snn", help="output folder")
     p.add_argument("--no-progress", action="store_true")
     declare_io(p, "run", inputs=("data_dir",))

@@ -15,6 +15,7 @@ IDX_FP_EPOCHS, IDX_Q_EPOCHS, IDX_BATCH = 3, 2, 128
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
+    from qfv_brevitas.core.config import NMultConfig
     from qfv_brevitas.training.train import TrainConfig
 
     add_dataset_args(p)
@@ -23,8 +24,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="weight and activation bits of the inner layers (W{b}A{b})")
     p.add_argument("--variants", nargs="+", default=list(("fixed", "step", "nmult")),
                    choices=VARIANTS)
-    p.add_argument("--mode", default="paper", choices=FORWARD_MODES)
-    p.add_argument("--init", default=None, choices=INITS,
+    p.add_argument("--mode", default=NMultConfig.mode, choices=FORWARD_MODES)
+    p.add_argument("--init", default=NMultConfig.init, choices=INITS,
                    help="initial levels: lsq (LSQ's uniform grid), uniform (best-MSE uniform "
                         "grid) or fit (levels fitted to the float weights); default: fit for "
                         "nmult, lsq for step and fixed")
@@ -35,7 +36,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="float epochs (default 30 on digits, 3 on IDX data)")
     p.add_argument("--q-epochs", type=int, default=None,
                    help="QAT epochs per model (default 15 on digits, 2 on IDX data)")
-    p.add_argument("--lr", type=float, default=0.05, help="float training learning rate")
+    p.add_argument("--lr", type=float, default=TrainConfig.lr, help="float training learning rate")
     p.add_argument("--q-lr", type=float, default=0.01, help="QAT learning rate of the weights")
     p.add_argument("--quant-lr", type=float, default=TrainConfig.quant_lr,
                    help="learning rate of r, c, step")
@@ -48,7 +49,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     add_reg_args(p)
     p.add_argument("--batch-size", type=int, default=None,
                    help="training batch (default 64 on digits, 128 on IDX data)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--out", default="qfv-out", help="output folder")
     p.add_argument("--no-progress", action="store_true")
     declare_io(p, "run", inputs=("data_dir",))

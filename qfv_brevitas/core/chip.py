@@ -25,7 +25,7 @@ All tensors the methods take and return are in group layout ``(G, M)``
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Type
+from typing import Any, Dict, Optional, Tuple, Type
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +38,7 @@ from qfv_brevitas.core.groups import GroupLayout
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.util.validate import check_choice
 
-__all__ = ["Chip", "MAPPINGS", "check_stuck_masks"]
+__all__ = ["Chip", "MAPPINGS", "check_stuck_masks", "stuck_counts"]
 
 #: How codes are chosen for a chip with maps (see :meth:`Chip.codes`).
 MAPPINGS = ("naive", "aware")
@@ -62,6 +62,23 @@ def check_stuck_masks(sa0: Tensor, sa1: Tensor, bits: int, where: str,
         j = int(both.flatten().nonzero()[0])
         raise error(f"{where}: weight {j} (flat index) has bits stuck at 0 and at 1 at once "
                     f"(sa0 & sa1 = {int(both.flatten()[j])}); a cell is stuck one way only")
+
+
+def stuck_counts(sa0: Tensor, sa1: Tensor, bits: int) -> Dict[str, Any]:
+    """The stuck cells of one layer's masks: ``cells`` (bit cells), ``sa0`` / ``sa1`` (cells
+    stuck at 0 / at 1), ``stuck``, ``fraction`` (stuck over cells; 0.0 without cells) and
+    ``weights`` (weights with a stuck cell). The one count behind a fault map's summary and
+    an exported file's fault entry.
+
+    >>> stuck_counts(torch.tensor([1, 0], dtype=torch.uint8), torch.tensor([2, 0],
+    ...              dtype=torch.uint8), 2)["stuck"]
+    2
+    """
+    cells = sa0.numel() * bits
+    n0, n1 = int(L.popcount(sa0, bits)), int(L.popcount(sa1, bits))
+    return {"cells": cells, "sa0": n0, "sa1": n1, "stuck": n0 + n1,
+            "fraction": (n0 + n1) / cells if cells else 0.0,
+            "weights": int(((sa0 | sa1) != 0).sum())}
 
 
 class Chip(nn.Module):

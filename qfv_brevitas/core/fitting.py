@@ -210,6 +210,19 @@ def _ls_step(n: Tensor, s1: Tensor, basis: Tensor, x_prev: Tensor, M: int) -> Te
     return torch.where(ok.unsqueeze(-1), x, x_prev)
 
 
+def _keep_best(x: Tensor, err: Tensor, best_x: Tensor, best_err: Tensor,
+               tol: float) -> Tuple[Tensor, Tensor, bool]:
+    """One step of an iteration that keeps each start's best iterate (the alternation and
+    Lloyd's both): ``x (G, K, D)`` with errors ``err (G, K)`` replaces the best so far where it
+    is lower. Returns the new best, its errors, and whether any start gained more than ``tol``
+    of its error (else the iteration has converged)."""
+    better = err < best_err
+    gain = torch.where(better, best_err - err, torch.zeros_like(err))
+    progress = bool((gain > tol * err.clamp_min(1e-300)).any())
+    return (torch.where(better.unsqueeze(-1), x, best_x), torch.where(better, err, best_err),
+            progress)
+
+
 def _alternate(sw: _Sorted, basis: Tensor, x: Tensor, max_iter: int,
                tol: float = _TOL) -> Tuple[Tensor, Tensor]:
     """Alternating minimisation from each start ``x (G, K, D)``; best iterate and its error."""
@@ -217,11 +230,7 @@ def _alternate(sw: _Sorted, basis: Tensor, x: Tensor, max_iter: int,
     best_err = torch.full(x.shape[:2], float("inf"), dtype=_F64, device=x.device)
     for _ in range(max(1, max_iter)):
         err, n, s1 = sw.code_stats(x @ basis.T)
-        better = err < best_err
-        gain = torch.where(better, best_err - err, torch.zeros_like(err))
-        progress = bool((gain > tol * err.clamp_min(1e-300)).any())
-        best_x = torch.where(better.unsqueeze(-1), x, best_x)
-        best_err = torch.where(better, err, best_err)
+        best_x, best_err, progress = _keep_best(x, err, best_x, best_err, tol)
         if not progress:
             break
         x = _ls_step(n, s1, basis, x, sw.M)
@@ -404,11 +413,7 @@ def _lloyd(sw: _Sorted, levels: Tensor, max_iter: int) -> Tuple[Tensor, Tensor]:
     lv = levels
     for _ in range(max(1, max_iter)):
         err, n, s1, _, vals, _ = sw.runs(lv)
-        better = err < best_err
-        gain = torch.where(better, best_err - err, torch.zeros_like(err))
-        progress = bool((gain > _TOL * err.clamp_min(1e-300)).any())
-        best = torch.where(better.unsqueeze(-1), vals, best)
-        best_err = torch.where(better, err, best_err)
+        best, best_err, progress = _keep_best(vals, err, best, best_err, _TOL)
         if not progress:
             break
         # Centroids; an empty cell keeps its level.

@@ -29,6 +29,7 @@ __all__ = [
     "sort_levels",
     "codes_to_bits",
     "bits_to_codes",
+    "popcount",
     "qp",
     "check_finite",
 ]
@@ -130,3 +131,17 @@ def bits_to_codes(b: Tensor) -> Tensor:
     """Inverse of :func:`codes_to_bits`."""
     weights = 1 << torch.arange(b.shape[-1], device=b.device)
     return (b.long() * weights).sum(-1)
+
+
+def popcount(mask: Tensor, bits: int) -> Tensor:
+    """Set bits among the low ``bits`` bits of an integer tensor, over all its entries: a
+    0-dim int64 tensor on ``mask``'s device (no host sync until ``int()``), e.g. the stuck or
+    flipped cells of a mask.
+
+    >>> int(popcount(torch.tensor([0b101, 0b011, 0b100], dtype=torch.uint8), 2))
+    3
+    """
+    total = torch.zeros((), dtype=torch.int64, device=mask.device)
+    for i in range(bits):
+        total = total + ((mask >> i) & 1).sum()
+    return total

@@ -1,8 +1,8 @@
 /* CPU kernels of qfv-brevitas: nearest-level search, the squared-distance regularizer and its
  * device-aware (stuck bits / per-cell variability) form, each one pass over the weights.
  *
- * Plain C (no Python or torch headers): loaded with ctypes by qfv_brevitas/_kernels.py, which
- * keeps a pure-torch fallback for machines where this file could not be compiled.
+ * Plain C (no Python or torch headers): loaded with ctypes by qfv_brevitas/core/kernels.py,
+ * which keeps a pure-torch fallback for machines where this file could not be compiled.
  *
  * Work is cut into chunks (a piece of one row of the (G, M) weight array) that threads take
  * from a shared counter: a thread that the OS deschedules (other processes on the cores) holds
@@ -83,6 +83,37 @@ static void chunk_range(const tiling_t *t, int64_t k, int64_t *g, int64_t *c0, i
     *c1 = *c0 + t->block < t->M ? *c0 + t->block : t->M;
 }
 
+/* Residual sums per code (four interleaved bins of 256, added bin 0 + 1 and 2 + 3 first) to
+ * the per-bit sums of r and c: pr[i] += the sum over the codes with bit i set (i < N), pr[N] +=
+ * the sum over all L codes. */
+static void bins_to_bit_sums(double (*bins)[256], int64_t L, int64_t N, double *pr) {
+    int64_t s, i;
+    for (s = 0; s < L; s++) {
+        double v = (bins[0][s] + bins[1][s]) + (bins[2][s] + bins[3][s]);
+        pr[N] += v;
+        for (i = 0; i < N; i++)
+            if ((s >> i) & 1) pr[i] += v;
+    }
+}
+
+/* Per-row sums (G x width doubles) from per-chunk ones (n chunks of width each, chunk k on row
+ * k / per_row), added in chunk order: the result does not depend on the thread count. */
+static void add_chunk_rows(double *sums, const double *part, int64_t G, int64_t n,
+                           int64_t per_row, int64_t width) {
+    int64_t k, i;
+    memset(sums, 0, sizeof(double) * (size_t)(G * width));
+    for (k = 0; k < n; k++)
+        for (i = 0; i < width; i++) sums[(k / per_row) * width + i] += part[k * width + i];
+}
+
+/* The fields a deployed pass and a fused pass both set in their contexts, as designated
+ * initializers: the (G, M) weights cut into chunks of `block` columns, the level table (G x L,
+ * L = 2^N), r (G x N), the per-cell factors (G x M x N, NULL: ideal) and N (1..8, checked by
+ * the caller before the shift). */
+#define LAYER_FIELDS(w_, G, M, N_, levels_, r_, lrs_, hrs_, block)                               \
+    .t = make_tiling(G, M, block), .w = (w_), .levels = (levels_), .r = (r_), .lrs = (lrs_),     \
+    .hrs = (hrs_), .N = (N_), .L = (int64_t)1 << (N_)
+
 /* ---------------------------------------------------------- lookup table of the thresholds */
 
 /* Per group: cell of x = floor((x - t0) * inv_h) clamped to [0, cells); base[cell] = number of
@@ -134,6 +165,14 @@ static void lut_free(lut_t *lt) {
     free(lt->base);
 }
 
+/* Free a pass's per-chunk buffers and its lookup table (any of them NULL or empty). */
+static void free_chunk_buffers(double *part, int64_t *bad, double *psums, lut_t *lut) {
+    free(part);
+    free(bad);
+    free(psums);
+    lut_free(lut);
+}
+
 /* Sorted index of x's nearest level: the number of thresholds <= x. */
 #define SEARCH(T, x, tg, nt, b, t0, inv, cells, out)                                             \
     do {                                                                                         \
@@ -143,10 +182,37 @@ static void lut_free(lut_t *lt) {
         (out) = k_;                                                                              \
     } while (0)
 
+/* Sorted index of each of the nj weights x among the nt sorted thresholds tg of row g (the
+ * number of thresholds <= x): counted, vectorised over the weights, for a few thresholds, else
+ * found through the row's lookup table. The nearest-level and the fused passes both use it. */
+#define DEFINE_SORTED_INDEX(SUF, T)                                                              \
+    static inline __attribute__((always_inline)) void                                            \
+    sorted_index_##SUF(const T *x, int64_t nj, const T *tg, int64_t nt, const lut_t *lut,        \
+                       int64_t g, int32_t *cnt) {                                                \
+        int64_t q, t;                                                                            \
+        if (nt <= COUNT_MAX) {                                                                   \
+            for (q = 0; q < nj; q++) cnt[q] = 0;                                                 \
+            for (t = 0; t < nt; t++) {                                                           \
+                T th = tg[t];                                                                    \
+                for (q = 0; q < nj; q++) cnt[q] += x[q] >= th;                                   \
+            }                                                                                    \
+        } else {                                                                                 \
+            const int32_t *b = lut->base + g * lut->cells;                                       \
+            double t0 = lut->t0[g], inv = lut->inv_h[g];                                         \
+            int64_t cells = lut->cells;                                                          \
+            for (q = 0; q < nj; q++) {                                                           \
+                int64_t i;                                                                       \
+                SEARCH(T, x[q], tg, nt, b, t0, inv, cells, i);                                   \
+                cnt[q] = (int32_t)i;                                                             \
+            }                                                                                    \
+        }                                                                                        \
+    }
+
 /* ------------------------------------------------- nearest level and the squared distance */
 
 #define DEFINE_NEAREST(SUF, T)                                                                   \
     DEFINE_LUT(SUF, T)                                                                           \
+    DEFINE_SORTED_INDEX(SUF, T)                                                                  \
     typedef struct {                                                                             \
         tiling_t t;                                                                              \
         const T *w, *thr, *vals;                                                                 \
@@ -160,14 +226,12 @@ static void lut_free(lut_t *lt) {
                                                                                                  \
     QFV_CLONES static void nearest_chunk_##SUF(void *vctx, int64_t k) {                          \
         nearest_ctx_##SUF *c = (nearest_ctx_##SUF *)vctx;                                        \
-        int64_t g, c0, c1, j, q, t, bad = 0;                                                     \
+        int64_t g, c0, c1, j, q, bad = 0;                                                        \
         double acc[4] = {0, 0, 0, 0};                                                            \
         chunk_range(&c->t, k, &g, &c0, &c1);                                                     \
         {                                                                                        \
             const T *tg = c->thr + g * c->nt, *vg = c->vals + g * (c->nt + 1);                   \
-            const int32_t *b = c->lut.base + g * c->lut.cells;                                   \
-            double t0 = c->lut.t0[g], inv = c->lut.inv_h[g];                                     \
-            int64_t cells = c->lut.cells, nt = c->nt;                                            \
+            int64_t nt = c->nt;                                                                  \
             const T *w = c->w + g * c->t.M;                                                      \
             uint8_t *out = c->idx + g * c->t.M;                                                  \
             int32_t cnt[SUB];                                                                    \
@@ -175,20 +239,7 @@ static void lut_free(lut_t *lt) {
             for (j = c0; j < c1; j += SUB) {                                                     \
                 int64_t nj = c1 - j < SUB ? c1 - j : SUB;                                        \
                 const T *x = w + j;                                                              \
-                if (nt <= COUNT_MAX) {                                                           \
-                    /* Few thresholds: count those <= x, vectorised over the weights. */         \
-                    for (q = 0; q < nj; q++) cnt[q] = 0;                                         \
-                    for (t = 0; t < nt; t++) {                                                   \
-                        T th = tg[t];                                                            \
-                        for (q = 0; q < nj; q++) cnt[q] += x[q] >= th;                           \
-                    }                                                                            \
-                } else {                                                                         \
-                    for (q = 0; q < nj; q++) {                                                   \
-                        int64_t i;                                                               \
-                        SEARCH(T, x[q], tg, nt, b, t0, inv, cells, i);                           \
-                        cnt[q] = (int32_t)i;                                                     \
-                    }                                                                            \
-                }                                                                                \
+                sorted_index_##SUF(x, nj, tg, nt, &c->lut, g, cnt);                              \
                 if (c->perm) {                                                                   \
                     const uint8_t *pg = c->perm + g * (nt + 1);                                  \
                     for (q = 0; q < nj; q++) out[j + q] = pg[cnt[q]];                            \
@@ -223,15 +274,9 @@ static void lut_free(lut_t *lt) {
                               int64_t block, int64_t threads) {                                  \
         nearest_ctx_##SUF c;                                                                     \
         int64_t n, k, bad = 0;                                                                   \
-        memset(&c, 0, sizeof(c));                                                                \
-        c.t = make_tiling(G, M, block);                                                          \
+        c = (nearest_ctx_##SUF){.t = make_tiling(G, M, block), .w = w, .thr = thr, .vals = vals, \
+                                .nt = nt, .idx = idx, .perm = perm};                             \
         n = G * c.t.per_row;                                                                     \
-        c.w = w;                                                                                 \
-        c.thr = thr;                                                                             \
-        c.vals = vals;                                                                           \
-        c.nt = nt;                                                                               \
-        c.idx = idx;                                                                             \
-        c.perm = perm;                                                                           \
         if (lut_build_##SUF(&c.lut, thr, G, nt)) {                                               \
             lut_free(&c.lut);                                                                    \
             return -1;                                                                           \
@@ -239,9 +284,7 @@ static void lut_free(lut_t *lt) {
         c.bad = (int64_t *)calloc((size_t)(n > 0 ? n : 1), sizeof(int64_t));                      \
         c.part = total ? (double *)calloc((size_t)(n > 0 ? n : 1), sizeof(double)) : NULL;        \
         if (!c.bad || (total && !c.part)) {                                                      \
-            free(c.bad);                                                                         \
-            free(c.part);                                                                        \
-            lut_free(&c.lut);                                                                    \
+            free_chunk_buffers(c.part, c.bad, NULL, &c.lut);                                     \
             return -1;                                                                           \
         }                                                                                        \
         run_chunks(nearest_chunk_##SUF, &c, n, threads);                                         \
@@ -251,9 +294,7 @@ static void lut_free(lut_t *lt) {
             *total = s;                                                                          \
         }                                                                                        \
         for (k = 0; k < n; k++) bad += c.bad[k];                                                 \
-        free(c.bad);                                                                             \
-        free(c.part);                                                                            \
-        lut_free(&c.lut);                                                                        \
+        free_chunk_buffers(c.part, c.bad, NULL, &c.lut);                                         \
         return bad;                                                                              \
     }                                                                                            \
                                                                                                  \
@@ -301,27 +342,17 @@ static void lut_free(lut_t *lt) {
                                   const T *vals, int64_t L, double gw, T *grad_w, double *sums,  \
                                   int64_t block, int64_t threads) {                              \
         nearest_bwd_ctx_##SUF c;                                                                 \
-        int64_t n, k, l;                                                                         \
-        memset(&c, 0, sizeof(c));                                                                \
-        c.t = make_tiling(G, M, block);                                                          \
+        int64_t n;                                                                               \
+        c = (nearest_bwd_ctx_##SUF){.t = make_tiling(G, M, block), .w = w, .vals = vals,         \
+                                    .idx = idx, .L = L, .gw = (T)gw, .grad_w = grad_w};          \
         n = G * c.t.per_row;                                                                     \
-        c.w = w;                                                                                 \
-        c.vals = vals;                                                                           \
-        c.idx = idx;                                                                             \
-        c.L = L;                                                                                 \
-        c.gw = (T)gw;                                                                            \
-        c.grad_w = grad_w;                                                                       \
         if (sums) {                                                                              \
             c.part = (double *)calloc((size_t)((n > 0 ? n : 1) * L), sizeof(double));             \
             if (!c.part) return -1;                                                              \
         }                                                                                        \
         run_chunks(nearest_bwd_chunk_##SUF, &c, n, threads);                                     \
         if (sums) {                                                                              \
-            memset(sums, 0, sizeof(double) * (size_t)(G * L));                                   \
-            for (k = 0; k < n; k++) {                                                            \
-                double *dst = sums + (k / c.t.per_row) * L, *src = c.part + k * L;               \
-                for (l = 0; l < L; l++) dst[l] += src[l];                                        \
-            }                                                                                    \
+            add_chunk_rows(sums, c.part, G, n, c.t.per_row, L);                                  \
             free(c.part);                                                                        \
         }                                                                                        \
         return 0;                                                                                \
@@ -347,9 +378,29 @@ DEFINE_NEAREST(f64, double)
         int backward;                                                                            \
     } deployed_ctx_##SUF;                                                                        \
                                                                                                  \
+    /* Backward over chunk k (row g, columns c0..c1) on ideal cells: residuals summed per code,  \
+     * r and c follow through the bits. */                                                       \
+    static inline __attribute__((always_inline)) void                                            \
+    deployed_ideal_bwd_##SUF(deployed_ctx_##SUF *c, int64_t k, int64_t g, int64_t c0,            \
+                             int64_t c1) {                                                       \
+        int64_t j, q, i, N = c->N, L = c->L;                                                     \
+        double s4[4][256], pr[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0};                                  \
+        const T *lv = c->levels + g * L;                                                         \
+        const uint8_t *cd = c->codes + g * c->t.M;                                               \
+        const T *w = c->w + g * c->t.M;                                                          \
+        memset(s4, 0, sizeof(double) * 4 * 256);                                                 \
+        if (c->grad_w)                                                                           \
+            for (j = c0; j < c1; j++) c->grad_w[g * c->t.M + j] = (w[j] - lv[cd[j]]) * c->gw;    \
+        for (j = c0; j + 3 < c1; j += 4)                                                         \
+            for (q = 0; q < 4; q++) s4[q][cd[j + q]] += (double)(w[j + q] - lv[cd[j + q]]);      \
+        for (; j < c1; j++) s4[0][cd[j]] += (double)(w[j] - lv[cd[j]]);                          \
+        bins_to_bit_sums(s4, L, N, pr);                                                          \
+        for (i = 0; i <= N; i++) c->part[k * (N + 1) + i] = pr[i];                               \
+    }                                                                                            \
+                                                                                                 \
     QFV_CLONES static void deployed_chunk_##SUF(void *vctx, int64_t k) {                         \
         deployed_ctx_##SUF *c = (deployed_ctx_##SUF *)vctx;                                      \
-        int64_t g, c0, c1, j, j0, i, q, N = c->N, L = c->L;                                      \
+        int64_t g, c0, c1, j0, i, q, N = c->N, L = c->L;                                         \
         const T *lv, *rg;                                                                        \
         double acc[4] = {0, 0, 0, 0}, pr[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0};                      \
         T dv[SUB];                                                                               \
@@ -357,23 +408,7 @@ DEFINE_NEAREST(f64, double)
         lv = c->levels + g * L;                                                                  \
         rg = c->r + g * N;                                                                       \
         if (!c->lrs && !c->hrs && c->backward && c->part) {                                      \
-            /* Ideal cells: residuals summed per code, r and c follow through the bits. */     \
-            double s4[4][256];                                                                   \
-            const uint8_t *cd = c->codes + g * c->t.M;                                           \
-            const T *w = c->w + g * c->t.M;                                                      \
-            memset(s4, 0, sizeof(double) * 4 * 256);                                             \
-            if (c->grad_w)                                                                       \
-                for (j = c0; j < c1; j++) c->grad_w[g * c->t.M + j] = (w[j] - lv[cd[j]]) * c->gw; \
-            for (j = c0; j + 3 < c1; j += 4)                                                     \
-                for (q = 0; q < 4; q++) s4[q][cd[j + q]] += (double)(w[j + q] - lv[cd[j + q]]);  \
-            for (; j < c1; j++) s4[0][cd[j]] += (double)(w[j] - lv[cd[j]]);                      \
-            for (q = 0; q < L; q++) {                                                            \
-                double v = (s4[0][q] + s4[1][q]) + (s4[2][q] + s4[3][q]);                        \
-                pr[N] += v;                                                                      \
-                for (i = 0; i < N; i++)                                                          \
-                    if ((q >> i) & 1) pr[i] += v;                                                \
-            }                                                                                    \
-            for (i = 0; i <= N; i++) c->part[k * (N + 1) + i] = pr[i];                           \
+            deployed_ideal_bwd_##SUF(c, k, g, c0, c1);                                           \
             return;                                                                              \
         }                                                                                        \
         for (j0 = c0; j0 < c1; j0 += SUB) {                                                      \
@@ -449,22 +484,12 @@ DEFINE_NEAREST(f64, double)
                                int backward, double gw, T *grad_w, double *sums, double *total,  \
                                int64_t block, int64_t threads) {                                 \
         deployed_ctx_##SUF c;                                                                    \
-        int64_t n, k, i, width;                                                                  \
+        int64_t n, k, width;                                                                     \
         if (N < 1 || N > 8) return -2;                                                           \
-        memset(&c, 0, sizeof(c));                                                                \
-        c.t = make_tiling(G, M, block);                                                          \
+        c = (deployed_ctx_##SUF){LAYER_FIELDS(w, G, M, N, levels, r, lrs, hrs, block),           \
+                                 .codes = codes, .gw = (T)gw, .grad_w = grad_w,                  \
+                                 .backward = backward};                                          \
         n = G * c.t.per_row;                                                                     \
-        c.w = w;                                                                                 \
-        c.levels = levels;                                                                       \
-        c.r = r;                                                                                 \
-        c.lrs = lrs;                                                                             \
-        c.hrs = hrs;                                                                             \
-        c.codes = codes;                                                                         \
-        c.N = N;                                                                                 \
-        c.L = (int64_t)1 << N;                                                                   \
-        c.gw = (T)gw;                                                                            \
-        c.grad_w = grad_w;                                                                       \
-        c.backward = backward;                                                                   \
         width = backward ? N + 1 : 1;                                                            \
         if (!backward || sums) {                                                                 \
             c.part = (double *)calloc((size_t)((n > 0 ? n : 1) * width), sizeof(double));        \
@@ -476,10 +501,7 @@ DEFINE_NEAREST(f64, double)
             for (k = 0; k < n; k++) s += c.part[k];                                              \
             *total = s;                                                                          \
         } else if (sums) {                                                                       \
-            memset(sums, 0, sizeof(double) * (size_t)(G * width));                               \
-            for (k = 0; k < n; k++)                                                              \
-                for (i = 0; i < width; i++)                                                      \
-                    sums[(k / c.t.per_row) * width + i] += c.part[k * width + i];                \
+            add_chunk_rows(sums, c.part, G, n, c.t.per_row, width);                              \
         }                                                                                        \
         free(c.part);                                                                            \
         return 0;                                                                                \
@@ -537,6 +559,76 @@ DEFINE_NEAREST(f64, double)
             for (q = 0; q < nj; q++) c->resid[p0 + q] = dv[q];                                   \
     }                                                                                            \
                                                                                                  \
+    /* One sub-block's factors of one kind (LRS or HRS), one row per bit cell: map's (nj weights \
+     * x N cells from weight p0), or `ideal` (1 for LRS, 0 for HRS) without a map and in the     \
+     * padded tail. */                                                                           \
+    static inline __attribute__((always_inline)) void                                            \
+    cell_rows_##SUF(T (*rows)[FU_J], const T *map, int64_t p0, int64_t nj, const int64_t N,      \
+                    T ideal) {                                                                   \
+        int64_t q, i;                                                                            \
+        if (map) {                                                                               \
+            const T *src = map + p0 * N;                                                         \
+            for (q = 0; q < nj; q++)                                                             \
+                for (i = 0; i < N; i++) rows[i][q] = src[q * N + i];                             \
+            for (; q < FU_J; q++)                                                                \
+                for (i = 0; i < N; i++) rows[i][q] = ideal;                                      \
+        } else {                                                                                 \
+            for (i = 0; i < N; i++)                                                              \
+                for (q = 0; q < FU_J; q++) rows[i][q] = ideal;                                   \
+        }                                                                                        \
+    }                                                                                            \
+                                                                                                 \
+    /* The nearest deployable code (as T, in bestf) of each of the nj weights of a sub-block:    \
+     * xb the weights less their HRS current, e[i] the step of cell i, s0/s1 the stuck masks     \
+     * (looked at with flt), lv the row's L levels. KV groups of VL weights at a time            \
+     * (independent chains of compare-and-select); codes in ascending order, P[S] = P[S without  \
+     * its lowest bit] + e_(lowest bit), and a strict comparison keeps the lowest of equally     \
+     * near codes. */                                                                            \
+    static inline __attribute__((always_inline)) void                                            \
+    fused_var_search_##SUF(const T *xb, const IT *s0, const IT *s1, T (*e)[FU_J], const T *lv,   \
+                           const int64_t L, int flt, int64_t nj, T *bestf) {                     \
+        const int64_t VL = (int64_t)(32 / sizeof(T));                                            \
+        const vi_##SUF sgn = (vi_##SUF){0} + (IT)((uint64_t)1 << (8 * sizeof(IT) - 1));          \
+        int64_t q0, s;                                                                           \
+        for (q0 = 0; q0 < nj; q0 += KV * VL) {                                                   \
+            vt_##SUF xv[KV], best[KV], bd[KV], P[256][KV];                                       \
+            vi_##SUF m0[KV], m1[KV];                                                             \
+            int64_t kk;                                                                          \
+            for (kk = 0; kk < KV; kk++) {                                                        \
+                memcpy(&xv[kk], xb + q0 + kk * VL, sizeof(xv[kk]));                              \
+                memcpy(&m0[kk], s0 + q0 + kk * VL, sizeof(m0[kk]));                              \
+                memcpy(&m1[kk], s1 + q0 + kk * VL, sizeof(m1[kk]));                              \
+                P[0][kk] = (vt_##SUF){0};                                                        \
+                best[kk] = (vt_##SUF){0};                                                        \
+                bd[kk] = (vt_##SUF){0} + (T)INFINITY;                                            \
+            }                                                                                    \
+            for (s = 0; s < L; s++) {                                                            \
+                IT code = (IT)s;                                                                 \
+                vt_##SUF cf = (vt_##SUF){0} + (T)s;                                              \
+                T lvs = lv[s];                                                                   \
+                if (s) {                                                                         \
+                    int b = __builtin_ctzll((unsigned long long)s);                              \
+                    int64_t par = s & (s - 1);                                                   \
+                    for (kk = 0; kk < KV; kk++) {                                                \
+                        vt_##SUF ek;                                                             \
+                        memcpy(&ek, e[b] + q0 + kk * VL, sizeof(ek));                            \
+                        P[s][kk] = P[par][kk] + ek;                                              \
+                    }                                                                            \
+                }                                                                                \
+                for (kk = 0; kk < KV; kk++) {                                                    \
+                    vt_##SUF d = (vt_##SUF)((vi_##SUF)(xv[kk] - (lvs + P[s][kk])) & ~sgn);       \
+                    vi_##SUF upd = d < bd[kk];                                                   \
+                    if (flt) upd &= ((code & m0[kk]) | (~code & m1[kk])) == 0;                   \
+                    bd[kk] = (vt_##SUF)((upd & (vi_##SUF)d) | (~upd & (vi_##SUF)bd[kk]));        \
+                    best[kk] =                                                                   \
+                        (vt_##SUF)((upd & (vi_##SUF)cf) | (~upd & (vi_##SUF)best[kk]));          \
+                }                                                                                \
+            }                                                                                    \
+            for (kk = 0; kk < KV; kk++)                                                          \
+                memcpy(bestf + q0 + kk * VL, &best[kk], sizeof(best[kk]));                       \
+        }                                                                                        \
+    }                                                                                            \
+                                                                                                 \
     /* Variability (with or without stuck bits): every code's deployed value level[S] + sum_i    \
      * r_i hrs_i + sum_i S_i e_i, e_i = r_i (lrs_i - 1 - hrs_i); among equally near values       \
      * the lowest code wins (as torch's argmin over codes). N is a constant at each call site    \
@@ -544,15 +636,14 @@ DEFINE_NEAREST(f64, double)
     static inline __attribute__((always_inline)) void                                            \
     fused_var_##SUF(fused_ctx_##SUF *c, lanes_##SUF *ln, int64_t g, int64_t c0, int64_t c1,      \
                     const int64_t N) {                                                           \
-        const int64_t L = (int64_t)1 << N, VL = (int64_t)(32 / sizeof(T));                       \
-        const vi_##SUF sgn = (vi_##SUF){0} + (IT)((uint64_t)1 << (8 * sizeof(IT) - 1));          \
+        const int64_t L = (int64_t)1 << N;                                                       \
         const T *lv = c->levels + g * L, *rg = c->r + g * N;                                     \
         int flt = c->sa0 || c->sa1, sums = c->psums != NULL;                                     \
-        int64_t j, i, q, s;                                                                      \
+        int64_t j, i, q;                                                                         \
         T rr[8];                                                                                 \
         for (i = 0; i < N; i++) rr[i] = rg[i];                                                   \
         for (j = c0; j < c1; j += FU_J) {                                                        \
-            int64_t nj = c1 - j < FU_J ? c1 - j : FU_J, p0 = g * c->t.M + j, q0;                 \
+            int64_t nj = c1 - j < FU_J ? c1 - j : FU_J, p0 = g * c->t.M + j;                     \
             const T *x = c->w + p0;                                                              \
             T A[8][FU_J], H[8][FU_J], e[8][FU_J], base[FU_J], xs[FU_J], xb[FU_J], bestf[FU_J];   \
             T dv[FU_J], dev[FU_J];                                                               \
@@ -561,26 +652,8 @@ DEFINE_NEAREST(f64, double)
             /* The cells' factors, one row per cell (an absent map: its ideal value); the tail   \
              * of a short sub-block is padded with harmless values. */                           \
             for (q = 0; q < FU_J; q++) xs[q] = q < nj ? x[q] : 0;                                \
-            if (c->lrs) {                                                                        \
-                const T *a = c->lrs + p0 * N;                                                    \
-                for (q = 0; q < nj; q++)                                                         \
-                    for (i = 0; i < N; i++) A[i][q] = a[q * N + i];                              \
-                for (; q < FU_J; q++)                                                            \
-                    for (i = 0; i < N; i++) A[i][q] = 1;                                         \
-            } else {                                                                             \
-                for (i = 0; i < N; i++)                                                          \
-                    for (q = 0; q < FU_J; q++) A[i][q] = 1;                                      \
-            }                                                                                    \
-            if (c->hrs) {                                                                        \
-                const T *h = c->hrs + p0 * N;                                                    \
-                for (q = 0; q < nj; q++)                                                         \
-                    for (i = 0; i < N; i++) H[i][q] = h[q * N + i];                              \
-                for (; q < FU_J; q++)                                                            \
-                    for (i = 0; i < N; i++) H[i][q] = 0;                                         \
-            } else {                                                                             \
-                for (i = 0; i < N; i++)                                                          \
-                    for (q = 0; q < FU_J; q++) H[i][q] = 0;                                      \
-            }                                                                                    \
+            cell_rows_##SUF(A, c->lrs, p0, nj, N, 1);                                            \
+            cell_rows_##SUF(H, c->hrs, p0, nj, N, 0);                                            \
             for (q = 0; q < FU_J; q++) {                                                         \
                 base[q] = 0;                                                                     \
                 s0[q] = c->sa0 && q < nj ? c->sa0[p0 + q] : 0;                                   \
@@ -594,46 +667,7 @@ DEFINE_NEAREST(f64, double)
             /* Candidate S is compared as |(x - sum_i r_i hrs_i) - (level[S] + sum_i S_i e_i)|:  \
              * on an ideal device exactly |x - level[S]|. */                                     \
             for (q = 0; q < FU_J; q++) xb[q] = xs[q] - base[q];                                  \
-            /* KV groups of VL weights at a time (independent chains of compare-and-select);     \
-             * codes in ascending order, P[S] = P[S without its lowest bit] + e_(lowest bit),    \
-             * and a strict comparison keeps the lowest of equally near codes. */                \
-            for (q0 = 0; q0 < nj; q0 += KV * VL) {                                               \
-                vt_##SUF xv[KV], best[KV], bd[KV], P[256][KV];                                   \
-                vi_##SUF m0[KV], m1[KV];                                                         \
-                int64_t kk;                                                                      \
-                for (kk = 0; kk < KV; kk++) {                                                    \
-                    memcpy(&xv[kk], xb + q0 + kk * VL, sizeof(xv[kk]));                          \
-                    memcpy(&m0[kk], s0 + q0 + kk * VL, sizeof(m0[kk]));                          \
-                    memcpy(&m1[kk], s1 + q0 + kk * VL, sizeof(m1[kk]));                          \
-                    P[0][kk] = (vt_##SUF){0};                                                    \
-                    best[kk] = (vt_##SUF){0};                                                    \
-                    bd[kk] = (vt_##SUF){0} + (T)INFINITY;                                        \
-                }                                                                                \
-                for (s = 0; s < L; s++) {                                                        \
-                    IT code = (IT)s;                                                             \
-                    vt_##SUF cf = (vt_##SUF){0} + (T)s;                                          \
-                    T lvs = lv[s];                                                               \
-                    if (s) {                                                                     \
-                        int b = __builtin_ctzll((unsigned long long)s);                          \
-                        int64_t par = s & (s - 1);                                               \
-                        for (kk = 0; kk < KV; kk++) {                                            \
-                            vt_##SUF ek;                                                         \
-                            memcpy(&ek, e[b] + q0 + kk * VL, sizeof(ek));                        \
-                            P[s][kk] = P[par][kk] + ek;                                          \
-                        }                                                                        \
-                    }                                                                            \
-                    for (kk = 0; kk < KV; kk++) {                                                \
-                        vt_##SUF d = (vt_##SUF)((vi_##SUF)(xv[kk] - (lvs + P[s][kk])) & ~sgn);   \
-                        vi_##SUF upd = d < bd[kk];                                               \
-                        if (flt) upd &= ((code & m0[kk]) | (~code & m1[kk])) == 0;               \
-                        bd[kk] = (vt_##SUF)((upd & (vi_##SUF)d) | (~upd & (vi_##SUF)bd[kk]));    \
-                        best[kk] =                                                               \
-                            (vt_##SUF)((upd & (vi_##SUF)cf) | (~upd & (vi_##SUF)best[kk]));      \
-                    }                                                                            \
-                }                                                                                \
-                for (kk = 0; kk < KV; kk++)                                                      \
-                    memcpy(bestf + q0 + kk * VL, &best[kk], sizeof(best[kk]));                   \
-            }                                                                                    \
+            fused_var_search_##SUF(xb, s0, s1, e, lv, L, flt, nj, bestf);                        \
             /* The chosen code's deployed value as deployed_values computes it (a weight on it   \
              * has distance 0 exactly): level + sum_i (S_i (lrs_i - 1) + (1 - S_i) hrs_i) r_i.   \
              */                                                                                  \
@@ -672,28 +706,13 @@ DEFINE_NEAREST(f64, double)
         const T *lv = c->levels + g * L, *tg = c->thr + g * nt;                                  \
         const uint8_t *pg = c->perm + g * L;                                                     \
         int flt = c->sa0 || c->sa1, sums = c->psums != NULL;                                     \
-        int64_t j, q, s, t;                                                                      \
+        int64_t j, q, s;                                                                         \
         for (j = c0; j < c1; j += FU_J) {                                                        \
             int64_t nj = c1 - j < FU_J ? c1 - j : FU_J, p0 = g * c->t.M + j;                     \
             const T *x = c->w + p0;                                                              \
             T dv[FU_J];                                                                          \
             int32_t cnt[FU_J], cd[FU_J];                                                         \
-            if (nt <= COUNT_MAX) {                                                               \
-                for (q = 0; q < nj; q++) cnt[q] = 0;                                             \
-                for (t = 0; t < nt; t++) {                                                       \
-                    T th = tg[t];                                                                \
-                    for (q = 0; q < nj; q++) cnt[q] += x[q] >= th;                               \
-                }                                                                                \
-            } else {                                                                             \
-                const int32_t *b = c->lut.base + g * c->lut.cells;                               \
-                double t0 = c->lut.t0[g], inv = c->lut.inv_h[g];                                 \
-                int64_t cells = c->lut.cells;                                                    \
-                for (q = 0; q < nj; q++) {                                                       \
-                    int64_t ii;                                                                  \
-                    SEARCH(T, x[q], tg, nt, b, t0, inv, cells, ii);                              \
-                    cnt[q] = (int32_t)ii;                                                        \
-                }                                                                                \
-            }                                                                                    \
+            sorted_index_##SUF(x, nj, tg, nt, &c->lut, g, cnt);                                  \
             for (q = 0; q < nj; q++) cd[q] = pg[cnt[q]];                                         \
             if (flt) {                                                                           \
                 /* The weights with a stuck bit, gathered without branches; a padded tail. */    \
@@ -740,7 +759,7 @@ DEFINE_NEAREST(f64, double)
                                                                                                  \
     QFV_CLONES static void fused_chunk_##SUF(void *vctx, int64_t k) {                            \
         fused_ctx_##SUF *c = (fused_ctx_##SUF *)vctx;                                            \
-        int64_t g, c0, c1, i, q, s, N = c->N, L = c->L;                                          \
+        int64_t g, c0, c1, i, q, N = c->N, L = c->L;                                             \
         int var = c->lrs || c->hrs, sums = c->psums != NULL;                                     \
         double pr[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0}, tot = 0;                                     \
         double bins[4][256];                                                                     \
@@ -750,14 +769,7 @@ DEFINE_NEAREST(f64, double)
         if (!var) {                                                                              \
             if (sums) memset(bins, 0, sizeof(bins));                                             \
             fused_ideal_##SUF(c, &ln, bins, g, c0, c1);                                          \
-            if (sums) {                                                                          \
-                for (s = 0; s < L; s++) {                                                        \
-                    double v = (bins[0][s] + bins[1][s]) + (bins[2][s] + bins[3][s]);            \
-                    pr[N] += v;                                                                  \
-                    for (i = 0; i < N; i++)                                                      \
-                        if ((s >> i) & 1) pr[i] += v;                                            \
-                }                                                                                \
-            }                                                                                    \
+            if (sums) bins_to_bit_sums(bins, L, N, pr);                                          \
         } else {                                                                                 \
             switch (N) {                                                                         \
             case 1: fused_var_##SUF(c, &ln, g, c0, c1, 1); break;                                \
@@ -794,26 +806,13 @@ DEFINE_NEAREST(f64, double)
                                   T *resid, double *sums, double *total, int64_t block,          \
                                   int64_t threads) {                                             \
         fused_ctx_##SUF c;                                                                       \
-        int64_t n, k, i, bad = 0, width = N + 1;                                                 \
+        int64_t n, k, bad = 0, width = N + 1;                                                    \
         int var = lrs || hrs;                                                                    \
         if (N < 1 || N > 8 || (!var && (!thr || !perm))) return -2;                              \
-        memset(&c, 0, sizeof(c));                                                                \
-        c.t = make_tiling(G, M, block);                                                          \
+        c = (fused_ctx_##SUF){LAYER_FIELDS(w, G, M, N, levels, r, lrs, hrs, block), .thr = thr,  \
+                              .perm = perm, .sa0 = sa0, .sa1 = sa1,                              \
+                              .nt = ((int64_t)1 << N) - 1, .codes = codes, .resid = resid};      \
         n = G * c.t.per_row;                                                                     \
-        c.w = w;                                                                                 \
-        c.levels = levels;                                                                       \
-        c.r = r;                                                                                 \
-        c.lrs = lrs;                                                                             \
-        c.hrs = hrs;                                                                             \
-        c.thr = thr;                                                                             \
-        c.perm = perm;                                                                           \
-        c.sa0 = sa0;                                                                             \
-        c.sa1 = sa1;                                                                             \
-        c.N = N;                                                                                 \
-        c.L = (int64_t)1 << N;                                                                   \
-        c.nt = c.L - 1;                                                                          \
-        c.codes = codes;                                                                         \
-        c.resid = resid;                                                                         \
         if (!var && c.nt > COUNT_MAX && lut_build_##SUF(&c.lut, thr, G, c.nt)) {                 \
             lut_free(&c.lut);                                                                    \
             return -1;                                                                           \
@@ -823,10 +822,7 @@ DEFINE_NEAREST(f64, double)
         c.psums = sums ? (double *)calloc((size_t)((n > 0 ? n : 1) * width), sizeof(double))     \
                        : NULL;                                                                   \
         if (!c.part || !c.bad || (sums && !c.psums)) {                                           \
-            free(c.part);                                                                        \
-            free(c.bad);                                                                         \
-            free(c.psums);                                                                       \
-            lut_free(&c.lut);                                                                    \
+            free_chunk_buffers(c.part, c.bad, c.psums, &c.lut);                                  \
             return -1;                                                                           \
         }                                                                                        \
         run_chunks(fused_chunk_##SUF, &c, n, threads);                                           \
@@ -836,16 +832,8 @@ DEFINE_NEAREST(f64, double)
             if (total) *total = s;                                                               \
         }                                                                                        \
         for (k = 0; k < n; k++) bad += c.bad[k];                                                 \
-        if (sums) {                                                                              \
-            memset(sums, 0, sizeof(double) * (size_t)(G * width));                               \
-            for (k = 0; k < n; k++)                                                              \
-                for (i = 0; i < width; i++)                                                      \
-                    sums[(k / c.t.per_row) * width + i] += c.psums[k * width + i];               \
-        }                                                                                        \
-        free(c.part);                                                                            \
-        free(c.bad);                                                                             \
-        free(c.psums);                                                                           \
-        lut_free(&c.lut);                                                                        \
+        if (sums) add_chunk_rows(sums, c.psums, G, n, c.t.per_row, width);                       \
+        free_chunk_buffers(c.part, c.bad, c.psums, &c.lut);                                      \
         return bad;                                                                              \
     }                                                                                            \
                                                                                                  \
@@ -871,11 +859,7 @@ DEFINE_NEAREST(f64, double)
     int64_t qfv_scale_##SUF(const T *x, int64_t n, double s, T *out, int64_t block,              \
                             int64_t threads) {                                                   \
         scale_ctx_##SUF c;                                                                       \
-        memset(&c, 0, sizeof(c));                                                                \
-        c.t = make_tiling(1, n, block);                                                          \
-        c.x = x;                                                                                 \
-        c.s = (T)s;                                                                              \
-        c.out = out;                                                                             \
+        c = (scale_ctx_##SUF){.t = make_tiling(1, n, block), .x = x, .s = (T)s, .out = out};     \
         run_chunks(scale_chunk_##SUF, &c, c.t.per_row, threads);                                 \
         return 0;                                                                                \
     }

@@ -12,6 +12,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor, nn
 
+from qfv_brevitas.core.chip import stuck_counts
 from qfv_brevitas.core.device import deployed_values
 from qfv_brevitas.core.groups import GroupLayout
 from qfv_brevitas.core.quantizers import nmult_layers, quant_of
@@ -152,12 +153,11 @@ class LayerExport:
 
 
 def fault_summary(sa0: Tensor, sa1: Tensor, bits: int) -> dict:
-    cells = sa0.numel() * bits
-    n0 = int(sum(((sa0.long() >> k) & 1).sum() for k in range(bits)))
-    n1 = int(sum(((sa1.long() >> k) & 1).sum() for k in range(bits)))
-    return {"cells": cells, "stuck_at_0": n0, "stuck_at_1": n1,
-            "rate": (n0 + n1) / cells if cells else 0.0,
-            "weights_affected": int(((sa0 | sa1) != 0).sum())}
+    """A layer's fault entry in the file's metadata (:func:`qfv_brevitas.core.chip.stuck_counts`
+    under the file's keys)."""
+    n = stuck_counts(sa0, sa1, bits)
+    return {"cells": n["cells"], "stuck_at_0": n["sa0"], "stuck_at_1": n["sa1"],
+            "rate": n["fraction"], "weights_affected": n["weights"]}
 
 
 def variability_summary(lrs: Tensor, hrs: Optional[Tensor]) -> dict:

@@ -5,8 +5,9 @@ seeded by its own trial number, so it gives the same result wherever it runs. :f
 computes them
 
 - in this process (``workers=1``, not distributed);
-- in ``workers`` forked processes on this machine (Linux/macOS; each with one intra-op thread:
-  the processes are the parallelism), results sent back as they finish;
+- in ``workers`` forked processes on this machine (a standard-library
+  :class:`concurrent.futures.ProcessPoolExecutor`; Linux/macOS; each with one intra-op thread:
+  the processes are the parallelism), the first failure raised with its task number;
 - on the ranks of an initialised ``torch.distributed`` process group (``distributed=True``,
   e.g. under ``torchrun``, the launcher of DDP training): rank ``r`` takes tasks ``r, r + W,
   ...`` (and may fork ``workers`` of its own), and every rank receives all results
@@ -20,21 +21,21 @@ from __future__ import annotations
 
 import os
 import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from qfv_brevitas.util.progress import RunProgress
 from qfv_brevitas.util.errors import QfvError
+from qfv_brevitas.util.validate import check_count
 
 __all__ = ["run_tasks", "init_distributed", "check_workers"]
 
 
-def check_workers(workers) -> int:
-    if isinstance(workers, bool) or not float(workers).is_integer() or int(workers) < 1:
-        raise QfvError(f"workers must be an integer >= 1 (processes on this machine), got "
-                       f"{workers!r}")
-    return int(workers)
+def check_workers(workers: Any) -> int:
+    """``workers`` (processes on this machine) as an int >= 1."""
+    return check_count(workers, "workers", hint=" (processes on this machine)")
 
 
 def init_distributed(backend: Optional[str] = None) -> bool:
@@ -65,6 +66,7 @@ def _shard(n: int, distributed: bool) -> List[int]:
 
 def _local(tasks: Sequence[int], fn: Callable[[int], Any], workers: int,
            bar: Optional[RunProgress]) -> Dict[int, Any]:
+    """``{i: fn(i)}`` for ``tasks``: in this process, or over ``workers`` forked processes."""
     if workers <= 1 or len(tasks) <= 1:
         out = {}
         for i in tasks:
@@ -80,46 +82,44 @@ def _local(tasks: Sequence[int], fn: Callable[[int], Any], workers: int,
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         raise QfvError("workers > 1 cannot fork a process that uses CUDA; launch one process "
                        "per GPU with torchrun instead (distributed=True)")
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    workers = min(workers, len(tasks))
-    procs = [ctx.Process(target=_worker, args=(fn, list(tasks[w::workers]), queue),
-                         daemon=True) for w in range(workers)]
-    for p in procs:
-        p.start()
+    # Fork, not spawn: ``fn`` is a closure over the study's models, data and maps (run_study's
+    # trial), which spawn would have to pickle and could not. A forked worker inherits it as
+    # its initializer's argument (fork pickles no process arguments); only task numbers go to
+    # the workers and plain results come back.
+    pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=mp.get_context("fork"),
+                               initializer=_start_worker, initargs=(fn,))
     out: Dict[int, Any] = {}
-    finished = 0
     try:
-        while finished < workers:
-            kind, i, value = queue.get()
-            if kind == "error":
-                raise RuntimeError(f"a Monte Carlo worker failed on task {i}:\n{value}")
-            if kind == "done":
-                finished += 1
-                continue
-            out[i] = value
+        futures = {pool.submit(_run_task, i): i for i in tasks}
+        for done in as_completed(futures):
+            out[futures[done]] = done.result()  # a failed task raises here, the first to end
             if bar is not None:
                 bar.update(1)
     finally:
-        for p in procs:
-            if p.is_alive() and finished < workers:
-                p.terminate()
-        for p in procs:
-            p.join()
+        pool.shutdown(wait=True, cancel_futures=True)
     return out
 
 
-def _worker(fn, tasks, queue) -> None:
+#: The task function of this worker process (set once, by :func:`_start_worker`).
+_task_fn: Optional[Callable[[int], Any]] = None
+
+
+def _start_worker(fn: Callable[[int], Any]) -> None:
+    """Set up a worker: one intra-op thread (the processes are the parallelism, and results
+    then equal a one-thread single-process run) and the task function."""
+    global _task_fn
     torch.set_num_threads(1)
+    _task_fn = fn
+
+
+def _run_task(i: int) -> Any:
+    """``fn(i)`` in a worker; a failure comes back as a RuntimeError that names the task and
+    carries the worker's traceback (the parent's own traceback would not show where)."""
     try:
-        for i in tasks:
-            try:
-                queue.put(("row", i, fn(i)))
-            except BaseException:
-                queue.put(("error", i, traceback.format_exc()))
-                return
-    finally:
-        queue.put(("done", -1, None))
+        return _task_fn(i)
+    except BaseException:
+        raise RuntimeError(f"a Monte Carlo worker failed on task {i}:\n"
+                           f"{traceback.format_exc()}") from None
 
 
 def run_tasks(n: int, fn: Callable[[int], Any], workers: int = 1, distributed: bool = False,

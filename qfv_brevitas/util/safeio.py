@@ -13,6 +13,9 @@ Every file the library writes goes through this module:
 - :func:`atomic_dir`: the same for a whole folder (a run folder, a crossbar folder): written
   as a temporary folder beside it, then swapped in (an atomic exchange where the system has one).
 
+Reading back what :func:`torch_save` wrote goes through :func:`torch_load` (weights only: a
+crafted file is refused before any of it runs), the one reader of checkpoints and maps.
+
 Ctrl-C (and SIGTERM) is held back while files are renamed into place (:func:`deferred_interrupts`),
 so an interrupt never falls between "old file gone" and "new file there".
 
@@ -32,20 +35,23 @@ import errno
 import hashlib
 import io
 import os
+import pickle
 import secrets
 import shutil
 import signal
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 
-from qfv_brevitas.util.errors import OutputError, QfvTypeError
+from qfv_brevitas.util.errors import OutputError, QfvError, QfvTypeError
 
 __all__ = ["check_output", "atomic_path", "atomic_paths", "atomic_write", "atomic_dir",
-           "torch_save", "same_path", "content_digest", "deferred_interrupts"]
+           "torch_save", "torch_load", "LoadError", "same_path", "content_digest",
+           "deferred_interrupts"]
 
 PathLike = Union[str, os.PathLike]
 _HINT = "pass --force (overwrite=True in Python) to replace it"
@@ -248,6 +254,36 @@ def torch_save(obj: Any, path: PathLike, *, overwrite: bool = False,
     buf = io.BytesIO()
     torch.save(obj, buf)
     return atomic_write(path, buf.getbuffer(), overwrite=overwrite, inputs=inputs)
+
+
+class LoadError(QfvError):
+    """A file :func:`torch_load` refused or could not read. ``refused``: it holds Python
+    objects that loading would run, and ``line`` is torch's line naming the first one; else it
+    is no file torch reads (``kind``: the error's type, ``line``: its first line). Readers turn
+    it into their own error, worded for what they read; the original error is its
+    ``__cause__``. ``line`` quotes the file: cut it before it goes to a terminal."""
+
+    def __init__(self, refused: bool, kind: str, line: str):
+        super().__init__(f"{kind}: {line}")
+        self.refused, self.kind, self.line = refused, kind, line
+
+
+def torch_load(path: PathLike, safe_globals: Sequence[Any] = ()) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain containers only
+    (and the classes in ``safe_globals``), so a crafted pickle is refused before any of it runs.
+    Every failure is one :class:`LoadError`."""
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on foreign pickle protocols
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged file
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        # A weights-only refusal names the global it would have had to load; any other
+        # error (random bytes, a truncation, not a torch file) does not.
+        found = next((ln for ln in lines if "global" in ln.lower()), None) \
+            if isinstance(e, pickle.UnpicklingError) else None
+        raise LoadError(found is not None, type(e).__name__,
+                        found if found is not None else (lines[0] if lines else "")) from e
 
 
 def _named(e: OSError, names: dict, default: str) -> OSError:

@@ -13,6 +13,7 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from qfv_brevitas.util.errors import QfvError
 
@@ -22,35 +23,26 @@ __all__ = ["SMALL_STEP_MACS", "forward_macs", "auto_threads", "set_threads", "pa
 SMALL_STEP_MACS = 50_000_000
 
 
-@torch.no_grad()
 def forward_macs(model: nn.Module, example: Tensor) -> int:
-    """Multiply-accumulates of the Conv/Linear layers in one forward pass of ``example``
-    (counted with forward hooks; the model's mode is kept).
+    """Multiply-accumulates of the matrix products and convolutions in one forward pass of
+    ``example`` (torch's :class:`~torch.utils.flop_counter.FlopCounterMode` counts them as two
+    FLOPs each; the model's mode is kept).
 
     >>> forward_macs(nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)), torch.zeros(3, 8))
     120
     """
-    total = [0]
-
-    def hook(mod, inp, out):
-        if isinstance(mod, nn.Linear) or (isinstance(mod, nn.modules.conv._ConvNd)):
-            w = mod.weight
-            per_out = w[0].numel() if isinstance(mod, nn.Linear) else w[0].numel()
-            if isinstance(out, tuple):
-                out = out[0]
-            total[0] += int(out.numel()) * int(per_out)
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    counter = FlopCounterMode(display=False)
     was = model.training
     try:
         model.eval()
-        model(example)
+        # With gradients on: the counter's module tracker hooks the autograd graph of every
+        # module's inputs and fails under no_grad on a module fed a parameter (Brevitas'
+        # weight quantizers are). One example's graph is small and dropped on return.
+        with torch.enable_grad(), counter:
+            model(example)
     finally:
         model.train(was)
-        for h in handles:
-            h.remove()
-    return total[0]
+    return counter.get_total_flops() // 2
 
 
 def auto_threads(model: nn.Module, example: Tensor, batch_size: Optional[int] = None) -> int:

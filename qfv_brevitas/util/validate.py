@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Iterable
 from qfv_brevitas.util.errors import QfvError, QfvTypeError
 
 __all__ = ["as_number", "check_choice", "check_fraction", "check_seed", "check_layer_dict",
-           "check_positive_int", "check_int", "check_real", "check_type"]
+           "check_positive_int", "check_int", "check_count", "check_real", "check_type"]
 
 
 def as_number(value: Any) -> float:
@@ -75,6 +75,24 @@ def check_int(value: Any, what: str, minimum: int = 0) -> int:
         raise QfvError(f"{what} must be an integer, got {value!r}")
     if value < minimum:
         raise QfvError(f"{what} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_count(value: Any, what: str, minimum: int = 1, hint: str = "") -> int:
+    """``value`` as a Python int >= ``minimum``: a count of things (workers, passes, inputs),
+    where an integral float is accepted and a bool, a string or a fraction is not. ``hint``
+    follows the bound in the message.
+
+    >>> check_count(2.0, "workers")
+    2
+    >>> check_count(0, "workers", hint=" (processes on this machine)")
+    Traceback (most recent call last):
+    ...
+    qfv_brevitas.util.errors.QfvError: workers must be an integer >= 1 (processes on this machine), got 0
+    """
+    x = as_number(value)
+    if not (math.isfinite(x) and x.is_integer() and x >= minimum):
+        raise QfvError(f"{what} must be an integer >= {minimum}{hint}, got {value!r}")
     return int(value)
 
 

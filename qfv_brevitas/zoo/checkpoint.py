@@ -9,7 +9,6 @@ checksum detects damage; it is no signature: whoever edits a file can recompute 
 from __future__ import annotations
 
 import dataclasses
-import pickle
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional, Tuple, Union
@@ -23,7 +22,7 @@ from qfv_brevitas.core.convert import quantize_model, unsigned_input_layers
 from qfv_brevitas.util.configbase import VERSION_KEY, QfvConfig
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.zoo.models import build_model
-from qfv_brevitas.util.safeio import content_digest, torch_save
+from qfv_brevitas.util.safeio import LoadError, content_digest, torch_load, torch_save
 
 __all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "content_digest"]
 
@@ -99,29 +98,20 @@ def save_checkpoint(path: Union[str, Path], model: nn.Module, arch: str,
 
 def weights_only_load(path: Path, error: type = None, what: str = "checkpoint",
                       holds: str = "a qfv-brevitas checkpoint"):
-    """``torch.load(path, weights_only=True)`` on the CPU, with every failure turned into one
-    ``error`` (default :class:`CheckpointError`) naming the file: a crafted pickle is refused
-    before any of it runs, a damaged file is "not a readable {what}"; ``holds`` says what a
-    good file holds."""
+    """:func:`qfv_brevitas.util.safeio.torch_load` (weights only, on the CPU) with every
+    failure turned into one ``error`` (default :class:`CheckpointError`) naming the file: a
+    crafted pickle is refused before any of it runs, a damaged file is "not a readable
+    {what}"; ``holds`` says what a good file holds."""
     error = error or CheckpointError
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's notes on foreign pickle protocols
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        found = next((ln for ln in lines if "global" in ln.lower()), None)
-        if found is None:  # not a pickle torch can read at all (random bytes, a truncation)
-            raise error(f"{path}: not a readable {what} (UnpicklingError: "
-                        f"{(lines[0] if lines else '')[:200]})") from None
-        raise error(
-            f"{path}: refused: the file holds Python objects that loading would have to run "
-            f"({found[:200]}); {holds} holds only tensors and plain values. "
-            "Nothing of it was executed.") from None
-    except Exception as e:  # torch raises many types for a damaged file
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise error(f"{path}: not a readable {what} ({type(e).__name__}: "
-                    f"{first[:200]})") from None
+        return torch_load(path, SAFE_GLOBALS)
+    except LoadError as e:
+        if e.refused:
+            raise error(
+                f"{path}: refused: the file holds Python objects that loading would have to "
+                f"run ({e.line[:200]}); {holds} holds only tensors and plain values. "
+                "Nothing of it was executed.") from None
+        raise error(f"{path}: not a readable {what} ({e.kind}: {e.line[:200]})") from None
 
 
 def _load_raw(path: Path) -> dict:
