@@ -147,6 +147,7 @@ def run_bitflips_finetune(args) -> int:
                      "self-tuning on --calib-size unlabeled training images.")
 def selftune(p: argparse.ArgumentParser):
     from qfv_brevitas.chip.variability import VariabilityModel
+    from qfv_brevitas.chip.selftune import SELFTUNE_MODES
     from qfv_brevitas.studies.engine import CompareConfig
 
     add_checkpoint_args(p, None, None, inputs=_INPUTS)
@@ -158,7 +159,7 @@ def selftune(p: argparse.ArgumentParser):
                    help="between-chip component of the drawn variability")
     p.add_argument("--ber", type=float, help="transient bit flips at this bit-error rate")
     p.add_argument("--calib-size", type=int, default=CompareConfig.calib_size)
-    p.add_argument("--mode", choices=("affine", "shift"), default="affine")
+    p.add_argument("--mode", choices=SELFTUNE_MODES, default="affine")
     p.add_argument("--passes", type=int, default=None,
                    help="calibration passes pooled (default 8 with --ber, else 1)")
     return run_selftune

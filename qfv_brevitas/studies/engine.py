@@ -21,7 +21,6 @@ into :func:`run_study`.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -32,6 +31,7 @@ from torch.utils.data import Dataset
 from qfv_brevitas.chip.repair import set_deploy_mapping
 from qfv_brevitas.chip.selftune import calibration_batch, reference_statistics, self_tune
 from qfv_brevitas.core.quantizers import nmult_layers
+from qfv_brevitas.training.sam import check_rho
 from qfv_brevitas.training.train import TrainConfig, evaluate, model_device
 from qfv_brevitas.studies.methods import Method, check_methods, get_method
 from qfv_brevitas.studies.results import COMPARISON, IDEAL, StudyResult
@@ -40,7 +40,7 @@ from qfv_brevitas.util.configbase import VERSION_KEY, QfvConfig
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.util.parallel import check_workers, run_tasks
 from qfv_brevitas.util.progress import RunProgress
-from qfv_brevitas.util.validate import (as_number, check_choice, check_fraction,
+from qfv_brevitas.util.validate import (check_choice, check_count, check_fraction,
                                         check_positive_int, check_seed)
 
 __all__ = ["CompareConfig", "default_finetune", "run_study", "check_trials", "on_device",
@@ -57,10 +57,8 @@ def default_finetune() -> TrainConfig:
 
 
 def check_trials(trials: Any) -> int:
-    """``trials`` as an int >= 1 (an integral float is accepted, a bool is not)."""
-    if isinstance(trials, bool) or not float(trials).is_integer() or int(trials) < 1:
-        raise QfvError(f"trials must be an integer >= 1, got {trials!r}")
-    return int(trials)
+    """``trials`` as an int >= 1 (an integral float is accepted; a bool or a string is not)."""
+    return check_count(trials, "trials")
 
 
 def is_main_rank(distributed: bool) -> bool:
@@ -121,10 +119,7 @@ class CompareConfig(QfvConfig):
                                                   "CompareConfig.selftune_passes")
         self.rbe_rate = check_fraction(self.rbe_rate, "CompareConfig.rbe_rate",
                                        " (the training bit-error rate, e.g. 0.02)")
-        rho = as_number(self.sam_rho)
-        if not (math.isfinite(rho) and rho > 0):
-            raise QfvError(f"CompareConfig.sam_rho must be a finite number > 0 (the SAM "
-                           f"radius, e.g. 0.05), got {self.sam_rho!r}")
+        check_rho(self.sam_rho, "CompareConfig.sam_rho")
         self.remap_every = check_positive_int(self.remap_every, "CompareConfig.remap_every")
         check_choice(self.layers, LAYER_SETS, "layer set")
 

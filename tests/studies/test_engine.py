@@ -76,6 +76,13 @@ def test_trials_must_be_a_positive_integer(bad):
         check_trials(bad)
 
 
+@pytest.mark.parametrize("bad", ["3", None, float("nan")])
+def test_trials_refuse_strings_none_and_nan_with_the_same_message(bad):
+    # one count validator (util.validate.check_count): a string used to pass as float("3")
+    with pytest.raises(ValueError, match="trials must be an integer >= 1"):
+        check_trials(bad)
+
+
 def test_bad_studies_are_refused(trained, digits):
     model, _ = trained
     with pytest.raises(ValueError, match="unknown study kind 'maps'"):
