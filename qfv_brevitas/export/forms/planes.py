@@ -39,8 +39,7 @@ from qfv_brevitas.export.arrays import fmt, same
 from qfv_brevitas.export.errors import ExportError
 from qfv_brevitas.export.forms.base import ExportForm, GraphView, register_form
 from qfv_brevitas.export.forms.fixed import FixedPointHandler
-from qfv_brevitas.export.graph import (QONNX_DOMAIN, LayerTransformation, NameLayerWeights,
-                                       StripNodeDebugInfo, attr, initializer,
+from qfv_brevitas.export.graph import (QONNX_DOMAIN, LayerTransformation, attr, initializer,
                                        remove_dead_nodes)
 from qfv_brevitas.export.layers import LayerExport, PlanesLayer, PlaneTensors
 from qfv_brevitas.util.errors import QfvError
@@ -340,8 +339,8 @@ def _is_unit_quant(q: Optional[onnx.NodeProto], consts: Dict[str, np.ndarray]) -
             and same(zero, 0.0) and same(width, 1.0) and not bool(attr(q, "signed", 1)))
 
 
-def _integer_problems(at: str, row: dict) -> List[str]:
-    """The metadata's integers against its own ``r``, ``c`` and ``f``."""
+def _integer_problems(at: str, row: dict, m: np.ndarray, mc: np.ndarray) -> List[str]:
+    """The metadata's integers ``m``, ``mc`` against its own ``r``, ``c`` and ``f``."""
     pl, fx = row["planes"], row["fixed_point"]
     f = int(pl["frac_bits"])
     out: List[str] = []
@@ -349,11 +348,6 @@ def _integer_problems(at: str, row: dict) -> List[str]:
         out.append(f"{at}: planes at f = {f} but fixed point at f = {fx['frac_bits']}")
     r = np.asarray(row["r"], np.float64)
     c = np.asarray(row["c"], np.float64)
-    m = np.asarray(pl["multipliers"], np.float64)
-    mc = np.asarray(pl["offset"], np.float64)
-    if m.shape != r.shape or mc.shape != c.shape:
-        return [f"{at}: the metadata's multipliers {m.shape} / offset {mc.shape} do not fit r "
-                f"{r.shape} / c {c.shape}"]
     if not (np.array_equal(m, np.round(r * 2.0 ** f))
             and np.array_equal(mc, np.round(c * 2.0 ** f))):
         out.append(f"{at}: the integer multipliers / offset are not r, c rounded to 2^-{f}")
@@ -422,8 +416,7 @@ class PlanesForm(ExportForm):
         planes_layer(info, frac_bits)
 
     def transformations(self, layers: Sequence[LayerExport]) -> List[Transformation]:
-        return [StripNodeDebugInfo(), NameLayerWeights([i.name for i in layers]),
-                SplitIntoPlanes(layers)]
+        return super().transformations(layers) + [SplitIntoPlanes(layers)]
 
     def layer_metadata(self, info: LayerExport) -> dict:
         return info.metadata()  # no single weight tensor: the planes' tensors instead
@@ -467,11 +460,13 @@ class PlanesForm(ExportForm):
         at, bits = f"layer {row['layer']!r}", int(row["bits"])
         pl = row["planes"]
         t, f = pl["tensors"], int(pl["frac_bits"])
-        out = _integer_problems(at, row)
         m = np.asarray(pl["multipliers"], np.float64)
         mc = np.asarray(pl["offset"], np.float64)
-        if m.shape != np.asarray(row["r"]).shape or mc.shape != np.asarray(row["c"]).shape:
-            return out
+        r, c = np.asarray(row["r"]), np.asarray(row["c"])
+        if m.shape != r.shape or mc.shape != c.shape:
+            return [f"{at}: the metadata's multipliers {m.shape} / offset {mc.shape} do not fit "
+                    f"r {r.shape} / c {c.shape}"]
+        out = _integer_problems(at, row, m, mc)
         if m.shape[0] == 1:
             out_ch = tuple(row["weight_shape"])[0]
             m, mc = np.repeat(m, out_ch, 0), np.repeat(mc, out_ch, 0)
