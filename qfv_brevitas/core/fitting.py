@@ -550,7 +550,7 @@ def _coarse_search(sw: _Sorted, bits: int, ux: Tensor, uerr: Tensor, w2d: Tensor
     from the uniform start, 1.04x from the best of many). So the starts also cover the
     multipliers' ratios: a Sobol sequence over ``log r_i`` (deterministic), plus the best
     uniform grids, LSQ's grid and two readings of Lloyd-Max levels as N-multiplier levels."""
-    G, dev = sw.G, sw.ws.device
+    dev = sw.ws.device
     basis = _nmult_basis(bits, dev)
     pow2 = 2.0 ** torch.arange(bits, dtype=_F64, device=dev)
     coarse = sw.compress(_COARSE_POINTS)
