@@ -47,7 +47,6 @@ import torch
 from torch import Tensor
 
 from qfv_brevitas.core import device as D
-from qfv_brevitas.core import kernels as K
 from qfv_brevitas.core import levels as L
 from qfv_brevitas.core import search as S
 from qfv_brevitas.util.errors import QfvError
@@ -226,77 +225,26 @@ def _no_spacing(shape: str, where: str, g: int, value: float, n: int) -> QfvErro
 # -- the ideal grid -------------------------------------------------------------------------------
 
 class IdealDistance(torch.autograd.Function):
-    """``sum_i f(w_i - q_i, h_i)`` over the ideal grid (``q_i`` the nearest level), with
-    gradients to the weights and to the level table (and through it to ``r`` and ``c``).
-
-    Squared distance: d/dw = 2 (w - q*); d/dlevel_j = -2 * sum over the weights snapped to j of
-    (w - q*) (eq. 7); one uint8 index per weight is kept for the backward pass (on the compiled
-    kernels the search and the sum are one pass). Other shapes: d/dw = f_d; the nearest level
-    gets ``-f_d - s f_h`` and the neighbour ``s f_h`` (``s`` the sign of ``v_nb - q``, as
-    ``h = |v_nb - q|``).
+    """``sum_i f(w_i - q_i, h_i)`` over the ideal grid (``q_i`` the nearest level) for a shape
+    with a spacing (``GAUSS``, ``SIN``), with gradients to the weights and to the level table
+    (and through it to ``r`` and ``c``): d/dw = f_d; the nearest level gets ``-f_d - s f_h``
+    and the neighbour ``s f_h`` (``s`` the sign of ``v_nb - q``, as ``h = |v_nb - q|``). The
+    squared distance is the search op itself (:func:`qfv_brevitas.core.search.sq_distance`).
     """
 
     @staticmethod
     def forward(ctx, w2d: Tensor, levels: Tensor, shape: Shape, width: float, where: str):
         li = S.LevelIndex(levels, w2d.dtype)
         ctx.li, ctx.shape_, ctx.width, ctx.lv_dtype = li, shape, width, levels.dtype
-        if shape is SQ:
-            return _ideal_sq_forward(ctx, li, w2d)
         return _ideal_shaped_forward(ctx, li, w2d, shape, width, where)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         w2d, idx = ctx.saved_tensors
-        args = (ctx, g, w2d, idx, ctx.li, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        if ctx.shape_ is SQ:
-            grad_w, grad_levels = _ideal_sq_backward(*args)
-        else:
-            grad_w, grad_levels = _ideal_shaped_backward(*args)
+        grad_w, grad_levels = _ideal_shaped_backward(ctx, g, w2d, idx, ctx.li,
+                                                     ctx.needs_input_grad[0],
+                                                     ctx.needs_input_grad[1])
         return grad_w, grad_levels, None, None, None
-
-
-def _ideal_sq_forward(ctx, li, w2d: Tensor) -> Tensor:
-    G, M = w2d.shape
-    if li.native and K.usable(w2d):
-        # One pass: search, index and the sum of squares (added in double).
-        idx, tot, _ = K.nearest(w2d, li.thr, li.values, True)
-        ctx.save_for_backward(w2d, idx)
-        return torch.tensor(tot, dtype=w2d.dtype)
-    idx = torch.empty((G, M), dtype=torch.uint8, device=w2d.device)
-    total = torch.zeros((), dtype=w2d.dtype, device=w2d.device)
-    for r0, r1, c0, c1 in S.blocks(G, M, S.block_for(w2d)):
-        wb = w2d[r0:r1, c0:c1]
-        ib = li.index_block(wb, r0, r1)
-        idx[r0:r1, c0:c1] = ib
-        d = (wb - li.values_block(ib, r0, r1)).reshape(-1)
-        total += torch.dot(d, d)
-    ctx.save_for_backward(w2d, idx)
-    return total
-
-
-def _ideal_sq_backward(ctx, g: Tensor, w2d: Tensor, idx: Tensor, li, need_w: bool,
-                       need_lv: bool):
-    G, M = w2d.shape
-    if li.native and K.usable(w2d, g):
-        gf = float(g)
-        grad_w, sums = K.nearest_backward(w2d, idx, li.values, 2 * gf, need_w, need_lv)
-        grad_levels = None
-        if need_lv:
-            grad_levels = li.sorted_to_levels((sums * (-2 * gf)).to(w2d.dtype))
-        return grad_w, grad_levels
-    grad_w = torch.empty_like(w2d) if need_w else None
-    sums = torch.zeros(G * li.L, dtype=w2d.dtype, device=w2d.device) if need_lv else None
-    for r0, r1, c0, c1 in S.blocks(G, M, S.block_for(w2d)):
-        ib = idx[r0:r1, c0:c1]
-        d = w2d[r0:r1, c0:c1] - li.values_block(ib, r0, r1)
-        if need_w:
-            torch.mul(d, 2 * g, out=grad_w[r0:r1, c0:c1])
-        if need_lv:
-            sums.index_add_(0, li.flat_index(ib, r0), d.reshape(-1))
-    grad_levels = None
-    if need_lv:
-        grad_levels = li.sorted_to_levels((sums.view(G, li.L) * (-2 * g)))
-    return grad_w, grad_levels
 
 
 def _ideal_shaped_forward(ctx, li, w2d: Tensor, shape: Shape, width: float, where: str):
@@ -357,9 +305,9 @@ def ideal_distance(w2d: Tensor, levels: Tensor, shape: Union[str, Shape] = "sq",
     [0.0, 0.0507, 0.1013]
     """
     shape = shape_of(shape)
-    if shape is not SQ:
-        width = check_width(width)
-    return IdealDistance.apply(w2d, levels, shape, width, where)
+    if shape is SQ:
+        return S.sq_distance(w2d, levels)
+    return IdealDistance.apply(w2d, levels, shape, check_width(width), where)
 
 
 # -- on a chip ------------------------------------------------------------------------------------
@@ -437,137 +385,23 @@ def neighbour_codes(w2d: Tensor, r: Tensor, c: Tensor, codes: Tensor,
 
 
 class ChipDistance(torch.autograd.Function):
-    """``sum_i f(w_i - v_i, h_i)`` with ``v_i`` the deployed value of weight ``i``'s programmed
-    code on a chip (stuck bits forced, cell variability applied) and ``h_i`` the spacing to the
-    nearest distinct value the same cells can hold beside it; gradients to ``w``, ``r`` and
-    ``c`` (each deployed value is linear in them: ``dv/dr_i`` is the cell's coefficient,
-    ``dv/dc = 1``). The codes are held fixed.
-
-    ``forced=None`` (squared distance on the compiled kernels): the search of each weight's
-    nearest deployable value, the distance and the sums that the backward pass needs are one
-    pass over the weights and their per-cell data; the backward pass scales the residuals kept
-    from it (one float per weight). Otherwise ``forced`` are the codes the cells hold and, for
-    a shape with a spacing, ``nb`` the neighbours' codes (:func:`neighbour_codes`).
+    """``sum_i f(w_i - v_i, h_i)`` for a shape with a spacing, with ``v_i`` the deployed value
+    of weight ``i``'s programmed code on a chip (stuck bits forced, cell variability applied)
+    and ``h_i`` the spacing to the nearest distinct value the same cells can hold beside it
+    (``nb``, :func:`neighbour_codes`); gradients to ``w``, ``r`` and ``c`` (each deployed value
+    is linear in them: ``dv/dr_i`` is the cell's coefficient, ``dv/dc = 1``), the codes held
+    fixed. The squared distance is one op of :mod:`qfv_brevitas.core.device`
+    (``aware_sq_distance``, ``deployed_sq_distance``).
     """
 
     @staticmethod
-    def forward(ctx, w2d, r, c, sa0, sa1, lrs, hrs, forced, nb, shape, width, where):
+    def forward(ctx, w2d, r, c, lrs, hrs, forced, nb, shape, width):
         ctx.shape_, ctx.width = shape, width
-        if forced is None:
-            ctx.kind = "fused"
-            return _chip_fused_forward(ctx, w2d, r, c, sa0, sa1, lrs, hrs, where)
-        if shape is SQ:
-            ctx.kind = "sq"
-            return _chip_sq_forward(ctx, w2d, r, c, forced, lrs, hrs)
-        ctx.kind = "shaped"
         return _chip_shaped_forward(ctx, w2d, r, c, forced, nb, lrs, hrs, shape, width)
 
     @staticmethod
     def backward(ctx, g):
-        if ctx.kind == "fused":
-            grads = _chip_fused_backward(ctx, g)
-        elif ctx.kind == "sq":
-            grads = _chip_sq_backward(ctx, g)
-        else:
-            grads = _chip_shaped_backward(ctx, g)
-        return grads + (None,) * 9
-
-
-def _chip_fused_forward(ctx, w2d, r, c, sa0, sa1, lrs, hrs, where):
-    rd, cd = r.detach().to(w2d.dtype), c.detach().to(w2d.dtype)
-    levels = L.level_table(rd, cd)
-    thr, perm = D.sorted_thresholds(levels, lrs, hrs)
-    need_w, need_r, need_c = ctx.needs_input_grad[:3]
-    total, bad, _, resid, sums = K.aware_fused(w2d.detach(), levels, rd, thr, perm, sa0,
-                                               sa1, lrs, hrs, want_resid=need_w,
-                                               want_sums=need_r or need_c)
-    if bad:
-        L.check_finite(w2d, where)
-    ctx.N, ctx.r_dtype, ctx.c_dtype = r.shape[1], r.dtype, c.dtype
-    ctx.save_for_backward(resid, sums)
-    return torch.tensor(total, dtype=w2d.dtype)
-
-
-def _chip_fused_backward(ctx, g):
-    resid, sums = ctx.saved_tensors
-    need_w, need_r, need_c = ctx.needs_input_grad[:3]
-    gf, N = float(g), ctx.N
-    grad_w = K.scale(resid, 2 * gf) if need_w else None
-    grad_r = (sums[:, :N] * (-2 * gf)).to(ctx.r_dtype) if need_r else None
-    grad_c = (sums[:, N] * (-2 * gf)).to(ctx.c_dtype) if need_c else None
-    return grad_w, grad_r, grad_c
-
-
-def _chip_sq_forward(ctx, w2d, r, c, forced, lrs, hrs):
-    G, M = w2d.shape
-    N = r.shape[1]
-    total = torch.zeros((), dtype=w2d.dtype, device=w2d.device)
-    rd, cd = r.detach().to(w2d.dtype), c.detach().to(w2d.dtype)
-    levels = L.level_table(rd, cd)
-    ctx.save_for_backward(w2d, r, c, forced, lrs, hrs)
-    if K.usable(w2d, rd, lrs, hrs):
-        return torch.tensor(K.deployed(w2d, levels, rd, forced, lrs, hrs), dtype=w2d.dtype)
-    for r0, r1, c0, c1 in S.blocks(G, M, S.block_for(w2d)):
-        d = w2d[r0:r1, c0:c1] - _block_values(levels, rd, cd, forced, lrs, hrs, N,
-                                               r0, r1, c0, c1)
-        d = d.reshape(-1)
-        total += torch.dot(d, d)
-    return total
-
-
-def _chip_sq_backward(ctx, g):
-    w2d, r, c, forced, lrs, hrs = ctx.saved_tensors
-    G, M = w2d.shape
-    N = r.shape[1]
-    rd, cd = r.detach().to(w2d.dtype), c.detach().to(w2d.dtype)
-    levels = L.level_table(rd, cd)
-    need_w, need_r, need_c = ctx.needs_input_grad[:3]
-    if K.usable(w2d, rd, lrs, hrs, g):
-        gf = float(g)
-        grad_w, sums = K.deployed(w2d, levels, rd, forced, lrs, hrs, True, 2 * gf, need_w,
-                                  need_r or need_c)
-        grad_r = (sums[:, :N] * (-2 * gf)).to(r.dtype) if need_r else None
-        grad_c = (sums[:, N] * (-2 * gf)).to(c.dtype) if need_c else None
-        return grad_w, grad_r, grad_c
-    grad_w = torch.empty_like(w2d) if need_w else None
-    grad_r = torch.zeros_like(rd)
-    grad_c = torch.zeros_like(cd)
-    plain = lrs is None and hrs is None
-    Lv = 1 << N
-    sums = torch.zeros(G * Lv, dtype=w2d.dtype, device=w2d.device) if plain else None
-    for r0, r1, c0, c1 in S.blocks(G, M, S.block_for(w2d)):
-        fb = forced[r0:r1, c0:c1]
-        d = w2d[r0:r1, c0:c1] - _block_values(levels, rd, cd, forced, lrs, hrs, N,
-                                               r0, r1, c0, c1)
-        if need_w:
-            torch.mul(d, 2 * g, out=grad_w[r0:r1, c0:c1])
-        if not (need_r or need_c):
-            continue
-        if plain:
-            # Sum the residuals per stored code; r and c follow through the bit matrix.
-            idx = fb.long() + (torch.arange(r0, r1, device=fb.device)[:, None] * Lv)
-            sums.index_add_(0, idx.reshape(-1), d.reshape(-1))
-            continue
-        grad_c[r0:r1] += d.sum(1)
-        bits = L.codes_to_bits(fb, N).to(d.dtype)
-        lb = None if lrs is None else lrs[r0:r1, c0:c1]
-        hb = None if hrs is None else hrs[r0:r1, c0:c1]
-        coef = D.coefficients(bits, lb, hb)
-        grad_r[r0:r1] += (d[..., None] * coef).sum(1)
-    if plain and (need_r or need_c):
-        per_code = sums.view(G, Lv)
-        grad_r = per_code @ L.bit_matrix(N, per_code.dtype, per_code.device)
-        grad_c = per_code.sum(1)
-    grad_r = (grad_r * (-2 * g)).to(r.dtype) if need_r else None
-    grad_c = (grad_c * (-2 * g)).to(c.dtype) if need_c else None
-    return grad_w, grad_r, grad_c
-
-
-def _block_values(levels, r, c, forced, lrs, hrs, N, r0, r1, c0, c1) -> Tensor:
-    lb = None if lrs is None else lrs[r0:r1, c0:c1]
-    hb = None if hrs is None else hrs[r0:r1, c0:c1]
-    return D.code_values(levels, r, forced[r0:r1, c0:c1], lb, hb, N, r0, r1)[0]
-
+        return _chip_shaped_backward(ctx, g) + (None,) * 6
 
 
 def _chip_shaped_forward(ctx, w2d, r, c, forced, nb, lrs, hrs, shape, width):
@@ -663,23 +497,26 @@ def chip_distance(w2d: Tensor, r: Tensor, c: Tensor, sa0: Optional[Tensor] = Non
     0.304
     """
     shape = shape_of(shape)
-    if shape is SQ and codes is None and r.device.type == "cpu" and c.device.type == "cpu" \
-            and K.usable(w2d, r.detach().to(w2d.dtype), lrs, hrs, sa0, sa1):
-        return ChipDistance.apply(w2d, r, c, sa0, sa1, lrs, hrs, None, None, shape, width, where)
-    if shape is not SQ:
-        width = check_width(width)
-        lv = L.level_table(r.detach(), c.detach())
-        flat = (lv.max(1).values == lv.min(1).values).nonzero()
-        if flat.numel():  # a degenerate grid, whatever the device does to it
-            g = int(flat[0])
-            raise _no_spacing(shape.name, where, g, float(lv[g, 0]), lv.shape[1])
+    if shape is SQ and codes is None:  # one op: the search and the distance in one pass
+        return D.aware_sq_distance(w2d, r, c, sa0, sa1, lrs, hrs, where)
+    if shape is SQ:
+        return D.deployed_sq_distance(w2d, r, c, _forced(codes, sa0, sa1), lrs, hrs)
+    width = check_width(width)
+    lv = L.level_table(r.detach(), c.detach())
+    flat = (lv.max(1).values == lv.min(1).values).nonzero()
+    if flat.numel():  # a degenerate grid, whatever the device does to it
+        g = int(flat[0])
+        raise _no_spacing(shape.name, where, g, float(lv[g, 0]), lv.shape[1])
     if codes is None:
         if not S.sync_free(w2d):  # (on a GPU the regularizer's one check of the sum reports NaNs)
             L.check_finite(w2d, where)
         codes = D.aware_codes_raw(w2d.detach(), r, c, sa0, sa1, lrs, hrs)
+    forced = _forced(codes, sa0, sa1)
+    nb = neighbour_codes(w2d.detach(), r, c, forced, sa0, sa1, lrs, hrs)
+    return ChipDistance.apply(w2d, r, c, lrs, hrs, forced, nb, shape, width)
+
+
+def _forced(codes: Tensor, sa0: Optional[Tensor], sa1: Optional[Tensor]) -> Tensor:
     # Byte codes throughout (N <= 8): forcing and the saved index stay one byte per weight.
-    forced = D.force_codes(codes if codes.dtype == torch.uint8 else codes.to(torch.uint8),
-                           sa0, sa1)
-    nb = None if shape is SQ else neighbour_codes(w2d.detach(), r, c, forced, sa0, sa1, lrs,
-                                                  hrs)
-    return ChipDistance.apply(w2d, r, c, sa0, sa1, lrs, hrs, forced, nb, shape, width, where)
+    return D.force_codes(codes if codes.dtype == torch.uint8 else codes.to(torch.uint8),
+                         sa0, sa1)

@@ -198,7 +198,9 @@ class NMultTensorQuant(nn.Module):
         w2d = self.to_groups(w)
         # In a GPU training step the check would be a host sync per layer; there a NaN weight
         # reaches the output through the straight-through term and fit reports it per epoch.
-        if not (training and sync_free(w2d)):
+        # Skipped while torch.compile / torch.export trace (a host sync breaks the graph):
+        # compiled steps rely on fit's once-per-epoch check; eager calls keep this one.
+        if not (training and sync_free(w2d)) and not torch.compiler.is_compiling():
             L.check_finite(w2d, f"weights of {self.layer_name or 'layer'}")
         return w2d
 
@@ -225,7 +227,8 @@ class NMultTensorQuant(nn.Module):
         With a fault or variability map attached, ``q`` ranges over the levels this weight can
         actually take on the chip (eq. 11, eq. 12): unreachable levels are excluded."""
         out = self.distance_unchecked(w, shape, width)
-        if not torch.isfinite(out):
+        # (Not while compiling: a host sync; eager calls check.)
+        if not torch.compiler.is_compiling() and not torch.isfinite(out):
             self.raise_not_finite(w)
         return out
 

@@ -24,7 +24,9 @@ from qfv_brevitas.core import kernels as K
 from qfv_brevitas.core.levels import check_finite, sort_levels
 
 __all__ = ["BLOCK", "CAND_BLOCK", "GPU_PATHS_ON_CPU", "sync_free", "block_for", "cand_block",
-           "blocks", "LevelIndex", "nearest_sorted_index", "nearest", "snap_ste"]
+           "blocks", "LevelIndex", "nearest_sorted_index", "values_block", "flat_index",
+           "nearest_op", "nearest_backward_op", "sorted_for_search", "sq_distance", "nearest",
+           "snap_ste"]
 
 # Upper bound on the lookup-table entries (all groups together) of the nearest-level search.
 MAX_TABLE = 1 << 22
@@ -80,16 +82,24 @@ class LevelIndex:
     """Sorted levels of a ``(G, L)`` table plus a lookup table for nearest-level search."""
 
     def __init__(self, levels: Tensor, dtype: torch.dtype):
-        levels = levels.detach()
-        s = sort_levels(levels)
-        self.G, self.L = levels.shape
-        self.perm = s.perm
-        self.values = s.values.to(dtype).contiguous()
-        self.thr = s.thresholds.to(dtype).contiguous()
+        s = sort_levels(levels.detach())
+        self._setup(s.values.to(dtype).contiguous(), s.thresholds.to(dtype).contiguous(),
+                    s.perm, K.usable(s.thresholds.to(dtype)))
+
+    @classmethod
+    def of_sorted(cls, thr: Tensor, values: Tensor) -> "LevelIndex":
+        """The torch search over levels already sorted (the search op's inputs; no codes)."""
+        li = cls.__new__(cls)
+        li._setup(values, thr, None, False)
+        return li
+
+    def _setup(self, values: Tensor, thr: Tensor, perm: Optional[Tensor], native: bool) -> None:
+        self.G, self.L = values.shape
+        self.perm, self.values, self.thr = perm, values, thr
         # The compiled CPU kernel builds its own table. On a GPU, searchsorted: the table's
         # checks would each be a host sync.
-        self.native = K.usable(self.thr)
-        self.lut = None if self.native or sync_free(levels) else self._build_lut()
+        self.native = native
+        self.lut = None if self.native or sync_free(values) else self._build_lut()
 
     def _build_lut(self):
         G, T = self.thr.shape
@@ -147,7 +157,7 @@ class LevelIndex:
 
     def _index_block(self, wb: Tensor, r0: int, r1: int) -> Tensor:
         if self.native:
-            return K.nearest(wb, self.thr[r0:r1], self.values[r0:r1], False)[0]
+            return nearest_op(wb, self.thr[r0:r1], self.values[r0:r1], False)[0]
         if self.lut is None:
             return torch.searchsorted(self.thr[r0:r1], wb.contiguous(), right=True).to(torch.uint8)
         cells, shift, inv_h, base, thr_at, cell_off = self.lut
@@ -159,16 +169,11 @@ class LevelIndex:
         return idx
 
     def values_block(self, idx: Tensor, r0: int, r1: int) -> Tensor:
-        if self.G == 1:
-            return self.values.view(-1)[idx.int()]
-        return self.values[r0:r1].gather(1, idx.long())
+        return values_block(self.values, idx, r0, r1)
 
     def flat_index(self, idx: Tensor, r0: int) -> Tensor:
         """Index into the flattened ``(G * L)`` sorted table, int64."""
-        if self.G == 1:
-            return idx.long().view(-1)
-        row = torch.arange(r0, r0 + idx.shape[0], device=idx.device)[:, None] * self.L
-        return (idx.long() + row).view(-1)
+        return flat_index(idx, r0, self.L, self.G)
 
     def sorted_to_levels(self, sorted_grad: Tensor) -> Tensor:
         """Scatter a ``(G, L)`` gradient over sorted levels back to code order."""
@@ -191,15 +196,23 @@ class LevelIndex:
         down = torch.cat([torch.full((G, 1), -1, device=v.device), ends.cummax(1).values], 1)
         return torch.where(up >= n, -1, up), down
 
-    def search(self, w2d: Tensor) -> Tensor:
-        """uint8 sorted index ``(G, M)`` of each weight's nearest level."""
-        G, M = w2d.shape
+    def search(self, w2d: Tensor, with_total: bool = False) -> Tuple[Tensor, Tensor]:
+        """uint8 sorted index ``(G, M)`` of each weight's nearest level and, ``with_total``,
+        ``sum (w - q)^2`` (0-dim, ``w2d``'s dtype; else 0): one pass on the kernel, else block
+        by block in torch."""
         if self.native:
-            return K.nearest(w2d, self.thr, self.values, False)[0]
-        out = torch.empty((G, M), dtype=torch.uint8, device=w2d.device)
+            return nearest_op(w2d, self.thr, self.values, with_total)
+        G, M = w2d.shape
+        idx = torch.empty((G, M), dtype=torch.uint8, device=w2d.device)
+        total = torch.zeros((), dtype=w2d.dtype, device=w2d.device)
         for r0, r1, c0, c1 in blocks(G, M, block_for(w2d)):
-            out[r0:r1, c0:c1] = self.index_block(w2d[r0:r1, c0:c1], r0, r1)
-        return out
+            wb = w2d[r0:r1, c0:c1]
+            ib = self.index_block(wb, r0, r1)
+            idx[r0:r1, c0:c1] = ib
+            if with_total:
+                d = (wb - self.values_block(ib, r0, r1)).reshape(-1)
+                total += torch.dot(d, d)
+        return idx, total
 
 
 def nearest_sorted_index(w2d: Tensor, levels: Tensor) -> Tensor:
@@ -208,7 +221,117 @@ def nearest_sorted_index(w2d: Tensor, levels: Tensor) -> Tensor:
     Equals ``#{thresholds <= w}``: a weight on a threshold goes to the upper level (eq. 1).
     """
     with torch.no_grad():
-        return LevelIndex(levels, w2d.dtype).search(w2d).long()
+        return LevelIndex(levels, w2d.dtype).search(w2d)[0].long()
+
+
+def values_block(values: Tensor, idx: Tensor, r0: int, r1: int) -> Tensor:
+    """``values[g, idx]`` for the rows ``r0:r1`` of a ``(G, L)`` table (one table: plain
+    indexing)."""
+    if values.shape[0] == 1:
+        return values.view(-1)[idx.int()]
+    return values[r0:r1].gather(1, idx.long())
+
+
+def flat_index(idx: Tensor, r0: int, n: int, G: int) -> Tensor:
+    """Index into a flattened ``(G * n)`` table of the rows from ``r0`` on, int64."""
+    if G == 1:
+        return idx.long().view(-1)
+    row = torch.arange(r0, r0 + idx.shape[0], device=idx.device)[:, None] * n
+    return (idx.long() + row).view(-1)
+
+
+# -- the search as torch custom ops -------------------------------------------------------------
+# torch.compile and torch.export cannot see into a ctypes call. As custom ops (a fake
+# implementation for tracing, a registered autograd) the search is one node of a graph; the
+# compiled kernel or the torch path behind it is chosen when the node runs (kernels.usable).
+
+@torch.library.custom_op("qfv::nearest", mutates_args=())
+def nearest_op(w2d: Tensor, thr: Tensor, values: Tensor, with_total: bool
+               ) -> Tuple[Tensor, Tensor]:
+    """Sorted index (uint8 ``(G, M)``) of each weight's nearest level among the ascending
+    ``values`` ``(G, L)`` (thresholds ``thr`` ``(G, L - 1)``, both in ``w2d``'s dtype), and
+    with ``with_total`` the squared distance ``sum (w - q)^2`` (0-dim, ``w2d``'s dtype; else
+    0). The total is differentiable in ``w2d`` and ``values`` (eq. 7). The compiled kernel
+    where it takes the tensors (one pass, the sum in double), else the blocked torch search."""
+    if K.usable(w2d, thr, values):
+        idx, total, _ = K.nearest(w2d, thr, values, with_total)
+        return idx, torch.tensor(total if with_total else 0.0, dtype=w2d.dtype)
+    return LevelIndex.of_sorted(thr, values).search(w2d, with_total)
+
+
+@nearest_op.register_fake
+def _nearest_fake(w2d, thr, values, with_total):
+    return w2d.new_empty(w2d.shape, dtype=torch.uint8), w2d.new_empty(())
+
+
+@torch.library.custom_op("qfv::nearest_backward", mutates_args=())
+def nearest_backward_op(g: Tensor, w2d: Tensor, idx: Tensor, values: Tensor, need_w: bool,
+                        need_values: bool) -> Tuple[Tensor, Tensor]:
+    """Gradients of :func:`nearest_op`'s total times ``g``: ``2 g (w - q)`` to the weights and
+    ``-2 g sum (w - q)`` over the weights at each sorted level (eq. 7); an empty tensor for one
+    not asked for."""
+    if K.usable(w2d, g, values):
+        gf = float(g)
+        grad_w, sums = K.nearest_backward(w2d, idx, values, 2 * gf, need_w, need_values)
+        grad_v = (sums * (-2 * gf)).to(w2d.dtype) if need_values else None
+    else:
+        grad_w, grad_v = _nearest_backward_torch(g, w2d, idx, values, need_w, need_values)
+    return (grad_w if need_w else w2d.new_empty(0)), (grad_v if need_values else
+                                                         w2d.new_empty(0))
+
+
+@nearest_backward_op.register_fake
+def _nearest_backward_fake(g, w2d, idx, values, need_w, need_values):
+    return (torch.empty_like(w2d) if need_w else w2d.new_empty(0),
+            values.new_empty(values.shape, dtype=w2d.dtype) if need_values else w2d.new_empty(0))
+
+
+def _nearest_backward_torch(g: Tensor, w2d: Tensor, idx: Tensor, values: Tensor, need_w: bool,
+                            need_v: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    G, M = w2d.shape
+    L = values.shape[1]
+    grad_w = torch.empty_like(w2d) if need_w else None
+    sums = torch.zeros(G * L, dtype=w2d.dtype, device=w2d.device) if need_v else None
+    for r0, r1, c0, c1 in blocks(G, M, block_for(w2d)):
+        ib = idx[r0:r1, c0:c1]
+        d = w2d[r0:r1, c0:c1] - values_block(values, ib, r0, r1)
+        if need_w:
+            torch.mul(d, 2 * g, out=grad_w[r0:r1, c0:c1])
+        if need_v:
+            sums.index_add_(0, flat_index(ib, r0, L, G), d.reshape(-1))
+    return grad_w, ((sums.view(G, L) * (-2 * g)) if need_v else None)
+
+
+def _nearest_setup(ctx, inputs, output) -> None:
+    w2d, _, values, _ = inputs
+    ctx.save_for_backward(w2d, output[0], values)
+
+
+def _nearest_grad(ctx, g_idx, g_total):
+    w2d, idx, values = ctx.saved_tensors
+    need_w, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    grad_w, grad_v = nearest_backward_op(g_total, w2d, idx, values, need_w, need_v)
+    return (grad_w if need_w else None), None, (grad_v if need_v else None), None
+
+
+nearest_op.register_autograd(_nearest_grad, setup_context=_nearest_setup)
+
+
+def sorted_for_search(levels: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(values, thresholds, perm)`` of a level table as :func:`nearest_op` takes them:
+    sorted, in the weights' dtype; the values keep the gradient to ``levels`` (sorting's
+    backward puts it back in code order), the thresholds do not."""
+    s = sort_levels(levels)
+    return s.values.to(dtype), s.thresholds.detach().to(dtype), s.perm
+
+
+def sq_distance(w2d: Tensor, levels: Tensor) -> Tensor:
+    """``sum (w - q)^2`` over the weights, ``q`` the nearest level (paper eq. 6/7): one
+    :func:`nearest_op`, differentiable in ``w2d`` and ``levels`` (d/dw = 2 (w - q*);
+    d/dlevel_j = -2 sum over the weights snapped to j of (w - q*)); one uint8 index per weight
+    is kept for the backward pass."""
+    values, thr, _ = sorted_for_search(levels, w2d.dtype)
+    return nearest_op(w2d, thr, values, True)[1]
 
 
 def nearest(w2d: Tensor, levels: Tensor) -> Tuple[Tensor, Tensor]:
@@ -223,43 +346,42 @@ def nearest(w2d: Tensor, levels: Tensor) -> Tuple[Tensor, Tensor]:
     (tensor([[-1.5000,  0.5000,  0.5000,  1.5000]]), tensor([[0, 2, 2, 3]]))
     """
     with torch.no_grad():
-        li = LevelIndex(levels, w2d.dtype)
-        idx = li.search(w2d)
-        if li.G == 1:  # one table: plain indexing, no int64 copy of the index
+        values, thr, perm = sorted_for_search(levels.detach(), w2d.dtype)
+        idx = nearest_op(w2d, thr, values, False)[0]
+        if values.shape[0] == 1:  # one table: plain indexing, no int64 copy of the index
             idx = idx.int()
-            return li.values.view(-1)[idx].view(w2d.shape), li.perm.view(-1)[idx].view(w2d.shape)
+            return values.view(-1)[idx].view(w2d.shape), perm.view(-1)[idx].view(w2d.shape)
         idx = idx.long()
-        return li.values.gather(1, idx), li.perm.gather(1, idx)
+        return values.gather(1, idx), perm.gather(1, idx)
 
 
 class _SnapSTE(torch.autograd.Function):
     """Nearest level in the forward pass; straight-through to the weights in the backward pass,
-    and the level table receives the gradient of the levels the weights were snapped to."""
+    and the level table receives the gradient of the levels the weights were snapped to.
+    Tensors only on ``ctx`` and no host sync: torch.compile traces it whole."""
 
     @staticmethod
     def forward(ctx, w2d: Tensor, levels: Tensor) -> Tensor:
-        li = LevelIndex(levels, w2d.dtype)
-        idx = li.search(w2d)
+        values, thr, perm = sorted_for_search(levels.detach(), w2d.dtype)
+        idx = nearest_op(w2d, thr, values, False)[0]
         out = torch.empty_like(w2d)
-        block = None if not sync_free(w2d) and not li.native else 1 << 62
-        for r0, r1, c0, c1 in blocks(*w2d.shape, block):
-            out[r0:r1, c0:c1] = li.values_block(idx[r0:r1, c0:c1], r0, r1)
-        ctx.li = li
-        ctx.save_for_backward(idx)
+        for r0, r1, c0, c1 in blocks(*w2d.shape, block_for(w2d)):
+            out[r0:r1, c0:c1] = values_block(values, idx[r0:r1, c0:c1], r0, r1)
+        ctx.save_for_backward(idx, perm)
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        (idx,) = ctx.saved_tensors
-        li: LevelIndex = ctx.li
+        idx, perm = ctx.saved_tensors
         grad_levels = None
         if ctx.needs_input_grad[1]:
             G, M = idx.shape
-            sums = torch.zeros(G * li.L, dtype=g.dtype, device=g.device)
+            n = perm.shape[1]
+            sums = torch.zeros(G * n, dtype=g.dtype, device=g.device)
             for r0, r1, c0, c1 in blocks(G, M, block_for(g)):
-                sums.index_add_(0, li.flat_index(idx[r0:r1, c0:c1], r0),
+                sums.index_add_(0, flat_index(idx[r0:r1, c0:c1], r0, n, G),
                                 g[r0:r1, c0:c1].reshape(-1))
-            grad_levels = li.sorted_to_levels(sums.view(G, li.L))
+            grad_levels = torch.zeros_like(perm, dtype=g.dtype).scatter_(1, perm, sums.view(G, n))
         return (g if ctx.needs_input_grad[0] else None), grad_levels
 
 

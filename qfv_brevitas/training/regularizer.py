@@ -78,8 +78,10 @@ def _loss_terms(model: nn.Module, shape: str = "sq", width: float = DEFAULT_WIDT
     if total is None:
         p = next(model.parameters(), None)
         return torch.zeros((), device=None if p is None else p.device), terms
-    # One check of the sum (a host sync, skipped on a GPU, where fit checks once per epoch).
-    if not sync_free(total) and not torch.isfinite(total):
+    # One check of the sum: a host sync, so skipped on a GPU and while torch.compile /
+    # torch.export trace (a graph break); there fit checks the losses once per epoch.
+    if not sync_free(total) and not torch.compiler.is_compiling() \
+            and not torch.isfinite(total):
         for name, tq, w, term in used:
             if not torch.isfinite(term):
                 tq.raise_not_finite(w)
