@@ -1,4 +1,4 @@
-"""What an imperfect device stores: stuck bits and per-cell variability (pure torch math).
+"""What an imperfect device stores: stuck bits and per-cell variability (torch math and ops).
 
 A weight programmed with code ``S`` is stored in ``N`` bit cells. Stuck-at faults force bits:
 ``S' = (S & ~sa0) | sa1``. Device-to-device variability scales each cell's contribution (paper
@@ -12,6 +12,10 @@ Two ways to choose the code: *naive* programming targets the nearest ideal level
 fault-unaware flow does); *aware* programming picks the code whose deployed value on this device
 is nearest (nearest-valid-level mapping for faults, eq. 11; the weight's own perturbed level set
 for variability). Both use O(n) memory: candidates are enumerated per block of weights.
+
+The aware search and the squared distance over deployed values are torch custom ops
+(``qfv::aware_fused``, ``qfv::deployed`` with ``qfv::deployed_backward``, ``qfv::scale``): the
+compiled CPU kernel or the torch path of this module, one graph node for torch.compile.
 """
 from __future__ import annotations
 
@@ -282,10 +286,15 @@ def _aware_fused_fake(w2d, r, c, sa0, sa1, lrs, hrs, want_codes, want_resid, wan
 def _aware_fused_setup(ctx, inputs, output) -> None:
     r, c = inputs[1], inputs[2]
     ctx.N, ctx.r_dtype, ctx.c_dtype = r.shape[1], r.dtype, c.dtype
+    # Only the total is differentiable: no zero gradients materialised for the (G, M) codes
+    # and residuals (a pass over 5n bytes per call).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[2], output[3])
 
 
 def _aware_fused_grad(ctx, g, g_codes, g_resid, g_sums):
+    if g is None:
+        return (None,) * 11
     resid, sums = ctx.saved_tensors
     need_w, need_r, need_c = ctx.needs_input_grad[:3]
     N = ctx.N

@@ -1,11 +1,14 @@
 """The regularizer's distance: one core for every shape, on an ideal grid and on a chip.
 
-Two autograd functions compute every per-layer distance of the library:
-:class:`IdealDistance` over the ideal level grid (paper eq. 6/7) and :class:`ChipDistance`
-over the values each weight can reach on a chip with stuck bits (eq. 11) or per-cell
-variability (eq. 12). Each takes a :class:`Shape` (``SQ``, ``GAUSS``, ``SIN``); the squared
-distance runs on the compiled CPU kernels where they are built. :func:`ideal_distance` and
-:func:`chip_distance` are their entry points; :class:`qfv_brevitas.core.chip.Chip` picks one.
+:func:`ideal_distance` (over the ideal level grid, paper eq. 6/7) and :func:`chip_distance`
+(over the values each weight can reach on a chip with stuck bits, eq. 11, or per-cell
+variability, eq. 12) compute every per-layer distance of the library, for a :class:`Shape`
+(``SQ``, ``GAUSS``, ``SIN``); :class:`qfv_brevitas.core.chip.Chip` picks one. The squared
+distance (the default) is one torch custom op with a registered gradient (``qfv::nearest``
+of :mod:`qfv_brevitas.core.search`, ``qfv::aware_fused`` / ``qfv::deployed`` of
+:mod:`qfv_brevitas.core.device`: the compiled CPU kernel where it is built, else the torch
+path), which torch.compile and torch.export trace; the shapes with a spacing are the autograd
+functions :class:`IdealDistance` and :class:`ChipDistance` (pure torch, eager).
 
 Shapes. The paper's eq. 6/7 charges each weight ``d**2``, ``d`` its distance to the nearest level. Two
 other shapes from the related work are offered, each a function of ``d`` and of the *local

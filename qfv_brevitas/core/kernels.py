@@ -11,6 +11,14 @@ They are built by ``pip install`` when a C compiler is there (``setup.py``, opti
 them, or with ``QFV_KERNELS=torch`` in the environment, or inside :func:`torch_fallback`, the
 library uses its pure-torch paths, which give the same results up to float rounding (the
 kernels add in double precision). CUDA tensors always take the torch paths.
+
+The library never calls these bindings from a model's forward or its regularizer directly:
+each kernel is the CPU implementation of a torch custom op (``qfv::nearest``,
+``qfv::nearest_backward`` in :mod:`qfv_brevitas.core.search`; ``qfv::aware_fused``,
+``qfv::deployed``, ``qfv::deployed_backward``, ``qfv::scale`` in
+:mod:`qfv_brevitas.core.device`) whose other implementation is the torch path, chosen by
+:func:`usable` when the op runs. The ops have fake implementations and registered autograd,
+so torch.compile and torch.export trace them as single nodes.
 """
 from __future__ import annotations
 

@@ -8,6 +8,11 @@ O(n) at any N; time is a handful of elementwise passes. When the thresholds are 
 the table (distinct thresholds sharing a cell) the search falls back to ``torch.searchsorted``,
 which is exact too, only slower.
 
+The search is the torch custom op ``qfv::nearest`` (:func:`nearest_op`; with the squared
+distance to the nearest level and its registered gradient, eq. 7): the compiled CPU kernel or
+the torch search below, whichever takes the tensors, behind one graph node that torch.compile
+and torch.export trace.
+
 Every blocked pass of the library (the search, the distances of
 :mod:`qfv_brevitas.core.distance`, the device-aware search of :mod:`qfv_brevitas.core.device`,
 the fit of :mod:`qfv_brevitas.core.fitting`) tiles its ``(G, M)`` weights with :func:`blocks`.
@@ -304,12 +309,16 @@ def _nearest_backward_torch(g: Tensor, w2d: Tensor, idx: Tensor, values: Tensor,
 
 def _nearest_setup(ctx, inputs, output) -> None:
     w2d, _, values, _ = inputs
+    # No zero gradients materialised for the (G, M) index: a pass over n bytes per call.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(w2d, output[0], values)
 
 
 def _nearest_grad(ctx, g_idx, g_total):
     w2d, idx, values = ctx.saved_tensors
     need_w, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    if g_total is None:
+        return None, None, None, None
     grad_w, grad_v = nearest_backward_op(g_total, w2d, idx, values, need_w, need_v)
     return (grad_w if need_w else None), None, (grad_v if need_v else None), None
 
