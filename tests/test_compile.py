@@ -155,7 +155,7 @@ def _op_cases():
     sa0 = (torch.rand(G, M, generator=g) < 0.3).to(torch.uint8)
     sa1 = ((torch.rand(G, M, generator=g) < 0.3).to(torch.uint8) << 1) & ~sa0
     lrs = 1 + 0.1 * torch.randn(G, M, N, generator=g, dtype=torch.float64)
-    idx = S.nearest_op(w, thr, values, False)[0]
+    idx = S.nearest_op(w, thr, values, False)[1]
     forced = D.force_codes(D.aware_codes_raw(w, r, c, sa0, sa1), sa0, sa1)
     gr = torch.tensor(0.7, dtype=w.dtype)
     req = lambda t: t.clone().requires_grad_()  # noqa: E731
@@ -173,11 +173,10 @@ def _op_cases():
 
 
 def test_ops_pass_opcheck(kernel_backend):
-    """Schemas (no mutation, no aliasing), fake implementations and registered autograd of
-    every op, on the kernel and on the torch path."""
+    """Schemas (no mutation, no aliasing), fake implementations, registered autograd and
+    AOT dispatch with dynamic shapes of every op, on the kernel and on the torch path."""
     for op, args in _op_cases():
-        torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration",
-                                                    "test_faketensor"))
+        torch.library.opcheck(op, args)
 
 
 def test_an_op_runs_the_kernel_or_its_torch_fallback(kernel_backend):
@@ -191,10 +190,10 @@ def test_an_op_runs_the_kernel_or_its_torch_fallback(kernel_backend):
     real = K.nearest
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(K, "nearest", lambda *a: calls.append(1) or real(*a))
-        idx, tot = S.nearest_op(w, thr, values, True)
+        tot, idx = S.nearest_op(w, thr, values, True)
         assert calls == ([1] if kernel_backend == "kernels" else [])
         with K.torch_fallback():
-            idx_t, tot_t = S.nearest_op(w, thr, values, True)
+            tot_t, idx_t = S.nearest_op(w, thr, values, True)
         assert len(calls) == (kernel_backend == "kernels")
     assert torch.equal(idx, idx_t) and torch.allclose(tot, tot_t, rtol=1e-6)
     assert torch.equal(idx.long(), S.nearest_sorted_index(w, L.level_table(

@@ -65,7 +65,7 @@ MUTANTS: List[Mutant] = [
       ("tests/core/test_levels.py::test_level_one_ulp_from_neighbour_snaps_to_itself",),
       "levels one ulp apart: a weight on the lower level is sent up"),
     M("levels-nearest-materialises", "qfv_brevitas/core/search.py",
-      "        idx = nearest_op(w2d, thr, values, False)[0]\n"
+      "        idx = nearest_op(w2d, thr, values, False)[1]\n"
       "        if values.shape[0] == 1:",
       "        idx = (w2d[:, :, None] - values[:, None, :]).abs().argmin(-1).to(torch.uint8)\n"
       "        if values.shape[0] == 1:",
@@ -93,8 +93,8 @@ MUTANTS: List[Mutant] = [
       "LSQ step init divides by Q_P instead of sqrt(Q_P)"),
     # -- torch custom ops, torch.compile / torch.export (issue 21) ----------------------------------
     M("compile-fake-search-index-dtype", "qfv_brevitas/core/search.py",
-      "    return w2d.new_empty(w2d.shape, dtype=torch.uint8), w2d.new_empty(())\n",
-      "    return w2d.new_empty(w2d.shape, dtype=torch.int64), w2d.new_empty(())\n",
+      "    return w2d.new_empty(()), w2d.new_empty(w2d.shape, dtype=torch.uint8)\n",
+      "    return w2d.new_empty(()), w2d.new_empty(w2d.shape, dtype=torch.int64)\n",
       ("tests/test_compile.py", "-k", "opcheck"),
       "the search op's fake implementation disagrees with the real one (dtype)"),
     M("compile-fused-grad-unscaled", "qfv_brevitas/core/device.py",

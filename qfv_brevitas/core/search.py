@@ -162,7 +162,7 @@ class LevelIndex:
 
     def _index_block(self, wb: Tensor, r0: int, r1: int) -> Tensor:
         if self.native:
-            return nearest_op(wb, self.thr[r0:r1], self.values[r0:r1], False)[0]
+            return nearest_op(wb, self.thr[r0:r1], self.values[r0:r1], False)[1]
         if self.lut is None:
             return torch.searchsorted(self.thr[r0:r1], wb.contiguous(), right=True).to(torch.uint8)
         cells, shift, inv_h, base, thr_at, cell_off = self.lut
@@ -206,7 +206,8 @@ class LevelIndex:
         ``sum (w - q)^2`` (0-dim, ``w2d``'s dtype; else 0): one pass on the kernel, else block
         by block in torch."""
         if self.native:
-            return nearest_op(w2d, self.thr, self.values, with_total)
+            total, idx = nearest_op(w2d, self.thr, self.values, with_total)
+            return idx, total
         G, M = w2d.shape
         idx = torch.empty((G, M), dtype=torch.uint8, device=w2d.device)
         total = torch.zeros((), dtype=w2d.dtype, device=w2d.device)
@@ -253,20 +254,22 @@ def flat_index(idx: Tensor, r0: int, n: int, G: int) -> Tensor:
 @torch.library.custom_op("qfv::nearest", mutates_args=())
 def nearest_op(w2d: Tensor, thr: Tensor, values: Tensor, with_total: bool
                ) -> Tuple[Tensor, Tensor]:
-    """Sorted index (uint8 ``(G, M)``) of each weight's nearest level among the ascending
-    ``values`` ``(G, L)`` (thresholds ``thr`` ``(G, L - 1)``, both in ``w2d``'s dtype), and
-    with ``with_total`` the squared distance ``sum (w - q)^2`` (0-dim, ``w2d``'s dtype; else
-    0). The total is differentiable in ``w2d`` and ``values`` (eq. 7). The compiled kernel
-    where it takes the tensors (one pass, the sum in double), else the blocked torch search."""
+    """``(total, idx)``: with ``with_total`` the squared distance ``sum (w - q)^2`` of the
+    weights to their nearest levels (0-dim, ``w2d``'s dtype; else 0), and the sorted index
+    (uint8 ``(G, M)``) of each weight's nearest level among the ascending ``values``
+    ``(G, L)`` (thresholds ``thr`` ``(G, L - 1)``, both in ``w2d``'s dtype). The total is
+    differentiable in ``w2d`` and ``values`` (eq. 7). The compiled kernel where it takes the
+    tensors (one pass, the sum in double), else the blocked torch search."""
     if K.usable(w2d, thr, values):
         idx, total, _ = K.nearest(w2d, thr, values, with_total)
-        return idx, torch.tensor(total if with_total else 0.0, dtype=w2d.dtype)
-    return LevelIndex.of_sorted(thr, values).search(w2d, with_total)
+        return torch.tensor(total if with_total else 0.0, dtype=w2d.dtype), idx
+    idx, total = LevelIndex.of_sorted(thr, values).search(w2d, with_total)
+    return total, idx
 
 
 @nearest_op.register_fake
 def _nearest_fake(w2d, thr, values, with_total):
-    return w2d.new_empty(w2d.shape, dtype=torch.uint8), w2d.new_empty(())
+    return w2d.new_empty(()), w2d.new_empty(w2d.shape, dtype=torch.uint8)
 
 
 @torch.library.custom_op("qfv::nearest_backward", mutates_args=())
@@ -311,10 +314,10 @@ def _nearest_setup(ctx, inputs, output) -> None:
     w2d, _, values, _ = inputs
     # No zero gradients materialised for the (G, M) index: a pass over n bytes per call.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(w2d, output[0], values)
+    ctx.save_for_backward(w2d, output[1], values)
 
 
-def _nearest_grad(ctx, g_idx, g_total):
+def _nearest_grad(ctx, g_total, g_idx):
     w2d, idx, values = ctx.saved_tensors
     need_w, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
     if g_total is None:
@@ -340,7 +343,7 @@ def sq_distance(w2d: Tensor, levels: Tensor) -> Tensor:
     d/dlevel_j = -2 sum over the weights snapped to j of (w - q*)); one uint8 index per weight
     is kept for the backward pass."""
     values, thr, _ = sorted_for_search(levels, w2d.dtype)
-    return nearest_op(w2d, thr, values, True)[1]
+    return nearest_op(w2d, thr, values, True)[0]
 
 
 def nearest(w2d: Tensor, levels: Tensor) -> Tuple[Tensor, Tensor]:
@@ -356,7 +359,7 @@ def nearest(w2d: Tensor, levels: Tensor) -> Tuple[Tensor, Tensor]:
     """
     with torch.no_grad():
         values, thr, perm = sorted_for_search(levels.detach(), w2d.dtype)
-        idx = nearest_op(w2d, thr, values, False)[0]
+        idx = nearest_op(w2d, thr, values, False)[1]
         if values.shape[0] == 1:  # one table: plain indexing, no int64 copy of the index
             idx = idx.int()
             return values.view(-1)[idx].view(w2d.shape), perm.view(-1)[idx].view(w2d.shape)
@@ -372,7 +375,7 @@ class _SnapSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w2d: Tensor, levels: Tensor) -> Tensor:
         values, thr, perm = sorted_for_search(levels.detach(), w2d.dtype)
-        idx = nearest_op(w2d, thr, values, False)[0]
+        idx = nearest_op(w2d, thr, values, False)[1]
         out = torch.empty_like(w2d)
         for r0, r1, c0, c1 in blocks(*w2d.shape, block_for(w2d)):
             out[r0:r1, c0:c1] = values_block(values, idx[r0:r1, c0:c1], r0, r1)
