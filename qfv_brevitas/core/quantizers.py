@@ -411,6 +411,9 @@ class NMultWeightQuantProxy(WeightQuantProxyFromInjector):
     def __init__(self, quant_layer: nn.Module, quant_injector) -> None:
         super().__init__(quant_layer, quant_injector)
         self.skip_create_quant_tensor = False
+        # A mode or grid restored from a state dict must survive the next re-initialisation
+        # of the quantizer from the injector: keep the injector in step after every load.
+        self.register_load_state_dict_post_hook(NMultWeightQuantProxy._sync_injector)
 
     @property
     def skip_create_quant_tensor(self) -> bool:
@@ -451,9 +454,6 @@ class NMultWeightQuantProxy(WeightQuantProxyFromInjector):
                 and self.needs_quant_tensor():
             self.use_integer_view("auto")
         return super().forward(x)
-        # A mode restored from a state dict must survive the next re-initialisation of the
-        # quantizer from the injector: keep the injector in step after every load.
-        self.register_load_state_dict_post_hook(NMultWeightQuantProxy._sync_injector)
 
     def init_tensor_quant(self, *args, **kwargs):
         super().init_tensor_quant(*args, **kwargs)

@@ -292,7 +292,7 @@ def _fixed_point(model, layers: Sequence[LayerExport], frac_bits, max_drop, data
     accuracy bound); returns the fixed-point summary and the fixed-point torch reference."""
     acc = _accuracy_fn(data)
     try:
-        if frac_bits is None and all(info.frac_bits is not None for info in layers):
+        if all(info.frac_bits is not None for info in layers):
             for info in layers:  # every layer trained on its own grid: nothing to choose
                 FX.fixed_point_layer(info, info.frac_bits)
             pick = {"frac_bits": None}
