@@ -93,7 +93,8 @@ def compensate_errors(model: nn.Module, batches: Sequence[Tensor],
     Each input column's weights are quantized with the layer's own quantizer (for an
     N-multiplier layer: snapped to its nearest level, ``r``/``c`` fixed) and the error is
     carried to the columns not yet quantized through the Cholesky factor of the inverse
-    Hessian of the layer's inputs. ``keep_weight_orig``: the layers keep Brevitas'
+    Hessian of the layer's inputs. ``act_order``: columns in decreasing order of the
+    Hessian's diagonal (Brevitas' option; off by default, as in Brevitas). ``keep_weight_orig``: the layers keep Brevitas'
     ``weight_orig`` buffer (the float weights before compensation, which Brevitas uses while
     weight quantization is disabled, e.g. as bias correction's float reference) until
     :func:`drop_weight_orig`."""
@@ -146,17 +147,17 @@ def correct_biases(model: nn.Module, batches: Sequence[Tensor]) -> nn.Module:
 
 
 def apply_toolbox(model: nn.Module, batches: Sequence[Tensor], *, calibrate: bool = False,
-                  compensation: Optional[str] = None, bias_correction: bool = False
-                  ) -> nn.Module:
+                  compensation: Optional[str] = None, bias_correction: bool = False,
+                  act_order: bool = False) -> nn.Module:
     """The toolbox in Brevitas' order: activation calibration (``calibrate``), error
-    compensation (``compensation``: ``"gptq"``, ``"gpfq"`` or ``None``), bias correction;
-    in place, eval mode. Returns ``model``."""
+    compensation (``compensation``: ``"gptq"``, ``"gpfq"`` or ``None``; ``act_order`` as in
+    :func:`compensate_errors`), bias correction; in place, eval mode. Returns ``model``."""
     if compensation is not None:
         check_choice(compensation, COMPENSATIONS, "error compensation")
     if calibrate:
         calibrate_activations(model, batches)
     if compensation is not None:
-        compensate_errors(model, batches, compensation, keep_weight_orig=True)
+        compensate_errors(model, batches, compensation, act_order, keep_weight_orig=True)
     if bias_correction:
         correct_biases(model, batches)
     drop_weight_orig(model)

@@ -183,34 +183,47 @@ def test_act_bits_quantizes_activations_of_both_models(float_cnn, digits, act_bi
             assert 2 <= len(vals) <= 2 ** bits, (i, len(vals))
             scale = float(m.input_quant.scale())
             torch.testing.assert_close(vals / scale, torch.round(vals / scale))
+        assert max(_clipped(model, x)) < 0.01  # calibrated, the baseline as well
     assert evaluate(res.model, test) == pytest.approx(res.acc)
     assert evaluate(res.baseline_model, test) == pytest.approx(res.baseline_acc)
     assert "A%d" % act_bits in res.table() and "mse scale" in res.baseline
 
 
+def _clipped(model, x):
+    """Per compute layer (execution order): the fraction of its raw inputs on ``x`` above its
+    activation quantizer's largest level (what calibration keeps near zero)."""
+    raw = {}
+    layers = [m for m in model.modules() if hasattr(m, "input_quant")
+              and hasattr(m, "weight_quant")]
+    hooks = [m.input_quant.register_forward_pre_hook(
+        lambda mod, inp, m=m: raw.setdefault(m, inp[0])) for m in layers]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = []
+    for m in layers:
+        top = float(m.input_quant.scale()) * (2 ** int(m.input_quant.bit_width()) - 1)
+        out.append(float((raw[m] > top * 1.01).float().mean()))
+    return out
+
+
 def test_calibration_sets_the_scales_from_the_data(float_cnn, digits):
     """calibrate_activations moves the activation quantizers' scales from their start to the
-    data's range: (almost) no calibration input is clipped."""
+    data's range: (almost) no calibration input is clipped, where many were before."""
     train, _ = digits
     x = calibration_batches(train, 256)[0]
     q = quantize_model(float_cnn, NMultConfig(weight_bits=3, act_bits=4), example_input=x).eval()
     before = [float(p.scale()) for p in activation_quantizers(q)]
+    clipped_before = _clipped(q, x)
     calibrate_activations(q, [x])
     after = [float(p.scale()) for p in activation_quantizers(q)]
     # The first layer's inputs are pixels in [0, 1]: 8-bit unsigned at 1/255 from the start.
     assert after[0] == pytest.approx(1 / 255)
     assert all(abs(a - b) > 1e-3 * b for a, b in zip(after[1:], before[1:]))
-    raw = {}
-    hooks = [m.input_quant.register_forward_pre_hook(
-        lambda mod, inp, m=m: raw.setdefault(m, inp[0])) for m in q.modules()
-        if hasattr(m, "input_quant") and hasattr(m, "weight_quant")]
-    with torch.no_grad():
-        q(x)
-    for h in hooks:
-        h.remove()
-    for m, inp in raw.items():
-        top = float(m.input_quant.scale()) * (2 ** int(m.input_quant.bit_width()) - 1)
-        assert float((inp > top * 1.01).float().mean()) < 0.01
+    assert max(_clipped(q, x)) < 0.01 < max(clipped_before)
 
 
 def test_toolbox_through_quantize_post_training(float_cnn, digits):
@@ -231,6 +244,11 @@ def test_toolbox_through_quantize_post_training(float_cnn, digits):
              for (_, a), (_, b) in zip(nmult_layers(plain.model), nmult_layers(res.model))]
     assert max(moved) > 1e-3
     assert not any("weight_orig" in k for k in res.model.state_dict())
+    # Only bias correction changes a bias, in both models.
+    b_float = float_cnn.classifier[1].bias
+    assert torch.equal(plain.model.classifier[1].bias, b_float)
+    assert not torch.equal(res.model.classifier[1].bias, b_float)
+    assert not torch.equal(res.baseline_model.classifier[1].bias, b_float)
     assert res.acc >= plain.acc - 0.01
     with pytest.raises(PTQError, match="need calibration data"):
         quantize_post_training(float_cnn, 3, compensation="gptq")

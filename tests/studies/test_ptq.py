@@ -253,6 +253,7 @@ def test_qfv_quantize_act_bits_and_toolbox(float_cnn, digits, tmp_path, capsys):
                           dataset="digits", data_seed=0)
     out = tmp_path / "a4.pt"
     assert main(["quantize", str(src), "--bits", "2", "--act-bits", "4", "--bias-correction",
+                 "--compensation", "gptq", "--baseline", "mse",  # the defaults, spelled out
                  "--calib-samples", "128", "--out", str(out), "--no-plot", "--no-lloyd"]) == 0
     printed = capsys.readouterr().out
     assert "4-bit activations" in printed and "GPTQ, bias correction on 128 training" in printed
@@ -270,6 +271,10 @@ def test_qfv_quantize_act_bits_and_toolbox(float_cnn, digits, tmp_path, capsys):
     summary2 = json.loads(out2.with_suffix(".json").read_text())
     assert summary2["baseline"] == "uniform (max scale)" and summary2["compensation"] is None
     assert load_checkpoint(out2)[1]["config"].act_bits is None
+    out3 = tmp_path / "gpfq.pt"
+    assert main(["quantize", str(src), "--bits", "2", "--compensation", "gpfq", "--no-eval",
+                 "--out", str(out3), "--no-plot", "--no-lloyd"]) == 0
+    assert json.loads(out3.with_suffix(".json").read_text())["compensation"] == "gpfq"
     # GPTQ moved the weights: the two checkpoints' deployed weights differ.
     plain = load_checkpoint(out2)[0].features[3]
     assert not torch.equal(quant_of(plain).snap(plain.weight),
