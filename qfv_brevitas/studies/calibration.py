@@ -21,6 +21,7 @@ from typing import Iterable, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from qfv_brevitas.core.quantizers import nmult_layers, quant_of
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.util.validate import check_choice, check_count
 
@@ -103,6 +104,11 @@ def compensate_errors(model: nn.Module, batches: Sequence[Tensor],
 
     method = check_choice(method, COMPENSATIONS, "error compensation")
     mode = gptq_mode if method == "gptq" else gpfq_mode
+    for name, layer in nmult_layers(model):
+        if not quant_of(layer).chip.is_ideal:
+            raise QfvError(f"layer {name!r}: its chip carries fault or variability maps or bit "
+                           "flips; error compensation works on the ideal levels: compensate "
+                           "first, then attach the maps")
     model.eval()
     _init_weight_quantizers(model)
     with mode(model, use_quant_activations=True, create_weight_orig=True,

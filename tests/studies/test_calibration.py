@@ -122,6 +122,20 @@ def test_compensated_weights_are_levels_with_less_output_error(method, per_chann
     assert not any("weight_orig" in k for k in q.state_dict())
 
 
+def test_compensation_refuses_a_layer_on_a_non_ideal_chip():
+    """A fault map is bound to the whole weight tensor; GPTQ quantizes one column at a time
+    over the ideal levels: refused with a clear message, before any weight moves."""
+    q, _ = _one_layer(per_channel=False)
+    tq = quant_of(q[0])
+    sa0 = torch.zeros(6, 24, dtype=torch.uint8)
+    sa0[0, 0] = 1  # bit 0 of one weight stuck at 0
+    tq.chip.set_faults(sa0, torch.zeros_like(sa0))
+    w0 = q[0].weight.detach().clone()
+    with pytest.raises(ValueError, match="compensate first, then attach the maps"):
+        compensate_errors(q, [_inputs(32, 24)])
+    assert torch.equal(q[0].weight, w0)
+
+
 def test_bias_correction_moves_biases_by_the_mean_output_error():
     """Brevitas' bias correction on an N-multiplier layer: the bias moves by exactly the mean
     (float - quantized) output per channel on the calibration data, which removes the mean
