@@ -366,6 +366,27 @@ MUTANTS: List[Mutant] = [
       "        worse = error > math.inf\n",
       ("tests/core/test_fitting.py", "-k", "falls_back or never_worse"),
       "the final check never falls back to the best uniform grid / warm start"),
+    # -- studies/calibration.py, ptq.py: Brevitas' PTQ toolbox (issue 21) -----------------------
+    M("toolbox-calibration-sees-no-data", "qfv_brevitas/studies/calibration.py",
+      "    with calibration_mode(model):\n        _run(model, batches)\n",
+      "    with calibration_mode(model):\n        pass\n",
+      ("tests/studies/test_calibration.py", "-k", "calibration_sets_the_scales"),
+      "activation quantizers are never calibrated: they keep their start scales"),
+    M("toolbox-baseline-skips-the-steps", "qfv_brevitas/studies/ptq.py",
+      "            result.baseline_model = _apply_steps(base, steps)\n",
+      "            result.baseline_model = base.eval()\n",
+      ("tests/studies/test_calibration.py", "-k", "act_bits_quantizes or toolbox_through"),
+      "the Brevitas baseline gets no calibration, GPTQ or bias correction: an unfair comparison"),
+    M("toolbox-bias-correction-ignored", "qfv_brevitas/studies/calibration.py",
+      "    if bias_correction:\n        correct_biases(model, batches)\n",
+      "    if False:\n        correct_biases(model, batches)\n",
+      ("tests/studies/test_calibration.py", "-k", "toolbox_through"),
+      "bias_correction=True / --bias-correction does nothing"),
+    M("toolbox-act-bits-ignored", "qfv_brevitas/studies/ptq.py",
+      'config = NMultConfig(weight_bits=bits, act_bits=steps["act_bits"], variant="nmult",',
+      'config = NMultConfig(weight_bits=bits, act_bits=None, variant="nmult",',
+      ("tests/studies/test_calibration.py", "-k", "act_bits_quantizes"),
+      "act_bits leaves the N-multiplier model's activations in float"),
 ]
 
 # -- running -------------------------------------------------------------------------------------
