@@ -33,7 +33,8 @@ each fit a few minutes on 2 cores (run them in order; results accumulate in
 
 ``--frac-bits auto`` (issue 21) trains the N-multiplier model on the integer view (``qfv train
 --frac-bits auto``: r and c on each layer's grid ``m * 2**-f`` while training, the weights
-Brevitas ``IntQuantTensor`` s); its results go to ``<arch>_w<bits>_int.json``. ``train`` then
+Brevitas ``IntQuantTensor`` s); its results go to ``<arch>_w<bits>_int.json`` (``--frac-bits 6``:
+every layer on ``2**-6``, ``_int6.json``). ``train`` then
 also records what the grid costs on the trained model (each layer's squared weight error on its
 rounded levels against the same r, c unrounded), and ``export`` writes the fixed and planes
 forms on the training grids (no search over f: no accuracy change by construction).
@@ -77,7 +78,8 @@ def _load(path: Path, name: str):
 
 
 def _tag(args) -> str:
-    return f"{args.arch}_w{args.bits}" + ("_int" if args.frac_bits is not None else "")
+    view = {None: "", "auto": "_int"}.get(args.frac_bits, f"_int{args.frac_bits}")
+    return f"{args.arch}_w{args.bits}{view}"
 
 
 def _state(args) -> Path:
@@ -160,12 +162,18 @@ def step_train(args) -> None:
                         "stock": 100 * evaluate(stock, test)},
            "train_s": time.perf_counter() - t, "frac_bits": args.frac_bits}
     if args.frac_bits is not None:
+        from qfv_brevitas import NMultConfig, quantize_model
+
+        # at the start of QAT (levels fitted to the float weights): what rounding them costs
+        start = quantize_model(copy.deepcopy(fp), NMultConfig(
+            weight_bits=args.bits, act_bits=args.bits, frac_bits=args.frac_bits), example)
+        out["grid_cost"] = grid_cost(start)
         model, _ = load_checkpoint(d / f"nmult_w{args.bits}a{args.bits}.pt")
-        out["grid_cost"] = grid_cost(model)
-        for row in out["grid_cost"]:
+        out["trained_grid"] = grid_cost(model)
+        for row, end in zip(out["grid_cost"], out["trained_grid"]):
             print(f"  {row['layer']:<14} f={row['frac_bits']} int{row['int_bits']}: weight MSE "
-                  f"{row['mse_grid']:.3g} on the grid vs {row['mse_real']:.3g} unrounded "
-                  f"(x{row['ratio']:.4f})")
+                  f"of the fitted levels x{row['ratio']:.4f} on the grid; after QAT f="
+                  f"{end['frac_bits']} int{end['int_bits']}")
     _write(args, out)
     print(f"{args.arch} W{args.bits}A{args.bits}: float {out['accuracy']['float']:.2f}%, "
           f"N-multiplier {out['accuracy']['nmult']:.2f}%, stock Brevitas uniform "
@@ -173,8 +181,8 @@ def step_train(args) -> None:
 
 
 def grid_cost(model) -> list:
-    """Per layer of a model trained on the integer view: its f and integer width, and the
-    squared weight error of its rounded levels against the same r, c unrounded."""
+    """Per layer of a model on the integer view: its f and integer width, and the squared
+    weight error of its rounded levels against the same r, c unrounded."""
     from qfv_brevitas.core.fitting import grid_error
     from qfv_brevitas.core.quantizers import nmult_layers, quant_of
 
@@ -430,7 +438,9 @@ def _finn_estimates(args, d, py, script, ckpt) -> dict:
 
 
 def _label(r: dict) -> str:
-    return f"{r['arch']} W{r['bits']}" + (" (int view)" if r.get("frac_bits") is not None else "")
+    fb = r.get("frac_bits")
+    view = "" if fb is None else " (int view, auto f)" if fb == "auto" else f" (int view, f={fb})"
+    return f"{r['arch']} W{r['bits']}{view}"
 
 
 def summary(args) -> None:
@@ -463,16 +473,16 @@ def summary(args) -> None:
                   f"{l['planes_bits_per_weight']:.3f} | {l['fixed_int_bits']} | "
                   f"{l['ratio']:.3f} |")
     print("\n### The integer view: accuracy and what the grid costs\n")
-    print("| model | accuracy float / N-mult / stock | layer | f | int width | weight MSE on grid "
-          "/ unrounded |")
-    print("|---|---|---|---|---|---|")
+    print("| model | accuracy float / N-mult / stock | layer | at the start: f, int width, weight "
+          "MSE grid / unrounded | after QAT: f, int width |")
+    print("|---|---|---|---|---|")
     for p in files:
         r = json.loads(p.read_text())
         acc = r.get("accuracy", {})
-        for g in r.get("grid_cost", []):
+        for g, e in zip(r.get("grid_cost", []), r.get("trained_grid", [])):
             print(f"| {_label(r)} | {acc.get('float', 0):.2f} / {acc.get('nmult', 0):.2f} / "
-                  f"{acc.get('stock', 0):.2f} | {g['layer']} | {g['frac_bits']} | "
-                  f"{g['int_bits']} | {g['ratio']:.4f} |")
+                  f"{acc.get('stock', 0):.2f} | {g['layer']} | {g['frac_bits']}, "
+                  f"int{g['int_bits']}, x{g['ratio']:.4f} | {e['frac_bits']}, int{e['int_bits']} |")
     print("\n### FINN estimates (LUT, BRAM18, weight bits) per layer\n")
     print("| model | layer | planes LUT (+arith) | fixed LUT | stock LUT | planes BRAM | fixed "
           "BRAM | stock BRAM | planes wbits | fixed wbits | stock wbits |")
