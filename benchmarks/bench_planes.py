@@ -31,6 +31,14 @@ each fit a few minutes on 2 cores (run them in order; results accumulate in
             folding to ``--target-cycles``) of the planes, fixed and stock files.
 ``summary`` prints the tables of every result file in ``--out`` (markdown).
 
+``--frac-bits auto`` (issue 21) trains the N-multiplier model on the integer view (``qfv train
+--frac-bits auto``: r and c on each layer's grid ``m * 2**-f`` while training, the weights
+Brevitas ``IntQuantTensor`` s); its results go to ``<arch>_w<bits>_int.json`` (``--frac-bits 6``:
+every layer on ``2**-6``, ``_int6.json``). ``train`` then
+also records what the grid costs on the trained model (each layer's squared weight error on its
+rounded levels against the same r, c unrounded), and ``export`` writes the fixed and planes
+forms on the training grids (no search over f: no accuracy change by construction).
+
     python benchmarks/bench_planes.py --arch mlp --bits 4 --step train
     python benchmarks/bench_planes.py --arch mlp --bits 4 --step export
     python benchmarks/bench_planes.py --arch mlp --bits 4 --step hls4ml
@@ -69,8 +77,13 @@ def _load(path: Path, name: str):
     return mod
 
 
+def _tag(args) -> str:
+    view = {None: "", "auto": "_int"}.get(args.frac_bits, f"_int{args.frac_bits}")
+    return f"{args.arch}_w{args.bits}{view}"
+
+
 def _state(args) -> Path:
-    return Path(args.out) / f"{args.arch}_w{args.bits}.json"
+    return Path(args.out) / f"{_tag(args)}.json"
 
 
 def _read(args) -> dict:
@@ -83,7 +96,7 @@ def _write(args, res: dict) -> None:
 
 
 def _dir(args) -> Path:
-    d = Path(args.out) / f"{args.arch}_w{args.bits}"
+    d = Path(args.out) / _tag(args)
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -133,7 +146,8 @@ def step_train(args) -> None:
     d = _dir(args)
     t = time.perf_counter()
     res = run_experiment(d, arch=args.arch, bits=(args.bits,), variants=("nmult",),
-                         seed=args.seed, progress=False, overwrite=True)
+                         seed=args.seed, progress=False, overwrite=True,
+                         frac_bits=args.frac_bits)
     run = res["runs"][0]
     fp, _ = load_checkpoint(d / "float.pt")
     train, test, _, _ = load_dataset("digits", None, args.seed)
@@ -146,11 +160,46 @@ def step_train(args) -> None:
     out = {"arch": args.arch, "bits": args.bits, "seed": args.seed, "machine": machine_info(),
            "accuracy": {"float": 100 * res["fp_acc"], "nmult": 100 * run["acc"],
                         "stock": 100 * evaluate(stock, test)},
-           "train_s": time.perf_counter() - t}
+           "train_s": time.perf_counter() - t, "frac_bits": args.frac_bits}
+    if args.frac_bits is not None:
+        from qfv_brevitas import NMultConfig, quantize_model
+
+        # at the start of QAT (levels fitted to the float weights): what rounding them costs
+        start = quantize_model(copy.deepcopy(fp), NMultConfig(
+            weight_bits=args.bits, act_bits=args.bits, frac_bits=args.frac_bits), example)
+        out["grid_cost"] = grid_cost(start)
+        model, _ = load_checkpoint(d / f"nmult_w{args.bits}a{args.bits}.pt")
+        out["trained_grid"] = grid_cost(model)
+        for row, end in zip(out["grid_cost"], out["trained_grid"]):
+            print(f"  {row['layer']:<14} f={row['frac_bits']} int{row['int_bits']}: weight MSE "
+                  f"of the fitted levels x{row['ratio']:.4f} on the grid; after QAT f="
+                  f"{end['frac_bits']} int{end['int_bits']}")
     _write(args, out)
     print(f"{args.arch} W{args.bits}A{args.bits}: float {out['accuracy']['float']:.2f}%, "
           f"N-multiplier {out['accuracy']['nmult']:.2f}%, stock Brevitas uniform "
           f"{out['accuracy']['stock']:.2f}%")
+
+
+def grid_cost(model) -> list:
+    """Per layer of a model on the integer view: its f and integer width, and the squared
+    weight error of its rounded levels against the same r, c unrounded."""
+    from qfv_brevitas.core.fitting import grid_error
+    from qfv_brevitas.core.quantizers import nmult_layers, quant_of
+
+    rows = []
+    for name, layer in nmult_layers(model):
+        tq = quant_of(layer)
+        w2d = tq.to_groups(layer.weight.detach())
+        f = tq.frac_bits
+        grid = float(grid_error(w2d, tq.levels().detach()).sum())
+        width = int(tq.integer_width())
+        tq.frac_bits = None
+        real = float(grid_error(w2d, tq.levels().detach()).sum())
+        tq.frac_bits = f
+        n = w2d.numel()
+        rows.append({"layer": name, "frac_bits": f, "int_bits": width, "mse_grid": grid / n,
+                     "mse_real": real / n, "ratio": grid / real if real else float("nan")})
+    return rows
 
 
 def step_export(args) -> None:
@@ -166,8 +215,12 @@ def step_export(args) -> None:
     model, _ = load_checkpoint(d / f"nmult_w{args.bits}a{args.bits}.pt")
     _, test, _, _ = load_dataset("digits", None, args.seed)
     x = test.tensors[0]
-    fx = export_qonnx(model, x[:1], d / "fixed_b1.onnx", "fixed", max_accuracy_drop=0.5,
-                      data=test, verify_inputs=x, overwrite=True)
+    if args.frac_bits is None:  # the smallest f within half a point
+        fx = export_qonnx(model, x[:1], d / "fixed_b1.onnx", "fixed", max_accuracy_drop=0.5,
+                          data=test, verify_inputs=x, overwrite=True)
+    else:  # every layer on the grid it trained on
+        fx = export_qonnx(model, x[:1], d / "fixed_b1.onnx", "fixed", data=test,
+                          verify_inputs=x, overwrite=True)
     f = fx.fixed_point["frac_bits"]
     pl = export_qonnx(model, x[:1], d / "planes_b1.onnx", "planes", frac_bits=f,
                       verify_inputs=x, overwrite=True)
@@ -384,6 +437,12 @@ def _finn_estimates(args, d, py, script, ckpt) -> dict:
     return out
 
 
+def _label(r: dict) -> str:
+    fb = r.get("frac_bits")
+    view = "" if fb is None else " (int view, auto f)" if fb == "auto" else f" (int view, f={fb})"
+    return f"{r['arch']} W{r['bits']}{view}"
+
+
 def summary(args) -> None:
     files = sorted(Path(args.out).glob("*_w*.json"))
     if not files:
@@ -399,7 +458,7 @@ def summary(args) -> None:
             continue
         e = r["export"]
         fx = e["fixed_point"]
-        print(f"| {r['arch']} W{r['bits']}A{r['bits']} | {e['frac_bits']} | "
+        print(f"| {_label(r)}A{r['bits']} | {e['frac_bits'] if e['frac_bits'] is not None else 'trained'} | "
               f"{fx['reference_accuracy']:.2f} / {fx['accuracy']:.2f} | "
               f"{fx['max_multiplier_error']:.3g} | {e['total']['planes_bits']} | {e['total']['fixed_bits']} | "
               f"**{e['total']['ratio']:.3f}** |")
@@ -410,9 +469,20 @@ def summary(args) -> None:
     for p in files:
         r = json.loads(p.read_text())
         for l in r.get("export", {}).get("layers", []):
-            print(f"| {r['arch']} W{r['bits']} | {l['layer']} | {l['bits']} | {l['weights']} | "
+            print(f"| {_label(r)} | {l['layer']} | {l['bits']} | {l['weights']} | "
                   f"{l['planes_bits_per_weight']:.3f} | {l['fixed_int_bits']} | "
                   f"{l['ratio']:.3f} |")
+    print("\n### The integer view: accuracy and what the grid costs\n")
+    print("| model | accuracy float / N-mult / stock | layer | at the start: f, int width, weight "
+          "MSE grid / unrounded | after QAT: f, int width |")
+    print("|---|---|---|---|---|")
+    for p in files:
+        r = json.loads(p.read_text())
+        acc = r.get("accuracy", {})
+        for g, e in zip(r.get("grid_cost", []), r.get("trained_grid", [])):
+            print(f"| {_label(r)} | {acc.get('float', 0):.2f} / {acc.get('nmult', 0):.2f} / "
+                  f"{acc.get('stock', 0):.2f} | {g['layer']} | {g['frac_bits']}, "
+                  f"int{g['int_bits']}, x{g['ratio']:.4f} | {e['frac_bits']}, int{e['int_bits']} |")
     print("\n### FINN estimates (LUT, BRAM18, weight bits) per layer\n")
     print("| model | layer | planes LUT (+arith) | fixed LUT | stock LUT | planes BRAM | fixed "
           "BRAM | stock BRAM | planes wbits | fixed wbits | stock wbits |")
@@ -426,12 +496,12 @@ def summary(args) -> None:
         for i, lp in enumerate(rows["planes"]):
             lf = rows["fixed"][i] if i < len(rows["fixed"]) else {}
             ls = rows["stock"][i] if i < len(rows["stock"]) else {}
-            print(f"| {r['arch']} W{r['bits']} | {lp['layer']} | {lp['LUT']} (+{lp['arith_LUT']}) "
+            print(f"| {_label(r)} | {lp['layer']} | {lp['LUT']} (+{lp['arith_LUT']}) "
                   f"| {lf.get('LUT', '')} | {ls.get('LUT', '')} | {lp['BRAM_18K']} | "
                   f"{lf.get('BRAM_18K', '')} | {ls.get('BRAM_18K', '')} | {lp['weight_bits']} | "
                   f"{lf.get('weight_bits', '')} | {ls.get('weight_bits', '')} |")
         tp, tf, ts = (est[k]["total"] for k in ("planes", "fixed", "stock"))
-        print(f"| {r['arch']} W{r['bits']} | **total** | **{tp['LUT']}** (+{tp['arith_LUT']}) | "
+        print(f"| {_label(r)} | **total** | **{tp['LUT']}** (+{tp['arith_LUT']}) | "
               f"**{tf['LUT']}** | **{ts['LUT']}** | **{tp['BRAM_18K']}** | **{tf['BRAM_18K']}** | "
               f"**{ts['BRAM_18K']}** | **{tp['weight_bits']}** | **{tf['weight_bits']}** | "
               f"**{ts['weight_bits']}** |")
@@ -446,7 +516,7 @@ def summary(args) -> None:
         if not ex or not h:
             continue
         hw = ex["stages"]["hw"]
-        print(f"| {r['arch']} W{r['bits']} | {hw['vs_torch']['max_abs_diff']:.2g} "
+        print(f"| {_label(r)} | {hw['vs_torch']['max_abs_diff']:.2g} "
               f"({hw['vs_torch']['n_outside']}) | {100 * hw['vs_torch']['top1']:.2f}% | "
               f"{hw['vs_file']['max_abs_diff']:.2g} | {h['vs_torch']['max_abs_diff']:.2g} "
               f"({h['vs_torch']['n_outside']}) | {100 * h['vs_torch']['top1']:.2f}% | "
@@ -464,6 +534,9 @@ def main():
     p.add_argument("--out", default="runs/bench_planes")
     p.add_argument("--target-cycles", type=int, default=512,
                    help="FINN folding target (cycles per image) for the estimates")
+    p.add_argument("--frac-bits", default=None,
+                   type=lambda t: t if t == "auto" else int(t),
+                   help="train on the integer view (auto or 0..20); results in *_int.json")
     p.add_argument("--finn-python", help="interpreter of the FINN environment")
     p.add_argument("--estimates-only", action="store_true",
                    help="finn step: only the resource estimates (batch-1 files), not the "

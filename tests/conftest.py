@@ -1,6 +1,8 @@
 import math
 import os
+import socket
 import sys
+import urllib.request
 import types
 from collections import OrderedDict
 
@@ -258,3 +260,24 @@ def _run_ranks(fn, args, nprocs: int = 2, timeout_s: float = 180) -> None:
 def run_ranks():
     """``run_ranks(fn, args, nprocs=2, timeout_s=180)`` (see ``_run_ranks``)."""
     return _run_ranks
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail (and record) any attempt to reach the network while the fixture is active."""
+    calls = []
+
+    def deny(what):
+        def f(*a, **k):
+            calls.append((what, a[:2]))
+            raise AssertionError(f"network access attempted: {what} {a[:2]!r}")
+        return f
+
+    monkeypatch.setattr(socket.socket, "connect", deny("socket.connect"))
+    monkeypatch.setattr(socket.socket, "connect_ex", deny("socket.connect_ex"))
+    monkeypatch.setattr(socket, "create_connection", deny("socket.create_connection"))
+    monkeypatch.setattr(socket, "getaddrinfo", deny("socket.getaddrinfo"))
+    monkeypatch.setattr(urllib.request, "urlopen", deny("urllib.request.urlopen"))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", deny("torch.hub.load_state_dict_from_url"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", deny("torch.hub.download_url_to_file"))
+    return calls

@@ -25,6 +25,27 @@ def test_quantize_brevitas_model_swaps_and_fine_tunes():
     assert hist["reg"][-1] < hist["reg"][0]
 
 
+def test_quantize_finn_style_brevitas_model_exports_on_its_training_grids(tmp_path):
+    """Int32Bias and quant tensors between the layers: the swapped layers that need it train on
+    the integer view, and the fixed QONNX form keeps their grids (no accuracy change)."""
+    from brevitas.quant_tensor import IntQuantTensor
+
+    from qfv_brevitas import nmult_layers
+
+    ex = load("quantize_brevitas_model")
+    before, acc, hist, res = ex.main(["--epochs", "2", "--bits", "3", "--finn-style",
+                                      "--export", str(tmp_path)])
+    assert before > 0.8 and acc > 0.8
+    assert res.verification.passed
+    fx = res.fixed_point
+    assert fx["accuracy"] == fx["reference_accuracy"] == 100 * acc
+    rows = res.metadata["layers"]
+    assert len(rows) == 4 and all("integer_view" in r for r in rows)
+    assert all(r["fixed_point"]["frac_bits"] == r["integer_view"]["frac_bits"] for r in rows)
+    model_layers = dict(nmult_layers(res.reference))
+    assert all(isinstance(model_layers[r["layer"]].quant_weight(), IntQuantTensor) for r in rows)
+
+
 def test_resnet18_cifar10_on_generated_data():
     """Without torchvision or CIFAR-10: the project's CIFAR-shaped ResNet-18, W4A4, learns the
     generated classes (chance is 0.1; measured 1.00, 0.80, 0.89, 0.83 on the 64 test images with

@@ -560,7 +560,8 @@ def hw_report(hw_model, onnx_path) -> dict:
                          integer_weights=bool(np.all(w == np.round(w))))
             if info["form"] == "fixed":
                 fx = info["fixed_point"]
-                want = _expected_mvau_weights(file_model, row, fx["frac_bits"])
+                # each layer's own f (a layer trained on the integer view keeps its grid)
+                want = _expected_mvau_weights(file_model, row, row["fixed_point"]["frac_bits"])
                 lay = fx["layers"][row["layer"]]
                 entry["file_int_type"] = f"{'INT' if lay['signed'] else 'UINT'}{lay['int_bits']}"
                 entry["max_weight_diff"] = (float(np.abs(w - want).max())

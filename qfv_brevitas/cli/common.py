@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from qfv_brevitas.core.intview import MAX_FRAC_BITS
 from qfv_brevitas.util.errors import QfvError
 
 __all__ = ["command", "command_group", "add_commands", "declare_io", "check_io",
@@ -152,6 +153,20 @@ def result_names(name: str, kinds: Sequence[str] = ("csv", "json", "png")) -> Li
 
 
 # -- argument groups -------------------------------------------------------------------------------
+
+def frac_bits_arg(text: str):
+    """``--frac-bits``: ``auto`` or an integer 0..20 (the integer view of the levels)."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or an integer 0..20, got {text!r}") from None
+    if not 0 <= value <= MAX_FRAC_BITS:
+        raise argparse.ArgumentTypeError(f"expected auto or an integer 0..{MAX_FRAC_BITS}, "
+                                         f"got {text!r}")
+    return value
+
 
 def add_dataset_args(p: argparse.ArgumentParser,
                      help: str = "digits: scikit-learn's bundled 8x8 digits; idx: "

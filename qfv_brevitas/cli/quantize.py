@@ -29,9 +29,22 @@ def quantize(p):
                              "of a plain state dict)")
     p.add_argument("--seed", type=int, default=0,
                    help="data split seed for a plain state dict (checkpoints carry theirs)")
-    p.add_argument("--baseline", choices=("max", "mse", "none"), default="max",
-                   help="also evaluate Brevitas' uniform weight quantizer at the same bits: "
-                        "max (its default statistics), mse, or none")
+    p.add_argument("--act-bits", type=int, default=None, metavar="A",
+                   help="quantize the inner layers' input activations at A bits (1..8) with "
+                        "Brevitas' activation quantizers, calibrated on the training split "
+                        "(first/last layers at --first-last-bits); default: float activations")
+    p.add_argument("--compensation", choices=("gptq", "gpfq", "none"), default="gptq",
+                   help="error compensation with Brevitas' GPTQ (default) or GPFQ over the "
+                        "calibration samples, for the N-multiplier levels and the baseline "
+                        "alike; none: plain nearest-level snapping")
+    p.add_argument("--bias-correction", action="store_true",
+                   help="Brevitas' bias correction after the other steps (both models)")
+    p.add_argument("--calib-samples", type=int, default=256,
+                   help="training samples for calibration and compensation (default 256)")
+    p.add_argument("--baseline", choices=("mse", "max", "none"), default="mse",
+                   help="also evaluate Brevitas' uniform weight quantizer at the same bits, "
+                        "with the same activations and toolbox steps: mse (its MSE scale, the "
+                        "default), max (max-abs statistics), or none")
     p.add_argument("--no-eval", action="store_true", help="no accuracy (no data needed)")
     p.add_argument("--no-lloyd", action="store_true", help="skip the Lloyd-Max reference")
     p.add_argument("--no-plot", action="store_true", help="no levels figure")
@@ -61,13 +74,13 @@ def run_quantize(args) -> int:
 
     from qfv_brevitas.core import levels as L
     from qfv_brevitas.zoo.checkpoint import save_checkpoint
-    from qfv_brevitas.zoo.data import load_dataset
-    from qfv_brevitas.zoo.models import build_model
-    from qfv_brevitas.studies.ptq import PTQError, quantize_post_training, read_model_file
+    from qfv_brevitas.studies.ptq import PTQError, quantize_post_training
     from qfv_brevitas.util.safeio import atomic_write, check_output
 
     bits = L.check_bits(args.bits, "--bits")
     flb = None if args.first_last_bits == "same" else _int_bits(args.first_last_bits)
+    act_bits = None if args.act_bits is None else L.check_bits(args.act_bits, "--act-bits")
+    compensation = None if args.compensation == "none" else args.compensation
     src = Path(args.checkpoint)
     outputs = _outputs(args)
     inputs = [x for x in (args.checkpoint, args.data_dir) if x]
@@ -78,56 +91,87 @@ def run_quantize(args) -> int:
                        "name ending in .pt")
     if args.dataset == "idx" and not args.data_dir:
         raise ValueError("--dataset idx needs --data-dir DIR (a folder with the IDX files)")
+    calibrated = act_bits is not None or compensation is not None or args.bias_correction
+    src_info = _read_source(args, src, need_data=calibrated or not args.no_eval)
+    res = quantize_post_training(
+        src_info["source"], bits, args.per_channel, model=src_info["model"],
+        first_last_bits=flb, data=None if args.no_eval else src_info["test"],
+        lloyd=not args.no_lloyd, baseline=None if args.baseline == "none" else args.baseline,
+        example_input=None if calibrated or not args.no_eval
+        else torch.zeros(2, *src_info["shape"]), act_bits=act_bits,
+        calib_data=src_info["train"] if calibrated else None,
+        calib_samples=args.calib_samples, compensation=compensation,
+        bias_correction=args.bias_correction)
+    _write_outputs(args, src, src_info, res, outputs, inputs, save_checkpoint, atomic_write)
+    return 0
+
+
+def _read_source(args, src: Path, need_data: bool) -> dict:
+    """The model file and, where needed, the data: ``source``/``model`` for
+    :func:`quantize_post_training`, ``arch``, ``shape``, ``classes``, ``meta``, ``data_seed``,
+    ``kind`` (words), ``train``/``test`` splits (``None`` when not needed)."""
+    from qfv_brevitas.studies.ptq import PTQError, read_model_file
+    from qfv_brevitas.zoo.data import load_dataset
+    from qfv_brevitas.zoo.models import build_model
+
     kind, obj = read_model_file(src)
     if kind == "checkpoint":
         model, info = obj
-        arch, shape, classes = info["arch"], tuple(info["input_shape"]), info["num_classes"]
-        meta = dict(info.get("meta") or {})
-        data_seed = int(meta.get("data_seed", 0))
-        source_kind = "float" if info["config"] is None else "quantized (float weights used)"
+        out = {"arch": info["arch"], "shape": tuple(info["input_shape"]),
+               "classes": info["num_classes"], "meta": dict(info.get("meta") or {})}
+        out["data_seed"] = int(out["meta"].get("data_seed", 0))
+        out["kind"] = "float" if info["config"] is None else "quantized (float weights used)"
     else:
         if args.arch is None:
             raise PTQError(f"{src}: not a qfv checkpoint; a plain state dict needs --arch "
                            "(the architecture it belongs to)")
-        data_seed, meta, arch, source_kind = args.seed, {}, args.arch, "state dict"
-        shape, classes = None, None
-    test = None
-    if not args.no_eval or shape is None:
-        _, test, n_cls, d_shape = load_dataset(args.dataset, args.data_dir, data_seed)
-        if shape is not None and (tuple(d_shape) != shape or n_cls != classes):
-            raise ValueError(f"{src} was trained on inputs {shape} with {classes} classes, but "
-                             f"--dataset {args.dataset} has {tuple(d_shape)} and {n_cls}")
-        if shape is None:
-            shape, classes = tuple(d_shape), n_cls
-    if args.no_eval:
-        test = None
+        out = {"arch": args.arch, "shape": None, "classes": None, "meta": {},
+               "data_seed": args.seed, "kind": "state dict"}
+    out["train"] = out["test"] = None
+    if need_data or out["shape"] is None:
+        train, test, n_cls, d_shape = load_dataset(args.dataset, args.data_dir,
+                                                   out["data_seed"])
+        if out["shape"] is not None and (tuple(d_shape) != out["shape"]
+                                         or n_cls != out["classes"]):
+            raise ValueError(f"{src} was trained on inputs {out['shape']} with "
+                             f"{out['classes']} classes, but --dataset {args.dataset} has "
+                             f"{tuple(d_shape)} and {n_cls}")
+        out.update(train=train, test=test, shape=tuple(d_shape), classes=n_cls)
     if kind == "state":
-        model = build_model(arch, shape, classes)
-        source = obj
+        out["source"], out["model"] = obj, build_model(out["arch"], out["shape"],
+                                                        out["classes"])
     else:
-        source, model = model, None
-    res = quantize_post_training(source, bits, args.per_channel, model=model,
-                                 first_last_bits=flb, data=test, lloyd=not args.no_lloyd,
-                                 baseline=None if args.baseline == "none" else args.baseline,
-                                 example_input=None if test is not None
-                                 else torch.zeros(2, *shape))
-    out = outputs[0]
-    print(f"{src} ({source_kind}, {arch}) -> {bits}-bit fitted N-multiplier weights"
-          f"{' per channel' if args.per_channel else ''}, float activations")
+        out["source"], out["model"] = model, None
+    return out
+
+
+def _write_outputs(args, src: Path, info: dict, res, outputs, inputs, save_checkpoint,
+                   atomic_write) -> None:
+    """Print the table; write the figure, the JSON summary and the checkpoint (last)."""
+    acts = (f"{res.config.act_bits}-bit activations (Brevitas, calibrated)"
+            if res.config.act_bits is not None else "float activations")
+    steps = ([res.meta["compensation"].upper()] if res.meta.get("compensation") else []) + \
+        (["bias correction"] if res.meta.get("bias_correction") else [])
+    print(f"{src} ({info['kind']}, {info['arch']}) -> {res.config.weight_bits}-bit fitted "
+          f"N-multiplier weights{' per channel' if args.per_channel else ''}, {acts}"
+          + (f"; {', '.join(steps)} on {res.meta['calib_samples']} training samples"
+             if steps else ""))
     print(res.table())
-    meta.update({"acc": res.acc, "dataset": args.dataset, "data_seed": data_seed,
+    meta = info["meta"]
+    meta.update({"acc": res.acc, "dataset": args.dataset, "data_seed": info["data_seed"],
                  "ptq": {"source": str(src), "float_acc": res.float_acc,
-                         "baseline": res.baseline, "baseline_acc": res.baseline_acc}})
+                         "baseline": res.baseline, "baseline_acc": res.baseline_acc,
+                         **res.meta}})
     # The figure and the summary first, the checkpoint last: a checkpoint on disk means the
     # run finished (each file is written atomically).
     if not args.no_plot:
         res.plot(outputs[2], overwrite=args.force)
-    atomic_write(outputs[1], json.dumps({"source": str(src), "arch": arch, **res.to_dict()},
-                                        indent=2), overwrite=args.force, inputs=inputs)
-    save_checkpoint(out, res.model, arch, shape, classes, res.config, overwrite=args.force,
-                    **meta)
+    atomic_write(outputs[1], json.dumps({"source": str(src), "arch": info["arch"],
+                                         **res.to_dict()}, indent=2),
+                 overwrite=args.force, inputs=inputs)
+    save_checkpoint(outputs[0], res.model, info["arch"], info["shape"], info["classes"],
+                    res.config, overwrite=args.force, **meta)
     print("\nwrote " + ", ".join(str(p) for p in outputs))
-    return 0
 
 
 def _int_bits(text: str) -> int:

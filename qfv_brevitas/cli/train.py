@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from qfv_brevitas.cli.common import add_dataset_args, add_reg_args, command, declare_io
+from qfv_brevitas.cli.common import (add_dataset_args, add_reg_args, command, declare_io,
+                                     frac_bits_arg)
 from qfv_brevitas.core.config import FORWARD_MODES, INITS, VARIANTS
 
 __all__ = ["IDX_FP_EPOCHS", "IDX_Q_EPOCHS", "IDX_BATCH"]
@@ -32,6 +33,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refit-every", type=int, default=TrainConfig.refit_every,
                    help="QAT: refit the levels to the weights every this many steps (0 = off)")
     p.add_argument("--per-channel", action="store_true")
+    p.add_argument("--frac-bits", type=frac_bits_arg, default=None, metavar="{auto,0..20}",
+                   help="train on the integer view: r and c on the grid m * 2**-f (auto: the "
+                        "smallest f within 1%% of the levels' squared error), every level an "
+                        "integer times 2**-f; exports to the fixed form exactly")
     p.add_argument("--fp-epochs", type=int, default=None,
                    help="float epochs (default 30 on digits, 3 on IDX data)")
     p.add_argument("--q-epochs", type=int, default=None,
@@ -99,7 +104,7 @@ def run_train(args) -> int:
                              mode=args.mode, per_channel=args.per_channel, fp_train=fp,
                              q_train=q, seed=args.seed, progress=not args.no_progress,
                              device=args.device, threads=args.threads,
-                             overwrite=args.force, init=args.init)
+                             overwrite=args.force, init=args.init, frac_bits=args.frac_bits)
     print(format_results(results))
     print(f"\nwrote {args.out}/results.json, {args.out}/levels.png, levels_fit_*.png and "
           f"checkpoints ({results['seconds']:.0f} s)")

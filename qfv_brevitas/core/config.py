@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
+from qfv_brevitas.core.intview import check_frac_bits
 from qfv_brevitas.core.levels import check_bits
 from qfv_brevitas.util.configbase import QfvConfig
 from qfv_brevitas.util.errors import QfvError
@@ -46,6 +47,10 @@ class NMultConfig(QfvConfig):
         layer_bits: per-layer weight bit overrides by qualified module name.
         act_collect_stats_steps: training steps over which Brevitas' learned activation scales
             are initialised from statistics before they become plain parameters.
+        frac_bits: the integer view of the levels (:mod:`qfv_brevitas.core.intview`):
+            ``None`` (off; layers whose integer bias or quant-tensor output needs it switch it
+            on themselves), ``"auto"`` or an integer ``f`` in 0..20 (multipliers and offset on
+            the grid ``m * 2**-f``, every level an integer times ``2**-f``).
 
     >>> NMultConfig(weight_bits=4, act_bits=4).weight_bits
     4
@@ -60,6 +65,7 @@ class NMultConfig(QfvConfig):
     first_last_bits: Optional[int] = 8
     layer_bits: Dict[str, int] = field(default_factory=dict)
     act_collect_stats_steps: int = 30
+    frac_bits: Union[None, int, str] = None
 
     def validate(self) -> None:
         self.weight_bits = check_bits(self.weight_bits, "NMultConfig.weight_bits")
@@ -76,6 +82,7 @@ class NMultConfig(QfvConfig):
                            for k, v in dict(self.layer_bits).items()}
         self.act_collect_stats_steps = check_int(self.act_collect_stats_steps,
                                                  "NMultConfig.act_collect_stats_steps", 1)
+        self.frac_bits = check_frac_bits(self.frac_bits, "NMultConfig.frac_bits")
 
 
 @dataclass

@@ -46,7 +46,8 @@ def weight_quant_for(config: NMultConfig, bits: int, name: Optional[str] = None)
     """The weight-quant injector for ``config`` at ``bits`` (per-layer attributes bound)."""
     return _VARIANT_QUANT[config.variant].let(
         bit_width=check_bits(bits, f"layer {name}"), forward_mode=config.mode,
-        scaling_per_output_channel=config.per_channel, layer_name=name, level_init=config.init)
+        scaling_per_output_channel=config.per_channel, layer_name=name, level_init=config.init,
+        frac_bits=config.frac_bits)
 
 
 def probe_layers(model: nn.Module, example_input) -> Tuple[List[str], Dict[str, bool]]:
@@ -211,7 +212,11 @@ def quantize_model(model: nn.Module, config: Optional[NMultConfig] = None,
 def swap_weight_quant(model: nn.Module, config: Optional[NMultConfig] = None,
                       keep_bit_width: bool = False, include_float: bool = False) -> nn.Module:
     """Give every quantized layer of an existing Brevitas model an N-multiplier weight
-    quantizer, in place, initialised from its current weights. Activations are untouched.
+    quantizer, in place, initialised from its current weights. Activations, bias quantizers
+    and quant tensors between layers are untouched: a layer whose integer bias or quant-tensor
+    output needs the weight's scale gets the integer view (``frac_bits="auto"`` unless
+    ``config.frac_bits`` says otherwise), so FINN-style models (``Int32Bias``,
+    ``return_quant_tensor=True``) convert as they are.
 
     Args:
         config: bits/variant/mode/granularity (``layer_bits`` overrides per layer).
@@ -235,13 +240,6 @@ def swap_weight_quant(model: nn.Module, config: Optional[NMultConfig] = None,
         proxy = layer.weight_quant
         if not proxy.is_quant_enabled and not include_float:
             continue
-        bq = getattr(layer, "bias_quant", None)
-        if layer.bias is not None and bq is not None and bq.is_quant_enabled and getattr(
-                bq, "requires_input_scale", False):
-            raise ConversionError(
-                f"layer {name!r}: its bias quantizer derives the bias scale from the weight "
-                "scale, which N-multiplier levels do not have. Build the layer with "
-                "bias_quant=None (float bias) or a bias quantizer with its own scale.")
         if name in config.layer_bits:
             bits = config.layer_bits[name]
         elif keep_bit_width:
@@ -254,8 +252,11 @@ def swap_weight_quant(model: nn.Module, config: Optional[NMultConfig] = None,
             raise ConversionError(f"layer {name!r}: per-channel needs a weight with channels")
         plan.append((name, layer, check_bits(bits, f"layer {name}")))
     for name, layer, bits in plan:
-        layer.weight_quant = NMultWeightQuantProxy(layer, weight_quant_for(config, bits, name))
-        layer.weight_quant.train(layer.training)
+        proxy = NMultWeightQuantProxy(layer, weight_quant_for(config, bits, name))
+        layer.weight_quant = proxy
+        if config.frac_bits is None and proxy.needs_quant_tensor():
+            proxy.use_integer_view("auto")  # integer biases / quant tensors need it
+        proxy.train(layer.training)
     return model
 
 

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +19,7 @@ from brevitas.inject import ExtendedInjector, value
 from brevitas.proxy import WeightQuantProxyFromInjector
 
 from qfv_brevitas.core import fitting as FIT
+from qfv_brevitas.core import intview as IV
 from qfv_brevitas.core import levels as L
 from qfv_brevitas.core.chip import Chip
 from qfv_brevitas.core.config import FORWARD_MODES, INITS, VARIANTS
@@ -55,14 +56,20 @@ class NMultTensorQuant(nn.Module):
     within the variant's family (:func:`qfv_brevitas.core.fitting.fit_multipliers` for ``nmult``,
     the best uniform grid for ``step`` and ``fixed``).
 
-    Returns Brevitas' tuple ``(value, scale, zero_point, bit_width)``; ``scale`` is nominal
-    (the smallest multiplier) since the levels need not be uniform.
+    Integer view (``frac_bits``, :mod:`qfv_brevitas.core.intview`): ``None`` (off), an
+    integer ``f`` or ``"auto"`` (chosen from the initial levels). With it ``r`` and ``c`` are
+    used rounded to ``m * 2**-f`` (straight-through gradient), every level is an integer times
+    ``2**-f``, and the forward's ``scale`` is ``2**-f`` and its ``bit_width`` the signed width
+    of those integers: the proxy then hands the layer an ``IntQuantTensor``.
+
+    Returns Brevitas' tuple ``(value, scale, zero_point, bit_width)``; without the integer view
+    ``scale`` is nominal (the smallest multiplier) since the levels need not be uniform.
     """
 
     def __init__(self, bit_width, tracked_parameter_list: List[Tensor], quant_variant: str = "nmult",
                  forward_mode: str = "paper", scaling_per_output_channel: bool = False,
                  output_channel_dim: int = 0, layer_name: Optional[str] = None,
-                 level_init: str = "lsq"):
+                 level_init: str = "lsq", frac_bits: Union[None, int, str] = None):
         super().__init__()
         self.bits = L.check_bits(bit_width, f"weight quantizer{_where(layer_name)}")
         self.variant = check_choice(quant_variant, VARIANTS, "quantizer variant")
@@ -79,6 +86,9 @@ class NMultTensorQuant(nn.Module):
         self.groups = w.shape[self.channel_dim] if self.per_channel else 1
         self.weight_shape = tuple(w.shape)
         self.layout = GroupLayout(self.channel_dim if self.per_channel else -1)
+        #: fractional bits of the integer view (``None``: off); see :meth:`use_integer_view`
+        self.frac_bits: Optional[int] = None
+        requested = IV.check_frac_bits(frac_bits, f"weight quantizer{_where(layer_name)} frac_bits")
         self.use_chip(Chip())  # an ideal chip until the proxy hands over its own
         # brevitas.graph builds layers on the meta device: create r/c beside the weight.
         if w.is_meta:
@@ -107,6 +117,45 @@ class NMultTensorQuant(nn.Module):
         else:
             self.register_buffer("r", r)
             self.register_buffer("c", c)
+        if requested is not None and not (w.is_meta and requested == "auto"):
+            self.use_integer_view(requested, w)
+
+    @torch.no_grad()
+    def use_integer_view(self, frac_bits: Union[int, str] = "auto",
+                         w: Optional[Tensor] = None) -> int:
+        """From now on use ``r`` and ``c`` rounded to ``m * 2**-frac_bits`` (every level an
+        integer times ``2**-frac_bits``); ``"auto"`` picks the smallest ``f`` whose levels fit
+        the weights ``w`` within :data:`~qfv_brevitas.core.intview.AUTO_TOLERANCE` of the
+        unrounded levels' squared error. Returns ``f``. ``r`` and ``c`` keep their values (the
+        rounding happens in the forward pass), so optimizers holding them keep working."""
+        frac_bits = IV.check_frac_bits(frac_bits, f"weight quantizer{_where(self.layer_name)} "
+                                                  "frac_bits")
+        if frac_bits is None:
+            self.frac_bits = None
+            return None
+        if frac_bits == "auto":
+            if w is None:
+                raise ValueError("frac_bits='auto' chooses f from the weights: pass them")
+            self.frac_bits = None  # choose from the unrounded levels
+            frac_bits = IV.choose_frac_bits(self.checked_groups(w.detach()),
+                                            self.multipliers(), self.offset())
+        lo, hi = IV.integer_range(self.multipliers(), self.offset(), frac_bits)
+        if int(IV.signed_width(lo, hi)) > IV.MAX_INT_BITS:
+            raise ValueError(f"weight quantizer{_where(self.layer_name)}: at frac_bits="
+                             f"{frac_bits} its levels need more than {IV.MAX_INT_BITS}-bit "
+                             "integers; use fewer fractional bits")
+        self.frac_bits = int(frac_bits)
+        return self.frac_bits
+
+    @property
+    def integer_view(self) -> bool:
+        """Whether every level is an integer times ``2**-frac_bits``."""
+        return self.frac_bits is not None
+
+    def integer_width(self) -> Tensor:
+        """Signed width of the integer levels (float 0-dim tensor; the integer view only)."""
+        return IV.signed_width(*IV.integer_range(self.multipliers(), self.offset(),
+                                                 self.frac_bits))
 
     def _initial_levels(self, w2d: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """``(step, r, c)`` of the starting grid (``step`` is used by the ``step`` variant)."""
@@ -138,26 +187,34 @@ class NMultTensorQuant(nn.Module):
             fit = FIT.fit_multipliers(w2d, self.bits, init=(r0, c0), search=not warm)
             self.r.copy_(fit.r)
             self.c.copy_(fit.c)
-            return before, fit.error
-        init = (self.step.detach(), c0) if self.variant == "step" else (r0[:, 0], c0)
-        grid = FIT.best_uniform_grid(w2d, self.bits, init=init, search=not warm)
-        if self.variant == "step":
-            self.step.copy_(grid.step)
+            after = fit.error
         else:
-            self.r.copy_(grid.multipliers(self.bits)[0])
-        self.c.copy_(grid.offset)
-        return before, grid.error
+            init = (self.step.detach(), c0) if self.variant == "step" else (r0[:, 0], c0)
+            grid = FIT.best_uniform_grid(w2d, self.bits, init=init, search=not warm)
+            if self.variant == "step":
+                self.step.copy_(grid.step)
+            else:
+                self.r.copy_(grid.multipliers(self.bits)[0])
+            self.c.copy_(grid.offset)
+            after = grid.error
+        if self.integer_view:  # the fit is of real r, c; the layer uses them rounded
+            after = FIT.grid_error(w2d, self.levels().detach())
+        return before, after
 
     # -- levels --------------------------------------------------------------------------
     def multipliers(self) -> Tensor:
-        """Effective bit multipliers ``(G, N)`` (differentiable)."""
+        """Effective bit multipliers ``(G, N)`` (differentiable); with the integer view
+        rounded to ``m * 2**-frac_bits`` (straight-through gradient)."""
         if self.variant == "step":
             pow2 = 2.0 ** torch.arange(self.bits, dtype=self.step.dtype, device=self.step.device)
-            return self.step[:, None] * pow2
-        return self.r
+            r = self.step[:, None] * pow2
+        else:
+            r = self.r
+        return r if self.frac_bits is None else IV.round_ste(r, self.frac_bits)
 
     def offset(self) -> Tensor:
-        return self.c
+        """The offset ``c`` ``(G,)``; with the integer view rounded like the multipliers."""
+        return self.c if self.frac_bits is None else IV.round_ste(self.c, self.frac_bits)
 
     def levels(self) -> Tensor:
         """Level table ``(G, 2**N)`` indexed by code (differentiable in ``r`` and ``c``)."""
@@ -251,7 +308,22 @@ class NMultTensorQuant(nn.Module):
         return self.mode in ("paper", "both")
 
     def nominal_scale(self) -> Tensor:
+        """Per group ``(G,)``: ``2**-frac_bits`` with the integer view (exact), else the
+        smallest multiplier (nominal: the levels need not be integers times it)."""
+        if self.frac_bits is not None:
+            return torch.full((self.groups,), 2.0 ** -self.frac_bits, dtype=self.c.dtype,
+                              device=self.c.device)
         return self.multipliers().detach().abs().min(dim=1).values
+
+    def shaped_scale(self, ndim: int) -> Tensor:
+        """:meth:`nominal_scale` shaped as Brevitas shapes a weight's scale: 0-dim per tensor,
+        broadcasting along the output channel axis of an ``ndim``-dim weight per channel."""
+        scale = self.nominal_scale()
+        if not self.per_channel:
+            return scale.reshape(())
+        shape = [1] * ndim
+        shape[self.channel_dim] = self.groups
+        return scale.view(shape)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         self.check_weight(x)
@@ -274,21 +346,18 @@ class NMultTensorQuant(nn.Module):
             out = self.from_groups(chip.ste(w2d, self.multipliers(), self.offset()), x.shape)
         else:
             out = self.snap(x)
-        scale = self.nominal_scale()
-        if self.per_channel:
-            shape = [1] * x.dim()
-            shape[self.channel_dim] = self.groups
-            scale = scale.view(shape)
-        else:
-            scale = scale.reshape(())
+        scale = self.shaped_scale(x.dim())
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        if self.frac_bits is not None:
+            return out, scale.to(x.dtype), zero, self.integer_width().to(x.device)
         # torch.full, not torch.tensor: no host-to-device copy (a sync) on every forward pass.
         return out, scale, zero, torch.full((), float(self.bits), device=x.device)
 
     # -- state ---------------------------------------------------------------------------
     def config_dict(self) -> dict:
         return {"bits": self.bits, "variant": self.variant, "mode": self.mode,
-                "per_channel": self.per_channel, "groups": self.groups}
+                "per_channel": self.per_channel, "groups": self.groups,
+                "frac_bits": self.frac_bits}
 
     def get_extra_state(self):
         return self.config_dict()
@@ -302,6 +371,8 @@ class NMultTensorQuant(nn.Module):
                     f"{key} is {state[key]!r} in the checkpoint but {mine[key]!r} in the model. "
                     "Build the model with the checkpoint's configuration before loading it.")
         self.mode = check_choice(state.get("mode", self.mode), FORWARD_MODES, "forward mode")
+        # The integer view is state: a checkpoint trained on a grid keeps that grid.
+        self.frac_bits = IV.check_frac_bits(state.get("frac_bits"), "checkpoint frac_bits")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -317,7 +388,8 @@ class NMultTensorQuant(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, variant={self.variant}, mode={self.mode}, "
-                f"per_channel={self.per_channel}, level_init={self.level_init}")
+                f"per_channel={self.per_channel}, level_init={self.level_init}"
+                + ("" if self.frac_bits is None else f", frac_bits={self.frac_bits}"))
 
 
 def _where(name: Optional[str]) -> str:
@@ -328,16 +400,63 @@ class NMultWeightQuantProxy(WeightQuantProxyFromInjector):
     """Weight proxy of the N-multiplier family.
 
     Its own class so that export handlers can be matched on it: Brevitas' stock handler would
-    export these weights as a uniform ``Quant`` node, silently wrong. The layer receives plain
-    tensors (never an ``IntQuantTensor``), so that no downstream op consumes the nominal scale.
+    export these weights as a uniform ``Quant`` node, silently wrong.
+
+    With the integer view (:meth:`use_integer_view`) the layer receives an ``IntQuantTensor``
+    (scale ``2**-f``, the integers' signed width), so Brevitas' integer biases, quant tensors
+    between layers and accumulator widths work; without it, plain tensors, so that no
+    downstream op consumes the nominal scale. A layer that needs a quant tensor (an integer
+    bias whose scale is derived from the weight's, or ``return_quant_tensor=True`` without an
+    output quantizer) switches the integer view on (``frac_bits="auto"``) at its first forward
+    pass unless it was given ``weight_frac_bits``.
     """
 
     def __init__(self, quant_layer: nn.Module, quant_injector) -> None:
         super().__init__(quant_layer, quant_injector)
-        self.skip_create_quant_tensor = True
-        # A mode restored from a state dict must survive the next re-initialisation of the
-        # quantizer from the injector: keep the injector in step after every load.
+        self.skip_create_quant_tensor = False
+        # A mode or grid restored from a state dict must survive the next re-initialisation
+        # of the quantizer from the injector: keep the injector in step after every load.
         self.register_load_state_dict_post_hook(NMultWeightQuantProxy._sync_injector)
+
+    @property
+    def skip_create_quant_tensor(self) -> bool:
+        """Plain tensors unless the integer view is on (or Brevitas asks for plain ones)."""
+        tq = self.__dict__.get("_modules", {}).get("tensor_quant")
+        return self.__dict__.get("_skip_qt", False) or not getattr(tq, "integer_view", False)
+
+    @skip_create_quant_tensor.setter
+    def skip_create_quant_tensor(self, value: bool) -> None:
+        self.__dict__["_skip_qt"] = bool(value)
+
+    def needs_quant_tensor(self) -> bool:
+        """Whether a layer this proxy serves consumes the weight's quant tensor: an integer
+        bias scaled by input scale x weight scale, or a quant tensor output with no output
+        quantizer to make it."""
+        for layer in self.tracked_module_list:
+            bq = getattr(layer, "bias_quant", None)
+            if getattr(layer, "bias", None) is not None and bq is not None and \
+                    bq.is_quant_enabled and getattr(bq, "requires_input_scale", False):
+                return True
+            oq = getattr(layer, "output_quant", None)
+            if getattr(layer, "return_quant_tensor", False) and not (
+                    oq is not None and oq.is_quant_enabled):
+                return True
+        return False
+
+    def use_integer_view(self, frac_bits: Union[int, str] = "auto") -> int:
+        """Switch the integer view on (:meth:`NMultTensorQuant.use_integer_view`, ``"auto"``
+        chooses ``f`` from the layer's weights) and keep it through Brevitas re-initialising
+        the quantizer. Returns ``f``."""
+        f = self.tensor_quant.use_integer_view(frac_bits, self.tracked_parameter_list[0])
+        self.quant_injector = self.quant_injector.let(frac_bits=f)
+        return f
+
+    def forward(self, x: Tensor):
+        tq = self.tensor_quant
+        if tq is not None and tq.frac_bits is None and self.is_quant_enabled \
+                and self.needs_quant_tensor():
+            self.use_integer_view("auto")
+        return super().forward(x)
 
     def init_tensor_quant(self, *args, **kwargs):
         super().init_tensor_quant(*args, **kwargs)
@@ -368,6 +487,8 @@ class NMultWeightQuantProxy(WeightQuantProxyFromInjector):
         tq = module.tensor_quant
         if tq is not None and module.quant_injector.forward_mode != tq.mode:
             module.quant_injector = module.quant_injector.let(forward_mode=tq.mode)
+        if tq is not None and module.quant_injector.frac_bits != tq.frac_bits:
+            module.quant_injector = module.quant_injector.let(frac_bits=tq.frac_bits)
 
     @property
     def input_view_impl(self):
@@ -378,8 +499,10 @@ class NMultWeightQuantProxy(WeightQuantProxyFromInjector):
             return None
         tq = self.tensor_quant
         if attribute == "bit_width":
-            return torch.tensor(float(tq.bits))
+            return tq.integer_width() if tq.integer_view else torch.tensor(float(tq.bits))
         if attribute == "scale":
+            if tq.integer_view:
+                return tq.shaped_scale(self.tracked_parameter_list[0].dim())
             return tq.nominal_scale()
         if attribute == "zero_point":
             return torch.zeros(())
@@ -391,7 +514,9 @@ class NMultWeightQuant(ExtendedInjector):
 
     Layer keyword arguments with the ``weight_`` prefix override the attributes below, e.g.
     ``weight_forward_mode="ste"``, ``weight_scaling_per_output_channel=True`` or
-    ``weight_level_init="fit"`` (levels fitted to the layer's weights).
+    ``weight_level_init="fit"`` (levels fitted to the layer's weights) or
+    ``weight_frac_bits="auto"`` (the integer view: every level an integer times ``2**-f``,
+    the weights an ``IntQuantTensor``; :mod:`qfv_brevitas.core.intview`).
     """
 
     proxy_class = NMultWeightQuantProxy
@@ -400,6 +525,7 @@ class NMultWeightQuant(ExtendedInjector):
     quant_variant = "nmult"
     forward_mode = "paper"
     level_init = "lsq"
+    frac_bits = None
     scaling_per_output_channel = False
     signed = True
     layer_name = None

@@ -50,9 +50,16 @@ class ExportResult:
         out += form_named(self.form).summary(self.metadata)
         if self.fixed_point:
             fx = self.fixed_point
-            out.append(f"fixed point: f = {fx['frac_bits']} fractional bits, max multiplier "
-                       f"error {fx['max_multiplier_error']:.3g} (bound {2.0 ** -(fx['frac_bits'] + 1):.3g}), "
-                       f"max weight error {fx['max_weight_error']:.3g}")
+            if fx["frac_bits"] is None:
+                grids = sorted({row["fixed_point"]["frac_bits"] for row in self.metadata["layers"]})
+                out.append(f"fixed point: every layer on the grid it trained on (f = "
+                           f"{', '.join(map(str, grids))}), max weight error "
+                           f"{fx['max_weight_error']:.3g}")
+            else:
+                out.append(f"fixed point: f = {fx['frac_bits']} fractional bits, max multiplier "
+                           f"error {fx['max_multiplier_error']:.3g} (bound "
+                           f"{2.0 ** -(fx['frac_bits'] + 1):.3g}), "
+                           f"max weight error {fx['max_weight_error']:.3g}")
             if fx.get("accuracy") is not None:
                 out.append(f"  accuracy {fx['reference_accuracy']:.2f}% -> {fx['accuracy']:.2f}% "
                            f"({fx['accuracy'] - fx['reference_accuracy']:+.2f} points)")
@@ -285,7 +292,13 @@ def _fixed_point(model, layers: Sequence[LayerExport], frac_bits, max_drop, data
     accuracy bound); returns the fixed-point summary and the fixed-point torch reference."""
     acc = _accuracy_fn(data)
     try:
-        if frac_bits is None:
+        if all(info.frac_bits is not None for info in layers):
+            for info in layers:  # every layer trained on its own grid: nothing to choose
+                FX.fixed_point_layer(info, info.frac_bits)
+            pick = {"frac_bits": None}
+            if acc is not None:
+                pick["reference_accuracy"] = 100.0 * acc(model)
+        elif frac_bits is None:
             if max_drop is None or acc is None:
                 raise ExportError(
                     f"form={form.name!r} needs frac_bits, or data and max_accuracy_drop to "
@@ -314,7 +327,7 @@ def _fixed_point(model, layers: Sequence[LayerExport], frac_bits, max_drop, data
     pick.setdefault("accuracy", None)
     pick.setdefault("reference_accuracy", None)
     for info in layers:
-        form.finish_layer(info, pick["frac_bits"])
+        form.finish_layer(info, info.fixed_point.frac_bits)
     return pick, reference
 
 

@@ -4,6 +4,10 @@ Then every level is an integer times ``2**-f`` and a layer's weights are one sta
 ``Quant`` node (scale ``2**-f``, the integer width the levels need), which hls4ml and FINN take
 unchanged. Rounding moves each multiplier by at most ``2**-(f+1)``; :func:`choose_frac_bits`
 picks the smallest ``f`` whose accuracy change stays within a bound.
+
+A layer trained with the integer view (:mod:`qfv_brevitas.core.intview`) already computes
+with multipliers on its own grid ``2**-f``: it exports on that grid, at the signed integer width
+training used, whatever ``f`` the other layers get, so its export changes nothing.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from qfv_brevitas.core.intview import MAX_FRAC_BITS, MAX_INT_BITS, signed_width
 from qfv_brevitas.core.levels import level_table
 from qfv_brevitas.core.quantizers import nmult_layers
 from qfv_brevitas.export.layers import FixedPointLayer, LayerExport
@@ -21,9 +26,6 @@ from qfv_brevitas.util.errors import QfvError
 __all__ = ["round_to_grid", "fixed_point_layer", "fixed_point_model", "choose_frac_bits",
            "int_bits", "MAX_FRAC_BITS"]
 
-#: integers must stay exact in float32 (24-bit significand)
-_MAX_INT_BITS = 24
-MAX_FRAC_BITS = 20
 
 
 def round_to_grid(t: Tensor, frac_bits: int) -> Tensor:
@@ -55,7 +57,11 @@ def fixed_point_layer(info: LayerExport, frac_bits: int) -> dict:
     """Round ``info``'s multipliers to ``2**-frac_bits``: sets ``info.fixed_point`` (a
     :class:`~qfv_brevitas.export.layers.FixedPointLayer` holding the deployed weights ``int *
     2**-f``, float32) and returns its description as the file's metadata stores it (integer
-    width, signedness, multiplier and weight errors)."""
+    width, signedness, multiplier and weight errors). A layer trained with the integer view
+    keeps its own grid and its signed width (``frac_bits`` does not apply to it)."""
+    own = info.frac_bits is not None
+    if own:
+        frac_bits = info.frac_bits
     if not 0 <= int(frac_bits) <= MAX_FRAC_BITS:
         raise QfvError(f"frac_bits must be in 0..{MAX_FRAC_BITS}, got {frac_bits}")
     if info.lrs is not None or info.hrs is not None:
@@ -68,10 +74,13 @@ def fixed_point_layer(info: LayerExport, frac_bits: int) -> dict:
     mc = (info.c.double() * s).round()
     table = level_table(mr, mc)  # exact integers (float64)
     lo, hi = int(table.min()), int(table.max())
-    bits, signed = int_bits(lo, hi)
-    if bits > _MAX_INT_BITS:
+    if own:  # as the training's IntQuantTensor: signed
+        bits, signed = int(signed_width(torch.tensor(float(lo)), torch.tensor(float(hi)))), True
+    else:
+        bits, signed = int_bits(lo, hi)
+    if bits > MAX_INT_BITS:
         raise QfvError(f"layer {info.name!r}: at frac_bits={f} its levels need {bits}-bit "
-                       f"integers (more than {_MAX_INT_BITS}); use fewer fractional bits")
+                       f"integers (more than {MAX_INT_BITS}); use fewer fractional bits")
     w = (info.lookup(table) / s).float()
     r_err = float((mr / s - info.r.double()).abs().max())
     c_err = float((mc / s - info.c.double()).abs().max())
@@ -85,11 +94,14 @@ def fixed_point_layer(info: LayerExport, frac_bits: int) -> dict:
 
 def fixed_point_model(model: nn.Module, layers: Sequence[LayerExport]) -> nn.Module:
     """A copy of ``model`` computing with the fixed-point weights of ``layers`` (each layer's
-    weight replaced by ``int * 2**-f`` and its quantizer bypassed): the torch reference of the
-    fixed-point export."""
+    weight replaced by ``int * 2**-f`` and its quantizer bypassed; a layer trained with the
+    integer view keeps its quantizer, which computes exactly that): the torch reference of
+    the fixed-point export."""
     twin = copy.deepcopy(model)
     by_name = dict(nmult_layers(twin))
     for info in layers:
+        if info.frac_bits is not None:
+            continue  # trained on its grid: its quantizer already computes int * 2**-f
         layer = by_name[info.name]
         with torch.no_grad():
             layer.weight.copy_(info.fixed_point.weight.to(layer.weight))
@@ -102,10 +114,17 @@ def choose_frac_bits(model: nn.Module, layers: Sequence[LayerExport],
                      candidates: Optional[Sequence[int]] = None) -> dict:
     """The smallest ``f`` whose fixed-point model's accuracy is at most ``max_drop``
     (percentage points) below the model's own. Returns ``{"frac_bits", "accuracy",
-    "reference_accuracy", "tried": {f: accuracy}}``; raises if no candidate qualifies."""
+    "reference_accuracy", "tried": {f: accuracy}}``; raises if no candidate qualifies.
+    Layers trained with the integer view keep their own grid; if every layer was, there is
+    nothing to choose (``frac_bits`` ``None``)."""
     if not max_drop >= 0:
         raise QfvError(f"max accuracy drop must be >= 0 points, got {max_drop}")
     ref = 100.0 * accuracy(model)
+    if all(info.frac_bits is not None for info in layers):
+        for info in layers:
+            fixed_point_layer(info, info.frac_bits)
+        acc = 100.0 * accuracy(fixed_point_model(model, layers))
+        return {"frac_bits": None, "accuracy": acc, "reference_accuracy": ref, "tried": {}}
     tried: Dict[int, float] = {}
     for f in (candidates if candidates is not None else range(0, MAX_FRAC_BITS + 1)):
         try:

@@ -20,6 +20,7 @@ from brevitas.export.onnx.handler import ONNXBaseHandler
 from brevitas.export.onnx.qonnx.function import BrevitasQuantOp
 from brevitas.export.onnx.qonnx.manager import QONNXDynamoManager, QONNXManager
 
+from qfv_brevitas.core import intview as IV
 from qfv_brevitas.core.chip import Chip
 from qfv_brevitas.core.quantizers import NMultTensorQuant, NMultWeightQuantProxy
 from qfv_brevitas.export.layers import LayerExport
@@ -30,7 +31,8 @@ __all__ = ["WeightHandler", "quant_node", "manager_for", "plain_state_dict"]
 class WeightHandler(ONNXBaseHandler):
     """Base of every form's handler: finds its layer's :class:`LayerExport` in the
     export-wide table ``layers`` (proxy id -> layer) and returns the proxy's nominal scale,
-    zero point and bit width beside the weights that :meth:`weight` emits."""
+    zero point and bit width beside the weights that :meth:`weight` emits (with the integer
+    view: ``2**-f``, 0 and the integers' width)."""
 
     handled_layer = NMultWeightQuantProxy
     layers: Dict[int, LayerExport] = {}
@@ -41,7 +43,14 @@ class WeightHandler(ONNXBaseHandler):
         except KeyError:
             raise RuntimeError("an N-multiplier proxy that the export did not collect: "
                                "export through qfv_brevitas.export.export_qonnx") from None
-        self.nominal = (torch.ones(()), torch.zeros(()), torch.tensor(float(self.info.bits)))
+        info = self.info
+        if info.frac_bits is None:
+            self.nominal = (torch.ones(()), torch.zeros(()), torch.tensor(float(info.bits)))
+        else:
+            # The integer view: the scale and width training's IntQuantTensor had, which an
+            # integer bias (scale = input scale x weight scale) exports with.
+            width = IV.signed_width(*IV.integer_range(info.r, info.c, info.frac_bits))
+            self.nominal = (torch.tensor(2.0 ** -info.frac_bits), torch.zeros(()), width)
 
     def symbolic_execution(self, x: Tensor):
         return (self.weight(),) + self.nominal

@@ -103,6 +103,7 @@ class LayerExport:
     faults: Optional[dict] = None
     variability: Optional[dict] = None
     weight: Optional[Tensor] = None  # what the torch model computes with (reference)
+    frac_bits: Optional[int] = None  # the integer view's grid 2**-f (trained on it), if any
     fixed_point: Optional[FixedPointLayer] = None  # set by the fixed-point forms
     planes: Optional[PlanesLayer] = None           # set by the plane-parallel form
 
@@ -145,6 +146,8 @@ class LayerExport:
             "r": self.r.tolist(), "c": self.c.tolist(),
             "faults": self.faults, "variability": self.variability,
         }
+        if self.frac_bits is not None:
+            row["integer_view"] = {"frac_bits": self.frac_bits}
         if self.fixed_point is not None:
             row["fixed_point"] = self.fixed_point.metadata()
         if self.planes is not None:
@@ -196,7 +199,7 @@ def collect_layers(model: nn.Module) -> List[LayerExport]:
             name=name, bits=tq.bits, variant=tq.variant,
             axis=tq.layout.axis, weight_shape=tuple(w.shape),
             codes=tq.from_groups(chip.held_codes(w2d, r, c), w.shape).to(torch.uint8).cpu(),
-            r=r.float().cpu().clone(), c=c.float().cpu().clone())
+            r=r.float().cpu().clone(), c=c.float().cpu().clone(), frac_bits=tq.frac_bits)
         if chip.has_faults:
             info.faults = fault_summary(chip.sa0.cpu(), chip.sa1.cpu(), tq.bits)
             info.faults["mapping"] = chip.mapping

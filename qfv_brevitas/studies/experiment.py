@@ -58,7 +58,7 @@ class ExperimentData:
 def plan_experiment(dataset: str, arch: str, bits: Sequence[int], variants: Sequence[str],
                     mode: str, per_channel: bool, fp_train: Optional[TrainConfig],
                     q_train: Optional[TrainConfig], seed: int, save_models: bool, device,
-                    init: Optional[str]) -> ExperimentPlan:
+                    init: Optional[str], frac_bits=None) -> ExperimentPlan:
     """The :class:`ExperimentPlan` of :func:`run_experiment`'s arguments: every configuration
     is validated before time is spent on the float model."""
     for v in variants:
@@ -67,7 +67,8 @@ def plan_experiment(dataset: str, arch: str, bits: Sequence[int], variants: Sequ
     if not len(bits):
         raise ValueError("bits is empty: give at least one bit width, e.g. bits=(4,)")
     configs = tuple(NMultConfig(weight_bits=b, act_bits=b, variant=v, mode=mode, init=init,
-                                per_channel=per_channel) for b in bits for v in variants)
+                                per_channel=per_channel, frac_bits=frac_bits)
+                    for b in bits for v in variants)
     fp_train = replace(fp_train or TrainConfig(epochs=30, lr=0.05), seed=seed)
     q_train = replace(q_train or TrainConfig(epochs=15, lr=0.01, lambda_rise_epochs=5), seed=seed)
     return ExperimentPlan(
@@ -159,10 +160,10 @@ def run_experiment(out_dir: Union[str, Path], dataset: str = "digits",
                    fp_train: Optional[TrainConfig] = None, q_train: Optional[TrainConfig] = None,
                    seed: int = 0, progress: bool = True, save_models: bool = True,
                    device=None, threads=None, overwrite: bool = False,
-                   init: Optional[str] = None) -> dict:
+                   init: Optional[str] = None, frac_bits=None) -> dict:
     """Train a float model, then QAT it at W{b}A{b} for each bit width and quantizer variant
     (levels initialised by ``init``, see :data:`qfv_brevitas.core.config.INITS`; ``None``: each
-    variant's default).
+    variant's default; ``frac_bits``: the integer view, see :class:`NMultConfig`).
 
     Writes ``results.json``, ``levels.png``, per N-multiplier model ``levels_fit_w{b}a{b}.png``
     (weight histogram per layer with its levels, the best uniform grid and Lloyd-Max) and
@@ -178,7 +179,7 @@ def run_experiment(out_dir: Union[str, Path], dataset: str = "digits",
     checked first.
     """
     plan = plan_experiment(dataset, arch, bits, variants, mode, per_channel, fp_train, q_train,
-                           seed, save_models, device, init)
+                           seed, save_models, device, init, frac_bits)
     check_output(out_dir, overwrite=overwrite, inputs=[data_dir], kind="dir",
                  replaceable=not_a_run_folder)
     data = ExperimentData(*load_dataset(dataset, data_dir, seed))

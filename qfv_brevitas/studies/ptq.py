@@ -142,7 +142,8 @@ class PTQResult:
     """What :func:`quantize_post_training` made: the quantized ``model``, its ``config``,
     per-layer weight errors (:func:`level_errors`) and, with data, the accuracies of the float
     model, of the fitted model and of Brevitas' uniform weight quantizer at the same bits and
-    granularity (``baseline_acc``)."""
+    granularity (``baseline_acc``; the model itself: ``baseline_model``); ``meta``: the
+    toolbox steps (``act_bits``, ``compensation``, ``bias_correction``, ``calib_samples``)."""
 
     model: nn.Module
     config: NMultConfig
@@ -152,6 +153,7 @@ class PTQResult:
     baseline_acc: Optional[float] = None
     baseline: str = ""
     meta: dict = field(default_factory=dict)
+    baseline_model: Optional[nn.Module] = None
 
     def table(self) -> str:
         lines = [format_level_errors(self.layers)]
@@ -159,7 +161,8 @@ class PTQResult:
             lines += ["", f"accuracy: float {100 * self.float_acc:.2f}%"
                           + (f" | Brevitas {self.baseline} {100 * self.baseline_acc:.2f}%"
                              if self.baseline_acc is not None else "")
-                          + f" | fitted N-multiplier {100 * self.acc:.2f}%"]
+                          + f" | fitted N-multiplier{_steps_label(self.meta, ' (')}"
+                            f" {100 * self.acc:.2f}%"]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -180,9 +183,14 @@ def quantize_post_training(source: Union[nn.Module, Mapping, str, Path], bits: i
                            model: Optional[nn.Module] = None,
                            first_last_bits: Optional[int] = NMultConfig.first_last_bits, data=None,
                            example_input: Optional[Tensor] = None, skip: Sequence[str] = (),
-                           lloyd: bool = True, baseline: Optional[str] = "max",
-                           batch_size: int = 512) -> PTQResult:
-    """Quantize a trained float model's weights to fitted N-multiplier levels, no training.
+                           lloyd: bool = True, baseline: Optional[str] = "mse",
+                           batch_size: int = 512, act_bits: Optional[int] = None,
+                           calib_data=None, calib_samples: int = 256,
+                           compensation: Optional[str] = None,
+                           bias_correction: bool = False) -> PTQResult:
+    """Quantize a trained float model's weights to fitted N-multiplier levels, no training;
+    optionally with Brevitas' PTQ toolbox (:mod:`qfv_brevitas.studies.calibration`) over
+    calibration data: activations at ``act_bits``, GPTQ/GPFQ error compensation, bias correction.
 
     Args:
         source: a plain torch model (Conv/Linear layers become Brevitas layers with float
@@ -191,36 +199,44 @@ def quantize_post_training(source: Union[nn.Module, Mapping, str, Path], bits: i
             checkpoint (float or quantized: its float weights are quantized afresh) or of a
             ``torch.save``-d state dict (with ``model``).
         bits: N, weight bits of the inner layers (1..8); first and last compute layers get
-            ``first_last_bits`` (``None``: like the others).
+            ``first_last_bits`` (``None``: like the others) for weights and activations.
         per_channel: one ``(r, c)`` per output channel.
         model: the plain torch model a state dict is loaded into (not modified).
         data: optional test set (a Dataset of ``(x, y)``): accuracy before and after, and of
             the Brevitas baseline; its first batch finds the first/last layers in execution
             order unless ``example_input`` is given.
         lloyd: compute the Lloyd-Max reference per layer (a little slower).
-        baseline: ``"max"`` (Brevitas' default weight statistics), ``"mse"`` (Brevitas' MSE
-            scale) or ``None``: the stock Brevitas uniform weight quantizer at the same bits and
-            granularity, evaluated on ``data``.
+        baseline: ``"mse"`` (Brevitas' MSE weight scale, the default), ``"max"`` (its max-abs
+            statistics) or ``None``: the stock Brevitas uniform quantizer at the same bits and
+            granularity, given the same activation quantizers and toolbox steps (so with
+            ``compensation="gptq"`` it is Brevitas' GPTQ on the uniform grid), on ``data``.
+        act_bits: input activations of the inner layers quantized by Brevitas at this many
+            bits (plain torch sources; calibrated on ``calib_data``); ``None``: float.
+        calib_data: a Dataset (training data, not the test set) whose first ``calib_samples``
+            inputs calibrate activations and drive compensation and bias correction.
+        compensation: ``"gptq"``, ``"gpfq"`` or ``None``.
+        bias_correction: Brevitas' bias correction after the other steps.
 
     Returns a :class:`PTQResult`; ``source`` is left unchanged.
     """
     bits = L.check_bits(bits, "quantize_post_training: bits")
     if first_last_bits is not None:
         first_last_bits = L.check_bits(first_last_bits, "quantize_post_training: first_last_bits")
+    steps = _toolbox_steps(act_bits, calib_data, calib_samples, compensation, bias_correction)
     float_model = _resolve_source(source, model)
+    if steps["act_bits"] is not None and _is_brevitas(float_model):
+        raise PTQError("act_bits: a Brevitas model keeps its own activation quantizers; "
+                       "act_bits applies to a plain torch model")
     if example_input is None and data is not None:
         example_input = _first_batch(data, batch_size)
-    config = NMultConfig(weight_bits=bits, act_bits=None, variant="nmult", mode="paper",
-                         init="fit", per_channel=per_channel, first_last_bits=first_last_bits)
-    if _is_brevitas(float_model):
-        names = [n for n, _ in _brevitas_layers(float_model)]
-        edge = {names[0], names[-1]} if first_last_bits is not None and names else set()
-        config.layer_bits = {n: first_last_bits for n in edge}
-        q = swap_weight_quant(copy.deepcopy(float_model), config)
-    else:
-        q = quantize_model(float_model, config, example_input=example_input, skip=tuple(skip))
-    q.eval()
-    result = PTQResult(q, config, level_errors(q, lloyd=lloyd))
+    elif example_input is None and steps["batches"]:
+        example_input = steps["batches"][0]
+    config = NMultConfig(weight_bits=bits, act_bits=steps["act_bits"], variant="nmult",
+                         mode="paper", init="fit", per_channel=per_channel,
+                         first_last_bits=first_last_bits)
+    q = _nmult_model(float_model, config, example_input, skip)
+    _apply_steps(q, steps)
+    result = PTQResult(q, config, level_errors(q, lloyd=lloyd), meta=_steps_meta(steps))
     if data is not None:
         from qfv_brevitas.training.train import evaluate
 
@@ -228,12 +244,78 @@ def quantize_post_training(source: Union[nn.Module, Mapping, str, Path], bits: i
         result.acc = evaluate(q, data, batch_size)
         if baseline is not None and not _is_brevitas(float_model):
             base = brevitas_uniform(float_model, bits, per_channel=per_channel,
-                                    first_last_bits=first_last_bits,
+                                    act_bits=steps["act_bits"], first_last_bits=first_last_bits,
                                     example_input=example_input, scale=baseline,
                                     skip=tuple(skip))
+            result.baseline_model = _apply_steps(base, steps)
             result.baseline_acc = evaluate(base, data, batch_size)
-            result.baseline = f"uniform ({baseline} scale)"
+            result.baseline = f"uniform ({baseline} scale{_steps_label(steps)})"
     return result
+
+
+def _toolbox_steps(act_bits, calib_data, calib_samples: int, compensation,
+                   bias_correction: bool) -> dict:
+    """The toolbox options checked, and the calibration batches when a step needs them."""
+    from qfv_brevitas.studies.calibration import COMPENSATIONS, calibration_batches
+    from qfv_brevitas.util.validate import check_choice
+
+    if act_bits is not None:
+        act_bits = L.check_bits(act_bits, "quantize_post_training: act_bits")
+    if compensation is not None:
+        check_choice(compensation, COMPENSATIONS, "error compensation")
+    steps = {"act_bits": act_bits, "compensation": compensation,
+             "bias_correction": bool(bias_correction), "batches": []}
+    wanted = [n for n, on in (("act_bits", act_bits is not None),
+                              ("compensation", compensation is not None),
+                              ("bias_correction", bias_correction)) if on]
+    if wanted:
+        if calib_data is None:
+            raise PTQError(f"{', '.join(wanted)} need calibration data: pass calib_data=... "
+                           "(training data, not the test set)")
+        steps["batches"] = calibration_batches(calib_data, calib_samples)
+    steps["calib_samples"] = sum(len(x) for x in steps["batches"])
+    return steps
+
+
+def _nmult_model(float_model: nn.Module, config: NMultConfig, example_input,
+                 skip: Sequence[str]) -> nn.Module:
+    """The fitted N-multiplier model of ``float_model`` (a new model, eval mode)."""
+    if _is_brevitas(float_model):
+        names = [n for n, _ in _brevitas_layers(float_model)]
+        edge = ({names[0], names[-1]} if config.first_last_bits is not None and names
+                else set())
+        config.layer_bits = {n: config.first_last_bits for n in edge}
+        q = swap_weight_quant(copy.deepcopy(float_model), config)
+    else:
+        q = quantize_model(float_model, config, example_input=example_input, skip=tuple(skip))
+    return q.eval()
+
+
+def _apply_steps(model: nn.Module, steps: dict) -> nn.Module:
+    from qfv_brevitas.studies.calibration import apply_toolbox
+
+    if not steps["batches"]:
+        return model.eval()
+    return apply_toolbox(model, steps["batches"], calibrate=steps["act_bits"] is not None,
+                         compensation=steps["compensation"],
+                         bias_correction=steps["bias_correction"])
+
+
+def _steps_meta(steps: dict) -> dict:
+    return {"act_bits": steps["act_bits"], "compensation": steps["compensation"],
+            "bias_correction": steps["bias_correction"],
+            "calib_samples": steps["calib_samples"]}
+
+
+def _steps_label(steps: dict, first: str = ", ") -> str:
+    """``", A8, GPTQ, bias corrected"``: the toolbox steps a model went through (``first``
+    before the first one; ``" ("`` closes the parenthesis)."""
+    parts = ([f"A{steps['act_bits']}"] if steps.get("act_bits") is not None else []) + \
+        ([steps["compensation"].upper()] if steps.get("compensation") else []) + \
+        (["bias corrected"] if steps.get("bias_correction") else [])
+    if not parts:
+        return ""
+    return first + ", ".join(parts) + (")" if first.endswith("(") else "")
 
 
 def _brevitas_layers(model: nn.Module):

@@ -130,6 +130,44 @@ def test_fixed_form_maps_to_mvau_exactly(finn_python, mlp_ckpt, tmp_path):
     assert res["hw_problems"] == [] and res["passed"]
 
 
+@pytest.fixture(scope="module")
+def mlp_int_ckpt(tmp_path_factory, digits):
+    """The W4A4 MLP trained on the integer view (``frac_bits="auto"``): every layer's weights
+    an ``IntQuantTensor`` on its own grid ``2**-f`` while training."""
+    train, test = digits
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 8, 8), 10)
+    fit(model, train, None, TrainConfig(epochs=3, lr=0.05), progress=False)
+    cfg = NMultConfig(weight_bits=4, act_bits=4, first_last_bits=None, frac_bits="auto")
+    q = quantize_model(model, cfg, test.tensors[0][:2])
+    fit(q, train, None, TrainConfig(epochs=2, lr=0.01, lambda_rise_epochs=1), progress=False)
+    q.eval()
+    path = tmp_path_factory.mktemp("finn_int") / "mlp_int.pt"
+    save_checkpoint(path, q, "mlp", (1, 8, 8), 10, cfg, data_seed=0)
+    return q, path, test
+
+
+def test_integer_view_maps_to_mvaus_at_the_training_width(finn_python, mlp_int_ckpt, tmp_path):
+    """Trained on the integer view, the fixed form needs no f (each layer's training grid) and
+    FINN's MVAUs hold exactly the integers of training's IntQuantTensors, in their width."""
+    from qfv_brevitas.core.quantizers import nmult_layers
+    model, ckpt, test = mlp_int_ckpt
+    widths = [int(layer.quant_weight().bit_width) for _, layer in nmult_layers(model)]
+    path = tmp_path / "fixed.onnx"
+    res = export_qonnx(model, test.tensors[0][:SAMPLES], path, "fixed")
+    assert [r["fixed_point"]["int_bits"] for r in res.metadata["layers"]] == widths
+    proc, out, outs = _run_flow(finn_python, path, ckpt, tmp_path, "--strict-hw")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _check_outputs(outs, reference_model(model, path), test, ("qonnx", "finn", "streamlined", "hw"))
+    hw = out["hw"]
+    assert hw["node_types"].get("MVAU") == 3 and hw["non_hw_nodes"] == []
+    for row, width in zip(hw["layers"], widths):
+        assert row["hw"] == "MVAU" and row["integer_weights"] and row["max_weight_diff"] == 0.0
+        assert row["file_int_type"] == f"INT{width}"
+        assert row["weight_dtype"] == row["file_int_type"]
+    assert out["hw_problems"] == [] and out["passed"]
+
+
 def test_bitplanes_form_runs_exactly_but_stays_float(finn_python, mlp_ckpt, tmp_path):
     model, ckpt, test = mlp_ckpt
     path = tmp_path / "planes.onnx"

@@ -140,7 +140,9 @@ def test_fit_with_defaults_keeps_levels_non_uniform_and_moving(float_cnn, digits
 def test_quantize_post_training_from_a_model(float_cnn, digits, tmp_path):
     _, test = digits
     before = copy.deepcopy(float_cnn.state_dict())
-    res = quantize_post_training(float_cnn, 2, data=test)
+    # baseline="max": the default is now Brevitas' MSE scale (issue 21); max-abs is the one
+    # that collapses at 2 bits, which this test is about.
+    res = quantize_post_training(float_cnn, 2, data=test, baseline="max")
     for k, v in float_cnn.state_dict().items():  # the source is untouched
         assert torch.equal(v, before[k])
     bits = {r["layer"]: r["bits"] for r in res.layers}
@@ -241,7 +243,48 @@ def test_qfv_quantize_end_to_end(float_cnn, digits, tmp_path, capsys):
     assert not (tmp_path / "sd_nmult_w2_pc_levels.png").exists()
 
 
+def test_qfv_quantize_act_bits_and_toolbox(float_cnn, digits, tmp_path, capsys):
+    """--act-bits, --bias-correction and the default GPTQ reach the checkpoint: it reloads with
+    its calibrated activation quantizers and compensated weights (same accuracy); the summary
+    names the toolbox steps and the MSE + GPTQ baseline; --compensation none and --baseline
+    max are still there."""
+    _, test = digits
+    src = save_checkpoint(tmp_path / "float.pt", float_cnn, "small_cnn", SHAPE, CLASSES,
+                          dataset="digits", data_seed=0)
+    out = tmp_path / "a4.pt"
+    assert main(["quantize", str(src), "--bits", "2", "--act-bits", "4", "--bias-correction",
+                 "--compensation", "gptq", "--baseline", "mse",  # the defaults, spelled out
+                 "--calib-samples", "128", "--out", str(out), "--no-plot", "--no-lloyd"]) == 0
+    printed = capsys.readouterr().out
+    assert "4-bit activations" in printed and "GPTQ, bias correction on 128 training" in printed
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["baseline"] == "uniform (mse scale, A4, GPTQ, bias corrected)"
+    assert (summary["act_bits"], summary["compensation"], summary["bias_correction"],
+            summary["calib_samples"]) == (4, "gptq", True, 128)
+    model, info = load_checkpoint(out)
+    assert info["config"].act_bits == 4
+    assert evaluate(model, test) == pytest.approx(summary["acc"])
+    assert model.features[3].input_quant.is_quant_enabled
+    out2 = tmp_path / "plain.pt"
+    assert main(["quantize", str(src), "--bits", "2", "--compensation", "none", "--baseline",
+                 "max", "--out", str(out2), "--no-plot", "--no-lloyd"]) == 0
+    summary2 = json.loads(out2.with_suffix(".json").read_text())
+    assert summary2["baseline"] == "uniform (max scale)" and summary2["compensation"] is None
+    assert load_checkpoint(out2)[1]["config"].act_bits is None
+    out3 = tmp_path / "gpfq.pt"
+    assert main(["quantize", str(src), "--bits", "2", "--compensation", "gpfq", "--no-eval",
+                 "--out", str(out3), "--no-plot", "--no-lloyd"]) == 0
+    assert json.loads(out3.with_suffix(".json").read_text())["compensation"] == "gpfq"
+    # GPTQ moved the weights: the two checkpoints' deployed weights differ.
+    plain = load_checkpoint(out2)[0].features[3]
+    assert not torch.equal(quant_of(plain).snap(plain.weight),
+                           quant_of(model.features[3]).snap(model.features[3].weight))
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--bits", "3", "--act-bits", "9"], "--act-bits: bit width must be in 1..8"),
+    (["--bits", "3", "--act-bits", "0"], "--act-bits: bit width must be in 1..8"),
+    (["--bits", "3", "--calib-samples", "0"], "calibration samples"),
     (["--bits", "9"], "bit width must be in 1..8"),
     (["--bits", "0"], "bit width must be in 1..8"),
     (["--bits", "3", "--first-last-bits", "x"], "--first-last-bits"),
