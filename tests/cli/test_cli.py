@@ -44,6 +44,27 @@ def test_train_on_idx_folder(idx_folder, tmp_path, capsys):
     assert res["runs"][0]["acc"] > 0.9
 
 
+def test_train_on_the_integer_view(tmp_path, capsys):
+    """``qfv train --frac-bits``: every N-multiplier layer trains on its grid 2**-f and the
+    checkpoint's layers hand out IntQuantTensors; a bad f is an argument error."""
+    from brevitas.quant_tensor import IntQuantTensor
+
+    from qfv_brevitas import nmult_layers, quant_of
+    from qfv_brevitas.zoo.checkpoint import load_checkpoint
+
+    out = tmp_path / "out"
+    assert main(["train", "--arch", "mlp", "--out", str(out), "--bits", "3", "--variants",
+                 "nmult", "--frac-bits", "auto", *FAST]) == 0
+    model, info = load_checkpoint(out / "nmult_w3a3.pt")
+    assert info["config"].frac_bits == "auto"
+    layers = nmult_layers(model.eval())
+    assert layers and all(quant_of(l).frac_bits is not None for _, l in layers)
+    assert all(isinstance(l.quant_weight(), IntQuantTensor) for _, l in layers)
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path / "o"), "--frac-bits", "21", *FAST])
+    assert "0..20" in capsys.readouterr().err
+
+
 def test_errors_are_reported_without_traceback(tmp_path, capsys):
     assert main(["train", "--dataset", "idx", "--out", str(tmp_path / "o")]) == 2
     assert "--data-dir" in capsys.readouterr().err
