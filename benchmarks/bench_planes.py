@@ -458,7 +458,7 @@ def summary(args) -> None:
             continue
         e = r["export"]
         fx = e["fixed_point"]
-        print(f"| {_label(r)}A{r['bits']} | {e['frac_bits'] if e['frac_bits'] is not None else 'trained'} | "
+        print(f"| {_label(r)} | {e['frac_bits'] if e['frac_bits'] is not None else 'trained'} | "
               f"{fx['reference_accuracy']:.2f} / {fx['accuracy']:.2f} | "
               f"{fx['max_multiplier_error']:.3g} | {e['total']['planes_bits']} | {e['total']['fixed_bits']} | "
               f"**{e['total']['ratio']:.3f}** |")
