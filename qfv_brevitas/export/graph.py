@@ -45,8 +45,35 @@ def default_domain_first(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _layer_matches(tensor: str, layer: str) -> bool:
     # dynamo names lifted constants by attribute path ("a.b.weight_quant.export_handler.x"),
-    # TorchScript by scope ("/a/a.b/weight_quant/export_handler/Constant_output_0").
-    return tensor.startswith(layer + ".weight_quant.") or f"/{layer}/weight_quant/" in tensor
+    # TorchScript by scope ("/a/a.b/weight_quant/export_handler/Constant_output_0"), whose
+    # elements are full paths or, deeper down, local names ("/layer3/layer3.1/conv1/..."):
+    # compare the whole path, so that a top-level "conv1" is not "layer3.1.conv1".
+    if tensor.startswith(layer + ".weight_quant."):
+        return True
+    head, sep, _ = tensor.partition("/weight_quant/")
+    return bool(sep) and head.startswith("/") and scope_path(head[1:].split("/")) == layer
+
+
+def scope_path(elements: List[str]) -> str:
+    """The module path of a TorchScript scope. An element is the module's full path (it
+    extends the path so far), its parent's local name and its own (``downsample.0``: child
+    ``0`` of the previous element ``downsample``), or its local name alone.
+
+    >>> scope_path(["layer3", "layer3.1", "conv1"]), scope_path(["a", "a.b", "a.b.c"])
+    ('layer3.1.conv1', 'a.b.c')
+    >>> scope_path(["layer2", "layer2.0", "downsample", "downsample.0"])
+    'layer2.0.downsample.0'
+    """
+    path, prev = "", ""
+    for e in elements:
+        if not path or e.startswith(path + "."):
+            path = e
+        elif prev and e.startswith(prev + "."):
+            path += e[len(prev):]
+        else:
+            path = f"{path}.{e}"
+        prev = e.rsplit(".", 1)[-1]
+    return path
 
 
 def locate_layers(model: onnx.ModelProto, layers: Iterable[str]) -> Dict[str, str]:
@@ -281,8 +308,11 @@ def cleanup_qonnx(model: onnx.ModelProto) -> onnx.ModelProto:
 class LowerQuantToStandard(Transformation):
     """Replace each QONNX ``Quant`` node by standard ops with the same float semantics as
     qonnx's reference (``x / s + z``, clip, round half to even, ``- z``, ``* s``), and each
-    ``BipolarQuant`` by ``where(x >= 0, 1, -1) * s``, so that onnxruntime can run the graph.
-    Rounding modes: ROUND/HALF_EVEN, FLOOR and CEIL."""
+    ``BipolarQuant`` by ``where(x >= 0, 1, -1) * s``, and each ``Trunc`` (Brevitas'
+    truncating average pool, as qonnx's ``trunc_v2``: round ``x / s + z``, divide by the
+    power-of-two ratio of the scales, clip to the output width, round, ``- z / ratio``,
+    ``* s_out``), so that onnxruntime can run the graph. Rounding modes: ROUND/HALF_EVEN,
+    FLOOR and CEIL."""
 
     _ROUND = {"ROUND": "Round", "HALF_EVEN": "Round", "FLOOR": "Floor", "CEIL": "Ceil"}
 
@@ -292,6 +322,10 @@ class LowerQuantToStandard(Transformation):
         for idx, node in enumerate(list(g.node)):
             if node.op_type == "BipolarQuant":
                 self._bipolar(model, node)
+                modified = True
+                continue
+            if node.op_type == "Trunc":
+                self._trunc(model, node)
                 modified = True
                 continue
             if node.op_type != "Quant":
@@ -331,6 +365,40 @@ class LowerQuantToStandard(Transformation):
             modified = True
         return model, modified
 
+
+    def _trunc(self, model, node) -> None:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        mode = attrs.get("rounding_mode", b"FLOOR")
+        mode = (mode.decode() if isinstance(mode, bytes) else mode).upper()
+        consts = [model.get_initializer(t) for t in node.input[1:6]]
+        if mode not in self._ROUND or len(node.input) != 6 or any(c is None for c in
+                                                                  (consts[0], consts[3], consts[4])):
+            raise QfvError(f"Trunc node {node.name}: only the constant-scale trunc_v2 form with "
+                           "rounding ROUND, FLOOR or CEIL is lowered")
+        scale, out_scale, out_bw = (np.asarray(consts[i], dtype=np.float64) for i in (0, 3, 4))
+        ratio = 2.0 ** np.round(np.log2(out_scale / scale))
+        signed, narrow, bw = int(attrs.get("signed", 1)), int(attrs.get("narrow", 0)), float(out_bw)
+        lo = (-(2 ** (bw - 1)) + narrow) if signed else 0.0
+        hi = (2 ** (bw - 1) - 1) if signed else (2 ** bw - 1 - narrow)
+        x, s, z, s_out = node.input[0], node.input[1], node.input[2], node.input[4]
+        p = f"{node.name or node.output[0]}_lowered"
+        for name, value in (("_ratio", ratio), ("_min", lo), ("_max", hi)):
+            model.set_initializer(p + name, np.asarray(value, dtype=np.float32))
+        new = [
+            helper.make_node("Div", [x, s], [p + "_div"]),
+            helper.make_node("Add", [p + "_div", z], [p + "_zp"]),
+            helper.make_node("Round", [p + "_zp"], [p + "_round"]),
+            helper.make_node("Div", [p + "_round", p + "_ratio"], [p + "_shift"]),
+            helper.make_node("Clip", [p + "_shift", p + "_min", p + "_max"], [p + "_clip"]),
+            helper.make_node(self._ROUND[mode], [p + "_clip"], [p + "_int"]),
+            helper.make_node("Div", [z, p + "_ratio"], [p + "_zp_out"]),
+            helper.make_node("Sub", [p + "_int", p + "_zp_out"], [p + "_sub"]),
+            helper.make_node("Mul", [p + "_sub", s_out], [node.output[0]]),
+        ]
+        pos = list(model.graph.node).index(node)
+        model.graph.node.remove(node)
+        for k, n in enumerate(new):
+            model.graph.node.insert(pos + k, n)
 
     @staticmethod
     def _bipolar(model, node) -> None:

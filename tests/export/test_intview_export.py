@@ -125,3 +125,31 @@ def test_cli_exports_an_integer_view_checkpoint_without_frac_bits(tmp_path, digi
     assert [quant_of(l).frac_bits for _, l in nmult_layers(again)] == \
         [quant_of(l).frac_bits for _, l in nmult_layers(q)]
     assert evaluate(again, test) == evaluate(q, test)
+
+
+def test_bnn_pynq_resnet18_exports_in_the_fixed_form_and_verifies(tmp_path, no_network):
+    """brevitas_examples' FINN-style ResNet-18 (quant tensors between layers, residual adds,
+    Int32Bias classifier, Brevitas' truncating average pool) on the integer view: the fixed
+    form verifies, torch = qonnx = onnxruntime (QONNX's Trunc lowered to standard ops)."""
+    import onnx as _onnx
+    from brevitas_examples.bnn_pynq.models import model_with_cfg
+
+    from qfv_brevitas import swap_weight_quant
+
+    torch.manual_seed(0)
+    m, _ = model_with_cfg("resnet18_4w4a", pretrained=False)
+    assert no_network == []
+    swap_weight_quant(m, NMultConfig(weight_bits=4, init="lsq", frac_bits=6))
+    m.train()
+    with torch.no_grad():
+        m(torch.randn(8, 3, 32, 32))  # activation statistics
+    m.eval()
+    path = tmp_path / "resnet.onnx"
+    res = export_qonnx(m, torch.randn(1, 3, 32, 32), path, "fixed", exporter="torchscript",
+                       verify_inputs=torch.randn(6, 3, 32, 32))
+    rep = res.verification
+    assert rep.passed and "onnxruntime" in rep.summary()
+    ops = {n.op_type for n in _onnx.load(str(path)).graph.node}
+    assert "Trunc" in ops and ops >= {"Quant", "Conv", "Gemm"}
+    assert len(res.metadata["layers"]) == 21
+    assert all(r["fixed_point"]["frac_bits"] == 6 for r in res.metadata["layers"])
