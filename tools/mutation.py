@@ -301,6 +301,11 @@ MUTANTS: List[Mutant] = [
       "                    bq.is_quant_enabled and False:\n",
       ("tests/core/test_intview.py", "-k", "int32_bias"),
       "an Int32Bias layer is not given the integer view (it then fails)"),
+    M("lower-trunc-shift-multiplies", "qfv_brevitas/export/graph.py",
+      "            helper.make_node(\"Div\", [p + \"_round\", p + \"_ratio\"], [p + \"_shift\"]),\n",
+      "            helper.make_node(\"Mul\", [p + \"_round\", p + \"_ratio\"], [p + \"_shift\"]),\n",
+      ("tests/export/test_ops.py", "-k", "trunc"),
+      "the lowered Trunc multiplies by the scales' ratio instead of dividing"),
     # -- the related methods: shapes, SAM, self-tuning ---------------------------------------------
     M("shapes-gauss-width-unscaled", "qfv_brevitas/core/distance.py",
       "        s = k * h\n",
