@@ -76,7 +76,8 @@ def integer_range(r: Tensor, c: Tensor, frac_bits: int) -> Tuple[Tensor, Tensor]
 def signed_width(lo: Tensor, hi: Tensor) -> Tensor:
     """Bits of the smallest signed integer type holding ``lo..hi`` (a float tensor, as Brevitas
     keeps bit widths): ``b`` with ``-2**(b-1) <= lo`` and ``hi <= 2**(b-1) - 1``."""
-    span = torch.maximum(-lo, hi + 1).clamp(min=1)
+    # float64: log2 of 2**k + 1 rounds to k in float32 for k >= ~20 (a width one bit short)
+    span = torch.maximum(-lo.double(), hi.double() + 1).clamp(min=1)
     return (torch.log2(span).ceil() + 1).float()
 
 

@@ -77,6 +77,14 @@ def test_integer_range_and_width_match_enumeration(bits, groups, f, seed):
     assert torch.equal(table.sort(1).values, ints.sort(1).values)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_signed_width_is_exact_for_wide_ranges(dtype):
+    # 2**k + 1 needs k + 2 signed bits; log2 of it rounds to k in float32 for large k
+    for k in range(1, 24):
+        lo, hi = torch.tensor(-(2.0 ** k), dtype=dtype), torch.tensor(2.0 ** k, dtype=dtype)
+        assert int(IV.signed_width(lo, hi)) == signed_width_by_definition(-(2 ** k), 2 ** k)
+
+
 def test_choose_frac_bits_is_the_smallest_within_tolerance():
     torch.manual_seed(0)
     w = torch.randn(2, 500) * 0.05
