@@ -292,9 +292,7 @@ def _fixed_point(model, layers: Sequence[LayerExport], frac_bits, max_drop, data
     accuracy bound); returns the fixed-point summary and the fixed-point torch reference."""
     acc = _accuracy_fn(data)
     try:
-        if all(info.frac_bits is not None for info in layers):
-            for info in layers:  # every layer trained on its own grid: nothing to choose
-                FX.fixed_point_layer(info, info.frac_bits)
+        if FX.on_training_grids(layers):  # every layer trained on its grid: nothing to choose
             pick = {"frac_bits": None}
             if acc is not None:
                 pick["reference_accuracy"] = 100.0 * acc(model)

@@ -17,13 +17,14 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from qfv_brevitas.core.intview import MAX_FRAC_BITS, MAX_INT_BITS, signed_width
+from qfv_brevitas.core.intview import MAX_FRAC_BITS, MAX_INT_BITS
 from qfv_brevitas.core.levels import level_table
 from qfv_brevitas.core.quantizers import nmult_layers
 from qfv_brevitas.export.layers import FixedPointLayer, LayerExport
 from qfv_brevitas.util.errors import QfvError
 
 __all__ = ["round_to_grid", "fixed_point_layer", "fixed_point_model", "choose_frac_bits",
+           "on_training_grids",
            "int_bits", "MAX_FRAC_BITS"]
 
 
@@ -74,10 +75,9 @@ def fixed_point_layer(info: LayerExport, frac_bits: int) -> dict:
     mc = (info.c.double() * s).round()
     table = level_table(mr, mc)  # exact integers (float64)
     lo, hi = int(table.min()), int(table.max())
-    if own:  # as the training's IntQuantTensor: signed
-        bits, signed = int(signed_width(torch.tensor(float(lo)), torch.tensor(float(hi)))), True
-    else:
-        bits, signed = int_bits(lo, hi)
+    # a layer trained on its grid keeps training's IntQuantTensor type: signed (a range
+    # reaching -1 has the signed width of lo..hi)
+    bits, signed = int_bits(min(lo, -1) if own else lo, hi)
     if bits > MAX_INT_BITS:
         raise QfvError(f"layer {info.name!r}: at frac_bits={f} its levels need {bits}-bit "
                        f"integers (more than {MAX_INT_BITS}); use fewer fractional bits")
@@ -90,6 +90,16 @@ def fixed_point_layer(info: LayerExport, frac_bits: int) -> dict:
         max_multiplier_error=max(r_err, c_err),
         max_weight_error=float((w.double() - info.weight.double()).abs().max()), weight=w)
     return info.fixed_point.metadata()
+
+
+def on_training_grids(layers: Sequence[LayerExport]) -> bool:
+    """If every layer was trained on the integer view, round each to its own grid (there is no
+    ``f`` to choose) and return True; else change nothing and return False."""
+    if not all(info.frac_bits is not None for info in layers):
+        return False
+    for info in layers:
+        fixed_point_layer(info, info.frac_bits)
+    return True
 
 
 def fixed_point_model(model: nn.Module, layers: Sequence[LayerExport]) -> nn.Module:
@@ -120,9 +130,7 @@ def choose_frac_bits(model: nn.Module, layers: Sequence[LayerExport],
     if not max_drop >= 0:
         raise QfvError(f"max accuracy drop must be >= 0 points, got {max_drop}")
     ref = 100.0 * accuracy(model)
-    if all(info.frac_bits is not None for info in layers):
-        for info in layers:
-            fixed_point_layer(info, info.frac_bits)
+    if on_training_grids(layers):
         acc = 100.0 * accuracy(fixed_point_model(model, layers))
         return {"frac_bits": None, "accuracy": acc, "reference_accuracy": ref, "tried": {}}
     tried: Dict[int, float] = {}
