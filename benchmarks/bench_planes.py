@@ -203,7 +203,6 @@ def grid_cost(model) -> list:
 
 
 def step_export(args) -> None:
-    import torch
     from brevitas.export import export_qonnx as brevitas_export
 
     from qfv_brevitas.zoo.checkpoint import load_checkpoint
@@ -447,13 +446,13 @@ def summary(args) -> None:
     files = sorted(Path(args.out).glob("*_w*.json"))
     if not files:
         sys.exit(f"no results in {args.out}")
+    results = [json.loads(p.read_text()) for p in files]  # read once, used by every table
     print(machine_line())
     print("\n### Weight memory: planes vs fixed form (bits, from the files' metadata)\n")
     print("| model | f | accuracy N-mult / fixed-point | max \\|r - r_fixed\\| | planes bits | "
           "fixed bits | ratio |")
     print("|---|---|---|---|---|---|---|")
-    for p in files:
-        r = json.loads(p.read_text())
+    for r in results:
         if "export" not in r:
             continue
         e = r["export"]
@@ -466,8 +465,7 @@ def summary(args) -> None:
           "fixed: int width of the levels):\n")
     print("| model | layer | N | weights | planes bits/weight | fixed bits/weight | ratio |")
     print("|---|---|---|---|---|---|---|")
-    for p in files:
-        r = json.loads(p.read_text())
+    for r in results:
         for l in r.get("export", {}).get("layers", []):
             print(f"| {_label(r)} | {l['layer']} | {l['bits']} | {l['weights']} | "
                   f"{l['planes_bits_per_weight']:.3f} | {l['fixed_int_bits']} | "
@@ -476,8 +474,7 @@ def summary(args) -> None:
     print("| model | accuracy float / N-mult / stock | layer | at the start: f, int width, weight "
           "MSE grid / unrounded | after QAT: f, int width |")
     print("|---|---|---|---|---|")
-    for p in files:
-        r = json.loads(p.read_text())
+    for r in results:
         acc = r.get("accuracy", {})
         for g, e in zip(r.get("grid_cost", []), r.get("trained_grid", [])):
             print(f"| {_label(r)} | {acc.get('float', 0):.2f} / {acc.get('nmult', 0):.2f} / "
@@ -487,8 +484,7 @@ def summary(args) -> None:
     print("| model | layer | planes LUT (+arith) | fixed LUT | stock LUT | planes BRAM | fixed "
           "BRAM | stock BRAM | planes wbits | fixed wbits | stock wbits |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for p in files:
-        r = json.loads(p.read_text())
+    for r in results:
         est = r.get("finn", {}).get("estimates")
         if not est:
             continue
@@ -509,8 +505,7 @@ def summary(args) -> None:
     print("| model | FINN HW vs torch: max diff (outside bound) | top-1 | FINN HW vs file | "
           "hls4ml planes vs torch (outside) | top-1 | torch float32 vs float64 (outside) |")
     print("|---|---|---|---|---|---|---|")
-    for p in files:
-        r = json.loads(p.read_text())
+    for r in results:
         ex = r.get("finn", {}).get("exact")
         h = r.get("hls4ml", {}).get("planes")
         if not ex or not h:

@@ -57,21 +57,26 @@ def finn_python():
     return _finn_python()
 
 
-@pytest.fixture(scope="module")
-def mlp_ckpt(tmp_path_factory, digits):
-    """A W4A4 MLP (4-bit weights and activations in every layer), QAT'd briefly on digits so
-    that the activation scales are calibrated; saved as a checkpoint the script can load."""
+def _mlp_checkpoint(tmp_path_factory, digits, name: str, **config):
+    """A W4A4 MLP (4-bit weights and activations in every layer, ``config`` on top), QAT'd
+    briefly on digits so that the activation scales are calibrated; saved as a checkpoint the
+    script can load."""
     train, test = digits
     torch.manual_seed(0)
     model = build_model("mlp", (1, 8, 8), 10)  # Flatten + Linear/ReLU in an nn.Sequential
     fit(model, train, None, TrainConfig(epochs=3, lr=0.05), progress=False)
-    cfg = NMultConfig(weight_bits=4, act_bits=4, first_last_bits=None)
+    cfg = NMultConfig(weight_bits=4, act_bits=4, first_last_bits=None, **config)
     q = quantize_model(model, cfg, test.tensors[0][:2])
     fit(q, train, None, TrainConfig(epochs=2, lr=0.01, lambda_rise_epochs=1), progress=False)
     q.eval()
-    path = tmp_path_factory.mktemp("finn") / "mlp.pt"
+    path = tmp_path_factory.mktemp(name) / f"{name}.pt"
     save_checkpoint(path, q, "mlp", (1, 8, 8), 10, cfg, data_seed=0)
     return q, path, test
+
+
+@pytest.fixture(scope="module")
+def mlp_ckpt(tmp_path_factory, digits):
+    return _mlp_checkpoint(tmp_path_factory, digits, "mlp")
 
 
 def _run_flow(py, onnx_path, ckpt, tmp_path, *extra):
@@ -134,17 +139,7 @@ def test_fixed_form_maps_to_mvau_exactly(finn_python, mlp_ckpt, tmp_path):
 def mlp_int_ckpt(tmp_path_factory, digits):
     """The W4A4 MLP trained on the integer view (``frac_bits="auto"``): every layer's weights
     an ``IntQuantTensor`` on its own grid ``2**-f`` while training."""
-    train, test = digits
-    torch.manual_seed(0)
-    model = build_model("mlp", (1, 8, 8), 10)
-    fit(model, train, None, TrainConfig(epochs=3, lr=0.05), progress=False)
-    cfg = NMultConfig(weight_bits=4, act_bits=4, first_last_bits=None, frac_bits="auto")
-    q = quantize_model(model, cfg, test.tensors[0][:2])
-    fit(q, train, None, TrainConfig(epochs=2, lr=0.01, lambda_rise_epochs=1), progress=False)
-    q.eval()
-    path = tmp_path_factory.mktemp("finn_int") / "mlp_int.pt"
-    save_checkpoint(path, q, "mlp", (1, 8, 8), 10, cfg, data_seed=0)
-    return q, path, test
+    return _mlp_checkpoint(tmp_path_factory, digits, "mlp_int", frac_bits="auto")
 
 
 def test_integer_view_maps_to_mvaus_at_the_training_width(finn_python, mlp_int_ckpt, tmp_path):

@@ -127,6 +127,22 @@ def test_qonnx_cleanup_folds_the_op_ours_keeps_it():
     assert [n.op_type for n in theirs.graph.node] == []  # folded to a float initializer
 
 
+def _lowered_and_qonnx(node, inits, x, qonnx_version: int = 1):
+    """A one-node graph on a 64-vector ``x``: (onnxruntime on its LowerQuantToStandard form,
+    qonnx's execution of it); the node's op must be gone from the lowered graph."""
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, [64])],
+                              [helper.make_tensor_value_info("y", 1, [64])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[
+        helper.make_opsetid("", 17), helper.make_opsetid("qonnx.custom_op.general", qonnx_version)])
+    ref = execute_onnx(ModelWrapper(model), {"x": x})["y"]
+    lowered = ModelWrapper(onnx.ModelProto.FromString(model.SerializeToString()))
+    lowered = lowered.transform(LowerQuantToStandard())
+    assert node.op_type not in [n.op_type for n in lowered.graph.node]
+    got = ort.InferenceSession(lowered.model.SerializeToString(),
+                               providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    return got, ref
+
+
 @settings(max_examples=30, deadline=None)
 @given(bits=st.integers(2, 8), signed=st.booleans(), narrow=st.booleans(),
        mode=st.sampled_from(["ROUND", "FLOOR", "CEIL"]), seed=st.integers(0, 2 ** 16))
@@ -140,15 +156,7 @@ def test_lowered_quant_in_onnxruntime_equals_qonnx(bits, signed, narrow, mode, s
     node = helper.make_node("Quant", ["x", "s", "z", "b"], ["y"],
                             domain="qonnx.custom_op.general", signed=int(signed),
                             narrow=int(narrow), rounding_mode=mode)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, [64])],
-                              [helper.make_tensor_value_info("y", 1, [64])], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    ref = execute_onnx(ModelWrapper(model), {"x": x})["y"]
-    lowered = ModelWrapper(onnx.ModelProto.FromString(model.SerializeToString()))
-    lowered = lowered.transform(LowerQuantToStandard())
-    assert "Quant" not in [n.op_type for n in lowered.graph.node]
-    got = ort.InferenceSession(lowered.model.SerializeToString(),
-                               providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got, ref = _lowered_and_qonnx(node, inits, x)
     assert np.array_equal(got, ref)
 
 
@@ -172,16 +180,7 @@ def test_lowered_trunc_in_onnxruntime_equals_qonnx(in_bits, shift, signed, mode,
     node = helper.make_node("Trunc", ["x", "s", "z", "bi", "so", "bo"], ["y"],
                             domain="qonnx.custom_op.general", signed=int(signed), narrow=0,
                             rounding_mode=mode)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, [64])],
-                              [helper.make_tensor_value_info("y", 1, [64])], initializer=inits)
     # trunc_v2 (6 inputs, as Brevitas exports it) is version 2 of the qonnx domain
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid("qonnx.custom_op.general", 2)])
-    ref = execute_onnx(ModelWrapper(model), {"x": x})["y"]
-    lowered = ModelWrapper(onnx.ModelProto.FromString(model.SerializeToString()))
-    lowered = lowered.transform(LowerQuantToStandard())
-    assert "Trunc" not in [n.op_type for n in lowered.graph.node]
-    got = ort.InferenceSession(lowered.model.SerializeToString(),
-                               providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got, ref = _lowered_and_qonnx(node, inits, x, qonnx_version=2)
     assert np.array_equal(got, ref)
     assert len(np.unique(ref)) >= 3  # a live check: distinct outputs, not one clipped value

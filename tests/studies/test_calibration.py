@@ -158,20 +158,29 @@ def test_bias_correction_moves_biases_by_the_mean_output_error():
     assert nobias[0].bias is None and set(nobias.state_dict()) == keys
 
 
-def _quantized_inputs(model, x):
-    """Each activation quantizer proxy's output on ``x``, by proxy."""
+def _captured(model, x, modules, inputs: bool = False):
+    """Run ``model`` once on ``x``; per module of ``modules``, the list of its first inputs
+    (``inputs``) or of its outputs (a quant tensor's value), one per call."""
     seen = {}
-    hooks = [p.register_forward_hook(
-        lambda mod, inp, out, p=p: seen.setdefault(p, []).append(
-            out.value if hasattr(out, "value") else out))
-        for p in activation_quantizers(model)]
+
+    def keep(mod, inp, out=None):
+        t = inp[0] if inputs else (out.value if hasattr(out, "value") else out)
+        seen.setdefault(mod, []).append(t)
+
+    hooks = [m.register_forward_pre_hook(keep) if inputs else m.register_forward_hook(keep)
+             for m in modules]
     try:
         with torch.no_grad():
             model(x)
     finally:
         for h in hooks:
             h.remove()
-    return {p: torch.cat(v) for p, v in seen.items()}
+    return seen
+
+
+def _quantized_inputs(model, x):
+    """Each activation quantizer proxy's output on ``x``, by proxy."""
+    return {p: torch.cat(v) for p, v in _captured(model, x, activation_quantizers(model)).items()}
 
 
 @pytest.mark.parametrize("act_bits", [2, 4])
@@ -206,21 +215,13 @@ def test_act_bits_quantizes_activations_of_both_models(float_cnn, digits, act_bi
 def _clipped(model, x):
     """Per compute layer (execution order): the fraction of its raw inputs on ``x`` above its
     activation quantizer's largest level (what calibration keeps near zero)."""
-    raw = {}
     layers = [m for m in model.modules() if hasattr(m, "input_quant")
               and hasattr(m, "weight_quant")]
-    hooks = [m.input_quant.register_forward_pre_hook(
-        lambda mod, inp, m=m: raw.setdefault(m, inp[0])) for m in layers]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    raw = _captured(model, x, [m.input_quant for m in layers], inputs=True)
     out = []
     for m in layers:
         top = float(m.input_quant.scale()) * (2 ** int(m.input_quant.bit_width()) - 1)
-        out.append(float((raw[m] > top * 1.01).float().mean()))
+        out.append(float((raw[m.input_quant][0] > top * 1.01).float().mean()))
     return out
 
 
