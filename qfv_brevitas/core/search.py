@@ -83,6 +83,10 @@ def blocks(G: int, M: int, block: Optional[int] = None):
             yield r0, min(r0 + rows, G), 0, M
 
 
+#: dtypes whose nearest-level search may use the lookup table (exact cell arithmetic)
+LUT_DTYPES = (torch.float32, torch.float64)
+
+
 class LevelIndex:
     """Sorted levels of a ``(G, L)`` table plus a lookup table for nearest-level search."""
 
@@ -104,7 +108,10 @@ class LevelIndex:
         # The compiled CPU kernel builds its own table. On a GPU, searchsorted: the table's
         # checks would each be a host sync.
         self.native = native
-        self.lut = None if self.native or sync_free(values) else self._build_lut()
+        # Half-precision dtypes: the table's cell arithmetic is not exact there (bfloat16 holds
+        # integers exactly only up to 256), searchsorted compares in the dtype exactly.
+        self.lut = None if self.native or sync_free(values) or values.dtype not in LUT_DTYPES \
+            else self._build_lut()
 
     def _build_lut(self):
         G, T = self.thr.shape
