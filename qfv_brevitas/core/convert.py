@@ -8,8 +8,8 @@
 """
 from __future__ import annotations
 
-import copy
-from typing import Dict, List, Optional, Sequence, Tuple
+import warnings
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -19,7 +19,11 @@ from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
 from brevitas.quant import Int8ActPerTensorFloat, Uint8ActPerTensorFloat
 
 from qfv_brevitas.core.config import FORWARD_MODES, NMultConfig
-from qfv_brevitas.util.errors import QfvError
+from qfv_brevitas.core.preserve import (ConversionError, FloatCallRecorder, ModuleTree,
+                                        adopt_hooks, check_tree, check_replaceable, check_weights,
+                                        copy_model, find_module, float_calls, is_empty, keep_frozen,
+                                        module_tree, resolve_names, tie_conflicts,
+                                        warn_outside_ties)
 from qfv_brevitas.util.validate import check_choice
 from qfv_brevitas.core.levels import check_bits
 from qfv_brevitas.core.quantizers import (FixedLevelWeightQuant, LearnedStepWeightQuant, NMultWeightQuant,
@@ -27,17 +31,15 @@ from qfv_brevitas.core.quantizers import (FixedLevelWeightQuant, LearnedStepWeig
 
 __all__ = ["quantize_model", "swap_weight_quant", "set_forward_mode", "ConversionError",
            "weight_quant_for", "unsigned_input_layers", "probe_layers", "set_submodule",
-           "build_quant_layer"]
-
-
-class ConversionError(QfvError):
-    """A layer of the model cannot be given an N-multiplier quantizer."""
+           "build_quant_layer", "COMPUTE"]
 
 
 _VARIANT_QUANT = {"nmult": NMultWeightQuant, "step": LearnedStepWeightQuant,
                   "fixed": FixedLevelWeightQuant}
 
 _CONV = {nn.Conv1d: qnn.QuantConv1d, nn.Conv2d: qnn.QuantConv2d, nn.Conv3d: qnn.QuantConv3d}
+#: the torch layers quantize_model converts
+COMPUTE = (nn.Linear, *_CONV)
 _UNSUPPORTED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear,
                 nn.modules.lazy.LazyModuleMixin)
 
@@ -92,11 +94,13 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def build_quant_layer(name: str, old: nn.Module, wq, act_quant, act_bits: Optional[int],
                       stats_steps: int = NMultConfig.act_collect_stats_steps,
-                      level_init: Optional[str] = None) -> nn.Module:
+                      level_init: Optional[str] = None, adopt: bool = False) -> nn.Module:
     """The Brevitas counterpart of the Conv/Linear layer ``old`` (named ``name``): weight
     quantizer ``wq`` (any Brevitas weight-quant injector), input quantizer ``act_quant`` at
     ``act_bits`` (``None``: float inputs) collecting statistics for ``stats_steps`` steps, and
-    ``old``'s weights and bias. ``level_init``: the level init of an N-multiplier ``wq``."""
+    ``old``'s weights and bias: copies, or with ``adopt`` the very Parameter objects (ties,
+    ``requires_grad`` and optimizers holding them survive). ``level_init``: the level init of
+    an N-multiplier ``wq``."""
     # With ``level_init`` (N-multiplier quantizers) the layer is built with LSQ's cheap start:
     # its random init weights are replaced below, and only then are the levels initialised
     # the configured way (a fit to the random weights would be wasted).
@@ -116,10 +120,15 @@ def build_quant_layer(name: str, old: nn.Module, wq, act_quant, act_bits: Option
         new = cls(old.in_channels, old.out_channels, old.kernel_size, stride=old.stride,
                   padding=old.padding, dilation=old.dilation, groups=old.groups,
                   padding_mode=old.padding_mode, **kw)
-    with torch.no_grad():
-        new.weight.copy_(old.weight)
+    if adopt:
+        new.weight = old.weight
         if old.bias is not None:
-            new.bias.copy_(old.bias)
+            new.bias = old.bias
+    else:
+        with torch.no_grad():
+            new.weight.copy_(old.weight)
+            if old.bias is not None:
+                new.bias.copy_(old.bias)
     new.train(old.training)
     # The quantizer was initialised from the layer's random init: start it from the real weights.
     proxy = new.weight_quant
@@ -141,14 +150,20 @@ def quantize_model(model: nn.Module, config: Optional[NMultConfig] = None,
         model: a plain torch model (BatchNorm, residual adds etc. are left as they are).
         config: bits, variant, mode, granularity; first and last compute layers get
             ``config.first_last_bits`` for weights and input activations (paper section 4).
-        example_input: optional batch; with it, first/last layers are found in execution order
-            and layers whose inputs are never negative get unsigned activation quantizers.
+        example_input: optional batch; with it, first/last layers are found in execution order,
+            layers whose inputs are never negative get unsigned activation quantizers, and the
+            converted model is run once to check that no float Conv/Linear still runs.
         inplace: modify ``model`` instead of a deep copy.
-        skip: qualified names of compute layers to leave in float.
+        skip: names of compute layers to leave in float (any name of a shared layer).
         unsigned_inputs: names of layers whose input quantizer is unsigned; overrides the
             detection from ``example_input`` (used to rebuild a saved model exactly).
 
-    Returns the quantized model; its weights and biases equal the original's.
+    Returns the quantized model. What it keeps (:mod:`qfv_brevitas.core.preserve`): a layer
+    held under several names or called several times is one quantized layer; each converted
+    layer keeps its weight and bias Parameter objects (ties, ``requires_grad``), its forward
+    and backward hooks and its train/eval mode; a frozen weight gets frozen quantizer
+    parameters. Empty layers stay float with a warning; what cannot be kept is refused with a
+    :class:`ConversionError` naming the layer.
 
     >>> m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
     >>> q = quantize_model(m, NMultConfig(weight_bits=3, act_bits=4))
@@ -156,57 +171,160 @@ def quantize_model(model: nn.Module, config: Optional[NMultConfig] = None,
     [8, 3, 8]
     """
     config = config or NMultConfig()
+    check_tree(model)
+    skipped = {id(m) for m in resolve_names(model, skip, "skip").values()}
+    refuse_unconvertible(model, skipped)
+    resolve_names(model, config.layer_bits, "layer_bits")
+    if not inplace:
+        model = copy_model(model)
+    tree = module_tree(model)
+    skipped = {id(m) for m in resolve_names(model, skip, "skip").values()}
+    order, observed = probe_layers(model, example_input)
+    layers, left_float = convertible_layers(model, order, skipped)
+    names = [n for n, _ in layers]
+    if not names:
+        raise ConversionError("the model has no Conv1d/Conv2d/Conv3d/Linear layer to quantize"
+                              + (" (only empty ones)" if left_float else ""))
+    nonneg = observed if unsigned_inputs is None else \
+        unsigned_by_name(model, tree, unsigned_inputs, names)
+    edge = {names[0], names[-1]} if config.first_last_bits is not None else set()
+    wbits = layer_bits_by_name(model, tree, config, edge, names)
+    tie_conflicts(tree, wbits)
+    warn_outside_ties(tree, set(names))
+    built = []
+    for name, old in layers:
+        abits = config.first_last_bits if name in edge else config.act_bits
+        act_quant = None
+        if config.act_bits is not None:
+            act_quant = Uint8ActPerTensorFloat if nonneg.get(name, False) else Int8ActPerTensorFloat
+        built.append((old, convert_layer(name, old, config, wbits[name], act_quant, abits)))
+    for old, new in built:  # every layer built before the model changes: no half conversion
+        tree.replace(old, new)
+    if example_input is not None:
+        try:
+            refuse_float_calls(model, example_input, tree, skipped | left_float)
+        except ConversionError:
+            for old, _ in built:
+                tree.restore(old)
+            raise
+    return model
+
+
+def refuse_unconvertible(model: nn.Module, skipped: Set[int]) -> None:
+    """Refuse Brevitas layers, compute layers without a Brevitas counterpart and
+    MultiheadAttention (it reads its projections' weights directly) unless skipped."""
     for name, mod in model.named_modules():
         if isinstance(mod, QuantWeightBiasInputOutputLayer):
             raise ConversionError(
                 f"layer {name!r} is already a Brevitas layer ({type(mod).__name__}); use "
                 "swap_weight_quant(model, config) to give an existing Brevitas model N-multiplier "
                 "weights")
-        if isinstance(mod, _UNSUPPORTED) and name not in skip:
+        if isinstance(mod, _UNSUPPORTED) and id(mod) not in skipped:
             raise ConversionError(
                 f"layer {name!r} ({type(mod).__name__}) cannot be converted: supported compute "
                 "layers are Conv1d, Conv2d, Conv3d and Linear. Pass its name in skip=() to leave "
                 "it in float.")
         if isinstance(mod, nn.MultiheadAttention):
-            inner = [f"{name}.{c}" for c, _ in mod.named_children()]
-            if any(n not in skip for n in inner):
+            inner = {f"{name}.{c}": m for c, m in mod.named_children()}
+            if any(id(m) not in skipped for m in inner.values()):
                 raise ConversionError(
-                    f"layer {name!r} (MultiheadAttention) reads the weights of {inner} directly, "
-                    "so a quantizer on them would never run. Pass them in skip=() to leave them "
-                    "in float.")
-    unknown = set(skip) - {n for n, _ in model.named_modules()}
-    if unknown:
-        raise ConversionError(f"skip names not in the model: {sorted(unknown)}")
-    unknown = set(config.layer_bits) - {n for n, _ in model.named_modules()}
-    if unknown:
-        raise ConversionError(f"layer_bits names not in the model: {sorted(unknown)}")
-    if not inplace:
-        model = copy.deepcopy(model)
-    order, observed = probe_layers(model, example_input)
-    names = [n for n in order if n not in skip]
-    if not names:
-        raise ConversionError("the model has no Conv1d/Conv2d/Conv3d/Linear layer to quantize")
-    if unsigned_inputs is not None:
-        unknown = set(unsigned_inputs) - set(names)
-        if unknown:
-            raise ConversionError(f"unsigned_inputs names are not converted layers: {sorted(unknown)}")
-        nonneg = {n: True for n in unsigned_inputs}
-    else:
-        nonneg = observed
-    edge = {names[0], names[-1]} if config.first_last_bits is not None else set()
+                    f"layer {name!r} (MultiheadAttention) reads the weights of {list(inner)} "
+                    "directly, so a quantizer on them would never run. Pass them in skip=() to "
+                    "leave them in float.")
+
+
+def convertible_layers(model: nn.Module, order: Sequence[str], skipped: Set[int]
+                       ) -> Tuple[List[Tuple[str, nn.Module]], Set[int]]:
+    """``(name, layer)`` of the layers to convert, in ``order``, each checked
+    (:func:`~qfv_brevitas.core.preserve.check_replaceable`), and the ids of empty layers left
+    float with a warning."""
     mods = dict(model.named_modules())
-    for name in names:
-        old = mods[name]
-        wbits = config.layer_bits.get(name, config.first_last_bits if name in edge
-                                      else config.weight_bits)
-        abits = config.first_last_bits if name in edge else config.act_bits
-        act_quant = None
-        if config.act_bits is not None:
-            act_quant = Uint8ActPerTensorFloat if nonneg.get(name, False) else Int8ActPerTensorFloat
-        new = build_quant_layer(name, old, weight_quant_for(config, wbits, name), act_quant,
-                                abits, config.act_collect_stats_steps, config.init)
-        set_submodule(model, name, new)
-    return model
+    out, empty = [], set()
+    for name in order:
+        layer = mods[name]
+        if id(layer) in skipped:
+            continue
+        check_replaceable(name, layer, next(b for b in COMPUTE if isinstance(layer, b)))
+        if is_empty(layer):
+            warnings.warn(f"layer {name!r} has an empty weight {tuple(layer.weight.shape)}: "
+                          "nothing to quantize, it stays float", UserWarning, stacklevel=3)
+            empty.add(id(layer))
+            continue
+        out.append((name, layer))
+    return out, empty
+
+
+def unsigned_by_name(model: nn.Module, tree: ModuleTree, unsigned_inputs: Sequence[str],
+                     names: Sequence[str]) -> Dict[str, bool]:
+    """``{canonical name: True}`` for ``unsigned_inputs`` (any name of a converted layer)."""
+    try:
+        found = resolve_names(model, unsigned_inputs, "unsigned_inputs")
+    except ConversionError:
+        found = {}
+    canon = {n: tree.name[id(m)] for n, m in found.items()}
+    unknown = [n for n in unsigned_inputs if canon.get(n) not in names]
+    if unknown:
+        raise ConversionError(f"unsigned_inputs names are not converted layers: {sorted(unknown)}")
+    return {c: True for c in canon.values()}
+
+
+def bits_given(model: nn.Module, tree: ModuleTree, layer_bits: Dict[str, int]
+               ) -> Dict[str, Tuple[str, int]]:
+    """``{canonical name: (name given, bits)}`` of ``layer_bits``, whose names may be any name
+    of a shared layer; two names of one layer with different bits are refused."""
+    given: Dict[str, Tuple[str, int]] = {}
+    for n, m in resolve_names(model, layer_bits, "layer_bits").items():
+        canon, bits = tree.name[id(m)], layer_bits[n]
+        if canon in given and given[canon][1] != bits:
+            raise ConversionError(
+                f"layer_bits gives {given[canon][0]!r} {given[canon][1]} bits and {n!r} {bits}, "
+                f"but both name the one layer {canon!r}")
+        given[canon] = (n, bits)
+    return given
+
+
+def layer_bits_by_name(model: nn.Module, tree: ModuleTree, config: NMultConfig,
+                       edge: Set[str], names: Sequence[str]) -> Dict[str, int]:
+    """Weight bits of each converted layer by canonical name: ``config.layer_bits``
+    (:func:`bits_given`), else the first/last width at the edges, else ``config.weight_bits``."""
+    given = bits_given(model, tree, config.layer_bits)
+    return {n: given[n][1] if n in given else
+            config.first_last_bits if n in edge else config.weight_bits for n in names}
+
+
+def convert_layer(name: str, old: nn.Module, config: NMultConfig, wbits: int, act_quant,
+                  abits: Optional[int]) -> nn.Module:
+    """The quantized counterpart of ``old``: its Parameter objects, hooks and mode; frozen
+    quantizers (weight levels and input scale) if its weight is frozen."""
+    new = build_quant_layer(name, old, weight_quant_for(config, wbits, name), act_quant, abits,
+                            config.act_collect_stats_steps, config.init, adopt=True)
+    adopt_hooks(old, new)
+    if not old.weight.requires_grad:
+        keep_frozen(new, ("weight_quant", "input_quant"))
+    return new
+
+
+def refuse_float_calls(model: nn.Module, example_input, tree: ModuleTree,
+                       allowed: Set[int]) -> None:
+    """Run the converted ``model`` once and refuse a float Conv/Linear that still runs: one
+    reached other than through the model's modules (a plain list, a bound method) or created
+    in the forward pass would silently stay float."""
+    seen = float_calls(model, example_input,
+                       FloatCallRecorder(COMPUTE, (QuantWeightBiasInputOutputLayer,), allowed))
+    if not seen:
+        return
+    layer = seen[0]
+    fix = ("; register it as a submodule (an attribute, nn.ModuleList or nn.ModuleDict) and "
+           "call it through the model, or pass it in skip=()")
+    if id(layer) in tree.name:
+        raise ConversionError(
+            f"layer {tree.name[id(layer)]!r} still runs in float after the conversion: the "
+            "forward pass also reaches it other than through the model's modules (a plain "
+            "list or dict, a bound method, a closure)" + fix)
+    raise ConversionError(
+        f"a {type(layer).__name__}({layer.extra_repr()}) that is not a submodule of the model "
+        "runs in the forward pass (held in a plain list, dict or other object, or created in "
+        "forward), so it would stay float" + fix)
 
 
 def swap_weight_quant(model: nn.Module, config: Optional[NMultConfig] = None,
@@ -227,21 +345,25 @@ def swap_weight_quant(model: nn.Module, config: Optional[NMultConfig] = None,
     Returns ``model``.
     """
     config = config or NMultConfig()
+    check_tree(model)
     layers = [(n, m) for n, m in model.named_modules()
               if isinstance(m, QuantWeightBiasInputOutputLayer)]
     if not layers:
         raise ConversionError("the model has no Brevitas QuantConv/QuantLinear layer; use "
                               "quantize_model() for a plain torch model")
-    unknown = set(config.layer_bits) - {n for n, _ in layers}
+    tree = module_tree(model)
+    quantized = {id(m) for _, m in layers}
+    unknown = [n for n in config.layer_bits if id(find_module(model, n)) not in quantized]
     if unknown:
         raise ConversionError(f"layer_bits names are not quantized layers: {sorted(unknown)}")
+    given = bits_given(model, tree, config.layer_bits)
     plan = []
     for name, layer in layers:
         proxy = layer.weight_quant
         if not proxy.is_quant_enabled and not include_float:
             continue
-        if name in config.layer_bits:
-            bits = config.layer_bits[name]
+        if name in given:
+            bits = given[name][1]
         elif keep_bit_width:
             if not proxy.is_quant_enabled:
                 raise ConversionError(f"layer {name!r} has no weight bit width to keep")
@@ -250,14 +372,39 @@ def swap_weight_quant(model: nn.Module, config: Optional[NMultConfig] = None,
             bits = config.weight_bits
         if layer.weight.dim() < 2 and config.per_channel:
             raise ConversionError(f"layer {name!r}: per-channel needs a weight with channels")
+        check_weights(name, layer)
+        if is_empty(layer):
+            warnings.warn(f"layer {name!r} has an empty weight {tuple(layer.weight.shape)}: "
+                          "nothing to quantize, its weight quantizer is left as it is",
+                          UserWarning, stacklevel=2)
+            continue
         plan.append((name, layer, check_bits(bits, f"layer {name}")))
+    tie_conflicts(tree, {name: bits for name, _, bits in plan})
+    warn_outside_ties(tree, {name for name, _, _ in plan})
+    warn_shared_quantizers(plan)
     for name, layer, bits in plan:
         proxy = NMultWeightQuantProxy(layer, weight_quant_for(config, bits, name))
         layer.weight_quant = proxy
         if config.frac_bits is None and proxy.needs_quant_tensor():
             proxy.use_integer_view("auto")  # integer biases / quant tensors need it
         proxy.train(layer.training)
+        if not layer.weight.requires_grad:
+            keep_frozen(layer, ("weight_quant",))
     return model
+
+
+def warn_shared_quantizers(plan: Sequence[Tuple[str, nn.Module, int]]) -> None:
+    """Warn where one Brevitas weight quantizer serves layers with different weights: each
+    gets its own N-multiplier quantizer, fitted to its own weights."""
+    groups: Dict[int, List[Tuple[str, nn.Module]]] = {}
+    for name, layer, _ in plan:
+        groups.setdefault(id(layer.weight_quant), []).append((name, layer))
+    for group in groups.values():
+        if len({id(layer.weight) for _, layer in group}) > 1:
+            warnings.warn(
+                f"layers {[n for n, _ in group]} share one Brevitas weight quantizer but not one "
+                "weight: each gets its own N-multiplier quantizer, fitted to its own weights",
+                UserWarning, stacklevel=3)
 
 
 def set_forward_mode(model: nn.Module, mode: str) -> nn.Module:
