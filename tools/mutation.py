@@ -411,6 +411,29 @@ MUTANTS: List[Mutant] = [
       'config = NMultConfig(weight_bits=bits, act_bits=None, variant="nmult",',
       ("tests/studies/test_calibration.py", "-k", "act_bits_quantizes"),
       "act_bits leaves the N-multiplier model's activations in float"),
+    # -- core/preserve.py, convert.py: a conversion keeps the model (issue 22) -------------------
+    M("convert-copies-instead-of-adopting", "qfv_brevitas/core/convert.py",
+      "        new.weight = old.weight\n",
+      "        new.weight = nn.Parameter(old.weight.detach().clone())\n",
+      ("tests/core/test_convert_preserves.py", "-k", "tied_parameters_stay_one_object"),
+      "a converted layer gets a copy of its weight: ties come back untied, frozen becomes "
+      "trainable"),
+    M("convert-shared-layer-replaced-once", "qfv_brevitas/core/preserve.py",
+      "        for parent, key in self.slots[id(old)]:\n",
+      "        for parent, key in self.slots[id(old)][:1]:\n",
+      ("tests/core/test_convert_preserves.py", "-k", "under_several_names"),
+      "a layer held under several names is replaced under its first name only: the others "
+      "stay float"),
+    M("convert-frozen-not-kept-on-load", "qfv_brevitas/core/preserve.py",
+      "            freeze_parts(module, self.parts)\n",
+      "            pass\n",
+      ("tests/core/test_convert_preserves.py", "-k", "frozen_weights_are_frozen"),
+      "a frozen layer's quantizer parameters become trainable again after load_state_dict"),
+    M("search-lut-in-half-precision", "qfv_brevitas/core/search.py",
+      "LUT_DTYPES = (torch.float32, torch.float64)\n",
+      "LUT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)\n",
+      ("tests/core/test_convert_preserves.py", "-k", "half_precision"),
+      "the nearest-level lookup table built in bfloat16 (cell indices rounded out of range)"),
 ]
 
 # -- running -------------------------------------------------------------------------------------
