@@ -16,7 +16,8 @@ from qfv_brevitas.cli import export  # noqa: F401  (export, inspect, verify, cro
 from qfv_brevitas.cli import snn  # noqa: F401
 from qfv_brevitas.cli import methods  # noqa: F401  (compare, bitflips, selftune)
 from qfv_brevitas.cli import quantize  # noqa: F401
-from qfv_brevitas.cli.common import OneLineParser, add_commands, apply_run_args, check_io
+from qfv_brevitas.cli.common import (OneLineParser, add_commands, apply_run_args, check_io,
+                                     one_line)
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.util.text import printable, printable_lines
 
@@ -49,10 +50,6 @@ EXIT_CRASH = 70
 _CRASH_CHARS = 400
 
 
-def _one_line(text) -> str:
-    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
-
-
 def _out_of_memory(e: BaseException) -> bool:
     """Python's MemoryError, or torch's (Cuda)OutOfMemoryError (a RuntimeError)."""
     return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
@@ -66,23 +63,23 @@ def _describe(e: BaseException):
         return EXIT_INTERRUPTED, ("interrupted; no output was left half-written (each is the "
                                   "previous one or complete)")
     if isinstance(e, QfvError):  # bad input, an output refused, a check that failed
-        return e.exit_code, _one_line(e)
+        return e.exit_code, one_line(e)
     if _out_of_memory(e):
         return EXIT_SYSTEM, "out of memory (the work stopped; outputs are unchanged)"
     if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
-        return EXIT_BAD_INPUT, _one_line(e)  # an input path (outputs' folders are made)
+        return EXIT_BAD_INPUT, one_line(e)  # an input path (outputs' folders are made)
     if isinstance(e, OSError):
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         return EXIT_SYSTEM, (f"{where}{e.strerror or e} (the work stopped; outputs are "
                              "unchanged)")
     if isinstance(e, ImportError):  # an optional extra is missing: its message says which
-        return EXIT_BAD_INPUT, _one_line(e)
+        return EXIT_BAD_INPUT, one_line(e)
     return None
 
 
 def crash_line(name: str, e: BaseException) -> str:
     """The one line of an internal error: its type and first words, and what to do."""
-    message = _one_line(e)
+    message = one_line(e)
     if len(message) > _CRASH_CHARS:
         message = message[:_CRASH_CHARS] + "..."
     return (f"qfv {name}: internal error: {type(e).__name__}: {message} (a bug; rerun with "

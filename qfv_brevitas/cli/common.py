@@ -27,8 +27,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from qfv_brevitas.core.intview import MAX_FRAC_BITS
 from qfv_brevitas.util.errors import QfvError
 
-__all__ = ["OneLineParser", "command", "command_group", "add_commands", "declare_io", "check_io",
-           "add_dataset_args", "add_checkpoint_args", "add_reg_args", "add_finetune_args",
+__all__ = ["OneLineParser", "one_line", "command", "command_group", "add_commands",
+           "declare_io", "check_io", "add_dataset_args", "add_checkpoint_args", "add_reg_args", "add_finetune_args",
            "finetune_config", "add_study_args", "study_config", "add_variability_args",
            "variability_settings", "add_run_args", "apply_run_args", "result_names",
            "require_quantized", "load_for_device", "meta_of", "is_output_rank",
@@ -49,12 +49,16 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):
         from qfv_brevitas.util.text import printable
 
-        self.exit(2, printable(f"{self.prog}: error: {_one_line(message)} (see {self.prog} "
+        self.exit(2, printable(f"{self.prog}: error: {one_line(message)} (see {self.prog} "
                                "--help)") + "\n")
 
 
-def _one_line(text: str) -> str:
-    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
+def one_line(text: object) -> str:
+    """The lines of a message joined by "; ". Only a newline ends a line: a name holding
+    another line break (``\\x85``, ``\\u2028``, a lone ``\\r``) is kept whole, to be
+    escaped."""
+    lines = (line.strip(" \t\r") for line in str(text).split("\n"))
+    return "; ".join(line for line in lines if line)
 
 
 @dataclass(frozen=True)

@@ -198,3 +198,10 @@ def test_empty_paths_are_refused_naming_the_argument(capsys, argv, option):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"error: {option}: the path" in err
+
+
+def test_only_a_newline_ends_a_line_of_a_message(monkeypatch, capsys):
+    """A name may hold other line breaks (NEL, U+2028, a lone CR): escaped, never split."""
+    assert common.one_line(" a \r\n\n b\x85c\u2028d\re \n") == "a; b\x85c\u2028d\re"
+    code, lines = _run(monkeypatch, capsys, QfvError("layer 'x\x85y\u2028z' is bad\nsecond"))
+    assert (code, lines) == (2, ["qfv report: error: layer 'x\\x85y\\u2028z' is bad; second"])
