@@ -248,37 +248,36 @@ def test_a_swap_after_the_last_look_is_swapped_back(tmp_path, monkeypatch):
     """The exchange that replaces an existing output looks at what it took out: a FIFO put
     there after the last look goes back in place, unopened."""
     out = atomic_write(tmp_path / "m.pt", b"old")
-    real_lstat = safeio._lstat
+    real_exchange = safeio._exchange
+    swaps = []
 
-    def stale_lstat(path, given):  # the look happens before the swap
-        st = real_lstat(path, given)
-        if st is not None and stat.S_ISREG(st.st_mode) and path == out.resolve():
+    def swapped_first(a, b):  # the FIFO comes in just before the exchange
+        if not swaps:
             out.unlink()
             os.mkfifo(out)
-        return st
-    monkeypatch.setattr(safeio, "_lstat", stale_lstat)
+        swaps.append((a, b))
+        return real_exchange(a, b)
+    monkeypatch.setattr(safeio, "_exchange", swapped_first)
     with pytest.raises(OutputError, match=r"m\.pt is a FIFO"):
         with atomic_path(out, overwrite=True) as tmp:
             tmp.write_bytes(b"new")
+    assert len(swaps) == 2  # swapped in, looked at, swapped back
     assert stat.S_ISFIFO(os.lstat(out).st_mode) and listing(tmp_path) == ["m.pt"]
 
 
-def _appears_after_the_last_look(monkeypatch, target, content=b"theirs"):
-    """``safeio._lstat`` under which a file appears at ``target`` just after the last look
-    before the rename (the second: the group's check, then the file's own): the race only
-    the no-replace rename itself can win."""
-    real_lstat = safeio._lstat
-    looks = []
+def _appears_before_the_rename(monkeypatch, target, content=b"theirs"):
+    """``safeio._rename_noreplace`` with a file appearing at ``target`` just before it runs,
+    after every look: the race only the no-replace rename itself can win."""
+    real = safeio._rename_noreplace
+    calls = []
 
-    def late(path, given):
-        st = real_lstat(path, given)
-        if path == target.resolve():
-            looks.append(st)
-            if len(looks) == 2:
-                target.write_bytes(content)
-        return st
-    monkeypatch.setattr(safeio, "_lstat", late)
-    return looks
+    def late(src, dst):
+        calls.append(dst)
+        if dst == target.resolve():
+            target.write_bytes(content)
+        return real(src, dst)
+    monkeypatch.setattr(safeio, "_rename_noreplace", late)
+    return calls
 
 
 @pytest.mark.parametrize("system", ["renameat2", "link", "look-and-rename"])
@@ -298,23 +297,24 @@ def test_a_file_that_appears_before_the_rename_is_never_replaced(tmp_path, monke
     assert out.read_bytes() == b"theirs" and listing(tmp_path) == ["m.pt"]
     out.unlink()
     # after the last look: only the rename itself can refuse (the look-and-rename fallback
-    # looks once more, just before its rename)
-    looks = _appears_after_the_last_look(monkeypatch, out)
+    # looks once more, inside, just before its rename)
+    calls = _appears_before_the_rename(monkeypatch, out)
     with pytest.raises(OutputError, match=r"m\.pt appeared while it was being written"):
         with atomic_path(out) as tmp:
             tmp.write_bytes(b"ours")
-    assert looks[:2] == [None, None]  # both looks saw nothing: the rename refused
+    assert calls == [out.resolve()]  # every look saw nothing: the rename itself refused
     assert out.read_bytes() == b"theirs" and listing(tmp_path) == ["m.pt"]
 
 
 def test_a_group_that_cannot_be_placed_whole_leaves_nothing(tmp_path, monkeypatch):
     a, b = tmp_path / "r.csv", tmp_path / "r.json"
-    _appears_after_the_last_look(monkeypatch, b)
+    calls = _appears_before_the_rename(monkeypatch, b)
     with pytest.raises(OutputError, match=r"r\.json appeared"):
         with atomic_paths([a, b]) as (ta, tb):
             ta.write_text("ours")
             tb.write_text("ours")
-    assert listing(tmp_path) == ["r.json"] and b.read_bytes() == b"theirs"  # r.csv taken back
+    assert calls == [a.resolve(), b.resolve()]  # r.csv was placed, then taken back
+    assert listing(tmp_path) == ["r.json"] and b.read_bytes() == b"theirs"
 
 
 def test_rename_errors_name_the_output_not_the_temporary_file(tmp_path, monkeypatch):
