@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from qfv_brevitas.core.chip import MAPPINGS
 from qfv_brevitas.util.validate import check_choice
+from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.core.convert import set_forward_mode
 from qfv_brevitas.core.quantizers import nmult_layers, quant_of
 from qfv_brevitas.training.train import TrainConfig, fit
@@ -47,11 +48,11 @@ def has_device_maps(model: nn.Module) -> bool:
 def _require_maps(model: nn.Module, what: str, faults: bool = False) -> None:
     layers = nmult_layers(model)
     if not layers:
-        raise ValueError(f"{what}: the model has no N-multiplier layer")
+        raise QfvError(f"{what}: the model has no N-multiplier layer")
     if faults and not any(l.weight_quant.chip.has_faults for _, l in layers):
-        raise ValueError(f"{what}: no fault map attached (qfv_brevitas.chip.faults.attach_faults)")
+        raise QfvError(f"{what}: no fault map attached (qfv_brevitas.chip.faults.attach_faults)")
     if not faults and not has_device_maps(model):
-        raise ValueError(f"{what}: no fault or variability map attached")
+        raise QfvError(f"{what}: no fault or variability map attached")
 
 
 @torch.no_grad()
@@ -80,7 +81,7 @@ def fault_aware_finetune(model: nn.Module, train: Dataset, test: Optional[Datase
     with a fault map attached; afterwards it deploys with aware mapping."""
     _require_maps(model, "fault_aware_finetune", faults=True)
     if remap_every < 1:
-        raise ValueError(f"remap_every must be >= 1, got {remap_every}")
+        raise QfvError(f"remap_every must be >= 1, got {remap_every}")
     set_forward_mode(model, "paper")
     set_deploy_mapping(model, "aware")
     remap_to_valid_(model)

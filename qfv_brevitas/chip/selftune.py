@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from qfv_brevitas.util.validate import check_choice, check_count
+from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.core.quantizers import nmult_layers
 
 __all__ = ["SELFTUNE_MODES", "ReferenceStats", "SelfTuning", "reference_statistics",
@@ -71,18 +72,18 @@ class ReferenceStats:
 
 def _check_batch(x, input_shape: Optional[Tuple[int, ...]], what: str) -> Tensor:
     if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise ValueError(f"{what}: the calibration batch must be a floating-point tensor of "
-                         f"unlabeled inputs (batch first), got "
-                         f"{getattr(x, 'dtype', type(x).__name__)}; pass images only, not "
-                         "(images, labels)")
+        raise QfvError(f"{what}: the calibration batch must be a floating-point tensor of "
+                       f"unlabeled inputs (batch first), got "
+                       f"{getattr(x, 'dtype', type(x).__name__)}; pass images only, not "
+                       "(images, labels)")
     if x.dim() < 2 or x.shape[0] < 2:
-        raise ValueError(f"{what}: the calibration batch needs a batch axis with at least 2 "
-                         f"inputs to estimate a standard deviation, got shape {tuple(x.shape)}")
+        raise QfvError(f"{what}: the calibration batch needs a batch axis with at least 2 "
+                       f"inputs to estimate a standard deviation, got shape {tuple(x.shape)}")
     if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
-        raise ValueError(f"{what}: the calibration batch has inputs of shape "
-                         f"{tuple(x.shape[1:])} but the reference statistics were recorded on "
-                         f"inputs of shape {tuple(input_shape)}; pass a batch of the model's "
-                         f"own inputs, shape (B, {', '.join(map(str, input_shape))})")
+        raise QfvError(f"{what}: the calibration batch has inputs of shape "
+                       f"{tuple(x.shape[1:])} but the reference statistics were recorded on "
+                       f"inputs of shape {tuple(input_shape)}; pass a batch of the model's "
+                       f"own inputs, shape (B, {', '.join(map(str, input_shape))})")
     return x
 
 
@@ -117,7 +118,7 @@ def layer_statistics(model: nn.Module, x: Tensor) -> ReferenceStats:
 
     _run_hooked(model, x, hook_of)
     if not mean:
-        raise ValueError("the model has no N-multiplier layer to take statistics of")
+        raise QfvError("the model has no N-multiplier layer to take statistics of")
     return ReferenceStats(mean, std, tuple(x.shape[1:]))
 
 
@@ -159,7 +160,7 @@ class _Correction:
 
     def _check(self, out: Tensor) -> None:
         if out.shape[self.dim] != self.ref_mean.numel():
-            raise ValueError(
+            raise QfvError(
                 f"self-tuning layer {self.name!r}: {out.shape[self.dim]} output channels "
                 f"but the reference statistics have {self.ref_mean.numel()}; record them "
                 "from this model")
@@ -246,7 +247,7 @@ def self_tune(model: nn.Module, calib: Tensor, reference: Optional[ReferenceStat
     passes = check_count(passes, "self_tune: passes")
     layers = dict(nmult_layers(model))
     if not layers:
-        raise ValueError("self_tune: the model has no N-multiplier layer")
+        raise QfvError("self_tune: the model has no N-multiplier layer")
     remove_self_tuning(model)
     if reference is None:
         _check_batch(calib, None, "self_tune")
@@ -256,10 +257,10 @@ def self_tune(model: nn.Module, calib: Tensor, reference: Optional[ReferenceStat
                         f"reference_statistics), got {type(reference).__name__}")
     _check_batch(calib, reference.input_shape, "self_tune")
     if set(reference.layers) != set(layers):
-        raise ValueError(f"self_tune: the reference statistics are of layers "
-                         f"{sorted(reference.layers)} but the model's N-multiplier layers are "
-                         f"{sorted(layers)}; record them with reference_statistics(model, x) "
-                         "on this model")
+        raise QfvError(f"self_tune: the reference statistics are of layers "
+                       f"{sorted(reference.layers)} but the model's N-multiplier layers are "
+                       f"{sorted(layers)}; record them with reference_statistics(model, x) "
+                       "on this model")
     order: List[str] = []
     if passes > 1:  # the layers' execution order, from one plain pass
         _run_hooked(model, calib, lambda n, l: (lambda *a: order.append(n)))
@@ -289,7 +290,7 @@ def self_tune(model: nn.Module, calib: Tensor, reference: Optional[ReferenceStat
     unfitted = [n for n, h in hooks.items() if h.state != "fitted"]
     if unfitted:
         remove_self_tuning(model)
-        raise ValueError(f"self_tune: layers {unfitted} did not run on the calibration batch")
+        raise QfvError(f"self_tune: layers {unfitted} did not run on the calibration batch")
     return SelfTuning(model, hooks)
 
 
@@ -304,6 +305,7 @@ def calibration_batch(dataset: Dataset, size: int = 64, seed: int = 0) -> Tensor
     size = check_count(size, "calibration batch size", 2)
     n = len(dataset)
     if size > n:
-        raise ValueError(f"calibration batch of {size} inputs from a dataset of {n}")
+        raise QfvError(f"calibration batch size must be at most the {n} inputs of the data, "
+                       f"got {size}")
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:int(size)]
     return torch.stack([dataset[int(i)][0] for i in idx])

@@ -16,58 +16,91 @@ from qfv_brevitas.cli import export  # noqa: F401  (export, inspect, verify, cro
 from qfv_brevitas.cli import snn  # noqa: F401
 from qfv_brevitas.cli import methods  # noqa: F401  (compare, bitflips, selftune)
 from qfv_brevitas.cli import quantize  # noqa: F401
-from qfv_brevitas.cli.common import add_commands, apply_run_args, check_io
+from qfv_brevitas.cli.common import (OneLineParser, add_commands, apply_run_args, check_io,
+                                     one_line)
+from qfv_brevitas.util.errors import QfvError
+from qfv_brevitas.util.text import printable, printable_lines
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "EXIT_CRASH"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``qfv`` parser: every registered command."""
-    parser = argparse.ArgumentParser(
+    """The ``qfv`` parser: every registered command. A bad argument is one line naming it
+    (``qfv <command>: error: argument --x: ...``), exit 2."""
+    parser = OneLineParser(
         prog="qfv", description="Quantization-, fault- and variability-aware training for Brevitas",
         epilog="Exit status: 0 done; 1 a check found a difference (qfv verify, or an export "
                "that did not verify: nothing written); 2 bad input (argument, file, data); "
-               "3 output refused (exists without --force, is an input, not writable); "
-               "4 system error while working (disk full, I/O): outputs unchanged; "
-               "130 interrupted (Ctrl-C, SIGTERM): outputs unchanged.")
+               "3 output refused (exists without --force, is an input, is not a regular "
+               "file, not writable); 4 system error while working (disk full, I/O, out of "
+               "memory): outputs unchanged; 70 internal error (a bug in qfv: please report "
+               "it; --debug shows the traceback): outputs unchanged; 130 interrupted (Ctrl-C, "
+               "SIGTERM): outputs unchanged.")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error (also: QFV_DEBUG=1)")
     add_commands(parser.add_subparsers(dest="command", required=True))
     return parser
 
 
-#: exit status of each kind of failure (documented in README, "Errors and exit codes")
+#: exit status of each kind of failure (documented in README, "Errors and exit codes");
+#: 70 is EX_SOFTWARE of sysexits.h: an exception no check expected, i.e. a bug
 EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_OUTPUT, EXIT_SYSTEM, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
+EXIT_CRASH = 70
+#: the longest message of an internal error (a foreign library's can be pages long)
+_CRASH_CHARS = 400
 
 
-def _one_line(text: str) -> str:
-    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
+def _out_of_memory(e: BaseException) -> bool:
+    """Python's MemoryError, or torch's (Cuda)OutOfMemoryError (a RuntimeError)."""
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
 
 
 def _describe(e: BaseException):
-    """``(exit status, one-line message)`` of an expected error, or None for a bug."""
+    """``(exit status, one-line message)`` of an expected error, or None for a bug. Only the
+    library's own :class:`QfvError` is bad input: a ``ValueError`` from numpy, torch or
+    scikit-learn names neither the file nor the field, so it is a bug (a check is missing)."""
     if isinstance(e, KeyboardInterrupt):
         return EXIT_INTERRUPTED, ("interrupted; no output was left half-written (each is the "
                                   "previous one or complete)")
-    if isinstance(e, ValueError):  # QfvError and the validation errors of configs
-        return getattr(e, "exit_code", EXIT_BAD_INPUT), _one_line(e)
+    if isinstance(e, QfvError):  # bad input, an output refused, a check that failed
+        return e.exit_code, one_line(e)
+    if _out_of_memory(e):
+        return EXIT_SYSTEM, "out of memory (the work stopped; outputs are unchanged)"
     if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
-        return EXIT_BAD_INPUT, _one_line(e)  # an input path (outputs' folders are made)
+        return EXIT_BAD_INPUT, one_line(e)  # an input path (outputs' folders are made)
     if isinstance(e, OSError):
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         return EXIT_SYSTEM, (f"{where}{e.strerror or e} (the work stopped; outputs are "
                              "unchanged)")
-    if isinstance(e, MemoryError):
-        return EXIT_SYSTEM, "out of memory (the work stopped; outputs are unchanged)"
     if isinstance(e, ImportError):  # an optional extra is missing: its message says which
-        return EXIT_BAD_INPUT, _one_line(e)
+        return EXIT_BAD_INPUT, one_line(e)
     return None
+
+
+def crash_line(name: str, e: BaseException) -> str:
+    """The one line of an internal error: its type and first words, and what to do."""
+    message = one_line(e)
+    if len(message) > _CRASH_CHARS:
+        message = message[:_CRASH_CHARS] + "..."
+    return (f"qfv {name}: internal error: {type(e).__name__}: {message} (a bug; rerun with "
+            "--debug for the traceback)")
+
+
+_PLAIN_WARNING = warnings.formatwarning
+
+
+def _escaped_warning(message, category, filename, lineno, line=None) -> str:
+    """Python's text of a warning with every line escaped: a warning may quote a file."""
+    text = _PLAIN_WARNING(message, category, filename, lineno, line)
+    return printable_lines(text.rstrip("\n")) + "\n"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run ``qfv``; returns the exit status. Every expected error (bad input, an output that
     may not be written, a system error such as a full disk, Ctrl-C) is one line on stderr and
-    its exit status (see ``qfv --help``); ``--debug`` (or QFV_DEBUG=1) shows the traceback."""
+    its exit status (see ``qfv --help``); any other exception is a bug: one line, exit 70.
+    ``--debug`` (or QFV_DEBUG=1) raises instead, with the traceback. Every line is escaped
+    (:func:`~qfv_brevitas.util.text.printable`): text from a file never drives the terminal."""
     # Brevitas warns at import that an optional kernel package is missing: not ours to say.
     warnings.filterwarnings("ignore", message="fast_hadamard_transform package not found")
     args = build_parser().parse_args(argv)
@@ -81,18 +114,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     if hasattr(signal, "SIGTERM") and _main_thread() and signal.getsignal(signal.SIGTERM) \
             is not None:  # a kill: the same clean stop as Ctrl-C (temporary files removed)
         term = signal.signal(signal.SIGTERM, _interrupt)
+    plain_warning, warnings.formatwarning = warnings.formatwarning, _escaped_warning
     try:
         check_io(args)
         apply_run_args(args)
         return args._run(args)
     except (Exception, KeyboardInterrupt) as e:
-        described = None if debug else _describe(e)
-        if described is None:
+        if debug:
             raise
+        described = _describe(e)
+        if described is None:
+            print(printable(crash_line(name, e)), file=sys.stderr)
+            return EXIT_CRASH
         code, message = described
-        print(f"qfv {name}: error: {message}", file=sys.stderr)
+        print(printable(f"qfv {name}: error: {message}"), file=sys.stderr)
         return code
     finally:
+        warnings.formatwarning = plain_warning
         if xfsz is not None:
             signal.signal(signal.SIGXFSZ, xfsz)
         if term is not None:

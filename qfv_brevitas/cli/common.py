@@ -19,6 +19,7 @@ the commands were registered.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -26,18 +27,39 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from qfv_brevitas.core.intview import MAX_FRAC_BITS
 from qfv_brevitas.util.errors import QfvError
 
-__all__ = ["command", "command_group", "add_commands", "declare_io", "check_io",
-           "add_dataset_args", "add_checkpoint_args", "add_reg_args", "add_finetune_args",
+__all__ = ["OneLineParser", "one_line", "command", "command_group", "add_commands",
+           "declare_io", "check_io", "add_dataset_args", "add_checkpoint_args", "add_reg_args", "add_finetune_args",
            "finetune_config", "add_study_args", "study_config", "add_variability_args",
            "variability_settings", "add_run_args", "apply_run_args", "result_names",
            "require_quantized", "load_for_device", "meta_of", "is_output_rank",
-           "NEEDS_QUANTIZED", "DATASETS"]
+           "NEEDS_QUANTIZED", "DATASETS", "integer", "seed", "check_device", "check_workers",
+           "INT_LIMIT", "SEED_LIMIT", "show"]
 
 #: The data sets of the image commands.
 DATASETS = ("digits", "idx")
 
 
 # -- the registry --------------------------------------------------------------------------------
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose refusal is one line naming the argument, ``qfv <command>:
+    error: argument --x: ...``, exit 2 (argparse's own prints the whole usage first); its
+    subcommands' parsers are of the same class."""
+
+    def error(self, message: str):
+        from qfv_brevitas.util.text import printable
+
+        self.exit(2, printable(f"{self.prog}: error: {one_line(message)} (see {self.prog} "
+                               "--help)") + "\n")
+
+
+def one_line(text: object) -> str:
+    """The lines of a message joined by "; ". Only a newline ends a line: a name holding
+    another line break (``\\x85``, ``\\u2028``, a lone ``\\r``) is kept whole, to be
+    escaped."""
+    lines = (line.strip(" \t\r") for line in str(text).split("\n"))
+    return "; ".join(line for line in lines if line)
+
 
 @dataclass(frozen=True)
 class _Command:
@@ -113,11 +135,35 @@ def declare_io(p: argparse.ArgumentParser, out: Optional[str],
     p.set_defaults(_io_out=out, _io_names=tuple(names), _io_inputs=tuple(inputs))
 
 
+def _option(dest: str) -> str:
+    """How the command line spells the argument stored as ``dest``."""
+    return dest.upper() if dest in _POSITIONAL else "--" + dest.replace("_", "-")
+
+
+#: the arguments that are given by position (``qfv report CHECKPOINT``, ``qfv inspect FILE``)
+_POSITIONAL = ("checkpoint", "file")
+
+
+def _check_paths(args) -> None:
+    """Every declared input path and ``--out``: not an empty string (which would mean the
+    current folder) and no NUL character (no system call takes one)."""
+    for dest in (*getattr(args, "_io_inputs", ()), "out"):
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        if str(value).strip() == "":
+            raise QfvError(f"{_option(dest)}: the path is empty; give a file or folder name")
+        if "\0" in str(value):
+            raise QfvError(f"{_option(dest)}: the path {str(value)!r} holds a NUL character")
+
+
 def check_io(args) -> None:
-    """The declared output of ``args`` (see :func:`declare_io`) may be written: not an input,
-    not existing unless --force, its folder writable. Raises OutputError naming it."""
+    """The declared inputs and output of ``args`` (see :func:`declare_io`): no path empty; the
+    output may be written: not an input, not existing unless --force, a regular file (or a
+    folder for a folder output), its folder writable. Raises OutputError naming it."""
     from qfv_brevitas.util.safeio import check_output
 
+    _check_paths(args)
     kind = getattr(args, "_io_out", None)
     if kind is None:
         return
@@ -141,7 +187,7 @@ def check_io(args) -> None:
     elif kind == "results":
         from qfv_brevitas.util.errors import OutputError
 
-        if Path(args.out).exists() and not Path(args.out).is_dir():
+        if os.path.lexists(args.out) and not Path(args.out).is_dir():
             raise OutputError(f"output folder {args.out} exists and is not a folder")
         for name in args._io_names:
             check_output(Path(args.out) / name, overwrite=force, inputs=inputs)
@@ -150,6 +196,50 @@ def check_io(args) -> None:
 def result_names(name: str, kinds: Sequence[str] = ("csv", "json", "png")) -> List[str]:
     """The files a study command writes: ``name.csv``, ``name.json``, ``name.png``."""
     return [f"{name}.{k}" for k in kinds]
+
+
+# -- what a command prints --------------------------------------------------------------------------
+
+def show(text: object = "", file=None) -> None:
+    """``print(text)`` with every line escaped (:func:`~qfv_brevitas.util.text.printable_lines`):
+    a layer name, a metadata value or a file name written by someone else never reaches the
+    terminal as an escape sequence, a C1 control or a bidi override. Every command prints
+    through it."""
+    from qfv_brevitas.util.text import printable_lines
+
+    print(printable_lines(text), file=file)
+
+
+# -- values of options -----------------------------------------------------------------------------
+
+#: the largest size of an integer option: what a C int holds, so that no count reaches torch,
+#: numpy or the kernels as a number they overflow on (and no job of that size finishes)
+INT_LIMIT = 2**31 - 1
+#: the largest seed: what numpy, scikit-learn (a data split) and torch all take
+SEED_LIMIT = 2**32 - 1
+
+
+def integer(text: str) -> int:
+    """The argparse type of an integer option: an integer of at most :data:`INT_LIMIT` in
+    size (the configs check each option's own range)."""
+    try:
+        n = int(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if abs(n) > INT_LIMIT:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: at most {INT_LIMIT} in size")
+    return n
+
+
+def seed(text: str) -> int:
+    """The argparse type of ``--seed``: an integer in 0..:data:`SEED_LIMIT`."""
+    try:
+        n = int(text)
+    except (TypeError, ValueError):
+        n = -1
+    if not 0 <= n <= SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..{SEED_LIMIT}, got {text!r}")
+    return n
 
 
 # -- argument groups -------------------------------------------------------------------------------
@@ -189,7 +279,7 @@ def add_checkpoint_args(p: argparse.ArgumentParser, out: Optional[str] = None,
     declare_io(p, kind, names, inputs)
     p.add_argument("checkpoint", help="a model saved by qfv demo/train (or a fine-tune)")
     add_dataset_args(p, help="the data the checkpoint was trained on")
-    p.add_argument("--seed", type=int, default=CompareConfig.seed,
+    p.add_argument("--seed", type=seed, default=CompareConfig.seed,
                    help="seed of the maps / flip streams (the data split is the checkpoint's "
                         "own)")
     if out is not None:
@@ -222,9 +312,9 @@ def add_finetune_args(p: argparse.ArgumentParser, sam: bool = True) -> None:
     from qfv_brevitas.studies.engine import default_finetune
 
     ft = default_finetune()
-    p.add_argument("--epochs", type=int, default=ft.epochs, help="epochs of every fine-tune")
+    p.add_argument("--epochs", type=integer, default=ft.epochs, help="epochs of every fine-tune")
     p.add_argument("--lr", type=float, default=ft.lr)
-    p.add_argument("--lambda-rise-epochs", type=int, default=ft.lambda_rise_epochs)
+    p.add_argument("--lambda-rise-epochs", type=integer, default=ft.lambda_rise_epochs)
     add_reg_args(p, sam)
 
 
@@ -250,9 +340,9 @@ def add_study_args(p: argparse.ArgumentParser, selftune: bool = False, remap: bo
     ``--calib-size``, ``--selftune-passes``."""
     from qfv_brevitas.studies.engine import CompareConfig as C
 
-    p.add_argument("--trials", type=int, default=C.trials)
+    p.add_argument("--trials", type=integer, default=C.trials)
     if remap:
-        p.add_argument("--remap-every", type=int, default=C.remap_every,
+        p.add_argument("--remap-every", type=integer, default=C.remap_every,
                        help="epochs between the nearest-valid remaps of the fault-aware "
                             "fine-tunes")
     p.add_argument("--sam-rho", type=float, default=C.sam_rho,
@@ -263,8 +353,8 @@ def add_study_args(p: argparse.ArgumentParser, selftune: bool = False, remap: bo
     if selftune:
         p.add_argument("--no-selftune-on-top", action="store_true",
                        help="do not report every method after self-tuning too")
-        p.add_argument("--calib-size", type=int, default=C.calib_size)
-        p.add_argument("--selftune-passes", type=int, default=C.selftune_passes,
+        p.add_argument("--calib-size", type=integer, default=C.calib_size)
+        p.add_argument("--selftune-passes", type=integer, default=C.selftune_passes,
                        help="bit-flip scenarios: calibration passes (flip draws) pooled")
 
 
@@ -295,7 +385,7 @@ def add_variability_args(p: argparse.ArgumentParser) -> None:
                    help="between-chip component shared by every cell of a chip")
     p.add_argument("--layer-shared-sigma", type=float, default=S.layer_shared_sigma,
                    help="component shared by every cell of a layer")
-    p.add_argument("--devices-per-chip", type=int, default=S.devices_per_chip,
+    p.add_argument("--devices-per-chip", type=integer, default=S.devices_per_chip,
                    help="eval/compare: trials in groups of this many device maps per chip")
 
 
@@ -317,7 +407,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None,
                    help="cpu (default) or cuda[:N]: where the model runs")
     if p.get_default("trials") is not None:
-        p.add_argument("--workers", type=int, default=1,
+        p.add_argument("--workers", type=integer, default=1,
                        help="processes on this machine that share the Monte Carlo maps "
                             "(same results as 1)")
         p.add_argument("--distributed", action="store_true",
@@ -325,10 +415,66 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                             "on GPUs); rank 0 writes the outputs")
 
 
+def check_device(text: Optional[str]) -> Optional[str]:
+    """``--device`` checked: ``None`` (the default, the CPU), ``cpu``, ``cuda[:N]`` with CUDA
+    there and ``N`` one of its devices, or ``mps`` where Apple's backend is; returns torch's
+    spelling of it. Anything else (a typo, ``meta``, a second CPU) is an error naming it."""
+    if text is None:
+        return None
+    import torch
+
+    if not str(text).strip():
+        raise QfvError("--device is empty; give cpu or cuda[:N]")
+    try:
+        dev = torch.device(str(text).strip())
+    except (RuntimeError, ValueError, TypeError):
+        raise QfvError(f"--device {text!r} is not a device; give cpu or cuda[:N]") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise QfvError(f"--device {text}: CUDA is not available here (no GPU, or a torch "
+                           "built without CUDA); give --device cpu")
+        n = torch.cuda.device_count()
+        if dev.index is not None and not dev.index < n:
+            raise QfvError(f"--device {text}: this machine has {n} CUDA device(s), "
+                           f"cuda:0..cuda:{n - 1}")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise QfvError(f"--device {text}: Apple's MPS backend is not available here; give "
+                           "--device cpu")
+    elif dev.type != "cpu":
+        raise QfvError(f"--device {text}: qfv runs on cpu, cuda[:N] or mps, not {dev.type}")
+    if dev.type in ("cpu", "mps"):
+        if dev.index not in (None, 0):
+            raise QfvError(f"--device {text}: there is one {dev.type} device; give {dev.type}")
+        return dev.type
+    return str(dev)
+
+
+def check_workers(value) -> Optional[int]:
+    """``--workers`` checked: 1 up to :func:`~qfv_brevitas.util.threads.max_threads` (4
+    processes per core at most: more only wait for each other, and each holds a model)."""
+    if value is None:
+        return None
+    from qfv_brevitas.util.threads import max_threads
+
+    top = max_threads()
+    if not 1 <= value <= top:
+        raise QfvError(f"--workers must be 1..{top} (processes on this machine, at most 4 per "
+                       f"core), got {value}")
+    return value
+
+
 def apply_run_args(args) -> None:
-    """Set the thread count and join the ``torch.distributed`` group the arguments ask for."""
+    """Check ``--device`` and ``--workers``, set the thread count and join the
+    ``torch.distributed`` group the arguments ask for; refuse an unknown ``QFV_KERNELS``."""
+    from qfv_brevitas.core.kernels import setting_error
     from qfv_brevitas.util.threads import parse_threads
 
+    if setting_error() is not None:
+        raise QfvError(setting_error())
+    args.device = check_device(getattr(args, "device", None))
+    check_workers(getattr(args, "workers", None))
     n = parse_threads(getattr(args, "threads", "auto"))
     if n is not None:
         import torch

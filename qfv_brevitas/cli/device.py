@@ -8,7 +8,7 @@ import argparse
 from qfv_brevitas.cli.common import (add_checkpoint_args, add_finetune_args, add_study_args,
                                      add_variability_args, command, command_group,
                                      finetune_config, is_output_rank, load_for_device, meta_of,
-                                     result_names, variability_settings)
+                                     integer, result_names, show, variability_settings)
 
 __all__ = ["run_sample", "run_eval", "run_finetune", "run_compare"]
 
@@ -24,7 +24,7 @@ def _faults_finetune(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--method", choices=("fault_aware", "nearest_valid", "chip_in_loop"),
                    default="fault_aware")
-    p.add_argument("--remap-every", type=int, default=CompareConfig.remap_every)
+    p.add_argument("--remap-every", type=integer, default=CompareConfig.remap_every)
 
 
 def _variability_finetune(p: argparse.ArgumentParser) -> None:
@@ -74,7 +74,7 @@ def _register(kind: str, spec: dict) -> None:
     def evaluate(p: argparse.ArgumentParser):
         add_checkpoint_args(p, f"qfv-{kind}", "results", result_names(f"{kind}_eval"))
         p.add_argument(many, type=float, nargs="+", default=many_default)
-        p.add_argument("--trials", type=int, default=CompareConfig.trials)
+        p.add_argument("--trials", type=integer, default=CompareConfig.trials)
         p.add_argument("--mapping", choices=("naive", "aware"), default="naive",
                        help=spec["mapping_help"])
         spec["settings"](p)
@@ -138,9 +138,9 @@ def run_sample(args) -> int:
     model, info, train, test = load_for_device(args)
     m = _draw(args, model, _level(args))
     m.save(args.out, overwrite=args.force)
-    print(f"wrote {args.out}")
+    show(f"wrote {args.out}")
     for name, row in m.summary().items():
-        print(f"  {name}: {row}")
+        show(f"  {name}: {row}")
     return 0
 
 
@@ -159,8 +159,8 @@ def _write(args, info, res) -> int:
     if not is_output_rank(args):
         return 0
     paths = res.save(args.out, f"{args.command}_{args.action}", overwrite=args.force)
-    print(res.table())
-    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    show(res.table())
+    show("\nwrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
@@ -222,7 +222,7 @@ def run_finetune(args) -> int:
                     info["config"], overwrite=args.force,
                     **{**meta_of(info), "acc": after, "method": args.method,
                        "source": str(args.checkpoint)})
-    print(f"ideal device {100 * before:.2f}% | on this chip as is {100 * naive:.2f}% | "
+    show(f"ideal device {100 * before:.2f}% | on this chip as is {100 * naive:.2f}% | "
           f"after {args.method} {100 * after:.2f}%")
-    print(f"wrote {args.out} (the map travels with the model)")
+    show(f"wrote {args.out} (the map travels with the model)")
     return 0

@@ -4,15 +4,16 @@ from __future__ import annotations
 import json
 import sys
 
-from qfv_brevitas.cli.common import (add_dataset_args, command, declare_io, load_for_device,
-                                     require_quantized)
+from qfv_brevitas.cli.common import (add_dataset_args, command, declare_io, integer,
+                                     load_for_device, require_quantized, show)
+from qfv_brevitas.util.errors import QfvError
 
 __all__ = ["run_export", "run_inspect", "run_verify", "run_crossbar"]
 
 
 def _data_args(p):
     add_dataset_args(p, help="the data the checkpoint was trained on (for inputs and accuracy)")
-    p.add_argument("--samples", type=int, default=64,
+    p.add_argument("--samples", type=integer, default=64,
                    help="test images the file is verified on (default 64)")
 
 
@@ -26,7 +27,7 @@ def export(p):
     p.add_argument("--form", choices=form_names(), default="compact",
                    help="; ".join(f"{f}: {form_named(f).help}" for f in form_names()))
     p.add_argument("--out", required=True, help="the .onnx file to write")
-    p.add_argument("--frac-bits", type=int,
+    p.add_argument("--frac-bits", type=integer,
                    help="fixed and planes forms: fractional bits f of r and c")
     p.add_argument("--max-acc-drop", type=float,
                    help="fixed and planes forms: pick the smallest f whose test accuracy drop "
@@ -35,7 +36,7 @@ def export(p):
     p.add_argument("--ideal", action="store_true",
                    help="export the ideal levels even if the checkpoint carries a fault or "
                         "variability map (default: what that device computes)")
-    p.add_argument("--batch", type=int, default=1, help="the graph's (static) batch size")
+    p.add_argument("--batch", type=integer, default=1, help="the graph's (static) batch size")
     p.add_argument("--no-verify", action="store_true")
     _data_args(p)
     declare_io(p, "file", inputs=("checkpoint", "data_dir"))
@@ -77,7 +78,7 @@ def crossbar(p):
 
 def _model_and_data(args):
     if args.samples < 1:
-        raise ValueError(f"--samples must be at least 1, got {args.samples}")
+        raise QfvError(f"--samples must be at least 1, got {args.samples}")
     model, info, train, test = load_for_device(args)
     n = min(args.samples, len(test))
     inputs = test.tensors[0][:n]
@@ -90,14 +91,17 @@ def run_export(args) -> int:
     from qfv_brevitas.export.forms import form_named, form_names
 
     if args.batch < 1:
-        raise ValueError(f"--batch must be at least 1, got {args.batch}")
+        raise QfvError(f"--batch must be at least 1, got {args.batch}")
     fixed_point = form_named(args.form).needs_fixed_point
     if not fixed_point and (args.frac_bits is not None or args.max_acc_drop is not None):
         fixed = [f for f in form_names() if form_named(f).needs_fixed_point]
-        raise ValueError(f"--frac-bits / --max-acc-drop apply to --form {' or '.join(fixed)} "
-                         "only")
+        raise QfvError(f"--frac-bits / --max-acc-drop apply to --form {' or '.join(fixed)} "
+                       "only")
     if args.max_acc_drop is not None and not args.max_acc_drop >= 0:
-        raise ValueError(f"--max-acc-drop must be >= 0 points, got {args.max_acc_drop}")
+        raise QfvError(f"--max-acc-drop must be >= 0 points, got {args.max_acc_drop}")
+    if args.max_acc_drop is not None and not args.max_acc_drop <= 100:
+        raise QfvError(f"--max-acc-drop must be at most 100 points (all of the accuracy), got "
+                       f"{args.max_acc_drop}")
     model, info, test, inputs = _model_and_data(args)
     example = test.tensors[0][:args.batch]
     example, inputs = _spike_trains(model, example), _spike_trains(model, inputs)
@@ -112,9 +116,9 @@ def run_export(args) -> int:
                                            "arch": info["arch"]}, overwrite=args.force)
     except ExportVerificationError as e:
         if e.report is not None:
-            print(e.report.summary())
+            show(e.report.summary())
         raise
-    print(res.summary())
+    show(res.summary())
     return 0
 
 
@@ -139,7 +143,7 @@ def run_inspect(args) -> int:
     from qfv_brevitas.export import format_layers, read_metadata
 
     info = read_metadata(args.file)
-    print(json.dumps(info, indent=1) if args.json else format_layers(info))
+    show(json.dumps(info, indent=1) if args.json else format_layers(info))
     return 0
 
 
@@ -150,7 +154,7 @@ def run_verify(args) -> int:
     for name, v, hi in (("--tolerance", args.tolerance, float("inf")),
                         ("--min-agreement", args.min_agreement, 1.0)):
         if v is not None and not 0.0 <= v <= hi:
-            raise ValueError(f"{name} must be in [0, {hi:g}], got {v}")
+            raise QfvError(f"{name} must be in [0, {hi:g}], got {v}")
     meta = read_metadata(args.file, check_graph=False)  # a clear error for a foreign file first
     model, info, test, inputs = _model_and_data(args)
     inputs = _spike_trains(model, inputs)
@@ -160,9 +164,9 @@ def run_verify(args) -> int:
     expected = expected_export(model, meta)
     rep = verify_qonnx(reference, args.file, inputs, tolerance=args.tolerance,
                        min_agreement=args.min_agreement, expected=expected)
-    print(rep.summary())
+    show(rep.summary())
     if not rep.passed:
-        print(f"qfv verify: {args.file} does not match {args.checkpoint}: "
+        show(f"qfv verify: {args.file} does not match {args.checkpoint}: "
               f"{rep.first_failure()}", file=sys.stderr)
     return 0 if rep.passed else 1
 
@@ -177,7 +181,7 @@ def run_crossbar(args) -> int:
                               inputs=[args.checkpoint])
     data = json.loads(manifest.read_text())
     for row in data["layers"]:
-        print(f"  {row['layer']}: {row['bits']} planes of {row['matrix_shape'][0]}x"
+        show(f"  {row['layer']}: {row['bits']} planes of {row['matrix_shape'][0]}x"
               f"{row['matrix_shape'][1]} -> {row['file']}")
-    print(f"wrote {manifest}")
+    show(f"wrote {manifest}")
     return 0

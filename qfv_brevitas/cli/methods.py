@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 
 from qfv_brevitas.cli.common import (add_checkpoint_args, add_finetune_args, add_study_args,
-                                     command, command_group,
+                                     command, command_group, integer,
                                      finetune_config, is_output_rank, load_for_device, meta_of,
-                                     result_names, study_config)
+                                     result_names, show, study_config)
+from qfv_brevitas.util.errors import QfvError
 
 __all__ = ["run_compare", "run_bitflips_eval", "run_bitflips_finetune", "run_selftune"]
 
@@ -68,12 +69,12 @@ def run_compare(args) -> int:
     if not is_output_rank(args):
         return 0
     paths = res.save(args.out, "compare", overwrite=args.force)
-    print(res.table())
-    print()
+    show(res.table())
+    show()
     for sc, best in res.winners().items():
         plain = res.winners(with_selftune=False).get(sc, [])
-        print(f"{sc}: best {', '.join(best)}; without self-tuning {', '.join(plain)}")
-    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+        show(f"{sc}: best {', '.join(best)}; without self-tuning {', '.join(plain)}")
+    show("\nwrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
@@ -88,7 +89,7 @@ def bitflips_eval(p: argparse.ArgumentParser):
     add_checkpoint_args(p, "qfv-bitflips", "results", result_names("bitflips_eval"),
                         inputs=_INPUTS)
     p.add_argument("--rates", type=float, nargs="+", default=[0, 0.01, 0.02, 0.05])
-    p.add_argument("--trials", type=int, default=CompareConfig.trials)
+    p.add_argument("--trials", type=integer, default=CompareConfig.trials)
     return run_bitflips_eval
 
 
@@ -112,8 +113,8 @@ def run_bitflips_eval(args) -> int:
     if not is_output_rank(args):
         return 0
     paths = res.save(args.out, "bitflips_eval", overwrite=args.force)
-    print(res.table())
-    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    show(res.table())
+    show("\nwrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
@@ -135,9 +136,9 @@ def run_bitflips_finetune(args) -> int:
                     info["config"], overwrite=args.force, **{**meta_of(info), "acc": after,
                                        "method": "random_bit_error", "rbe_rate": args.rate,
                                        "source": str(args.checkpoint)})
-    print(f"ideal device {100 * before:.2f}% -> after random-bit-error training at BER "
+    show(f"ideal device {100 * before:.2f}% -> after random-bit-error training at BER "
           f"{args.rate:g}: {100 * after:.2f}% (ideal device)")
-    print(f"wrote {args.out}")
+    show(f"wrote {args.out}")
     return 0
 
 
@@ -158,9 +159,9 @@ def selftune(p: argparse.ArgumentParser):
     p.add_argument("--chip-sigma", type=float, default=VariabilityModel.chip_sigma,
                    help="between-chip component of the drawn variability")
     p.add_argument("--ber", type=float, help="transient bit flips at this bit-error rate")
-    p.add_argument("--calib-size", type=int, default=CompareConfig.calib_size)
+    p.add_argument("--calib-size", type=integer, default=CompareConfig.calib_size)
     p.add_argument("--mode", choices=SELFTUNE_MODES, default="affine")
-    p.add_argument("--passes", type=int, default=None,
+    p.add_argument("--passes", type=integer, default=None,
                    help="calibration passes pooled (default 8 with --ber, else 1)")
     return run_selftune
 
@@ -177,12 +178,12 @@ def run_selftune(args) -> int:
 
     if not any(v is not None for v in (args.fault_map, args.var_map, args.rate, args.sigma,
                                        args.ber)):
-        raise ValueError("say which chip: --fault-map/--var-map FILE, or draw one with --rate, "
-                         "--sigma [--chip-sigma] and/or --ber (with --seed)")
+        raise QfvError("say which chip: --fault-map/--var-map FILE, or draw one with --rate, "
+                       "--sigma [--chip-sigma] and/or --ber (with --seed)")
     if args.fault_map and args.rate is not None:
-        raise ValueError("give --fault-map or --rate, not both")
+        raise QfvError("give --fault-map or --rate, not both")
     if args.var_map and args.sigma is not None:
-        raise ValueError("give --var-map or --sigma, not both")
+        raise QfvError("give --var-map or --sigma, not both")
     model, info, train, test = load_for_device(args)
     calib = calibration_batch(train, args.calib_size, args.seed)
     ref = reference_statistics(model, calib)
@@ -209,7 +210,7 @@ def run_selftune(args) -> int:
     if flips is not None:
         attach_bitflips(model, flips)  # the same flips as the evaluation before
     tuned = evaluate(model, test)
-    print(f"ideal device {100 * ideal:.2f}% | on this chip {100 * chip:.2f}% | after "
+    show(f"ideal device {100 * ideal:.2f}% | on this chip {100 * chip:.2f}% | after "
           f"self-tuning ({args.mode}, {args.calib_size} unlabeled images, "
           f"{len(tuning.layers)} layers) {100 * tuned:.2f}%")
     return 0

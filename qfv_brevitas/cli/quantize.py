@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qfv_brevitas.cli.common import add_dataset_args, command, declare_io
+from qfv_brevitas.cli.common import add_dataset_args, command, declare_io, integer, seed, show
+from qfv_brevitas.util.errors import QfvError
 
 __all__ = ["run_quantize", "default_out"]
 
@@ -16,7 +17,7 @@ def quantize(p):
 
     p.add_argument("checkpoint", help="a qfv checkpoint (float, or quantized: its float weights "
                                       "are used) or a torch.save-d state dict (with --arch)")
-    p.add_argument("--bits", type=int, required=True, help="weight bits N of the inner layers")
+    p.add_argument("--bits", type=integer, required=True, help="weight bits N of the inner layers")
     p.add_argument("--per-channel", action="store_true", help="one (r, c) per output channel")
     p.add_argument("--first-last-bits", default="8",
                    help="weight bits of the first and last layers (default 8; 'same' = --bits)")
@@ -27,9 +28,9 @@ def quantize(p):
                    help="architecture of a plain state dict (qfv checkpoints carry theirs)")
     add_dataset_args(p, help="test data for the accuracy before/after (and the input shape "
                              "of a plain state dict)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=seed, default=0,
                    help="data split seed for a plain state dict (checkpoints carry theirs)")
-    p.add_argument("--act-bits", type=int, default=None, metavar="A",
+    p.add_argument("--act-bits", type=integer, default=None, metavar="A",
                    help="quantize the inner layers' input activations at A bits (1..8) with "
                         "Brevitas' activation quantizers, calibrated on the training split "
                         "(first/last layers at --first-last-bits); default: float activations")
@@ -39,7 +40,7 @@ def quantize(p):
                         "alike; none: plain nearest-level snapping")
     p.add_argument("--bias-correction", action="store_true",
                    help="Brevitas' bias correction after the other steps (both models)")
-    p.add_argument("--calib-samples", type=int, default=256,
+    p.add_argument("--calib-samples", type=integer, default=256,
                    help="training samples for calibration and compensation (default 256)")
     p.add_argument("--baseline", choices=("mse", "max", "none"), default="mse",
                    help="also evaluate Brevitas' uniform weight quantizer at the same bits, "
@@ -90,7 +91,7 @@ def run_quantize(args) -> int:
         raise PTQError(f"--out {args.out}: its summary or figure would overwrite it; give a "
                        "name ending in .pt")
     if args.dataset == "idx" and not args.data_dir:
-        raise ValueError("--dataset idx needs --data-dir DIR (a folder with the IDX files)")
+        raise QfvError("--dataset idx needs --data-dir DIR (a folder with the IDX files)")
     calibrated = act_bits is not None or compensation is not None or args.bias_correction
     src_info = _read_source(args, src, need_data=calibrated or not args.no_eval)
     res = quantize_post_training(
@@ -133,9 +134,9 @@ def _read_source(args, src: Path, need_data: bool) -> dict:
                                                    out["data_seed"])
         if out["shape"] is not None and (tuple(d_shape) != out["shape"]
                                          or n_cls != out["classes"]):
-            raise ValueError(f"{src} was trained on inputs {out['shape']} with "
-                             f"{out['classes']} classes, but --dataset {args.dataset} has "
-                             f"{tuple(d_shape)} and {n_cls}")
+            raise QfvError(f"{src} was trained on inputs {out['shape']} with "
+                           f"{out['classes']} classes, but --dataset {args.dataset} has "
+                           f"{tuple(d_shape)} and {n_cls}")
         out.update(train=train, test=test, shape=tuple(d_shape), classes=n_cls)
     if kind == "state":
         out["source"], out["model"] = obj, build_model(out["arch"], out["shape"],
@@ -152,11 +153,11 @@ def _write_outputs(args, src: Path, info: dict, res, outputs, inputs, save_check
             if res.config.act_bits is not None else "float activations")
     steps = ([res.meta["compensation"].upper()] if res.meta.get("compensation") else []) + \
         (["bias correction"] if res.meta.get("bias_correction") else [])
-    print(f"{src} ({info['kind']}, {info['arch']}) -> {res.config.weight_bits}-bit fitted "
+    show(f"{src} ({info['kind']}, {info['arch']}) -> {res.config.weight_bits}-bit fitted "
           f"N-multiplier weights{' per channel' if args.per_channel else ''}, {acts}"
           + (f"; {', '.join(steps)} on {res.meta['calib_samples']} training samples"
              if steps else ""))
-    print(res.table())
+    show(res.table())
     meta = info["meta"]
     meta.update({"acc": res.acc, "dataset": args.dataset, "data_seed": info["data_seed"],
                  "ptq": {"source": str(src), "float_acc": res.float_acc,
@@ -171,12 +172,12 @@ def _write_outputs(args, src: Path, info: dict, res, outputs, inputs, save_check
                  overwrite=args.force, inputs=inputs)
     save_checkpoint(outputs[0], res.model, info["arch"], info["shape"], info["classes"],
                     res.config, overwrite=args.force, **meta)
-    print("\nwrote " + ", ".join(str(p) for p in outputs))
+    show("\nwrote " + ", ".join(str(p) for p in outputs))
 
 
 def _int_bits(text: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"--first-last-bits must be an integer in 1..8 or 'same', got "
-                         f"{text!r}") from None
+        raise QfvError(f"--first-last-bits must be an integer in 1..8 or 'same', got "
+                       f"{text!r}") from None

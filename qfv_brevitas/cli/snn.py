@@ -10,8 +10,9 @@ import argparse
 import json
 from typing import Optional
 
-from qfv_brevitas.cli.common import command, command_group, declare_io
+from qfv_brevitas.cli.common import command, command_group, declare_io, integer, seed, show
 from qfv_brevitas.core.config import VARIANTS
+from qfv_brevitas.util.errors import QfvError
 
 __all__ = ["run_train", "run_neurons"]
 
@@ -23,7 +24,7 @@ def _optional_float(s: str) -> Optional[float]:
 
 
 def _optional_int(s: str) -> Optional[int]:
-    return None if s.lower() == "none" else int(s)
+    return None if s.lower() == "none" else integer(s)
 
 
 command_group("snn", help="spiking networks (LIF neurons) with N-multiplier weights")
@@ -47,7 +48,7 @@ def train(p: argparse.ArgumentParser):
                         "spikingjelly's classes on the folder given by --data-dir")
     p.add_argument("--data-dir", help="IDX folder (idx) or spikingjelly dataset root")
     p.add_argument("--arch", choices=SPIKING_MODEL_NAMES, default="spiking_small_cnn")
-    p.add_argument("--T", type=int, default=None,
+    p.add_argument("--T", type=integer, default=None,
                    help=f"time steps (default 4; {_EVENT_T} frames on the neuromorphic sets)")
     p.add_argument("--tau", type=float, default=SpikingConfig.tau,
                    help="membrane time constant (beta=1/tau)")
@@ -58,15 +59,15 @@ def train(p: argparse.ArgumentParser):
     p.add_argument("--encoding", choices=[e for e in ENCODINGS if e != "none"],
                    default=SpikingConfig.encoding,
                    help="how static images become spikes (event data brings its own)")
-    p.add_argument("--frame-size", type=int, default=48,
+    p.add_argument("--frame-size", type=integer, default=48,
                    help="neuromorphic frames are resized to this square size")
-    p.add_argument("--bits", type=int, nargs="+", default=[4], help="weight bits of inner layers")
+    p.add_argument("--bits", type=integer, nargs="+", default=[4], help="weight bits of inner layers")
     p.add_argument("--variant", choices=VARIANTS, default=NMultConfig.variant)
     p.add_argument("--per-channel", action="store_true")
     p.add_argument("--first-last-bits", type=_optional_int, default=NMultConfig.first_last_bits,
                    help="weight bits of the first and last layers, or 'none' for --bits")
-    p.add_argument("--fp-epochs", type=int, default=12)
-    p.add_argument("--q-epochs", type=int, default=6)
+    p.add_argument("--fp-epochs", type=integer, default=12)
+    p.add_argument("--q-epochs", type=integer, default=6)
     p.add_argument("--lr", type=float, default=0.1, help="float training learning rate")
     p.add_argument("--q-lr", type=float, default=0.01, help="QAT learning rate of the weights")
     p.add_argument("--quant-lr", type=float, default=TrainConfig.quant_lr,
@@ -75,9 +76,9 @@ def train(p: argparse.ArgumentParser):
                    default=TrainConfig.quant_optimizer)
     p.add_argument("--lambda-start", type=float, default=TrainConfig.lambda_start)
     p.add_argument("--lambda-end", type=float, default=TrainConfig.lambda_end)
-    p.add_argument("--lambda-rise-epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--lambda-rise-epochs", type=integer, default=3)
+    p.add_argument("--batch-size", type=integer, default=TrainConfig.batch_size)
+    p.add_argument("--seed", type=seed, default=TrainConfig.seed)
     p.add_argument("--out", default="qfv-snn", help="output folder")
     p.add_argument("--no-progress", action="store_true")
     declare_io(p, "run", inputs=("data_dir",))
@@ -99,10 +100,10 @@ def run_train(args: argparse.Namespace) -> int:
     from qfv_brevitas.training.train import TrainConfig
 
     if args.dataset == "idx" and not args.data_dir:
-        raise ValueError("--dataset idx needs --data-dir DIR (a folder with the IDX files)")
+        raise QfvError("--dataset idx needs --data-dir DIR (a folder with the IDX files)")
     if args.dataset in NEUROMORPHIC and not args.data_dir:
-        raise ValueError(f"--dataset {args.dataset} needs --data-dir DIR: the folder "
-                         "spikingjelly manages for it (with events_np/ or download/)")
+        raise QfvError(f"--dataset {args.dataset} needs --data-dir DIR: the folder "
+                       "spikingjelly manages for it (with events_np/ or download/)")
     T = args.T if args.T is not None else (_EVENT_T if args.dataset in NEUROMORPHIC else 4)
     snn = SpikingConfig(T=T, tau=args.tau, v_threshold=args.v_threshold, v_reset=args.v_reset,
                         surrogate=args.surrogate, encoding=args.encoding)
@@ -119,14 +120,14 @@ def run_train(args: argparse.Namespace) -> int:
             first_last_bits=args.first_last_bits, fp_train=fp, q_train=q, seed=args.seed,
             frame_size=args.frame_size, progress=not args.no_progress, overwrite=args.force)
     except SNNDependencyError as e:  # an install hint, not a traceback
-        raise ValueError(str(e)) from e
-    print(format_snn_results(results))
+        raise QfvError(str(e)) from e
+    show(format_snn_results(results))
     names = ", ".join(f"{args.out}/{r['variant']}_w{r['weight_bits']}.pt"
                       for r in results["runs"])
-    print(f"\nwrote {args.out}/results.json, {args.out}/float.pt, {names} "
+    show(f"\nwrote {args.out}/results.json, {args.out}/float.pt, {names} "
           f"({results['seconds']:.0f} s)")
     if args.dataset in ("digits", "idx"):
-        print(f"next: qfv faults eval {args.out}/{results['runs'][0]['variant']}_w"
+        show(f"next: qfv faults eval {args.out}/{results['runs'][0]['variant']}_w"
               f"{results['runs'][0]['weight_bits']}.pt --dataset {args.dataset}"
               + (f" --data-dir {args.data_dir}" if args.data_dir else ""))
     return 0
@@ -139,9 +140,9 @@ def run_neurons(args: argparse.Namespace) -> int:
     try:
         model, info = load_checkpoint(args.checkpoint)
     except SNNDependencyError as e:
-        raise ValueError(str(e)) from e
+        raise QfvError(str(e)) from e
     if not info["arch"].startswith("spiking_"):
-        raise ValueError(f"{args.checkpoint} holds a non-spiking model ({info['arch']}); "
-                         "train a spiking one with qfv snn train")
-    print(json.dumps(snn_export_metadata(model), indent=2))
+        raise QfvError(f"{args.checkpoint} holds a non-spiking model ({info['arch']}); "
+                       "train a spiking one with qfv snn train")
+    show(json.dumps(snn_export_metadata(model), indent=2))
     return 0

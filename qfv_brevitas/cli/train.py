@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 
 from qfv_brevitas.cli.common import (add_dataset_args, add_reg_args, command, declare_io,
-                                     frac_bits_arg)
+                                     frac_bits_arg, integer, seed, show)
 from qfv_brevitas.core.config import FORWARD_MODES, INITS, VARIANTS
+from qfv_brevitas.util.errors import QfvError
 
 __all__ = ["IDX_FP_EPOCHS", "IDX_Q_EPOCHS", "IDX_BATCH"]
 
@@ -21,7 +22,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
     add_dataset_args(p)
     p.add_argument("--arch", default="small_cnn", choices=("small_cnn", "mlp", "resnet18", "vgg"))
-    p.add_argument("--bits", type=int, nargs="+", default=[4, 3],
+    p.add_argument("--bits", type=integer, nargs="+", default=[4, 3],
                    help="weight and activation bits of the inner layers (W{b}A{b})")
     p.add_argument("--variants", nargs="+", default=list(("fixed", "step", "nmult")),
                    choices=VARIANTS)
@@ -30,16 +31,16 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="initial levels: lsq (LSQ's uniform grid), uniform (best-MSE uniform "
                         "grid) or fit (levels fitted to the float weights); default: fit for "
                         "nmult, lsq for step and fixed")
-    p.add_argument("--refit-every", type=int, default=TrainConfig.refit_every,
+    p.add_argument("--refit-every", type=integer, default=TrainConfig.refit_every,
                    help="QAT: refit the levels to the weights every this many steps (0 = off)")
     p.add_argument("--per-channel", action="store_true")
     p.add_argument("--frac-bits", type=frac_bits_arg, default=None, metavar="{auto,0..20}",
                    help="train on the integer view: r and c on the grid m * 2**-f (auto: the "
                         "smallest f within 1%% of the levels' squared error), every level an "
                         "integer times 2**-f; exports to the fixed form exactly")
-    p.add_argument("--fp-epochs", type=int, default=None,
+    p.add_argument("--fp-epochs", type=integer, default=None,
                    help="float epochs (default 30 on digits, 3 on IDX data)")
-    p.add_argument("--q-epochs", type=int, default=None,
+    p.add_argument("--q-epochs", type=integer, default=None,
                    help="QAT epochs per model (default 15 on digits, 2 on IDX data)")
     p.add_argument("--lr", type=float, default=TrainConfig.lr, help="float training learning rate")
     p.add_argument("--q-lr", type=float, default=0.01, help="QAT learning rate of the weights")
@@ -50,11 +51,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="optimizer of r, c, step (the paper's SGD diverges on large layers)")
     p.add_argument("--lambda-start", type=float, default=TrainConfig.lambda_start)
     p.add_argument("--lambda-end", type=float, default=TrainConfig.lambda_end)
-    p.add_argument("--lambda-rise-epochs", type=int, default=5)
+    p.add_argument("--lambda-rise-epochs", type=integer, default=5)
     add_reg_args(p)
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=integer, default=None,
                    help="training batch (default 64 on digits, 128 on IDX data)")
-    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--seed", type=seed, default=TrainConfig.seed)
     p.add_argument("--out", default="qfv-out", help="output folder")
     p.add_argument("--no-progress", action="store_true")
     declare_io(p, "run", inputs=("data_dir",))
@@ -85,7 +86,7 @@ def run_train(args) -> int:
     from qfv_brevitas.studies.experiment import format_results, run_experiment
 
     if args.dataset == "idx" and not args.data_dir:
-        raise ValueError("--dataset idx needs --data-dir DIR (a folder with the IDX files)")
+        raise QfvError("--dataset idx needs --data-dir DIR (a folder with the IDX files)")
     idx = args.dataset == "idx"
     fp_epochs = args.fp_epochs if args.fp_epochs is not None else (IDX_FP_EPOCHS if idx else 30)
     q_epochs = args.q_epochs if args.q_epochs is not None else (IDX_Q_EPOCHS if idx else 15)
@@ -105,8 +106,8 @@ def run_train(args) -> int:
                              q_train=q, seed=args.seed, progress=not args.no_progress,
                              device=args.device, threads=args.threads,
                              overwrite=args.force, init=args.init, frac_bits=args.frac_bits)
-    print(format_results(results))
-    print(f"\nwrote {args.out}/results.json, {args.out}/levels.png, levels_fit_*.png and "
+    show(format_results(results))
+    show(f"\nwrote {args.out}/results.json, {args.out}/levels.png, levels_fit_*.png and "
           f"checkpoints ({results['seconds']:.0f} s)")
     return 0
 
@@ -118,7 +119,7 @@ def run_report(args) -> int:
 
     model, info = load_checkpoint(args.checkpoint)
     if info["config"] is None:
-        print(f"{args.checkpoint}: a float model ({info['arch']}), no quantized layers")
+        show(f"{args.checkpoint}: a float model ({info['arch']}), no quantized layers")
         return 0
-    print(format_report(layer_report(model)))
+    show(format_report(layer_report(model)))
     return 0

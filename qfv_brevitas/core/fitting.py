@@ -41,6 +41,7 @@ from torch import Tensor
 
 from qfv_brevitas.core import levels as L
 from qfv_brevitas.core import search as S
+from qfv_brevitas.util.errors import QfvError
 
 __all__ = [
     "UniformGrid",
@@ -119,10 +120,10 @@ class _Sorted:
 
     def __init__(self, w2d: Tensor, where: str):
         if w2d.dim() != 2 or w2d.shape[0] < 1 or w2d.shape[1] < 1:
-            raise ValueError(f"{where}: weights must be a non-empty (G, M) tensor, got shape "
-                             f"{tuple(w2d.shape)}")
+            raise QfvError(f"{where}: weights must be a non-empty (G, M) tensor, got shape "
+                           f"{tuple(w2d.shape)}")
         if not w2d.is_floating_point():
-            raise ValueError(f"{where}: weights must be floating point, got {w2d.dtype}")
+            raise QfvError(f"{where}: weights must be floating point, got {w2d.dtype}")
         L.check_finite(w2d, where)
         w = w2d.detach()
         self.G, self.M = w.shape
@@ -393,7 +394,7 @@ def best_uniform_grid(w2d: Tensor, bits: int, init: Optional[Tuple[Tensor, Tenso
         step0, off0 = (t.detach().to(_F64).reshape(-1) for t in init)
         x_init = torch.stack([step0, off0 - sw.mean], -1)[:, None]
     if not search and x_init is None:
-        raise ValueError("best_uniform_grid: search=False needs init=(step, offset)")
+        raise QfvError("best_uniform_grid: search=False needs init=(step, offset)")
     if search:
         x = _uniform_search(sw, bits, _lsq_step(w2d, bits), max_iter, x_init)[0][:, 0]
     else:
@@ -493,8 +494,8 @@ def lloyd_max(w2d: Tensor, bits: int, init: Optional[Tensor] = None,
               _quantile_levels(sw, bits)[:, None]]
     if init is not None:
         if tuple(init.shape) != (sw.G, 1 << bits):
-            raise ValueError(f"lloyd_max: init must be (G, 2**bits) = {(sw.G, 1 << bits)}, got "
-                             f"{tuple(init.shape)}")
+            raise QfvError(f"lloyd_max: init must be (G, 2**bits) = {(sw.G, 1 << bits)}, got "
+                           f"{tuple(init.shape)}")
         starts.append((init.detach().to(_F64) - sw.mean[:, None])[:, None])
     # The exact optimum for the weights compressed to _DP_POINTS runs (exact for as few
     # weights), padded with its top level if there are fewer runs than levels.
@@ -615,12 +616,12 @@ def fit_multipliers(w2d: Tensor, bits: int, init: Optional[Tuple[Tensor, Tensor]
     if init is not None:
         r0, c0 = init
         if tuple(r0.shape) != (G, bits) or tuple(c0.reshape(-1).shape) != (G,):
-            raise ValueError(f"fit_multipliers: init must be r ({G}, {bits}) and c ({G},), got "
-                             f"{tuple(r0.shape)} and {tuple(c0.shape)}")
+            raise QfvError(f"fit_multipliers: init must be r ({G}, {bits}) and c ({G},), got "
+                           f"{tuple(r0.shape)} and {tuple(c0.shape)}")
         x_init = torch.cat([r0.detach().to(_F64), (c0.detach().to(_F64).reshape(-1)
                                                    - sw.mean)[:, None]], 1)[:, None]
     elif not search:
-        raise ValueError("fit_multipliers: search=False needs init=(r, c)")
+        raise QfvError("fit_multipliers: search=False needs init=(r, c)")
     uniform = None
     starts = [] if x_init is None else [x_init]
     if search:

@@ -8,8 +8,8 @@ is what keeps them near their idle speed when other processes share the cores
 (``BENCHMARKS.md``, "Kernels under load").
 
 They are built by ``pip install`` when a C compiler is there (``setup.py``, optional); without
-them, or with ``QFV_KERNELS=torch`` in the environment, or inside :func:`torch_fallback`, the
-library uses its pure-torch paths, which give the same results up to float rounding (the
+them, or with ``QFV_KERNELS=torch`` (or ``0``, ``off``) in the environment, or inside
+:func:`torch_fallback`, the library uses its pure-torch paths, which give the same results up to float rounding (the
 kernels add in double precision). CUDA tensors always take the torch paths.
 
 The library never calls these bindings from a model's forward or its regularizer directly:
@@ -26,12 +26,14 @@ import contextlib
 import ctypes
 import importlib.util
 import os
+import warnings
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["available", "enabled", "torch_fallback", "usable", "BLOCK"]
+__all__ = ["available", "enabled", "torch_fallback", "usable", "BLOCK", "setting_error",
+           "KERNELS_ON", "KERNELS_OFF"]
 
 #: Weights per chunk (one piece of one row); several chunks per thread balance the load.
 BLOCK = 1 << 16
@@ -39,9 +41,35 @@ BLOCK = 1 << 16
 #: Version of the kernels' C interface this module expects (``qfv_abi_version`` in kernels.c).
 _ABI = 2
 
+#: ``QFV_KERNELS`` values (any case): the compiled kernels where built (also unset), or not
+KERNELS_ON = ("", "1", "on", "yes", "true", "kernels")
+KERNELS_OFF = ("0", "off", "no", "false", "torch")
+
+
+def _setting(value: str) -> Tuple[bool, Optional[str]]:
+    """``(enabled, problem)`` of a ``QFV_KERNELS`` value: an unknown one is no setting at all
+    (a typo of "torch" must not run the kernels it meant to rule out), so the torch paths,
+    and a problem the command line refuses to start with (the library warns once)."""
+    v = value.strip().lower()
+    if v in KERNELS_ON:
+        return True, None
+    if v in KERNELS_OFF:
+        return False, None
+    shown = value if value.isprintable() and len(value) <= 40 else repr(value[:40])
+    return False, (f"QFV_KERNELS={shown} is not a setting: use 1 or on (the compiled kernels "
+                   "where built, the default) or 0, off or torch (the pure-torch paths)")
+
+
 _LIB: Optional[ctypes.CDLL] = None
 _LOAD_ERROR: Optional[str] = None
-_ENABLED = os.environ.get("QFV_KERNELS", "").strip().lower() not in ("0", "torch", "off", "no")
+_ENABLED, _SETTING_ERROR = _setting(os.environ.get("QFV_KERNELS", ""))
+_WARNED = False
+
+
+def setting_error() -> Optional[str]:
+    """Why ``QFV_KERNELS`` (as the environment holds it now) is not understood; None if it is,
+    or is unset. ``qfv`` asks before any work and refuses to start with such a value."""
+    return _setting(os.environ.get("QFV_KERNELS", ""))[1]
 
 
 def _load() -> Optional[ctypes.CDLL]:
@@ -91,7 +119,13 @@ def load_error() -> Optional[str]:
 
 
 def enabled() -> bool:
-    """Whether CPU tensors go through the compiled kernels now."""
+    """Whether CPU tensors go through the compiled kernels now (warns once where
+    ``QFV_KERNELS`` held no setting: the torch paths then)."""
+    global _WARNED
+    if _SETTING_ERROR is not None and not _WARNED:
+        _WARNED = True
+        warnings.warn(_SETTING_ERROR + "; using the pure-torch paths", RuntimeWarning,
+                      stacklevel=2)
     return _ENABLED and available()
 
 

@@ -17,6 +17,8 @@ from typing import NamedTuple, Tuple
 import torch
 from torch import Tensor
 
+from qfv_brevitas.util.errors import QfvError
+
 
 __all__ = [
     "MAX_BITS",
@@ -43,10 +45,10 @@ def check_bits(bits, where: str = "quantizer") -> int:
         bits = bits.item()
     if isinstance(bits, (bool, str, bytes)) or not isinstance(bits, numbers.Real) or \
             not math.isfinite(bits) or not float(bits).is_integer():
-        raise ValueError(f"{where}: bit width must be an integer in 1..{MAX_BITS}, got {bits!r}")
+        raise QfvError(f"{where}: bit width must be an integer in 1..{MAX_BITS}, got {bits!r}")
     bits = int(bits)
     if not 1 <= bits <= MAX_BITS:
-        raise ValueError(
+        raise QfvError(
             f"{where}: bit width must be in 1..{MAX_BITS}, got {bits}. N-multiplier levels are "
             f"enumerated as 2**N codes; use 1..{MAX_BITS} bits.")
     return bits
@@ -56,7 +58,7 @@ def check_finite(w: Tensor, where: str) -> None:
     """Raise a ValueError naming ``where`` if ``w`` holds NaN or infinite values."""
     if not bool(torch.isfinite(w).all()):
         bad = int((~torch.isfinite(w)).sum())
-        raise ValueError(
+        raise QfvError(
             f"{where}: {bad} of {w.numel()} weights are NaN or infinite; quantizing them would "
             "snap them to an arbitrary level. Check the learning rate / loss scale or the checkpoint.")
 
@@ -70,7 +72,7 @@ def bit_matrix(bits: int, dtype=torch.float32, device=None) -> Tensor:
 def level_table(r: Tensor, c: Tensor) -> Tensor:
     """Levels ``(G, 2**N)`` from multipliers ``r (G, N)`` and offset ``c (G,)``; index = code."""
     if r.dim() != 2 or c.dim() != 1 or c.shape[0] != r.shape[0]:
-        raise ValueError(f"r must be (G, N) and c (G,), got {tuple(r.shape)} and {tuple(c.shape)}")
+        raise QfvError(f"r must be (G, N) and c (G,), got {tuple(r.shape)} and {tuple(c.shape)}")
     b = bit_matrix(r.shape[1], r.dtype, r.device)
     # Summed bit by bit in a fixed order, ``c + r_0 b_0 + r_1 b_1 + ...``, not as a matmul:
     # exported graphs (bit planes, the NMultWeight op) compute the same sums in the same order,

@@ -27,6 +27,7 @@ from qfv_brevitas.core.distance import DEFAULT_WIDTH
 from qfv_brevitas.core.groups import GroupLayout
 from qfv_brevitas.core.search import sync_free
 from qfv_brevitas.util.validate import check_choice
+from qfv_brevitas.util.errors import QfvError
 
 __all__ = [
     "NMultTensorQuant",
@@ -80,7 +81,7 @@ class NMultTensorQuant(nn.Module):
         self.layer_name = layer_name
         w = tracked_parameter_list[0]
         if self.per_channel and not 0 <= self.channel_dim < w.dim():
-            raise ValueError(
+            raise QfvError(
                 f"per-channel weight quantizer{_where(layer_name)}: output channel axis "
                 f"{self.channel_dim} does not exist in a weight of shape {tuple(w.shape)}")
         self.groups = w.shape[self.channel_dim] if self.per_channel else 1
@@ -135,15 +136,15 @@ class NMultTensorQuant(nn.Module):
             return None
         if frac_bits == "auto":
             if w is None:
-                raise ValueError("frac_bits='auto' chooses f from the weights: pass them")
+                raise QfvError("frac_bits='auto' chooses f from the weights: pass them")
             self.frac_bits = None  # choose from the unrounded levels
             frac_bits = IV.choose_frac_bits(self.checked_groups(w.detach()),
                                             self.multipliers(), self.offset())
         lo, hi = IV.integer_range(self.multipliers(), self.offset(), frac_bits)
         if int(IV.signed_width(lo, hi)) > IV.MAX_INT_BITS:
-            raise ValueError(f"weight quantizer{_where(self.layer_name)}: at frac_bits="
-                             f"{frac_bits} its levels need more than {IV.MAX_INT_BITS}-bit "
-                             "integers; use fewer fractional bits")
+            raise QfvError(f"weight quantizer{_where(self.layer_name)}: at frac_bits="
+                           f"{frac_bits} its levels need more than {IV.MAX_INT_BITS}-bit "
+                           "integers; use fewer fractional bits")
         self.frac_bits = int(frac_bits)
         return self.frac_bits
 
@@ -231,7 +232,7 @@ class NMultTensorQuant(nn.Module):
     def check_weight(self, w: Tensor) -> None:
         if self.per_channel and (w.dim() <= self.channel_dim
                                  or w.shape[self.channel_dim] != self.groups):
-            raise ValueError(
+            raise QfvError(
                 f"per-channel weight quantizer{_where(self.layer_name)} has {self.groups} "
                 f"channels on axis {self.channel_dim} but got a weight of shape {tuple(w.shape)}")
 
@@ -292,7 +293,7 @@ class NMultTensorQuant(nn.Module):
     def raise_not_finite(self, w: Tensor) -> None:
         """The error for a non-finite regularizer term: NaN/inf weights, else diverged r/c."""
         L.check_finite(self.to_groups(w), f"weights of {self.layer_name or 'layer'}")
-        raise ValueError(f"levels of {self.layer_name or 'layer'} are not finite: r/c diverged")
+        raise QfvError(f"levels of {self.layer_name or 'layer'} are not finite: r/c diverged")
 
     def distance_unchecked(self, w: Tensor, shape: str = "sq",
                            width: float = DEFAULT_WIDTH) -> Tensor:
@@ -366,7 +367,7 @@ class NMultTensorQuant(nn.Module):
         mine = self.config_dict()
         for key in ("bits", "variant", "per_channel", "groups"):
             if key in state and state[key] != mine[key]:
-                raise ValueError(
+                raise QfvError(
                     f"checkpoint does not match the weight quantizer{_where(self.layer_name)}: "
                     f"{key} is {state[key]!r} in the checkpoint but {mine[key]!r} in the model. "
                     "Build the model with the checkpoint's configuration before loading it.")

@@ -19,6 +19,7 @@ from qfv_brevitas.zoo.data import DataError, fingerprint, load_dataset
 from qfv_brevitas.zoo.models import build_model
 from qfv_brevitas.studies.plots import plot_fitted_levels, plot_levels
 from qfv_brevitas.util.progress import RunProgress
+from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.util.safeio import atomic_dir, atomic_write, check_output
 from qfv_brevitas.training.train import TrainConfig, evaluate, fit
 
@@ -63,9 +64,9 @@ def plan_experiment(dataset: str, arch: str, bits: Sequence[int], variants: Sequ
     is validated before time is spent on the float model."""
     for v in variants:
         if v not in VARIANTS:
-            raise ValueError(f"unknown quantizer variant {v!r}; choose from {', '.join(VARIANTS)}")
+            raise QfvError(f"unknown quantizer variant {v!r}; choose from {', '.join(VARIANTS)}")
     if not len(bits):
-        raise ValueError("bits is empty: give at least one bit width, e.g. bits=(4,)")
+        raise QfvError("bits is empty: give at least one bit width, e.g. bits=(4,)")
     configs = tuple(NMultConfig(weight_bits=b, act_bits=b, variant=v, mode=mode, init=init,
                                 per_channel=per_channel, frac_bits=frac_bits)
                     for b in bits for v in variants)

@@ -3,15 +3,22 @@
 Every file the library writes goes through this module:
 
 - :func:`check_output`: before any work, refuse an output that is one of the inputs, that
-  exists (unless ``overwrite=True``, ``--force`` on the command line), or whose folder cannot be
-  written;
+  exists (unless ``overwrite=True``, ``--force`` on the command line), that is anything but a
+  regular file (a device, a FIFO, a socket, or a link to one: refused even with ``overwrite``),
+  or whose folder cannot be written;
 - :func:`atomic_paths` / :func:`atomic_path` / :func:`atomic_write`: the writer writes to a
   temporary file in the same folder; on success the file is flushed to disk (fsync) and renamed
   over the target, so the target is the old file or the complete new one, never a part. On any
   failure (an exception, a full disk, Ctrl-C) the temporary file is removed and the target is
-  untouched. Several files given together are renamed together at the end;
+  untouched. Several files given together are renamed together at the end. Right before the
+  rename each target is looked at again: one that became anything but a regular file is
+  refused, and where no overwrite was asked the rename itself refuses to replace (Linux
+  ``renameat2(RENAME_NOREPLACE)``, else a hard link), so a file that appeared meanwhile is
+  never replaced. An existing output is never opened: only renamed over;
 - :func:`atomic_dir`: the same for a whole folder (a run folder, a crossbar folder): written
   as a temporary folder beside it, then swapped in (an atomic exchange where the system has one).
+
+Errors name the output as the caller gave it, never the hidden temporary file.
 
 Reading back what :func:`torch_save` wrote goes through :func:`torch_load` (weights only: a
 crafted file is refused before any of it runs), the one reader of checkpoints and maps.
@@ -39,6 +46,7 @@ import pickle
 import secrets
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 import warnings
@@ -73,20 +81,54 @@ def _inside(inner: Path, outer: Path) -> bool:
         return False
 
 
+_KINDS = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a folder"),
+          (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISLNK, "a symbolic link"))
+
+
+def _kind(mode: int) -> str:
+    """What a file of this mode is, in words ("a FIFO (named pipe)", "a socket", ...)."""
+    return next((words for test, words in _KINDS if test(mode)), "a special file")
+
+
+def _lstat(path: Path, given: PathLike) -> Optional[os.stat_result]:
+    """``os.lstat(path)``, or None where nothing is there; an :class:`OutputError` naming
+    ``given`` where it cannot be looked at (a name too long, a folder we may not search)."""
+    try:
+        return os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        raise OutputError(f"cannot write {given}: {e.strerror or e}") from None
+
+
+def _not_regular(given: PathLike, st: os.stat_result, when: str = "") -> OutputError:
+    return OutputError(f"output {given} is {_kind(st.st_mode)}{when}, not a regular file: "
+                       "qfv writes only regular files and never replaces anything else, even "
+                       "with --force; choose another output path")
+
+
 def check_output(path: PathLike, *, overwrite: bool = False, inputs: Iterable = (),
                  kind: str = "file", replaceable: Optional[Callable[[Path], Optional[str]]] = None
                  ) -> Path:
     """Check, before any work, that ``path`` may be written; returns it resolved.
 
-    ``kind="file"``: a file (refused if it is a folder). ``kind="dir"``: a folder replaced as a
-    whole (refused if it holds an input; a non-empty existing one needs ``overwrite`` and, with
+    ``kind="file"``: a regular file (refused if it is a folder, a device, a FIFO, a socket or a
+    link to one, whatever ``overwrite`` says). ``kind="dir"``: a folder replaced as a whole
+    (refused if it holds an input; a non-empty existing one needs ``overwrite`` and, with
     ``replaceable``, that ``replaceable(path)`` returns None rather than a reason).
     Raises :class:`~qfv_brevitas.util.errors.OutputError` naming the path and the problem.
     """
     if path is None or str(path) == "":
         raise OutputError("the output path is empty")
+    if "\0" in str(path):
+        raise OutputError(f"output {str(path)!r}: a path cannot hold a NUL character")
     given = Path(path)
-    target = given.resolve()
+    try:
+        target = given.resolve()
+    except (OSError, RuntimeError) as e:  # a loop of links, a name too long
+        raise OutputError(f"cannot write {given}: {getattr(e, 'strerror', None) or e}") from None
     for inp in inputs:
         if inp is None or str(inp) == "":
             continue
@@ -96,11 +138,15 @@ def check_output(path: PathLike, *, overwrite: bool = False, inputs: Iterable = 
         if kind == "dir" and _inside(Path(inp), target):
             raise OutputError(f"output folder {given} would be replaced as a whole, but it holds "
                               f"the input {inp}; choose another output folder")
-    if target.exists():
-        if kind == "file" and target.is_dir():
+    st = _lstat(target, given)  # resolved: a link is looked at where it points
+    if st is not None:
+        if kind == "file" and stat.S_ISDIR(st.st_mode):
             raise OutputError(f"output {given} is a folder; give a file name")
-        if kind == "dir" and not target.is_dir():
-            raise OutputError(f"output folder {given} exists and is not a folder")
+        if kind == "file" and not stat.S_ISREG(st.st_mode):
+            raise _not_regular(given, st)
+        if kind == "dir" and not stat.S_ISDIR(st.st_mode):
+            raise OutputError(f"output folder {given} exists and is not a folder (it is "
+                              f"{_kind(st.st_mode)})")
         if kind == "file" and not overwrite:
             raise OutputError(f"output {given} exists; {_HINT}")
         if kind == "dir" and any(target.iterdir()):
@@ -214,19 +260,72 @@ def atomic_paths(paths: Sequence[PathLike], *, overwrite: bool = False,
         except OSError as e:  # name the output, not its hidden temporary file
             raise _named(e, {str(t): str(p) for t, p in zip(tmps, paths)}, str(paths[0])) from e
         with deferred_interrupts():
-            for p, t in zip(paths, targets):  # something may have appeared meanwhile
-                if t.exists() and (t.is_dir() or not overwrite):
-                    raise OutputError(f"output {p} appeared while it was being written; "
-                                      f"{_HINT}")
-            for tmp, t in zip(tmps, targets):
-                os.replace(tmp, t)
-            for folder in {t.parent for t in targets}:
-                _fsync_dir(folder)
+            _commit(tmps, targets, paths, overwrite)
     finally:
         with deferred_interrupts():
             for tmp in tmps:
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
+
+
+def _commit(tmps: Sequence[Path], targets: Sequence[Path], paths: Sequence[PathLike],
+            overwrite: bool) -> None:
+    """Rename each temporary file onto its target. Every target is looked at again first
+    (something may have appeared or changed meanwhile); without ``overwrite`` the renames
+    refuse to replace, and a failure removes the files this commit already placed (nothing
+    was there before them)."""
+    for t, p in zip(targets, paths):
+        st = _lstat(t, p)
+        if st is not None:
+            _check_replaceable_file(st, p, overwrite)
+    done: List[Path] = []
+    try:
+        for tmp, t, p in zip(tmps, targets, paths):
+            try:
+                _place_file(tmp, t, p, overwrite)
+            except OSError as e:
+                raise _named(e, {str(tmp): str(p), str(t): str(p)}, str(p)) from e
+            done.append(t)
+        for folder in {t.parent for t in targets}:
+            _fsync_dir(folder)
+    except BaseException:
+        if not overwrite:
+            for t in done:
+                with contextlib.suppress(OSError):
+                    t.unlink()
+        raise
+
+
+def _check_replaceable_file(st: os.stat_result, given: PathLike, overwrite: bool) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(given, st, " (it changed while the output was being written)")
+    if not overwrite:
+        raise OutputError(f"output {given} appeared while it was being written; {_HINT}")
+
+
+def _place_file(tmp: Path, target: Path, given: PathLike, overwrite: bool) -> None:
+    """``tmp`` renamed to ``target``: where nothing is there, by a rename that refuses to
+    replace what appears in between; over a regular file only with ``overwrite``, by an
+    atomic exchange whose outcome is looked at (anything but a regular file swapped out is
+    swapped back, never opened), so ``tmp`` then holds the old file."""
+    st = _lstat(target, given)
+    if st is None:
+        try:
+            _rename_noreplace(tmp, target)
+            return
+        except FileExistsError:
+            st = _lstat(target, given)
+            if st is None:  # it came and went: the next attempt is the caller's
+                raise OutputError(f"output {given} changed while it was being written; "
+                                  "run again") from None
+    _check_replaceable_file(st, given, overwrite)
+    if _exchange(tmp, target):
+        old = os.lstat(tmp)
+        if not stat.S_ISREG(old.st_mode):
+            _exchange(tmp, target)  # back as it was
+            raise _not_regular(given, old, " (it changed while the output was being written)")
+        return
+    os.replace(tmp, target)
 
 
 @contextlib.contextmanager
@@ -343,20 +442,50 @@ def content_digest(payload: dict) -> str:
 
 # -- atomic folders -----------------------------------------------------------------------
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False if the system
-    or file system cannot, so the caller falls back to two renames."""
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+#: errors of renameat2 that mean "not here" (no such call, or the file system cannot)
+_UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
+def _renameat2(a: Path, b: Path, flags: int) -> bool:
+    """Linux ``renameat2(a, b, flags)``; False where the system or the file system has no
+    such call (the caller falls back), True when done, else the ``OSError`` (naming ``b``)."""
     try:
         fn = ctypes.CDLL(None, use_errno=True).renameat2
     except (AttributeError, OSError):
         return False
-    at_fdcwd, rename_exchange = -100, 2
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags) == 0:
         return True
     err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+    if err in _UNSUPPORTED:
         return False
     raise OSError(err, os.strerror(err), str(b))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False if the system
+    or file system cannot, so the caller falls back to two renames."""
+    return _renameat2(a, b, _RENAME_EXCHANGE)
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` unless something is at ``dst`` (then ``FileExistsError``), in
+    one step: ``renameat2(RENAME_NOREPLACE)``; where the system has none, a hard link (which
+    never replaces either) and an unlink; where the file system has no hard links (a folder,
+    FAT), a look and a rename, the one case with a window in between."""
+    if _renameat2(src, dst, _RENAME_NOREPLACE):
+        return
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
+        os.rename(src, dst)
+        return
+    os.unlink(src)
 
 
 def _umask() -> int:
@@ -379,6 +508,42 @@ def _sync_tree(root: Path) -> None:
         _fsync_dir(Path(dirpath))
 
 
+def _swap_in_dir(tmp: Path, target: Path, given: Path, overwrite: bool,
+                 replaceable: Optional[Callable[[Path], Optional[str]]]) -> None:
+    """The finished folder ``tmp`` put in place of ``target``, looked at again first: what is
+    there now must still be a folder that may be replaced; where nothing is, the rename
+    refuses to replace what appears in between. Afterwards ``tmp`` holds the old content."""
+    st = _lstat(target, given)
+    if st is None:
+        try:
+            _rename_noreplace(tmp, target)
+        except FileExistsError:
+            raise OutputError(f"output folder {given} appeared while it was being written; "
+                              f"{_HINT}") from None
+        _fsync_dir(target.parent)
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise OutputError(f"output folder {given} is now {_kind(st.st_mode)}, not a folder "
+                          "(it changed while the output was being written): not replaced")
+    if any(target.iterdir()):
+        if not overwrite:
+            raise OutputError(f"output folder {given} appeared while it was being written; "
+                              f"{_HINT}")
+        reason = replaceable(target) if replaceable is not None else None
+        if reason:
+            raise OutputError(f"output folder {given} is not replaced: {reason}")
+    if not _exchange(tmp, target):
+        old = target.with_name(f".{target.name}.{secrets.token_hex(4)}.old")
+        os.rename(target, old)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+        os.rename(old, tmp)
+    _fsync_dir(target.parent)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: PathLike, *, overwrite: bool = False, inputs: Iterable = (),
                replaceable: Optional[Callable[[Path], Optional[str]]] = None) -> Iterator[Path]:
@@ -398,23 +563,11 @@ def atomic_dir(path: PathLike, *, overwrite: bool = False, inputs: Iterable = ()
         except OSError as e:  # name the output folder, not its hidden temporary one
             raise _named(e, {str(tmp): str(given)}, str(given)) from e
         with deferred_interrupts():
-            if target.exists() and any(target.iterdir()) and not overwrite:
-                raise OutputError(f"output folder {given} appeared while it was being "
-                                  f"written; {_HINT}")
-            if target.exists():
-                if not _exchange(tmp, target):
-                    old = target.with_name(f".{target.name}.{secrets.token_hex(4)}.old")
-                    os.rename(target, old)
-                    try:
-                        os.rename(tmp, target)
-                    except BaseException:
-                        os.rename(old, target)
-                        raise
-                    os.rename(old, tmp)
-                # tmp now holds the old content
-            else:
-                os.rename(tmp, target)
-            _fsync_dir(target.parent)
+            try:
+                _swap_in_dir(tmp, target, given, overwrite, replaceable)
+            except OSError as e:
+                raise _named(e, {str(tmp): str(given), str(target): str(given)},
+                             str(given)) from e
             shutil.rmtree(tmp, ignore_errors=True)  # the old content, before any interrupt
     finally:
         with deferred_interrupts():

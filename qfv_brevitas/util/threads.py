@@ -9,6 +9,7 @@ here, a digits epoch went from 0.17 s to 32 s with a few other jobs on 2 cores a
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Union
 
 import torch
@@ -17,10 +18,29 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from qfv_brevitas.util.errors import QfvError
 
-__all__ = ["SMALL_STEP_MACS", "forward_macs", "auto_threads", "set_threads", "parse_threads"]
+__all__ = ["SMALL_STEP_MACS", "forward_macs", "auto_threads", "set_threads", "parse_threads",
+           "max_threads", "cores", "MAX_THREADS"]
 
 #: Below this many multiply-accumulates per forward pass of a training batch, one thread.
 SMALL_STEP_MACS = 50_000_000
+#: The most threads (or worker processes) one job takes, whatever the machine: beyond it
+#: OpenMP's per-thread buffers alone run out of memory (``--threads 1000000`` aborted the
+#: process in libgomp) long before any speed is gained.
+MAX_THREADS = 1024
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def max_threads() -> int:
+    """The most threads a job may ask for: 4 per core (more only wait for each other), at
+    most :data:`MAX_THREADS`."""
+    return max(1, min(MAX_THREADS, 4 * cores()))
 
 
 def forward_macs(model: nn.Module, example: Tensor) -> int:
@@ -55,7 +75,8 @@ def auto_threads(model: nn.Module, example: Tensor, batch_size: Optional[int] = 
 
 
 def parse_threads(text: Union[str, int, None]) -> Optional[int]:
-    """``"auto"``/``None`` -> ``None``; a positive integer (as text or int) -> that integer."""
+    """``"auto"``/``None`` -> ``None``; a positive integer (as text or int) up to
+    :func:`max_threads` -> that integer; anything else an error naming ``--threads``."""
     if text is None or (isinstance(text, str) and text.strip().lower() == "auto"):
         return None
     try:
@@ -64,6 +85,10 @@ def parse_threads(text: Union[str, int, None]) -> Optional[int]:
         n = 0
     if n < 1:
         raise QfvError(f"--threads must be 'auto' or an integer >= 1, got {text!r}")
+    top = max_threads()
+    if n > top:
+        raise QfvError(f"--threads {text} is more than this machine can use: at most {top} "
+                       f"(4 per core, {cores()} cores; {MAX_THREADS} on any machine)")
     return n
 
 

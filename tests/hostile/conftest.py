@@ -147,3 +147,49 @@ def _snapshot(folder) -> Dict[str, str]:
 def snapshot():
     """``snapshot(folder)`` -> {relative path: type and SHA-256}: compare before and after."""
     return _snapshot
+
+
+# -- files the cases start from (issue 22, outputs and options) -----------------------------------
+
+def _files(root: Path) -> Path:
+    """A quantized MLP checkpoint for digits (``q.pt``, untrained: only its shape and data
+    matter), the float one (``float.pt``), a fault map of ``q.pt`` (``chip.pt``) and ``q.pt``
+    exported (``m.onnx``)."""
+    import copy
+
+    import torch
+
+    from qfv_brevitas import NMultConfig, quantize_model
+    from qfv_brevitas.chip.faults import FaultModel, sample_fault_map
+    from qfv_brevitas.cli.app import main
+    from qfv_brevitas.zoo.checkpoint import save_checkpoint
+    from qfv_brevitas.zoo.data import fingerprint, load_digits_split
+    from qfv_brevitas.zoo.models import MLP
+
+    train, test = load_digits_split(0)
+    meta = dict(dataset="digits", data_seed=0, data_sha256=fingerprint(train, test))
+    torch.manual_seed(0)
+    fp = MLP(64, 10)
+    save_checkpoint(root / "float.pt", fp, "mlp", (1, 8, 8), 10, None, **meta)
+    cfg = NMultConfig(weight_bits=4, act_bits=4)
+    q = quantize_model(copy.deepcopy(fp), cfg, train.tensors[0][:64]).eval()
+    save_checkpoint(root / "q.pt", q, "mlp", (1, 8, 8), 10, cfg, **meta)
+    sample_fault_map(q, FaultModel(rate=0.1, seed=1)).save(root / "chip.pt")
+    assert main(["export", str(root / "q.pt"), "--out", str(root / "m.onnx"), "--exporter",
+                 "torchscript", "--samples", "4"]) == 0
+    return root
+
+
+@pytest.fixture(scope="session")
+def qfv_files(tmp_path_factory):
+    """``qfv_files(folder, *names)``: copies of the shared files (``q.pt``, ``float.pt``,
+    ``chip.pt``, ``m.onnx``) in ``folder``, made once per session; returns ``folder``."""
+    import shutil
+
+    root = _files(tmp_path_factory.mktemp("qfv-files"))
+
+    def copy(folder, *names):
+        for name in names or ("q.pt", "float.pt", "chip.pt", "m.onnx"):
+            shutil.copy2(root / name, Path(folder) / name)
+        return Path(folder)
+    return copy
