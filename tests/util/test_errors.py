@@ -40,7 +40,7 @@ def test_every_exception_class_of_the_library_is_a_qfv_error():
     classes = _library_exceptions()
     # The walk finds the known ones (so an empty search cannot pass).
     for name in ("qfv_brevitas.chip.faults.FaultMapError", "qfv_brevitas.zoo.data.DataError",
-                 "qfv_brevitas.core.convert.ConversionError", "qfv_brevitas.studies.ptq.PTQError",
+                 "qfv_brevitas.core.preserve.ConversionError", "qfv_brevitas.studies.ptq.PTQError",
                  "qfv_brevitas.zoo.checkpoint.CheckpointError",
                  "qfv_brevitas.chip.variability.VariabilityMapError",
                  "qfv_brevitas.snn.neurons.SNNDependencyError"):
