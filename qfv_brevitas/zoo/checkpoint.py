@@ -106,6 +106,8 @@ def weights_only_load(path: Path, error: type = None, what: str = "checkpoint",
     try:
         return torch_load(path, SAFE_GLOBALS)
     except LoadError as e:
+        if e.over_budget:  # its sizes do not fit its bytes: the message names the file
+            raise error(e.line) from None
         if e.refused:
             raise error(
                 f"{path}: refused: the file holds Python objects that loading would have to "
