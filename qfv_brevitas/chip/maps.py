@@ -86,6 +86,8 @@ def load_tagged(path: os.PathLike, tag: str, error: Type[QfvError], what: str) -
     try:
         data = torch_load(path)
     except LoadError as e:
+        if e.over_budget:  # its sizes do not fit its bytes: the message names the file
+            raise error(e.line) from None
         if e.refused:
             raise error(f"{path!r}: refused: the file holds Python objects that loading would "
                         f"have to run; a {what} holds only tensors and plain values. Nothing of "

@@ -24,6 +24,7 @@ from typing import Dict, Optional, Union
 import numpy as np
 from torch import nn
 
+from qfv_brevitas.util.budgets import MAX_JSON_BYTES, check_npz, loads_json, quoted
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.core.quantizers import nmult_layers
 from qfv_brevitas.util.safeio import atomic_dir
@@ -106,24 +107,31 @@ def _write_layers(model: nn.Module, folder: Path, with_maps: bool) -> None:
 def load_crossbar(folder: Union[str, Path]) -> Dict[str, dict]:
     """Read a crossbar folder back: per layer its arrays plus ``weight`` rebuilt in the layer's
     shape (``c + sum_k r_k planes[k]``, with the cells' factors if present). Checks the
-    format and each file's checksum."""
+    format and each file's checksum; the manifest is parsed within the JSON budgets and every
+    array file's headers are checked before numpy allocates from them
+    (:mod:`qfv_brevitas.util.budgets`); a layer file must lie in the folder itself."""
     folder = Path(folder)
     mpath = folder / "manifest.json"
     if not mpath.is_file():
         raise QfvError(f"{folder}: no manifest.json (not a crossbar folder written by "
                          "qfv-brevitas)")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise QfvError(f"{mpath}: corrupt manifest ({e})") from None
-    if manifest.get("format") != CROSSBAR_FORMAT:
-        raise QfvError(f"{mpath}: format {manifest.get('format')!r}, expected "
-                         f"{CROSSBAR_FORMAT!r}")
+    if mpath.stat().st_size > MAX_JSON_BYTES:
+        raise QfvError(f"{mpath}: {mpath.stat().st_size} bytes, more than the "
+                       f"{MAX_JSON_BYTES} of JSON read")
+    manifest = loads_json(mpath.read_text(errors="replace"), str(mpath),
+                          error=QfvError)
+    if not isinstance(manifest, dict) or manifest.get("format") != CROSSBAR_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise QfvError(f"{mpath}: format {quoted(found)}, expected {CROSSBAR_FORMAT!r}")
     out = {}
     for row in manifest["layers"]:
+        if Path(row["file"]).name != row["file"] or row["file"] in ("", ".", ".."):
+            raise QfvError(f"{mpath}: layer file {quoted(row['file'])} is not a file of the "
+                           "folder itself")
         f = folder / row["file"]
         if not f.is_file() or _sha(f) != row["sha256"]:
             raise QfvError(f"{f}: missing or does not match its checksum in the manifest")
+        check_npz(f, str(f), error=QfvError)
         with np.load(f, allow_pickle=False) as z:  # never pickled objects from a file
             arrays = {k: z[k] for k in z.files}
         planes = arrays["planes"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import List, Union
 
@@ -12,6 +13,8 @@ from google.protobuf.message import DecodeError
 from qfv_brevitas.export.checks import check_domains, graph_digest, graph_problems
 from qfv_brevitas.export.errors import ExportError, ExportFileError
 from qfv_brevitas.export.forms import form_named
+from qfv_brevitas.util.budgets import (MAX_INPUT_DIMS, MAX_SPIKING_VALUES, loads_json,
+                                       quoted)
 
 __all__ = ["FORMAT", "ExportFileError", "write_metadata", "read_metadata", "graph_intact",
            "format_layers"]
@@ -72,14 +75,13 @@ def read_metadata(source: Union[str, Path, onnx.ModelProto], check_graph: bool =
     if _digest(text) != props.get(f"{_KEY}.sha256"):
         raise ExportFileError(f"{where}: the qfv-brevitas metadata does not match its checksum "
                               "(the file was edited or is corrupt)")
-    try:
-        info = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ExportFileError(f"{where}: corrupt qfv-brevitas metadata ({e})") from None
+    info = loads_json(text, f"{where}: the qfv-brevitas metadata ({_KEY}.export)",
+                      error=ExportFileError)
     names = {o for n in model.graph.node for o in n.output}
     names |= {i.name for i in model.graph.initializer}
     if not isinstance(info, dict) or not isinstance(info.get("layers"), list):
         raise ExportFileError(f"{where}: the qfv-brevitas metadata has no list of layers")
+    _check_sizes(info, where, model.ByteSize())
     try:
         form = form_named(info.get("form"))
     except ExportError as e:
@@ -102,6 +104,33 @@ def read_metadata(source: Union[str, Path, onnx.ModelProto], check_graph: bool =
             raise ExportFileError(f"{where}: the graph does not match the checksum stored at "
                                   "export (the file was edited or is damaged)")
     return info
+
+
+def _shape_ok(shape, max_dims: int) -> bool:
+    return isinstance(shape, list) and 1 <= len(shape) <= max_dims and all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+
+
+def _check_sizes(info: dict, where: str, file_bytes: int) -> None:
+    """Refuse metadata whose shapes would size the work beyond what the file can hold
+    (checked before anything is allocated from them): the example input (``input_shape``,
+    what verification feeds the model: at most ``MAX_SPIKING_VALUES`` values, a batch of
+    spike trains) and each layer's ``weight_shape`` (at most one weight per byte of the
+    model, ``file_bytes``: every form stores at least a byte per weight in the file)."""
+    shape = info.get("input_shape")
+    if shape is not None and (not _shape_ok(shape, MAX_INPUT_DIMS + 2)
+                              or math.prod(shape) > MAX_SPIKING_VALUES):
+        raise ExportFileError(f"{where}: the qfv-brevitas metadata's input_shape "
+                              f"{quoted(shape, 60)} is refused: a list of at most "
+                              f"{MAX_INPUT_DIMS + 2} sizes and {MAX_SPIKING_VALUES} values is read")
+    for row in info["layers"]:
+        ws = row.get("weight_shape") if isinstance(row, dict) else None
+        if ws is None:
+            continue
+        if not _shape_ok(ws, MAX_INPUT_DIMS) or math.prod(ws) > file_bytes:
+            raise ExportFileError(f"{where}: layer {quoted(row.get('layer'), 60)} of the "
+                                  f"metadata declares weight_shape {quoted(ws, 60)}, more "
+                                  f"weights than the file's {file_bytes} bytes can hold")
 
 
 def graph_intact(model: onnx.ModelProto) -> bool:

@@ -18,6 +18,8 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from qfv_brevitas.zoo.data import DataError, load_dataset, load_digits_split
 from qfv_brevitas.snn.config import SpikingConfig
 from qfv_brevitas.snn.neurons import rate_encode
+from qfv_brevitas.util.budgets import (MAX_NPZ_BYTES, MAX_SPIKING_VALUES, MAX_TIME_STEPS,
+                                       check_npy, check_npz)
 from qfv_brevitas.util.errors import QfvError
 
 __all__ = ["SNN_DATASETS", "NEUROMORPHIC", "SNNData", "rate_coded_digits", "synthetic_events",
@@ -229,6 +231,25 @@ def _check_layout(name: str, root: Path, T: int) -> Optional[Path]:
     return download
 
 
+def _check_arrays(root: Path, T: int) -> int:
+    """Check every array file spikingjelly would ``np.load`` (``events_np/<class>/*.np[yz]``
+    and the frames folder for ``T``) before it does: numpy allocates an array's declared shape
+    before reading it and inflates ``.npz`` members, so each file's zip layout and array
+    headers must agree with its bytes and stay within
+    :data:`~qfv_brevitas.util.budgets.MAX_NPZ_BYTES` (:func:`~qfv_brevitas.util.budgets.check_npz`).
+    Reads headers only; returns the number of files checked."""
+    n = 0
+    for folder in (root / "events_np", root / f"frames_number_{T}_split_by_number"):
+        if not folder.is_dir():
+            continue
+        for sub in sorted(d for d in folder.iterdir() if d.is_dir()):
+            for f in sorted(sub.glob("*.np[yz]")):
+                check = check_npz if f.suffix == ".npz" else check_npy
+                check(f, str(f), MAX_NPZ_BYTES, DataError)
+                n += 1
+    return n
+
+
 def _check_archives(download: Path, cls) -> None:
     """spikingjelly re-downloads an archive whose MD5 is wrong: refuse it here instead."""
     bad = [a for a, _, m in cls.resource_url_md5()
@@ -268,8 +289,14 @@ def load_neuromorphic(name: str, root: PathLike, T: int = 10, size: int = 48,
                        f"{', '.join(NEUROMORPHIC)}")
     if isinstance(T, bool) or int(T) < 1:
         raise QfvError(f"T must be >= 1 frames, got {T!r}")
+    if isinstance(size, bool) or int(size) < 1:
+        raise QfvError(f"frame size must be >= 1, got {size!r}")
+    if int(T) > MAX_TIME_STEPS or int(T) * 2 * int(size) ** 2 > MAX_SPIKING_VALUES:
+        raise QfvError(f"T={T} frames of 2 x {size} x {size} are refused: at most "
+                       f"{MAX_TIME_STEPS} frames and {MAX_SPIKING_VALUES} values per sample")
     root = Path(root).expanduser()
     download = _check_layout(name, root, int(T))
+    _check_arrays(root, int(T))
     cls = _dataset_class(name)
     if download is not None:
         _check_archives(download, cls)

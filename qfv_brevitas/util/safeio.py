@@ -43,18 +43,22 @@ import hashlib
 import io
 import os
 import pickle
+import pickletools
 import secrets
 import shutil
 import signal
 import stat
+import struct
 import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from qfv_brevitas.util.budgets import (BudgetError, TreeBudget, ZipProblem, check_tree,
+                                       zip_layout)
 from qfv_brevitas.util.errors import OutputError, QfvError, QfvTypeError
 
 __all__ = ["check_output", "atomic_path", "atomic_paths", "atomic_write", "atomic_dir",
@@ -357,24 +361,119 @@ def torch_save(obj: Any, path: PathLike, *, overwrite: bool = False,
 
 class LoadError(QfvError):
     """A file :func:`torch_load` refused or could not read. ``refused``: it holds Python
-    objects that loading would run, and ``line`` is torch's line naming the first one; else it
-    is no file torch reads (``kind``: the error's type, ``line``: its first line). Readers turn
-    it into their own error, worded for what they read; the original error is its
-    ``__cause__``. ``line`` quotes the file: cut it before it goes to a terminal."""
+    objects that loading would run, and ``line`` is torch's line naming the first one;
+    ``over_budget``: its sizes do not fit its bytes or the caps of
+    :mod:`qfv_brevitas.util.budgets` (or it is in torch's legacy format, whose sizes cannot be
+    checked), and ``line`` is the whole message, naming the file; else it is no file torch
+    reads (``kind``: the error's type, ``line``: its first line). Readers turn it into their
+    own error, worded for what they read; the original error is its ``__cause__``. ``line``
+    quotes the file: cut it before it goes to a terminal."""
 
-    def __init__(self, refused: bool, kind: str, line: str):
+    def __init__(self, refused: bool, kind: str, line: str, over_budget: bool = False):
         super().__init__(f"{kind}: {line}")
         self.refused, self.kind, self.line = refused, kind, line
+        self.over_budget = over_budget
+
+
+#: ``data.pkl`` (what is unpickled: Python objects cost up to ~80 times its bytes) may hold
+#: this many bytes plus 1/PICKLE_FILE_SHARE of the file (a ResNet-18 checkpoint: 0.12 MB of
+#: 45 MB).
+PICKLE_FREE_BYTES = 1 << 20
+PICKLE_FILE_SHARE = 4
+#: Values a loaded object may hold, shared references counted each time they are reached:
+#: this many plus NODES_PER_PICKLE_BYTE per byte of its pickle (each value costs an opcode).
+TREE_FREE_NODES = 100_000
+NODES_PER_PICKLE_BYTE = 4
+#: Bytes its tensors may stand for as dense arrays: this many plus TENSOR_BYTES_PER_FILE_BYTE
+#: per byte of the file (tied weights share one storage; views never exceed theirs).
+TENSOR_FREE_BYTES = 16 << 20
+TENSOR_BYTES_PER_FILE_BYTE = 4
+#: What is scanned of a file that is no zip archive, to name the global it would import.
+_RAW_SCAN_BYTES = 1 << 20
+
+
+def _raw_pickle(path: PathLike, head: bytes) -> LoadError:
+    """Why a file that is no zip archive is not read, found without unpickling it: torch's
+    legacy format (its first pickle is torch's magic number; it allocates the storages its
+    header declares before reading them, so it is refused), a pickle that imports a global
+    (refused, naming it), or no torch file at all."""
+    with open(path, "rb") as f:
+        data = f.read(_RAW_SCAN_BYTES)
+    ops, strings = [], []
+    try:
+        for op, arg, _ in pickletools.genops(io.BytesIO(data)):
+            ops.append((op.name, arg))
+            if isinstance(arg, str):
+                strings = (strings + [arg])[-2:]
+            if op.name in ("GLOBAL", "INST"):
+                return LoadError(True, "UnpicklingError",
+                                 f"Unsupported global: GLOBAL {arg.replace(' ', '.')}")
+            if op.name == "STACK_GLOBAL":
+                return LoadError(True, "UnpicklingError",
+                                 f"Unsupported global: GLOBAL {'.'.join(strings)}")
+            if op.name == "STOP":
+                break
+    except (ValueError, EOFError, UnicodeDecodeError, struct.error):
+        pass
+    names = [name for name, _ in ops if name not in ("PROTO", "FRAME")]
+    if names[:1] in (["LONG1"], ["LONG"]) and \
+            next(a for n, a in ops if n.startswith("LONG")) == torch.serialization.MAGIC_NUMBER:
+        return LoadError(False, "legacy torch file",
+                         f"{path}: refused: a torch file in the format of torch < 1.6 (not a "
+                         "zip archive): it allocates the sizes its header declares before "
+                         "reading them, so it is not read; load it in a session you trust "
+                         "and save it again with torch.save", over_budget=True)
+    what = "the file is empty" if not head else "it is not a zip archive, as torch.save writes"
+    return LoadError(False, "not a torch file", what)
+
+
+def _check_archive(path: PathLike) -> Tuple[int, int]:
+    """``(file bytes, pickle bytes)`` of a torch zip archive once its layout is checked
+    (:func:`qfv_brevitas.util.budgets.zip_layout`, stored entries only) and its pickle is
+    within its budget; a :class:`LoadError` otherwise."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":
+        raise _raw_pickle(path, head)
+    where = f"{path}: refused before loading"
+    try:
+        infos = zip_layout(path, where, stored_only=True, max_total=size)
+    except ZipProblem as e:
+        if e.damaged:  # no readable archive at all: truncated, not a zip
+            raise LoadError(False, "BadZipFile", e.problem) from None
+        raise LoadError(False, "unsafe archive", str(e), over_budget=True) from None
+    pickles = [i.file_size for i in infos if i.filename.count("/") == 1
+               and i.filename.endswith("/data.pkl")]
+    pickle_bytes = max(pickles, default=0)
+    cap = PICKLE_FREE_BYTES + size // PICKLE_FILE_SHARE
+    if pickle_bytes > cap:
+        raise LoadError(False, "unsafe archive",
+                        f"{where}: its pickle (data.pkl) has {pickle_bytes} bytes, more than "
+                        f"the {cap} allowed for a {size}-byte file (unpickling costs up to ~80 "
+                        "times that in memory)", over_budget=True)
+    return size, pickle_bytes
 
 
 def torch_load(path: PathLike, safe_globals: Sequence[Any] = ()) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain containers only
     (and the classes in ``safe_globals``), so a crafted pickle is refused before any of it runs.
-    Every failure is one :class:`LoadError`."""
+
+    Budgets before work (:mod:`qfv_brevitas.util.budgets`): the zip layout is checked first
+    (stored entries that lie inside the file: nothing inflates, so torch allocates at most the
+    file's size), the pickle within its cap, and legacy (non-zip) files are refused; what is
+    loaded is walked once within a budget proportional to the file (no shared-reference
+    "billion laughs", cycle, deep nesting or tensor view larger than its storage), so any later
+    walk (:func:`content_digest`, a reader's own) is bounded. Every failure is one
+    :class:`LoadError`."""
+    try:
+        size, pickle_bytes = _check_archive(path)
+    except OSError as e:
+        raise LoadError(False, type(e).__name__, e.strerror or str(e)) from e
     try:
         with torch.serialization.safe_globals(list(safe_globals)), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on foreign pickle protocols
-            return torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged file
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         # A weights-only refusal names the global it would have had to load; any other
@@ -383,6 +482,13 @@ def torch_load(path: PathLike, safe_globals: Sequence[Any] = ()) -> Any:
             if isinstance(e, pickle.UnpicklingError) else None
         raise LoadError(found is not None, type(e).__name__,
                         found if found is not None else (lines[0] if lines else "")) from e
+    budget = TreeBudget(nodes=TREE_FREE_NODES + NODES_PER_PICKLE_BYTE * pickle_bytes,
+                        tensor_bytes=TENSOR_FREE_BYTES + TENSOR_BYTES_PER_FILE_BYTE * size)
+    try:
+        check_tree(obj, str(path), budget)
+    except BudgetError as e:
+        raise LoadError(False, "over budget", str(e), over_budget=True) from None
+    return obj
 
 
 def _named(e: OSError, names: dict, default: str) -> OSError:

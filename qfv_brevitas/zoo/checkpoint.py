@@ -9,9 +9,10 @@ checksum detects damage; it is no signature: whoever edits a file can recompute 
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
 import torch
 from brevitas import config as brevitas_config
@@ -22,6 +23,8 @@ from qfv_brevitas.core.convert import quantize_model, unsigned_input_layers
 from qfv_brevitas.util.configbase import VERSION_KEY, QfvConfig
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.zoo.models import build_model
+from qfv_brevitas.util.budgets import (MAX_INPUT_DIMS, MAX_INPUT_VALUES, MAX_SPIKING_VALUES,
+                                       MAX_TIME_STEPS)
 from qfv_brevitas.util.safeio import LoadError, content_digest, torch_load, torch_save
 
 __all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "content_digest"]
@@ -33,6 +36,9 @@ LEGACY_FORMATS = ("qfv-brevitas/1",)
 #: Classes a checkpoint may hold beyond tensors and plain containers, allowed for
 #: ``torch.load(weights_only=True)`` (none today: configs and metadata are stored as dicts).
 SAFE_GLOBALS: list = []
+#: Values the model may hold beyond the file's tensors before it is built: tensors an older
+#: file may lack (Brevitas' activation scales left out while they collected statistics).
+MISSING_VALUES = 1 << 16
 
 
 class CheckpointError(QfvError):
@@ -106,6 +112,8 @@ def weights_only_load(path: Path, error: type = None, what: str = "checkpoint",
     try:
         return torch_load(path, SAFE_GLOBALS)
     except LoadError as e:
+        if e.over_budget:  # its sizes do not fit its bytes: the message names the file
+            raise error(e.line) from None
         if e.refused:
             raise error(
                 f"{path}: refused: the file holds Python objects that loading would have to "
@@ -149,13 +157,109 @@ def _positive_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
+def _check_work(path: Path, shape: list, meta: dict) -> None:
+    """Refuse settings that would size the work beyond the caps of
+    :mod:`qfv_brevitas.util.budgets` (checked before anything is built): the input sample
+    (``MAX_INPUT_VALUES``), a spiking model's time steps (``MAX_TIME_STEPS``, and time steps x
+    sample at most ``MAX_SPIKING_VALUES``), and a data seed that is no seed."""
+    if len(shape) > MAX_INPUT_DIMS or math.prod(shape) > MAX_INPUT_VALUES:
+        raise CheckpointError(f"{path}: the checkpoint's 'input_shape' {_short(shape)} is "
+                              f"refused: at most {MAX_INPUT_VALUES} values per sample in at "
+                              f"most {MAX_INPUT_DIMS} dimensions are read")
+    seed = meta.get("data_seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 32:
+        raise CheckpointError(f"{path}: the checkpoint's meta 'data_seed' must be an int in "
+                              f"0..2**32-1, got {seed!r:.40}")
+    snn = meta.get("snn")
+    if snn is None:
+        return
+    if not isinstance(snn, dict):
+        raise CheckpointError(f"{path}: the checkpoint's meta 'snn' (spiking settings) must be "
+                              f"a dict, got {type(snn).__name__}")
+    steps = snn.get("T", 1)
+    if isinstance(steps, (int, float)) and not isinstance(steps, bool) and (
+            not math.isfinite(steps) or steps > MAX_TIME_STEPS
+            or steps * math.prod(shape) > MAX_SPIKING_VALUES):
+        raise CheckpointError(f"{path}: the checkpoint's spiking setting T={steps!r:.40} time "
+                              f"steps is refused: at most {MAX_TIME_STEPS} steps, and steps x "
+                              f"values per sample at most {MAX_SPIKING_VALUES}")
+
+
+def _short(values: list) -> str:
+    text = repr(values)
+    return text if len(text) <= 60 else text[:57] + "...]"
+
+
+def _build(arch: str, shape: Tuple[int, ...], num_classes: int, meta: dict,
+           config: Optional[NMultConfig], unsigned: list, path: Path) -> nn.Module:
+    """The checkpoint's model (quantized with ``config``), on the current default device (the
+    meta device for :func:`_check_fits`); every failure a :class:`CheckpointError`."""
+    try:
+        model = build_model(arch, shape, num_classes, snn=meta.get("snn"))
+    except ImportError as e:  # the snn extra is missing: its message says what to install
+        raise CheckpointError(f"{path}: {e}") from None
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: cannot rebuild its model {arch!r} for inputs "
+                              f"{shape}: {e}") from None
+    if config is None:
+        return model
+    try:
+        # r and c come from the state dict: build with LSQ's cheap start instead of fitting
+        # levels to the random init weights only to overwrite them.
+        return quantize_model(model, dataclasses.replace(config, init="lsq"),
+                              unsigned_inputs=unsigned, inplace=True)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: its quantization config does not fit: {e}") from None
+
+
+def _tensor_sizes(model: nn.Module) -> Dict[str, torch.Size]:
+    """Shape of every tensor of ``model``'s full state dict (what save_checkpoint writes)."""
+    full = brevitas_config._FULL_STATE_DICT
+    brevitas_config._FULL_STATE_DICT = True
+    try:
+        state = model.state_dict()
+    finally:
+        brevitas_config._FULL_STATE_DICT = full
+    return {k: v.shape for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _check_fits(path: Path, arch: str, shape: Tuple[int, ...], num_classes: int, meta: dict,
+                config: Optional[NMultConfig], unsigned: list, state: dict) -> None:
+    """Build the model on the meta device (shapes, no memory) and refuse it before the real
+    one is built if it is larger than the weights the file holds: a tensor larger than the
+    file's, or more values in all than the file's tensors plus ``MISSING_VALUES`` (tensors an
+    older file may lack). Smaller mismatches are left to ``load_state_dict``'s own words."""
+    cfg = None if config is None else dataclasses.replace(config, frac_bits=None)
+    try:
+        with torch.device("meta"):
+            expected = _tensor_sizes(_build(arch, shape, num_classes, meta, cfg, unsigned,
+                                            path))
+    except (RuntimeError, NotImplementedError):  # an op without a meta kernel: the float
+        with torch.device("meta"):               # model still bounds the weights
+            expected = _tensor_sizes(_build(arch, shape, num_classes, meta, None, [], path))
+    saved = {k: v.shape for k, v in state.items() if isinstance(v, torch.Tensor)}
+    where = f"the model {arch!r} for inputs {shape} and {num_classes} classes"
+    for key, size in expected.items():
+        if key in saved and size.numel() > saved[key].numel():
+            raise CheckpointError(f"{path}: does not fit its model: {key!r} has shape "
+                                  f"{tuple(saved[key])} in the file but {tuple(size)} in {where}")
+    need = sum(s.numel() for s in expected.values())
+    have = sum(s.numel() for s in saved.values())
+    if need > have + MISSING_VALUES:
+        raise CheckpointError(f"{path}: does not fit its model: {where} holds {need} values, "
+                              f"the file's weights {have}; its settings do not match its weights")
+
+
 def load_checkpoint(path: Union[str, Path]) -> Tuple[nn.Module, dict]:
     """Rebuild the model of a checkpoint written by :func:`save_checkpoint`.
 
     Returns ``(model, info)`` with the model in eval mode; ``info`` holds arch, input shape,
     number of classes, the quantization config and the saved metadata. Raises
     :class:`CheckpointError` naming the file for a missing, unreadable, damaged, unsafe or
-    foreign file, or one whose contents do not fit together.
+    foreign file, or one whose contents do not fit together. Budgets before work: the file
+    is read within the budgets of :func:`qfv_brevitas.util.safeio.torch_load`, the settings
+    that size the work are capped (:func:`_check_work`) and the model is built on the meta
+    device and compared with the weights (:func:`_check_fits`) before it is built for real.
     """
     path = Path(path)
     if path.is_dir():
@@ -176,29 +280,11 @@ def load_checkpoint(path: Union[str, Path]) -> Tuple[nn.Module, dict]:
         raise CheckpointError(f"{path}: the checkpoint's 'meta' / 'unsigned_inputs' entries "
                               "are not a dict / list")
     _check_finite(((k, v) for k, v in state.items() if isinstance(v, torch.Tensor)), str(path))
+    _check_work(path, shape, meta)
+    config = _config_of(cfg, path)
     # Spiking models keep their neuron/time settings in meta["snn"] (qfv_brevitas.snn).
-    try:
-        model = build_model(arch, tuple(shape), num_classes, snn=meta.get("snn"))
-    except ImportError as e:  # the snn extra is missing: its message says what to install
-        raise CheckpointError(f"{path}: {e}") from None
-    except (ValueError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: cannot rebuild its model {arch!r} for inputs "
-                              f"{tuple(shape)}: {e}") from None
-    config = None
-    if cfg is not None:
-        known = {f.name for f in dataclasses.fields(NMultConfig)} | {VERSION_KEY}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise CheckpointError(f"{path}: unknown quantization settings {unknown} in the "
-                                  "checkpoint's config (written by another version?)")
-        try:
-            config = NMultConfig.from_dict(cfg)  # also a legacy dict without a version
-            # r and c come from the state dict: build with LSQ's cheap start instead of
-            # fitting levels to the random init weights only to overwrite them.
-            model = quantize_model(model, dataclasses.replace(config, init="lsq"),
-                                   unsigned_inputs=unsigned, inplace=True)
-        except (ValueError, TypeError) as e:
-            raise CheckpointError(f"{path}: its quantization config does not fit: {e}") from None
+    _check_fits(path, arch, tuple(shape), num_classes, meta, config, unsigned, state)
+    model = _build(arch, tuple(shape), num_classes, meta, config, unsigned, path)
     try:
         model.load_state_dict(state)
     except (RuntimeError, ValueError, TypeError, KeyError) as e:
@@ -208,3 +294,18 @@ def load_checkpoint(path: Union[str, Path]) -> Tuple[nn.Module, dict]:
     info = {"arch": arch, "input_shape": shape, "num_classes": num_classes, "meta": meta,
             "config": config}
     return model, info
+
+
+def _config_of(cfg: Optional[dict], path: Path) -> Optional[NMultConfig]:
+    """The checkpoint's quantization config (None for a float model), checked."""
+    if cfg is None:
+        return None
+    known = {f.name for f in dataclasses.fields(NMultConfig)} | {VERSION_KEY}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise CheckpointError(f"{path}: unknown quantization settings {unknown} in the "
+                              "checkpoint's config (written by another version?)")
+    try:
+        return NMultConfig.from_dict(cfg)  # also a legacy dict without a version
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: its quantization config does not fit: {e}") from None

@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import struct
 import zlib
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import BinaryIO, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from qfv_brevitas.util.budgets import MAX_DEFLATE_RATIO, deflate_limit, read_exactly
 from qfv_brevitas.util.errors import QfvError
 
 __all__ = [
     "DataError",
     "DATASETS",
+    "MAX_IDX_BYTES",
     "IDX_FILES",
     "load_digits_split",
     "read_idx",
@@ -103,13 +106,37 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.2) -> Tuple[Tensor
 # --------------------------------------------------------------------------------------------
 
 
-def _read_bytes(path: Path) -> bytes:
-    """The file's bytes, gunzipped when its name ends in ``.gz``."""
+#: The most an IDX file's payload may declare (its header's dimensions times the item size):
+#: 1 GiB holds EMNIST ByClass' training images (0.55 GB), the largest of the MNIST family.
+#: A gzipped file must also be able to hold it: at most MAX_DEFLATE_RATIO times its bytes.
+MAX_IDX_BYTES = 1 << 30
+
+
+def read_idx(path: PathLike) -> np.ndarray:
+    """Read an IDX file (plain, or gzipped when its name ends in ``.gz``) into a numpy array.
+
+    The header is two zero bytes, a type code (0x08 ubyte, 0x09 byte, 0x0B short, 0x0C int,
+    0x0D float, 0x0E double), the number of dimensions, then one big-endian uint32 per
+    dimension; the payload follows in big-endian, row-major order. The result is a writable
+    array in native byte order.
+
+    Budgets before work: the header is read first (from the gzip stream for ``.gz``), the
+    payload size it implies is checked against :data:`MAX_IDX_BYTES`, against the file's size
+    (plain) or what its compressed bytes can hold (gzip, at most
+    :data:`~qfv_brevitas.util.budgets.MAX_DEFLATE_RATIO` times), and then exactly that many
+    bytes are read into one buffer (and one more tried, to notice trailing data): nothing is
+    inflated beyond what the header announced.
+
+    Raises:
+        DataError: the file is missing, too short, has a bad magic number or type code, is
+            corrupt gzip, declares a payload over the cap or larger than the file can hold,
+            or its payload size does not match its dimensions.
+    """
+    path = Path(path)
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as fh:
-                return fh.read()
-        return path.read_bytes()
+        size = path.stat().st_size
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as fh:
+            return _read_idx_stream(fh, path, size, path.suffix == ".gz")
     except FileNotFoundError as exc:
         raise DataError(f"{path}: file not found; check the path or download the data set") from exc
     except IsADirectoryError as exc:
@@ -122,20 +149,9 @@ def _read_bytes(path: Path) -> bytes:
         raise DataError(f"{path}: cannot read the file ({exc})") from exc
 
 
-def read_idx(path: PathLike) -> np.ndarray:
-    """Read an IDX file (plain, or gzipped when its name ends in ``.gz``) into a numpy array.
-
-    The header is two zero bytes, a type code (0x08 ubyte, 0x09 byte, 0x0B short, 0x0C int,
-    0x0D float, 0x0E double), the number of dimensions, then one big-endian uint32 per
-    dimension; the payload follows in big-endian, row-major order. The result is a writable
-    array in native byte order.
-
-    Raises:
-        DataError: the file is missing, too short, has a bad magic number or type code, is
-            corrupt gzip, or its payload size does not match its dimensions.
-    """
-    path = Path(path)
-    raw = _read_bytes(path)
+def _idx_header(fh: BinaryIO, path: Path) -> Tuple[np.dtype, Tuple[int, ...], int]:
+    """``(dtype, dims, header bytes)`` read from the start of the (inflated) stream."""
+    raw = fh.read(4)
     if len(raw) < 4:
         raise DataError(
             f"{path}: file too short ({len(raw)} bytes) to hold an IDX header (at least 4 bytes); "
@@ -155,22 +171,45 @@ def read_idx(path: PathLike) -> np.ndarray:
         known = ", ".join(f"0x{c:02X}" for c in _IDX_TYPES)
         raise DataError(f"{path}: unknown IDX type code 0x{code:02X}; expected one of {known}")
     header = 4 + 4 * ndim
+    raw += fh.read(4 * ndim)
     if len(raw) < header:
         raise DataError(
             f"{path}: file too short ({len(raw)} bytes) for an IDX header with {ndim} dimensions "
             f"({header} bytes); the file is truncated, download it again"
         )
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    dtype = _IDX_TYPES[code]
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    actual = len(raw) - header
-    if actual != expected:
+    return _IDX_TYPES[code], struct.unpack(f">{ndim}I", raw[4:header]), header
+
+
+def _read_idx_stream(fh: BinaryIO, path: Path, size: int, gzipped: bool) -> np.ndarray:
+    """The array of an open IDX stream (:func:`read_idx`), its payload checked before it is
+    read; ``size``: the file's bytes (compressed, for gzip)."""
+    dtype, dims, header = _idx_header(fh, path)
+    expected = math.prod(dims) * dtype.itemsize
+    need = (f"dimensions {tuple(dims)} of {dtype.itemsize}-byte items need {expected} bytes")
+    if expected > MAX_IDX_BYTES:
+        raise DataError(f"{path}: its header declares a payload too large to read: {need}, "
+                        f"more than the {MAX_IDX_BYTES} an IDX file may hold")
+    if gzipped and header + expected > deflate_limit(size):
+        raise DataError(f"{path}: its header declares more than its {size} compressed bytes "
+                        f"can hold ({need}; deflate expands at most {MAX_DEFLATE_RATIO}x); "
+                        "the file is corrupt, download it again")
+    if not gzipped and size - header != expected:
         raise DataError(
-            f"{path}: payload is {actual} bytes but dimensions {tuple(dims)} of {dtype.itemsize}-byte "
-            f"items need {expected} bytes; the file is truncated or corrupt, download it again"
+            f"{path}: payload is {size - header} bytes but {need}; the file is truncated or "
+            "corrupt, download it again"
         )
-    data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
-    return data.astype(dtype.newbyteorder("="), copy=True)
+    buf, got, more = read_exactly(fh, expected)
+    if got < expected:
+        raise DataError(f"{path}: payload is {got} bytes but {need}; the file is truncated or "
+                        "corrupt, download it again")
+    if more:
+        raise DataError(f"{path}: payload is more than {expected} bytes: {need}; the file is "
+                        "corrupt, download it again")
+    data = np.frombuffer(buf, dtype=dtype).reshape(dims)
+    native = dtype.newbyteorder("=")
+    if native != dtype:  # big-endian to native in place: no second copy
+        data = data.byteswap(inplace=True)
+    return data.view(native)
 
 
 def _candidate_dirs(data_dir: Path) -> List[Path]:

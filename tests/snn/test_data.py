@@ -151,3 +151,45 @@ def test_missing_torchvision_is_a_clear_error(tmp_path, monkeypatch, npz_frames)
         for name in set(sys.modules) - before:
             if name.startswith("spikingjelly.datasets"):
                 del sys.modules[name]
+
+
+# -- budgets before work (issue 22) ----------------------------------------------------------
+
+def _lying_npz(path, shape):
+    """An .npz whose ``frames`` header declares ``shape`` (float32) over 16 bytes of data."""
+    import io
+    import zipfile
+
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": "<f4", "fortran_order": False,
+                                                "shape": shape})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("frames.npy", head.getvalue() + bytes(16))
+
+
+@pytest.mark.parametrize("where", ["events_np", "frames_number_4_split_by_number"])
+def test_array_files_are_checked_before_spikingjelly_loads_them(tmp_path, where, npz_frames,
+                                                                monkeypatch):
+    """numpy allocates an array's declared shape before reading it: a 16-byte frame file that
+    declares 4 TB is refused (naming it) before spikingjelly is even imported."""
+    import qfv_brevitas.snn.data as data
+
+    monkeypatch.setattr(data, "_dataset_class", lambda name: pytest.fail("reached spikingjelly"))
+    (tmp_path / "events_np").mkdir()
+    npz_frames(tmp_path / where / "cat" / "a.npz", 4, 2, 2, 1.0)
+    _lying_npz(tmp_path / where / "cat" / "b.npz", (10 ** 12,))
+    with pytest.raises(DataError, match=r"b\.npz \('frames\.npy'\): its array header declares "
+                                        r"shape \(1000000000000,\)"):
+        load_neuromorphic("cifar10dvs", tmp_path, T=4)
+    (tmp_path / where / "cat" / "b.npz").unlink()
+    assert data._check_arrays(tmp_path, 4) == 1
+
+
+def test_frames_that_size_the_work_are_capped(tmp_path):
+    from qfv_brevitas.util.budgets import MAX_SPIKING_VALUES, MAX_TIME_STEPS
+
+    with pytest.raises(ValueError, match=rf"at most {MAX_TIME_STEPS} frames"):
+        load_neuromorphic("cifar10dvs", tmp_path, T=MAX_TIME_STEPS + 1, size=1)
+    with pytest.raises(ValueError, match=rf"{MAX_SPIKING_VALUES} values per sample"):
+        load_neuromorphic("cifar10dvs", tmp_path, T=10, size=1000)

@@ -247,3 +247,135 @@ def test_arch_mismatch(tmp_path):
     _edit(path, arch="small_cnn")
     with pytest.raises(CheckpointError, match=r"m\.pt.*does not fit"):
         load_checkpoint(path)
+
+
+# -- budgets before work (issue 22): settings that size the model, checked before it is built ---
+
+def _float_mlp(tmp_path):
+    torch.manual_seed(0)
+    m = build_model("mlp", SHAPE, CLASSES)
+    return save_checkpoint(tmp_path / "m.pt", m, "mlp", SHAPE, CLASSES, data_seed=3)
+
+
+def test_a_model_larger_than_its_weights_is_never_built(tmp_path, monkeypatch):
+    """num_classes 10**5: the last layer would hold 6.4M weights where the file has 650; the
+    meta-device model says so before the real one is built."""
+    import qfv_brevitas.zoo.checkpoint as ck
+
+    path = _float_mlp(tmp_path)
+    _edit(path, num_classes=10 ** 5)
+    built = []
+    real = ck.build_model
+    monkeypatch.setattr(ck, "build_model", lambda *a, **k: built.append(
+        torch.empty(0).device.type) or real(*a, **k))
+    with pytest.raises(CheckpointError, match=r"m\.pt: does not fit its model: 'net\.5\.weight' "
+                                              r"has shape \(10, 64\) in the file but "
+                                              r"\(100000, 64\) in the model 'mlp' for inputs "
+                                              r"\(1, 8, 8\) and 100000 classes"):
+        load_checkpoint(path)
+    assert built == ["meta"]  # built once, on the meta device only
+
+
+def test_a_model_with_more_values_than_the_file_is_refused(tmp_path):
+    path = _float_mlp(tmp_path)
+    _edit(path, arch="resnet18")  # none of its 11M values are in the file
+    with pytest.raises(CheckpointError, match=r"m\.pt: does not fit its model: the model "
+                                              r"'resnet18' .* holds 11\d{6} values, the "
+                                              r"file's weights 8970;"):
+        load_checkpoint(path)
+
+
+def test_missing_tensors_are_allowed_up_to_a_few_values(tmp_path, monkeypatch):
+    """An older file may lack a few small tensors (Brevitas' activation scales): the model may
+    hold MISSING_VALUES more values than the file, not one more."""
+    import qfv_brevitas.zoo.checkpoint as ck
+
+    path = _float_mlp(tmp_path)
+    ckpt = torch.load(path, weights_only=True)
+    ref = build_model("mlp", SHAPE, CLASSES).state_dict()
+    dropped = {k: v for k, v in ref.items() if k != "net.5.bias"}
+    ckpt["state_dict"] = dropped
+    ckpt["sha256"] = content_digest(ckpt)
+    torch.save(ckpt, path)
+    monkeypatch.setattr(ck, "MISSING_VALUES", CLASSES)  # exactly the missing bias
+    with pytest.raises(CheckpointError, match="Missing key"):  # load_state_dict's own words
+        load_checkpoint(path)
+    monkeypatch.setattr(ck, "MISSING_VALUES", CLASSES - 1)
+    with pytest.raises(CheckpointError, match=r"holds \d+ values, the file's weights"):
+        load_checkpoint(path)
+
+
+def test_settings_that_size_the_work_are_capped(tmp_path):
+    from qfv_brevitas.util.budgets import MAX_INPUT_VALUES
+
+    path = _float_mlp(tmp_path)
+    for shape, ok in (([1, 2048, 2048], True), ([1, 2048, 2049], False), ([1] * 8, True),
+                      ([1] * 9, False)):
+        _edit(path, input_shape=shape)
+        if ok:  # within the caps: refused later, by the model's shapes
+            with pytest.raises(CheckpointError, match="does not fit its model"):
+                load_checkpoint(path)
+        else:
+            with pytest.raises(CheckpointError, match=rf"'input_shape' .* is refused: at most "
+                                                      rf"{MAX_INPUT_VALUES} values"):
+                load_checkpoint(path)
+    assert 2048 * 2048 == MAX_INPUT_VALUES
+
+
+@pytest.mark.parametrize("seed", [-1, 2 ** 32, 1.5, "0", True, 10 ** 40])
+def test_a_data_seed_that_is_no_seed_is_refused(tmp_path, seed):
+    path = _float_mlp(tmp_path)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["meta"]["data_seed"] = seed
+    ckpt["sha256"] = content_digest(ckpt)
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match=r"meta 'data_seed' must be an int in 0\.\.2\*\*32-1"):
+        load_checkpoint(path)
+
+
+def test_spiking_time_steps_are_capped(tmp_path):
+    pytest.importorskip("spikingjelly")
+    import qfv_brevitas.snn  # noqa: F401  (registers the spiking models)
+    from qfv_brevitas.util.budgets import MAX_SPIKING_VALUES, MAX_TIME_STEPS
+
+    m = build_model("spiking_mlp", SHAPE, CLASSES, snn={"T": 2})
+    path = save_checkpoint(tmp_path / "s.pt", m, "spiking_mlp", SHAPE, CLASSES,
+                           snn={"T": MAX_TIME_STEPS})
+    assert load_checkpoint(path)[0].config.T == MAX_TIME_STEPS
+    for steps in (MAX_TIME_STEPS + 1, float("inf")):
+        ckpt = torch.load(path, weights_only=True)
+        ckpt["meta"]["snn"]["T"] = steps
+        ckpt["sha256"] = content_digest(ckpt)
+        torch.save(ckpt, path)
+        with pytest.raises(CheckpointError, match=r"s\.pt: the checkpoint's spiking setting T="):
+            load_checkpoint(path)
+    ckpt["meta"]["snn"]["T"] = MAX_TIME_STEPS
+    ckpt["input_shape"] = [1, 64, 65]  # T x 4160 values > MAX_SPIKING_VALUES
+    ckpt["sha256"] = content_digest(ckpt)
+    torch.save(ckpt, path)
+    assert MAX_TIME_STEPS * 64 * 65 > MAX_SPIKING_VALUES >= MAX_TIME_STEPS * 64
+    with pytest.raises(CheckpointError, match="steps x values per sample at most"):
+        load_checkpoint(path)
+
+
+def test_the_meta_check_falls_back_to_the_float_model(tmp_path, monkeypatch):
+    """A quantizer without meta kernels: the float model on the meta device still bounds the
+    weights, and a good file still loads."""
+    import qfv_brevitas.zoo.checkpoint as ck
+
+    cfg = NMultConfig(weight_bits=3, act_bits=4, act_collect_stats_steps=2)
+    q = quantized_small_cnn(cfg, steps=1)
+    path = save_checkpoint(tmp_path / "q.pt", q, "small_cnn", SHAPE, CLASSES, cfg)
+    real = ck.quantize_model
+
+    def no_meta(model, *a, **k):
+        if next(model.parameters()).is_meta:
+            raise NotImplementedError("no meta kernel")
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(ck, "quantize_model", no_meta)
+    assert torch.equal(eval_out(load_checkpoint(path)[0]), eval_out(q))
+    _edit(path, num_classes=10 ** 5)
+    with pytest.raises(CheckpointError, match=r"'classifier\.3\.weight' has shape \(10, 64\) in "
+                                              r"the file but \(100000, 64\)"):
+        load_checkpoint(path)

@@ -406,3 +406,79 @@ def test_load_dataset_unknown():
 
 def test_data_error_is_value_error():
     assert issubclass(DataError, ValueError)
+
+
+# --------------------------------------------------------------------------------------------
+# budgets before work (issue 22): the header first, then exactly the payload it announces
+# --------------------------------------------------------------------------------------------
+
+def _gz(path: Path, head: bytes, zeros: int) -> Path:
+    with gzip.open(path, "wb") as fh:
+        fh.write(head)
+        for i in range(0, zeros, 1 << 20):
+            fh.write(bytes(min(1 << 20, zeros - i)))
+    return path
+
+
+def test_idx_payload_over_the_cap_is_refused_from_the_header(tmp_path, monkeypatch):
+    import qfv_brevitas.zoo.data as data
+
+    path = write_idx(tmp_path / "x-idx1-ubyte", np.zeros(1000, dtype=np.int32))
+    monkeypatch.setattr(data, "MAX_IDX_BYTES", 4000)
+    assert read_idx(path).shape == (1000,)
+    monkeypatch.setattr(data, "MAX_IDX_BYTES", 3999)
+    with pytest.raises(DataError, match=_msg(path, r"header declares a payload too large to "
+                                                   r"read: dimensions \(1000,\) of 4-byte items "
+                                                   r"need 4000 bytes, more than the 3999")):
+        read_idx(path)
+
+
+def test_a_gzip_header_may_declare_only_what_deflate_can_hold(tmp_path):
+    from qfv_brevitas.util.budgets import deflate_limit
+
+    path = tmp_path / "x-idx1-ubyte.gz"
+    path.write_bytes(gzip.compress(bytes([0, 0, 8, 1]) + struct.pack(">I", 10 ** 8)))
+    limit = deflate_limit(path.stat().st_size)
+    assert 10 ** 8 + 8 > limit  # a few dozen bytes cannot inflate into 100 MB
+    with pytest.raises(DataError, match=_msg(path, r"more than its \d+ compressed bytes can "
+                                                   r"hold \(dimensions \(100000000,\)")):
+        read_idx(path)
+
+
+def test_a_gzip_stream_is_inflated_only_as_far_as_its_header_says(tmp_path):
+    """50 MB of zeros behind an honest 16-byte payload: read 17 bytes of it, then refused."""
+    import tracemalloc
+
+    path = _gz(tmp_path / "x-idx1-ubyte.gz", idx_bytes(np.arange(16, dtype=np.uint8)), 50 << 20)
+    assert path.stat().st_size < 100_000
+    tracemalloc.start()
+    with pytest.raises(DataError, match=_msg(path, r"payload is more than 16 bytes")):
+        read_idx(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2 << 20  # the old reader held all 50 MB
+
+
+def test_a_plain_header_is_checked_against_the_file_size_before_reading(tmp_path):
+    path = tmp_path / "x-idx3-ubyte"
+    path.write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">3I", 10 ** 4, 10 ** 4, 10) + bytes(7))
+    with pytest.raises(DataError, match=_msg(path, r"payload is 7 bytes but dimensions "
+                                                   r"\(10000, 10000, 10\) of 1-byte items need "
+                                                   r"1000000000 bytes")):
+        read_idx(path)
+
+
+def test_a_short_gzip_payload_says_how_short(tmp_path):
+    path = write_idx(tmp_path / "x-idx1-ubyte.gz", np.zeros(7, dtype=np.uint8))
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(raw[:4] + struct.pack(">I", 9) + raw[8:]))
+    with pytest.raises(DataError, match=_msg(path, r"payload is 7 bytes but dimensions \(9,\)")):
+        read_idx(path)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.int32, np.float64])
+def test_multibyte_idx_is_native_and_writable_without_a_copy(tmp_path, dtype):
+    a = (np.arange(24) - 7).astype(dtype).reshape(2, 3, 4)
+    out = read_idx(write_idx(tmp_path / "m-idx3-ubyte", a))
+    assert out.dtype == np.dtype(dtype) and out.dtype.isnative and out.flags.writeable
+    assert np.array_equal(out, a) and out.base is not None  # a view of the one buffer
