@@ -94,7 +94,7 @@ def read_metadata(source: Union[str, Path, onnx.ModelProto], check_graph: bool =
         if not isinstance(row, dict):
             raise ExportFileError(f"{where}: a layer entry of the metadata is not a mapping")
         for tensor in form.layer_tensors(row):
-            if tensor not in names:
+            if not isinstance(tensor, str) or tensor not in names:
                 raise ExportFileError(f"{where}: layer {row.get('layer')!r}'s weight tensor "
                                       f"{tensor!r} is not in the graph")
     check_domains(model, where, ExportFileError)

@@ -9,9 +9,9 @@ the forms' custom ops are shape-equal standard ops (qonnx's ``Quant``, ``Bipolar
 outputs must come out with static shapes within
 :data:`~qfv_brevitas.export.structure.MAX_TENSOR_ELEMENTS`, and all of them together within
 :func:`~qfv_brevitas.export.structure.element_budget` (qonnx keeps every one); each must also
-be declared in the file (an export declares every tensor; qonnx runs nothing else). The stand-in keeps the large
-initializers as typed graph inputs (their data is not needed for shapes), so it costs the
-graph's structure, not its weights, in memory.
+be declared in the file (an export declares every tensor; qonnx runs nothing else). The
+stand-in keeps the large initializers as typed graph inputs (their data is not needed for
+shapes), so it costs the graph's structure, not its weights, in memory.
 """
 from __future__ import annotations
 
