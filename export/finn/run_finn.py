@@ -321,19 +321,20 @@ def finn_flow(onnx_path, workdir=None, stages: Optional[Dict[str, object]] = Non
     stock Brevitas export) through FINN: conversion to FINN-ONNX, streamlining, HW layers.
     Returns the final ``ModelWrapper``. ``stages`` (a dict) receives the model of every stage
     by name (:data:`STAGES`); ``workdir`` receives each as ``<n>_<stage>.onnx``."""
-    form = _file_info(onnx_path)["form"]
+    graph, info = _read(onnx_path)
+    form = info["form"]
     if form not in ("fixed", "planes", "bitplanes", "external"):
         raise ValueError(f"{onnx_path} is in the {form!r} form: FINN reads standard QONNX ops "
                          "only; export with --form planes (N bits per weight: MVAUs with 1-bit "
                          "weights), --form fixed (one MVAU per layer, wider integers) or --form "
                          "bitplanes (converts and runs, not mapped to HW)")
-    _check_conv_batch(onnx_path)
+    _check_conv_batch(graph, onnx_path)
     _load_finn()
     from qonnx.core.modelwrapper import ModelWrapper
 
     out = {} if stages is None else stages
-    out["qonnx"] = ModelWrapper(str(onnx_path))
-    out["finn"] = to_finn(ModelWrapper(str(onnx_path)))
+    out["qonnx"] = ModelWrapper(copy.deepcopy(graph))
+    out["finn"] = to_finn(ModelWrapper(copy.deepcopy(graph)))
     out["streamlined"] = streamline(out["finn"], planes=form == "planes")
     out["hw"] = to_hw(out["streamlined"])
     if workdir is not None:
@@ -344,14 +345,11 @@ def finn_flow(onnx_path, workdir=None, stages: Optional[Dict[str, object]] = Non
     return out["hw"]
 
 
-def _check_conv_batch(onnx_path) -> None:
+def _check_conv_batch(m, onnx_path) -> None:
     """FINN lowers each Conv to Im2Col + MatMul at batch 1 (qonnx's LowerConvsToMatMul writes
     the shapes with batch 1), so a conv graph with a larger static batch fails later in
     execution with an onnxruntime shape error. Refuse it here, saying what to do: FINN runs one
     image per execution, and :func:`run_model` feeds a batch-1 graph image by image."""
-    import onnx
-
-    m = onnx.load(str(onnx_path), load_external_data=False)
     if not any(n.op_type == "Conv" for n in m.graph.node):
         return
     dims = m.graph.input[0].type.tensor_type.shape.dim
@@ -538,8 +536,8 @@ def hw_report(hw_model, onnx_path) -> dict:
     form ``"external"``): its matrix-vector nodes in graph order."""
     from qonnx.core.modelwrapper import ModelWrapper
 
-    info = _file_info(onnx_path)
-    file_model = ModelWrapper(str(onnx_path))
+    graph, info = _read(onnx_path)
+    file_model = ModelWrapper(graph)
     types = Counter(n.op_type for n in hw_model.graph.node)
     mvaus = [n for n in hw_model.graph.node if n.op_type in MVAU_TYPES]
     generic = sorted({n.op_type for n in hw_model.graph.node
@@ -571,19 +569,22 @@ def hw_report(hw_model, onnx_path) -> dict:
     return out
 
 
-def _file_info(onnx_path) -> dict:
-    """The file's qfv metadata; for a QONNX file from elsewhere (no qfv metadata) a stand-in:
-    form ``"external"``, one layer per weight ``Quant`` node feeding a MatMul/Conv/Gemm."""
-    from qfv_brevitas.export import ExportFileError, read_metadata
+def _read(onnx_path):
+    """The file's graph and qfv metadata, read once by qfv's loader of files a user gives
+    (regular file, size bound, no external data, only the ops the export forms write:
+    :mod:`qfv_brevitas.export.untrusted`). For a QONNX file from elsewhere (no qfv metadata) a
+    stand-in: form ``"external"``, one layer per weight ``Quant`` node feeding a
+    MatMul/Conv/Gemm."""
+    from qfv_brevitas.export import ExportFileError
+    from qfv_brevitas.export.metadata import read_export
+    from qfv_brevitas.export.untrusted import load_onnx
 
     try:
-        return read_metadata(onnx_path)
+        return read_export(onnx_path)
     except ExportFileError as e:
         if "not written by qfv-brevitas" not in str(e):
             raise
-    import onnx
-
-    m = onnx.load(str(onnx_path))
+    m = load_onnx(onnx_path)
     inits = {i.name for i in m.graph.initializer}
     prod = {o: n for n in m.graph.node for o in n.output}
     layers = []
@@ -592,7 +593,7 @@ def _file_info(onnx_path) -> dict:
             q = prod.get(n.input[1])
             if q is not None and q.op_type in ("Quant", "BipolarQuant") and q.input[0] in inits:
                 layers.append({"layer": f"{n.op_type.lower()}{len(layers)}"})
-    return {"form": "external", "layers": layers}
+    return m, {"form": "external", "layers": layers}
 
 
 def hw_problems(report: dict, strict: bool = False) -> List[str]:
@@ -942,7 +943,7 @@ def _run(args) -> int:
     from qfv_brevitas.zoo.data import load_dataset
 
     torch.set_num_threads(1)
-    info = _file_info(args.file)
+    graph, info = _read(args.file)
     reference, seed = None, 0
     if args.checkpoint is not None:
         from qfv_brevitas.zoo.checkpoint import load_checkpoint
@@ -953,7 +954,7 @@ def _run(args) -> int:
                              "reference to compare with; leave out the checkpoint")
         model, ck = load_checkpoint(args.checkpoint)
         seed = int((ck.get("meta") or {}).get("data_seed", 0))
-        reference = reference_model(model, args.file)
+        reference = reference_model(model, graph, where=str(args.file))
     _, test, _, _ = load_dataset(args.dataset, args.data_dir, seed)
     inputs = test.tensors[0][:args.samples]
     stages: Dict[str, object] = {}

@@ -226,9 +226,9 @@ def build_hls_model(onnx_path, output_dir, precision: Optional[str] = None,
     from qonnx.transformation.gemm_to_matmul import GemmToMatMul
     from qonnx.util.cleanup import cleanup_model
 
-    from qfv_brevitas.export import read_metadata
+    from qfv_brevitas.export.metadata import read_export
 
-    info = read_metadata(onnx_path)
+    graph, info = read_export(onnx_path)  # qfv's loader of files a user gives: checked once
     if info["form"] not in FORMS:
         raise ValueError(f"{onnx_path} is in the {info['form']!r} form; hls4ml reads the "
                          "fixed-point forms (qfv export --form planes: N bits per weight in "
@@ -239,7 +239,7 @@ def build_hls_model(onnx_path, output_dir, precision: Optional[str] = None,
     _channels_last_average_pool()
     if info["form"] == "planes":
         _scale_down_add_fresh_attributes()
-    model = ModelWrapper(str(onnx_path))
+    model = ModelWrapper(graph)
     if info["form"] == "planes":
         model = _expand_offset_layers(model, info)
     model = cleanup_model(model)

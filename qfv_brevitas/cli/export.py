@@ -15,6 +15,18 @@ def _data_args(p):
     add_dataset_args(p, help="the data the checkpoint was trained on (for inputs and accuracy)")
     p.add_argument("--samples", type=integer, default=64,
                    help="test images the file is verified on (default 64)")
+    p.add_argument("--time-limit", type=float, default=600.0, metavar="SECONDS",
+                   help="stop running the graph after this many seconds (exit 4; default 600)")
+
+
+def _time_limit(args) -> float:
+    """``--time-limit``: a positive, finite number of seconds."""
+    import math
+
+    if not 0 < args.time_limit < math.inf:
+        raise QfvError(f"--time-limit must be a positive number of seconds, got "
+                       f"{args.time_limit}")
+    return args.time_limit
 
 
 @command("export", help="write a checkpoint to QONNX (compact / bit planes / fixed point / "
@@ -92,6 +104,7 @@ def run_export(args) -> int:
 
     if args.batch < 1:
         raise QfvError(f"--batch must be at least 1, got {args.batch}")
+    time_limit = _time_limit(args)
     fixed_point = form_named(args.form).needs_fixed_point
     if not fixed_point and (args.frac_bits is not None or args.max_acc_drop is not None):
         fixed = [f for f in form_names() if form_named(f).needs_fixed_point]
@@ -113,7 +126,8 @@ def run_export(args) -> int:
                            with_maps=not args.ideal, exporter=args.exporter,
                            verify=not args.no_verify, verify_inputs=inputs,
                            extra_metadata={"checkpoint": str(args.checkpoint),
-                                           "arch": info["arch"]}, overwrite=args.force)
+                                           "arch": info["arch"]}, overwrite=args.force,
+                           time_limit=time_limit)
     except ExportVerificationError as e:
         if e.report is not None:
             show(e.report.summary())
@@ -148,22 +162,26 @@ def run_inspect(args) -> int:
 
 
 def run_verify(args) -> int:
-    from qfv_brevitas.export import read_metadata, reference_model, verify_qonnx
+    from qfv_brevitas.export import reference_model, verify_qonnx
     from qfv_brevitas.export.api import expected_export
+    from qfv_brevitas.export.metadata import read_export
 
     for name, v, hi in (("--tolerance", args.tolerance, float("inf")),
                         ("--min-agreement", args.min_agreement, 1.0)):
         if v is not None and not 0.0 <= v <= hi:
             raise QfvError(f"{name} must be in [0, {hi:g}], got {v}")
-    meta = read_metadata(args.file, check_graph=False)  # a clear error for a foreign file first
+    time_limit = _time_limit(args)
+    # The file is read once, its metadata and structure checked before any other work.
+    graph, meta = read_export(args.file, check_graph=False)
     model, info, test, inputs = _model_and_data(args)
     inputs = _spike_trains(model, inputs)
-    reference = reference_model(model, args.file)
+    reference = reference_model(model, graph, where=args.file)
     # The file must be exactly what this checkpoint exports with the file's settings: every
     # parameter of the graph (weights, biases, activation scales, zero points, thresholds).
     expected = expected_export(model, meta)
-    rep = verify_qonnx(reference, args.file, inputs, tolerance=args.tolerance,
-                       min_agreement=args.min_agreement, expected=expected)
+    rep = verify_qonnx(reference, graph, inputs, tolerance=args.tolerance,
+                       min_agreement=args.min_agreement, expected=expected,
+                       time_limit=time_limit, where=args.file)
     show(rep.summary())
     if not rep.passed:
         show(f"qfv verify: {args.file} does not match {args.checkpoint}: "

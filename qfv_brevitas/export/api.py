@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from qfv_brevitas.core.quantizers import nmult_layers
 from qfv_brevitas.util.safeio import atomic_path, check_output
 from qfv_brevitas.export import fixedpoint as FX
+from qfv_brevitas.export.deadline import DEFAULT_TIME_LIMIT_S
 from qfv_brevitas.export.errors import ExportError, ExportVerificationError
 from qfv_brevitas.export.forms import ExportForm, form_named, form_names
 from qfv_brevitas.export.graph import apply_transformations, cleanup_qonnx, default_domain_first
@@ -102,7 +103,8 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
                  max_accuracy_drop: Optional[float] = None, data=None, with_maps: bool = True,
                  exporter: str = "dynamo", verify: bool = True,
                  verify_inputs: Optional[Tensor] = None, extra_metadata: Optional[dict] = None,
-                 overwrite: bool = False) -> ExportResult:
+                 overwrite: bool = False, time_limit: Optional[float] = DEFAULT_TIME_LIMIT_S
+                 ) -> ExportResult:
     """Write ``model`` (with N-multiplier layers) to a QONNX file in one of the registered
     forms (:mod:`qfv_brevitas.export.forms`):
 
@@ -124,7 +126,9 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
     the ideal levels). ``exporter``: ``"dynamo"`` (torch.export) or ``"torchscript"``.
     Unless ``verify=False`` the graph is run with qonnx and onnxruntime on ``verify_inputs``
     (default: ``example_input``) against the torch model before anything is written; a failed
-    check raises :class:`ExportVerificationError` and writes nothing. The file is written
+    check raises :class:`ExportVerificationError` and writes nothing; the run stops after
+    ``time_limit`` seconds (:class:`~qfv_brevitas.export.errors.ExecutionTimeout`, None: no
+    limit) or on Ctrl-C. The file is written
     atomically (:mod:`qfv_brevitas.util.safeio`); an existing one is replaced only with
     ``overwrite=True``.
 
@@ -163,7 +167,8 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
                               fixed_point=fixed, reference=reference)
         if verify:
             result.verification = _verified(reference, proto, path,
-                                            x if verify_inputs is None else verify_inputs)
+                                            x if verify_inputs is None else verify_inputs,
+                                            time_limit)
         _write(proto, path, overwrite)
         return result
     finally:
@@ -193,10 +198,10 @@ def _check_model(model: nn.Module) -> None:
                               "export")
 
 
-def _verified(reference: nn.Module, proto: onnx.ModelProto, path: Path, inputs: Tensor
-              ) -> VerifyReport:
+def _verified(reference: nn.Module, proto: onnx.ModelProto, path: Path, inputs: Tensor,
+              time_limit: Optional[float]) -> VerifyReport:
     """The graph run against ``reference``; raises (nothing written) if it does not match."""
-    rep = verify_qonnx(reference, proto, inputs)
+    rep = verify_qonnx(reference, proto, inputs, time_limit=time_limit, where=str(path))
     if not rep.passed:
         raise ExportVerificationError(
             f"{path}: not written: the exported graph does not match the torch model "
@@ -373,17 +378,20 @@ def _finish(proto: onnx.ModelProto, layers: Sequence[LayerExport], form: ExportF
     return cleanup_qonnx(proto)
 
 
-def reference_model(model: nn.Module, source) -> nn.Module:
+def reference_model(model: nn.Module, source, where: Optional[str] = None) -> nn.Module:
     """The torch model a file exported from ``model`` must agree with: ``model`` itself, with
     its maps removed if the file holds the ideal levels, with the fixed-point multipliers for
-    the fixed-point form. Raises if the file's layers do not match ``model``'s."""
+    the fixed-point form. Raises if the file's layers do not match ``model``'s. ``source``: a
+    path (read and checked as :func:`~qfv_brevitas.export.metadata.read_export` does) or a
+    model, named ``where`` in messages."""
     from qfv_brevitas.export.metadata import read_metadata
 
-    info = read_metadata(source, check_graph=False)  # the graph: verify_qonnx compares it
+    if where is None:
+        where = "the file" if isinstance(source, onnx.ModelProto) else str(source)
+    info = read_metadata(source, check_graph=False, where=where)  # verify_qonnx: the graph
     twin = model.eval() if info.get("device", True) else without_maps(model)
     layers = collect_layers(twin)
     have = {i.name: i for i in layers}
-    where = "the file" if isinstance(source, onnx.ModelProto) else str(source)
 
     def mismatch(msg: str) -> ExportVerificationError:
         return ExportVerificationError(f"{where} does not match the model: {msg}")

@@ -1,14 +1,16 @@
 """Checks of an exported graph against its metadata and against a fresh export.
 
-- :func:`check_domains`: every node's op domain is ONNX, QONNX or this library's: qonnx imports
-  a node's domain as a Python module to run it, so a file naming another module is refused
-  before anything runs.
+- :func:`check_domains`: every node's op domain, in every subgraph too, is ONNX, QONNX or this
+  library's: qonnx imports a node's domain as a Python module to run it, so a file naming
+  another module is refused before anything runs (a file a user gives gets the whole
+  structural check of :mod:`qfv_brevitas.export.structure` first).
 - :func:`graph_digest`: the SHA-256 of the graph stored beside the metadata at export time, so
   any later change of a weight, code or scale (a flipped byte) is noticed.
 - :func:`graph_problems`: each layer of the metadata against the graph (``qfv inspect``), by
   the file's form (``qfv_brevitas.export.forms``): bit width, ``r`` and ``c`` exactly, codes /
   bit planes / fixed-point integers in range, the plane-parallel form's 1-bit planes, integer
-  multipliers and offsets.
+  multipliers and offsets; and (:func:`coverage_problems`) every quantized layer of the graph
+  is one the metadata describes, every layer it describes one of the graph.
 - :func:`compare_graphs`: two graphs node by node and parameter by parameter, exactly
   (``qfv verify``: the file against what its checkpoint exports).
 """
@@ -22,22 +24,30 @@ import onnx
 from onnx import numpy_helper
 
 from qfv_brevitas.export.errors import ExportError
-from qfv_brevitas.export.forms import GraphView, form_named
-from qfv_brevitas.export.ops import DOMAIN
+from qfv_brevitas.export.forms import ExportForm, GraphView, form_named
+from qfv_brevitas.export.graph import COMPUTE_OPS, constant_tensors, upstream
+from qfv_brevitas.export.ops import DOMAIN, OP_TYPE
+from qfv_brevitas.export.structure import NodeAt, shown, walk_nodes
 from qfv_brevitas.util.errors import QfvError
 
-__all__ = ["ALLOWED_DOMAINS", "check_domains", "graph_digest", "graph_problems",
-           "compare_graphs"]
+__all__ = ["ALLOWED_DOMAINS", "QUANTIZER_OPS", "check_domains", "graph_digest",
+           "graph_problems", "coverage_problems", "compare_graphs"]
 
 #: Op domains a file of this library may use: standard ONNX, QONNX's op set, and its own.
 ALLOWED_DOMAINS = ("", "ai.onnx", "qonnx.custom_op.general", DOMAIN)
+#: ops that quantize: a compute node whose constant weights come through one is a quantized
+#: layer, which the metadata must describe
+QUANTIZER_OPS = ("Quant", "BipolarQuant", "Trunc", "MultiThreshold", OP_TYPE)
+#: no bound: a file's nodes are bounded by its bytes
+_EVERY_NODE = 1 << 62
 
 
 def check_domains(model: onnx.ModelProto, where: str, error=QfvError) -> None:
-    """Raise ``error`` if a node uses an op domain outside :data:`ALLOWED_DOMAINS`."""
-    for n in model.graph.node:
-        if n.domain not in ALLOWED_DOMAINS:
-            raise error(f"{where}: node {n.name or n.op_type!r} uses the op domain {n.domain!r}, "
+    """Raise ``error`` if a node, in the graph or in any subgraph a node carries, uses an op
+    domain outside :data:`ALLOWED_DOMAINS`."""
+    for at in walk_nodes(model.graph, max_nodes=_EVERY_NODE):
+        if at.node.domain not in ALLOWED_DOMAINS:
+            raise error(f"{where}: {at.label()} uses the op domain {shown(at.node.domain)}, "
                         "which is not ONNX, QONNX or qfv-brevitas; refusing to run it (qonnx "
                         "would import that module to execute the node)")
 
@@ -61,7 +71,50 @@ def graph_problems(model: onnx.ModelProto, info: dict) -> List[str]:
             problems += form.graph_problems(row, view)
         except (KeyError, TypeError, ValueError, IndexError) as e:
             problems.append(f"layer {row.get('layer')!r}: malformed metadata or graph ({e})")
-    return problems
+    return problems + coverage_problems(model, info, form)
+
+
+def _weight_inputs(node: onnx.NodeProto, const) -> List[str]:
+    """The constant operands of a compute node: its weights (a MatMul may hold them on
+    either side)."""
+    slots = (0, 1) if node.op_type == "MatMul" else (1,)
+    return [node.input[i] for i in slots if i < len(node.input) and node.input[i] in const]
+
+
+def coverage_problems(model: onnx.ModelProto, info: dict, form: ExportForm) -> List[str]:
+    """Where the graph's quantized layers and the metadata's layers differ: a compute node
+    (Conv, Gemm, MatMul, ConvTranspose) whose constant weights come through a quantizer
+    (:data:`QUANTIZER_OPS`) but are none of the tensors the metadata names for its layers
+    (:meth:`~qfv_brevitas.export.forms.ExportForm.layer_tensors`), or a metadata layer whose
+    tensors no compute node takes as weights. Empty if they agree."""
+    rows = [r for r in info.get("layers", []) if isinstance(r, dict)]
+    owner: Dict[str, int] = {}
+    for i, row in enumerate(rows):
+        try:
+            for t in form.layer_tensors(row):
+                if isinstance(t, str) and t:
+                    owner.setdefault(t, i)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue  # a malformed row: graph_problems says so
+    const = constant_tensors(model)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    used, extra = set(), []
+    for n in model.graph.node:
+        if n.op_type not in COMPUTE_OPS or n.domain not in ("", "ai.onnx"):
+            continue
+        for w in _weight_inputs(n, const):
+            if w in owner:
+                used.add(owner[w])
+                continue
+            quants = [q for q in upstream(w, producers) if q.op_type in QUANTIZER_OPS]
+            if quants:
+                extra.append(f"{NodeAt(n, '').label()} takes quantized weights (from "
+                             f"{NodeAt(quants[0], '').label()}) that the metadata does not "
+                             "describe as a layer")
+    missing = [f"layer {shown(r.get('layer'))} of the metadata is not in the graph: no "
+               f"{'/'.join(COMPUTE_OPS)} node takes its weights"
+               for i, r in enumerate(rows) if i not in used]
+    return extra + missing
 
 
 def _canonical(model: onnx.ModelProto):

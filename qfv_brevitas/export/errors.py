@@ -5,7 +5,7 @@ from typing import Optional
 
 from qfv_brevitas.util.errors import QfvError, VerificationError
 
-__all__ = ["ExportError", "ExportVerificationError", "ExportFileError"]
+__all__ = ["ExportError", "ExportVerificationError", "ExportFileError", "ExecutionTimeout"]
 
 
 class ExportError(QfvError):
@@ -23,3 +23,12 @@ class ExportVerificationError(ExportError, VerificationError):
 
 class ExportFileError(QfvError):
     """A file that is not (or no longer) an export of this library."""
+
+
+class ExecutionTimeout(QfvError):
+    """Running a file's graph took longer than its time limit and was stopped
+    (:func:`~qfv_brevitas.export.deadline.call_with_deadline`); nothing was written. ``qfv``
+    exit 4, as for other resource limits met while working: the input may be fine on a faster
+    machine or with a longer ``--time-limit``."""
+
+    exit_code = 4

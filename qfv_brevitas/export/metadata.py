@@ -5,19 +5,19 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import List, Union
+from typing import List, Optional, Tuple, Union
 
 import onnx
-from google.protobuf.message import DecodeError
 
 from qfv_brevitas.export.checks import check_domains, graph_digest, graph_problems
 from qfv_brevitas.export.errors import ExportError, ExportFileError
 from qfv_brevitas.export.forms import form_named
+from qfv_brevitas.export.untrusted import check_structure, load_onnx
 from qfv_brevitas.util.budgets import (MAX_INPUT_DIMS, MAX_SPIKING_VALUES, loads_json,
                                        quoted)
 
-__all__ = ["FORMAT", "ExportFileError", "write_metadata", "read_metadata", "graph_intact",
-           "format_layers"]
+__all__ = ["FORMAT", "ExportFileError", "write_metadata", "read_metadata", "read_export",
+           "graph_intact", "format_layers"]
 
 FORMAT = "qfv-qonnx/1"
 _KEY = "qfv_brevitas"
@@ -40,30 +40,36 @@ def write_metadata(model: onnx.ModelProto, info: dict) -> None:
         model.metadata_props.add(key=k, value=v)
 
 
-def read_metadata(source: Union[str, Path, onnx.ModelProto], check_graph: bool = True) -> dict:
+def read_export(path: Union[str, Path], check_graph: bool = True
+                ) -> Tuple[onnx.ModelProto, dict]:
+    """The model in the file ``path`` and its export description, the file read once by
+    :func:`~qfv_brevitas.export.untrusted.load_onnx`: its metadata first (a file from another
+    tool says so), then its structure (:mod:`~qfv_brevitas.export.structure`: nothing that
+    the export forms do not write, before anything walks the graph deeply or runs it), then,
+    with ``check_graph``, the graph against the metadata as :func:`read_metadata` does."""
+    where = str(path)
+    model = load_onnx(path, check=False)
+    info = read_metadata(model, check_graph=False, where=where)
+    check_structure(model, where)
+    if check_graph:
+        _check_graph(model, info, where)
+    return model, info
+
+
+def read_metadata(source: Union[str, Path, onnx.ModelProto], check_graph: bool = True, *,
+                  where: Optional[str] = None) -> dict:
     """The export description of a file written by :func:`~qfv_brevitas.export.export_qonnx`.
 
     Raises :class:`ExportFileError` for a missing, unreadable or corrupt file, a file from
     another tool, metadata that no longer matches its checksum, or (``check_graph``) a graph
     that no longer matches the metadata: its own checksum, each layer's bit width, ``r``,
-    ``c``, and codes in range (:func:`~qfv_brevitas.export.checks.graph_problems`).
+    ``c``, and codes in range (:func:`~qfv_brevitas.export.checks.graph_problems`). A path is
+    read by :func:`read_export` (the file's structure checked too); ``where`` names a given
+    model in messages.
     """
-    if isinstance(source, onnx.ModelProto):
-        model, where = source, "model"
-    else:
-        where = str(source)
-        path = Path(source)
-        if path.is_dir():
-            raise ExportFileError(f"{where}: is a folder, not an exported file")
-        if not path.is_file():
-            raise ExportFileError(f"{where}: no such file")
-        try:
-            model = onnx.load(str(path), load_external_data=False)
-        except (DecodeError, ValueError, RuntimeError, OSError) as e:
-            raise ExportFileError(f"{where}: not a readable ONNX file ({type(e).__name__}: "
-                                  f"{e})") from None
-        if not model.graph.node:
-            raise ExportFileError(f"{where}: not an ONNX model (no graph)")
+    if not isinstance(source, onnx.ModelProto):
+        return read_export(source, check_graph)[1]
+    model, where = source, where or "model"
     props = {p.key: p.value for p in model.metadata_props}
     fmt = props.get(f"{_KEY}.format")
     if fmt is None:
@@ -90,19 +96,12 @@ def read_metadata(source: Union[str, Path, onnx.ModelProto], check_graph: bool =
         if not isinstance(row, dict):
             raise ExportFileError(f"{where}: a layer entry of the metadata is not a mapping")
         for tensor in form.layer_tensors(row):
-            if tensor not in names:
+            if not isinstance(tensor, str) or tensor not in names:
                 raise ExportFileError(f"{where}: layer {row.get('layer')!r}'s weight tensor "
                                       f"{tensor!r} is not in the graph")
     check_domains(model, where, ExportFileError)
     if check_graph:
-        problems = graph_problems(model, info)
-        if problems:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise ExportFileError(f"{where}: the graph does not match its metadata: "
-                                  f"{problems[0]}{more}")
-        if not graph_intact(model):
-            raise ExportFileError(f"{where}: the graph does not match the checksum stored at "
-                                  "export (the file was edited or is damaged)")
+        _check_graph(model, info, where)
     return info
 
 
@@ -131,6 +130,18 @@ def _check_sizes(info: dict, where: str, file_bytes: int) -> None:
             raise ExportFileError(f"{where}: layer {quoted(row.get('layer'), 60)} of the "
                                   f"metadata declares weight_shape {quoted(ws, 60)}, more "
                                   f"weights than the file's {file_bytes} bytes can hold")
+
+
+def _check_graph(model: onnx.ModelProto, info: dict, where: str) -> None:
+    """The graph against its metadata and the checksum stored at export."""
+    problems = graph_problems(model, info)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ExportFileError(f"{where}: the graph does not match its metadata: "
+                              f"{problems[0]}{more}")
+    if not graph_intact(model):
+        raise ExportFileError(f"{where}: the graph does not match the checksum stored at "
+                              "export (the file was edited or is damaged)")
 
 
 def graph_intact(model: onnx.ModelProto) -> bool:

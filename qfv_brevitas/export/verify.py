@@ -13,9 +13,12 @@ from torch import Tensor, nn
 
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.export.checks import compare_graphs, graph_problems
+from qfv_brevitas.export.deadline import DEFAULT_TIME_LIMIT_S, Stopper, call_with_deadline
+from qfv_brevitas.export.errors import ExportFileError
 from qfv_brevitas.export.forms import form_named
 from qfv_brevitas.export.graph import constant_tensors, to_onnxruntime
-from qfv_brevitas.export.metadata import graph_intact, read_metadata
+from qfv_brevitas.export.metadata import graph_intact, read_export, read_metadata
+from qfv_brevitas.export.structure import shown
 from qfv_brevitas.snn.network import spiking_net
 
 __all__ = ["VerifyReport", "verify_qonnx", "reference_weights"]
@@ -129,7 +132,9 @@ def _chunks(x: Tensor, batch: int, axis: int = 0):
 def verify_qonnx(reference: nn.Module, source: Union[str, Path, onnx.ModelProto], inputs: Tensor,
                  tolerance: Optional[float] = None, weight_tolerance: Optional[float] = None,
                  min_agreement: Optional[float] = None,
-                 expected: Optional[onnx.ModelProto] = None) -> VerifyReport:
+                 expected: Optional[onnx.ModelProto] = None,
+                 time_limit: Optional[float] = DEFAULT_TIME_LIMIT_S,
+                 where: Optional[str] = None) -> VerifyReport:
     """Compare ``reference`` (the torch model the file was exported from) with the file.
 
     Default tolerances: weights bit-exact (0.0), or 1e-6 of the largest weight when the file
@@ -142,10 +147,17 @@ def verify_qonnx(reference: nn.Module, source: Union[str, Path, onnx.ModelProto]
     stored at export, and, given ``expected`` (the export of the checkpoint with the file's
     settings, :func:`~qfv_brevitas.export.api.expected_export`), parameter by parameter and
     exactly: weights, biases, codes, activation scales, zero points, bit widths, thresholds.
+
+    A path is read once by :func:`~qfv_brevitas.export.metadata.read_export` (the file's
+    structure checked before anything runs it); the graph then runs in a worker thread,
+    stopped after ``time_limit`` seconds (:class:`~qfv_brevitas.export.errors.ExecutionTimeout`;
+    None: no limit) or on Ctrl-C (:mod:`qfv_brevitas.export.deadline`). ``where`` names a
+    given model in messages (a path names itself).
     """
     _check_settings(inputs, tolerance=tolerance, weight_tolerance=weight_tolerance,
-                    min_agreement=min_agreement)
+                    min_agreement=min_agreement, time_limit=time_limit)
     model, info = _load(source)
+    where = where or ("the file" if isinstance(source, onnx.ModelProto) else str(source))
     structural = graph_problems(model, info)
     graph_diff = compare_graphs(expected, model) if expected is not None else []
     graph_diff += structural
@@ -162,7 +174,9 @@ def verify_qonnx(reference: nn.Module, source: Union[str, Path, onnx.ModelProto]
     snn = spiking_net(reference)
     # spiking models in the time-first layout take (T, N, ...): the batch is axis 1
     axis = 1 if snn is not None and snn.config.layout == "time_first" else 0
-    t, q, o, weights_file = _run_three(reference, model, info, inputs, axis)
+    t, q, o, weights_file = call_with_deadline(
+        _RunThree(reference, model, info, inputs, axis, where), time_limit,
+        f"{where}: running the graph")
     ref_w = reference_weights(reference, info)
     wdiff = {k: float(np.abs(weights_file[k].astype(np.float64)
                              - ref_w[k].numpy().astype(np.float64)).max())
@@ -197,59 +211,104 @@ def verify_qonnx(reference: nn.Module, source: Union[str, Path, onnx.ModelProto]
 
 
 def _check_settings(inputs, **limits) -> None:
-    """The tolerances are numbers in their ranges; the inputs a non-empty tensor."""
+    """The tolerances are numbers in their ranges, the time limit a positive number of
+    seconds; the inputs a non-empty tensor."""
     for name, value in limits.items():
         lo, hi = 0.0, (1.0 if name == "min_agreement" else math.inf)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not lo <= value <= hi or math.isnan(value)):
             raise QfvError(f"{name} must be a number in [{lo:g}, {hi:g}], got {value!r}")
+        if name == "time_limit" and value is not None and not 0 < value < math.inf:
+            raise QfvError(f"time_limit must be a positive number of seconds or None, got "
+                           f"{value!r}")
     if not isinstance(inputs, Tensor) or inputs.numel() == 0:
         raise QfvError("inputs must be a non-empty tensor (a batch the model accepts)")
 
 
 def _load(source: Union[str, Path, onnx.ModelProto]):
     """The file as a model of its own (the runtimes may annotate it; a caller's proto stays
-    as is) and its metadata, unknown op domains refused before anything runs."""
+    as is) and its metadata; a file read once and checked (structure, op domains) before
+    anything runs it."""
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
-    else:
-        read_metadata(source, check_graph=False)  # a clear error for a missing/foreign file
-        model = onnx.load(str(source))
-    return model, read_metadata(model, check_graph=False)
+        return model, read_metadata(model, check_graph=False)
+    return read_export(source, check_graph=False)
 
 
+class _RunThree:
+    """:func:`_run_three` as the work of :func:`call_with_deadline`."""
+
+    def __init__(self, *args):
+        self.args = args
+
+    def __call__(self, stopper: Stopper):
+        return _run_three(*self.args, stopper=stopper)
+
+
+class _Runtimes:
+    """qonnx and onnxruntime over one file's graph. What they fail on is the file's doing (its
+    structure passed the checks, yet it does not run): :class:`ExportFileError` naming it."""
+
+    def __init__(self, model: onnx.ModelProto, where: str, stopper: Stopper):
+        import onnxruntime as ort
+        from qonnx.core.modelwrapper import ModelWrapper
+
+        self.where, self.stopper = where, stopper
+        # onnxruntime's graph optimizations fuse nodes (e.g. BatchNorm into Conv), which
+        # changes float rounding before the activation quantizers; the file's semantics are
+        # node by node.
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            self.mw = ModelWrapper(model)
+            self.sess = ort.InferenceSession(to_onnxruntime(model).SerializeToString(), opts,
+                                             providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise self._failed("onnxruntime", e) from None
+
+    def _failed(self, runtime: str, e: Exception) -> ExportFileError:
+        lines = [ln for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        return ExportFileError(f"{self.where}: {runtime} could not run the graph "
+                               f"({type(e).__name__}: {shown(lines[0].strip(), 200)})")
+
+    def qonnx(self, feed: Dict[str, np.ndarray], full: bool) -> Dict[str, np.ndarray]:
+        from qonnx.core.onnx_exec import execute_onnx
+
+        try:
+            return execute_onnx(self.mw, feed, return_full_exec_context=full)
+        except Exception as e:
+            raise self._failed("qonnx", e) from None
+
+    def ort(self, feed: Dict[str, np.ndarray]) -> np.ndarray:
+        try:
+            return self.sess.run(None, feed, self.stopper.options())[0]
+        except Exception as e:
+            raise self._failed("onnxruntime", e) from None
+
+
+@torch.no_grad()  # in the worker thread: grad mode is per thread
 def _run_three(reference: nn.Module, model: onnx.ModelProto, info: dict, inputs: Tensor,
-               axis: int):
+               axis: int, where: str = "the file", stopper: Optional[Stopper] = None):
     """Outputs of torch, qonnx and onnxruntime on ``inputs`` (batch by batch along ``axis``,
     at the graph's static batch size) and the weights each layer of the file computes
-    (qonnx)."""
-    from qonnx.core.modelwrapper import ModelWrapper
-    from qonnx.core.onnx_exec import execute_onnx
-    import onnxruntime as ort
-
+    (qonnx). onnxruntime runs with ``stopper``'s options (terminated when it stops)."""
     form = form_named(info["form"])
-    mw = ModelWrapper(model)
-    iname, oname = mw.graph.input[0].name, mw.graph.output[0].name
-    batch = mw.get_tensor_shape(iname)[axis]
+    rt = _Runtimes(model, where, stopper or Stopper())
+    iname, oname = rt.mw.graph.input[0].name, rt.mw.graph.output[0].name
+    batch = rt.mw.get_tensor_shape(iname)[axis]
     if not isinstance(batch, int) or batch < 1:
         batch = inputs.shape[axis]
-    # onnxruntime's graph optimizations fuse nodes (e.g. BatchNorm into Conv), which changes
-    # float rounding before the activation quantizers; the file's semantics are node by node.
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(to_onnxruntime(model).SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
     t_out, q_out, o_out = [], [], []
     weights_file = None
     for part, n in _chunks(inputs.float(), batch, axis):
         t_out.append(reference(part)[:n].float().cpu().numpy())
         arr = part.cpu().numpy()
-        ctx = execute_onnx(mw, {iname: arr}, return_full_exec_context=weights_file is None)
+        ctx = rt.qonnx({iname: arr}, full=weights_file is None)
         if weights_file is None:
             weights_file = {r["layer"]: form.file_weight(ctx, r) for r in info["layers"]}
         q_out.append(np.asarray(ctx[oname])[:n])
-        o_out.append(sess.run(None, {iname: arr})[0][:n])
+        o_out.append(rt.ort({iname: arr})[:n])
     t, q, o = (np.concatenate(a) for a in (t_out, q_out, o_out))
     return t, q, o, weights_file
 
