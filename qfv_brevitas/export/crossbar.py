@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Dict, Optional, Union
 
 import numpy as np
 from torch import nn
 
-from qfv_brevitas.util.budgets import MAX_JSON_BYTES, check_npz, loads_json, quoted
+from qfv_brevitas.util.budgets import check_npz, quoted, read_json_file
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.core.quantizers import nmult_layers
 from qfv_brevitas.util.safeio import atomic_dir
@@ -37,22 +39,28 @@ CROSSBAR_FORMAT = "qfv-crossbar/1"
 
 
 def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    with open(path, "rb") as fh:  # streamed: memory does not grow with the file
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def not_a_crossbar_folder(folder: Path) -> Optional[str]:
     """Why ``folder`` is not a crossbar folder that may be replaced (None if it is one)."""
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
+        if not stat.S_ISREG((folder / "manifest.json").lstat().st_mode):  # never followed
+            raise QfvError("manifest.json is not a regular file")
+        manifest = read_json_file(folder / "manifest.json", error=QfvError,
+                                  what="a crossbar manifest")
         own = {row["file"] for row in manifest["layers"]} | {"manifest.json"}
-        ok = manifest.get("format") == CROSSBAR_FORMAT
-    except (OSError, ValueError, KeyError, TypeError):
-        own, ok = set(), False
-    other = sorted(p.name for p in folder.iterdir() if p.name not in own)
-    if not ok or other:
+        if manifest.get("format") != CROSSBAR_FORMAT:
+            own = set()
+    except (OSError, QfvError, KeyError, TypeError, AttributeError):
+        own = set()
+    other = sorted(p.name for p in folder.iterdir()  # a crossbar holds regular files only
+                   if p.name not in own or not stat.S_ISREG(p.lstat().st_mode))
+    if other:
         return (f"it holds files that are not from a crossbar mapping ({', '.join(other[:5])}"
                 f"{', ...' if len(other) > 5 else ''}); choose another folder")
-    return None
+    return None  # (an unreadable manifest counts every file as foreign: an empty folder only)
 
 
 def write_crossbar(model: nn.Module, folder: Union[str, Path], with_maps: bool = True,
@@ -112,14 +120,10 @@ def load_crossbar(folder: Union[str, Path]) -> Dict[str, dict]:
     (:mod:`qfv_brevitas.util.budgets`); a layer file must lie in the folder itself."""
     folder = Path(folder)
     mpath = folder / "manifest.json"
-    if not mpath.is_file():
+    if not os.path.lexists(mpath):
         raise QfvError(f"{folder}: no manifest.json (not a crossbar folder written by "
-                         "qfv-brevitas)")
-    if mpath.stat().st_size > MAX_JSON_BYTES:
-        raise QfvError(f"{mpath}: {mpath.stat().st_size} bytes, more than the "
-                       f"{MAX_JSON_BYTES} of JSON read")
-    manifest = loads_json(mpath.read_text(errors="replace"), str(mpath),
-                          error=QfvError)
+                       "qfv-brevitas)")
+    manifest = read_json_file(mpath, error=QfvError, what="a crossbar manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != CROSSBAR_FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise QfvError(f"{mpath}: format {quoted(found)}, expected {CROSSBAR_FORMAT!r}")
@@ -129,9 +133,11 @@ def load_crossbar(folder: Union[str, Path]) -> Dict[str, dict]:
             raise QfvError(f"{mpath}: layer file {quoted(row['file'])} is not a file of the "
                            "folder itself")
         f = folder / row["file"]
-        if not f.is_file() or _sha(f) != row["sha256"]:
-            raise QfvError(f"{f}: missing or does not match its checksum in the manifest")
-        check_npz(f, str(f), error=QfvError)
+        if not f.is_file():
+            raise QfvError(f"{f}: missing (or not a regular file)")
+        check_npz(f, str(f), error=QfvError)  # its size first: the checksum reads it all
+        if _sha(f) != row["sha256"]:
+            raise QfvError(f"{f}: does not match its checksum in the manifest")
         with np.load(f, allow_pickle=False) as z:  # never pickled objects from a file
             arrays = {k: z[k] for k in z.files}
         planes = arrays["planes"]

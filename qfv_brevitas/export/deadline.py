@@ -36,7 +36,9 @@ GRACE_S = 1.0
 
 class Stopped(BaseException):
     """Raised inside the worker to stop it (a BaseException: no ``except Exception`` of the
-    libraries it runs swallows it)."""
+    libraries it runs swallows it). Not a :class:`~qfv_brevitas.util.errors.QfvError`: it
+    never leaves :func:`call_with_deadline`, which turns a stop into ``ExecutionTimeout`` or
+    ``KeyboardInterrupt``."""
 
 
 class Stopper:

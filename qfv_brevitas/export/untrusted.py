@@ -17,9 +17,6 @@ file and what in it, never bytes of another file.
 """
 from __future__ import annotations
 
-import errno
-import os
-import stat
 from pathlib import Path
 from typing import List, Union
 
@@ -29,53 +26,19 @@ from google.protobuf.message import DecodeError
 from qfv_brevitas.export.errors import ExportFileError
 from qfv_brevitas.export.shapes import inferred_shape_problems
 from qfv_brevitas.export.structure import static_problems
+from qfv_brevitas.util.budgets import read_regular
 
 __all__ = ["MAX_FILE_BYTES", "load_onnx", "structure_problems", "check_structure"]
 
 #: the largest ONNX file read (protobuf's own limit is 2 GiB; the largest export of the zoo's
 #: models measured is far below: see README, "Untrusted files")
 MAX_FILE_BYTES = 1 << 30
-_CHUNK = 1 << 20
 
 
 def _read_regular(path: Path, where: str, limit: int) -> bytes:
     """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise ExportFileError(f"{where}: no such file") from None
-    except IsADirectoryError:
-        raise ExportFileError(f"{where}: is a folder, not an exported file") from None
-    except OSError as e:
-        if e.errno in (errno.ENXIO, errno.ENODEV):  # a FIFO without writer, a socket
-            raise ExportFileError(f"{where}: not a regular file") from None
-        raise ExportFileError(f"{where}: cannot be read ({e.strerror or e})") from None
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise ExportFileError(f"{where}: is a folder, not an exported file")
-        if not stat.S_ISREG(st.st_mode):
-            raise ExportFileError(f"{where}: not a regular file (a FIFO, device or socket); "
-                                  "give the exported .onnx file")
-        if st.st_size > limit:
-            raise ExportFileError(f"{where}: {st.st_size} bytes, over the limit of {limit} "
-                                  "bytes for an ONNX file")
-        os.set_blocking(fd, True)
-        chunks: List[bytes] = []
-        got = 0
-        while got <= st.st_size:  # one byte past the size: a file that grows is noticed
-            chunk = os.read(fd, min(_CHUNK, st.st_size + 1 - got))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            got += len(chunk)
-        if got != st.st_size:
-            raise ExportFileError(f"{where}: changed size while being read")
-        return b"".join(chunks)
-    except OSError as e:
-        raise ExportFileError(f"{where}: cannot be read ({e.strerror or e})") from None
-    finally:
-        os.close(fd)
+    return read_regular(path, where, limit, error=ExportFileError,
+                        what="an exported .onnx file")
 
 
 def structure_problems(model: onnx.ModelProto) -> List[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import stat
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -19,6 +20,7 @@ from qfv_brevitas.zoo.data import DataError, fingerprint, load_dataset
 from qfv_brevitas.zoo.models import build_model
 from qfv_brevitas.studies.plots import plot_fitted_levels, plot_levels
 from qfv_brevitas.util.progress import RunProgress
+from qfv_brevitas.util.budgets import read_json_file
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.util.safeio import atomic_dir, atomic_write, check_output
 from qfv_brevitas.training.train import TrainConfig, evaluate, fit
@@ -215,11 +217,15 @@ def not_a_run_folder(folder: Path) -> Optional[str]:
     """Why ``folder`` may not be replaced by a new run (None if it holds only a run's files:
     those its ``results.json`` lists, or the names runs write)."""
     try:
-        listed = set(json.loads((folder / "results.json").read_text()).get("files", []))
-    except (OSError, ValueError, AttributeError):
+        if not stat.S_ISREG((folder / "results.json").lstat().st_mode):  # never followed
+            raise QfvError("results.json is not a regular file")
+        listed = set(read_json_file(folder / "results.json", error=QfvError,
+                                    what="a run's results.json").get("files", []))
+    except (OSError, QfvError, AttributeError, TypeError):
         listed = set()
     other = sorted(p.name for p in folder.iterdir()
-                   if p.name not in listed and not _RUN_FILES.match(p.name))
+                   if p.name not in listed and not _RUN_FILES.match(p.name)
+                   or not stat.S_ISREG(p.lstat().st_mode))  # a run writes regular files only
     if other:
         return (f"it holds files that are not from a qfv run ({', '.join(other[:5])}"
                 f"{', ...' if len(other) > 5 else ''}); move them or choose another folder")

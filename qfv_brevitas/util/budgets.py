@@ -31,9 +31,11 @@ caller's error class (default :class:`BudgetError`), or for :func:`zip_layout` a
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import stat
 import struct
 import zipfile
 from typing import Any, BinaryIO, List, NamedTuple, Optional, Tuple, Type
@@ -43,7 +45,7 @@ import torch
 
 from qfv_brevitas.util.errors import QfvError
 
-__all__ = ["BudgetError", "ZipProblem", "MAX_DEFLATE_RATIO", "MAX_ZIP_ENTRIES", "MAX_TREE_DEPTH",
+__all__ = ["read_regular", "read_json_file", "BudgetError", "ZipProblem", "MAX_DEFLATE_RATIO", "MAX_ZIP_ENTRIES", "MAX_TREE_DEPTH",
            "MAX_INT_BITS", "MAX_JSON_BYTES", "MAX_JSON_DEPTH", "MAX_NPZ_BYTES", "MAX_INPUT_VALUES",
            "MAX_INPUT_DIMS", "MAX_TIME_STEPS", "MAX_SPIKING_VALUES", "TreeBudget",
            "zip_layout", "check_npy", "check_npz", "check_tree", "loads_json", "json_depth",
@@ -385,6 +387,60 @@ def loads_json(text: str, where: str, *, max_bytes: Optional[int] = None,
         return json.loads(text)
     except (ValueError, RecursionError) as e:
         raise error(f"{where}: corrupt JSON ({str(e)[:120]})") from None
+
+
+def read_regular(path: os.PathLike, where: str, limit: int, *,
+                 error: Type[QfvError] = BudgetError, what: str = "file") -> bytes:
+    """The bytes of ``path`` if it names a regular file of at most ``limit`` bytes: opened
+    non-blocking (a FIFO without a writer or a device is refused without a read: it could
+    block or never end), checked with ``fstat``, then exactly its size read (one byte past
+    it tried: a file that grows while read is refused). ``what`` names the expected file in
+    the message for a folder."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise error(f"{where}: no such file") from None
+    except IsADirectoryError:
+        raise error(f"{where}: is a folder, not {what}") from None
+    except OSError as e:
+        if e.errno in (errno.ENXIO, errno.ENODEV):  # a FIFO without writer, a socket
+            raise error(f"{where}: not a regular file") from None
+        raise error(f"{where}: cannot be read ({e.strerror or e})") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise error(f"{where}: is a folder, not {what}")
+        if not stat.S_ISREG(st.st_mode):
+            raise error(f"{where}: not a regular file (a FIFO, device or socket); give {what}")
+        if st.st_size > limit:
+            raise error(f"{where}: {st.st_size} bytes, over the limit of {limit} bytes for "
+                        f"{what}")
+        os.set_blocking(fd, True)
+        chunks: List[bytes] = []
+        got = 0
+        while got <= st.st_size:  # one byte past the size: a file that grows is noticed
+            chunk = os.read(fd, min(1 << 20, st.st_size + 1 - got))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        if got != st.st_size:
+            raise error(f"{where}: changed size while being read")
+        return b"".join(chunks)
+    except OSError as e:
+        raise error(f"{where}: cannot be read ({e.strerror or e})") from None
+    finally:
+        os.close(fd)
+
+
+def read_json_file(path: os.PathLike, *, error: Type[QfvError] = BudgetError,
+                   what: str = "a JSON file") -> Any:
+    """The JSON value in the regular file ``path`` (:func:`read_regular`, then
+    :func:`loads_json`: at most :data:`MAX_JSON_BYTES`, nested at most
+    :data:`MAX_JSON_DEPTH`)."""
+    where = str(path)
+    data = read_regular(path, where, MAX_JSON_BYTES, error=error, what=what)
+    return loads_json(data.decode("utf-8", errors="replace"), where, error=error)
 
 
 # -- streams -------------------------------------------------------------------------------

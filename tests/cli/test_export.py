@@ -52,7 +52,8 @@ def test_export_inspect_verify(tmp_path, checkpoint, form, capsys):
     assert f"{meta['layers'][1]['r'][0][0]:+.4g}" in table
     assert main(["inspect", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["form"] == form
-    assert main(["verify", str(out), str(checkpoint), "--samples", "32"]) == 0
+    assert main(["verify", str(out), str(checkpoint), "--samples", "32",
+                 "--time-limit", "120"]) == 0
     assert "PASSED" in capsys.readouterr().out
 
 

@@ -357,3 +357,51 @@ def test_an_export_s_metadata_with_controls_is_shown_escaped(run_qfv, qfv_files,
         assert printable(f"exporter torchscript{NAMES[name]}") in run.out
     else:
         assert len(run.lines) == 1 and "evil.onnx" in run.lines[0]
+
+
+# -- what --force replaces: a folder's own files are read only as regular files, bounded -------
+
+#: the file whose listing says a folder is a command's own (``--force`` may replace it then)
+OWN_LISTING = {"crossbar": "manifest.json", "train": "results.json"}
+
+
+def _hostile_listing(folder: Path, name: str, kind: str) -> None:
+    """``folder/name`` as something that must not be opened, read whole or followed."""
+    folder.mkdir()
+    p = folder / name
+    if kind == "fifo":  # opening it to read blocks forever
+        os.mkfifo(p)
+    elif kind == "dev-zero":  # endless
+        p.symlink_to("/dev/zero")
+    elif kind == "outside":  # a listing outside the folder naming the folder's files as own
+        (folder.parent / "theirs.json").write_text(json.dumps(
+            {"format": "qfv-crossbar/1", "layers": [{"file": "notes.txt"}],
+             "files": ["notes.txt"]}))
+        p.symlink_to(folder.parent / "theirs.json")
+        (folder / "notes.txt").write_text("theirs")
+    elif kind == "huge":  # a sparse 64 MiB file: over the JSON budget, never read whole
+        with open(p, "wb") as fh:
+            fh.truncate(64 << 20)
+    else:  # deep: nested past the JSON depth budget
+        p.write_text("[" * 100_000 + "]" * 100_000)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "outside", "huge", "deep"])
+@pytest.mark.parametrize("cmd", list(OWN_LISTING))
+def test_force_never_reads_a_hostile_listing_of_the_folder_it_would_replace(
+        run_qfv, refused, snapshot, qfv_files, tmp_path, cmd, kind):
+    qfv_files(tmp_path, "q.pt")
+    _hostile_listing(tmp_path / "out", OWN_LISTING[cmd], kind)
+    before = snapshot(tmp_path)
+    run = run_qfv(_argv(FOLDER_COMMANDS[cmd], out="out") + ["--force"], tmp_path,
+                  timeout=DEADLINE if cmd == "crossbar" else 120)
+    if kind in ("huge", "deep") and cmd == "train":
+        # a regular results.json under a name runs write: the folder is a run's and replaced,
+        # its listing ignored (too large or too deep to read) at no cost
+        assert run.code == 0, run.err
+        assert (tmp_path / "out" / "results.json").stat().st_size < 1 << 20
+    else:
+        what = "notes.txt" if kind == "outside" else OWN_LISTING[cmd]
+        refused(run, 3, "out is not replaced", what)
+        assert snapshot(tmp_path) == before
+    assert run.peak_bytes < 400 << 20, run.peak_bytes

@@ -19,6 +19,9 @@ NOT_BAD_INPUT = {
     # spikingjelly (an optional extra) is missing: the environment, not an argument, is at
     # fault; an ImportError as Python code expects around optional features.
     "qfv_brevitas.snn.neurons.SNNDependencyError": ImportError,
+    # raised inside the worker thread that runs a file's graph to stop it, caught by the
+    # deadline's own caller: never seen by a user
+    "qfv_brevitas.export.deadline.Stopped": BaseException,
 }
 
 
