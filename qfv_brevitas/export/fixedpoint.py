@@ -40,14 +40,16 @@ def round_to_grid(t: Tensor, frac_bits: int) -> Tensor:
 
 
 def int_bits(lo: int, hi: int):
-    """Smallest width holding the integer range [lo, hi]: (bits, signed).
+    """Smallest width holding the integer range [lo, hi]: (bits, signed). A signed width is
+    at least 2: QONNX executes a 1-bit signed ``Quant`` as bipolar (-1/+1), not as Brevitas'
+    integers -1/0.
 
-    >>> int_bits(0, 5), int_bits(-3, 3)
-    ((3, False), (3, True))
+    >>> int_bits(0, 5), int_bits(-3, 3), int_bits(-1, 0)
+    ((3, False), (3, True), (2, True))
     """
     if lo >= 0:
         return max(1, int(hi).bit_length()), False
-    b = 1
+    b = 2
     while not (-(1 << (b - 1)) <= lo and hi <= (1 << (b - 1)) - 1):
         b += 1
     return b, True

@@ -54,6 +54,11 @@ def _layer_matches(tensor: str, layer: str) -> bool:
     return bool(sep) and head.startswith("/") and scope_path(head[1:].split("/")) == layer
 
 
+def _node_in_scope(node_name: str, layer: str) -> bool:
+    head, sep, _ = node_name.rpartition("/")
+    return bool(sep) and head.startswith("/") and scope_path(head[1:].split("/")) == layer
+
+
 def scope_path(elements: List[str]) -> str:
     """The module path of a TorchScript scope. An element is the module's full path (it
     extends the path so far), its parent's local name and its own (``downsample.0``: child
@@ -116,6 +121,11 @@ def locate_layers(model: onnx.ModelProto, layers: Iterable[str]) -> Dict[str, st
         if not votes:
             continue
         layer = votes.most_common(1)[0][0]
+        # TorchScript shares equal constants between layers (e.g. weights that all round to
+        # zero): a compute node named in a layer's scope ("/net/net.3/Gemm") is that layer's
+        own = [l for l in layers if _node_in_scope(node.name, l)]
+        if len(own) == 1:
+            layer = own[0]
         if layer in found and found[layer] != node.input[1]:
             raise RuntimeError(f"layer {layer!r} feeds two different weight tensors")
         found[layer] = node.input[1]

@@ -183,3 +183,31 @@ def test_bitplanes_give_every_plane_its_own_quant_node(tmp_path):
     assert all(np.array_equal(p, planes[0]) for p in planes) and 0 < planes[0].sum() < 15
     users = {q.output[0]: [n for n in proto.graph.node if q.output[0] in n.input] for q in quants}
     assert all(len(u) == 1 for u in users.values()), users
+
+
+@pytest.mark.parametrize("frac_bits", [0, 2])
+@pytest.mark.parametrize("form", ["fixed", "planes"])
+def test_few_fractional_bits_export_each_layer_and_verify(tmp_path, form, frac_bits):
+    """At 0-2 fractional bits two same-shaped layers' integer weights come out equal (all
+    rounded to the same few integers), and TorchScript stores equal constants once: each
+    layer is still found by its own compute node, not by the shared constant's name. Their
+    range -1..0 is written with a signed width of at least 2: QONNX executes a 1-bit signed
+    Quant as bipolar (-1/+1), Brevitas' integers are -1/0."""
+    from qfv_brevitas.zoo.models import MLP
+
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, 8, 8)
+    model = quantize_model(MLP(64, 10), NMultConfig(weight_bits=4, act_bits=4), x).eval()
+    res = export_qonnx(model, x[:1], tmp_path / "m.onnx", form, frac_bits=frac_bits,
+                       exporter="torchscript", verify_inputs=x)
+    assert res.verification.passed
+    layers = {r["layer"]: r for r in res.metadata["layers"]}
+    assert set(layers) == {"net.1", "net.3", "net.5"}
+    widths = [r["fixed_point"]["int_bits"] for r in layers.values()
+              if r["fixed_point"]["signed"]]
+    assert all(w >= 2 for w in widths), widths
+    if frac_bits == 2:  # the case: a layer whose integers are -1..0
+        assert any(r["fixed_point"]["int_min"] == -1 and r["fixed_point"]["int_max"] <= 0
+                   for r in layers.values()), layers
+    proto = onnx.load(str(res.path))
+    assert read_metadata(proto) == res.metadata  # graph checks pass per layer
