@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from qfv_brevitas.util.budgets import MAX_TIME_STEPS
 from qfv_brevitas.util.configbase import QfvConfig
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.util.validate import check_choice, check_seed
@@ -78,6 +79,9 @@ class SpikingConfig(QfvConfig):
         if not t.is_integer() or t < 1:
             raise QfvError(f"SpikingConfig.T must be a whole number of time steps >= 1, got "
                            f"{self.T!r}; a spiking model needs at least one step (e.g. T=4)")
+        if t > MAX_TIME_STEPS:  # what a checkpoint may hold (zoo.checkpoint reads no more)
+            raise QfvError(f"SpikingConfig.T must be at most {MAX_TIME_STEPS} time steps, got "
+                           f"{self.T!r}")
         self.T = int(self.T)
         self.tau = float(self.tau)
         if not math.isfinite(self.tau) or self.tau <= 1.0:

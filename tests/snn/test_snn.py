@@ -50,7 +50,8 @@ def test_config_defaults_are_the_papers_neuron():
 
 
 @pytest.mark.parametrize("kw, msg", [
-    (dict(T=0), "at least one step"), (dict(T=2.5), "whole number"), (dict(tau=1.0), "tau"),
+    (dict(T=0), "at least one step"), (dict(T=4097), "at most 4096"),
+    (dict(T=2.5), "whole number"), (dict(tau=1.0), "tau"),
     (dict(v_reset=0.5, v_threshold=0.5), "below"), (dict(surrogate="relu"), "atan"),
     (dict(encoding="poisson"), "rate"), (dict(layout="TNCHW"), "time_first"),
     (dict(sample_ndim=0), "sample_ndim"), (dict(surrogate_alpha=-1), "alpha"),

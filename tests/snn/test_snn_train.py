@@ -164,6 +164,7 @@ def test_device_commands_load_spiking_checkpoints(snn_run, capsys, tmp_path):
     (["--dataset", "cifar10dvs"], "needs --data-dir"),
     (["--dataset", "cifar10dvs", "--data-dir", "/nonexistent/dvs"], "no such folder"),
     (["--T", "0"], "at least one step"),
+    (["--T", "1000000000"], "at most 4096"),  # refused before any data or model is made
     (["--bits", "9"], "bit width"),
 ])
 def test_qfv_snn_train_bad_input(argv, msg, capsys, tmp_path):
