@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                "that did not verify: nothing written); 2 bad input (argument, file, data); "
                "3 output refused (exists without --force, is an input, is not a regular "
                "file, not writable); 4 system error while working (disk full, I/O, out of "
-               "memory): outputs unchanged; 70 internal error (a bug in qfv: please report "
+               "memory, a graph's run past --time-limit): outputs unchanged; 70 internal error (a bug in qfv: please report "
                "it; --debug shows the traceback): outputs unchanged; 130 interrupted (Ctrl-C, "
                "SIGTERM): outputs unchanged.")
     parser.add_argument("--debug", action="store_true",

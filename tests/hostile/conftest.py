@@ -9,6 +9,9 @@ stdout, stderr, seconds, and the growth of its peak resident memory. ``refused(r
 ``qfv <command>: error: ...``, naming each of ``mentions``; no traceback; no control characters
 from a file on the terminal. ``snapshot(folder)`` records every entry (its type and, for files,
 its SHA-256) so a case asserts that nothing was changed, added or removed.
+
+With ``QFV_HOSTILE_REPORT=report.tsv`` every run appends a line (test id, exit code, peak
+memory growth in bytes, seconds): the figures README's "Untrusted files" quotes.
 """
 from __future__ import annotations
 
@@ -86,6 +89,10 @@ def _run(argv: Sequence[str], cwd, *, mem_mb: int = MEM_MB, timeout: float = TIM
     for f in (out, err, peak):
         f.unlink(missing_ok=True)
     logs.rmdir()
+    if os.environ.get("QFV_HOSTILE_REPORT"):  # the figures of README's "Untrusted files"
+        with open(os.environ["QFV_HOSTILE_REPORT"], "a") as fh:
+            fh.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '').split(' ')[0]}\t{code}\t"
+                     f"{run.peak_bytes}\t{seconds:.2f}\n")
     return run
 
 

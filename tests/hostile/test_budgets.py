@@ -19,7 +19,6 @@ import gzip
 import importlib.util
 import json
 import math
-import os
 import pickle
 import shutil
 import zipfile
@@ -104,11 +103,6 @@ def _run_case(run_qfv, refused, snapshot, folder: Path, argv: str, bombs, *menti
     line = refused(run, 2, *mentions)
     assert snapshot(folder) == before, "a file of the folder changed"
     assert run.peak_bytes < _bound(*bombs), f"{run.peak_bytes} bytes: {line}"
-    if os.environ.get("QFV_HOSTILE_REPORT"):  # the figures of README's "Untrusted files"
-        with open(os.environ["QFV_HOSTILE_REPORT"], "a") as f:
-            f.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '').split(' ')[0]}\t"
-                    f"{sum(b.stat().st_size for b in bombs)}\t{run.peak_bytes}\t"
-                    f"{run.seconds:.2f}\n")
     return run
 
 
