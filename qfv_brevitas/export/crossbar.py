@@ -26,7 +26,7 @@ from typing import Dict, Optional, Union
 import numpy as np
 from torch import nn
 
-from qfv_brevitas.util.budgets import check_npz, quoted, read_json_file
+from qfv_brevitas.util.budgets import MAX_NPZ_BYTES, check_npz, quoted, read_json_file
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.core.quantizers import nmult_layers
 from qfv_brevitas.util.safeio import atomic_dir
@@ -135,9 +135,12 @@ def load_crossbar(folder: Union[str, Path]) -> Dict[str, dict]:
         f = folder / row["file"]
         if not f.is_file():
             raise QfvError(f"{f}: missing (or not a regular file)")
-        check_npz(f, str(f), error=QfvError)  # its size first: the checksum reads it all
+        if f.stat().st_size > MAX_NPZ_BYTES:  # before the checksum reads it all (streamed)
+            raise QfvError(f"{f}: {f.stat().st_size} bytes, more than the {MAX_NPZ_BYTES} of "
+                           "a crossbar layer file read")
         if _sha(f) != row["sha256"]:
             raise QfvError(f"{f}: does not match its checksum in the manifest")
+        check_npz(f, str(f), error=QfvError)
         with np.load(f, allow_pickle=False) as z:  # never pickled objects from a file
             arrays = {k: z[k] for k in z.files}
         planes = arrays["planes"]

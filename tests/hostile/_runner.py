@@ -14,6 +14,26 @@ import sys
 from qfv_brevitas.cli.app import main  # noqa: F401  (preloaded by the forkserver)
 
 
+def _preload() -> None:
+    """Import every module a command may import lazily (the whole package, onnxruntime,
+    qonnx's executor) once in the forkserver: a case's memory growth is then its work, not
+    the ~64 MB of imports (and bytecode compiled on a fresh clone) one command needs."""
+    import importlib
+    import pkgutil
+
+    import qfv_brevitas
+
+    names = [m.name for m in pkgutil.walk_packages(qfv_brevitas.__path__, "qfv_brevitas.")]
+    for name in names + ["onnxruntime", "qonnx.core.modelwrapper", "qonnx.core.onnx_exec"]:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # an optional extra, or the kernels' .so (loaded by torch.ops)
+            pass
+
+
+_preload()
+
+
 def _status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
