@@ -711,3 +711,25 @@ def test_variability_scales_the_right_channels_multipliers(kind, paths):
     d = w.astype(np.float64) - vals
     assert float(tq.distance(layer.weight.detach())) == pytest.approx(
         float((d * d).sum()), rel=1e-5, abs=1e-9 * float(np.abs(w).max()) ** 2)
+
+
+def test_remap_to_valid_moves_only_the_faulty_weights_of_the_faulty_channel():
+    """``remap_to_valid_`` on a transposed conv (output axis 1) with stuck bits on channel 1:
+    each weight with a stuck bit moves to the nearest value its stuck bits allow over its own
+    channel's levels; every other weight stays exactly where it was."""
+    from qfv_brevitas.chip.repair import remap_to_valid_
+
+    bits = 3
+    model, layer, axis, w, r, c = on_chip("convT", bits, seed=12)
+    g = 1
+    sa0, sa1 = one_channel_masks(w.shape, axis, g, bits, np.random.default_rng(6))
+    attach_faults(model, FaultMap({"0": (torch.from_numpy(sa0), torch.from_numpy(sa1))},
+                                  bits={"0": bits}))
+    moved = remap_to_valid_(model)
+    faulty = (sa0 | sa1) != 0
+    assert moved == {"0": int(faulty.sum())}
+    vals, _ = aware_ref(w, axis, r, c, sa0, sa1)
+    got = layer.weight.detach().numpy()
+    np.testing.assert_array_equal(got[~faulty], w[~faulty])
+    np.testing.assert_allclose(got[faulty], vals[faulty], rtol=1e-6,
+                               atol=1e-7 * float(np.abs(r).max()))
