@@ -10,11 +10,12 @@ their decoders: one group layout and one level table, as torch's ``core.groups``
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import List, Sequence
 
 import numpy as np
 
-__all__ = ["groups", "ungroup", "cells", "bit_matrix", "level_table", "same", "fmt"]
+__all__ = ["groups", "ungroup", "cells", "bit_matrix", "level_table", "same", "fmt",
+           "differing_channels", "channels_note"]
 
 
 def groups(t: np.ndarray, axis: int) -> np.ndarray:
@@ -71,3 +72,28 @@ def fmt(a) -> str:
     a = np.asarray(a).reshape(-1)
     s = ", ".join(f"{v:.6g}" for v in a[:4])
     return f"[{s}{', ...' if a.size > 4 else ''}]"
+
+
+def differing_channels(got, want) -> List[int]:
+    """The output channels (rows of ``want``, ``(G, ...)``) where ``got`` (the same values in
+    any shape, e.g. a per-channel constant stored ``(1, G, 1, 1)``) differs (float64); empty
+    when the sizes differ or ``got`` is missing: the caller says that."""
+    if got is None:
+        return []
+    got, want = np.asarray(got), np.asarray(want)
+    if got.size != want.size or want.ndim == 0 or want.shape[0] == 0:
+        return []
+    rows = want.shape[0]
+    a = got.reshape(rows, -1).astype(np.float64)
+    b = want.reshape(rows, -1).astype(np.float64)
+    return [int(g) for g in np.flatnonzero(~np.all(a == b, axis=1))]
+
+
+def channels_note(got, want) -> str:
+    """`` (channel 2)`` / `` (channels 1, 3)``: where a per-channel tensor differs from the
+    metadata's, for a message; empty for a per-tensor one (one row) or no difference found."""
+    bad = differing_channels(got, want)
+    if not bad or np.asarray(want).shape[0] == 1:
+        return ""
+    shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
+    return f" (channel{'s' if len(bad) > 1 else ''} {shown})"

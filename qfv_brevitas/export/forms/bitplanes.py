@@ -12,13 +12,22 @@ from torch import Tensor
 
 from qonnx.transformation.base import Transformation
 
-from qfv_brevitas.export.arrays import fmt, same
+from qfv_brevitas.export.arrays import channels_note, differing_channels, fmt, same
 from qfv_brevitas.export.forms.base import ExportForm, GraphView, register_form
 from qfv_brevitas.export.graph import UnshareWeightQuants, attr, upstream
 from qfv_brevitas.export.handler import WeightHandler, quant_node
 from qfv_brevitas.export.layers import LayerExport
 
 __all__ = ["BitPlanesForm", "BitPlanesHandler"]
+
+
+def _nearest_note(candidates: Sequence[np.ndarray], want: np.ndarray) -> str:
+    """Which channels of ``want`` differ in the candidate closest to it (the fewest channels
+    differing), for a message: a tampered channel of a per-channel constant is named."""
+    sized = [v for v in candidates if np.asarray(v).size == np.asarray(want).size]
+    if not sized:
+        return ""
+    return channels_note(min(sized, key=lambda v: len(differing_channels(v, want))), want)
 
 
 class BitPlanesHandler(WeightHandler):
@@ -91,13 +100,16 @@ class BitPlanesForm(ExportForm):
         for k in range(bits):
             if not any(same(v, r[:, k]) for v in operands):
                 out.append(f"{at}: the metadata's multiplier r_{k} = {fmt(r[:, k])} is not in "
-                           "the graph")
+                           f"the graph{_nearest_note(operands, r[:, k])}")
         if not any(same(v, c) for v in operands):
-            out.append(f"{at}: the metadata's offset c = {fmt(c)} is not in the graph")
+            out.append(f"{at}: the metadata's offset c = {fmt(c)} is not in the graph"
+                       f"{_nearest_note(operands, c)}")
         if not row.get("variability"):
             known = [r[:, k] for k in range(bits)] + [c]
             for v in operands:
                 if v.size == r.shape[0] and not any(same(v, w) for w in known):
+                    near = min(known, key=lambda w: len(differing_channels(v, w)))
                     out.append(f"{at}: constant {fmt(v)} in its weight graph is neither a "
-                               "multiplier r nor the offset c of the metadata")
+                               "multiplier r nor the offset c of the metadata"
+                               f"{channels_note(v, near)}")
         return out

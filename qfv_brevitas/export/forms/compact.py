@@ -15,7 +15,7 @@ from torch.autograd import Function
 from brevitas.export.onnx.function import DynamoFn
 from qonnx.transformation.base import Transformation
 
-from qfv_brevitas.export.arrays import fmt, same
+from qfv_brevitas.export.arrays import channels_note, fmt, same
 from qfv_brevitas.export.forms.base import ExportForm, GraphView, register_form
 from qfv_brevitas.export.graph import attr, rename_tensor
 from qfv_brevitas.export.handler import WeightHandler
@@ -135,7 +135,9 @@ class CompactForm(ExportForm):
             out.append(f"{at}: code {int(codes.reshape(-1)[bad])} at flat index {bad} is out of "
                        f"the {bits}-bit range 0..{(1 << bits) - 1}")
         if not same(gr, r) or gr.shape != r.shape:
-            out.append(f"{at}: r in the graph {fmt(gr)} differs from the metadata's {fmt(r)}")
+            out.append(f"{at}: r in the graph {fmt(gr)} differs from the metadata's {fmt(r)}"
+                       f"{channels_note(gr, r)}")
         if not same(gc, c):
-            out.append(f"{at}: c in the graph {fmt(gc)} differs from the metadata's {fmt(c)}")
+            out.append(f"{at}: c in the graph {fmt(gc)} differs from the metadata's {fmt(c)}"
+                       f"{channels_note(gc, c)}")
         return out

@@ -13,13 +13,25 @@ from torch import Tensor
 
 from qonnx.transformation.base import Transformation
 
-from qfv_brevitas.export.arrays import fmt, groups, level_table, same
+from qfv_brevitas.export.arrays import channels_note, fmt, groups, level_table, same
 from qfv_brevitas.export.forms.base import ExportForm, GraphView, register_form
 from qfv_brevitas.export.graph import LayerTransformation, attr, rename_tensor
 from qfv_brevitas.export.handler import WeightHandler, quant_node
 from qfv_brevitas.export.layers import LayerExport
 
-__all__ = ["FixedPointForm", "FixedPointHandler", "NameFixedWeights"]
+__all__ = ["FixedPointForm", "FixedPointHandler", "NameFixedWeights", "rounding_problems"]
+
+
+def rounding_problems(at: str, what: str, integers, real, f: int) -> List[str]:
+    """Where the metadata's fixed-point ``integers`` (``what``: their name) are not its real
+    ``real`` values rounded to ``2**-f`` (half to even), channel by channel: one entry naming
+    the channels, or none."""
+    ints = np.asarray(integers, np.float64)
+    want = np.round(np.asarray(real, np.float64) * 2.0 ** f)
+    if ints.shape == want.shape and np.array_equal(ints, want):
+        return []
+    return [f"{at}: the metadata's {what} {fmt(ints)} are not {fmt(real)} rounded to 2^-{f}"
+            f"{channels_note(ints, want)}"]
 
 
 class FixedPointHandler(WeightHandler):
@@ -61,8 +73,9 @@ class FixedPointForm(ExportForm):
     def weight_problems(self, at: str, row: dict, node: onnx.NodeProto, r: np.ndarray,
                         c: np.ndarray, view: GraphView) -> List[str]:
         """The ``Quant`` node: scale ``2**-f``, zero point 0, the metadata's integer width and
-        signedness; its input integers in range, and each a level of the rounded ``r``, ``c``
-        of its own channel."""
+        signedness; the metadata's rounded ``r``, ``c`` its ``r``, ``c`` rounded to ``2**-f``;
+        its input integers in range, and each a level of the rounded ``r``, ``c`` of its own
+        channel (a problem names the channel)."""
         fx = row.get("fixed_point") or {}
         shape, axis = tuple(row["weight_shape"]), int(row.get("axis", -1))
         if node.op_type != "Quant":
@@ -78,14 +91,19 @@ class FixedPointForm(ExportForm):
             out.append(f"{at}: the Quant node is {fmt(width)}-bit "
                        f"{'signed' if attr(node, 'signed', 1) else 'unsigned'}, the metadata "
                        f"says {fx['int_bits']}-bit {'signed' if fx['signed'] else 'unsigned'}")
-        ints = values.astype(np.float64) * 2.0 ** f  # the Quant input: integer * 2^-f
+        s = 2.0 ** f
+        out += rounding_problems(at, "fixed-point multipliers * 2^f",
+                                 np.asarray(fx["r_fixed"], np.float64) * s, r, f)
+        out += rounding_problems(at, "fixed-point offsets * 2^f",
+                                 np.asarray(fx["c_fixed"], np.float64) * s, c, f)
+        ints = values.astype(np.float64) * s  # the Quant input: integer * 2^-f
         if not np.array_equal(ints, np.round(ints)) or ints.min() < fx["int_min"] or \
                 ints.max() > fx["int_max"]:
             out.append(f"{at}: fixed-point integers outside {fx['int_min']}..{fx['int_max']} or "
                        "not integers")
             return out
         table = level_table(np.asarray(fx["r_fixed"], np.float64),
-                            np.asarray(fx["c_fixed"], np.float64)) * 2.0 ** f
+                            np.asarray(fx["c_fixed"], np.float64)) * s
         g = groups(ints, axis)
         for i in range(g.shape[0]):
             if not np.isin(g[i], table[i if table.shape[0] > 1 else 0]).all():

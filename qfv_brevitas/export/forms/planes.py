@@ -35,10 +35,10 @@ from onnx import helper, numpy_helper
 from qonnx.transformation.base import Transformation
 
 from qfv_brevitas.export import fixedpoint as FX
-from qfv_brevitas.export.arrays import fmt, same
+from qfv_brevitas.export.arrays import channels_note, fmt, same
 from qfv_brevitas.export.errors import ExportError
 from qfv_brevitas.export.forms.base import ExportForm, GraphView, register_form
-from qfv_brevitas.export.forms.fixed import FixedPointHandler
+from qfv_brevitas.export.forms.fixed import FixedPointHandler, rounding_problems
 from qfv_brevitas.export.graph import (QONNX_DOMAIN, LayerTransformation, attr, initializer,
                                        remove_dead_nodes)
 from qfv_brevitas.export.layers import LayerExport, PlanesLayer, PlaneTensors
@@ -340,18 +340,20 @@ def _is_unit_quant(q: Optional[onnx.NodeProto], consts: Dict[str, np.ndarray]) -
 
 
 def _integer_problems(at: str, row: dict, m: np.ndarray, mc: np.ndarray) -> List[str]:
-    """The metadata's integers ``m``, ``mc`` against its own ``r``, ``c`` and ``f``."""
+    """The metadata's integers ``m``, ``mc`` and its fixed-point ``r``, ``c`` against its own
+    ``r``, ``c`` rounded to ``2**-f``, channel by channel."""
     pl, fx = row["planes"], row["fixed_point"]
     f = int(pl["frac_bits"])
     out: List[str] = []
     if f != int(fx["frac_bits"]):
         out.append(f"{at}: planes at f = {f} but fixed point at f = {fx['frac_bits']}")
-    r = np.asarray(row["r"], np.float64)
-    c = np.asarray(row["c"], np.float64)
-    if not (np.array_equal(m, np.round(r * 2.0 ** f))
-            and np.array_equal(mc, np.round(c * 2.0 ** f))):
-        out.append(f"{at}: the integer multipliers / offset are not r, c rounded to 2^-{f}")
-    return out
+    out += rounding_problems(at, "integer multipliers", m, row["r"], f)
+    out += rounding_problems(at, "integer offsets", mc, row["c"], f)
+    s = 2.0 ** f
+    out += rounding_problems(at, "fixed-point multipliers * 2^f",
+                             np.asarray(fx["r_fixed"], np.float64) * s, row["r"], f)
+    return out + rounding_problems(at, "fixed-point offsets * 2^f",
+                                   np.asarray(fx["c_fixed"], np.float64) * s, row["c"], f)
 
 
 def _plane_problems(at: str, row: dict, m: np.ndarray, view: GraphView) -> List[str]:
@@ -375,7 +377,7 @@ def _plane_problems(at: str, row: dict, m: np.ndarray, view: GraphView) -> List[
         v = view.consts.get(mult)
         if v is None or not same(v, m[:, k]):
             out.append(f"{at}: plane {k}'s multipliers in the graph {fmt(v)} are not the "
-                       f"metadata's {fmt(m[:, k])}")
+                       f"metadata's {fmt(m[:, k])}{channels_note(v, m[:, k])}")
     return out
 
 
@@ -393,7 +395,7 @@ def _offset_problems(at: str, row: dict, mc: np.ndarray, view: GraphView) -> Lis
         off = view.consts.get(t.get("offset"))
         if off is None or not same(off, mc):
             out.append(f"{at}: the integer offsets in the graph {fmt(off)} are not the "
-                       f"metadata's {fmt(mc)}")
+                       f"metadata's {fmt(mc)}{channels_note(off, mc)}")
     elif np.any(mc != 0):
         out.append(f"{at}: nonzero offsets but no offset layer")
     return out
