@@ -733,3 +733,50 @@ def test_remap_to_valid_moves_only_the_faulty_weights_of_the_faulty_channel():
     np.testing.assert_array_equal(got[~faulty], w[~faulty])
     np.testing.assert_allclose(got[faulty], vals[faulty], rtol=1e-6,
                                atol=1e-7 * float(np.abs(r).max()))
+
+
+# -- self-tuning (chip/selftune.py) ------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["conv2d", "linear"])
+def test_self_tuning_statistics_and_correction_per_channel(kind):
+    """``layer_statistics`` against numpy's per-channel mean and population std of the layer's
+    output (channels on axis 1 of a convolution, last for a Linear on (B, T, F) inputs), and
+    ``self_tune`` towards hand-set targets that differ per channel: each channel's correction
+    is ``scale_g = target_std_g / std_g``, ``shift_g = target_mean_g - scale_g * mean_g``, the
+    all-zero channel (constant output) shifted only; the corrected outputs have each channel's
+    target mean and std."""
+    from qfv_brevitas.chip.selftune import ReferenceStats, layer_statistics, self_tune
+
+    layer, _, w, r, c = make_layer(kind, 3, seed=5)
+    c[2] = 0.0  # code 0 is level 0: the all-zero channel deploys zeros, a constant output
+    set_levels(quant_of(layer), r, c)
+    model = nn.Sequential(layer).eval()
+    torch.manual_seed(1)
+    x = torch.randn(6, 3, 9, 7) if kind == "conv2d" else torch.randn(6, 2, 37)
+    dim = 1 if kind == "conv2d" else -1
+    with torch.no_grad():
+        out = model(x).double().numpy()
+    G = out.shape[dim]
+    ref_mean = np.array([np.take(out, g, axis=dim).mean() for g in range(G)])
+    ref_std = np.array([np.take(out, g, axis=dim).std() for g in range(G)])  # population
+    assert ref_std[2] == 0 and ref_std[1] > 1e3 * ref_std[0] > 0  # the channels differ
+    stats = layer_statistics(model, x)
+    np.testing.assert_allclose(stats.mean["0"].numpy(), ref_mean, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(stats.std["0"].numpy(), ref_std, rtol=1e-9, atol=1e-12)
+
+    t_mean = np.array([3.0 * g - 2.0 for g in range(G)])
+    t_std = np.array([10.0 ** (g - 2) for g in range(G)])
+    target = ReferenceStats({"0": torch.from_numpy(t_mean)}, {"0": torch.from_numpy(t_std)},
+                            tuple(x.shape[1:]))
+    tuning = self_tune(model, x, target)
+    ok = ref_std > 1e-8
+    scale = np.where(ok, t_std / np.where(ok, ref_std, 1.0), 1.0)
+    np.testing.assert_allclose(tuning.scale["0"].double().numpy(), scale, rtol=1e-6)
+    np.testing.assert_allclose(tuning.shift["0"].double().numpy(), t_mean - scale * ref_mean,
+                               rtol=1e-6, atol=1e-9)
+    with torch.no_grad():
+        tuned = model(x).double().numpy()
+    for g in range(G):
+        y = np.take(tuned, g, axis=dim)
+        assert y.mean() == pytest.approx(t_mean[g], rel=1e-5, abs=1e-6 * t_std[g] + 1e-9)
+        assert y.std() == pytest.approx(t_std[g] if ok[g] else 0.0, rel=1e-4, abs=1e-9)

@@ -468,6 +468,11 @@ MUTANTS: List[Mutant] = [
       ("tests/studies/test_calibration.py", "-k", "act_bits_quantizes"),
       "act_bits leaves the N-multiplier model's activations in float"),
     # -- per-channel paths: quantizers, fitting, PTQ reports, the chip (issue 27) ------------------
+    M("pc-selftune-pooled-std", "qfv_brevitas/chip/selftune.py",
+      "    return y.mean(0), y.std(0, unbiased=False)\n",
+      "    return y.mean(0), y.std(unbiased=False).expand(y.shape[1])\n",
+      ("tests/test_per_channel_core.py", "-k", "self_tuning"),
+      "self-tuning's per-channel std pooled over all channels: every channel rescaled alike"),
     M("pc-ptq-lsq-grid-per-tensor", "qfv_brevitas/studies/ptq.py",
       "        lsq = L.uniform_multipliers(L.lsq_step_init(w2d, tq.bits), tq.bits)\n",
       "        lsq = L.uniform_multipliers(L.lsq_step_init(w2d.reshape(1, -1), tq.bits)"
