@@ -46,14 +46,12 @@ def _sha(path: Path) -> str:
 def not_a_crossbar_folder(folder: Path) -> Optional[str]:
     """Why ``folder`` is not a crossbar folder that may be replaced (None if it is one)."""
     try:
-        if not stat.S_ISREG((folder / "manifest.json").lstat().st_mode):  # never followed
-            raise QfvError("manifest.json is not a regular file")
         manifest = read_json_file(folder / "manifest.json", error=QfvError,
-                                  what="a crossbar manifest")
+                                  what="a crossbar manifest", follow_links=False)
         own = {row["file"] for row in manifest["layers"]} | {"manifest.json"}
         if manifest.get("format") != CROSSBAR_FORMAT:
             own = set()
-    except (OSError, QfvError, KeyError, TypeError, AttributeError):
+    except (QfvError, KeyError, TypeError, AttributeError):
         own = set()
     other = sorted(p.name for p in folder.iterdir()  # a crossbar holds regular files only
                    if p.name not in own or not stat.S_ISREG(p.lstat().st_mode))
@@ -135,9 +133,10 @@ def load_crossbar(folder: Union[str, Path]) -> Dict[str, dict]:
         f = folder / row["file"]
         if not f.is_file():
             raise QfvError(f"{f}: missing (or not a regular file)")
-        if f.stat().st_size > MAX_NPZ_BYTES:  # before the checksum reads it all (streamed)
-            raise QfvError(f"{f}: {f.stat().st_size} bytes, more than the {MAX_NPZ_BYTES} of "
-                           "a crossbar layer file read")
+        size = f.stat().st_size
+        if size > MAX_NPZ_BYTES:  # before the checksum reads it all (streamed)
+            raise QfvError(f"{f}: {size} bytes, more than the {MAX_NPZ_BYTES} of a crossbar "
+                           "layer file read")
         if _sha(f) != row["sha256"]:
             raise QfvError(f"{f}: does not match its checksum in the manifest")
         check_npz(f, str(f), error=QfvError)

@@ -217,11 +217,10 @@ def not_a_run_folder(folder: Path) -> Optional[str]:
     """Why ``folder`` may not be replaced by a new run (None if it holds only a run's files:
     those its ``results.json`` lists, or the names runs write)."""
     try:
-        if not stat.S_ISREG((folder / "results.json").lstat().st_mode):  # never followed
-            raise QfvError("results.json is not a regular file")
         listed = set(read_json_file(folder / "results.json", error=QfvError,
-                                    what="a run's results.json").get("files", []))
-    except (OSError, QfvError, AttributeError, TypeError):
+                                    what="a run's results.json",
+                                    follow_links=False).get("files", []))
+    except (QfvError, AttributeError, TypeError):
         listed = set()
     other = sorted(p.name for p in folder.iterdir()
                    if p.name not in listed and not _RUN_FILES.match(p.name)

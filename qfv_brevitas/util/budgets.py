@@ -390,14 +390,19 @@ def loads_json(text: str, where: str, *, max_bytes: Optional[int] = None,
 
 
 def read_regular(path: os.PathLike, where: str, limit: int, *,
-                 error: Type[QfvError] = BudgetError, what: str = "file") -> bytes:
+                 error: Type[QfvError] = BudgetError, what: str = "file",
+                 follow_links: bool = True) -> bytes:
     """The bytes of ``path`` if it names a regular file of at most ``limit`` bytes: opened
     non-blocking (a FIFO without a writer or a device is refused without a read: it could
     block or never end), checked with ``fstat``, then exactly its size read (one byte past
     it tried: a file that grows while read is refused). ``what`` names the expected file in
-    the message for a folder."""
+    the message for a folder; ``follow_links=False`` refuses a symbolic link (``O_NOFOLLOW``:
+    a file that must lie in its folder is never read elsewhere)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    if not follow_links:
+        flags |= os.O_NOFOLLOW
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, flags)
     except FileNotFoundError:
         raise error(f"{where}: no such file") from None
     except IsADirectoryError:
@@ -405,6 +410,8 @@ def read_regular(path: os.PathLike, where: str, limit: int, *,
     except OSError as e:
         if e.errno in (errno.ENXIO, errno.ENODEV):  # a FIFO without writer, a socket
             raise error(f"{where}: not a regular file") from None
+        if e.errno == errno.ELOOP and not follow_links:
+            raise error(f"{where}: a symbolic link, not a file of its folder") from None
         raise error(f"{where}: cannot be read ({e.strerror or e})") from None
     try:
         st = os.fstat(fd)
@@ -434,12 +441,13 @@ def read_regular(path: os.PathLike, where: str, limit: int, *,
 
 
 def read_json_file(path: os.PathLike, *, error: Type[QfvError] = BudgetError,
-                   what: str = "a JSON file") -> Any:
+                   what: str = "a JSON file", follow_links: bool = True) -> Any:
     """The JSON value in the regular file ``path`` (:func:`read_regular`, then
     :func:`loads_json`: at most :data:`MAX_JSON_BYTES`, nested at most
     :data:`MAX_JSON_DEPTH`)."""
     where = str(path)
-    data = read_regular(path, where, MAX_JSON_BYTES, error=error, what=what)
+    data = read_regular(path, where, MAX_JSON_BYTES, error=error, what=what,
+                        follow_links=follow_links)
     return loads_json(data.decode("utf-8", errors="replace"), where, error=error)
 
 

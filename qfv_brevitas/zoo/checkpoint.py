@@ -80,14 +80,7 @@ def save_checkpoint(path: Union[str, Path], model: nn.Module, arch: str,
     """
     path = Path(path)
     _check_finite(model.named_parameters(), f"not saving {path}")
-    # Brevitas leaves learned activation scales out of the state dict while they are still
-    # collecting statistics; the full state dict makes any checkpoint loadable.
-    full = brevitas_config._FULL_STATE_DICT
-    brevitas_config._FULL_STATE_DICT = True
-    try:
-        state = model.state_dict()
-    finally:
-        brevitas_config._FULL_STATE_DICT = full
+    state = _full_state_dict(model)
     payload = {
         "format": FORMAT, "arch": arch, "input_shape": [int(d) for d in input_shape],
         "num_classes": int(num_classes), "config": None if config is None else config.to_dict(),
@@ -212,15 +205,22 @@ def _build(arch: str, shape: Tuple[int, ...], num_classes: int, meta: dict,
         raise CheckpointError(f"{path}: its quantization config does not fit: {e}") from None
 
 
-def _tensor_sizes(model: nn.Module) -> Dict[str, torch.Size]:
-    """Shape of every tensor of ``model``'s full state dict (what save_checkpoint writes)."""
+def _full_state_dict(model: nn.Module) -> dict:
+    """``model.state_dict()`` with Brevitas' full state dict on: Brevitas leaves learned
+    activation scales out while they are still collecting statistics; the full state dict
+    makes any checkpoint loadable."""
     full = brevitas_config._FULL_STATE_DICT
     brevitas_config._FULL_STATE_DICT = True
     try:
-        state = model.state_dict()
+        return model.state_dict()
     finally:
         brevitas_config._FULL_STATE_DICT = full
-    return {k: v.shape for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _tensor_sizes(model: nn.Module) -> Dict[str, torch.Size]:
+    """Shape of every tensor of ``model``'s full state dict (what save_checkpoint writes)."""
+    return {k: v.shape for k, v in _full_state_dict(model).items()
+            if isinstance(v, torch.Tensor)}
 
 
 def _check_fits(path: Path, arch: str, shape: Tuple[int, ...], num_classes: int, meta: dict,
