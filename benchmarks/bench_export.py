@@ -11,8 +11,8 @@ what exporting a uniform-int model costs; and qonnx ``execute_onnx`` of that sto
 same input (the reference for verification). Ratios: ours / reference. One warm-up export,
 then medians of ``--repeats``. Exporter: ``--exporter`` (default dynamo).
 
-(b) Accuracy on digits. A SmallCNN (width 16) trained in float (``--fp-epochs``) then W4A4
-N-multiplier QAT (``--q-epochs``), seed ``--seed`` (digits split seed 0). Each form is exported
+(b) Accuracy on digits. A SmallCNN (width 16) trained in float (``--float-epochs``) then W4A4
+N-multiplier QAT (``--qat-epochs``), seed ``--seed`` (digits split seed 0). Each form is exported
 with the whole test set (360 images) as its static batch and run in onnxruntime (via
 ``to_onnxruntime``): top-1 accuracy of each file against the torch model's own (compact and
 bit planes must be identical to torch).
@@ -167,8 +167,8 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fp-epochs", type=int, default=15)
-    p.add_argument("--q-epochs", type=int, default=8)
+    p.add_argument("--float-epochs", type=int, default=15)
+    p.add_argument("--qat-epochs", type=int, default=8)
     p.add_argument("--fixed-f", type=int, default=8)
     p.add_argument("--max-f", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)

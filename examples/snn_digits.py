@@ -7,7 +7,7 @@ digits rate-coded into T spike frames. The usual `quantize_model` call then give
 layers 4-bit N-multiplier weights (spikes are the activations, so `act_bits=None`), trained
 with the regularizer. Last, a Monte Carlo over stuck-at fault maps, as for any model.
 
-    python examples/snn_digits.py --T 4 --epochs 12 --q-epochs 6
+    python examples/snn_digits.py --T 4 --epochs 12 --qat-epochs 6
 """
 import argparse
 import copy
@@ -47,7 +47,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--T", type=int, default=4, help="time steps per image")
     p.add_argument("--epochs", type=int, default=12, help="full-precision epochs")
-    p.add_argument("--q-epochs", type=int, default=6, help="4-bit QAT epochs")
+    p.add_argument("--qat-epochs", type=int, default=6, help="4-bit QAT epochs")
     p.add_argument("--rate", type=float, default=0.1, help="bit-fault rate to evaluate")
     p.add_argument("--trials", type=int, default=5)
     args = p.parse_args(argv)
@@ -59,8 +59,8 @@ def main(argv=None):
     fp_acc = evaluate(snn, test)
 
     q = quantize_model(copy.deepcopy(snn), NMultConfig(weight_bits=4, act_bits=None))
-    fit(q, train, test, TrainConfig(epochs=args.q_epochs, lr=0.01,
-                                    lambda_rise_epochs=max(1, args.q_epochs // 2)), desc="W4")
+    fit(q, train, test, TrainConfig(epochs=args.qat_epochs, lr=0.01,
+                                    lambda_rise_epochs=max(1, args.qat_epochs // 2)), desc="W4")
     w4_acc = evaluate(q, test)
 
     faults = evaluate_faults(q, test, [args.rate], trials=args.trials, seed=0, progress=False)

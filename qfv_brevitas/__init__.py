@@ -3,7 +3,8 @@
 The public face, grouped by what a user does; building blocks are one level down
 (:mod:`qfv_brevitas.core`, :mod:`qfv_brevitas.chip`, :mod:`qfv_brevitas.zoo`), whole jobs in
 :mod:`qfv_brevitas.studies` (Monte Carlo studies, method comparisons, experiments, PTQ) and
-:mod:`qfv_brevitas.export` (QONNX). Importing this package loads no plotting and no study code.
+:mod:`qfv_brevitas.export` (QONNX). Importing this package loads nothing heavy: each public name is imported on
+first use (so ``import qfv_brevitas`` and ``qfv --help`` do not import torch).
 
 - quantize: :class:`NMultConfig`, :func:`quantize_model`, :func:`swap_weight_quant`,
   :class:`NMultWeightQuant` (the Brevitas injector), :func:`quant_of`, :func:`nmult_layers`
@@ -19,26 +20,70 @@ The public face, grouped by what a user does; building blocks are one level down
 - spiking networks: :class:`SpikingConfig`, :func:`to_spiking`
 - errors: :class:`QfvError` (every error for bad input)
 """
-from qfv_brevitas.chip.bitflips import BitFlipModel, attach_bitflips, detach_bitflips
-from qfv_brevitas.chip.faults import (FaultMap, FaultModel, attach_faults, detach_faults,
-                                      sample_fault_map)
-from qfv_brevitas.chip.repair import (chip_in_loop_finetune, fault_aware_finetune,
-                                      remap_to_valid_, set_deploy_mapping,
-                                      variability_aware_finetune)
-from qfv_brevitas.chip.variability import (VariabilityMap, VariabilityModel, attach_variability,
-                                           detach_variability, sample_variability_map)
-from qfv_brevitas.core.config import LambdaSchedule, NMultConfig
-from qfv_brevitas.core.convert import quantize_model, swap_weight_quant
-from qfv_brevitas.core.quantizers import NMultWeightQuant, nmult_layers, quant_of
-from qfv_brevitas.core.snapping import format_report, layer_report, snap_weights_, weight_codes
-from qfv_brevitas.snn.config import SpikingConfig
-from qfv_brevitas.snn.network import to_spiking  # also registers the spiking models in zoo
-from qfv_brevitas.training.refit import refit_levels_
-from qfv_brevitas.training.regularizer import QuantRegularizer, regularization_loss
-from qfv_brevitas.training.train import TrainConfig, evaluate, fit
+import importlib
+from typing import Any, List
+
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.util.version import __version__
-from qfv_brevitas.zoo.checkpoint import load_checkpoint, save_checkpoint
+
+#: where each public name lives: loaded on first use (PEP 562), so that ``import qfv_brevitas``
+#: and ``qfv --help`` do not import torch, Brevitas or the chip models until a name is used.
+_PUBLIC = {
+    "BitFlipModel": "qfv_brevitas.chip.bitflips",
+    "attach_bitflips": "qfv_brevitas.chip.bitflips",
+    "detach_bitflips": "qfv_brevitas.chip.bitflips",
+    "FaultMap": "qfv_brevitas.chip.faults",
+    "FaultModel": "qfv_brevitas.chip.faults",
+    "attach_faults": "qfv_brevitas.chip.faults",
+    "detach_faults": "qfv_brevitas.chip.faults",
+    "sample_fault_map": "qfv_brevitas.chip.faults",
+    "chip_in_loop_finetune": "qfv_brevitas.chip.repair",
+    "fault_aware_finetune": "qfv_brevitas.chip.repair",
+    "remap_to_valid_": "qfv_brevitas.chip.repair",
+    "set_deploy_mapping": "qfv_brevitas.chip.repair",
+    "variability_aware_finetune": "qfv_brevitas.chip.repair",
+    "VariabilityMap": "qfv_brevitas.chip.variability",
+    "VariabilityModel": "qfv_brevitas.chip.variability",
+    "attach_variability": "qfv_brevitas.chip.variability",
+    "detach_variability": "qfv_brevitas.chip.variability",
+    "sample_variability_map": "qfv_brevitas.chip.variability",
+    "LambdaSchedule": "qfv_brevitas.core.config",
+    "NMultConfig": "qfv_brevitas.core.config",
+    "quantize_model": "qfv_brevitas.core.convert",
+    "swap_weight_quant": "qfv_brevitas.core.convert",
+    "NMultWeightQuant": "qfv_brevitas.core.quantizers",
+    "nmult_layers": "qfv_brevitas.core.quantizers",
+    "quant_of": "qfv_brevitas.core.quantizers",
+    "format_report": "qfv_brevitas.core.snapping",
+    "layer_report": "qfv_brevitas.core.snapping",
+    "snap_weights_": "qfv_brevitas.core.snapping",
+    "weight_codes": "qfv_brevitas.core.snapping",
+    "SpikingConfig": "qfv_brevitas.snn.config",
+    "to_spiking": "qfv_brevitas.snn.network",
+    "refit_levels_": "qfv_brevitas.training.refit",
+    "QuantRegularizer": "qfv_brevitas.training.regularizer",
+    "regularization_loss": "qfv_brevitas.training.regularizer",
+    "TrainConfig": "qfv_brevitas.training.train",
+    "evaluate": "qfv_brevitas.training.train",
+    "fit": "qfv_brevitas.training.train",
+    "load_checkpoint": "qfv_brevitas.zoo.checkpoint",
+    "save_checkpoint": "qfv_brevitas.zoo.checkpoint",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The public name ``name``, imported from its module on first use (and kept)."""
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qfv_brevitas' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(_PUBLIC))
+
 
 __all__ = [
     # quantize

@@ -339,12 +339,12 @@ case("snn-neurons-not-spiking", "snn neurons {W}/q.pt", 2, r"q\.pt holds a non-s
 
 #: every place a map file goes, with the map as {map}
 MAP_SLOTS = {
-    "faults-finetune": ("faults finetune {W}/q.pt --map {map} --epochs 1 --out {W}/new/ft.pt "
+    "faults-finetune": ("faults finetune {W}/q.pt --fault-map {map} --epochs 1 --out {W}/new/ft.pt "
                         "--no-progress", "fault map"),
-    "variability-finetune": ("variability finetune {W}/q.pt --map {map} --epochs 1 "
+    "variability-finetune": ("variability finetune {W}/q.pt --variability-map {map} --epochs 1 "
                              "--out {W}/new/ft.pt --no-progress", "variability map"),
     "selftune-fault-map": ("selftune {W}/q.pt --fault-map {map} --calib-size 8", "fault map"),
-    "selftune-var-map": ("selftune {W}/q.pt --var-map {map} --calib-size 8", "variability map"),
+    "selftune-var-map": ("selftune {W}/q.pt --variability-map {map} --calib-size 8", "variability map"),
 }
 for slot, (argv, what) in MAP_SLOTS.items():
     other = "var.pt" if what == "fault map" else "chip.pt"
@@ -422,19 +422,19 @@ DATA = {
                      r"train-images.*corrupt or truncated gzip"),
 }
 for kind, (args, pattern) in DATA.items():
-    case(f"train-{kind}", f"train {args} --fp-epochs 1 --q-epochs 1 --out {{W}}/new/run "
+    case(f"train-{kind}", f"train {args} --float-epochs 1 --qat-epochs 1 --out {{W}}/new/run "
                           "--no-progress", 2, pattern)
-    case(f"demo-{kind}", f"demo {args} --fp-epochs 1 --q-epochs 1 --out {{W}}/new/run "
+    case(f"demo-{kind}", f"demo {args} --float-epochs 1 --qat-epochs 1 --out {{W}}/new/run "
                          "--no-progress", 2, pattern)
     if HAS_SNN:
-        case(f"snn-train-{kind}", f"snn train {args} --fp-epochs 1 --q-epochs 1 "
+        case(f"snn-train-{kind}", f"snn train {args} --float-epochs 1 --qat-epochs 1 "
                                   "--out {W}/new/run --no-progress", 2, pattern)
-case("train-images-too-small", "train --dataset idx --data-dir {W}/idx_1x1 --fp-epochs 1 "
-     "--q-epochs 1 --out {W}/new/run --no-progress", 2,
+case("train-images-too-small", "train --dataset idx --data-dir {W}/idx_1x1 --float-epochs 1 "
+     "--qat-epochs 1 --out {W}/new/run --no-progress", 2,
      r"--arch small_cnn cannot take inputs of shape \(1, 1, 1\)")
 if HAS_SNN:
     case("snn-train-images-too-small", "snn train --dataset idx --data-dir {W}/idx_1x1 "
-         "--fp-epochs 1 --q-epochs 1 --out {W}/new/run --no-progress", 2,
+         "--float-epochs 1 --qat-epochs 1 --out {W}/new/run --no-progress", 2,
          r"spiking_small_cnn does not fit samples of shape")
 for cmd in ("faults eval {ck} --rates 0 --trials 1 --out {W}/new/ev --no-progress",
             "export {ck} --out {W}/new/m.onnx --exporter torchscript --samples 4",
@@ -485,15 +485,15 @@ ARGS = [
     ("variability-eval-negative-sigma", "variability eval {W}/q.pt --sigmas -0.1 "
      "--out {W}/new/ev --no-progress", r"sigma.*-0\.1"),
     ("variability-eval-devices-per-chip", "variability eval {W}/q.pt --sigmas 0.1 --trials 2 "
-     "--devices-per-chip 0 --out {W}/new/ev --no-progress", r"devices_per_chip.*0"),
+     "--maps-per-chip 0 --out {W}/new/ev --no-progress", r"devices_per_chip.*0"),
     ("variability-finetune-zero-epochs", "variability finetune {W}/q.pt --sigma 0.1 --epochs 0 "
      "--out {W}/new/ft.pt --no-progress", r"epochs must be >= 1"),
     ("variability-compare-reg-width", "variability compare {W}/q.pt --sigmas 0 --trials 1 "
      "--methods none --reg-width -1 --out {W}/new/cmp --no-progress", r"width.*-1"),
     ("export-zero-samples", "export {W}/q.pt --out {W}/new/m.onnx --samples 0",
      r"--samples must be at least 1, got 0"),
-    ("export-zero-batch", "export {W}/q.pt --out {W}/new/m.onnx --batch 0",
-     r"--batch must be at least 1, got 0"),
+    ("export-zero-batch", "export {W}/q.pt --out {W}/new/m.onnx --batch-size 0",
+     r"--batch-size must be at least 1, got 0"),
     ("export-negative-frac-bits", "export {W}/q.pt --out {W}/new/m.onnx --form fixed "
      "--frac-bits -1 --exporter torchscript", r"frac_bits must be in 0\.\.20, got -1"),
     ("export-too-many-frac-bits", "export {W}/q.pt --out {W}/new/m.onnx --form fixed "
@@ -534,7 +534,7 @@ ARGS = [
     ("train-bits-0", "train --bits 0 --out {W}/new/run --no-progress", r"1\.\.8"),
     ("train-nan-lr", "train --lr nan --out {W}/new/run --no-progress",
      r"TrainConfig\.lr must be a finite number > 0, got nan"),
-    ("train-zero-fp-epochs", "train --fp-epochs 0 --out {W}/new/run --no-progress",
+    ("train-zero-fp-epochs", "train --float-epochs 0 --out {W}/new/run --no-progress",
      r"epochs must be >= 1, got 0"),
     ("train-zero-batch-size", "train --batch-size 0 --out {W}/new/run --no-progress",
      r"batch_size must be >= 1"),
@@ -560,7 +560,7 @@ USAGE = [
     ("export-unknown-form", "export {W}/q.pt --form banana --out {W}/new/m.onnx",
      r"--form.*'banana'"),
     ("train-unknown-variant", "train --variants banana", r"--variants.*'banana'"),
-    ("faults-finetune-map-and-rate", "faults finetune {W}/q.pt --map {W}/chip.pt --rate 0.1",
+    ("faults-finetune-map-and-rate", "faults finetune {W}/q.pt --fault-map {W}/chip.pt --rate 0.1",
      r"--rate.*not allowed with argument --map"),
 ]
 for name, argv, pattern in USAGE:
@@ -570,9 +570,9 @@ for name, argv, pattern in USAGE:
 FILE_OUTPUTS = {
     "faults-sample": "faults sample {W}/q.pt --rate 0.1 --out {out}",
     "variability-sample": "variability sample {W}/q.pt --sigma 0.1 --out {out}",
-    "faults-finetune": "faults finetune {W}/q.pt --map {W}/chip.pt --epochs 1 --out {out} "
+    "faults-finetune": "faults finetune {W}/q.pt --fault-map {W}/chip.pt --epochs 1 --out {out} "
                        "--no-progress",
-    "variability-finetune": "variability finetune {W}/q.pt --map {W}/var.pt --epochs 1 "
+    "variability-finetune": "variability finetune {W}/q.pt --variability-map {W}/var.pt --epochs 1 "
                             "--out {out} --no-progress",
     "bitflips-finetune": "bitflips finetune {W}/q.pt --rate 0.01 --epochs 1 --out {out} "
                          "--no-progress",
@@ -617,13 +617,13 @@ for cmd, (argv, existing) in RESULT_OUTPUTS.items():
          r"afile exists and is not a folder")
 
 RUN_OUTPUTS = {
-    "train": "train --fp-epochs 1 --q-epochs 1 --bits 4 --variants nmult --out {out} "
+    "train": "train --float-epochs 1 --qat-epochs 1 --bits 4 --variants nmult --out {out} "
              "--no-progress",
-    "demo": "demo --fp-epochs 1 --q-epochs 1 --bits 4 --variants nmult --out {out} "
+    "demo": "demo --float-epochs 1 --qat-epochs 1 --bits 4 --variants nmult --out {out} "
             "--no-progress",
 }
 if HAS_SNN:
-    RUN_OUTPUTS["snn-train"] = "snn train --fp-epochs 1 --q-epochs 1 --out {out} --no-progress"
+    RUN_OUTPUTS["snn-train"] = "snn train --float-epochs 1 --qat-epochs 1 --out {out} --no-progress"
 for cmd, argv in RUN_OUTPUTS.items():
     case(f"{cmd}-run-folder-exists", argv.replace("{out}", "{W}/run"), 3,
          r"folder .*run exists; pass --force")

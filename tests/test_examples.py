@@ -76,7 +76,7 @@ def test_finetune_for_chip_recovers_accuracy():
 def test_snn_digits_spiking_w4_and_faults():
     pytest.importorskip("spikingjelly")
     ex = load("snn_digits")
-    fp, w4, faulty = ex.main(["--epochs", "3", "--q-epochs", "1", "--trials", "2"])
+    fp, w4, faulty = ex.main(["--epochs", "3", "--qat-epochs", "1", "--trials", "2"])
     # Chance is 0.1; 3 + 1 epochs on rate-coded digits reach ~0.85 (measured 0.85 / 0.84).
     assert fp > 0.7 and w4 > 0.7
     assert faulty <= w4  # 10% stuck bits in the inner layer (measured 0.83)

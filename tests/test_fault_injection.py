@@ -61,7 +61,7 @@ for i, argv in enumerate(spec["runs"]):
                       "seconds": time.perf_counter() - t0}), flush=True)
 """
 
-RUN = ["--fp-epochs", "1", "--q-epochs", "1", "--bits", "4", "--variants", "nmult",
+RUN = ["--float-epochs", "1", "--qat-epochs", "1", "--bits", "4", "--variants", "nmult",
        "--arch", "mlp", "--no-progress"]
 
 
@@ -113,7 +113,7 @@ def test_full_disk_leaves_every_output_as_it_was(world):
     fills up). Before: an existing checkpoint or ONNX file was replaced by a truncated one."""
     q, w = str(world / "q.pt"), str(world)
     runs = [
-        ["faults", "finetune", q, "--map", f"{w}/chip.pt", "--method", "nearest_valid",
+        ["faults", "finetune", q, "--fault-map", f"{w}/chip.pt", "--method", "nearest_valid",
          "--out", f"{w}/existing.pt", "--force", "--no-progress"],
         ["faults", "sample", q, "--rate", "0.1", "--out", f"{w}/existing_map.pt", "--force"],
         ["export", q, "--out", f"{w}/existing.onnx", "--force", "--exporter", "torchscript",

@@ -187,7 +187,7 @@ def test_verify_passes_every_files_own_checkpoint(tmp_path, ckpt, capsys, export
     map attached (the device's codes) and with --ideal."""
     root, path = ckpt
     ft = tmp_path / "ft.pt"
-    assert main(["faults", "finetune", str(path), "--map", str(root / "chip.pt"), "--method",
+    assert main(["faults", "finetune", str(path), "--fault-map", str(root / "chip.pt"), "--method",
                  "nearest_valid", "--out", str(ft), "--no-progress"]) == 0
     for extra in ([], ["--ideal"]):
         out = tmp_path / f"m{len(extra)}.onnx"
@@ -255,7 +255,7 @@ def test_crossbar_folder_is_replaced_whole(tmp_path, ckpt):
     assert sorted(os.listdir(xb)) == files  # the stale layer file is gone
 
 
-FAST = ["--fp-epochs", "1", "--q-epochs", "1", "--bits", "4", "--variants", "nmult",
+FAST = ["--float-epochs", "1", "--qat-epochs", "1", "--bits", "4", "--variants", "nmult",
         "--arch", "mlp", "--no-progress"]
 
 
@@ -291,8 +291,8 @@ def test_run_folder_is_old_or_new_never_a_mix(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(experiment, "fit", real_fit)
     # A diverging run (the issue's --lr nan saved an all-NaN float.pt): refused up front, and
     # a run that diverges on the way is stopped without writing anything.
-    assert main(["train", "--out", str(out), "--force", "--lr", "nan", *FAST]) == 2
-    assert main(["train", "--out", str(out), "--force", "--lr", "1e30", *FAST]) == 2
+    assert main(["train", "--out", str(out), "--force", "--float-lr", "nan", *FAST]) == 2
+    assert main(["train", "--out", str(out), "--force", "--float-lr", "1e30", *FAST]) == 2
     assert re.search(r"float: the loss became (nan|inf) in epoch 1: training diverged",
                      capsys.readouterr().err)
     assert _tree(out) == old and os.listdir(tmp_path) == ["run"]

@@ -357,7 +357,7 @@ def _check_conv_batch(m, onnx_path) -> None:
     if batch is not None and batch != 1:
         raise ValueError(f"{onnx_path} has convolutions and a static batch of {batch}: FINN "
                          "lowers convolutions at batch 1; export the file with batch 1 (qfv "
-                         "export --batch 1) -- it is still run on every input, one at a time")
+                         "export --batch-size 1) -- it is still run on every input, one at a time")
 
 
 def run_model(model, inputs) -> np.ndarray:
@@ -786,7 +786,7 @@ def estimate_resources(hw_model, anchors: Dict[str, str], fpgapart: str = DEFAUL
     if batch != 1:
         raise ValueError(f"the graph's batch is {batch}: finn folds for one execution of the "
                          "graph, so the estimates would be for a frame of that many images; "
-                         "export the file with batch 1 (qfv export --batch 1) for estimates")
+                         "export the file with batch 1 (qfv export --batch-size 1) for estimates")
 
     def minimize(m):
         with contextlib.redirect_stdout(io.StringIO()):  # finn prints every width it changes

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import signal
 import sys
 import warnings
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 # Each command module registers its commands when imported, in this order (``qfv --help``).
 from qfv_brevitas.cli import train  # noqa: F401  (demo, train, report)
@@ -16,19 +17,24 @@ from qfv_brevitas.cli import export  # noqa: F401  (export, inspect, verify, cro
 from qfv_brevitas.cli import snn  # noqa: F401
 from qfv_brevitas.cli import methods  # noqa: F401  (compare, bitflips, selftune)
 from qfv_brevitas.cli import quantize  # noqa: F401
-from qfv_brevitas.cli.common import (OneLineParser, add_commands, apply_run_args, check_io,
-                                     one_line)
+from qfv_brevitas.cli.common import (HelpFormatter, OneLineParser, add_commands,
+                                     add_verbosity_args, apply_run_args, check_io, command_path,
+                                     configure_logging, one_line)
+from qfv_brevitas.cli.helpspec import help_parser, load_description, wants_help
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.util.text import printable, printable_lines
+from qfv_brevitas.util.version import __version__
 
-__all__ = ["main", "build_parser", "EXIT_CRASH"]
+__all__ = ["main", "build_parser", "parse", "version_text", "EXIT_CRASH"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``qfv`` parser: every registered command. A bad argument is one line naming it
-    (``qfv <command>: error: argument --x: ...``), exit 2."""
+def build_parser(only: Optional[Tuple[str, ...]] = None) -> argparse.ArgumentParser:
+    """The ``qfv`` parser: every registered command (with ``only``, a command's path: that
+    command alone, see :func:`~qfv_brevitas.cli.common.add_commands`). A bad argument is one
+    line naming it (``qfv <command>: error: argument --x: ...``), exit 2."""
     parser = OneLineParser(
-        prog="qfv", description="Quantization-, fault- and variability-aware training for Brevitas",
+        prog="qfv", formatter_class=HelpFormatter,
+        description="Quantization-, fault- and variability-aware training for Brevitas",
         epilog="Exit status: 0 done; 1 a check found a difference (qfv verify, or an export "
                "that did not verify: nothing written); 2 bad input (argument, file, data); "
                "3 output refused (exists without --force, is an input, is not a regular "
@@ -36,9 +42,75 @@ def build_parser() -> argparse.ArgumentParser:
                "memory, a graph's run past --time-limit): outputs unchanged; 70 internal error (a bug in qfv: please report "
                "it; --debug shows the traceback): outputs unchanged; 130 interrupted (Ctrl-C, "
                "SIGTERM): outputs unchanged.")
+    parser.add_argument("--version", action="store_true",
+                        help="print the versions of qfv-brevitas, torch, Brevitas and Python "
+                             "and exit")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error (also: QFV_DEBUG=1)")
-    add_commands(parser.add_subparsers(dest="command", required=True))
+    add_verbosity_args(parser)
+    add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                       title="commands (qfv COMMAND --help for each)"),
+                 only=only)
+    return parser
+
+
+def version_text() -> str:
+    """``qfv --version``: this package's version and those of the libraries it runs on (read
+    from the installed distributions: nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (f"qfv-brevitas {__version__} (torch {of('torch')}, brevitas {of('brevitas')}, "
+            f"python {platform.python_version()})")
+
+
+def _asks_version(argv: Sequence[str]) -> bool:
+    """``--version`` given before the command word (``qfv --version``)."""
+    for token in argv:
+        if token == "--version":
+            return True
+        if token == "--" or not token.startswith("-"):
+            return False
+    return False
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    """``argv`` parsed. Help (``-h``/``--help``, a bare ``qfv``) is answered from the stored
+    description of the parser without importing torch (:mod:`~qfv_brevitas.cli.helpspec`);
+    a command is parsed by the parser of that command alone."""
+    if wants_help(argv):
+        description = load_description()
+        if description is not None:
+            help_parser(description, OneLineParser, HelpFormatter).parse_args(argv)
+    path = command_path(argv)
+    parser = build_parser(only=path)
+    if path is not None:
+        from qfv_brevitas.cli.configfile import expand_config
+
+        argv = expand_config(argv, len(path), _leaf(parser, path))
+    return parser.parse_args(argv)
+
+
+def _parse_flushed(argv: Sequence[str]) -> argparse.Namespace:
+    """:func:`parse`; when it exits (help printed, a usage error), stdout is flushed first, so
+    that a reader that went away is a :class:`BrokenPipeError` here and not at exit."""
+    try:
+        return parse(argv)
+    except SystemExit:
+        sys.stdout.flush()
+        raise
+
+
+def _leaf(parser: argparse.ArgumentParser, path: Tuple[str, ...]) -> argparse.ArgumentParser:
+    """The parser of the command ``path`` inside the ``qfv`` parser."""
+    for word in path:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[word]
     return parser
 
 
@@ -46,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
 #: 70 is EX_SOFTWARE of sysexits.h: an exception no check expected, i.e. a bug
 EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_OUTPUT, EXIT_SYSTEM, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 EXIT_CRASH = 70
+#: a reader that went away (``qfv inspect m.onnx | head``): 128 + SIGPIPE, as a shell reports a
+#: program that SIGPIPE stopped; nothing is printed
+EXIT_BROKEN_PIPE = 141
 #: the longest message of an internal error (a foreign library's can be pages long)
 _CRASH_CHARS = 400
 
@@ -103,7 +178,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     (:func:`~qfv_brevitas.util.text.printable`): text from a file never drives the terminal."""
     # Brevitas warns at import that an optional kernel package is missing: not ours to say.
     warnings.filterwarnings("ignore", message="fast_hadamard_transform package not found")
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if _asks_version(argv):
+        print(version_text())
+        return 0
+    try:
+        args = _parse_flushed(argv)
+    except QfvError as e:  # a --config file that cannot be used
+        print(printable(f"qfv: error: {one_line(e)}"), file=sys.stderr)
+        return e.exit_code
+    except BrokenPipeError:  # qfv --help | head -1
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
+    configure_logging(args)
     debug = args.debug or os.environ.get("QFV_DEBUG", "") not in ("", "0")
     name = " ".join(x for x in (args.command, getattr(args, "action", None)) if x)
     # A file-size limit (ulimit -f) kills the process by default in the middle of a write;
@@ -119,6 +206,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         check_io(args)
         apply_run_args(args)
         return args._run(args)
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
     except (Exception, KeyboardInterrupt) as e:
         if debug:
             raise
@@ -135,6 +225,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             signal.signal(signal.SIGXFSZ, xfsz)
         if term is not None:
             signal.signal(signal.SIGTERM, term)
+
+
+def _quiet_stdout() -> None:
+    """stdout's reader has gone: point stdout at /dev/null so that the interpreter's last flush
+    at exit does not fail again (Python's documented recipe for SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is not a file (a test's capture)
+        pass
 
 
 def _interrupt(signum, frame):

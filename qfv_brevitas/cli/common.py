@@ -19,21 +19,25 @@ the commands were registered.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from qfv_brevitas.core.intview import MAX_FRAC_BITS
+from qfv_brevitas.core.widths import MAX_FRAC_BITS
 from qfv_brevitas.util.errors import QfvError
 
-__all__ = ["OneLineParser", "one_line", "command", "command_group", "add_commands",
-           "declare_io", "check_io", "add_dataset_args", "add_checkpoint_args", "add_reg_args", "add_finetune_args",
+__all__ = ["OneLineParser", "HelpFormatter", "one_line", "command", "command_group",
+           "add_commands", "command_path", "RENAMED", "add_renamed_options", "note",
+           "add_verbosity_args", "configure_logging", "declare_io", "check_io", "add_dataset_args",
+           "add_checkpoint_args", "add_reg_args", "add_lambda_args", "add_finetune_args",
            "finetune_config", "add_study_args", "study_config", "add_variability_args",
            "variability_settings", "add_run_args", "apply_run_args", "result_names",
-           "require_quantized", "load_for_device", "meta_of", "is_output_rank",
-           "NEEDS_QUANTIZED", "DATASETS", "integer", "seed", "check_device", "check_workers",
-           "INT_LIMIT", "SEED_LIMIT", "show"]
+           "require_quantized", "load_for_device", "meta_of", "is_output_rank", "NEEDS_QUANTIZED",
+           "DATASETS", "integer", "seed", "check_device", "check_workers", "INT_LIMIT",
+           "SEED_LIMIT", "show"]
 
 #: The data sets of the image commands.
 DATASETS = ("digits", "idx")
@@ -51,6 +55,24 @@ class OneLineParser(argparse.ArgumentParser):
 
         self.exit(2, printable(f"{self.prog}: error: {one_line(message)} (see {self.prog} "
                                "--help)") + "\n")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, ``(default: X)``, unless the help already
+    says it or there is none to say (``None``, a flag's ``False``); a list default is written
+    as it is typed (``fixed step nmult``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings and action.nargs not in ("?", "*")) \
+                or default in (None, False, argparse.SUPPRESS) or action.nargs == 0 \
+                or "default" in text.lower():
+            return text
+        if isinstance(default, (list, tuple)):
+            default = " ".join(str(v) for v in default)
+        shown = str(default).replace("%", "%%")
+        return f"{text} (default: {shown})" if text else f"default: {shown}"
 
 
 def one_line(text: object) -> str:
@@ -99,18 +121,93 @@ def command_group(*path: str, **parser_kwargs) -> None:
     _register(tuple(path), None, parser_kwargs)
 
 
-def add_commands(sub) -> None:
+def command_path(argv: Sequence[str]) -> Optional[Tuple[str, ...]]:
+    """The registered command that ``argv`` runs (``("faults", "eval")``): its first words
+    that are not options, if they name a command; else None."""
+    words = []
+    for token in argv:
+        if token == "--":
+            break
+        if not token.startswith("-"):
+            words.append(token)
+        elif words:
+            break
+    known = {c.path: c for c in _COMMANDS}
+    for n in range(len(words), 0, -1):
+        c = known.get(tuple(words[:n]))
+        if c is not None and c.declare is not None:
+            return c.path
+    return None
+
+
+#: Options renamed so that one name means one thing across the commands: the old spelling ->
+#: the new ones it may stand for (the first the command has). The old spellings still work for
+#: one release, hidden from ``--help``, with a deprecation warning naming the new one;
+#: README's table "Renamed options" is this one (a test compares them).
+RENAMED: Dict[str, Tuple[str, ...]] = {
+    "--fp-epochs": ("--float-epochs",),
+    "--q-epochs": ("--qat-epochs",),
+    "--q-lr": ("--qat-lr",),
+    "--lr": ("--float-lr",),
+    "--mode": ("--forward-mode", "--correction"),
+    "--map": ("--fault-map", "--variability-map"),
+    "--var-map": ("--variability-map",),
+    "--batch": ("--batch-size",),
+    "--variant": ("--variants",),
+    "--devices-per-chip": ("--maps-per-chip",),
+}
+
+
+class _RenamedOption(argparse.Action):
+    """The old spelling of a renamed option: warns, then does what the new one does."""
+
+    def __init__(self, option_strings, dest, new: argparse.Action = None, **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, nargs=new.nargs, default=argparse.SUPPRESS,
+                         help=argparse.SUPPRESS, metavar=new.metavar, choices=new.choices,
+                         type=new.type)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: warning: {option_string} is renamed "
+              f"{self.new.option_strings[-1]}; the old name goes in the next release",
+              file=sys.stderr)
+        self.new(parser, namespace, values, option_string)
+
+
+def add_renamed_options(p: argparse.ArgumentParser) -> None:
+    """The hidden old spellings (:data:`RENAMED`) of the options ``p`` has."""
+    known = p._option_string_actions
+    for old, news in RENAMED.items():
+        if old in known:
+            continue
+        for new in news:
+            if new in known:
+                action = known[new]
+                # in the new option's either-or group, so that the old name counts there
+                group = next((g for g in p._mutually_exclusive_groups
+                              if action in g._group_actions), p)
+                group.add_argument(old, action=_RenamedOption, new=action, dest=action.dest)
+                break
+
+
+def add_commands(sub, only: Optional[Tuple[str, ...]] = None) -> None:
     """Add every registered command to ``sub`` (the top-level subparsers): groups get their
     own subparsers (``dest="action"``), leaves their arguments, ``--threads``/``--device``
-    (:func:`add_run_args`) and their run function (``args._run``)."""
+    (:func:`add_run_args`) and their run function (``args._run``). With ``only`` (a command's
+    path), just that command and its groups: the others' options are never declared (their
+    declarations may import the studies)."""
     subs: Dict[Tuple[str, ...], object] = {(): sub}
     for c in _COMMANDS:
-        p = subs[c.path[:-1]].add_parser(c.path[-1], **c.kwargs)
+        if only is not None and c.path != only[:len(c.path)]:
+            continue
+        p = subs[c.path[:-1]].add_parser(c.path[-1], formatter_class=HelpFormatter,
+                                         **c.kwargs)
         if c.declare is None:
             subs[c.path] = p.add_subparsers(dest="action", required=True)
             continue
         run = c.declare(p)
         add_run_args(p)
+        add_renamed_options(p)
         p.set_defaults(_run=run)
 
 
@@ -210,6 +307,68 @@ def show(text: object = "", file=None) -> None:
     print(printable_lines(text), file=file)
 
 
+def note(text: object) -> None:
+    """A status line of a command (``wrote ...``, ``next: ...``): printed like :func:`show`
+    but through the ``qfv_brevitas.cli`` logger, so ``-q`` hides it and the results stay."""
+    from qfv_brevitas.util.text import printable_lines
+
+    logging.getLogger("qfv_brevitas.cli").info(printable_lines(text))
+
+
+# -- verbosity ---------------------------------------------------------------------------------------
+
+class _StdoutHandler(logging.StreamHandler):
+    """A handler on whatever ``sys.stdout`` is when a record is written (a test's capture, a
+    redirected stream)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.setStream(sys.stdout)
+        super().emit(record)
+
+
+def add_verbosity_args(p: argparse.ArgumentParser, leaf: bool = False) -> None:
+    """``-v/--verbose`` and ``-q/--quiet``, before the command word or after it (``leaf``:
+    no default of their own there, so that ``qfv -q train`` is not undone)."""
+    extra = {"default": argparse.SUPPRESS} if leaf else {}
+    p.add_argument("-v", "--verbose", action="count", help="more detail: the settings "
+                   "used, the threads and device chosen (logging level DEBUG)",
+                   **({"default": 0} if not leaf else extra))
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="only results, warnings and errors: no progress bars, no status "
+                        "lines (logging level WARNING)", **extra)
+
+
+def configure_logging(args) -> None:
+    """The levels of ``-v``/``-q``: the ``qfv_brevitas`` loggers at DEBUG (``-v``), INFO (the
+    default) or WARNING (``-q``, which also turns progress bars off). Status lines of the
+    commands go to stdout, every other record to stderr, as ``qfv: LEVEL: message``."""
+    quiet = bool(getattr(args, "quiet", False))
+    level = logging.WARNING if quiet else \
+        logging.DEBUG if getattr(args, "verbose", 0) else logging.INFO
+    if quiet and hasattr(args, "no_progress"):
+        args.no_progress = True
+    root = logging.getLogger("qfv_brevitas")
+    for h in list(root.handlers):
+        if getattr(h, "_qfv", False):
+            root.removeHandler(h)
+    cli = logging.getLogger("qfv_brevitas.cli")
+    for h in list(cli.handlers):
+        if getattr(h, "_qfv", False):
+            cli.removeHandler(h)
+    errors = logging.StreamHandler()  # sys.stderr when created
+    errors.setFormatter(logging.Formatter("qfv: %(levelname)s: %(message)s"))
+    errors.addFilter(lambda r: not r.name.startswith("qfv_brevitas.cli"))
+    status = _StdoutHandler()
+    status.setFormatter(logging.Formatter("%(message)s"))
+    for h in (errors, status):
+        h._qfv = True
+    root.addHandler(errors)
+    cli.addHandler(status)
+    cli.propagate = False
+    root.setLevel(level)
+    cli.setLevel(level)
+
+
 # -- values of options -----------------------------------------------------------------------------
 
 #: the largest size of an integer option: what a C int holds, so that no count reaches torch,
@@ -280,14 +439,15 @@ def add_checkpoint_args(p: argparse.ArgumentParser, out: Optional[str] = None,
     p.add_argument("checkpoint", help="a model saved by qfv demo/train (or a fine-tune)")
     add_dataset_args(p, help="the data the checkpoint was trained on")
     p.add_argument("--seed", type=seed, default=CompareConfig.seed,
-                   help="seed of the maps / flip streams (the data split is the checkpoint's "
-                        "own)")
+                   help="the run's seed: every map, flip stream and fine-tune of the command "
+                        "is drawn from it (the data split is the checkpoint's own)")
     if out is not None:
-        p.add_argument("--out", default=out)
+        p.add_argument("--out", default=out, help="output " + (
+            "folder" if kind == "results" else "file"))
     p.add_argument("--layers", choices=LAYER_SETS, default=CompareConfig.layers,
                    help="inner: first and last (8-bit) layers stay ideal (paper setup); "
-                        "all: every quantized layer is on the imperfect device")
-    p.add_argument("--no-progress", action="store_true")
+                        "all: every quantized layer is on the imperfect chip")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (also -q)")
 
 
 def add_reg_args(p: argparse.ArgumentParser, sam: bool = True) -> None:
@@ -305,6 +465,20 @@ def add_reg_args(p: argparse.ArgumentParser, sam: bool = True) -> None:
                        help="SAM radius (FlatENN's sharpness-aware quantization); 0 = off")
 
 
+def add_lambda_args(p: argparse.ArgumentParser, rise: int) -> None:
+    """``--lambda-start``, ``--lambda-end`` (defaults: :class:`~qfv_brevitas.training.train.
+    TrainConfig`) and ``--lambda-rise-epochs`` (default ``rise``) of a QAT."""
+    from qfv_brevitas.training.train import TrainConfig
+
+    p.add_argument("--lambda-start", type=float, default=TrainConfig.lambda_start,
+                   help="the regularizer's lambda while it is held (paper: 100)")
+    p.add_argument("--lambda-end", type=float, default=TrainConfig.lambda_end,
+                   help="the regularizer's lambda at the end of the rise (paper: 2000)")
+    p.add_argument("--lambda-rise-epochs", type=integer, default=rise,
+                   help="lambda rises exponentially from --lambda-start to --lambda-end over "
+                        "this many last epochs")
+
+
 def add_finetune_args(p: argparse.ArgumentParser, sam: bool = True) -> None:
     """``--epochs``, ``--lr``, ``--lambda-rise-epochs`` of a fine-tune (defaults:
     :func:`~qfv_brevitas.studies.engine.default_finetune`) and the regularizer's arguments
@@ -313,8 +487,11 @@ def add_finetune_args(p: argparse.ArgumentParser, sam: bool = True) -> None:
 
     ft = default_finetune()
     p.add_argument("--epochs", type=integer, default=ft.epochs, help="epochs of every fine-tune")
-    p.add_argument("--lr", type=float, default=ft.lr)
-    p.add_argument("--lambda-rise-epochs", type=integer, default=ft.lambda_rise_epochs)
+    p.add_argument("--lr", type=float, default=ft.lr,
+                   help="learning rate of the weights in every fine-tune")
+    p.add_argument("--lambda-rise-epochs", type=integer, default=ft.lambda_rise_epochs,
+                   help="the regularizer's lambda rises to its final value over this many "
+                        "last epochs")
     add_reg_args(p, sam)
 
 
@@ -340,7 +517,8 @@ def add_study_args(p: argparse.ArgumentParser, selftune: bool = False, remap: bo
     ``--calib-size``, ``--selftune-passes``."""
     from qfv_brevitas.studies.engine import CompareConfig as C
 
-    p.add_argument("--trials", type=integer, default=C.trials)
+    p.add_argument("--trials", type=integer, default=C.trials,
+                   help="random maps (chips) per level and method")
     if remap:
         p.add_argument("--remap-every", type=integer, default=C.remap_every,
                        help="epochs between the nearest-valid remaps of the fault-aware "
@@ -353,7 +531,8 @@ def add_study_args(p: argparse.ArgumentParser, selftune: bool = False, remap: bo
     if selftune:
         p.add_argument("--no-selftune-on-top", action="store_true",
                        help="do not report every method after self-tuning too")
-        p.add_argument("--calib-size", type=integer, default=C.calib_size)
+        p.add_argument("--calib-size", type=integer, default=C.calib_size,
+                       help="unlabeled training images that self-tuning calibrates on")
         p.add_argument("--selftune-passes", type=integer, default=C.selftune_passes,
                        help="bit-flip scenarios: calibration passes (flip draws) pooled")
 
@@ -380,20 +559,22 @@ def add_variability_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--hrs-on-off", type=float, default=S.hrs_on_off,
                    help="model HRS too: LRS/HRS on/off ratio")
-    p.add_argument("--distribution", choices=("normal", "lognormal"), default=S.distribution)
+    p.add_argument("--distribution", choices=("normal", "lognormal"), default=S.distribution,
+                   help="distribution of the per-cell conductance factors")
     p.add_argument("--chip-sigma", type=float, default=S.chip_sigma,
                    help="between-chip component shared by every cell of a chip")
     p.add_argument("--layer-shared-sigma", type=float, default=S.layer_shared_sigma,
                    help="component shared by every cell of a layer")
-    p.add_argument("--devices-per-chip", type=integer, default=S.devices_per_chip,
-                   help="eval/compare: trials in groups of this many device maps per chip")
+    p.add_argument("--maps-per-chip", type=integer, default=S.devices_per_chip,
+                   help="eval/compare: trials in groups of this many cell maps per chip (they "
+                        "share the chip's --chip-sigma draw)")
 
 
 def variability_settings(args) -> dict:
     """The keyword arguments of :func:`add_variability_args`."""
     return dict(hrs_on_off=args.hrs_on_off, distribution=args.distribution,
                 chip_sigma=args.chip_sigma, layer_shared_sigma=args.layer_shared_sigma,
-                devices_per_chip=args.devices_per_chip)
+                devices_per_chip=args.maps_per_chip)
 
 
 # -- run options -----------------------------------------------------------------------------------
@@ -401,11 +582,17 @@ def variability_settings(args) -> dict:
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """``--threads``, ``--device`` (and ``--workers``/``--distributed`` on Monte Carlo
     commands, those with ``--trials``) of a leaf command."""
+    add_verbosity_args(p, leaf=True)
+    p.add_argument("--config", metavar="FILE",
+                   help="read this command's options from a JSON or YAML file (keys: the long "
+                        "options without dashes, e.g. float-epochs: 30); options typed on the "
+                        "command line win")
     p.add_argument("--threads", default="auto",
                    help="intra-op threads: an integer, or auto (1 for small models such as the "
                         "digits ones, else one per core)")
     p.add_argument("--device", default=None,
-                   help="cpu (default) or cuda[:N]: where the model runs")
+                   help="torch device the model runs on: cpu (default), cuda[:N] or mps "
+                        "(the simulated chip is --fault-map/--variability-map)")
     if p.get_default("trials") is not None:
         p.add_argument("--workers", type=integer, default=1,
                        help="processes on this machine that share the Monte Carlo maps "
@@ -485,6 +672,11 @@ def apply_run_args(args) -> None:
         from qfv_brevitas.util.parallel import init_distributed
 
         init_distributed()
+    log = logging.getLogger("qfv_brevitas.run")
+    log.debug("device: %s; intra-op threads: %s", args.device or "cpu",
+              n if n is not None else "auto (set per model once it is loaded)")
+    options = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    log.debug("options: %s", ", ".join(f"{k}={v}" for k, v in sorted(options.items())))
 
 
 def is_output_rank(args) -> bool:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 
 from qfv_brevitas.cli.common import (add_checkpoint_args, add_finetune_args, add_study_args,
-                                     add_variability_args, command, command_group,
-                                     finetune_config, is_output_rank, load_for_device, meta_of,
-                                     integer, result_names, show, variability_settings)
+                                     add_variability_args, command, command_group, finetune_config,
+                                     integer, is_output_rank, load_for_device, meta_of, note,
+                                     result_names, show, variability_settings)
+from qfv_brevitas.util.text import text_table
 
 __all__ = ["run_sample", "run_eval", "run_finetune", "run_compare"]
 
@@ -16,20 +17,27 @@ __all__ = ["run_sample", "run_eval", "run_finetune", "run_compare"]
 def _sa1(p: argparse.ArgumentParser) -> None:
     from qfv_brevitas.studies.scenario import Scenario
 
-    p.add_argument("--sa1-fraction", type=float, default=Scenario.sa1_fraction)
+    p.add_argument("--sa1-fraction", type=float, default=Scenario.sa1_fraction,
+                   help="fraction of the stuck cells stuck at 1 (the rest at 0)")
 
 
 def _faults_finetune(p: argparse.ArgumentParser) -> None:
     from qfv_brevitas.studies.engine import CompareConfig
 
     p.add_argument("--method", choices=("fault_aware", "nearest_valid", "chip_in_loop"),
-                   default="fault_aware")
-    p.add_argument("--remap-every", type=integer, default=CompareConfig.remap_every)
+                   default="fault_aware",
+                   help="fault_aware: the regularizer towards the levels this chip can hold; "
+                        "nearest_valid: no training, each weight to its nearest valid level; "
+                        "chip_in_loop: plain fine-tuning through the faulty chip")
+    p.add_argument("--remap-every", type=integer, default=CompareConfig.remap_every,
+                   help="epochs between the nearest-valid remaps of fault_aware")
 
 
 def _variability_finetune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=("variability_aware", "chip_in_loop"),
-                   default="variability_aware")
+                   default="variability_aware",
+                   help="variability_aware: the regularizer towards this chip's levels; "
+                        "chip_in_loop: plain fine-tuning through the chip")
 
 
 #: What differs between ``qfv faults ...`` and ``qfv variability ...``: the group's help, the
@@ -39,28 +47,30 @@ _KINDS = {
     "faults": dict(
         help="stuck-at bit faults: sample, evaluate, fine-tune, compare",
         one=("--rate", "fraction of stuck bit cells", "draw a map at this rate (with --seed)"),
-        many=("--rates", [0, 0.05, 0.1, 0.2, 0.3]), sample_out="faultmap.pt",
+        many=("--rates", [0, 0.05, 0.1, 0.2, 0.3], "fractions of stuck bit cells"),
+        map_option="--fault-map", sample_out="faultmap.pt",
         map_help="a fault map file (e.g. measured on the chip)", settings=_sa1,
-        finetune=_faults_finetune, remap=True, mapping_help="aware = nearest-valid-level mapping"),
+        finetune=_faults_finetune, remap=True, mapping_help="naive: each weight keeps its code; aware: the code of the "
+                     "nearest level the faulty chip can still hold"),
     "variability": dict(
         help="per-bit device variability: sample, evaluate, fine-tune, compare",
         one=("--sigma", "sigma/mu of the LRS cells",
              "draw a map at this sigma/mu (with --seed)"),
-        many=("--sigmas", [0, 0.1, 0.2, 0.4]), sample_out="varmap.pt",
+        many=("--sigmas", [0, 0.1, 0.2, 0.4], "sigma/mu of the LRS cells"),
+        map_option="--variability-map", sample_out="varmap.pt",
         map_help="a variability map file (a characterised chip)", settings=add_variability_args,
-        finetune=_variability_finetune, remap=False, mapping_help=None),
+        finetune=_variability_finetune, remap=False,
+        mapping_help="naive: each weight keeps its code; aware: the code of the nearest level "
+                     "the chip holds"),
 }
 
 
 def _register(kind: str, spec: dict) -> None:
-    """``qfv <kind> sample|eval|finetune|compare``."""
-    from qfv_brevitas.studies import compare as C
-    from qfv_brevitas.studies.engine import CompareConfig
-
+    """``qfv <kind> sample|eval|finetune|compare`` (their options are declared only when
+    the parser of that command is built: the studies import torch)."""
     what = "fault" if kind == "faults" else "variability"
-    defaults = C.FAULT_METHODS if kind == "faults" else C.VARIABILITY_METHODS
     one, sample_help, draw_help = spec["one"]
-    many, many_default = spec["many"]
+    many, many_default, many_help = spec["many"]
     command_group(kind, help=spec["help"])
 
     @command(kind, "sample", help=f"draw a {what} map for a model and save it")
@@ -72,9 +82,12 @@ def _register(kind: str, spec: dict) -> None:
 
     @command(kind, "eval", help=f"Monte Carlo accuracy over random {what} maps")
     def evaluate(p: argparse.ArgumentParser):
+        from qfv_brevitas.studies.engine import CompareConfig
+
         add_checkpoint_args(p, f"qfv-{kind}", "results", result_names(f"{kind}_eval"))
-        p.add_argument(many, type=float, nargs="+", default=many_default)
-        p.add_argument("--trials", type=integer, default=CompareConfig.trials)
+        p.add_argument(many, type=float, nargs="+", default=many_default, help=many_help)
+        p.add_argument("--trials", type=integer, default=CompareConfig.trials,
+                       help="random maps (chips) per level")
         p.add_argument("--mapping", choices=("naive", "aware"), default="naive",
                        help=spec["mapping_help"])
         spec["settings"](p)
@@ -82,9 +95,11 @@ def _register(kind: str, spec: dict) -> None:
 
     @command(kind, "finetune", help=f"fit a model to one chip's {what} map")
     def finetune(p: argparse.ArgumentParser):
-        add_checkpoint_args(p, "finetuned.pt", "file", inputs=("checkpoint", "data_dir", "map"))
+        map_dest = spec["map_option"][2:].replace("-", "_")
+        add_checkpoint_args(p, "finetuned.pt", "file",
+                            inputs=("checkpoint", "data_dir", map_dest))
         g = p.add_mutually_exclusive_group(required=True)
-        g.add_argument("--map", help=spec["map_help"])
+        g.add_argument(spec["map_option"], help=spec["map_help"])
         g.add_argument(one, type=float, help=draw_help)
         spec["settings"](p)
         spec["finetune"](p)
@@ -93,12 +108,15 @@ def _register(kind: str, spec: dict) -> None:
 
     @command(kind, "compare", help="methods side by side on the same random maps")
     def compare(p: argparse.ArgumentParser):
+        from qfv_brevitas.studies import compare as C
         from qfv_brevitas.studies.methods import method_names
 
+        defaults = C.FAULT_METHODS if kind == "faults" else C.VARIABILITY_METHODS
         add_checkpoint_args(p, f"qfv-{kind}", "results", result_names(f"{kind}_compare"))
-        p.add_argument(many, type=float, nargs="+", default=many_default)
+        p.add_argument(many, type=float, nargs="+", default=many_default, help=many_help)
         p.add_argument("--methods", nargs="+", choices=method_names(kind),
-                       default=list(defaults))
+                       default=list(defaults), help="the methods compared (README: "
+                       "\"Related methods side by side\")")
         spec["settings"](p)
         add_study_args(p, remap=spec["remap"])
         return run_compare
@@ -138,9 +156,8 @@ def run_sample(args) -> int:
     model, info, train, test = load_for_device(args)
     m = _draw(args, model, _level(args))
     m.save(args.out, overwrite=args.force)
-    show(f"wrote {args.out}")
-    for name, row in m.summary().items():
-        show(f"  {name}: {row}")
+    show(text_table(m.summary()))
+    note(f"wrote {args.out}")
     return 0
 
 
@@ -160,7 +177,7 @@ def _write(args, info, res) -> int:
         return 0
     paths = res.save(args.out, f"{args.command}_{args.action}", overwrite=args.force)
     show(res.table())
-    show("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    note("\nwrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
@@ -204,7 +221,8 @@ def run_finetune(args) -> int:
         from qfv_brevitas.chip.variability import VariabilityMap as Map
         from qfv_brevitas.chip.variability import attach_variability as attach
     # the map first (a bad map file is an error before any work)
-    dmap = Map.load(args.map) if args.map else _draw(args, model, _level(args))
+    path = args.fault_map if args.command == "faults" else args.variability_map
+    dmap = Map.load(path) if path else _draw(args, model, _level(args))
     before = accuracy(model, test)
     attach(model, dmap)
     naive = accuracy(model, test)
@@ -224,5 +242,5 @@ def run_finetune(args) -> int:
                        "source": str(args.checkpoint)})
     show(f"ideal device {100 * before:.2f}% | on this chip as is {100 * naive:.2f}% | "
           f"after {args.method} {100 * after:.2f}%")
-    show(f"wrote {args.out} (the map travels with the model)")
+    note(f"wrote {args.out} (the map travels with the model)")
     return 0

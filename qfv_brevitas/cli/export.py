@@ -5,7 +5,7 @@ import json
 import sys
 
 from qfv_brevitas.cli.common import (add_dataset_args, command, declare_io, integer,
-                                     load_for_device, require_quantized, show)
+                                     load_for_device, note, require_quantized, show)
 from qfv_brevitas.util.errors import QfvError
 
 __all__ = ["run_export", "run_inspect", "run_verify", "run_crossbar"]
@@ -44,12 +44,16 @@ def export(p):
     p.add_argument("--max-acc-drop", type=float,
                    help="fixed and planes forms: pick the smallest f whose test accuracy drop "
                         "stays within this many points")
-    p.add_argument("--exporter", choices=EXPORTERS, default="dynamo")
+    p.add_argument("--exporter", choices=EXPORTERS, default="dynamo",
+                   help="torch's ONNX exporter: dynamo (torch.export) or torchscript")
     p.add_argument("--ideal", action="store_true",
                    help="export the ideal levels even if the checkpoint carries a fault or "
                         "variability map (default: what that device computes)")
-    p.add_argument("--batch", type=integer, default=1, help="the graph's (static) batch size")
-    p.add_argument("--no-verify", action="store_true")
+    p.add_argument("--batch-size", type=integer, default=1,
+                   help="the graph's (static) batch size")
+    p.add_argument("--no-verify", action="store_true",
+                   help="do not run the file against the torch model before writing it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (also -q)")
     _data_args(p)
     declare_io(p, "file", inputs=("checkpoint", "data_dir"))
     return run_export
@@ -58,7 +62,7 @@ def export(p):
 @command("inspect", help="the per-layer bits, r, c and device summary of a file written by "
                          "qfv export")
 def inspect(p):
-    p.add_argument("file")
+    p.add_argument("file", help="a .onnx file written by qfv export")
     p.add_argument("--json", action="store_true", help="print the metadata as JSON")
     declare_io(p, None, inputs=("file",))
     return run_inspect
@@ -66,7 +70,7 @@ def inspect(p):
 
 @command("verify", help="run an exported file with torch, qonnx and onnxruntime and compare")
 def verify(p):
-    p.add_argument("file")
+    p.add_argument("file", help="a .onnx file written by qfv export")
     p.add_argument("checkpoint", help="the checkpoint the file was exported from")
     p.add_argument("--tolerance", type=float, help="max output difference (default: see "
                                                    "README)")
@@ -81,7 +85,7 @@ def verify(p):
 @command("crossbar", help="per-layer bit-plane matrices and multipliers for an accelerator "
                           "(npz + manifest.json)")
 def crossbar(p):
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a quantized model saved by qfv train/demo/finetune")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--ideal", action="store_true", help="ideal codes, ignoring attached maps")
     declare_io(p, "crossbar")
@@ -102,8 +106,8 @@ def run_export(args) -> int:
     from qfv_brevitas.export import ExportVerificationError
     from qfv_brevitas.export.forms import form_named, form_names
 
-    if args.batch < 1:
-        raise QfvError(f"--batch must be at least 1, got {args.batch}")
+    if args.batch_size < 1:
+        raise QfvError(f"--batch-size must be at least 1, got {args.batch_size}")
     time_limit = _time_limit(args)
     fixed_point = form_named(args.form).needs_fixed_point
     if not fixed_point and (args.frac_bits is not None or args.max_acc_drop is not None):
@@ -116,7 +120,7 @@ def run_export(args) -> int:
         raise QfvError(f"--max-acc-drop must be at most 100 points (all of the accuracy), got "
                        f"{args.max_acc_drop}")
     model, info, test, inputs = _model_and_data(args)
-    example = test.tensors[0][:args.batch]
+    example = test.tensors[0][:args.batch_size]
     example, inputs = _spike_trains(model, example), _spike_trains(model, inputs)
     data = test if fixed_point and (args.max_acc_drop is not None
                                     or args.frac_bits is not None) else None
@@ -127,7 +131,7 @@ def run_export(args) -> int:
                            verify=not args.no_verify, verify_inputs=inputs,
                            extra_metadata={"checkpoint": str(args.checkpoint),
                                            "arch": info["arch"]}, overwrite=args.force,
-                           time_limit=time_limit)
+                           time_limit=time_limit, progress=not args.no_progress)
     except ExportVerificationError as e:
         if e.report is not None:
             show(e.report.summary())
@@ -201,5 +205,5 @@ def run_crossbar(args) -> int:
     for row in data["layers"]:
         show(f"  {row['layer']}: {row['bits']} planes of {row['matrix_shape'][0]}x"
               f"{row['matrix_shape'][1]} -> {row['file']}")
-    show(f"wrote {manifest}")
+    note(f"wrote {manifest}")
     return 0

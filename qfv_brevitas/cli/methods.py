@@ -13,14 +13,14 @@ from __future__ import annotations
 import argparse
 
 from qfv_brevitas.cli.common import (add_checkpoint_args, add_finetune_args, add_study_args,
-                                     command, command_group, integer,
-                                     finetune_config, is_output_rank, load_for_device, meta_of,
-                                     result_names, show, study_config)
+                                     command, command_group, finetune_config, integer,
+                                     is_output_rank, load_for_device, meta_of, note, result_names,
+                                     show, study_config)
 from qfv_brevitas.util.errors import QfvError
 
 __all__ = ["run_compare", "run_bitflips_eval", "run_bitflips_finetune", "run_selftune"]
 
-_INPUTS = ("checkpoint", "data_dir", "fault_map", "var_map")
+_INPUTS = ("checkpoint", "data_dir", "fault_map", "variability_map")
 
 
 @command("compare", help="the related methods side by side on the same maps: one table, one plot",
@@ -35,7 +35,8 @@ def compare(p: argparse.ArgumentParser):
     add_checkpoint_args(p, "qfv-compare", "results", result_names("compare", ("csv", "json",
                                                                               "md", "png")),
                         inputs=_INPUTS)
-    p.add_argument("--methods", nargs="+", choices=method_names(), default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=method_names(), default=list(METHODS),
+                   help="the methods compared (README: \"Related methods side by side\")")
     p.add_argument("--stuck", type=float, nargs="*", default=[0.1, 0.2],
                    help="stuck-at bit-fault rates")
     p.add_argument("--ber", type=float, nargs="*", default=[0.01, 0.05], help="bit-error rates")
@@ -74,7 +75,7 @@ def run_compare(args) -> int:
     for sc, best in res.winners().items():
         plain = res.winners(with_selftune=False).get(sc, [])
         show(f"{sc}: best {', '.join(best)}; without self-tuning {', '.join(plain)}")
-    show("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    note("\nwrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
@@ -88,8 +89,10 @@ def bitflips_eval(p: argparse.ArgumentParser):
 
     add_checkpoint_args(p, "qfv-bitflips", "results", result_names("bitflips_eval"),
                         inputs=_INPUTS)
-    p.add_argument("--rates", type=float, nargs="+", default=[0, 0.01, 0.02, 0.05])
-    p.add_argument("--trials", type=integer, default=CompareConfig.trials)
+    p.add_argument("--rates", type=float, nargs="+", default=[0, 0.01, 0.02, 0.05],
+                   help="bit-error rates: the probability that a bit cell reads flipped")
+    p.add_argument("--trials", type=integer, default=CompareConfig.trials,
+                   help="seeded flip streams per rate")
     return run_bitflips_eval
 
 
@@ -114,7 +117,7 @@ def run_bitflips_eval(args) -> int:
         return 0
     paths = res.save(args.out, "bitflips_eval", overwrite=args.force)
     show(res.table())
-    show("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    note("\nwrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
@@ -138,7 +141,7 @@ def run_bitflips_finetune(args) -> int:
                                        "source": str(args.checkpoint)})
     show(f"ideal device {100 * before:.2f}% -> after random-bit-error training at BER "
           f"{args.rate:g}: {100 * after:.2f}% (ideal device)")
-    show(f"wrote {args.out}")
+    note(f"wrote {args.out}")
     return 0
 
 
@@ -153,14 +156,16 @@ def selftune(p: argparse.ArgumentParser):
 
     add_checkpoint_args(p, None, None, inputs=_INPUTS)
     p.add_argument("--fault-map", help="a fault map file")
-    p.add_argument("--var-map", help="a variability map file")
+    p.add_argument("--variability-map", help="a variability map file")
     p.add_argument("--rate", type=float, help="draw stuck-at faults at this rate")
     p.add_argument("--sigma", type=float, help="draw LRS variability at this sigma/mu")
     p.add_argument("--chip-sigma", type=float, default=VariabilityModel.chip_sigma,
                    help="between-chip component of the drawn variability")
     p.add_argument("--ber", type=float, help="transient bit flips at this bit-error rate")
-    p.add_argument("--calib-size", type=integer, default=CompareConfig.calib_size)
-    p.add_argument("--mode", choices=SELFTUNE_MODES, default="affine")
+    p.add_argument("--calib-size", type=integer, default=CompareConfig.calib_size,
+                   help="unlabeled training images to calibrate on")
+    p.add_argument("--correction", choices=SELFTUNE_MODES, default="affine",
+                   help="affine: a scale and shift per channel; shift: a shift only")
     p.add_argument("--passes", type=integer, default=None,
                    help="calibration passes pooled (default 8 with --ber, else 1)")
     return run_selftune
@@ -176,13 +181,13 @@ def run_selftune(args) -> int:
     from qfv_brevitas.training.train import evaluate
     from qfv_brevitas.studies.scenario import exempt_layers
 
-    if not any(v is not None for v in (args.fault_map, args.var_map, args.rate, args.sigma,
+    if not any(v is not None for v in (args.fault_map, args.variability_map, args.rate, args.sigma,
                                        args.ber)):
         raise QfvError("say which chip: --fault-map/--var-map FILE, or draw one with --rate, "
                        "--sigma [--chip-sigma] and/or --ber (with --seed)")
     if args.fault_map and args.rate is not None:
         raise QfvError("give --fault-map or --rate, not both")
-    if args.var_map and args.sigma is not None:
+    if args.variability_map and args.sigma is not None:
         raise QfvError("give --var-map or --sigma, not both")
     model, info, train, test = load_for_device(args)
     calib = calibration_batch(train, args.calib_size, args.seed)
@@ -194,8 +199,8 @@ def run_selftune(args) -> int:
     elif args.rate is not None:
         attach_faults(model, sample_fault_map(model, FaultModel(rate=args.rate, seed=args.seed,
                                                                 layer_rates=exempt)))
-    if args.var_map:
-        attach_variability(model, VariabilityMap.load(args.var_map))
+    if args.variability_map:
+        attach_variability(model, VariabilityMap.load(args.variability_map))
     elif args.sigma is not None:
         attach_variability(model, sample_variability_map(model, VariabilityModel(
             sigma=args.sigma, chip_sigma=args.chip_sigma, seed=args.seed,
@@ -206,11 +211,11 @@ def run_selftune(args) -> int:
         attach_bitflips(model, flips)
     chip = evaluate(model, test)
     passes = args.passes if args.passes is not None else (8 if flips is not None else 1)
-    tuning = self_tune(model, calib, ref, mode=args.mode, passes=passes)
+    tuning = self_tune(model, calib, ref, mode=args.correction, passes=passes)
     if flips is not None:
         attach_bitflips(model, flips)  # the same flips as the evaluation before
     tuned = evaluate(model, test)
     show(f"ideal device {100 * ideal:.2f}% | on this chip {100 * chip:.2f}% | after "
-          f"self-tuning ({args.mode}, {args.calib_size} unlabeled images, "
+          f"self-tuning ({args.correction}, {args.calib_size} unlabeled images, "
           f"{len(tuning.layers)} layers) {100 * tuned:.2f}%")
     return 0

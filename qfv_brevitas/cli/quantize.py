@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qfv_brevitas.cli.common import add_dataset_args, command, declare_io, integer, seed, show
+from qfv_brevitas.cli.common import add_dataset_args, command, declare_io, integer, note, seed, show
 from qfv_brevitas.util.errors import QfvError
 
 __all__ = ["run_quantize", "default_out"]
@@ -49,6 +49,7 @@ def quantize(p):
     p.add_argument("--no-eval", action="store_true", help="no accuracy (no data needed)")
     p.add_argument("--no-lloyd", action="store_true", help="skip the Lloyd-Max reference")
     p.add_argument("--no-plot", action="store_true", help="no levels figure")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (also -q)")
     declare_io(p, "file", inputs=("checkpoint", "data_dir"))
     p.set_defaults(_io_default_out=default_out)
     return run_quantize
@@ -102,7 +103,7 @@ def run_quantize(args) -> int:
         else torch.zeros(2, *src_info["shape"]), act_bits=act_bits,
         calib_data=src_info["train"] if calibrated else None,
         calib_samples=args.calib_samples, compensation=compensation,
-        bias_correction=args.bias_correction)
+        bias_correction=args.bias_correction, progress=not args.no_progress)
     _write_outputs(args, src, src_info, res, outputs, inputs, save_checkpoint, atomic_write)
     return 0
 
@@ -172,7 +173,7 @@ def _write_outputs(args, src: Path, info: dict, res, outputs, inputs, save_check
                  overwrite=args.force, inputs=inputs)
     save_checkpoint(outputs[0], res.model, info["arch"], info["shape"], info["classes"],
                     res.config, overwrite=args.force, **meta)
-    show("\nwrote " + ", ".join(str(p) for p in outputs))
+    note("\nwrote " + ", ".join(str(p) for p in outputs))
 
 
 def _int_bits(text: str) -> int:

@@ -10,7 +10,8 @@ import argparse
 import json
 from typing import Optional
 
-from qfv_brevitas.cli.common import command, command_group, declare_io, integer, seed, show
+from qfv_brevitas.cli.common import (add_lambda_args, command, command_group, declare_io, integer,
+                                     note, seed, show)
 from qfv_brevitas.core.config import VARIANTS
 from qfv_brevitas.util.errors import QfvError
 
@@ -47,40 +48,48 @@ def train(p: argparse.ArgumentParser):
                         "small moving-square event tensors; cifar10dvs/ncaltech101: "
                         "spikingjelly's classes on the folder given by --data-dir")
     p.add_argument("--data-dir", help="IDX folder (idx) or spikingjelly dataset root")
-    p.add_argument("--arch", choices=SPIKING_MODEL_NAMES, default="spiking_small_cnn")
+    p.add_argument("--arch", choices=SPIKING_MODEL_NAMES, default="spiking_small_cnn",
+                   help="the spiking model")
     p.add_argument("--T", type=integer, default=None,
                    help=f"time steps (default 4; {_EVENT_T} frames on the neuromorphic sets)")
     p.add_argument("--tau", type=float, default=SpikingConfig.tau,
                    help="membrane time constant (beta=1/tau)")
-    p.add_argument("--v-threshold", type=float, default=SpikingConfig.v_threshold)
+    p.add_argument("--v-threshold", type=float, default=SpikingConfig.v_threshold,
+                   help="membrane potential at which a LIF neuron fires")
     p.add_argument("--v-reset", type=_optional_float, default=SpikingConfig.v_reset,
                    help="reset potential, or 'none' for reset by subtraction")
-    p.add_argument("--surrogate", choices=SURROGATES, default=SpikingConfig.surrogate)
+    p.add_argument("--surrogate", choices=SURROGATES, default=SpikingConfig.surrogate,
+                   help="surrogate gradient of the spike function")
     p.add_argument("--encoding", choices=[e for e in ENCODINGS if e != "none"],
                    default=SpikingConfig.encoding,
                    help="how static images become spikes (event data brings its own)")
     p.add_argument("--frame-size", type=integer, default=48,
                    help="neuromorphic frames are resized to this square size")
     p.add_argument("--bits", type=integer, nargs="+", default=[4], help="weight bits of inner layers")
-    p.add_argument("--variant", choices=VARIANTS, default=NMultConfig.variant)
-    p.add_argument("--per-channel", action="store_true")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=[NMultConfig.variant],
+                   help="quantizers trained, each at each --bits: fixed, step or nmult")
+    p.add_argument("--per-channel", action="store_true",
+                   help="levels (r, c) per output channel instead of per layer")
     p.add_argument("--first-last-bits", type=_optional_int, default=NMultConfig.first_last_bits,
                    help="weight bits of the first and last layers, or 'none' for --bits")
-    p.add_argument("--fp-epochs", type=integer, default=12)
-    p.add_argument("--q-epochs", type=integer, default=6)
-    p.add_argument("--lr", type=float, default=0.1, help="float training learning rate")
-    p.add_argument("--q-lr", type=float, default=0.01, help="QAT learning rate of the weights")
+    p.add_argument("--float-epochs", type=integer, default=12, help="float epochs")
+    p.add_argument("--qat-epochs", type=integer, default=6, help="QAT epochs per model")
+    p.add_argument("--float-lr", type=float, default=0.1,
+                   help="learning rate of the float training")
+    p.add_argument("--qat-lr", type=float, default=0.01, help="QAT learning rate of the weights")
     p.add_argument("--quant-lr", type=float, default=TrainConfig.quant_lr,
                    help="learning rate of r, c, step")
     p.add_argument("--quant-optimizer", choices=("adam", "sgd"),
-                   default=TrainConfig.quant_optimizer)
-    p.add_argument("--lambda-start", type=float, default=TrainConfig.lambda_start)
-    p.add_argument("--lambda-end", type=float, default=TrainConfig.lambda_end)
-    p.add_argument("--lambda-rise-epochs", type=integer, default=3)
-    p.add_argument("--batch-size", type=integer, default=TrainConfig.batch_size)
-    p.add_argument("--seed", type=seed, default=TrainConfig.seed)
+                   default=TrainConfig.quant_optimizer,
+                   help="optimizer of r, c, step (the paper's SGD diverges on large layers)")
+    add_lambda_args(p, rise=3)
+    p.add_argument("--batch-size", type=integer, default=TrainConfig.batch_size,
+                   help="training batch size")
+    p.add_argument("--seed", type=seed, default=TrainConfig.seed,
+                   help="the run's seed: the data split, the initial weights and the "
+                        "training order")
     p.add_argument("--out", default="qfv-snn", help="output folder")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (also -q)")
     declare_io(p, "run", inputs=("data_dir",))
     return run_train
 
@@ -88,7 +97,7 @@ def train(p: argparse.ArgumentParser):
 @command("snn", "neurons", help="time steps, encoding and LIF parameters of a spiking "
                                 "checkpoint, as JSON")
 def neurons(p: argparse.ArgumentParser):
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a spiking checkpoint written by qfv snn train")
     declare_io(p, None)
     return run_neurons
 
@@ -107,16 +116,16 @@ def run_train(args: argparse.Namespace) -> int:
     T = args.T if args.T is not None else (_EVENT_T if args.dataset in NEUROMORPHIC else 4)
     snn = SpikingConfig(T=T, tau=args.tau, v_threshold=args.v_threshold, v_reset=args.v_reset,
                         surrogate=args.surrogate, encoding=args.encoding)
-    fp = TrainConfig(epochs=args.fp_epochs, lr=args.lr, batch_size=args.batch_size,
+    fp = TrainConfig(epochs=args.float_epochs, lr=args.float_lr, batch_size=args.batch_size,
                      seed=args.seed)
-    q = TrainConfig(epochs=args.q_epochs, lr=args.q_lr, quant_lr=args.quant_lr,
+    q = TrainConfig(epochs=args.qat_epochs, lr=args.qat_lr, quant_lr=args.quant_lr,
                     quant_optimizer=args.quant_optimizer, batch_size=args.batch_size,
                     seed=args.seed, lambda_start=args.lambda_start, lambda_end=args.lambda_end,
-                    lambda_rise_epochs=min(args.lambda_rise_epochs, args.q_epochs))
+                    lambda_rise_epochs=min(args.lambda_rise_epochs, args.qat_epochs))
     try:
         results = run_snn_experiment(
             args.out, dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, snn=snn,
-            bits=args.bits, variant=args.variant, per_channel=args.per_channel,
+            bits=args.bits, variant=args.variants, per_channel=args.per_channel,
             first_last_bits=args.first_last_bits, fp_train=fp, q_train=q, seed=args.seed,
             frame_size=args.frame_size, progress=not args.no_progress, overwrite=args.force)
     except SNNDependencyError as e:  # an install hint, not a traceback
@@ -124,10 +133,10 @@ def run_train(args: argparse.Namespace) -> int:
     show(format_snn_results(results))
     names = ", ".join(f"{args.out}/{r['variant']}_w{r['weight_bits']}.pt"
                       for r in results["runs"])
-    show(f"\nwrote {args.out}/results.json, {args.out}/float.pt, {names} "
+    note(f"\nwrote {args.out}/results.json, {args.out}/float.pt, {names} "
           f"({results['seconds']:.0f} s)")
     if args.dataset in ("digits", "idx"):
-        show(f"next: qfv faults eval {args.out}/{results['runs'][0]['variant']}_w"
+        note(f"next: qfv faults eval {args.out}/{results['runs'][0]['variant']}_w"
               f"{results['runs'][0]['weight_bits']}.pt --dataset {args.dataset}"
               + (f" --data-dir {args.data_dir}" if args.data_dir else ""))
     return 0

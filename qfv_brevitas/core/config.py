@@ -7,8 +7,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Union
 
-from qfv_brevitas.core.intview import check_frac_bits
-from qfv_brevitas.core.levels import check_bits
+from qfv_brevitas.core.widths import check_bits, check_frac_bits
 from qfv_brevitas.util.configbase import QfvConfig
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.util.validate import as_number, check_choice, check_int

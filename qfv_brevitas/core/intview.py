@@ -18,37 +18,24 @@ see the rounded levels and still move ``r`` and ``c``.
 """
 from __future__ import annotations
 
-from typing import Tuple, Union
+from typing import Tuple
 
 import torch
 from torch import Tensor
 
 from qfv_brevitas.core.fitting import grid_error
 from qfv_brevitas.core.levels import level_table
+from qfv_brevitas.core.widths import MAX_FRAC_BITS, check_frac_bits  # re-exported (home: widths)
 from qfv_brevitas.util.errors import QfvError
 
 __all__ = ["MAX_FRAC_BITS", "MAX_INT_BITS", "AUTO_TOLERANCE", "check_frac_bits", "round_ste",
            "grid_integers", "integer_range", "signed_width", "choose_frac_bits"]
 
-#: Largest number of fractional bits of the grid.
-MAX_FRAC_BITS = 20
 #: Integers must stay exact in float32 (24-bit significand).
 MAX_INT_BITS = 24
 #: ``frac_bits="auto"``: the smallest ``f`` whose levels' squared error to the weights is at
 #: most this fraction above that of the unrounded levels.
 AUTO_TOLERANCE = 0.01
-
-
-def check_frac_bits(frac_bits: Union[None, int, str], where: str = "frac_bits"
-                    ) -> Union[None, int, str]:
-    """``None`` (no integer view), ``"auto"`` or an integer in ``0..MAX_FRAC_BITS``."""
-    if frac_bits is None or frac_bits == "auto":
-        return frac_bits
-    if isinstance(frac_bits, bool) or not isinstance(frac_bits, int) \
-            or not 0 <= frac_bits <= MAX_FRAC_BITS:
-        raise QfvError(f"{where} must be None, 'auto' or an integer in 0..{MAX_FRAC_BITS}, "
-                       f"got {frac_bits!r}")
-    return int(frac_bits)
 
 
 def round_ste(t: Tensor, frac_bits: int) -> Tensor:

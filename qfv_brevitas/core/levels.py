@@ -10,13 +10,12 @@ regularizer's distances are :mod:`qfv_brevitas.core.distance`.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import NamedTuple, Tuple
 
 import torch
 from torch import Tensor
 
+from qfv_brevitas.core.widths import MAX_BITS, check_bits  # re-exported: their home is widths
 from qfv_brevitas.util.errors import QfvError
 
 
@@ -35,23 +34,6 @@ __all__ = [
     "qp",
     "check_finite",
 ]
-
-MAX_BITS = 8
-
-
-def check_bits(bits, where: str = "quantizer") -> int:
-    """Validate an N-bit width: an ``int`` in ``1..8`` (``MAX_BITS``)."""
-    if isinstance(bits, Tensor):
-        bits = bits.item()
-    if isinstance(bits, (bool, str, bytes)) or not isinstance(bits, numbers.Real) or \
-            not math.isfinite(bits) or not float(bits).is_integer():
-        raise QfvError(f"{where}: bit width must be an integer in 1..{MAX_BITS}, got {bits!r}")
-    bits = int(bits)
-    if not 1 <= bits <= MAX_BITS:
-        raise QfvError(
-            f"{where}: bit width must be in 1..{MAX_BITS}, got {bits}. N-multiplier levels are "
-            f"enumerated as 2**N codes; use 1..{MAX_BITS} bits.")
-    return bits
 
 
 def check_finite(w: Tensor, where: str) -> None:

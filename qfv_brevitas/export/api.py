@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from qfv_brevitas.core.quantizers import nmult_layers
+from qfv_brevitas.util.progress import RunProgress
 from qfv_brevitas.util.safeio import atomic_path, check_output
 from qfv_brevitas.export import fixedpoint as FX
 from qfv_brevitas.export.deadline import DEFAULT_TIME_LIMIT_S
@@ -103,8 +104,8 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
                  max_accuracy_drop: Optional[float] = None, data=None, with_maps: bool = True,
                  exporter: str = "dynamo", verify: bool = True,
                  verify_inputs: Optional[Tensor] = None, extra_metadata: Optional[dict] = None,
-                 overwrite: bool = False, time_limit: Optional[float] = DEFAULT_TIME_LIMIT_S
-                 ) -> ExportResult:
+                 overwrite: bool = False, time_limit: Optional[float] = DEFAULT_TIME_LIMIT_S,
+                 progress: bool = False) -> ExportResult:
     """Write ``model`` (with N-multiplier layers) to a QONNX file in one of the registered
     forms (:mod:`qfv_brevitas.export.forms`):
 
@@ -130,7 +131,8 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
     ``time_limit`` seconds (:class:`~qfv_brevitas.export.errors.ExecutionTimeout`, None: no
     limit) or on Ctrl-C. The file is written
     atomically (:mod:`qfv_brevitas.util.safeio`); an existing one is replaced only with
-    ``overwrite=True``.
+    ``overwrite=True``. ``progress``: one bar over the steps (fixed point, graph, verification,
+    file; :class:`~qfv_brevitas.util.progress.RunProgress`).
 
     >>> import torch, tempfile, os
     >>> from torch import nn
@@ -160,18 +162,26 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
     path = Path(path)
     original, was_training = model, model.training
     model.eval()
+    steps = RunProgress(total=3 + bool(verify), desc=f"export {fm.name}", unit="step",
+                        enabled=progress)
     try:
         proto, meta, fixed, reference = _build(model, x, fm, frac_bits, max_accuracy_drop,
-                                               data, with_maps, exporter, extra_metadata)
+                                               data, with_maps, exporter, extra_metadata,
+                                               steps)
         result = ExportResult(path=path, form=fm.name, exporter=exporter, metadata=meta,
                               fixed_point=fixed, reference=reference)
         if verify:
+            steps.set_phase("verify: torch vs qonnx vs onnxruntime")
             result.verification = _verified(reference, proto, path,
                                             x if verify_inputs is None else verify_inputs,
                                             time_limit)
+            steps.update(1)
+        steps.set_phase("write")
         _write(proto, path, overwrite)
+        steps.update(1)
         return result
     finally:
+        steps.close()
         original.train(was_training)  # not the map-free twin of with_maps=False
 
 
@@ -219,7 +229,7 @@ def _write(proto: onnx.ModelProto, path: Path, overwrite: bool) -> None:
 
 
 def _build(model, x, form: ExportForm, frac_bits, max_accuracy_drop, data, with_maps: bool,
-           exporter: str, extra_metadata):
+           exporter: str, extra_metadata, steps: Optional[RunProgress] = None):
     """The exported graph with its metadata, the fixed-point summary and the torch reference
     (``model`` in eval mode; its maps removed unless ``with_maps``)."""
     if not with_maps:
@@ -232,9 +242,13 @@ def _build(model, x, form: ExportForm, frac_bits, max_accuracy_drop, data, with_
         raise ExportError(str(e)) from None
     fixed = None
     reference = model
+    steps = steps or RunProgress(total=0, enabled=False)
+    steps.set_phase("fixed point" if form.needs_fixed_point else "layers")
     if form.needs_fixed_point:
         fixed, reference = _fixed_point(model, layers, frac_bits, max_accuracy_drop, data,
                                         form)
+    steps.update(1)
+    steps.set_phase(f"graph ({exporter} exporter)")
     by_proxy = {id(m.weight_quant): info for (_, m), info in zip(nmult_layers(model), layers)}
     proto = _run_exporter(model, x, form, by_proxy, exporter)
     proto = _finish(proto, layers, form)
@@ -247,6 +261,7 @@ def _build(model, x, form: ExportForm, frac_bits, max_accuracy_drop, data, with_
         meta["fixed_point"] = {k: v for k, v in fixed.items() if k != "tried"}
     meta.update(form.metadata(layers))
     write_metadata(proto, meta)
+    steps.update(1)
     return proto, meta, fixed, reference
 
 

@@ -57,7 +57,7 @@ def _check_fits(model: torch.nn.Module, arch: str, data) -> None:
 def run_snn_experiment(out_dir: Union[str, Path], dataset: str = "digits",
                        data_dir: Optional[str] = None, arch: str = "spiking_small_cnn",
                        snn: Optional[SpikingConfig] = None, bits: Sequence[int] = (4,),
-                       variant: str = NMultConfig.variant,
+                       variant: Union[str, Sequence[str]] = NMultConfig.variant,
                        per_channel: bool = NMultConfig.per_channel,
                        first_last_bits: Optional[int] = NMultConfig.first_last_bits, fp_train: Optional[TrainConfig] = None,
                        q_train: Optional[TrainConfig] = None, seed: int = 0,
@@ -65,7 +65,8 @@ def run_snn_experiment(out_dir: Union[str, Path], dataset: str = "digits",
                        save_models: bool = True, overwrite: bool = False) -> dict:
     """Train a full-precision spiking model, then give its weights N-multiplier quantizers at
     each of ``bits`` (spikes are the activations: ``act_bits=None``) and QAT it with the
-    regularizer and its lambda schedule (the paper's SNN setup, section 4.2).
+    regularizer and its lambda schedule (the paper's SNN setup, section 4.2); ``variant`` is
+    one quantizer variant or several (each at each width, from the same float model).
 
     Writes ``results.json`` and (with ``save_models``) ``float.pt`` and
     ``{variant}_w{b}.pt`` checkpoints that :func:`qfv_brevitas.zoo.checkpoint.load_checkpoint`
@@ -74,9 +75,13 @@ def run_snn_experiment(out_dir: Union[str, Path], dataset: str = "digits",
     (the previous run or this one, never a mix; an existing one only with ``overwrite``).
     """
     check_choice(arch, SPIKING_MODEL_NAMES, "spiking model")
-    check_choice(variant, VARIANTS, "quantizer variant")
-    configs = [NMultConfig(weight_bits=b, act_bits=None, variant=variant, per_channel=per_channel,
-                           first_last_bits=first_last_bits) for b in bits]
+    variants = [variant] if isinstance(variant, str) else list(variant)
+    if not variants:
+        raise QfvError("variant is empty: give at least one quantizer variant, e.g. 'nmult'")
+    for v in variants:
+        check_choice(v, VARIANTS, "quantizer variant")
+    configs = [NMultConfig(weight_bits=b, act_bits=None, variant=v, per_channel=per_channel,
+                           first_last_bits=first_last_bits) for v in variants for b in bits]
     if not configs:
         raise QfvError("bits is empty: give at least one weight bit width, e.g. bits=(4,)")
     snn = snn or SpikingConfig()
@@ -108,15 +113,15 @@ def run_snn_experiment(out_dir: Union[str, Path], dataset: str = "digits",
             results["files"].append("float.pt")
         for cfg in configs:
             q = quantize_model(copy.deepcopy(fp), cfg)
-            hist = fit(q, data.train, data.test, q_train, desc=f"{variant} W{cfg.weight_bits}",
-                       progress=progress)
+            hist = fit(q, data.train, data.test, q_train,
+                       desc=f"{cfg.variant} W{cfg.weight_bits}", progress=progress)
             acc = evaluate(q, data.test)
-            results["runs"].append({"variant": variant, "weight_bits": cfg.weight_bits,
+            results["runs"].append({"variant": cfg.variant, "weight_bits": cfg.weight_bits,
                                     "first_last_bits": first_last_bits,
                                     "per_channel": per_channel, "acc": acc,
                                     "delta_vs_fp": acc - fp_acc, "history": hist})
             if save_models:
-                name = f"{variant}_w{cfg.weight_bits}.pt"
+                name = f"{cfg.variant}_w{cfg.weight_bits}.pt"
                 save_checkpoint(out / name, q, arch, data.input_shape, data.num_classes, cfg,
                                 acc=acc, **meta)
                 results["files"].append(name)

@@ -24,6 +24,7 @@ from qfv_brevitas.core.config import NMultConfig
 from qfv_brevitas.core.convert import (ConversionError, build_quant_layer, probe_layers,
                                       quantize_model, set_submodule, swap_weight_quant)
 from qfv_brevitas.util.errors import QfvError
+from qfv_brevitas.util.progress import RunProgress
 from qfv_brevitas.core.quantizers import nmult_layers, quant_of
 
 __all__ = ["level_errors", "format_level_errors", "quantize_post_training",
@@ -187,7 +188,7 @@ def quantize_post_training(source: Union[nn.Module, Mapping, str, Path], bits: i
                            batch_size: int = 512, act_bits: Optional[int] = None,
                            calib_data=None, calib_samples: int = 256,
                            compensation: Optional[str] = None,
-                           bias_correction: bool = False) -> PTQResult:
+                           bias_correction: bool = False, progress: bool = False) -> PTQResult:
     """Quantize a trained float model's weights to fitted N-multiplier levels, no training;
     optionally with Brevitas' PTQ toolbox (:mod:`qfv_brevitas.studies.calibration`) over
     calibration data: activations at ``act_bits``, GPTQ/GPFQ error compensation, bias correction.
@@ -216,6 +217,7 @@ def quantize_post_training(source: Union[nn.Module, Mapping, str, Path], bits: i
             inputs calibrate activations and drive compensation and bias correction.
         compensation: ``"gptq"``, ``"gpfq"`` or ``None``.
         bias_correction: Brevitas' bias correction after the other steps.
+        progress: one bar over the steps (fit, toolbox, errors, evaluations).
 
     Returns a :class:`PTQResult`; ``source`` is left unchanged.
     """
@@ -234,23 +236,49 @@ def quantize_post_training(source: Union[nn.Module, Mapping, str, Path], bits: i
     config = NMultConfig(weight_bits=bits, act_bits=steps["act_bits"], variant="nmult",
                          mode="paper", init="fit", per_channel=per_channel,
                          first_last_bits=first_last_bits)
-    q = _nmult_model(float_model, config, example_input, skip)
-    _apply_steps(q, steps)
-    result = PTQResult(q, config, level_errors(q, lloyd=lloyd), meta=_steps_meta(steps))
-    if data is not None:
-        from qfv_brevitas.training.train import evaluate
-
-        result.float_acc = evaluate(float_model, data, batch_size)
-        result.acc = evaluate(q, data, batch_size)
-        if baseline is not None and not _is_brevitas(float_model):
-            base = brevitas_uniform(float_model, bits, per_channel=per_channel,
-                                    act_bits=steps["act_bits"], first_last_bits=first_last_bits,
-                                    example_input=example_input, scale=baseline,
-                                    skip=tuple(skip))
-            result.baseline_model = _apply_steps(base, steps)
-            result.baseline_acc = evaluate(base, data, batch_size)
-            result.baseline = f"uniform ({baseline} scale{_steps_label(steps)})"
+    with RunProgress(total=3 + (data is not None) * (2 + 2 * (baseline is not None
+                                                             and not _is_brevitas(float_model))),
+                     desc=f"quantize W{bits}", unit="step", enabled=progress) as bar:
+        bar.set_phase("fit the levels")
+        q = _nmult_model(float_model, config, example_input, skip)
+        bar.update(1)
+        bar.set_phase(_steps_label(steps, first="").strip() or "toolbox steps (none)")
+        _apply_steps(q, steps)
+        bar.update(1)
+        bar.set_phase("level errors" + (" and Lloyd-Max references" if lloyd else ""))
+        result = PTQResult(q, config, level_errors(q, lloyd=lloyd), meta=_steps_meta(steps))
+        bar.update(1)
+        if data is not None:
+            _evaluate_ptq(result, float_model, data, bits, per_channel, first_last_bits,
+                          example_input, baseline, skip, steps, batch_size, bar)
     return result
+
+
+def _evaluate_ptq(result: PTQResult, float_model: nn.Module, data, bits: int, per_channel: bool,
+                  first_last_bits, example_input, baseline, skip, steps: dict, batch_size: int,
+                  bar: RunProgress) -> None:
+    """The accuracies of :func:`quantize_post_training`: float, fitted levels and (with
+    ``baseline``) Brevitas' uniform quantizer with the same steps."""
+    from qfv_brevitas.training.train import evaluate
+
+    bar.set_phase("evaluate the float model")
+    result.float_acc = evaluate(float_model, data, batch_size)
+    bar.update(1)
+    bar.set_phase("evaluate the fitted levels")
+    result.acc = evaluate(result.model, data, batch_size)
+    bar.update(1)
+    if baseline is None or _is_brevitas(float_model):
+        return
+    bar.set_phase(f"Brevitas uniform baseline ({baseline} scale)")
+    base = brevitas_uniform(float_model, bits, per_channel=per_channel,
+                            act_bits=steps["act_bits"], first_last_bits=first_last_bits,
+                            example_input=example_input, scale=baseline, skip=tuple(skip))
+    result.baseline_model = _apply_steps(base, steps)
+    bar.update(1)
+    bar.set_phase("evaluate the baseline")
+    result.baseline_acc = evaluate(base, data, batch_size)
+    result.baseline = f"uniform ({baseline} scale{_steps_label(steps)})"
+    bar.update(1)
 
 
 def _toolbox_steps(act_bits, calib_data, calib_samples: int, compensation,

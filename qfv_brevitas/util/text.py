@@ -12,9 +12,9 @@ such character as its Python escape, as ``repr`` does, without the quotes.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Dict
 
-__all__ = ["printable", "printable_lines"]
+__all__ = ["printable", "printable_lines", "text_table"]
 
 
 def _escape(ch: str) -> str:
@@ -41,3 +41,37 @@ def printable(text: Any) -> str:
 def printable_lines(text: Any) -> str:
     """:func:`printable` of each line of ``text``, the line breaks kept (a table, a report)."""
     return "\n".join(printable(line) for line in str(text).split("\n"))
+
+
+def _cell(value: Any) -> str:
+    """One table cell: a shape as ``64x32x3x3``, a float to 4 significant digits, None as -."""
+    if value is None:
+        return "-"
+    if isinstance(value, (tuple, list)):
+        return "x".join(str(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def text_table(rows: Dict[str, Dict[str, Any]], first: str = "layer") -> str:
+    """Rows of dicts (``{name: {column: value}}``, the columns of the first row) as an aligned
+    plain-text table, numbers right-aligned; what ``qfv faults sample`` prints instead of
+    dict reprs.
+
+    >>> print(text_table({"fc1": {"shape": (8, 16), "stuck": 3, "fraction": 0.0058593}}))
+    layer  shape  stuck  fraction
+    fc1     8x16      3  0.005859
+    """
+    if not rows:
+        return ""
+    columns = list(next(iter(rows.values())))
+    body = [[str(name)] + [_cell(r.get(c)) for c in columns] for name, r in rows.items()]
+    header = [first] + columns
+    widths = [max(len(x) for x in col) for col in zip(header, *body)]
+
+    def line(cells, numeric):
+        return "  ".join(c.rjust(w) if numeric and i else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(header, False)] + [line(b, True) for b in body])

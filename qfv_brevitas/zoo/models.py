@@ -182,11 +182,24 @@ def _vgg(input_shape: Tuple[int, ...], num_classes: int) -> nn.Module:
 MODEL_NAMES = model_names()
 
 
+def _register_spiking_models() -> None:
+    """Import :mod:`qfv_brevitas.snn`, which registers the spiking models (a layer above the
+    zoo: found by name, like a plugin), when its extra is installed."""
+    import importlib
+
+    try:
+        importlib.import_module("qfv_brevitas.snn")
+    except ImportError:
+        pass  # the error below says which extra to install
+
+
 def build_model(name: str, input_shape: Tuple[int, ...], num_classes: int,
                 snn: Optional[dict] = None) -> nn.Module:
     """A registered model (:func:`register_model`) by name for inputs of shape ``(C, H, W)``;
     ``spiking_*`` names are the spiking models of :mod:`qfv_brevitas.snn`, built with
     the spiking settings ``snn`` (a ``SpikingConfig`` dict; ignored by the other models)."""
+    if name not in _REGISTRY and name.startswith("spiking_"):
+        _register_spiking_models()
     if name not in _REGISTRY:
         if name.startswith("spiking_"):
             raise QfvError(

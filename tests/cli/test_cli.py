@@ -6,7 +6,7 @@ import pytest
 from qfv_brevitas.zoo.checkpoint import load_checkpoint
 from qfv_brevitas.cli.app import main
 
-FAST = ["--fp-epochs", "3", "--q-epochs", "2", "--lambda-rise-epochs", "1", "--no-progress"]
+FAST = ["--float-epochs", "3", "--qat-epochs", "2", "--lambda-rise-epochs", "1", "--no-progress"]
 
 
 def test_demo_writes_table_json_png_and_checkpoints(tmp_path, capsys):
@@ -86,7 +86,7 @@ def test_errors_are_reported_without_traceback(tmp_path, capsys):
 def trained_ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     assert main(["demo", "--out", str(out), "--bits", "4", "--variants", "nmult",
-                 "--fp-epochs", "6", "--q-epochs", "3", "--lambda-rise-epochs", "1",
+                 "--float-epochs", "6", "--qat-epochs", "3", "--lambda-rise-epochs", "1",
                  "--no-progress"]) == 0
     return out / "nmult_w4a4.pt"
 
@@ -101,7 +101,7 @@ def test_faults_sample_finetune_eval_compare(trained_ckpt, tmp_path, capsys):
     assert m.summary()["features.0"]["stuck"] == 0
     assert m.summary()["features.3"]["stuck"] > 0
     out = tmp_path / "ft.pt"
-    assert main(["faults", "finetune", str(trained_ckpt), "--map", str(fmap), "--epochs", "1",
+    assert main(["faults", "finetune", str(trained_ckpt), "--fault-map", str(fmap), "--epochs", "1",
                  "--out", str(out), "--no-progress"]) == 0
     assert "after fault_aware" in capsys.readouterr().out
     model, info = load_checkpoint(out)
@@ -133,7 +133,7 @@ def test_variability_eval_and_bad_input(trained_ckpt, tmp_path, capsys):
                  "--out", str(tmp_path / "var2"), "--no-progress"]) == 2
     bad = tmp_path / "bad_map.pt"
     bad.write_bytes(b"garbage")
-    assert main(["faults", "finetune", str(trained_ckpt), "--map", str(bad),
+    assert main(["faults", "finetune", str(trained_ckpt), "--fault-map", str(bad),
                  "--out", str(tmp_path / "x.pt"), "--no-progress"]) == 2
     assert "bad_map.pt" in capsys.readouterr().err
 
@@ -143,7 +143,7 @@ def test_device_commands_use_the_checkpoints_data_split(tmp_path):
     (which would contain some of its training images)."""
     out = tmp_path / "s1"
     assert main(["demo", "--out", str(out), "--bits", "4", "--variants", "nmult", "--seed", "1",
-                 "--fp-epochs", "2", "--q-epochs", "1", "--lambda-rise-epochs", "1",
+                 "--float-epochs", "2", "--qat-epochs", "1", "--lambda-rise-epochs", "1",
                  "--no-progress"]) == 0
     ckpt = out / "nmult_w4a4.pt"
     _, info = load_checkpoint(ckpt)

@@ -22,7 +22,7 @@ def ckpt(tmp_path_factory):
     """``qfv demo`` with the paper's mode named: a W4A4 small CNN on digits."""
     out = tmp_path_factory.mktemp("demo")
     assert main(["demo", "--out", str(out), "--arch", "small_cnn", "--bits", "4", "--variants",
-                 "nmult", "--mode", "paper", "--fp-epochs", "5", "--q-epochs", "2",
+                 "nmult", "--forward-mode", "paper", "--float-epochs", "5", "--qat-epochs", "2",
                  "--lambda-rise-epochs", "1", *QUIET]) == 0
     res = json.loads((out / "results.json").read_text())
     # paper mode: the regularizer ran at the scheduled lambdas
@@ -39,9 +39,9 @@ def _layers(model):
 
 def test_training_options_reach_the_training(tmp_path):
     out = tmp_path / "t"
-    assert main(["train", "--arch", "mlp", "--bits", "2", "--variants", "step", "--mode", "both",
-                 "--per-channel", "--fp-epochs", "1", "--q-epochs", "2", "--lr", "0.1",
-                 "--q-lr", "0.02", "--quant-lr", "0.001", "--quant-optimizer", "sgd",
+    assert main(["train", "--arch", "mlp", "--bits", "2", "--variants", "step", "--forward-mode", "both",
+                 "--per-channel", "--float-epochs", "1", "--qat-epochs", "2", "--float-lr", "0.1",
+                 "--qat-lr", "0.02", "--quant-lr", "0.001", "--quant-optimizer", "sgd",
                  "--lambda-start", "50", "--lambda-end", "500", "--lambda-rise-epochs", "1",
                  "--reg-shape", "sq", "--seed", "3", "--out", str(out), *QUIET]) == 0
     res = json.loads((out / "results.json").read_text())
@@ -67,8 +67,8 @@ def test_training_options_reach_the_training(tmp_path):
 
 def test_ste_mode_trains_through_the_quantizer_without_the_regularizer(tmp_path):
     out = tmp_path / "s"
-    assert main(["train", "--arch", "mlp", "--bits", "3", "--variants", "fixed", "--mode", "ste",
-                 "--fp-epochs", "1", "--q-epochs", "2", "--out", str(out), *QUIET]) == 0
+    assert main(["train", "--arch", "mlp", "--bits", "3", "--variants", "fixed", "--forward-mode", "ste",
+                 "--float-epochs", "1", "--qat-epochs", "2", "--out", str(out), *QUIET]) == 0
     run = json.loads((out / "results.json").read_text())["runs"][0]
     assert run["mode"] == "ste"
     assert run["history"]["lambda"] == [0.0, 0.0] and run["history"]["reg"] == [0.0, 0.0]
@@ -84,7 +84,7 @@ def test_resnet18_and_vgg_train_on_small_images(arch, make_idx_folder, tmp_path)
 
     data, out = make_idx_folder(tmp_path / "data", n_train=32, n_test=16), tmp_path / arch
     assert main(["train", "--dataset", "idx", "--data-dir", str(data), "--arch", arch,
-                 "--bits", "4", "--variants", "nmult", "--fp-epochs", "1", "--q-epochs", "1",
+                 "--bits", "4", "--variants", "nmult", "--float-epochs", "1", "--qat-epochs", "1",
                  "--batch-size", "32", "--out", str(out), *QUIET]) == 0
     res = json.loads((out / "results.json").read_text())
     assert (res["arch"], res["num_train"], res["num_test"]) == (arch, 32, 16)
@@ -176,7 +176,7 @@ def test_variability_compare_with_device_options(ckpt, tmp_path):
     out = tmp_path / "vc"
     assert main(["variability", "compare", str(ckpt), "--sigmas", "0", "0.5", "--trials", "2",
                  "--methods", "none", "paper", "--distribution", "lognormal",
-                 "--hrs-on-off", "10", "--devices-per-chip", "2", "--chip-sigma", "0.1",
+                 "--hrs-on-off", "10", "--maps-per-chip", "2", "--chip-sigma", "0.1",
                  "--epochs", "1", "--out", str(out), *QUIET]) == 0
     data = json.loads((out / "variability_compare.json").read_text())
     acc = {(s["method"], s["level"]): s["mean"] for s in data["summary"]}
@@ -189,7 +189,7 @@ def test_selftune_on_a_drawn_fault_map_and_a_variability_map_file(ckpt, tmp_path
     assert main(["variability", "sample", str(ckpt), "--sigma", "0.4", "--out", str(vm)]) == 0
     capsys.readouterr()
     numbers = {}
-    for chip in (["--rate", "0.2", "--seed", "4"], ["--var-map", str(vm)]):
+    for chip in (["--rate", "0.2", "--seed", "4"], ["--variability-map", str(vm)]):
         assert main(["selftune", str(ckpt), *chip]) == 0
         out = capsys.readouterr().out
         numbers[chip[0]] = [float(v) for v in re.findall(r"([0-9.]+)%", out)]

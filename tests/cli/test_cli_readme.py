@@ -368,7 +368,7 @@ def test_the_checker_sees_what_it_should():
         _claims_of("faults evaluate CKPT", None, "x")
     src = '''
 from qfv_brevitas.cli.app import main
-FAST = ["--q-epochs", "1"]
+FAST = ["--qat-epochs", "1"]
 
 @pytest.mark.parametrize("form, other", [("fixed", 1), ("compact", 2)])
 def test_a(form, other):
@@ -387,8 +387,8 @@ def test_a(form, other):
         f.write_text(src)
         found = runs_in([f])
     assert [(r.path, r.args) for r in found] == [
-        (("export",), ("<expr>", "--form", "fixed", "--q-epochs", "1")),
-        (("export",), ("<expr>", "--form", "compact", "--q-epochs", "1")),
+        (("export",), ("<expr>", "--form", "fixed", "--qat-epochs", "1")),
+        (("export",), ("<expr>", "--form", "compact", "--qat-epochs", "1")),
         (("inspect",), ("--json", "<expr>")),
         (("report",), ("a.pt",)), (("report",), ("b.pt",))]
     claim = Claim(((("export",)),), "--form", "compact", "x")

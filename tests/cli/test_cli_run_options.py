@@ -20,8 +20,8 @@ TIMEOUT_S = 180
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("mlp")
-    assert main(["train", "--arch", "mlp", "--bits", "3", "--variants", "nmult", "--fp-epochs",
-                 "2", "--q-epochs", "1", "--lambda-rise-epochs", "1", "--out", str(out),
+    assert main(["train", "--arch", "mlp", "--bits", "3", "--variants", "nmult", "--float-epochs",
+                 "2", "--qat-epochs", "1", "--lambda-rise-epochs", "1", "--out", str(out),
                  *QUIET]) == 0
     return out / "nmult_w3a3.pt"
 

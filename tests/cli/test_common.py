@@ -55,8 +55,8 @@ def test_study_and_finetune_defaults_come_from_the_configs():
                  "remap_every"):
         assert cmp.get_default(name) == getattr(CompareConfig, name), name
     var = _leaf("variability", "eval")
-    for name in ("hrs_on_off", "distribution", "chip_sigma", "layer_shared_sigma",
-                 "devices_per_chip"):
-        assert var.get_default(name) == getattr(Scenario, name), name
+    for name, field in (("hrs_on_off",) * 2, ("distribution",) * 2, ("chip_sigma",) * 2,
+                        ("layer_shared_sigma",) * 2, ("maps_per_chip", "devices_per_chip")):
+        assert var.get_default(name) == getattr(Scenario, field), name
     assert _leaf("faults", "sample").get_default("sa1_fraction") == Scenario.sa1_fraction
     assert _leaf("faults", "finetune").get_default("sam_rho") == TrainConfig.sam_rho

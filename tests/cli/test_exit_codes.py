@@ -190,8 +190,8 @@ def test_an_unknown_qfv_kernels_is_refused_by_qfv_and_means_torch_in_the_library
     (["report", ""], "CHECKPOINT"), (["inspect", " "], "FILE"),
     (["faults", "sample", "q.pt", "--rate", "0.1", "--out", ""], "--out"),
     (["faults", "eval", "q.pt", "--data-dir", ""], "--data-dir"),
-    (["faults", "finetune", "q.pt", "--map", ""], "--map"),
-    (["selftune", "q.pt", "--var-map", "", "--rate", "0.1"], "--var-map"),
+    (["faults", "finetune", "q.pt", "--fault-map", ""], "--fault-map"),
+    (["selftune", "q.pt", "--variability-map", "", "--rate", "0.1"], "--variability-map"),
     (["report", "a\0b.pt"], "CHECKPOINT"),
 ])
 def test_empty_paths_are_refused_naming_the_argument(capsys, argv, option):

@@ -338,7 +338,7 @@ def test_conv_planes_file_with_batch_above_one_is_refused(cnn_model, tmp_path):
     spec.loader.exec_module(run_finn)
     path = tmp_path / "planes_b3.onnx"
     export_qonnx(model, test.tensors[0][:3], path, "planes", frac_bits=6, verify=False)
-    with pytest.raises(ValueError, match="static batch of 3.*--batch 1"):
+    with pytest.raises(ValueError, match="static batch of 3.*--batch-size 1"):
         run_finn.finn_flow(path)
 
 

@@ -244,10 +244,10 @@ def test_checkpoint_bombs_are_refused_before_work(bomb, command, good, tmp_path,
 
 #: where a map file goes: (argv with the map as {f}, the map it takes)
 MAP_SLOTS = {
-    "faults-finetune": ("faults finetune {W}/q.pt --map {f} --epochs 1 --out {W}/new/ft.pt "
+    "faults-finetune": ("faults finetune {W}/q.pt --fault-map {f} --epochs 1 --out {W}/new/ft.pt "
                         "--no-progress", "chip.pt"),
     "selftune-fault-map": ("selftune {W}/q.pt --fault-map {f} --calib-size 8", "chip.pt"),
-    "selftune-var-map": ("selftune {W}/q.pt --var-map {f} --calib-size 8", "var.pt"),
+    "selftune-var-map": ("selftune {W}/q.pt --variability-map {f} --calib-size 8", "var.pt"),
 }
 MAP_BOMBS = ["deflated", "deflate-200MB", "billion-laughs", "stride-0-view", "legacy-format"]
 
@@ -351,13 +351,13 @@ IDX_BOMBS = {"gz-header-lies": "compressed bytes can hold", "gz-over-the-cap": "
              "gz-64MB-of-trailing-zeros": "payload is more than",
              "plain-header-lies": "payload is 100 bytes but"}
 IDX_COMMANDS = [
-    "train --dataset idx --data-dir {W}/idx --fp-epochs 1 --q-epochs 1 --out {W}/new/run "
+    "train --dataset idx --data-dir {W}/idx --float-epochs 1 --qat-epochs 1 --out {W}/new/run "
     "--no-progress",
-    "demo --dataset idx --data-dir {W}/idx --fp-epochs 1 --q-epochs 1 --out {W}/new/run "
+    "demo --dataset idx --data-dir {W}/idx --float-epochs 1 --qat-epochs 1 --out {W}/new/run "
     "--no-progress",
     "faults eval {W}/q_idx.pt --dataset idx --data-dir {W}/idx --rates 0 --trials 1 "
     "--out {W}/new/ev --no-progress",
-] + (["snn train --dataset idx --data-dir {W}/idx --fp-epochs 1 --q-epochs 1 "
+] + (["snn train --dataset idx --data-dir {W}/idx --float-epochs 1 --qat-epochs 1 "
       "--out {W}/new/run --no-progress"] if HAS_SNN else [])
 
 

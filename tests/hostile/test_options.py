@@ -22,7 +22,7 @@ COMMANDS = {
     "faults-eval": "faults eval q.pt --rates 0 --trials 1 --out res --no-progress",
     "export": "export q.pt --out m2.onnx --exporter torchscript --samples 4",
     "verify": "verify m.onnx q.pt --samples 4",
-    "train": "train --arch mlp --fp-epochs 1 --q-epochs 1 --variants nmult --out run "
+    "train": "train --arch mlp --float-epochs 1 --qat-epochs 1 --variants nmult --out run "
              "--no-progress",
     "quantize": "quantize q.pt --bits 3 --no-eval --no-plot --out p.pt",
     "selftune": "selftune q.pt --rate 0.1 --calib-size 8",
@@ -76,10 +76,10 @@ for label, s in {"negative": "-1", "2-to-32": str(2 ** 32), "huge": "9" * 30,
 # Counts beyond what a C int holds (they overflowed inside torch or itertools).
 BIG = str(2 ** 63)
 for name, cmd, opt in (("trials", "faults-eval", "--trials"),
-                       ("samples", "export", "--samples"), ("batch", "export", "--batch"),
+                       ("samples", "export", "--samples"), ("batch", "export", "--batch-size"),
                        ("calib-size", "selftune", "--calib-size"),
                        ("batch-size", "train", "--batch-size"),
-                       ("q-epochs", "train", "--q-epochs"),
+                       ("q-epochs", "train", "--qat-epochs"),
                        ("calib-samples", "quantize", "--calib-samples")):
     case(f"huge-{name}", cmd, f"{opt} {BIG}", 2, opt, "out of range")
 
@@ -104,7 +104,7 @@ for name, argv, opt in (("checkpoint", "report ''", "CHECKPOINT"),
                         ("file", "inspect ''", "FILE"),
                         ("verify-checkpoint", "verify m.onnx ''", "CHECKPOINT"),
                         ("data-dir", "faults eval q.pt --data-dir '' --out res", "--data-dir"),
-                        ("map", "faults finetune q.pt --map '' --out ft.pt", "--map"),
+                        ("map", "faults finetune q.pt --fault-map '' --out ft.pt", "--fault-map"),
                         ("fault-map", "selftune q.pt --fault-map ''", "--fault-map"),
                         ("out-file", "faults sample q.pt --rate 0.1 --out ''", "--out"),
                         ("out-folder", "crossbar q.pt --out ''", "--out"),

@@ -128,7 +128,7 @@ def test_batch_first_event_data_trains_through_fit():
 def snn_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("snn")
     rc = main(["snn", "train", "--dataset", "digits", "--arch", "spiking_mlp", "--T", "4",
-               "--bits", "4", "--fp-epochs", "3", "--q-epochs", "1", "--out", str(out),
+               "--bits", "4", "--float-epochs", "3", "--qat-epochs", "1", "--out", str(out),
                "--no-progress"])
     assert rc == 0
     return out
@@ -190,7 +190,7 @@ def test_qfv_export_writes_a_spiking_model_with_its_neurons(snn_run, tmp_path, f
     ckpt, out = str(snn_run / "nmult_w4.pt"), tmp_path / "snn.onnx"
     extra = ["--frac-bits", "8"] if form == "fixed" else []
     assert main(["export", ckpt, "--form", form, "--out", str(out), "--samples", "32",
-                 "--batch", "2"] + extra) == 0
+                 "--batch-size", "2"] + extra) == 0
     assert "PASSED" in capsys.readouterr().out
     meta = read_metadata(out)
     assert [r["layer"] for r in meta["layers"]] == ["body.1", "body.4", "body.7"]
@@ -218,8 +218,8 @@ def test_qfv_snn_train_on_a_neuromorphic_folder(tmp_path, stub_torchvision, npz_
                        value=float(k))
     out = tmp_path / "out"
     assert main(["snn", "train", "--dataset", dataset, "--data-dir", str(root), "--arch", arch,
-                 "--T", str(T), "--frame-size", str(size), "--bits", "3", "--fp-epochs", "1",
-                 "--q-epochs", "1", "--batch-size", "18", "--out", str(out),
+                 "--T", str(T), "--frame-size", str(size), "--bits", "3", "--float-epochs", "1",
+                 "--qat-epochs", "1", "--batch-size", "18", "--out", str(out),
                  "--no-progress"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert (res["dataset"], res["arch"], res["snn"]["T"]) == (dataset, arch, T)
@@ -241,7 +241,7 @@ def test_qfv_snn_train_on_synthetic_events_and_idx_files(dataset, shape, classes
     out = tmp_path / "out"
     extra = ["--data-dir", str(idx_folder)] if dataset == "idx" else []
     assert main(["snn", "train", "--dataset", dataset, "--arch", "spiking_small_cnn", "--T", "2",
-                 "--fp-epochs", "1", "--q-epochs", "1", "--batch-size", "128", "--out", str(out),
+                 "--float-epochs", "1", "--qat-epochs", "1", "--batch-size", "128", "--out", str(out),
                  "--no-progress", *extra]) == 0
     res = json.loads((out / "results.json").read_text())
     assert (res["dataset"], res["num_train"], res["num_test"]) == (dataset, *sizes)

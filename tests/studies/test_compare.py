@@ -239,7 +239,7 @@ def test_selftune_command(ckpt, tmp_path, capsys):
     fmap = tmp_path / "f.pt"
     assert main(["faults", "sample", str(ckpt), "--rate", "0.1", "--out", str(fmap)]) == 0
     assert main(["selftune", str(ckpt), "--fault-map", str(fmap), "--ber", "0.01",
-                 "--mode", "shift"]) == 0
+                 "--correction", "shift"]) == 0
     capsys.readouterr()
     assert main(["selftune", str(ckpt)]) == 2
     assert "say which chip" in capsys.readouterr().err
@@ -249,7 +249,7 @@ def test_selftune_command(ckpt, tmp_path, capsys):
 def test_shape_sam_and_chip_options_of_the_existing_commands(ckpt, tmp_path, capsys):
     out = tmp_path / "train"
     assert main(["train", "--out", str(out), "--bits", "3", "--variants", "nmult",
-                 "--fp-epochs", "1", "--q-epochs", "1", "--lambda-rise-epochs", "1",
+                 "--float-epochs", "1", "--qat-epochs", "1", "--lambda-rise-epochs", "1",
                  "--reg-shape", "gauss", "--reg-width", "0.5", "--sam-rho", "0.05",
                  "--no-progress"]) == 0
     res = json.loads((out / "results.json").read_text())
@@ -261,7 +261,7 @@ def test_shape_sam_and_chip_options_of_the_existing_commands(ckpt, tmp_path, cap
                  "--reg-shape", "sin", "--out", str(tmp_path / "ft.pt"), "--no-progress"]) == 0
     ev = tmp_path / "var"
     assert main(["variability", "eval", str(ckpt), "--sigmas", "0.2", "--chip-sigma", "0.1",
-                 "--devices-per-chip", "2", "--trials", "2", "--out", str(ev),
+                 "--maps-per-chip", "2", "--trials", "2", "--out", str(ev),
                  "--no-progress"]) == 0
     meta = json.loads((ev / "variability_eval.json").read_text())["meta"]
     assert meta["chip_sigma"] == 0.1 and meta["devices_per_chip"] == 2

@@ -360,8 +360,8 @@ def test_train_init_and_refit_every_options(tmp_path):
     uniform than either. (How far depends on the trained weights: this 2-epoch MLP's are near
     Gaussian, where the best levels are nearly uniform; 0.024 vs 0.014 and 0.005 measured on
     one machine, above 0.05 on another, with the same seeds.)"""
-    common = ["--arch", "mlp", "--bits", "3", "--variants", "nmult", "--fp-epochs", "2",
-              "--q-epochs", "1", "--no-progress"]
+    common = ["--arch", "mlp", "--bits", "3", "--variants", "nmult", "--float-epochs", "2",
+              "--qat-epochs", "1", "--no-progress"]
     assert main(["train", "--init", "lsq", "--refit-every", "0", "--out",
                  str(tmp_path / "lsq"), *common]) == 0
     assert main(["train", "--init", "uniform", "--refit-every", "0", "--out",
