@@ -532,7 +532,7 @@ ARGS = [
     ("selftune-ber-above-1", "selftune {W}/q.pt --ber 2", r"rate.*2|ber.*2"),
     ("train-bits-9", "train --bits 9 --out {W}/new/run --no-progress", r"1\.\.8"),
     ("train-bits-0", "train --bits 0 --out {W}/new/run --no-progress", r"1\.\.8"),
-    ("train-nan-lr", "train --lr nan --out {W}/new/run --no-progress",
+    ("train-nan-lr", "train --float-lr nan --out {W}/new/run --no-progress",
      r"TrainConfig\.lr must be a finite number > 0, got nan"),
     ("train-zero-fp-epochs", "train --float-epochs 0 --out {W}/new/run --no-progress",
      r"epochs must be >= 1, got 0"),
@@ -561,7 +561,7 @@ USAGE = [
      r"--form.*'banana'"),
     ("train-unknown-variant", "train --variants banana", r"--variants.*'banana'"),
     ("faults-finetune-map-and-rate", "faults finetune {W}/q.pt --fault-map {W}/chip.pt --rate 0.1",
-     r"--rate.*not allowed with argument --map"),
+     r"--rate.*not allowed with argument --fault-map"),
 ]
 for name, argv, pattern in USAGE:
     case(name, argv, 2, pattern)

@@ -131,8 +131,7 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
     ``time_limit`` seconds (:class:`~qfv_brevitas.export.errors.ExecutionTimeout`, None: no
     limit) or on Ctrl-C. The file is written
     atomically (:mod:`qfv_brevitas.util.safeio`); an existing one is replaced only with
-    ``overwrite=True``. ``progress``: one bar over the steps (fixed point, graph, verification,
-    file; :class:`~qfv_brevitas.util.progress.RunProgress`).
+    ``overwrite=True``. ``progress``: a bar over the steps (fixed point, graph, verification).
 
     >>> import torch, tempfile, os
     >>> from torch import nn
@@ -162,8 +161,7 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
     path = Path(path)
     original, was_training = model, model.training
     model.eval()
-    steps = RunProgress(total=3 + bool(verify), desc=f"export {fm.name}", unit="step",
-                        enabled=progress)
+    steps = RunProgress(2 + bool(verify), f"export {fm.name}", "step", progress, brief=True)
     try:
         proto, meta, fixed, reference = _build(model, x, fm, frac_bits, max_accuracy_drop,
                                                data, with_maps, exporter, extra_metadata,
@@ -172,13 +170,11 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
                               fixed_point=fixed, reference=reference)
         if verify:
             steps.set_phase("verify: torch vs qonnx vs onnxruntime")
-            result.verification = _verified(reference, proto, path,
-                                            x if verify_inputs is None else verify_inputs,
-                                            time_limit)
+            result.verification = _verified(reference, proto, path, x if verify_inputs is None
+                                            else verify_inputs, time_limit)
             steps.update(1)
         steps.set_phase("write")
         _write(proto, path, overwrite)
-        steps.update(1)
         return result
     finally:
         steps.close()

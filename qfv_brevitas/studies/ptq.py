@@ -238,7 +238,8 @@ def quantize_post_training(source: Union[nn.Module, Mapping, str, Path], bits: i
                          first_last_bits=first_last_bits)
     with RunProgress(total=3 + (data is not None) * (2 + 2 * (baseline is not None
                                                              and not _is_brevitas(float_model))),
-                     desc=f"quantize W{bits}", unit="step", enabled=progress) as bar:
+                     desc=f"quantize W{bits}", unit="step", enabled=progress,
+                     brief=True) as bar:
         bar.set_phase("fit the levels")
         q = _nmult_model(float_model, config, example_input, skip)
         bar.update(1)

@@ -37,12 +37,15 @@ class RunProgress:
 
     ``set_phase(name)`` names the part of the run now going (e.g. ``"nmult W4A4"``);
     ``update(n, **info)`` counts steps and shows ``info`` (loss, accuracy) beside the bar.
-    ``enabled=False`` shows nothing; ``tty=None`` asks ``file.isatty()``.
+    ``enabled=False`` shows nothing; ``tty=None`` asks ``file.isatty()``. ``brief=True`` is for
+    a run of a few steps that is often over in a moment (an export, a PTQ): nothing is shown
+    in its first seconds (the bar after 2 s, plain lines once it has run ``log_every``), so
+    a quick run, or an error a moment in, prints only its own result.
     """
 
     def __init__(self, total: int, desc: str = "", unit: str = "batch", enabled: bool = True,
                  file: Optional[TextIO] = None, tty: Optional[bool] = None,
-                 log_every: float = 30.0):
+                 log_every: float = 30.0, brief: bool = False):
         self.total = max(int(total), 0)
         self.desc = desc
         self.phase = ""
@@ -59,11 +62,13 @@ class RunProgress:
         self.t0 = time.monotonic()
         self._last_log = self.t0
         self._bar = None
+        self.brief = bool(brief)
         if self.enabled and self.tty:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=self.total, desc=desc, unit=unit, file=self.file,
-                             dynamic_ncols=True, mininterval=0.5, smoothing=0.1)
+                             dynamic_ncols=True, mininterval=0.5, smoothing=0.1,
+                             delay=2.0 if brief else 0.0)
 
     # -- updates ---------------------------------------------------------------------------
     def set_phase(self, phase: str) -> None:
@@ -131,5 +136,7 @@ class RunProgress:
         return txt
 
     def _log(self, note: str = "") -> None:
+        if self.brief and time.monotonic() - self.t0 < self.log_every:
+            return  # a brief run that is still young: its result says it all
         self._last_log = time.monotonic()
         print(f"[qfv] {self.line(note)}", file=self.file, flush=True)

@@ -319,3 +319,22 @@ def test_a_reader_that_goes_away_is_a_quiet_exit(small_ckpt, argv):
     # argparse swallows its own write errors, so the help may also end with 0
     assert p.returncode == 141 or argv[-1] == "--help" and p.returncode == 0, p.stderr
     assert p.stderr.strip() == ""
+
+
+def test_readme_forms_run(tmp_path, capsys):
+    """What README shows: ``qfv --version``, ``qfv --help`` and a run configured by a file
+    (its settings reach the run: one variant, one width, the file's epochs)."""
+    assert main(["--version"]) == 0
+    try:
+        main(["--help"])
+    except SystemExit as e:
+        assert e.code == 0
+    assert "commands (qfv COMMAND --help for each)" in capsys.readouterr().out
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("arch: mlp\nbits: [3]\nvariants: [nmult]\nfloat-epochs: 1\nqat_epochs: 2\n"
+                   "lambda-rise-epochs: 1\nno-progress: true\n")
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["variant"], r["weight_bits"]) for r in results["runs"]] == [("nmult", 3)]
+    assert results["q_train"]["epochs"] == 2 and results["fp_train"]["epochs"] == 1

@@ -91,12 +91,12 @@ for name, cmd, opt, value in (("rate-nan", "faults-sample", "--rate", "nan"),
                               ("tolerance-nan", "verify", "--tolerance", "nan"),
                               ("chip-sigma-nan", "selftune", "--chip-sigma", "nan"),
                               ("lambda-end-inf", "train", "--lambda-end", "inf"),
-                              ("lr-inf", "train", "--lr", "inf")):
+                              ("lr-inf", "train", "--float-lr", "inf")):
     extra = f"{opt} {value}" + (" --form fixed" if opt == "--max-acc-drop" else "")
     if cmd == "selftune":
         extra += " --sigma 0.1"
     mention = {"--rate": "rate", "--chip-sigma": "chip_sigma", "--lambda-end": "lambda_end",
-               "--lr": "lr"}.get(opt, opt)
+               "--float-lr": "lr"}.get(opt, opt)
     case(f"{name}", cmd, extra, 2, mention, value)
 
 # Empty paths: "" is the current folder to the system, never what was meant.
