@@ -644,6 +644,36 @@ MUTANTS: List[Mutant] = [
       "                   for k in range(i.bits)]\n",
       ("tests/export/test_per_channel.py", "-k", "file_weights"),
       "bit planes: every channel's planes scaled by channel 0's multipliers"),
+
+    # -- the command line (issue 23) ------------------------------------------------------------
+    M("cli-config-after-command-line", "qfv_brevitas/cli/configfile.py",
+      "    return rest[:start] + config_tokens(_read(path), parser, path) + rest[start:]\n",
+      "    return rest + config_tokens(_read(path), parser, path)\n",
+      ("tests/cli/test_cli_surface.py", "-k", "config_yaml_and_json"),
+      "--config: the file's options placed after the command line's, so the file wins"),
+    M("cli-renamed-outside-either-or-group", "qfv_brevitas/cli/common.py",
+      "                              if action in g._group_actions), p)\n",
+      "                              if action in g._group_actions and False), p)\n",
+      ("tests/cli/test_cli_surface.py", "-k", "old_option_names"),
+      "an old option name added outside its new name's either-or group (a required group "
+      "then refuses it)"),
+    M("cli-help-description-list-default", "qfv_brevitas/cli/helpspec.py",
+      "        return [_text(v) for v in value]\n",
+      "        return str(value)\n",
+      ("tests/cli/test_cli_surface.py", "-k", "help_shows_each_default or stored_help"),
+      "the stored help description writes a list default as its repr ([0, 0.05]), unlike the "
+      "real parser"),
+    M("cli-quiet-keeps-progress", "qfv_brevitas/cli/common.py",
+      "    if quiet and hasattr(args, \"no_progress\"):\n",
+      "    if False and quiet and hasattr(args, \"no_progress\"):\n",
+      ("tests/cli/test_cli_surface.py", "-k", "quiet"),
+      "-q leaves the progress bars on"),
+    M("cli-broken-pipe-is-a-system-error", "qfv_brevitas/cli/app.py",
+      "    except BrokenPipeError:\n        _quiet_stdout()\n        return EXIT_BROKEN_PIPE\n"
+      "    except (Exception, KeyboardInterrupt) as e:\n",
+      "    except (Exception, KeyboardInterrupt) as e:\n",
+      ("tests/cli/test_cli_surface.py", "-k", "reader_that_goes_away"),
+      "a reader that went away reported as a system error (exit 4, a message)"),
 ]
 
 
