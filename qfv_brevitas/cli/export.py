@@ -78,6 +78,7 @@ def verify(p):
                    help="quantized activations: least top-1 agreement of each pair of runtimes "
                         "(default 0.98)")
     _data_args(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (also -q)")
     declare_io(p, None, inputs=("file", "checkpoint", "data_dir"))
     return run_verify
 
@@ -167,6 +168,7 @@ def run_inspect(args) -> int:
 
 def run_verify(args) -> int:
     from qfv_brevitas.export import reference_model, verify_qonnx
+    from qfv_brevitas.util.progress import RunProgress
     from qfv_brevitas.export.api import expected_export
     from qfv_brevitas.export.metadata import read_export
 
@@ -175,17 +177,24 @@ def run_verify(args) -> int:
         if v is not None and not 0.0 <= v <= hi:
             raise QfvError(f"{name} must be in [0, {hi:g}], got {v}")
     time_limit = _time_limit(args)
-    # The file is read once, its metadata and structure checked before any other work.
-    graph, meta = read_export(args.file, check_graph=False)
-    model, info, test, inputs = _model_and_data(args)
-    inputs = _spike_trains(model, inputs)
-    reference = reference_model(model, graph, where=args.file)
-    # The file must be exactly what this checkpoint exports with the file's settings: every
-    # parameter of the graph (weights, biases, activation scales, zero points, thresholds).
-    expected = expected_export(model, meta)
-    rep = verify_qonnx(reference, graph, inputs, tolerance=args.tolerance,
-                       min_agreement=args.min_agreement, expected=expected,
-                       time_limit=time_limit, where=args.file)
+    with RunProgress(3, "verify", "step", not args.no_progress, brief=True) as bar:
+        bar.set_phase("read the file and the checkpoint")
+        # The file is read once, its metadata and structure checked before any other work.
+        graph, meta = read_export(args.file, check_graph=False)
+        model, info, test, inputs = _model_and_data(args)
+        inputs = _spike_trains(model, inputs)
+        reference = reference_model(model, graph, where=args.file)
+        bar.update(1)
+        bar.set_phase("export the checkpoint with the file's settings")
+        # The file must be exactly what this checkpoint exports with the file's settings:
+        # every parameter of the graph (weights, biases, activation scales, zero points).
+        expected = expected_export(model, meta)
+        bar.update(1)
+        bar.set_phase("run torch, qonnx and onnxruntime")
+        rep = verify_qonnx(reference, graph, inputs, tolerance=args.tolerance,
+                           min_agreement=args.min_agreement, expected=expected,
+                           time_limit=time_limit, where=args.file)
+        bar.update(1)
     show(rep.summary())
     if not rep.passed:
         show(f"qfv verify: {args.file} does not match {args.checkpoint}: "
