@@ -53,7 +53,7 @@ def test_help_reads_no_plugin(monkeypatch, capsys):
         raise AssertionError("entry points read while printing help")
 
     monkeypatch.setattr(importlib.metadata, "entry_points", refuse)
-    for command in (["compare"], ["faults", "compare"], ["train"], ["quantize"], ["report"]):
+    for command in ([], ["compare"], ["faults", "compare"], ["train"], ["quantize"], ["report"]):
         with pytest.raises(SystemExit) as e:
             main([*command, "--help"])
         assert e.value.code == 0
@@ -171,3 +171,38 @@ def test_a_malformed_module_function_is_refused_by_the_parser(capsys):
         with pytest.raises(SystemExit):
             main(["train", option, "nets:", "--out", "x"])
         assert "expected module:function" in capsys.readouterr().err
+
+
+def test_quantize_takes_your_own_model_for_a_state_dict_and_a_checkpoint(user_code, tmp_path,
+                                                                         capsys):
+    import torch
+
+    from qfv_brevitas.zoo.models import build_model
+
+    torch.manual_seed(0)
+    state = tmp_path / "plain.pt"
+    torch.save(build_model("qfv_cli_nets:two_layer", (6,), 3).state_dict(), state)
+    common = ["--bits", "3", "--data", "qfv_cli_nets:make_data", "--compensation", "none",
+              "--baseline", "none", "--no-plot", "--no-lloyd"]
+    out = tmp_path / "q.pt"
+    assert main(["quantize", str(state), "--model", "qfv_cli_nets:two_layer", "--out", str(out),
+                 *common]) == 0
+    _, info = load_checkpoint(out, allow_import=["qfv_cli_nets:two_layer"])
+    assert info["arch"] == "qfv_cli_nets:two_layer" and info["config"].weight_bits == 3
+    assert info["meta"]["dataset"] == "qfv_cli_nets:make_data"
+    # the result names the user's function: quantizing it again needs the consent
+    assert main(["quantize", str(out), "--out", str(tmp_path / "q2.pt"), *common]) == 2
+    assert "pass --allow-import qfv_cli_nets:two_layer" in capsys.readouterr().err
+    assert main(["quantize", str(out), "--allow-import", "qfv_cli_nets:two_layer", "--out",
+                 str(tmp_path / "q2.pt"), *common]) == 0
+
+
+def test_a_clashing_plugin_is_one_line_when_its_group_is_asked(make_plugin, tmp_path, capsys):
+    make_plugin("qfv-cli-clash", "qfv_cli_clash", "def mlp(num_classes):\n    pass\n",
+                {"qfv_brevitas.models": {"mlp": "qfv_cli_clash:mlp"}})
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--model", "mlp", "--out", str(tmp_path / "run")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("qfv train: error: plugin 'mlp' ")
+    assert "of distribution qfv-cli-clash" in err and "a plugin may not replace it" in err
