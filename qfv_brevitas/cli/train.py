@@ -17,10 +17,9 @@ IDX_FP_EPOCHS, IDX_Q_EPOCHS, IDX_BATCH = 3, 2, 128
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
+    from qfv_brevitas.cli.usercode import MODEL_HELP, LateChoices, model_arg, model_names
     from qfv_brevitas.core.config import NMultConfig
     from qfv_brevitas.training.train import TrainConfig
-
-    from qfv_brevitas.cli.usercode import MODEL_HELP, LateChoices, model_arg, model_names
 
     add_dataset_args(p)
     p.add_argument("--model", "--arch", dest="arch", type=model_arg, default="small_cnn",

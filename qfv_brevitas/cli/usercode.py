@@ -82,10 +82,11 @@ class LateChoices(argparse.Action):
 
 
 def model_names() -> Tuple[str, ...]:
-    """The built-in and the plugins' models (imports the zoo: only when --model is given)."""
+    """The built-in (not spiking: ``qfv snn train`` has those) and the plugins' models
+    (imports the zoo: only when --model is given)."""
     from qfv_brevitas.zoo.models import model_names as names
 
-    return names()
+    return names(spiking=False)
 
 
 def dataset_names() -> Tuple[str, ...]:

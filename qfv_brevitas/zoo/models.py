@@ -157,10 +157,12 @@ def register_model(name: str, snn: bool = False) -> Callable:
     return register
 
 
-def model_names() -> Tuple[str, ...]:
+def model_names(spiking: bool = True) -> Tuple[str, ...]:
     """Every registered model name (the spiking ones once :mod:`qfv_brevitas.snn` is
-    imported), then the installed plugins' (their code is not imported)."""
-    return tuple(_REGISTRY) + plugin_names(MODELS_GROUP, _REGISTRY)
+    imported; none with ``spiking=False``), then the installed plugins' (their code is not
+    imported)."""
+    own = tuple(n for n, (_, takes_snn) in _REGISTRY.items() if spiking or not takes_snn)
+    return own + plugin_names(MODELS_GROUP, _REGISTRY)
 
 
 @register_model("small_cnn")

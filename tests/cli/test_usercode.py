@@ -206,3 +206,14 @@ def test_a_clashing_plugin_is_one_line_when_its_group_is_asked(make_plugin, tmp_
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("qfv train: error: plugin 'mlp' ")
     assert "of distribution qfv-cli-clash" in err and "a plugin may not replace it" in err
+
+
+def test_train_offers_no_spiking_model(capsys, tmp_path):
+    pytest.importorskip("qfv_brevitas.snn")
+    import qfv_brevitas.snn  # noqa: F401  (registers the spiking models)
+
+    with pytest.raises(SystemExit):
+        main(["train", "--model", "spiking_mlp", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'spiking_mlp' (choose from 'small_cnn', 'mlp', 'resnet18', " \
+           "'vgg')" in err
