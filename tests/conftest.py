@@ -281,3 +281,45 @@ def no_network(monkeypatch):
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", deny("torch.hub.load_state_dict_from_url"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", deny("torch.hub.download_url_to_file"))
     return calls
+
+
+def _install_plugin(root, dist: str, package: str, source: str, entry_points: dict):
+    """A real installed distribution without pip: ``root/<package>/__init__.py`` holding
+    ``source`` and ``root/<dist>-0.1.dist-info`` with its METADATA and ``entry_points.txt``
+    (``{group: {name: "module:attr"}}``), which importlib.metadata finds once ``root`` is on
+    sys.path."""
+    import textwrap
+
+    (root / package).mkdir(parents=True)
+    (root / package / "__init__.py").write_text(textwrap.dedent(source))
+    info = root / f"{dist.replace('-', '_')}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    lines = []
+    for group, eps in entry_points.items():
+        lines += [f"[{group}]"] + [f"{k} = {v}" for k, v in eps.items()] + [""]
+    (info / "entry_points.txt").write_text("\n".join(lines))
+
+
+@pytest.fixture
+def make_plugin(tmp_path, monkeypatch):
+    """``make_plugin(dist, package, source, entry_points)``: install a plugin distribution
+    into a folder put first on sys.path (see ``_install_plugin``); the registries read the
+    entry points afresh, and forget them and the package's modules afterwards."""
+    from qfv_brevitas.util.plugins import forget_plugins
+
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    packages = []
+
+    def make(dist: str, package: str, source: str, entry_points: dict):
+        _install_plugin(site, dist, package, source, entry_points)
+        packages.append(package)
+        forget_plugins()
+        return site
+
+    yield make
+    forget_plugins()
+    for name in [m for m in sys.modules if m.split(".")[0] in packages]:
+        del sys.modules[name]

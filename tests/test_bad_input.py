@@ -431,7 +431,7 @@ for kind, (args, pattern) in DATA.items():
                                   "--out {W}/new/run --no-progress", 2, pattern)
 case("train-images-too-small", "train --dataset idx --data-dir {W}/idx_1x1 --float-epochs 1 "
      "--qat-epochs 1 --out {W}/new/run --no-progress", 2,
-     r"--arch small_cnn cannot take inputs of shape \(1, 1, 1\)")
+     r"--model small_cnn cannot take inputs of shape \(1, 1, 1\)")
 if HAS_SNN:
     case("snn-train-images-too-small", "snn train --dataset idx --data-dir {W}/idx_1x1 "
          "--float-epochs 1 --qat-epochs 1 --out {W}/new/run --no-progress", 2,

@@ -62,7 +62,7 @@ for i, argv in enumerate(spec["runs"]):
 """
 
 RUN = ["--float-epochs", "1", "--qat-epochs", "1", "--bits", "4", "--variants", "nmult",
-       "--arch", "mlp", "--no-progress"]
+       "--model", "mlp", "--no-progress"]
 
 
 def _child(spec, prefix=()):

@@ -256,7 +256,7 @@ def test_crossbar_folder_is_replaced_whole(tmp_path, ckpt):
 
 
 FAST = ["--float-epochs", "1", "--qat-epochs", "1", "--bits", "4", "--variants", "nmult",
-        "--arch", "mlp", "--no-progress"]
+        "--model", "mlp", "--no-progress"]
 
 
 def _tree(folder):
@@ -298,7 +298,7 @@ def test_run_folder_is_old_or_new_never_a_mix(tmp_path, monkeypatch, capsys):
     assert _tree(out) == old and os.listdir(tmp_path) == ["run"]
     # Another configuration with --force: the new run only (no file of the old one left).
     assert main(["train", "--out", str(out), "--force", *FAST[:-5], "--variants", "fixed",
-                 "--arch", "mlp", "--no-progress"]) == 0
+                 "--model", "mlp", "--no-progress"]) == 0
     assert set(_tree(out)) == {"results.json", "float.pt", "fixed_w4a4.pt", "levels.png"}
 
 

@@ -674,6 +674,29 @@ MUTANTS: List[Mutant] = [
       "    except (Exception, KeyboardInterrupt) as e:\n",
       ("tests/cli/test_cli_surface.py", "-k", "reader_that_goes_away"),
       "a reader that went away reported as a system error (exit 4, a message)"),
+
+    # -- plugins and a user's own code (issue 23) --------------------------------------------------
+    M("plugins-any-allow-list-allows", "qfv_brevitas/util/plugins.py",
+      "        return allow == spec\n",
+      "        return bool(allow)\n",
+      ("tests/util/test_plugins.py::test_the_small_helpers",
+       "tests/cli/test_usercode.py::test_your_own_model_and_data_train_and_need_consent_to_load"),
+      "a checkpoint's module:function is imported when any other function was allowed"),
+    M("plugins-built-in-name-taken-over", "qfv_brevitas/util/plugins.py",
+      "    taken = sorted(set(found) & set(builtins))\n",
+      "    taken = []\n",
+      ("tests/util/test_plugins.py", "-k", "built_in_name"),
+      "a plugin may claim a built-in name (a command line changes meaning)"),
+    M("plugins-entry-points-read-every-lookup", "qfv_brevitas/util/plugins.py",
+      "    if group not in _FOUND:\n",
+      "    if True:\n",
+      ("tests/util/test_plugins.py", "-k", "read_once"),
+      "the installed distributions are scanned again at every registry lookup"),
+    M("experiment-output-width-unchecked", "qfv_brevitas/studies/experiment.py",
+      "    check_model_fits(fp, plan.arch, data.shape, data.num_classes)\n",
+      "    check_model_fits(fp, plan.arch, data.shape)\n",
+      ("tests/cli/test_usercode.py", "-k", "does_not_fit"),
+      "a user's model with the wrong number of outputs trains on silently"),
 ]
 
 

@@ -155,6 +155,7 @@ RENAMED: Dict[str, Tuple[str, ...]] = {
     "--batch": ("--batch-size",),
     "--variant": ("--variants",),
     "--devices-per-chip": ("--maps-per-chip",),
+    "--arch": ("--model",),
 }
 
 
@@ -420,9 +421,16 @@ def frac_bits_arg(text: str):
 def add_dataset_args(p: argparse.ArgumentParser,
                      help: str = "digits: scikit-learn's bundled 8x8 digits; idx: "
                                  "MNIST-family IDX files") -> None:
-    """``--dataset digits|idx`` and ``--data-dir``."""
-    p.add_argument("--dataset", choices=DATASETS, default="digits", help=help)
-    p.add_argument("--data-dir", help="folder with the IDX files (for --dataset idx)")
+    """``--dataset digits|idx|<plugin>``, ``--data module:function`` and ``--data-dir``
+    (the name is checked when the command runs: the parser loads no plugin)."""
+    from qfv_brevitas.cli.usercode import LateChoices, data_option, dataset_names
+
+    p.add_argument("--dataset", action=LateChoices, names=dataset_names, specs=True,
+                   default="digits", metavar="NAME",
+                   help=f"{help}; or an installed plugin's data set")
+    data_option(p)
+    p.add_argument("--data-dir", help="folder with the IDX files (for --dataset idx; given "
+                                      "to a plugin's or your own data function as data_dir)")
 
 
 def add_checkpoint_args(p: argparse.ArgumentParser, out: Optional[str] = None,
@@ -432,6 +440,7 @@ def add_checkpoint_args(p: argparse.ArgumentParser, out: Optional[str] = None,
     the data (``--dataset``, ``--data-dir``), ``--seed`` of the maps, ``--layers``, ``--out``
     (default ``out``; none if None), ``--no-progress``; what it reads and writes
     (:func:`declare_io`: ``kind``, ``names``, ``inputs``)."""
+    from qfv_brevitas.cli.usercode import add_allow_import
     from qfv_brevitas.studies.engine import CompareConfig
     from qfv_brevitas.studies.scenario import LAYER_SETS
 
@@ -444,6 +453,7 @@ def add_checkpoint_args(p: argparse.ArgumentParser, out: Optional[str] = None,
     if out is not None:
         p.add_argument("--out", default=out, help="output " + (
             "folder" if kind == "results" else "file"))
+    add_allow_import(p)
     p.add_argument("--layers", choices=LAYER_SETS, default=CompareConfig.layers,
                    help="inner: first and last (8-bit) layers stay ideal (paper setup); "
                         "all: every quantized layer is on the imperfect chip")
@@ -713,12 +723,13 @@ def load_for_device(args):
     """``(model, info, train, test)``: the quantized checkpoint ``args.checkpoint`` on
     ``args.device`` and the train/test split it was made with (checked against its
     fingerprint)."""
+    from qfv_brevitas.cli.usercode import import_permission
     from qfv_brevitas.zoo.checkpoint import load_checkpoint
     from qfv_brevitas.zoo.data import fingerprint, load_dataset
 
     if args.dataset == "idx" and not args.data_dir:
         raise QfvError("--dataset idx needs --data-dir DIR (a folder with the IDX files)")
-    model, info = load_checkpoint(args.checkpoint)
+    model, info = load_checkpoint(args.checkpoint, import_permission(args))
     require_quantized(args, info)
     model = model.to(getattr(args, "device", None) or "cpu")
     # Evaluate on the test split the model was trained against (digits' split depends on the
@@ -726,8 +737,9 @@ def load_for_device(args):
     meta = info["meta"] or {}
     trained_on = meta.get("dataset")
     if trained_on is not None and trained_on != args.dataset:
-        raise QfvError(f"{args.checkpoint} was trained on --dataset {trained_on}, not "
-                       f"{args.dataset}: pass --dataset {trained_on}"
+        option = "--data" if ":" in str(trained_on) else "--dataset"
+        raise QfvError(f"{args.checkpoint} was trained on {option} {trained_on}, not "
+                       f"{args.dataset}: pass {option} {trained_on}"
                        + (" --data-dir DIR" if trained_on == "idx" else ""))
     train, test, num_classes, shape = load_dataset(args.dataset, args.data_dir,
                                                    int(meta.get("data_seed", 0)))

@@ -109,14 +109,18 @@ def _register(kind: str, spec: dict) -> None:
     @command(kind, "compare", help="methods side by side on the same random maps")
     def compare(p: argparse.ArgumentParser):
         from qfv_brevitas.studies import compare as C
-        from qfv_brevitas.studies.methods import method_names
+        from qfv_brevitas.cli.usercode import LateChoices, MethodsOf
+        from qfv_brevitas.studies.methods import METHODS, get_method
 
         defaults = C.FAULT_METHODS if kind == "faults" else C.VARIABILITY_METHODS
         add_checkpoint_args(p, f"qfv-{kind}", "results", result_names(f"{kind}_compare"))
         p.add_argument(many, type=float, nargs="+", default=many_default, help=many_help)
-        p.add_argument("--methods", nargs="+", choices=method_names(kind),
-                       default=list(defaults), help="the methods compared (README: "
-                       "\"Related methods side by side\")")
+        builtin = [m for m in METHODS if get_method(m).applies(kind)]
+        p.add_argument("--methods", nargs="+", default=list(defaults), metavar="METHOD",
+                       action=LateChoices, names=MethodsOf(kind),
+                       member=MethodsOf(kind).applies,
+                       help=f"methods to compare: {', '.join(builtin)}, or an installed "
+                            "plugin's (checked when the command runs)")
         spec["settings"](p)
         add_study_args(p, remap=spec["remap"])
         return run_compare

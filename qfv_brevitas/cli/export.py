@@ -13,6 +13,7 @@ __all__ = ["run_export", "run_inspect", "run_verify", "run_crossbar"]
 
 def _data_args(p):
     add_dataset_args(p, help="the data the checkpoint was trained on (for inputs and accuracy)")
+    _allow_import(p)
     p.add_argument("--samples", type=integer, default=64,
                    help="test images the file is verified on (default 64)")
     p.add_argument("--time-limit", type=float, default=600.0, metavar="SECONDS",
@@ -89,8 +90,16 @@ def crossbar(p):
     p.add_argument("checkpoint", help="a quantized model saved by qfv train/demo/finetune")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--ideal", action="store_true", help="ideal codes, ignoring attached maps")
+    _allow_import(p)
     declare_io(p, "crossbar")
     return run_crossbar
+
+
+def _allow_import(p) -> None:
+    """``--allow-import`` (see :mod:`qfv_brevitas.cli.usercode`)."""
+    from qfv_brevitas.cli.usercode import add_allow_import
+
+    add_allow_import(p)
 
 
 def _model_and_data(args):
@@ -203,10 +212,11 @@ def run_verify(args) -> int:
 
 
 def run_crossbar(args) -> int:
+    from qfv_brevitas.cli.usercode import import_permission
     from qfv_brevitas.zoo.checkpoint import load_checkpoint
     from qfv_brevitas.export import write_crossbar
 
-    model, info = load_checkpoint(args.checkpoint)
+    model, info = load_checkpoint(args.checkpoint, import_permission(args))
     require_quantized(args, info)
     manifest = write_crossbar(model, args.out, with_maps=not args.ideal, overwrite=args.force,
                               inputs=[args.checkpoint])

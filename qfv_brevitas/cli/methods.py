@@ -29,14 +29,17 @@ _INPUTS = ("checkpoint", "data_dir", "fault_map", "variability_map")
                      "and writes compare.{md,csv,json,png} to --out. Per-map methods do not "
                      "apply to transient bit flips (n/a).")
 def compare(p: argparse.ArgumentParser):
-    from qfv_brevitas.studies.methods import METHODS, method_names
+    from qfv_brevitas.cli.usercode import LateChoices, method_names
+    from qfv_brevitas.studies.methods import METHODS
     from qfv_brevitas.studies.scenario import Scenario
 
     add_checkpoint_args(p, "qfv-compare", "results", result_names("compare", ("csv", "json",
                                                                               "md", "png")),
                         inputs=_INPUTS)
-    p.add_argument("--methods", nargs="+", choices=method_names(), default=list(METHODS),
-                   help="the methods compared (README: \"Related methods side by side\")")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
+                   action=LateChoices, names=method_names,
+                   help=f"methods to compare: {', '.join(METHODS)}, or an installed plugin's "
+                        "(checked when the command runs)")
     p.add_argument("--stuck", type=float, nargs="*", default=[0.1, 0.2],
                    help="stuck-at bit-fault rates")
     p.add_argument("--ber", type=float, nargs="*", default=[0.01, 0.05], help="bit-error rates")

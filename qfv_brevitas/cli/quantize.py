@@ -13,10 +13,10 @@ __all__ = ["run_quantize", "default_out"]
 @command("quantize", help="post-training quantization: a trained float model's weights to "
                           "N-bit levels fitted to them (no training)")
 def quantize(p):
-    from qfv_brevitas.zoo.models import MODEL_NAMES
+    from qfv_brevitas.cli.usercode import LateChoices, add_allow_import, model_arg, model_names
 
     p.add_argument("checkpoint", help="a qfv checkpoint (float, or quantized: its float weights "
-                                      "are used) or a torch.save-d state dict (with --arch)")
+                                      "are used) or a torch.save-d state dict (with --model)")
     p.add_argument("--bits", type=integer, required=True, help="weight bits N of the inner layers")
     p.add_argument("--per-channel", action="store_true", help="one (r, c) per output channel")
     p.add_argument("--first-last-bits", default="8",
@@ -24,8 +24,11 @@ def quantize(p):
     p.add_argument("--out", help="checkpoint to write (default: next to CHECKPOINT, "
                                  "<name>_nmult_w<N>[_pc].pt); a <out>_levels.png and "
                                  "<out>.json are written beside it")
-    p.add_argument("--arch", choices=MODEL_NAMES,
-                   help="architecture of a plain state dict (qfv checkpoints carry theirs)")
+    p.add_argument("--model", dest="arch", type=model_arg, action=LateChoices,
+                   names=model_names, specs=True, metavar="NAME|MODULE:FUNCTION",
+                   help="architecture of a plain state dict (qfv checkpoints carry theirs): a "
+                        "built-in or plugin model name, or module:function (your own)")
+    add_allow_import(p)
     add_dataset_args(p, help="test data for the accuracy before/after (and the input shape "
                              "of a plain state dict)")
     p.add_argument("--seed", type=seed, default=0,
@@ -116,7 +119,9 @@ def _read_source(args, src: Path, need_data: bool) -> dict:
     from qfv_brevitas.zoo.data import load_dataset
     from qfv_brevitas.zoo.models import build_model
 
-    kind, obj = read_model_file(src)
+    from qfv_brevitas.cli.usercode import import_permission
+
+    kind, obj = read_model_file(src, import_permission(args))
     if kind == "checkpoint":
         model, info = obj
         out = {"arch": info["arch"], "shape": tuple(info["input_shape"]),
@@ -125,7 +130,7 @@ def _read_source(args, src: Path, need_data: bool) -> dict:
         out["kind"] = "float" if info["config"] is None else "quantized (float weights used)"
     else:
         if args.arch is None:
-            raise PTQError(f"{src}: not a qfv checkpoint; a plain state dict needs --arch "
+            raise PTQError(f"{src}: not a qfv checkpoint; a plain state dict needs --model "
                            "(the architecture it belongs to)")
         out = {"arch": args.arch, "shape": None, "classes": None, "meta": {},
                "data_seed": args.seed, "kind": "state dict"}

@@ -48,7 +48,7 @@ def train(p: argparse.ArgumentParser):
                         "small moving-square event tensors; cifar10dvs/ncaltech101: "
                         "spikingjelly's classes on the folder given by --data-dir")
     p.add_argument("--data-dir", help="IDX folder (idx) or spikingjelly dataset root")
-    p.add_argument("--arch", choices=SPIKING_MODEL_NAMES, default="spiking_small_cnn",
+    p.add_argument("--model", dest="arch", choices=SPIKING_MODEL_NAMES, default="spiking_small_cnn",
                    help="the spiking model")
     p.add_argument("--T", type=integer, default=None,
                    help=f"time steps (default 4; {_EVENT_T} frames on the neuromorphic sets)")

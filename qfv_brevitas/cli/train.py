@@ -17,13 +17,14 @@ IDX_FP_EPOCHS, IDX_Q_EPOCHS, IDX_BATCH = 3, 2, 128
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
+    from qfv_brevitas.cli.usercode import MODEL_HELP, LateChoices, model_arg, model_names
     from qfv_brevitas.core.config import NMultConfig
     from qfv_brevitas.training.train import TrainConfig
 
     add_dataset_args(p)
-    p.add_argument("--arch", default="small_cnn", choices=("small_cnn", "mlp", "resnet18", "vgg"),
-                   help="the model (the zoo's: a small CNN, an MLP, a CIFAR-style ResNet-18, "
-                        "a VGG)")
+    p.add_argument("--model", dest="arch", type=model_arg, default="small_cnn",
+                   action=LateChoices, names=model_names, specs=True,
+                   metavar="NAME|MODULE:FUNCTION", help=MODEL_HELP)
     p.add_argument("--bits", type=integer, nargs="+", default=[4, 3],
                    help="weight and activation bits of the inner layers (W{b}A{b})")
     p.add_argument("--variants", nargs="+", default=list(("fixed", "step", "nmult")),
@@ -82,7 +83,10 @@ def train(p: argparse.ArgumentParser):
 
 @command("report", help="per-layer bits, r, c, levels and weight distances")
 def report(p: argparse.ArgumentParser):
+    from qfv_brevitas.cli.usercode import add_allow_import
+
     p.add_argument("checkpoint", help="a model saved by qfv demo/train/quantize or a fine-tune")
+    add_allow_import(p)
     declare_io(p, None)
     return run_report
 
@@ -122,10 +126,11 @@ def run_train(args) -> int:
 
 def run_report(args) -> int:
     """``qfv report``."""
+    from qfv_brevitas.cli.usercode import import_permission
     from qfv_brevitas.core.snapping import format_report, layer_report
     from qfv_brevitas.zoo.checkpoint import load_checkpoint
 
-    model, info = load_checkpoint(args.checkpoint)
+    model, info = load_checkpoint(args.checkpoint, import_permission(args))
     if info["config"] is None:
         show(f"{args.checkpoint}: a float model ({info['arch']}), no quantized layers")
         return 0

@@ -87,7 +87,7 @@ def float_model(plan: ExperimentPlan, data: ExperimentData, threads) -> torch.nn
     :func:`run_experiment`)."""
     torch.manual_seed(plan.seed)
     fp = build_model(plan.arch, data.shape, data.num_classes)
-    check_model_fits(fp, plan.arch, data.shape)
+    check_model_fits(fp, plan.arch, data.shape, data.num_classes)
     if threads is not None:
         from qfv_brevitas.util.threads import auto_threads, set_threads
 
@@ -231,17 +231,26 @@ def not_a_run_folder(folder: Path) -> Optional[str]:
     return None
 
 
-def check_model_fits(model: torch.nn.Module, arch: str, shape) -> None:
+def check_model_fits(model: torch.nn.Module, arch: str, shape,
+                     num_classes: Optional[int] = None) -> None:
     """One blank sample through ``model`` before any training: inputs too small for the
-    architecture (e.g. 1x1 images through pooling layers) are a clear error here."""
+    architecture (e.g. 1x1 images through pooling layers) are a clear error here, and so
+    (with ``num_classes``) is an output that is not one score per class (a user's model
+    built for other data)."""
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, *shape))
+            out = model(torch.zeros(1, *shape))
+        if num_classes is not None and (not isinstance(out, torch.Tensor)
+                                        or tuple(out.shape) != (1, num_classes)):
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise DataError(f"model {arch} gives {got} for one input of shape {tuple(shape)}, "
+                            f"but the data set has {num_classes} classes: it must give "
+                            f"(1, {num_classes}), one score per class")
     except RuntimeError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"--arch {arch} cannot take inputs of shape {tuple(shape)} from this "
+        raise DataError(f"--model {arch} cannot take inputs of shape {tuple(shape)} from this "
                         f"data set ({first[:160]}); use larger images or a smaller model such "
                         "as mlp") from None
     finally:

@@ -29,6 +29,11 @@ order):
 - ``selftune``: ``none`` plus self-tuning on the chip (no labels, no weight update).
 
 Methods that adapt to a chip's map do not apply to transient bit flips (no map to adapt to).
+
+An installed package adds methods with entry points in the group ``qfv_brevitas.methods``
+(:mod:`qfv_brevitas.util.plugins`): each names a :class:`MethodSpec` (or a plain function,
+``MethodSpec(fn)``'s defaults), registered under the entry point's name when a study first
+asks for it.
 """
 from __future__ import annotations
 
@@ -45,9 +50,10 @@ from qfv_brevitas.core.convert import set_forward_mode
 from qfv_brevitas.training.train import TrainConfig, fit
 from qfv_brevitas.studies.scenario import SCENARIO_KINDS, exempt_layers
 from qfv_brevitas.util.errors import QfvError
+from qfv_brevitas.util.plugins import METHODS_GROUP, load_plugin, plugin_names
 from qfv_brevitas.util.validate import check_choice
 
-__all__ = ["Method", "register_method", "unregister_method", "get_method", "method_names",
+__all__ = ["Method", "MethodSpec", "register_method", "unregister_method", "get_method", "method_names",
            "check_methods", "METHODS", "MAP_KINDS", "random_bit_error_finetune"]
 
 #: Scenario kinds with a persistent map that a method can adapt to.
@@ -74,6 +80,45 @@ class Method:
 _REGISTRY: Dict[str, Method] = {}
 
 
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a plugin's entry point names: the method's function and the settings of
+    :func:`register_method` (the name is the entry point's).
+
+    >>> MethodSpec(lambda model, scenario, train, config: None, applies_to=("faults",)).per_map
+    True
+    """
+
+    fn: Callable
+    applies_to: Sequence[str] = SCENARIO_KINDS
+    per_map: bool = True
+    needs_train: bool = True
+    selftune: bool = False
+
+
+def _checked_kinds(name: str, applies_to: Sequence[str]) -> Tuple[str, ...]:
+    """``applies_to`` as a tuple of scenario kinds, at least one."""
+    if not isinstance(name, str) or not name or "+" in name or name != name.strip():
+        raise QfvError(f"a method name is a non-empty string without '+' or spaces around "
+                       f"it, got {name!r}")
+    kinds = (applies_to,) if isinstance(applies_to, str) else tuple(applies_to)
+    if not kinds:
+        raise QfvError(f"method {name!r}: give at least one scenario kind it applies to")
+    for k in kinds:
+        check_choice(k, SCENARIO_KINDS, f"scenario kind of method {name!r}:")
+    return kinds
+
+
+def _plugin_method(name: str, obj) -> Method:
+    """The :class:`Method` of a plugin's entry point object (a MethodSpec or a function)."""
+    spec = obj if isinstance(obj, MethodSpec) else MethodSpec(obj)
+    if not callable(spec.fn):
+        raise QfvError(f"a method plugin names a MethodSpec or a function, got a "
+                       f"{type(spec.fn).__name__}")
+    return Method(name, spec.fn, _checked_kinds(name, spec.applies_to), bool(spec.per_map),
+                  bool(spec.needs_train), bool(spec.selftune), (spec.fn.__doc__ or "").strip())
+
+
 def register_method(name: str, applies_to: Sequence[str] = SCENARIO_KINDS,
                     per_map: bool = True, needs_train: bool = True, selftune: bool = False
                     ) -> Callable:
@@ -92,14 +137,7 @@ def register_method(name: str, applies_to: Sequence[str] = SCENARIO_KINDS,
 
     Registering a name twice is an error (:func:`unregister_method` first).
     """
-    if not isinstance(name, str) or not name or "+" in name or name != name.strip():
-        raise QfvError(f"a method name is a non-empty string without '+' or spaces around "
-                       f"it, got {name!r}")
-    kinds = (applies_to,) if isinstance(applies_to, str) else tuple(applies_to)
-    if not kinds:
-        raise QfvError(f"method {name!r}: give at least one scenario kind it applies to")
-    for k in kinds:
-        check_choice(k, SCENARIO_KINDS, f"scenario kind of method {name!r}:")
+    kinds = _checked_kinds(name, applies_to)
 
     def decorate(fn: Callable) -> Callable:
         if name in _REGISTRY:
@@ -119,14 +157,19 @@ def unregister_method(name: str) -> None:
 
 
 def method_names(kind: Optional[str] = None) -> List[str]:
-    """Registered method names in registration order; only those that apply to ``kind``."""
-    return [m.name for m in _REGISTRY.values() if kind is None or m.applies(kind)]
+    """Registered method names in registration order, then the installed plugins'; only
+    those that apply to ``kind`` (which loads the plugins to ask them)."""
+    names = list(_REGISTRY) + list(plugin_names(METHODS_GROUP, _REGISTRY))
+    return [n for n in names if kind is None or get_method(n).applies(kind)]
 
 
 def get_method(name: str) -> Method:
-    """The registered method ``name``; an error listing the registered ones."""
+    """The registered method ``name`` (a plugin's is loaded at its first lookup); an error
+    listing the registered ones."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
     check_choice(name, method_names(), "method")
-    return _REGISTRY[name]
+    return load_plugin(METHODS_GROUP, name, _plugin_method)
 
 
 def check_methods(methods: Sequence[str], kind: Optional[str] = None,
@@ -144,10 +187,12 @@ def check_methods(methods: Sequence[str], kind: Optional[str] = None,
     if not methods:
         raise QfvError(f"give at least one method; choose from {', '.join(method_names())}")
     for m in methods:
-        check_choice(m, method_names(), what)
-        if kind is not None and not _REGISTRY[m].applies(kind):
+        if m not in _REGISTRY:
+            check_choice(m, method_names(), what)
+        method = get_method(m)  # a plugin's is loaded (and checked) here
+        if kind is not None and not method.applies(kind):
             raise QfvError(f"method {m!r} does not apply to {kind} scenarios (it applies to "
-                           f"{', '.join(_REGISTRY[m].applies_to)}); choose from "
+                           f"{', '.join(method.applies_to)}); choose from "
                            f"{', '.join(method_names(kind))}")
     return methods
 
@@ -243,4 +288,4 @@ def _selftune(model: nn.Module, scenario, train: Dataset, config) -> None:
 
 
 #: The library's own methods, in table order (a study's default).
-METHODS: Tuple[str, ...] = tuple(method_names())
+METHODS: Tuple[str, ...] = tuple(_REGISTRY)

@@ -370,7 +370,7 @@ def _resolve_source(source, model: Optional[nn.Module]) -> nn.Module:
             return obj[0]
         if model is None:
             raise PTQError(f"{source}: not a qfv checkpoint; a plain state dict needs the model "
-                           "it belongs to (model=..., or --arch on the command line)")
+                           "it belongs to (model=..., or --model on the command line)")
         return _load_float_weights(copy.deepcopy(model), obj, str(source))
     if isinstance(source, Mapping):
         if model is None:
@@ -380,11 +380,12 @@ def _resolve_source(source, model: Optional[nn.Module]) -> nn.Module:
                    "a checkpoint path")
 
 
-def read_model_file(path: Union[str, Path]):
+def read_model_file(path: Union[str, Path], allow_import=False):
     """Read a model file safely: ``("checkpoint", (float model, info))`` for a ``qfv``
     checkpoint (:func:`float_model_of_checkpoint`: checksum and structure checked), else
     ``("state", obj)`` for a ``torch.save``-d state dict. Loaded with ``weights_only=True``:
-    a file holding Python objects that loading would run is refused before any of it runs."""
+    a file holding Python objects that loading would run is refused before any of it runs.
+    ``allow_import``: see :func:`~qfv_brevitas.zoo.checkpoint.load_checkpoint`."""
     from qfv_brevitas.zoo.checkpoint import FORMAT, LEGACY_FORMATS, weights_only_load
 
     path = Path(path)
@@ -395,18 +396,18 @@ def read_model_file(path: Union[str, Path]):
     obj = weights_only_load(path, PTQError, what="checkpoint or state dict",
                             holds="a state dict or qfv checkpoint")
     if isinstance(obj, Mapping) and obj.get("format") in (FORMAT, *LEGACY_FORMATS):
-        return "checkpoint", float_model_of_checkpoint(path)
+        return "checkpoint", float_model_of_checkpoint(path, allow_import)
     return "state", obj
 
 
-def float_model_of_checkpoint(path: Union[str, Path]):
+def float_model_of_checkpoint(path: Union[str, Path], allow_import=False):
     """``(float model, info)`` of a ``qfv`` checkpoint: a float checkpoint as it is; a
     quantized one rebuilt as its float architecture with its full-precision weights (the
     weights it trains, before snapping)."""
     from qfv_brevitas.zoo.checkpoint import load_checkpoint
     from qfv_brevitas.zoo.models import build_model
 
-    model, info = load_checkpoint(path)
+    model, info = load_checkpoint(path, allow_import)
     if info["config"] is None:
         return model, info
     fp = build_model(info["arch"], tuple(info["input_shape"]), info["num_classes"],

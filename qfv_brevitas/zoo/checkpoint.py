@@ -12,7 +12,7 @@ import dataclasses
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 from brevitas import config as brevitas_config
@@ -22,6 +22,7 @@ from qfv_brevitas.core.config import NMultConfig
 from qfv_brevitas.core.convert import quantize_model, unsigned_input_layers
 from qfv_brevitas.util.configbase import VERSION_KEY, QfvConfig
 from qfv_brevitas.util.errors import QfvError
+from qfv_brevitas.util.plugins import import_allowed, is_user_spec
 from qfv_brevitas.zoo.models import build_model
 from qfv_brevitas.util.budgets import (MAX_INPUT_DIMS, MAX_INPUT_VALUES, MAX_SPIKING_VALUES,
                                        MAX_TIME_STEPS)
@@ -250,8 +251,14 @@ def _check_fits(path: Path, arch: str, shape: Tuple[int, ...], num_classes: int,
                               f"the file's weights {have}; its settings do not match its weights")
 
 
-def load_checkpoint(path: Union[str, Path]) -> Tuple[nn.Module, dict]:
+def load_checkpoint(path: Union[str, Path], allow_import: Union[bool, str, Sequence[str]] = False
+                    ) -> Tuple[nn.Module, dict]:
     """Rebuild the model of a checkpoint written by :func:`save_checkpoint`.
+
+    A checkpoint of a user's model stores only its name, ``module:function``; rebuilding it
+    imports that module, i.e. runs its code, so it is refused unless ``allow_import`` allows
+    it: ``True`` (any), or that exact ``module:function`` (a str or a collection of them;
+    ``qfv ... --allow-import module:function``).
 
     Returns ``(model, info)`` with the model in eval mode; ``info`` holds arch, input shape,
     number of classes, the quantization config and the saved metadata. Raises
@@ -281,6 +288,11 @@ def load_checkpoint(path: Union[str, Path]) -> Tuple[nn.Module, dict]:
                               "are not a dict / list")
     _check_finite(((k, v) for k, v in state.items() if isinstance(v, torch.Tensor)), str(path))
     _check_work(path, shape, meta)
+    if is_user_spec(arch) and not import_allowed(arch, allow_import):
+        raise CheckpointError(
+            f"{path}: its model is the user function {arch}: rebuilding it imports module "
+            f"{arch.partition(':')[0]!r} and runs its code; if you trust it, pass "
+            f"--allow-import {arch} (load_checkpoint(..., allow_import={arch!r}))")
     config = _config_of(cfg, path)
     # Spiking models keep their neuron/time settings in meta["snn"] (qfv_brevitas.snn).
     _check_fits(path, arch, tuple(shape), num_classes, meta, config, unsigned, state)

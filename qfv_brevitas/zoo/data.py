@@ -2,7 +2,9 @@
 
 Nothing here downloads anything. ``digits`` ships with scikit-learn; ``idx`` reads the four
 IDX files of MNIST, Fashion-MNIST, KMNIST (or any dataset in the same format) from a folder,
-including torchvision's ``<root>/<Name>/raw`` layout.
+including torchvision's ``<root>/<Name>/raw`` layout. Installed plugins (entry point group
+``qfv_brevitas.datasets``) and a user's ``module:function`` add data sets
+(:func:`user_dataset`).
 """
 from __future__ import annotations
 
@@ -16,10 +18,12 @@ from typing import BinaryIO, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from qfv_brevitas.util.budgets import MAX_DEFLATE_RATIO, deflate_limit, read_exactly
 from qfv_brevitas.util.errors import QfvError
+from qfv_brevitas.util.plugins import (DATASETS_GROUP, call_accepting, import_user_object,
+                                       is_user_spec, load_plugin, plugin_names)
 
 __all__ = [
     "DataError",
@@ -32,6 +36,8 @@ __all__ = [
     "load_dataset",
     "check_labels",
     "fingerprint",
+    "dataset_names",
+    "user_dataset",
 ]
 
 PathLike = Union[str, Path]
@@ -396,7 +402,103 @@ def load_dataset(
                 f"({', '.join(IDX_FILES)}, optionally .gz) or its torchvision root"
             )
         train, test, num_classes = load_idx_split(data_dir, seed=seed)
+    elif is_user_spec(name):
+        return user_dataset(import_user_object(name, "--data"), name, data_dir, seed)
+    elif name in dataset_names():
+        return user_dataset(load_plugin(DATASETS_GROUP, name, _callable_builder), name,
+                            data_dir, seed)
     else:
-        raise QfvError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+        raise QfvError(f"unknown data set {name!r}; choose one of "
+                       f"{', '.join(dataset_names())}")
     c, h, w = train.tensors[0].shape[1:]
     return train, test, num_classes, (int(c), int(h), int(w))
+
+
+# --------------------------------------------------------------------------------------------
+# A user's data sets: plugins and module:function
+# --------------------------------------------------------------------------------------------
+
+
+#: the most classes a user's data set may have (its labels size the model's last layer)
+MAX_USER_CLASSES = 1 << 16
+
+
+def dataset_names() -> Tuple[str, ...]:
+    """The built-in data sets, then the installed plugins' (their code is not imported)."""
+    return DATASETS + plugin_names(DATASETS_GROUP, DATASETS)
+
+
+def _callable_builder(name: str, obj):
+    """A plugin's data set builder, checked to be callable (:func:`load_plugin`)."""
+    if not callable(obj):
+        raise QfvError(f"a data set plugin names a builder function, got a "
+                       f"{type(obj).__name__}")
+    return obj
+
+
+def _as_tensors(ds, name: str, part: str) -> TensorDataset:
+    """``ds`` (a Dataset of ``(input, label)`` pairs) as one in-memory TensorDataset: float32
+    inputs of one shape, int64 labels."""
+    if isinstance(ds, TensorDataset) and len(ds.tensors) == 2:
+        xs, ys = ds.tensors
+    elif isinstance(ds, Dataset) and hasattr(ds, "__len__"):
+        try:
+            pairs = [ds[i] for i in range(len(ds))]
+            xs = torch.stack([torch.as_tensor(p[0]) for p in pairs])
+            ys = torch.as_tensor([int(p[1]) for p in pairs])
+        except Exception as e:  # the user's data: say where it failed
+            raise DataError(f"data set {name!r}: its {part} set is not (input, integer label) "
+                            f"pairs of one input shape: {type(e).__name__}: "
+                            f"{str(e).strip()[:200]}") from e
+    else:
+        raise DataError(f"data set {name!r}: its {part} set is a {type(ds).__name__}, not a "
+                        "torch Dataset with a length")
+    if xs.ndim < 2 or len(xs) == 0 or len(xs) != len(ys) or ys.ndim != 1:
+        raise DataError(f"data set {name!r}: its {part} set holds {tuple(xs.shape)} inputs and "
+                        f"{tuple(ys.shape)} labels; expected N >= 1 samples with one integer "
+                        "label each")
+    if ys.is_floating_point() or ys.dtype == torch.bool or not xs.is_floating_point() \
+            and xs.dtype not in (torch.uint8, torch.int8, torch.int16, torch.int32):
+        raise DataError(f"data set {name!r}: its {part} set has {xs.dtype} inputs and "
+                        f"{ys.dtype} labels; expected numeric inputs and integer labels")
+    if int(ys.min()) < 0 or int(ys.max()) >= MAX_USER_CLASSES:
+        raise DataError(f"data set {name!r}: its {part} labels lie in {int(ys.min())}.."
+                        f"{int(ys.max())}; expected class numbers 0..K-1 (K at most "
+                        f"{MAX_USER_CLASSES})")
+    return TensorDataset(xs.to(torch.float32), ys.to(torch.int64))
+
+
+def user_dataset(builder, name: str, data_dir: Optional[PathLike] = None, seed: int = 0
+                 ) -> Tuple[TensorDataset, TensorDataset, int, Tuple[int, ...]]:
+    """The data set a user's ``builder`` makes, as :func:`load_dataset` returns it. The
+    builder is called with ``data_dir=`` and ``seed=`` (those of the two it names) and
+    returns ``(train, test)`` torch Datasets of ``(input, integer label)`` pairs, or a dict
+    with those two keys. Both are read into memory once (TensorDatasets: float32 inputs,
+    int64 labels); the labels must be ``0..K-1`` with every class in the training set.
+
+    >>> x, y = torch.rand(6, 2), torch.tensor([0, 1, 2, 0, 1, 2])
+    >>> user_dataset(lambda: (TensorDataset(x, y), TensorDataset(x, y)), "mine")[2:]
+    (3, (2,))
+    """
+    try:
+        made = call_accepting(builder, data_dir=None if data_dir is None else str(data_dir),
+                              seed=int(seed))
+    except QfvError:
+        raise
+    except Exception as e:  # the user's code failed: say whose, not "a bug in qfv"
+        raise DataError(f"data set {name!r}: its builder raised {type(e).__name__}: "
+                        f"{str(e).strip()[:300]}") from e
+    if isinstance(made, dict) and {"train", "test"} <= set(made):
+        made = (made["train"], made["test"])
+    if not isinstance(made, (tuple, list)) or len(made) != 2:
+        raise DataError(f"data set {name!r}: its builder returned a {type(made).__name__}; "
+                        "expected (train, test) torch Datasets or a dict with 'train' and "
+                        "'test'")
+    train, test = (_as_tensors(d, name, part) for d, part in zip(made, ("training", "test")))
+    if train.tensors[0].shape[1:] != test.tensors[0].shape[1:]:
+        raise DataError(f"data set {name!r}: training inputs of shape "
+                        f"{tuple(train.tensors[0].shape[1:])} but test inputs of shape "
+                        f"{tuple(test.tensors[0].shape[1:])}")
+    k = check_labels(train.tensors[1], test.tensors[1], f"data set {name!r} (training labels)",
+                     f"data set {name!r} (test labels)")
+    return train, test, k, tuple(int(d) for d in train.tensors[0].shape[1:])

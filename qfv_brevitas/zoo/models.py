@@ -1,7 +1,9 @@
 """Plain torch reference models (no Brevitas): quantize them with
 :func:`qfv_brevitas.quantize_model`. Models are built by name from a registry
 (:func:`register_model`, :func:`build_model`) that other packages add to (the spiking models of
-:mod:`qfv_brevitas.snn`)."""
+:mod:`qfv_brevitas.snn`), extended by installed plugins (entry point group
+``qfv_brevitas.models``) and by a user's ``module:function`` (see
+:mod:`qfv_brevitas.util.plugins`)."""
 from __future__ import annotations
 
 import math
@@ -11,9 +13,11 @@ import torch
 from torch import nn
 
 from qfv_brevitas.util.errors import QfvError
+from qfv_brevitas.util.plugins import (MODELS_GROUP, call_accepting, import_user_object,
+                                       is_user_spec, load_plugin, plugin_names)
 
 __all__ = ["SmallCNN", "MLP", "resnet18_cifar", "vgg_cifar", "build_model", "MODEL_NAMES",
-           "register_model", "model_names"]
+           "register_model", "model_names", "user_model"]
 
 
 class SmallCNN(nn.Module):
@@ -153,9 +157,12 @@ def register_model(name: str, snn: bool = False) -> Callable:
     return register
 
 
-def model_names() -> Tuple[str, ...]:
-    """Every registered model name (the spiking ones once :mod:`qfv_brevitas.snn` is imported)."""
-    return tuple(_REGISTRY)
+def model_names(spiking: bool = True) -> Tuple[str, ...]:
+    """Every registered model name (the spiking ones once :mod:`qfv_brevitas.snn` is
+    imported; none with ``spiking=False``), then the installed plugins' (their code is not
+    imported)."""
+    own = tuple(n for n, (_, takes_snn) in _REGISTRY.items() if spiking or not takes_snn)
+    return own + plugin_names(MODELS_GROUP, _REGISTRY)
 
 
 @register_model("small_cnn")
@@ -179,7 +186,7 @@ def _vgg(input_shape: Tuple[int, ...], num_classes: int) -> nn.Module:
 
 
 #: The plain reference models (the spiking ones are :data:`qfv_brevitas.snn.SPIKING_MODEL_NAMES`).
-MODEL_NAMES = model_names()
+MODEL_NAMES = tuple(_REGISTRY)
 
 
 def _register_spiking_models() -> None:
@@ -197,7 +204,16 @@ def build_model(name: str, input_shape: Tuple[int, ...], num_classes: int,
                 snn: Optional[dict] = None) -> nn.Module:
     """A registered model (:func:`register_model`) by name for inputs of shape ``(C, H, W)``;
     ``spiking_*`` names are the spiking models of :mod:`qfv_brevitas.snn`, built with
-    the spiking settings ``snn`` (a ``SpikingConfig`` dict; ignored by the other models)."""
+    the spiking settings ``snn`` (a ``SpikingConfig`` dict; ignored by the other models).
+
+    ``name`` may also be an installed plugin's model or ``module:function``: a builder called
+    with ``input_shape=`` and ``num_classes=`` for those of the two it names
+    (:func:`user_model`)."""
+    if is_user_spec(name):
+        return user_model(import_user_object(name, "--model"), name, input_shape, num_classes)
+    if name not in _REGISTRY and name in model_names():
+        builder = load_plugin(MODELS_GROUP, name, _callable_builder)
+        return user_model(builder, name, input_shape, num_classes)
     if name not in _REGISTRY and name.startswith("spiking_"):
         _register_spiking_models()
     if name not in _REGISTRY:
@@ -206,8 +222,37 @@ def build_model(name: str, input_shape: Tuple[int, ...], num_classes: int,
                 f"unknown model {name!r}: spiking models are registered by qfv_brevitas.snn; "
                 "install the snn extra (pip install 'qfv-brevitas[snn]') and import "
                 "qfv_brevitas.snn first")
-        raise QfvError(f"unknown model {name!r}; choose one of {', '.join(_REGISTRY)}")
+        raise QfvError(f"unknown model {name!r}; choose one of {', '.join(model_names())}, "
+                       "or give module:function (your own builder)")
     builder, takes_snn = _REGISTRY[name]
     if takes_snn:
         return builder(input_shape, num_classes, snn=snn)
     return builder(input_shape, num_classes)
+
+
+def _callable_builder(name: str, obj) -> Callable[..., nn.Module]:
+    """A plugin's model builder, checked to be callable (:func:`load_plugin`)."""
+    if not callable(obj):
+        raise QfvError(f"a model plugin names a builder function, got a {type(obj).__name__}")
+    return obj
+
+
+def user_model(builder: Callable[..., nn.Module], name: str, input_shape: Tuple[int, ...],
+               num_classes: int) -> nn.Module:
+    """``builder(input_shape=..., num_classes=...)`` (those of the two it names, see
+    :func:`~qfv_brevitas.util.plugins.call_accepting`), checked to be an ``nn.Module``; the
+    error names ``name``.
+
+    >>> user_model(lambda num_classes: nn.Linear(4, num_classes), "mine", (4,), 3)
+    Linear(in_features=4, out_features=3, bias=True)
+    """
+    try:
+        model = call_accepting(builder, input_shape=tuple(int(d) for d in input_shape),
+                               num_classes=int(num_classes))
+    except Exception as e:  # the user's code failed: say whose, not "a bug in qfv"
+        raise QfvError(f"model {name!r}: its builder raised {type(e).__name__}: "
+                       f"{str(e).strip()[:300]}") from e
+    if not isinstance(model, nn.Module):
+        raise QfvError(f"model {name!r}: its builder returned a {type(model).__name__}, not a "
+                       "torch.nn.Module")
+    return model

@@ -53,7 +53,7 @@ def test_train_on_the_integer_view(tmp_path, capsys):
     from qfv_brevitas.zoo.checkpoint import load_checkpoint
 
     out = tmp_path / "out"
-    assert main(["train", "--arch", "mlp", "--out", str(out), "--bits", "3", "--variants",
+    assert main(["train", "--model", "mlp", "--out", str(out), "--bits", "3", "--variants",
                  "nmult", "--frac-bits", "auto", *FAST]) == 0
     model, info = load_checkpoint(out / "nmult_w3a3.pt")
     assert info["config"].frac_bits == "auto"

@@ -21,7 +21,7 @@ QUIET = ["--no-progress"]
 def ckpt(tmp_path_factory):
     """``qfv demo`` with the paper's mode named: a W4A4 small CNN on digits."""
     out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--out", str(out), "--arch", "small_cnn", "--bits", "4", "--variants",
+    assert main(["demo", "--out", str(out), "--model", "small_cnn", "--bits", "4", "--variants",
                  "nmult", "--forward-mode", "paper", "--float-epochs", "5", "--qat-epochs", "2",
                  "--lambda-rise-epochs", "1", *QUIET]) == 0
     res = json.loads((out / "results.json").read_text())
@@ -39,7 +39,7 @@ def _layers(model):
 
 def test_training_options_reach_the_training(tmp_path):
     out = tmp_path / "t"
-    assert main(["train", "--arch", "mlp", "--bits", "2", "--variants", "step", "--forward-mode", "both",
+    assert main(["train", "--model", "mlp", "--bits", "2", "--variants", "step", "--forward-mode", "both",
                  "--per-channel", "--float-epochs", "1", "--qat-epochs", "2", "--float-lr", "0.1",
                  "--qat-lr", "0.02", "--quant-lr", "0.001", "--quant-optimizer", "sgd",
                  "--lambda-start", "50", "--lambda-end", "500", "--lambda-rise-epochs", "1",
@@ -67,7 +67,7 @@ def test_training_options_reach_the_training(tmp_path):
 
 def test_ste_mode_trains_through_the_quantizer_without_the_regularizer(tmp_path):
     out = tmp_path / "s"
-    assert main(["train", "--arch", "mlp", "--bits", "3", "--variants", "fixed", "--forward-mode", "ste",
+    assert main(["train", "--model", "mlp", "--bits", "3", "--variants", "fixed", "--forward-mode", "ste",
                  "--float-epochs", "1", "--qat-epochs", "2", "--out", str(out), *QUIET]) == 0
     run = json.loads((out / "results.json").read_text())["runs"][0]
     assert run["mode"] == "ste"
@@ -83,7 +83,7 @@ def test_resnet18_and_vgg_train_on_small_images(arch, make_idx_folder, tmp_path)
     from qfv_brevitas.zoo.models import ResNetCIFAR
 
     data, out = make_idx_folder(tmp_path / "data", n_train=32, n_test=16), tmp_path / arch
-    assert main(["train", "--dataset", "idx", "--data-dir", str(data), "--arch", arch,
+    assert main(["train", "--dataset", "idx", "--data-dir", str(data), "--model", arch,
                  "--bits", "4", "--variants", "nmult", "--float-epochs", "1", "--qat-epochs", "1",
                  "--batch-size", "32", "--out", str(out), *QUIET]) == 0
     res = json.loads((out / "results.json").read_text())

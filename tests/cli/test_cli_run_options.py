@@ -20,7 +20,7 @@ TIMEOUT_S = 180
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("mlp")
-    assert main(["train", "--arch", "mlp", "--bits", "3", "--variants", "nmult", "--float-epochs",
+    assert main(["train", "--model", "mlp", "--bits", "3", "--variants", "nmult", "--float-epochs",
                  "2", "--qat-epochs", "1", "--lambda-rise-epochs", "1", "--out", str(out),
                  *QUIET]) == 0
     return out / "nmult_w3a3.pt"

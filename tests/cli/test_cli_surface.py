@@ -194,7 +194,7 @@ def test_every_renamed_option_is_used_by_some_command():
 def test_config_yaml_and_json_give_the_options_and_the_command_line_wins(tmp_path):
     y = tmp_path / "run.yaml"
     y.write_text("bits: [4]\nvariants: [nmult, step]\nfloat_epochs: 1\nqat-epochs: 3\n"
-                 "per-channel: true\nno_progress: false\narch: mlp\nseed: 7\n")
+                 "per-channel: true\nno_progress: false\nmodel: mlp\nseed: 7\n")
     args = parse(["train", "--config", str(y), "--qat-epochs", "2", "--out", "o"])
     assert (args.bits, args.variants, args.float_epochs, args.qat_epochs, args.per_channel,
             args.no_progress, args.arch, args.seed) == ([4], ["nmult", "step"], 1, 2, True,
@@ -331,7 +331,7 @@ def test_readme_forms_run(tmp_path, capsys):
         assert e.code == 0
     assert "commands (qfv COMMAND --help for each)" in capsys.readouterr().out
     cfg = tmp_path / "run.yaml"
-    cfg.write_text("arch: mlp\nbits: [3]\nvariants: [nmult]\nfloat-epochs: 1\nqat_epochs: 2\n"
+    cfg.write_text("model: mlp\nbits: [3]\nvariants: [nmult]\nfloat-epochs: 1\nqat_epochs: 2\n"
                    "lambda-rise-epochs: 1\nno-progress: true\n")
     out = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--out", str(out)]) == 0

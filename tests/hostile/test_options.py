@@ -22,7 +22,7 @@ COMMANDS = {
     "faults-eval": "faults eval q.pt --rates 0 --trials 1 --out res --no-progress",
     "export": "export q.pt --out m2.onnx --exporter torchscript --samples 4",
     "verify": "verify m.onnx q.pt --samples 4",
-    "train": "train --arch mlp --float-epochs 1 --qat-epochs 1 --variants nmult --out run "
+    "train": "train --model mlp --float-epochs 1 --qat-epochs 1 --variants nmult --out run "
              "--no-progress",
     "quantize": "quantize q.pt --bits 3 --no-eval --no-plot --out p.pt",
     "selftune": "selftune q.pt --rate 0.1 --calib-size 8",

@@ -42,7 +42,7 @@ FILE_COMMANDS = {
 FOLDER_COMMANDS = {
     "faults-eval": "faults eval q.pt --rates 0 --trials 1 --out {out} --no-progress",
     "crossbar": "crossbar q.pt --out {out}",
-    "train": "train --arch mlp --float-epochs 1 --qat-epochs 1 --variants nmult --bits 4 "
+    "train": "train --model mlp --float-epochs 1 --qat-epochs 1 --variants nmult --bits 4 "
              "--out {out} --no-progress",
 }
 #: names a file may carry, each with something a terminal acts on

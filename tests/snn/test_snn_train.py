@@ -127,7 +127,7 @@ def test_batch_first_event_data_trains_through_fit():
 @pytest.fixture(scope="module")
 def snn_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("snn")
-    rc = main(["snn", "train", "--dataset", "digits", "--arch", "spiking_mlp", "--T", "4",
+    rc = main(["snn", "train", "--dataset", "digits", "--model", "spiking_mlp", "--T", "4",
                "--bits", "4", "--float-epochs", "3", "--qat-epochs", "1", "--out", str(out),
                "--no-progress"])
     assert rc == 0
@@ -217,7 +217,7 @@ def test_qfv_snn_train_on_a_neuromorphic_folder(tmp_path, stub_torchvision, npz_
             npz_frames(root / f"frames_number_{T}_split_by_number" / c / f"{c}_{j}.npz", T, *hw,
                        value=float(k))
     out = tmp_path / "out"
-    assert main(["snn", "train", "--dataset", dataset, "--data-dir", str(root), "--arch", arch,
+    assert main(["snn", "train", "--dataset", dataset, "--data-dir", str(root), "--model", arch,
                  "--T", str(T), "--frame-size", str(size), "--bits", "3", "--float-epochs", "1",
                  "--qat-epochs", "1", "--batch-size", "18", "--out", str(out),
                  "--no-progress"]) == 0
@@ -240,7 +240,7 @@ def test_qfv_snn_train_on_synthetic_events_and_idx_files(dataset, shape, classes
                                                         idx_folder, tmp_path):
     out = tmp_path / "out"
     extra = ["--data-dir", str(idx_folder)] if dataset == "idx" else []
-    assert main(["snn", "train", "--dataset", dataset, "--arch", "spiking_small_cnn", "--T", "2",
+    assert main(["snn", "train", "--dataset", dataset, "--model", "spiking_small_cnn", "--T", "2",
                  "--float-epochs", "1", "--qat-epochs", "1", "--batch-size", "128", "--out", str(out),
                  "--no-progress", *extra]) == 0
     res = json.loads((out / "results.json").read_text())

@@ -238,7 +238,7 @@ def test_qfv_quantize_end_to_end(float_cnn, digits, tmp_path, capsys):
     # A plain state dict with --arch, per channel, default output name, no plot.
     torch.save(float_cnn.state_dict(), tmp_path / "sd.pt")
     assert main(["quantize", str(tmp_path / "sd.pt"), "--bits", "2", "--per-channel",
-                 "--arch", "small_cnn", "--no-plot", "--no-lloyd"]) == 0
+                 "--model", "small_cnn", "--no-plot", "--no-lloyd"]) == 0
     assert (tmp_path / "sd_nmult_w2_pc.pt").is_file()
     assert not (tmp_path / "sd_nmult_w2_pc_levels.png").exists()
 
@@ -310,10 +310,10 @@ def test_qfv_quantize_bad_files(tmp_path, capsys):
     (tmp_path / "t.txt").write_text("not a checkpoint")
     torch.save({"state_dict": _Payload(tmp_path / "PWNED")}, tmp_path / "evil.pt")
     (tmp_path / "dir.pt").mkdir()
-    cases = [([str(tmp_path / "c.pt"), "--arch", "small_cnn"], "no float weights"),
-             ([str(tmp_path / "c.pt")], "needs --arch"),
+    cases = [([str(tmp_path / "c.pt"), "--model", "small_cnn"], "no float weights"),
+             ([str(tmp_path / "c.pt")], "needs --model"),
              ([str(tmp_path / "t.txt")], "not a readable checkpoint"),
-             ([str(tmp_path / "evil.pt"), "--arch", "small_cnn"], "Nothing of it was executed"),
+             ([str(tmp_path / "evil.pt"), "--model", "small_cnn"], "Nothing of it was executed"),
              ([str(tmp_path / "dir.pt")], "is a folder"),
              ([str(tmp_path / "missing.pt")], "no such file")]
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -360,7 +360,7 @@ def test_train_init_and_refit_every_options(tmp_path):
     uniform than either. (How far depends on the trained weights: this 2-epoch MLP's are near
     Gaussian, where the best levels are nearly uniform; 0.024 vs 0.014 and 0.005 measured on
     one machine, above 0.05 on another, with the same seeds.)"""
-    common = ["--arch", "mlp", "--bits", "3", "--variants", "nmult", "--float-epochs", "2",
+    common = ["--model", "mlp", "--bits", "3", "--variants", "nmult", "--float-epochs", "2",
               "--qat-epochs", "1", "--no-progress"]
     assert main(["train", "--init", "lsq", "--refit-every", "0", "--out",
                  str(tmp_path / "lsq"), *common]) == 0
