@@ -40,7 +40,7 @@ RECORDED = MethodSpec(_recorded, applies_to=("faults",), needs_train=False)
 ENTRY_POINTS = {"qfv_brevitas.models": {"three_linear": "qfv_cli_plugin:three_linear"},
                 "qfv_brevitas.datasets": {"blobs": "qfv_cli_plugin:blobs"},
                 "qfv_brevitas.methods": {"recorded": "qfv_cli_plugin:RECORDED"}}
-FAST = ["--bits", "3", "--variants", "nmult", "--fp-epochs", "2", "--q-epochs", "1",
+FAST = ["--bits", "3", "--variants", "nmult", "--float-epochs", "2", "--qat-epochs", "1",
         "--no-progress"]
 
 
