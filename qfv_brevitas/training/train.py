@@ -28,7 +28,7 @@ __all__ = ["TrainConfig", "TrainingError", "fit", "evaluate", "param_groups", "s
 #: ``loss_fn(outputs, targets) -> scalar tensor`` (default :class:`torch.nn.CrossEntropyLoss`)
 LossFn = Callable[[Tensor, Tensor], Tensor]
 #: ``optimizer(param_groups) -> optimizer(s)``: gets :func:`param_groups`' list (each group
-#: carries its ``"name"`` and ``"lr"``; the quantizers' ``r``/``c`` are the group ``"quant"``)
+#: names itself; the quantizers' ``r``/``c`` are the group ``"quant"``, with its own lr)
 OptimizerFactory = Callable[[List[dict]], Union[torch.optim.Optimizer,
                                                 Sequence[torch.optim.Optimizer]]]
 #: ``metric(outputs, targets) -> float`` (or a 0-dim tensor) on one batch
@@ -107,16 +107,16 @@ class TrainConfig(QfvConfig):
 def param_groups(model: nn.Module, cfg: Optional[TrainConfig] = None) -> List[dict]:
     """The parameters split the way :func:`fit` trains them (``cfg``: default ``TrainConfig()``).
 
-    ``"weights"`` (matrices, with weight decay) and ``"no_decay"`` (biases, BatchNorm) at
-    ``cfg.lr``; ``"act_scales"`` (activation quantizer scales) at ``cfg.lr`` without decay;
-    ``"quant"`` (the weight quantizers' ``r``, ``c`` or step, also flagged ``"quant": True``) at
-    ``cfg.quant_lr`` (1e-4) without decay. Each group names itself (``"name"``) and carries its
-    ``"lr"``; empty groups are left out. ``r``/``c`` need their own optimizer (Adam, see
-    :class:`TrainConfig`): one SGD over all parameters diverged. :func:`split_optimizers` builds
-    the pair.
+    ``"weights"`` (matrices, with ``cfg.weight_decay``), ``"no_decay"`` (biases, BatchNorm) and
+    ``"act_scales"`` (activation quantizer scales) take the learning rate of the optimizer
+    they are given to; ``"quant"`` (the weight quantizers' ``r``, ``c`` or step, also flagged
+    ``"quant": True``) carries its own ``"lr"``, ``cfg.quant_lr`` (1e-4), without decay. Each
+    group names itself (``"name"``); empty groups are left out. ``r``/``c`` need their own
+    optimizer (Adam, see :class:`TrainConfig`): one SGD over all parameters diverged.
+    :func:`split_optimizers` builds the pair.
 
-    >>> [(g["name"], g["lr"]) for g in param_groups(nn.Linear(3, 2))]
-    [('weights', 0.05), ('no_decay', 0.05)]
+    >>> [(g["name"], g["weight_decay"]) for g in param_groups(nn.Linear(3, 2))]
+    [('weights', 0.0005), ('no_decay', 0.0)]
     """
     cfg = TrainConfig() if cfg is None else cfg
     quant, scales, decay, no_decay = [], [], [], []
@@ -131,9 +131,9 @@ def param_groups(model: nn.Module, cfg: Optional[TrainConfig] = None) -> List[di
             no_decay.append(p)  # BatchNorm and biases
         else:
             decay.append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr, "name": "weights"},
-              {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr, "name": "no_decay"},
-              {"params": scales, "weight_decay": 0.0, "lr": cfg.lr, "name": "act_scales"},
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "name": "weights"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+              {"params": scales, "weight_decay": 0.0, "name": "act_scales"},
               {"params": quant, "weight_decay": 0.0, "lr": cfg.quant_lr, "quant": True,
                "name": "quant"}]
     return [g for g in groups if g["params"]]
@@ -411,8 +411,9 @@ def fit(model: nn.Module, train: Dataset, test: Optional[Dataset], cfg: TrainCon
 
     ``loss_fn(outputs, targets)``: the task loss (default cross-entropy; SAM uses it too).
     ``optimizer(groups)``: builds the optimizer(s) from :func:`param_groups` (each group names
-    itself and carries its lr; ``r``/``c`` are the group ``"quant"`` at ``cfg.quant_lr``);
-    default :func:`split_optimizers` (SGD + momentum on the weights, Adam on ``r``/``c``).
+    itself; ``r``/``c`` are the group ``"quant"``, carrying ``lr=cfg.quant_lr``, the others
+    take the optimizer's lr); default :func:`split_optimizers` (SGD + momentum at ``cfg.lr`` on
+    the weights, Adam on ``r``/``c``).
     Whatever it returns gets one cosine decay over all steps, and the levels' refits.
     ``metrics``: ``{name: metric(outputs, targets) -> float}`` evaluated on ``test`` after each
     epoch (:func:`evaluate_metrics`), in the history as ``test_<name>``; default accuracy

@@ -205,11 +205,12 @@ def test_a_custom_loss_is_the_one_fit_trains_with():
 
 
 def test_the_optimizer_factory_gets_the_split_groups_with_their_learning_rates():
-    """The factory receives the weights, biases and r/c in separate named groups, r/c at
-    quant_lr without weight decay; the optimizer it returns (one SGD over the groups, with no
-    lr of its own) is the one stepped: every group moves at its own learning rate."""
+    """The factory receives the weights, biases and r/c in separate named groups, r/c with
+    their own lr (quant_lr) and no weight decay, the others taking the optimizer's; the
+    optimizer it returns (one SGD over the groups) is the one stepped: r/c move at quant_lr,
+    the weights at the SGD's lr."""
     lam = 100.0
-    cfg = _one_step_cfg(quant_lr=0.01, lambda_start=lam, lambda_end=lam)
+    cfg = _one_step_cfg(lr=0.3, quant_lr=0.01, lambda_start=lam, lambda_end=lam)  # lr unused
     model, data = _model(), _data()
     layer, tq = model[0], quant_of(model[0])
     probe = copy.deepcopy(model)
@@ -219,7 +220,7 @@ def test_the_optimizer_factory_gets_the_split_groups_with_their_learning_rates()
 
     def factory(groups):
         seen.extend(dict(g) for g in groups)  # as given (the cosine then lowers each lr)
-        return torch.optim.SGD(groups)
+        return torch.optim.SGD(groups, lr=0.1)
 
     fit(model, data, None, cfg, progress=False, optimizer=factory)
     by_name = {g["name"]: g for g in seen}
@@ -228,8 +229,9 @@ def test_the_optimizer_factory_gets_the_split_groups_with_their_learning_rates()
     assert by_name["no_decay"]["params"] == [layer.bias]
     assert [id(p) for p in by_name["quant"]["params"]] == [id(tq.r), id(tq.c)]
     assert by_name["quant"]["quant"] is True and by_name["quant"]["weight_decay"] == 0.0
-    assert (by_name["weights"]["lr"], by_name["no_decay"]["lr"], by_name["quant"]["lr"]) == \
-        (0.1, 0.1, 0.01)
+    assert by_name["quant"]["lr"] == 0.01
+    assert "lr" not in by_name["weights"] and "lr" not in by_name["no_decay"]
+    assert by_name["weights"]["weight_decay"] == 0.5 and by_name["no_decay"]["weight_decay"] == 0
     pw, pb, ptq = probe[0].weight, probe[0].bias, quant_of(probe[0])
     for got, want in ((layer.weight, pw - 0.1 * (pw.grad + 0.5 * pw)),
                       (layer.bias, pb - 0.1 * pb.grad),
