@@ -7,3 +7,6 @@ if importlib.util.find_spec("spikingjelly") is None:
     # the tests of tests/test_snn*.py skip themselves.
     collect_ignore += ["qfv_brevitas/snn/neurons.py", "qfv_brevitas/snn/network.py",
                        "qfv_brevitas/snn/models.py"]
+if importlib.util.find_spec("lightning") is None:
+    # The PyTorch Lightning callback needs the lightning extra; its tests skip themselves.
+    collect_ignore += ["qfv_brevitas/training/lightning.py"]

@@ -1,9 +1,11 @@
-"""A plain training loop for QAT with the regularizer (SGD + momentum, cosine decay)."""
+"""A plain training loop for QAT with the regularizer (SGD + momentum, cosine decay), and the
+parameter split and optimizers it uses, for a user's own loop."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from functools import partial
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -16,11 +18,21 @@ from qfv_brevitas.training.refit import refit_levels_
 from qfv_brevitas.training.regularizer import QuantRegularizer
 from qfv_brevitas.training.sam import SharpnessAware, check_rho
 from qfv_brevitas.util.configbase import QfvConfig
-from qfv_brevitas.util.errors import QfvError
+from qfv_brevitas.util.errors import QfvError, QfvTypeError
 from qfv_brevitas.util.progress import RunProgress
 from qfv_brevitas.util.validate import check_int, check_real
 
-__all__ = ["TrainConfig", "TrainingError", "fit", "evaluate", "param_groups"]
+__all__ = ["TrainConfig", "TrainingError", "fit", "evaluate", "param_groups", "split_optimizers",
+           "accuracy", "evaluate_metrics", "LossFn", "OptimizerFactory", "Metric"]
+
+#: ``loss_fn(outputs, targets) -> scalar tensor`` (default :class:`torch.nn.CrossEntropyLoss`)
+LossFn = Callable[[Tensor, Tensor], Tensor]
+#: ``optimizer(param_groups) -> optimizer(s)``: gets :func:`param_groups`' list (each group
+#: names itself; the quantizers' ``r``/``c`` are the group ``"quant"``, with its own lr)
+OptimizerFactory = Callable[[List[dict]], Union[torch.optim.Optimizer,
+                                                Sequence[torch.optim.Optimizer]]]
+#: ``metric(outputs, targets) -> float`` (or a 0-dim tensor) on one batch
+Metric = Callable[[Tensor, Tensor], Union[float, Tensor]]
 
 
 class TrainingError(QfvError):
@@ -92,9 +104,21 @@ class TrainConfig(QfvConfig):
                               min(self.lambda_rise_epochs, self.epochs))
 
 
-def param_groups(model: nn.Module, cfg: TrainConfig) -> List[dict]:
-    """Weights with weight decay; quantizer parameters (``r``, ``c``, step) at ``quant_lr``
-    and activation scales at ``lr``, both without weight decay."""
+def param_groups(model: nn.Module, cfg: Optional[TrainConfig] = None) -> List[dict]:
+    """The parameters split the way :func:`fit` trains them (``cfg``: default ``TrainConfig()``).
+
+    ``"weights"`` (matrices, with ``cfg.weight_decay``), ``"no_decay"`` (biases, BatchNorm) and
+    ``"act_scales"`` (activation quantizer scales) take the learning rate of the optimizer
+    they are given to; ``"quant"`` (the weight quantizers' ``r``, ``c`` or step, also flagged
+    ``"quant": True``) carries its own ``"lr"``, ``cfg.quant_lr`` (1e-4), without decay. Each
+    group names itself (``"name"``); empty groups are left out. ``r``/``c`` need their own
+    optimizer (Adam, see :class:`TrainConfig`): one SGD over all parameters diverged.
+    :func:`split_optimizers` builds the pair.
+
+    >>> [(g["name"], g["weight_decay"]) for g in param_groups(nn.Linear(3, 2))]
+    [('weights', 0.0005), ('no_decay', 0.0)]
+    """
+    cfg = TrainConfig() if cfg is None else cfg
     quant, scales, decay, no_decay = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -107,11 +131,37 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> List[dict]:
             no_decay.append(p)  # BatchNorm and biases
         else:
             decay.append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0},
-              {"params": scales, "weight_decay": 0.0},
-              {"params": quant, "weight_decay": 0.0, "lr": cfg.quant_lr, "quant": True}]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "name": "weights"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+              {"params": scales, "weight_decay": 0.0, "name": "act_scales"},
+              {"params": quant, "weight_decay": 0.0, "lr": cfg.quant_lr, "quant": True,
+               "name": "quant"}]
     return [g for g in groups if g["params"]]
+
+
+def split_optimizers(groups: List[dict], cfg: Optional[TrainConfig] = None
+                     ) -> List[torch.optim.Optimizer]:
+    """:func:`fit`'s optimizers over :func:`param_groups`' ``groups``: SGD + momentum on every
+    group but ``"quant"``; the quantizer parameters get their own optimizer (Adam, or SGD with
+    ``cfg.quant_optimizer="sgd"``, at their group's ``quant_lr``; see :class:`TrainConfig`).
+    Step both after each backward (``cfg``: default ``TrainConfig()``).
+
+    >>> import brevitas.nn as qnn
+    >>> from qfv_brevitas.core.quantizers import NMultWeightQuant
+    >>> m = qnn.QuantLinear(4, 2, bias=False, weight_quant=NMultWeightQuant)
+    >>> [type(o).__name__ for o in split_optimizers(param_groups(m))]
+    ['SGD', 'Adam']
+    """
+    cfg = TrainConfig() if cfg is None else cfg
+    quant = [g for g in groups if g.get("quant")]
+    rest = [g for g in groups if not g.get("quant")]
+    opts = [torch.optim.SGD(rest, lr=cfg.lr, momentum=cfg.momentum)] if rest else []
+    if quant:
+        if cfg.quant_optimizer == "adam":
+            opts.append(torch.optim.Adam(quant, lr=cfg.quant_lr))
+        else:
+            opts.append(torch.optim.SGD(quant, lr=cfg.quant_lr, momentum=cfg.momentum))
+    return opts
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -140,6 +190,59 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 512,
     return int(correct) / max(total, 1)
 
 
+def accuracy(outputs: Tensor, targets: Tensor) -> float:
+    """Top-1 accuracy of one batch: the share of rows whose largest output is the target
+    (:func:`fit`'s default metric).
+
+    >>> accuracy(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1]))
+    0.5
+    """
+    return float((outputs.argmax(1) == targets).sum()) / max(len(targets), 1)
+
+
+def check_metrics(metrics: Mapping[str, Metric]) -> Dict[str, Metric]:
+    """``metrics`` as a dict, checked: non-empty names mapped to callables."""
+    if not isinstance(metrics, Mapping):
+        raise QfvTypeError(f"metrics must be a dict name -> callable(outputs, targets), got "
+                           f"{type(metrics).__name__}")
+    for k, f in metrics.items():
+        if not isinstance(k, str) or not k or not callable(f):
+            raise QfvTypeError(f"metrics: {k!r} must be a non-empty name mapped to a "
+                               f"callable(outputs, targets) -> float, got {f!r}")
+    return dict(metrics)
+
+
+@torch.no_grad()
+def evaluate_metrics(model: nn.Module, dataset: Dataset, metrics: Mapping[str, Metric],
+                     batch_size: int = 512, device: Optional[torch.device] = None
+                     ) -> Dict[str, float]:
+    """Each metric over ``dataset`` in eval mode (weights snapped to their levels): the mean of
+    its per-batch values weighted by the batch sizes, exact for any mean over samples
+    (accuracy, a mean loss; a metric that is not one, such as F1, is averaged per batch).
+    A metric returning a tensor is read once at the end.
+
+    >>> from torch.utils.data import TensorDataset
+    >>> data = TensorDataset(torch.eye(3), torch.tensor([0, 1, 0]))
+    >>> evaluate_metrics(nn.Identity(), data, {"acc": accuracy}, batch_size=2)
+    {'acc': 0.6666666666666666}
+    """
+    metrics = check_metrics(metrics)
+    was_training = model.training
+    model.eval()
+    device = torch.device(device) if device is not None else model_device(model)
+    sums: Dict[str, Union[float, Tensor]] = {k: 0.0 for k in metrics}
+    total = 0
+    for x, y in DataLoader(dataset, batch_size=batch_size):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        out = model(x)
+        for k, f in metrics.items():
+            v = f(out, y)
+            sums[k] = sums[k] + (v.detach() if isinstance(v, Tensor) else float(v)) * len(y)
+        total += len(y)
+    model.train(was_training)
+    return {k: float(v) / max(total, 1) for k, v in sums.items()}
+
+
 def _raise_diverged(model: nn.Module, epoch: int, desc: str, loss: float,
                     cfg: "TrainConfig") -> None:
     bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
@@ -161,7 +264,9 @@ class _FitRun:
     scheds: List[torch.optim.lr_scheduler.LRScheduler]
     reg: Optional[QuantRegularizer]
     sam: Optional[SharpnessAware]
-    loss_fn: nn.Module
+    loss_fn: LossFn
+    #: the metrics of each epoch's evaluation (``None``: :func:`evaluate`'s accuracy)
+    metrics: Optional[Dict[str, Metric]]
     #: whether the levels are refitted every ``cfg.refit_every`` steps
     refit: bool
     device: torch.device
@@ -169,40 +274,44 @@ class _FitRun:
     steps: int = 0
 
 
-def _optimizers(model: nn.Module, cfg: TrainConfig) -> List[torch.optim.Optimizer]:
-    """SGD + momentum on everything but the quantizer parameters; those get their own optimizer
-    (Adam or SGD at ``quant_lr``, see :class:`TrainConfig`)."""
-    groups = param_groups(model, cfg)
-    quant = [g for g in groups if g.get("quant")]
-    rest = [g for g in groups if not g.get("quant")]
-    opts = [torch.optim.SGD(rest, lr=cfg.lr, momentum=cfg.momentum)]
-    if quant:
-        if cfg.quant_optimizer == "adam":
-            opts.append(torch.optim.Adam(quant, lr=cfg.quant_lr))
-        else:
-            opts.append(torch.optim.SGD(quant, lr=cfg.quant_lr, momentum=cfg.momentum))
+def _build_optimizers(model: nn.Module, cfg: TrainConfig, factory: Optional[OptimizerFactory]
+                      ) -> List[torch.optim.Optimizer]:
+    """``factory(param_groups(model, cfg))`` as a list (default :func:`split_optimizers`)."""
+    if factory is None:
+        factory = partial(split_optimizers, cfg=cfg)
+    made = factory(param_groups(model, cfg))
+    opts = [made] if isinstance(made, torch.optim.Optimizer) else list(made or ())
+    if not opts or not all(isinstance(o, torch.optim.Optimizer) for o in opts):
+        raise QfvTypeError(f"fit: optimizer= must return a torch optimizer or a list of them, "
+                           f"got {made!r}")
     return opts
 
 
 def _prepare(model: nn.Module, train: Dataset, cfg: TrainConfig,
-             device: Optional[torch.device]) -> _FitRun:
+             device: Optional[torch.device], loss_fn: Optional[LossFn] = None,
+             optimizer: Optional[OptimizerFactory] = None,
+             metrics: Optional[Mapping[str, Metric]] = None) -> _FitRun:
     """Seeds, the shuffled loader, optimizers with one cosine decay over all steps, and the
     regularizer, SAM and refits where the model and ``cfg`` ask for them."""
+    if loss_fn is not None and not callable(loss_fn):
+        raise QfvTypeError(f"fit: loss_fn must be a callable(outputs, targets) -> loss, "
+                           f"got {loss_fn!r}")
+    metrics = check_metrics(metrics) if metrics is not None else None
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=g)
-    opts = _optimizers(model, cfg)
+    opts = _build_optimizers(model, cfg, optimizer)
     scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=cfg.epochs * len(loader))
               for o in opts]
     uses_reg = any(quant_of(m).uses_regularizer for _, m in nmult_layers(model))
     reg = QuantRegularizer(model, cfg.schedule(), shape=cfg.reg_shape,
                            width=cfg.reg_width) if uses_reg else None
     sam = SharpnessAware(model, cfg.sam_rho) if cfg.sam_rho > 0 else None
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
     refit = cfg.refit_every > 0 and any(quant_of(m).variant != "fixed"
                                         for _, m in nmult_layers(model))
     device = torch.device(device) if device is not None else model_device(model)
-    return _FitRun(model, cfg, loader, opts, scheds, reg, sam, loss_fn, refit, device)
+    return _FitRun(model, cfg, loader, opts, scheds, reg, sam, loss_fn, metrics, refit, device)
 
 
 def _zero_grad(run: _FitRun) -> None:
@@ -265,37 +374,63 @@ def _train_epoch(run: _FitRun, epoch: int, bar: RunProgress) -> Tuple[Tensor, Te
     return tl, rl, lam
 
 
+def _test_scores(run: _FitRun, test: Optional[Dataset]) -> Dict[str, float]:
+    """The epoch's evaluation: ``{"acc": ...}`` (:func:`evaluate`) or the run's metrics; NaN
+    without a test set."""
+    names = ["acc"] if run.metrics is None else list(run.metrics)
+    if test is None:
+        return {k: float("nan") for k in names}
+    if run.metrics is None:
+        return {"acc": evaluate(run.model, test, device=run.device)}
+    return evaluate_metrics(run.model, test, run.metrics, device=run.device)
+
+
 def _record_epoch(run: _FitRun, hist: Dict[str, list], epoch: int, sums: Tuple[Tensor, Tensor],
-                  lam: float, test: Optional[Dataset], desc: str) -> float:
+                  lam: float, test: Optional[Dataset], desc: str) -> Dict[str, float]:
     """Read the epoch's sums once (an error if training diverged), append the epoch's row to
-    ``hist`` and return the test accuracy (NaN without a test set)."""
+    ``hist`` (each metric as ``test_<name>``) and return the metrics."""
     tl, rl = float(sums[0]), float(sums[1])
     if not (math.isfinite(tl) and math.isfinite(rl)):
         _raise_diverged(run.model, epoch, desc, tl if not math.isfinite(tl) else rl, run.cfg)
     hist["task_loss"].append(tl / len(run.loader))
     hist["reg"].append(rl / len(run.loader))
     hist["lambda"].append(lam)
-    acc = evaluate(run.model, test, device=run.device) if test is not None else float("nan")
-    hist["test_acc"].append(acc)
-    return acc
+    scores = _test_scores(run, test)
+    for k, v in scores.items():
+        hist.setdefault(f"test_{k}", []).append(v)
+    return scores
 
 
 def fit(model: nn.Module, train: Dataset, test: Optional[Dataset], cfg: TrainConfig,
         desc: str = "train", progress: Union[bool, RunProgress] = True,
         device: Optional[torch.device] = None,
-        epoch_end: Optional[Callable[[int], None]] = None) -> Dict[str, list]:
+        epoch_end: Optional[Callable[[int], None]] = None, *,
+        loss_fn: Optional[LossFn] = None, optimizer: Optional[OptimizerFactory] = None,
+        metrics: Optional[Mapping[str, Metric]] = None) -> Dict[str, list]:
     """Train ``model``; with N-multiplier layers the loss adds ``lambda(epoch) * R(model)``.
 
+    ``loss_fn(outputs, targets)``: the task loss (default cross-entropy; SAM uses it too).
+    ``optimizer(groups)``: builds the optimizer(s) from :func:`param_groups` (each group names
+    itself; ``r``/``c`` are the group ``"quant"``, carrying ``lr=cfg.quant_lr``, the others
+    take the optimizer's lr); default :func:`split_optimizers` (SGD + momentum at ``cfg.lr`` on
+    the weights, Adam on ``r``/``c``).
+    Whatever it returns gets one cosine decay over all steps, and the levels' refits.
+    ``metrics``: ``{name: metric(outputs, targets) -> float}`` evaluated on ``test`` after each
+    epoch (:func:`evaluate_metrics`), in the history as ``test_<name>``; default accuracy
+    (``test_acc``, :func:`evaluate`).
     ``epoch_end(epoch)`` runs after each epoch's updates, before its evaluation (e.g. the
     periodic nearest-valid-level remapping of fault-aware training).
     ``progress``: ``True`` shows one bar over all batches of all epochs (rate, time left; plain
     lines when stderr is not a terminal), ``False`` nothing; a :class:`RunProgress` of a larger
     run is advanced instead, with ``desc`` as its phase. Batches go to ``device`` (default: the
     model's); losses are summed there and read once per epoch, so a GPU step makes no host sync.
-    Returns the history: per epoch the task loss, the regularizer, lambda and test accuracy.
+    Returns the history: per epoch the task loss, the regularizer, lambda and the metrics (NaN
+    without a test set).
     """
-    run = _prepare(model, train, cfg, device)
-    hist: Dict[str, list] = {"task_loss": [], "reg": [], "lambda": [], "test_acc": []}
+    run = _prepare(model, train, cfg, device, loss_fn, optimizer, metrics)
+    hist: Dict[str, list] = {"task_loss": [], "reg": [], "lambda": []}
+    for k in (["acc"] if run.metrics is None else run.metrics):
+        hist[f"test_{k}"] = []
     own = not isinstance(progress, RunProgress)
     bar = RunProgress(cfg.epochs * len(run.loader), desc, enabled=bool(progress)) if own \
         else progress
@@ -305,9 +440,11 @@ def fit(model: nn.Module, train: Dataset, test: Optional[Dataset], cfg: TrainCon
         tl, rl, lam = _train_epoch(run, epoch, bar)
         if epoch_end is not None:
             epoch_end(epoch)
-        acc = _record_epoch(run, hist, epoch, (tl, rl), lam, test, desc)
-        bar.set_info(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{hist['task_loss'][-1]:.3f}",
-                     reg=f"{hist['reg'][-1]:.2e}", acc=f"{acc:.3f}")
+        scores = _record_epoch(run, hist, epoch, (tl, rl), lam, test, desc)
+        info = {"epoch": f"{epoch + 1}/{cfg.epochs}", "loss": f"{hist['task_loss'][-1]:.3f}",
+                "reg": f"{hist['reg'][-1]:.2e}"}
+        info.update((k, f"{v:.3f}") for k, v in scores.items())
+        bar.set_info(**info)
     if own:
         bar.close()
     return hist

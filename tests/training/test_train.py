@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 
 from qfv_brevitas.core.levels import bit_matrix
 from qfv_brevitas.core.quantizers import NMultWeightQuant, quant_of
-from qfv_brevitas.training.train import TrainConfig, fit
+from qfv_brevitas.training.train import TrainConfig, accuracy, evaluate, evaluate_metrics, fit
 
 BITS = 3
 N_IN, N_OUT, SAMPLES = 8, 4, 16
@@ -167,3 +167,137 @@ def test_weight_decay_reaches_weight_matrices_only():
     # lambda 0: nothing applied, and the unweighted regularizer still logged
     assert hist["lambda"] == [0.0]
     assert hist["reg"][0] == pytest.approx(float(_brute_reg(probe[0])), rel=1e-5)
+
+
+# -- a loss, an optimizer factory and metrics of the user's own (issue 23) ------------------------
+def _one_step_cfg(**kw):
+    """One full-batch SGD step (momentum has no history yet; the cosine starts at lr)."""
+    base = dict(epochs=1, lr=0.1, quant_lr=0.0, weight_decay=0.5, batch_size=SAMPLES,
+                lambda_start=0.0, lambda_end=0.0, lambda_rise_epochs=0, refit_every=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_a_custom_loss_is_the_one_fit_trains_with():
+    """MSE on one-hot targets instead of cross-entropy: called once per batch (and by nothing
+    else), its value is the history's task loss, and the step is its gradient's step."""
+    cfg = _one_step_cfg()
+    model, data = _model(), _data()
+    x, y = data.tensors
+    probe = copy.deepcopy(model)
+    mse = nn.functional.mse_loss(probe(x), nn.functional.one_hot(y, N_OUT).float())
+    mse.backward()
+    w = probe[0].weight
+    calls = []
+
+    def one_hot_mse(out, target):
+        calls.append(out.shape)
+        return nn.functional.mse_loss(out, nn.functional.one_hot(target, N_OUT).float())
+
+    hist = fit(model, data, None, cfg, progress=False, loss_fn=one_hot_mse)
+    assert calls == [(SAMPLES, N_OUT)]
+    assert hist["task_loss"] == [pytest.approx(float(mse), rel=1e-6)]
+    torch.testing.assert_close(model[0].weight.detach(), (w - 0.1 * (w.grad + 0.5 * w)).detach(),
+                               rtol=1e-5, atol=1e-7)
+    # cross-entropy (the default) ends elsewhere: the loss passed changed training
+    default = _model()
+    fit(default, data, None, cfg, progress=False)
+    assert not torch.allclose(default[0].weight, model[0].weight, rtol=1e-3, atol=1e-5)
+
+
+def test_the_optimizer_factory_gets_the_split_groups_with_their_learning_rates():
+    """The factory receives the weights, biases and r/c in separate named groups, r/c with
+    their own lr (quant_lr) and no weight decay, the others taking the optimizer's; the
+    optimizer it returns (one SGD over the groups) is the one stepped: r/c move at quant_lr,
+    the weights at the SGD's lr."""
+    lam = 100.0
+    cfg = _one_step_cfg(lr=0.3, quant_lr=0.01, lambda_start=lam, lambda_end=lam)  # lr unused
+    model, data = _model(), _data()
+    layer, tq = model[0], quant_of(model[0])
+    probe = copy.deepcopy(model)
+    x, y = data.tensors
+    (nn.functional.cross_entropy(probe(x), y) + lam * _brute_reg(probe[0])).backward()
+    seen = []
+
+    def factory(groups):
+        seen.extend(dict(g) for g in groups)  # as given (the cosine then lowers each lr)
+        return torch.optim.SGD(groups, lr=0.1)
+
+    fit(model, data, None, cfg, progress=False, optimizer=factory)
+    by_name = {g["name"]: g for g in seen}
+    assert list(by_name) == ["weights", "no_decay", "quant"]
+    assert by_name["weights"]["params"] == [layer.weight]
+    assert by_name["no_decay"]["params"] == [layer.bias]
+    assert [id(p) for p in by_name["quant"]["params"]] == [id(tq.r), id(tq.c)]
+    assert by_name["quant"]["quant"] is True and by_name["quant"]["weight_decay"] == 0.0
+    assert by_name["quant"]["lr"] == 0.01
+    assert "lr" not in by_name["weights"] and "lr" not in by_name["no_decay"]
+    assert by_name["weights"]["weight_decay"] == 0.5 and by_name["no_decay"]["weight_decay"] == 0
+    pw, pb, ptq = probe[0].weight, probe[0].bias, quant_of(probe[0])
+    for got, want in ((layer.weight, pw - 0.1 * (pw.grad + 0.5 * pw)),
+                      (layer.bias, pb - 0.1 * pb.grad),
+                      (tq.r, ptq.r - 0.01 * ptq.r.grad), (tq.c, ptq.c - 0.01 * ptq.c.grad)):
+        torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-7)
+    assert (tq.r - ptq.r).abs().max() > 1e-4  # r did move
+
+
+def test_an_optimizer_factory_that_returns_no_optimizer_is_refused():
+    from qfv_brevitas.util.errors import QfvTypeError
+    with pytest.raises(QfvTypeError, match="optimizer= must return a torch optimizer"):
+        fit(_model(), _data(), None, _one_step_cfg(), progress=False, optimizer=lambda g: [g])
+
+
+def test_metrics_are_in_the_history_as_computed_by_hand():
+    """Each metric after each epoch, on the test set in eval mode, as ``test_<name>``; the last
+    epoch's values equal a hand computation on the trained model; without a test set NaN."""
+    cfg = _one_step_cfg(epochs=2, lr=0.5)
+    model, data = _model(), _data()
+    g = torch.Generator().manual_seed(7)
+    tx, ty = torch.randn(10, N_IN, generator=g), torch.randint(0, N_OUT, (10,), generator=g)
+
+    def top2(out, target):
+        return float((out.topk(2, 1).indices == target[:, None]).any(1).float().mean())
+
+    metrics = {"acc": accuracy, "top2": top2, "ce": nn.functional.cross_entropy}
+    hist = fit(model, data, TensorDataset(tx, ty), cfg, progress=False, metrics=metrics)
+    assert list(hist) == ["task_loss", "reg", "lambda", "test_acc", "test_top2", "test_ce"]
+    assert all(len(v) == 2 for v in hist.values())
+    model.eval()
+    with torch.no_grad():
+        out = model(tx)
+    assert hist["test_acc"][-1] == pytest.approx(float((out.argmax(1) == ty).float().mean()))
+    top = out.topk(2, 1).indices
+    assert hist["test_top2"][-1] == pytest.approx(
+        sum(int(ty[i]) in top[i].tolist() for i in range(10)) / 10)
+    assert hist["test_ce"][-1] == pytest.approx(float(nn.functional.cross_entropy(out, ty)),
+                                                rel=1e-6)
+    assert hist["test_top2"][-1] != hist["test_acc"][-1] or hist["test_acc"][-1] == 1.0
+    none = fit(_model(), data, None, cfg, progress=False, metrics={"top2": top2})
+    assert list(none) == ["task_loss", "reg", "lambda", "test_top2"]
+    assert all(math.isnan(v) for v in none["test_top2"])
+
+
+def test_default_history_is_unchanged():
+    hist = fit(_model(), _data(), _data(), _one_step_cfg(), progress=False)
+    assert list(hist) == ["task_loss", "reg", "lambda", "test_acc"]
+    assert hist["test_acc"] == [evaluate(_trained_once(), _data())]
+
+
+def _trained_once():
+    model = _model()
+    fit(model, _data(), None, _one_step_cfg(), progress=False)
+    return model
+
+
+def test_evaluate_metrics_weights_each_batch_by_its_size():
+    """Batches of 4, 4 and 2: a mean over samples, not over batches."""
+    model = nn.Linear(N_IN, N_OUT)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(10, N_IN, generator=g), torch.randint(0, N_OUT, (10,), generator=g)
+    got = evaluate_metrics(model, TensorDataset(x, y), {"ce": nn.functional.cross_entropy,
+                                                        "acc": accuracy}, batch_size=4)
+    with torch.no_grad():
+        out = model(x)
+    assert got["ce"] == pytest.approx(float(nn.functional.cross_entropy(out, y)), rel=1e-6)
+    assert got["acc"] == pytest.approx(float((out.argmax(1) == y).float().mean()))
+    with pytest.raises(ValueError, match="metrics"):
+        evaluate_metrics(model, TensorDataset(x, y), {"x": 3})
