@@ -25,7 +25,8 @@ _INPUTS = ("checkpoint", "data_dir", "fault_map", "var_map")
 
 @command("compare", help="the related methods side by side on the same maps: one table, one plot",
          description="Runs each --methods on --trials seeded maps per scenario (stuck-at rates, "
-                     "bit-error rates, LRS sigmas with and without a between-chip component) "
+                     "bit-error rates, LRS sigmas, and with --chip-sigma each sigma again with "
+                     "a between-chip component) "
                      "and writes compare.{md,csv,json,png} to --out. Per-map methods do not "
                      "apply to transient bit flips (n/a).")
 def compare(p: argparse.ArgumentParser):
@@ -41,9 +42,9 @@ def compare(p: argparse.ArgumentParser):
     p.add_argument("--ber", type=float, nargs="*", default=[0.01, 0.05], help="bit-error rates")
     p.add_argument("--sigmas", type=float, nargs="*", default=[0.2, 0.4],
                    help="LRS sigma/mu of the per-cell variability")
-    p.add_argument("--chip-sigma", type=float, default=0.1,
+    p.add_argument("--chip-sigma", type=float, default=0.0,
                    help="between-chip sigma: each --sigmas scenario again with this shared "
-                        "component (0: not)")
+                        "component, e.g. 0.1 (default 0: no such scenario)")
     p.add_argument("--hrs-on-off", type=float, default=Scenario.hrs_on_off,
                    help="variability scenarios: model HRS too, LRS/HRS on/off ratio")
     p.add_argument("--distribution", choices=("normal", "lognormal"),
