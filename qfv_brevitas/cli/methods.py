@@ -66,7 +66,8 @@ def run_compare(args) -> int:
     res = compare_methods(model, train, test, scs, args.methods, cfg,
                           progress=not args.no_progress, workers=args.workers,
                           distributed=args.distributed)
-    res.meta["title"] = f"{info['arch']} {args.checkpoint}, {args.trials} maps per scenario"
+    res.meta.update(model=f"{info['arch']} on {args.dataset}",
+                    checkpoint=str(args.checkpoint))
     if not is_output_rank(args):
         return 0
     paths = res.save(args.out, "compare", overwrite=args.force)
@@ -110,7 +111,8 @@ def run_bitflips_eval(args) -> int:
     res = evaluate_bitflips(model, test, args.rates, trials=args.trials, seed=args.seed,
                             layers=args.layers, progress=not args.no_progress,
                             workers=args.workers, distributed=args.distributed)
-    res.meta["title"] = f"{info['arch']} {args.checkpoint}"
+    res.meta.update(model=f"{info['arch']} on {args.dataset}",
+                    checkpoint=str(args.checkpoint))
     if not is_output_rank(args):
         return 0
     paths = res.save(args.out, "bitflips_eval", overwrite=args.force)
