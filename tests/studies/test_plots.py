@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from matplotlib.colors import to_hex
@@ -21,6 +22,7 @@ from qfv_brevitas.studies.figstyle import (EXTRA_PALETTE, METHOD_LABELS, method_
 from qfv_brevitas.studies.methods import METHODS
 from qfv_brevitas.studies.results import StudyResult
 
+ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ["stuck-at 10%", "stuck-at 20%", "BER 1%", "BER 5%", "LRS 20%", "LRS 40%",
              "LRS 20% + chip 10%", "LRS 40% + chip 10%"]
 TEN = list(METHODS) + [f"{m}+selftune" for m in METHODS if m != "selftune"]
@@ -183,6 +185,6 @@ def test_importing_and_drawing_keep_the_users_backend(tmp_path):
             "print(before, matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)")
     env = dict(os.environ, MPLBACKEND="svg")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, env=env, cwd=os.getcwd()).stdout.split()
+                         check=True, env=env, cwd=ROOT).stdout.split()
     assert out == ["svg", "svg", "False"]
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
