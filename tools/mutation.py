@@ -718,6 +718,28 @@ MUTANTS: List[Mutant] = [
       "    check_model_fits(fp, plan.arch, data.shape)\n",
       ("tests/cli/test_usercode.py", "-k", "does_not_fit"),
       "a user's model with the wrong number of outputs trains on silently"),
+
+    # -- studies/figstyle.py, plots.py, scenario.py: pictures and the HRS leak (issue 23) --------
+    M("fig-selftuned-row-own-colour", "qfv_brevitas/studies/figstyle.py",
+      "    base = base_method(name)\n    order = list(METHOD_LABELS)\n",
+      "    base = name\n    order = list(METHOD_LABELS)\n",
+      ("tests/studies/test_plots.py", "-k", "keeps_its_colour"),
+      "a self-tuned row ('paper+selftune') gets a colour of its own, not its method's"),
+    M("fig-colour-by-salted-hash", "qfv_brevitas/studies/figstyle.py",
+      "EXTRA_PALETTE[zlib.crc32(base.encode()) % len(EXTRA_PALETTE)]",
+      "EXTRA_PALETTE[hash(base) % len(EXTRA_PALETTE)]",
+      ("tests/studies/test_plots.py", "-k", "stable_colour"),
+      "a plugin method's colour from Python's salted hash: another colour in every run"),
+    M("fig-legend-over-the-data", "qfv_brevitas/studies/plots.py",
+      'fig.legend(handles, labels, loc="outside lower center"',
+      'fig.legend(handles, labels, loc="lower center"',
+      ("tests/studies/test_plots.py",),
+      "the figures' legend drawn over the panels"),
+    M("hrs-leak-dropped-at-sigma-0", "qfv_brevitas/studies/scenario.py",
+      "(self.hrs_on_off is not None or self.chip_sigma",
+      "(self.chip_sigma",
+      ("tests/studies/test_engine.py", "-k", "hrs_leak"),
+      "sigma 0 with an HRS leak run as the ideal device (the cliff of issue 23)"),
 ]
 
 

@@ -176,7 +176,8 @@ def _study_kw(args) -> dict:
 
 
 def _write(args, info, res) -> int:
-    res.meta["title"] = f"{info['arch']} {args.checkpoint}"
+    res.meta.update(model=f"{info['arch']} on {args.dataset}",
+                    checkpoint=str(args.checkpoint))
     if not is_output_rank(args):
         return 0
     paths = res.save(args.out, f"{args.command}_{args.action}", overwrite=args.force)

@@ -25,7 +25,8 @@ _INPUTS = ("checkpoint", "data_dir", "fault_map", "variability_map")
 
 @command("compare", help="the related methods side by side on the same maps: one table, one plot",
          description="Runs each --methods on --trials seeded maps per scenario (stuck-at rates, "
-                     "bit-error rates, LRS sigmas with and without a between-chip component) "
+                     "bit-error rates, LRS sigmas, and with --chip-sigma each sigma again with "
+                     "a between-chip component) "
                      "and writes compare.{md,csv,json,png} to --out. Per-map methods do not "
                      "apply to transient bit flips (n/a).")
 def compare(p: argparse.ArgumentParser):
@@ -45,9 +46,9 @@ def compare(p: argparse.ArgumentParser):
     p.add_argument("--ber", type=float, nargs="*", default=[0.01, 0.05], help="bit-error rates")
     p.add_argument("--sigmas", type=float, nargs="*", default=[0.2, 0.4],
                    help="LRS sigma/mu of the per-cell variability")
-    p.add_argument("--chip-sigma", type=float, default=0.1,
+    p.add_argument("--chip-sigma", type=float, default=0.0,
                    help="between-chip sigma: each --sigmas scenario again with this shared "
-                        "component (0: not)")
+                        "component, e.g. 0.1 (default 0: no such scenario)")
     p.add_argument("--hrs-on-off", type=float, default=Scenario.hrs_on_off,
                    help="variability scenarios: model HRS too, LRS/HRS on/off ratio")
     p.add_argument("--distribution", choices=("normal", "lognormal"),
@@ -69,7 +70,8 @@ def run_compare(args) -> int:
     res = compare_methods(model, train, test, scs, args.methods, cfg,
                           progress=not args.no_progress, workers=args.workers,
                           distributed=args.distributed)
-    res.meta["title"] = f"{info['arch']} {args.checkpoint}, {args.trials} maps per scenario"
+    res.meta.update(model=f"{info['arch']} on {args.dataset}",
+                    checkpoint=str(args.checkpoint))
     if not is_output_rank(args):
         return 0
     paths = res.save(args.out, "compare", overwrite=args.force)
@@ -115,7 +117,8 @@ def run_bitflips_eval(args) -> int:
     res = evaluate_bitflips(model, test, args.rates, trials=args.trials, seed=args.seed,
                             layers=args.layers, progress=not args.no_progress,
                             workers=args.workers, distributed=args.distributed)
-    res.meta["title"] = f"{info['arch']} {args.checkpoint}"
+    res.meta.update(model=f"{info['arch']} on {args.dataset}",
+                    checkpoint=str(args.checkpoint))
     if not is_output_rank(args):
         return 0
     paths = res.save(args.out, "bitflips_eval", overwrite=args.force)

@@ -231,7 +231,8 @@ class TrialStarts:
     ``models["base"]`` (the model deployed with the study's mapping) and each once-trained
     run's model; with self-tuning, the calibration batch and each model's reference
     statistics. ``ideal`` caches each model's accuracy on the ideal device (it has no map,
-    so every trial at level 0 and every ideal-device row reads the same number)."""
+    so every trial of an ideal scenario (level 0, no HRS leak) and every ideal-device row reads
+    the same number)."""
 
     models: Dict[str, nn.Module]
     calib: Optional[Tensor] = None

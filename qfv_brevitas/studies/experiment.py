@@ -18,6 +18,7 @@ from qfv_brevitas.core.config import VARIANTS, NMultConfig
 from qfv_brevitas.core.convert import quantize_model
 from qfv_brevitas.zoo.data import DataError, fingerprint, load_dataset
 from qfv_brevitas.zoo.models import build_model
+from qfv_brevitas.studies.figstyle import VARIANT_LABELS
 from qfv_brevitas.studies.plots import plot_fitted_levels, plot_levels
 from qfv_brevitas.util.progress import RunProgress
 from qfv_brevitas.util.budgets import read_json_file
@@ -197,7 +198,8 @@ def run_experiment(out_dir: Union[str, Path], dataset: str = "digits",
         for cfg in plan.configs:
             q = train_quantized(plan, data, fp, cfg, example, out, bar, results, meta)
             if shows_levels(plan, cfg.variant):
-                plotted[f"{cfg.variant} W{cfg.weight_bits}A{cfg.weight_bits}"] = q
+                label = VARIANT_LABELS.get(cfg.variant, cfg.variant)
+                plotted[f"{label} W{cfg.weight_bits}A{cfg.weight_bits}"] = q
         bar.close()
         if plotted:
             plot_levels(plotted, out / "levels.png")

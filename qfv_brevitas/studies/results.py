@@ -178,17 +178,30 @@ class StudyResult:
             self.plot(tmp["png"], overwrite=True, format="png")
         return paths
 
-    def plot(self, path: Union[str, Path], overwrite: bool = False,
-             format: Optional[str] = None) -> Path:
-        """A sweep: accuracy against level, one line per method (std error bars). A
-        comparison: grouped bars per scenario, error bar = std, a tick at the worst map.
-        Written to ``path`` atomically (an existing file only with ``overwrite``)."""
+    def headline(self) -> str:
+        """The figure's title in words: ``meta["title"]`` if set, else what is plotted, of
+        ``meta["model"]`` (e.g. ``"small_cnn on digits"``) when known."""
+        if self.meta.get("title"):
+            return str(self.meta["title"])
+        what = ("Test accuracy of each method in each chip scenario" if self.is_comparison
+                else f"Test accuracy against the {self.level_name}")
+        return f"{what}: {self.meta['model']}" if self.meta.get("model") else what
+
+    def figure(self):
+        """The plot as a :class:`matplotlib.figure.Figure` (a sweep: accuracy against level,
+        one line per method; a comparison: a panel of bars per scenario), not yet written."""
         from qfv_brevitas.studies import plots
 
-        title = self.meta.get("title", "")
         if self.is_comparison:
-            return plots.plot_accuracy_by_scenario(self.summary(), self.scenario_labels,
-                                                   self.methods, path, title, overwrite,
-                                                   format)
-        return plots.plot_accuracy_by_level(self.summary(), self.level_name, path, title,
-                                            overwrite, format)
+            return plots.accuracy_by_scenario_figure(self.summary(), self.scenario_labels,
+                                                     self.methods, self.headline())
+        return plots.accuracy_by_level_figure(self.summary(), self.level_name, self.headline())
+
+    def plot(self, path: Union[str, Path], overwrite: bool = False,
+             format: Optional[str] = None) -> Path:
+        """Write :meth:`figure` to ``path`` atomically (an existing file only with
+        ``overwrite``). Error bars: ±1 std over the maps; a comparison's black tick: the worst
+        map."""
+        from qfv_brevitas.studies import plots
+
+        return plots.save_figure(self.figure(), path, overwrite=overwrite, format=format)

@@ -122,7 +122,13 @@ class Scenario(QfvConfig):
 
     @property
     def is_ideal(self) -> bool:
-        """Level 0: no map to draw, every method deploys its model on the ideal device."""
+        """No device effect at all: level 0 and, for variability, no HRS leak and no shared
+        component. Then there is no map to draw and every method deploys its model on the
+        ideal device. Sigma 0 with ``hrs_on_off`` is not ideal: every "0" cell still leaks
+        ``r_i / hrs_on_off`` (the sigma -> 0 limit of the sweep, not its ideal row)."""
+        if self.kind == "variability" and (self.hrs_on_off is not None or self.chip_sigma
+                                           or self.layer_shared_sigma):
+            return False
         return self.level == 0
 
     @property

@@ -270,3 +270,14 @@ def test_shape_sam_and_chip_options_of_the_existing_commands(ckpt, tmp_path, cap
                  "--reg-shape", "gauss", "--reg-width", "-1", "--out", str(tmp_path / "x.pt"),
                  "--no-progress"]) == 2
     assert "width must be a finite number > 0" in capsys.readouterr().err
+
+
+def test_compare_adds_no_chip_scenario_unless_asked(ckpt, tmp_path):
+    # Issue 23: --chip-sigma defaulted to 0.1, adding "LRS x% + chip 10%" columns nobody asked for.
+    out = tmp_path / "cmp"
+    assert main(["compare", str(ckpt), "--methods", "none", "--stuck", "--ber", "--sigmas",
+                 "0.3", "--trials", "1", "--no-selftune-on-top", "--out", str(out),
+                 "--no-progress"]) == 0
+    data = json.loads((out / "compare.json").read_text())
+    assert [s["label"] for s in data["meta"]["scenarios"]] == ["LRS 30%"]
+    assert {r["chip_sigma"] for r in data["rows"]} == {0.0}

@@ -1,14 +1,16 @@
 """Tests of ``qfv_brevitas.studies.engine``: one runner behind every entry point (a sweep and a
 comparison give the same accuracy on the same map), compare_methods with HRS and lognormal
-variability, level 0 as the ideal device, the engine's checks."""
+variability, level 0 as the ideal device (but not with an HRS leak), the engine's checks."""
 from __future__ import annotations
 
 import copy
 
 import pytest
+import torch
 
-from qfv_brevitas import (VariabilityModel, attach_variability, sample_variability_map,
-                          set_deploy_mapping)
+from qfv_brevitas import (VariabilityModel, attach_variability, nmult_layers,
+                          sample_variability_map, set_deploy_mapping)
+from qfv_brevitas.core.quantizers import quant_of
 from qfv_brevitas.studies import evaluate_faults, evaluate_variability
 from qfv_brevitas.training.train import evaluate
 from qfv_brevitas.studies.compare import compare_methods
@@ -92,3 +94,44 @@ def test_bad_studies_are_refused(trained, digits):
     with pytest.raises(ValueError, match="unknown deploy mapping 'smart'"):
         run_study(model, None, digits[1], [Scenario("faults", 0.1)], ["none"],
                   mapping="smart")
+
+
+def leaked_weights(layer, on_off: float) -> torch.Tensor:
+    """Closed form of the HRS leak at sigma 0: a weight ``w = c + sum_i r_i S_i`` on cells whose
+    "0" state adds ``r_i / on_off`` becomes ``w + (sum_i r_i - (w - c)) / on_off``."""
+    tq = quant_of(layer)
+    chip = tq.chip
+    lrs, hrs = chip.lrs, chip.hrs
+    chip.clear_variability()
+    try:
+        with torch.no_grad():
+            w = tq.to_groups(layer.quant_weight().detach())
+            r, c = tq.multipliers().detach(), tq.offset().detach()
+    finally:
+        chip.set_variability(lrs, hrs)
+    leak = (r.sum(1, keepdim=True) - (w - c[:, None])) / on_off
+    return tq.from_groups(w + leak, layer.weight.shape)
+
+
+def test_sigma_zero_keeps_the_hrs_leak(trained, digits):
+    # Issue 23: sigma 0 with --hrs-on-off 10 was run as the ideal device, so the step to any
+    # sigma > 0 looked like a cliff caused by sigma. The leak is there at every sigma.
+    model, clean = trained
+    test = digits[1]
+    assert not Scenario("variability", 0.0, hrs_on_off=10).is_ideal
+    on_chip = Scenario("variability", 0.0, hrs_on_off=10).attach(copy.deepcopy(model), 3,
+                                                                  layers="all")
+    for name, layer in nmult_layers(on_chip):
+        torch.testing.assert_close(layer.quant_weight().detach(), leaked_weights(layer, 10),
+                                   rtol=0, atol=1e-6, msg=name)
+        ideal = dict(nmult_layers(model))[name].quant_weight().detach()
+        moved = layer.quant_weight().detach() != ideal  # all but the all-ones codes
+        assert moved.sum() > moved.numel() // 2, name
+    res = evaluate_variability(model, test, [0.0, 1e-7], trials=2, seed=3, hrs_on_off=10,
+                               layers="all", progress=False)
+    at = {(r["level"], r["trial"]): r["acc"] for r in res.rows}
+    assert at[0.0, 0] == at[0.0, 1] == evaluate(on_chip, test) != clean
+    assert at[1e-7, 0] == at[1e-7, 1] == at[0.0, 0]  # the sigma -> 0 limit, no cliff
+    # without HRS, sigma 0 is still the ideal device
+    plain = evaluate_variability(model, test, [0.0], trials=2, seed=3, progress=False)
+    assert [r["acc"] for r in plain.rows] == [clean, clean]

@@ -82,3 +82,13 @@ def test_attach_draws_the_map_of_seed_plus_trial(trained):
     with torch.no_grad():
         assert torch.equal(got(x), ref(x))
     assert all(l.weight_quant.chip.has_variability for _, l in nmult_layers(got))
+
+
+@pytest.mark.parametrize("scenario, ideal", [
+    (Scenario("variability", 0.0), True), (Scenario("faults", 0.0), True),
+    (Scenario("bitflips", 0.0), True), (Scenario("variability", 0.1), False),
+    (Scenario("variability", 0.0, hrs_on_off=10), False),  # the HRS leak is a device effect
+    (Scenario("variability", 0.0, chip_sigma=0.1), False),
+    (Scenario("variability", 0.0, layer_shared_sigma=0.1), False)])
+def test_only_a_scenario_without_any_device_effect_is_ideal(scenario, ideal):
+    assert scenario.is_ideal is ideal
