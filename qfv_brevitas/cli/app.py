@@ -80,10 +80,13 @@ def _asks_version(argv: Sequence[str]) -> bool:
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
-    """``argv`` parsed. Help (``-h``/``--help``, a bare ``qfv``) is answered from the stored
-    description of the parser without importing torch (:mod:`~qfv_brevitas.cli.helpspec`);
+    """``argv`` parsed. Help (``-h``/``--help``, a bare ``qfv``) in a process without torch
+    is answered from the stored description of the parser (:mod:`~qfv_brevitas.cli.helpspec`);
     a command is parsed by the parser of that command alone."""
-    if wants_help(argv):
+    # The stored description stands for the parser in a fresh process. Once torch is loaded
+    # (a Python session, a notebook), building the real parser costs little and shows what
+    # that session registered (an export form, a method).
+    if wants_help(argv) and "torch" not in sys.modules:
         description = load_description()
         if description is not None:
             help_parser(description, OneLineParser, HelpFormatter).parse_args(argv)
