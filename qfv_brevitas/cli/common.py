@@ -348,14 +348,10 @@ def configure_logging(args) -> None:
         logging.DEBUG if getattr(args, "verbose", 0) else logging.INFO
     if quiet and hasattr(args, "no_progress"):
         args.no_progress = True
-    root = logging.getLogger("qfv_brevitas")
-    for h in list(root.handlers):
-        if getattr(h, "_qfv", False):
-            root.removeHandler(h)
-    cli = logging.getLogger("qfv_brevitas.cli")
-    for h in list(cli.handlers):
-        if getattr(h, "_qfv", False):
-            cli.removeHandler(h)
+    root, cli = logging.getLogger("qfv_brevitas"), logging.getLogger("qfv_brevitas.cli")
+    for logger in (root, cli):  # the handlers of an earlier main() in this process
+        for h in [h for h in logger.handlers if getattr(h, "_qfv", False)]:
+            logger.removeHandler(h)
     errors = logging.StreamHandler()  # sys.stderr when created
     errors.setFormatter(logging.Formatter("qfv: %(levelname)s: %(message)s"))
     errors.addFilter(lambda r: not r.name.startswith("qfv_brevitas.cli"))
@@ -685,8 +681,9 @@ def apply_run_args(args) -> None:
     log = logging.getLogger("qfv_brevitas.run")
     log.debug("device: %s; intra-op threads: %s", args.device or "cpu",
               n if n is not None else "auto (set per model once it is loaded)")
-    options = {k: v for k, v in vars(args).items() if not k.startswith("_")}
-    log.debug("options: %s", ", ".join(f"{k}={v}" for k, v in sorted(options.items())))
+    if log.isEnabledFor(logging.DEBUG):
+        options = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+        log.debug("options: %s", ", ".join(f"{k}={v}" for k, v in sorted(options.items())))
 
 
 def is_output_rank(args) -> bool:

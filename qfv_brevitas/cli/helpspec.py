@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 __all__ = ["describe", "help_parser", "wants_help", "load_description", "HELP_FILE",
            "SPEC_VERSION"]
@@ -56,7 +56,7 @@ def _action(a: argparse.Action, groups: Dict[int, int]) -> dict:
     return d
 
 
-def _parser(p: argparse.ArgumentParser, path: List[str]) -> dict:
+def _parser(p: argparse.ArgumentParser) -> dict:
     """The description of one parser and, under ``commands``, of its subcommands."""
     xgroups = {id(a): i for i, g in enumerate(p._mutually_exclusive_groups)
                for a in g._group_actions}
@@ -74,7 +74,7 @@ def _parser(p: argparse.ArgumentParser, path: List[str]) -> dict:
                                     "title": group.title, "names": list(a.choices),
                                     "helps": [helps.get(n) for n in a.choices]}
                 for name, sub in a.choices.items():
-                    d["commands"][name] = _parser(sub, path + [name])
+                    d["commands"][name] = _parser(sub)
                 continue
             actions.append(_action(a, xgroups))
         d["groups"].append({"title": group.title, "description": group.description,
@@ -84,7 +84,7 @@ def _parser(p: argparse.ArgumentParser, path: List[str]) -> dict:
 
 def describe(parser: argparse.ArgumentParser) -> dict:
     """``parser`` (the real ``qfv`` parser) written down as JSON-ready data."""
-    return {"spec_version": SPEC_VERSION, "parser": _parser(parser, [])}
+    return {"spec_version": SPEC_VERSION, "parser": _parser(parser)}
 
 
 def _add(target, a: dict) -> None:

@@ -226,7 +226,10 @@ def quantize_post_training(source: Union[nn.Module, Mapping, str, Path], bits: i
         first_last_bits = L.check_bits(first_last_bits, "quantize_post_training: first_last_bits")
     steps = _toolbox_steps(act_bits, calib_data, calib_samples, compensation, bias_correction)
     float_model = _resolve_source(source, model)
-    if steps["act_bits"] is not None and _is_brevitas(float_model):
+    brevitas_source = _is_brevitas(float_model)
+    if brevitas_source:
+        baseline = None  # the uniform baseline is built from a plain torch model only
+    if steps["act_bits"] is not None and brevitas_source:
         raise PTQError("act_bits: a Brevitas model keeps its own activation quantizers; "
                        "act_bits applies to a plain torch model")
     if example_input is None and data is not None:
@@ -236,8 +239,7 @@ def quantize_post_training(source: Union[nn.Module, Mapping, str, Path], bits: i
     config = NMultConfig(weight_bits=bits, act_bits=steps["act_bits"], variant="nmult",
                          mode="paper", init="fit", per_channel=per_channel,
                          first_last_bits=first_last_bits)
-    with RunProgress(total=3 + (data is not None) * (2 + 2 * (baseline is not None
-                                                             and not _is_brevitas(float_model))),
+    with RunProgress(total=3 + (data is not None) * (2 + 2 * (baseline is not None)),
                      desc=f"quantize W{bits}", unit="step", enabled=progress,
                      brief=True) as bar:
         bar.set_phase("fit the levels")
@@ -268,7 +270,7 @@ def _evaluate_ptq(result: PTQResult, float_model: nn.Module, data, bits: int, pe
     bar.set_phase("evaluate the fitted levels")
     result.acc = evaluate(result.model, data, batch_size)
     bar.update(1)
-    if baseline is None or _is_brevitas(float_model):
+    if baseline is None:
         return
     bar.set_phase(f"Brevitas uniform baseline ({baseline} scale)")
     base = brevitas_uniform(float_model, bits, per_channel=per_channel,
