@@ -97,3 +97,20 @@ def test_export_to_hls4ml(tmp_path):
     else:
         assert hls["top1_agreement"] == 1.0
         assert hls["max_abs_diff"] <= 1e-4 * max(1.0, hls["max_abs_output"])
+
+
+def test_transformer_lm_trains_quantizes_and_meets_the_chip():
+    """The language-model story on a tiny model and a few steps: every stage runs and is
+    scored in bits per byte; the untrained-at-8-bits sanity: PTQ at 4 bits stays near float,
+    stuck bits cost bits per byte."""
+    ex = load("transformer_lm")
+    out = ex.main(["--steps", "64", "--dim", "32", "--layers", "1", "--heads", "2",
+                   "--context", "16", "--val-bytes", "512", "--ptq-bits", "4", "2",
+                   "--qat-steps", "16", "--fault-rates", "0", "0.1", "--trials", "2"])
+    assert out["float"] < 6.0
+    w4, w2 = out["ptq"][(4, None)], out["ptq"][(2, None)]
+    assert w4[0] < w2[0] and abs(w4[0] - out["float"]) < 0.5
+    assert set(out["qat"]) == {"paper", "ste", "brevitas"}
+    faults = out["faults"]
+    assert faults[0]["mean"] < faults[1]["mean"]
+    assert out["repair"]["naive"] > out["repair"]["ideal"]

@@ -76,9 +76,11 @@ def remap_to_valid_(model: nn.Module) -> Dict[str, int]:
 
 
 def fault_aware_finetune(model: nn.Module, train: Dataset, test: Optional[Dataset],
-                         cfg: TrainConfig, remap_every: int = 4, progress: bool = True) -> dict:
+                         cfg: TrainConfig, remap_every: int = 4, progress: bool = True,
+                         **fit_kw) -> dict:
     """Fault-aware training (eq. 11 plus periodic nearest-valid-level remapping) of a model
-    with a fault map attached; afterwards it deploys with aware mapping."""
+    with a fault map attached; afterwards it deploys with aware mapping. ``fit_kw``:
+    :func:`fit`'s ``loss_fn``, ``optimizer``, ``metrics`` (e.g. a language model's)."""
     _require_maps(model, "fault_aware_finetune", faults=True)
     if remap_every < 1:
         raise QfvError(f"remap_every must be >= 1, got {remap_every}")
@@ -91,7 +93,7 @@ def fault_aware_finetune(model: nn.Module, train: Dataset, test: Optional[Datase
             remap_to_valid_(model)
 
     return fit(model, train, test, cfg, desc="fault-aware", progress=progress,
-               epoch_end=epoch_end)
+               epoch_end=epoch_end, **fit_kw)
 
 
 def variability_aware_finetune(model: nn.Module, train: Dataset, test: Optional[Dataset],

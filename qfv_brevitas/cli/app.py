@@ -15,6 +15,7 @@ from qfv_brevitas.cli import train  # noqa: F401  (demo, train, report)
 from qfv_brevitas.cli import device  # noqa: F401  (faults, variability)
 from qfv_brevitas.cli import export  # noqa: F401  (export, inspect, verify, crossbar)
 from qfv_brevitas.cli import snn  # noqa: F401
+from qfv_brevitas.cli import lm  # noqa: F401
 from qfv_brevitas.cli import methods  # noqa: F401  (compare, bitflips, selftune)
 from qfv_brevitas.cli import quantize  # noqa: F401
 from qfv_brevitas.cli.common import (HelpFormatter, OneLineParser, add_commands,

@@ -12,6 +12,7 @@ import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -138,6 +139,25 @@ def _is_brevitas(model: nn.Module) -> bool:
     return any(isinstance(m, QuantWeightBiasInputOutputLayer) for m in model.modules())
 
 
+def _accuracy(model: nn.Module, data, batch_size: int) -> float:
+    from qfv_brevitas.training.train import evaluate
+
+    return evaluate(model, data, batch_size)
+
+
+def _bits_per_byte(model: nn.Module, data, batch_size: int) -> float:
+    from qfv_brevitas.training.lm import evaluate_bpb
+
+    return evaluate_bpb(model, data, batch_size)
+
+
+#: how :func:`quantize_post_training` scores a model on ``data``: name -> (score(model, data,
+#: batch_size), format); ``accuracy`` (top-1, higher is better) or ``bpb`` (a language
+#: model's bits per byte, lower is better)
+PTQ_METRICS = {"accuracy": (_accuracy, lambda v: f"{100 * v:.2f}%"),
+               "bpb": (_bits_per_byte, lambda v: f"{v:.4f} bits/byte")}
+
+
 @dataclass
 class PTQResult:
     """What :func:`quantize_post_training` made: the quantized ``model``, its ``config``,
@@ -155,21 +175,25 @@ class PTQResult:
     baseline: str = ""
     meta: dict = field(default_factory=dict)
     baseline_model: Optional[nn.Module] = None
+    #: what ``float_acc``, ``acc`` and ``baseline_acc`` measure: a key of :data:`PTQ_METRICS`
+    metric: str = "accuracy"
 
     def table(self) -> str:
         lines = [format_level_errors(self.layers)]
         if self.acc is not None:
-            lines += ["", f"accuracy: float {100 * self.float_acc:.2f}%"
-                          + (f" | Brevitas {self.baseline} {100 * self.baseline_acc:.2f}%"
+            fmt = PTQ_METRICS[self.metric][1]
+            lines += ["", f"{self.metric}: float {fmt(self.float_acc)}"
+                          + (f" | Brevitas {self.baseline} {fmt(self.baseline_acc)}"
                              if self.baseline_acc is not None else "")
                           + f" | fitted N-multiplier{_steps_label(self.meta, ' (')}"
-                            f" {100 * self.acc:.2f}%"]
+                            f" {fmt(self.acc)}"]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {"config": self.config.to_dict(), "layers": self.layers,
                 "float_acc": self.float_acc, "acc": self.acc,
-                "baseline_acc": self.baseline_acc, "baseline": self.baseline, **self.meta}
+                "baseline_acc": self.baseline_acc, "baseline": self.baseline,
+                "metric": self.metric, **self.meta}
 
     def plot(self, path: Union[str, Path], **kw) -> Path:
         """Weight histogram with the fitted, best uniform and Lloyd-Max levels, a panel per
@@ -188,7 +212,8 @@ def quantize_post_training(source: Union[nn.Module, Mapping, str, Path], bits: i
                            batch_size: int = 512, act_bits: Optional[int] = None,
                            calib_data=None, calib_samples: int = 256,
                            compensation: Optional[str] = None,
-                           bias_correction: bool = False, progress: bool = False) -> PTQResult:
+                           bias_correction: bool = False, progress: bool = False,
+                           metric: str = "accuracy") -> PTQResult:
     """Quantize a trained float model's weights to fitted N-multiplier levels, no training;
     optionally with Brevitas' PTQ toolbox (:mod:`qfv_brevitas.studies.calibration`) over
     calibration data: activations at ``act_bits``, GPTQ/GPFQ error compensation, bias correction.
@@ -218,10 +243,15 @@ def quantize_post_training(source: Union[nn.Module, Mapping, str, Path], bits: i
         compensation: ``"gptq"``, ``"gpfq"`` or ``None``.
         bias_correction: Brevitas' bias correction after the other steps.
         progress: one bar over the steps (fit, toolbox, errors, evaluations).
+        metric: how the models are scored on ``data`` (:data:`PTQ_METRICS`): ``"accuracy"``
+            or ``"bpb"`` (language models: ``data`` of ``(ids, next ids)`` windows).
 
     Returns a :class:`PTQResult`; ``source`` is left unchanged.
     """
     bits = L.check_bits(bits, "quantize_post_training: bits")
+    from qfv_brevitas.util.validate import check_choice
+
+    check_choice(metric, tuple(PTQ_METRICS), "PTQ metric")
     if first_last_bits is not None:
         first_last_bits = L.check_bits(first_last_bits, "quantize_post_training: first_last_bits")
     steps = _toolbox_steps(act_bits, calib_data, calib_samples, compensation, bias_correction)
@@ -249,7 +279,8 @@ def quantize_post_training(source: Union[nn.Module, Mapping, str, Path], bits: i
         _apply_steps(q, steps)
         bar.update(1)
         bar.set_phase("level errors" + (" and Lloyd-Max references" if lloyd else ""))
-        result = PTQResult(q, config, level_errors(q, lloyd=lloyd), meta=_steps_meta(steps))
+        result = PTQResult(q, config, level_errors(q, lloyd=lloyd), meta=_steps_meta(steps),
+                           metric=metric)
         bar.update(1)
         if data is not None:
             _evaluate_ptq(result, float_model, data, bits, per_channel, first_last_bits,
@@ -260,15 +291,14 @@ def quantize_post_training(source: Union[nn.Module, Mapping, str, Path], bits: i
 def _evaluate_ptq(result: PTQResult, float_model: nn.Module, data, bits: int, per_channel: bool,
                   first_last_bits, example_input, baseline, skip, steps: dict, batch_size: int,
                   bar: RunProgress) -> None:
-    """The accuracies of :func:`quantize_post_training`: float, fitted levels and (with
-    ``baseline``) Brevitas' uniform quantizer with the same steps."""
-    from qfv_brevitas.training.train import evaluate
-
+    """The scores (``result.metric``) of :func:`quantize_post_training`: float, fitted levels
+    and (with ``baseline``) Brevitas' uniform quantizer with the same steps."""
+    evaluate = partial(PTQ_METRICS[result.metric][0], batch_size=batch_size)
     bar.set_phase("evaluate the float model")
-    result.float_acc = evaluate(float_model, data, batch_size)
+    result.float_acc = evaluate(float_model, data)
     bar.update(1)
     bar.set_phase("evaluate the fitted levels")
-    result.acc = evaluate(result.model, data, batch_size)
+    result.acc = evaluate(result.model, data)
     bar.update(1)
     if baseline is None:
         return
@@ -279,7 +309,7 @@ def _evaluate_ptq(result: PTQResult, float_model: nn.Module, data, bits: int, pe
     result.baseline_model = _apply_steps(base, steps)
     bar.update(1)
     bar.set_phase("evaluate the baseline")
-    result.baseline_acc = evaluate(base, data, batch_size)
+    result.baseline_acc = evaluate(base, data)
     result.baseline = f"uniform ({baseline} scale{_steps_label(steps)})"
     bar.update(1)
 

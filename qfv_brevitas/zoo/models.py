@@ -185,6 +185,18 @@ def _vgg(input_shape: Tuple[int, ...], num_classes: int) -> nn.Module:
     return vgg_cifar(num_classes, input_shape[0], input_size=min(input_shape[1:]))
 
 
+@register_model("tiny_lm")
+def _tiny_lm(input_shape: Tuple[int, ...], num_classes: int) -> nn.Module:
+    """The small transformer of :mod:`qfv_brevitas.zoo.lm`: ``input_shape = (context,)``,
+    ``num_classes`` = its vocabulary (256 for bytes)."""
+    from qfv_brevitas.zoo.lm import TinyLM
+
+    if len(input_shape) != 1:
+        raise QfvError(f"tiny_lm takes token sequences: input_shape (context,), got "
+                       f"{tuple(input_shape)}")
+    return TinyLM(vocab=num_classes, context=int(input_shape[0]))
+
+
 #: The plain reference models (the spiking ones are :data:`qfv_brevitas.snn.SPIKING_MODEL_NAMES`).
 MODEL_NAMES = tuple(_REGISTRY)
 
