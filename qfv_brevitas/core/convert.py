@@ -455,6 +455,8 @@ def swap_weight_quant(model: nn.Module, config: Optional[NMultConfig] = None,
     for name, layer, bits in plan:
         proxy = NMultWeightQuantProxy(layer, weight_quant_for(config, bits, name))
         layer.weight_quant = proxy
+        if isinstance(layer, qnn.QuantEmbedding):
+            proxy.skip_create_quant_tensor = True  # plain rows to look up (quant_embedding)
         if config.frac_bits is None and proxy.needs_quant_tensor():
             proxy.use_integer_view("auto")  # integer biases / quant tensors need it
         proxy.train(layer.training)

@@ -133,6 +133,23 @@ def test_an_existing_quant_embedding_is_refused_and_swap_takes_it():
     assert bits_of(m) == {"tok": 5}
 
 
+@pytest.mark.parametrize("how", ["convert", "swap"])
+def test_the_integer_view_leaves_the_lookup_plain(how):
+    x = ids()
+    if how == "convert":
+        q = quantize_model(model(), NMultConfig(weight_bits=3, per_channel=True,
+                                                frac_bits="auto"), example_input=x)
+    else:
+        q = model()
+        q.tok = qnn.QuantEmbedding(VOCAB, DIM)
+        swap_weight_quant(q, NMultConfig(weight_bits=4, per_channel=True, frac_bits=6))
+    assert quant_of(q.tok).integer_view
+    with torch.no_grad():
+        out = q.tok(x)
+        assert type(out) is torch.Tensor
+        torch.testing.assert_close(out, snapped_rows(q.tok)[x], rtol=0, atol=0)
+
+
 def test_fault_and_variability_maps_reach_the_embedding():
     q, x = quantize_model(model(), CFG, example_input=ids()), ids()
     with torch.no_grad():
