@@ -1,8 +1,8 @@
 # Two entry points, each complete on a fresh machine with Python 3.11+ and nothing else:
 #   make demo   - set up .venv and run `qfv demo` on scikit-learn's bundled digits
-#   make test   - set up .venv with the test, fpga (hls4ml), lightning and snn (spikingjelly)
-#                 extras, and .venv-finn (finn-plus, for the FINN flow's tests), and run the test
-#                 suite (what CI runs, via .ci/run)
+#   make test   - set up .venv with the test, fpga (hls4ml), lightning, llm (transformers) and
+#                 snn (spikingjelly) extras, and .venv-finn (finn-plus, for the FINN flow's
+#                 tests), and run the test suite (what CI runs, via .ci/run)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
@@ -24,8 +24,8 @@ $(VENV)/.installed: pyproject.toml setup.py qfv_brevitas/csrc/kernels.c
 setup-test: $(VENV)/.installed-test
 
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
-	# "$(TORCH)" again: an extra (lightning) that would replace the pinned CPU torch fails here.
-	$(PY) -m pip install -q -e ".[test,fpga,lightning]" "$(TORCH)"
+	# "$(TORCH)" again: an extra (lightning, llm) that would replace the pinned CPU torch fails here.
+	$(PY) -m pip install -q -e ".[test,fpga,lightning,llm]" "$(TORCH)"
 	# spikingjelly 2.0 declares torchvision/torchaudio/tensorboard, which would replace the CPU
 	# torch by a CUDA build: the snn extra goes in without its declared dependencies.
 	$(PY) -m pip install -q --no-deps "spikingjelly>=2.0.0" "loguru>=0.7,<1"

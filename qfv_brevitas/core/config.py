@@ -42,7 +42,8 @@ class NMultConfig(QfvConfig):
             ``"lsq"`` for the ``step`` and ``fixed`` baselines (as in the paper).
         per_channel: one ``r``/``c`` per output channel instead of per tensor.
         first_last_bits: weight and input-activation bits of the first and last compute layers
-            (paper section 4 keeps them at 8), or ``None`` to treat them like the others.
+            (paper section 4 keeps them at 8) and of every embedding table (a language model's
+            token embedding and LM head), or ``None`` to treat them like the others.
         layer_bits: per-layer weight bit overrides by qualified module name.
         act_collect_stats_steps: training steps over which Brevitas' learned activation scales
             are initialised from statistics before they become plain parameters.

@@ -3,6 +3,8 @@
 - :func:`quantize_model`: a plain torch model (Conv1d/2d/3d and Linear, with BatchNorm,
   residual adds, anything around them) gets Brevitas layers with these weight quantizers and
   Brevitas' learned-scale input-activation quantizers; first and last compute layers at 8 bits.
+  An ``nn.Embedding`` becomes a ``QuantEmbedding`` (weights only: its input is integer ids) at
+  the edge width, so a language model's token embedding and LM head are its 8-bit edges.
 - :func:`swap_weight_quant`: an existing Brevitas model keeps its layers and activation
   quantizers; each quantized layer's weight quantizer is replaced, initialised from its weights.
 """
@@ -19,6 +21,7 @@ from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
 from brevitas.quant import Int8ActPerTensorFloat, Uint8ActPerTensorFloat
 
 from qfv_brevitas.core.config import FORWARD_MODES, NMultConfig
+from qfv_brevitas.core.hf import is_hf_conv1d
 from qfv_brevitas.core.preserve import (ConversionError, FloatCallRecorder, ModuleTree,
                                         adopt_hooks, check_tree, check_replaceable, check_weights,
                                         copy_model, find_module, float_calls, is_empty, keep_frozen,
@@ -31,15 +34,20 @@ from qfv_brevitas.core.quantizers import (FixedLevelWeightQuant, LearnedStepWeig
 
 __all__ = ["quantize_model", "swap_weight_quant", "set_forward_mode", "ConversionError",
            "weight_quant_for", "unsigned_input_layers", "probe_layers", "set_submodule",
-           "build_quant_layer", "COMPUTE"]
+           "build_quant_layer", "edge_layers", "COMPUTE", "CONVERTIBLE", "QUANTIZED"]
 
 
 _VARIANT_QUANT = {"nmult": NMultWeightQuant, "step": LearnedStepWeightQuant,
                   "fixed": FixedLevelWeightQuant}
 
 _CONV = {nn.Conv1d: qnn.QuantConv1d, nn.Conv2d: qnn.QuantConv2d, nn.Conv3d: qnn.QuantConv3d}
-#: the torch layers quantize_model converts
+#: the torch compute layers quantize_model converts (input quantizers where asked)
 COMPUTE = (nn.Linear, *_CONV)
+#: every torch layer quantize_model converts: the compute layers and embedding tables
+CONVERTIBLE = (*COMPUTE, nn.Embedding)
+#: the Brevitas layers a conversion makes (a float layer of CONVERTIBLE that is not one of
+#: these still runs in float)
+QUANTIZED = (QuantWeightBiasInputOutputLayer, qnn.QuantEmbedding)
 _UNSUPPORTED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear,
                 nn.modules.lazy.LazyModuleMixin)
 
@@ -53,12 +61,14 @@ def weight_quant_for(config: NMultConfig, bits: int, name: Optional[str] = None)
 
 
 def probe_layers(model: nn.Module, example_input) -> Tuple[List[str], Dict[str, bool]]:
-    """Conv/Linear layer names of ``model`` in execution order (registration order without an
-    input), and for each layer run on ``example_input`` whether its inputs were all
+    """Conv/Linear/Embedding layer names of ``model`` in execution order (registration order
+    without an input), and for each layer run on ``example_input`` whether its inputs were all
     non-negative.
 
-    The pass runs in eval mode so that BatchNorm running statistics are left untouched."""
-    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, *_CONV))]
+    The pass runs in eval mode so that BatchNorm running statistics are left untouched; the
+    model's output is not read (a Hugging Face ``ModelOutput`` is fine), and a layer called
+    with its input as a keyword argument is seen too."""
+    names = [n for n, m in model.named_modules() if isinstance(m, CONVERTIBLE)]
     if example_input is None:
         return names, {}
     order: List[str] = []
@@ -66,11 +76,13 @@ def probe_layers(model: nn.Module, example_input) -> Tuple[List[str], Dict[str, 
 
     def hook(n, x):
         order.append(n)
-        mins[n] = min(mins.get(n, float("inf")), float(x.detach().min()))
+        if x is not None and x.numel():
+            mins[n] = min(mins.get(n, float("inf")), float(x.detach().min()))
 
     mods = dict(model.named_modules())
-    hooks = [mods[n].register_forward_pre_hook(lambda mod, inp, n=n: hook(n, inp[0]))
-             for n in names]
+    hooks = [mods[n].register_forward_pre_hook(
+        lambda mod, args, kwargs, n=n: hook(n, first_tensor(args, kwargs)), with_kwargs=True)
+        for n in names]
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
@@ -85,6 +97,21 @@ def probe_layers(model: nn.Module, example_input) -> Tuple[List[str], Dict[str, 
     return seen + [n for n in names if n not in seen], {n: v >= 0 for n, v in mins.items()}
 
 
+def first_tensor(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """The first tensor a layer is called with, positional or keyword (``None``: none)."""
+    return next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+
+
+def edge_layers(model: nn.Module, names: Sequence[str]) -> Set[str]:
+    """The layers at the edge width among ``names`` (converted layers in execution order):
+    the first and the last, and every embedding table (a language model's token and position
+    embeddings and its LM head; paper section 4's first/last layers of a CNN)."""
+    if not names:
+        return set()
+    mods = dict(model.named_modules())
+    return {names[0], names[-1]} | {n for n in names if isinstance(mods[n], nn.Embedding)}
+
+
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     """Replace the submodule at qualified name ``name`` (``"features.0"``) by ``new``."""
     parent_name, _, child = name.rpartition(".")
@@ -95,39 +122,34 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def build_quant_layer(name: str, old: nn.Module, wq, act_quant, act_bits: Optional[int],
                       stats_steps: int = NMultConfig.act_collect_stats_steps,
                       level_init: Optional[str] = None, adopt: bool = False) -> nn.Module:
-    """The Brevitas counterpart of the Conv/Linear layer ``old`` (named ``name``): weight
-    quantizer ``wq`` (any Brevitas weight-quant injector), input quantizer ``act_quant`` at
-    ``act_bits`` (``None``: float inputs) collecting statistics for ``stats_steps`` steps, and
-    ``old``'s weights and bias: copies, or with ``adopt`` the very Parameter objects (ties,
-    ``requires_grad`` and optimizers holding them survive). ``level_init``: the level init of
-    an N-multiplier ``wq``."""
+    """The Brevitas counterpart of the Conv/Linear/Embedding layer ``old`` (named ``name``):
+    weight quantizer ``wq`` (any Brevitas weight-quant injector), input quantizer
+    ``act_quant`` at ``act_bits`` (``None``: float inputs; never on an embedding, whose input
+    is integer ids) collecting statistics for ``stats_steps`` steps, and ``old``'s weights and
+    bias: copies, or with ``adopt`` the very Parameter objects (ties, ``requires_grad`` and
+    optimizers holding them survive). ``level_init``: the level init of an N-multiplier
+    ``wq``."""
     # With ``level_init`` (N-multiplier quantizers) the layer is built with LSQ's cheap start:
     # its random init weights are replaced below, and only then are the levels initialised
     # the configured way (a fit to the random weights would be wasted).
     kw = dict(weight_quant=wq if level_init is None else wq.let(level_init="lsq"),
-              bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype,
-              return_quant_tensor=False)
-    if act_quant is not None:
-        kw.update(input_quant=act_quant, input_bit_width=act_bits,
-                  input_collect_stats_steps=stats_steps)
-    if isinstance(old, nn.Linear):
-        new = qnn.QuantLinear(old.in_features, old.out_features, **kw)
+              device=old.weight.device, dtype=old.weight.dtype, return_quant_tensor=False)
+    if isinstance(old, nn.Embedding):
+        new = quant_embedding(name, old, kw)
     else:
-        cls = next(q for base, q in _CONV.items() if isinstance(old, base))
-        if isinstance(old.padding, str) and old.padding == "same" and any(
-                s != 1 for s in old.stride):
-            raise ConversionError(f"layer {name!r}: padding='same' with stride > 1 is not supported")
-        new = cls(old.in_channels, old.out_channels, old.kernel_size, stride=old.stride,
-                  padding=old.padding, dilation=old.dilation, groups=old.groups,
-                  padding_mode=old.padding_mode, **kw)
+        kw["bias"] = old.bias is not None
+        if act_quant is not None:
+            kw.update(input_quant=act_quant, input_bit_width=act_bits,
+                      input_collect_stats_steps=stats_steps)
+        new = quant_compute_layer(name, old, kw)
     if adopt:
         new.weight = old.weight
-        if old.bias is not None:
+        if getattr(old, "bias", None) is not None:
             new.bias = old.bias
     else:
         with torch.no_grad():
             new.weight.copy_(old.weight)
-            if old.bias is not None:
+            if getattr(old, "bias", None) is not None:
                 new.bias.copy_(old.bias)
     new.train(old.training)
     # The quantizer was initialised from the layer's random init: start it from the real weights.
@@ -139,6 +161,42 @@ def build_quant_layer(name: str, old: nn.Module, wq, act_quant, act_bits: Option
     return new
 
 
+def quant_compute_layer(name: str, old: nn.Module, kw: dict) -> nn.Module:
+    """A Brevitas QuantLinear/QuantConv shaped like ``old``, built with the keywords ``kw``
+    (its weights are still its random init)."""
+    if isinstance(old, nn.Linear):
+        return qnn.QuantLinear(old.in_features, old.out_features, **kw)
+    cls = next(q for base, q in _CONV.items() if isinstance(old, base))
+    if isinstance(old.padding, str) and old.padding == "same" and any(
+            s != 1 for s in old.stride):
+        raise ConversionError(f"layer {name!r}: padding='same' with stride > 1 is not supported")
+    return cls(old.in_channels, old.out_channels, old.kernel_size, stride=old.stride,
+               padding=old.padding, dilation=old.dilation, groups=old.groups,
+               padding_mode=old.padding_mode, **kw)
+
+
+def quant_embedding(name: str, old: nn.Embedding, kw: dict) -> nn.Module:
+    """A Brevitas QuantEmbedding shaped like ``old`` (same ``padding_idx`` and
+    ``scale_grad_by_freq``), built with the keywords ``kw``. Per channel means per row of the
+    table (one token's vector). ``max_norm`` (it rescales the rows it looks up in place, which
+    would rewrite the quantized table) and ``sparse`` gradients are refused by name."""
+    if old.max_norm is not None:
+        raise ConversionError(
+            f"layer {name!r} (Embedding) has max_norm={old.max_norm}: it renormalises the rows "
+            "it looks up in place, which a quantized table cannot keep. Renormalise the weights "
+            f"once and set max_norm=None, or pass {name!r} in skip=()")
+    if old.sparse:
+        raise ConversionError(
+            f"layer {name!r} (Embedding) has sparse=True: the weight quantizer's gradient is "
+            f"dense. Build it with sparse=False or pass {name!r} in skip=()")
+    new = qnn.QuantEmbedding(old.num_embeddings, old.embedding_dim, padding_idx=old.padding_idx,
+                             scale_grad_by_freq=old.scale_grad_by_freq, **kw)
+    # The layer returns plain tensors: so should its weight quantizer. Brevitas' embedding
+    # handler for a quant tensor takes per-tensor scales only, a plain table any scale.
+    new.weight_quant.skip_create_quant_tensor = True
+    return new
+
+
 def quantize_model(model: nn.Module, config: Optional[NMultConfig] = None,
                    example_input: Optional[torch.Tensor] = None, inplace: bool = False,
                    skip: tuple = (), unsigned_inputs: Optional[Sequence[str]] = None
@@ -147,9 +205,14 @@ def quantize_model(model: nn.Module, config: Optional[NMultConfig] = None,
     N-multiplier weight quantizers and learned-scale input-activation quantizers.
 
     Args:
-        model: a plain torch model (BatchNorm, residual adds etc. are left as they are).
-        config: bits, variant, mode, granularity; first and last compute layers get
+        model: a plain torch model (BatchNorm, residual adds etc. are left as they are), or a
+            Hugging Face ``transformers`` model (its ``nn.Linear`` projections and embeddings
+            convert; GPT-2's ``Conv1D`` first needs
+            :func:`qfv_brevitas.core.hf.conv1d_to_linear`).
+        config: bits, variant, mode, granularity; the edge layers (:func:`edge_layers`: first
+            and last in execution order and every ``nn.Embedding``) get
             ``config.first_last_bits`` for weights and input activations (paper section 4).
+            An embedding becomes a ``QuantEmbedding`` with a weight quantizer only.
         example_input: optional batch; with it, first/last layers are found in execution order,
             layers whose inputs are never negative get unsigned activation quantizers, and the
             converted model is run once to check that no float Conv/Linear still runs.
@@ -183,11 +246,11 @@ def quantize_model(model: nn.Module, config: Optional[NMultConfig] = None,
     layers, left_float = convertible_layers(model, order, skipped)
     names = [n for n, _ in layers]
     if not names:
-        raise ConversionError("the model has no Conv1d/Conv2d/Conv3d/Linear layer to quantize"
-                              + (" (only empty ones)" if left_float else ""))
+        raise ConversionError("the model has no Conv1d/Conv2d/Conv3d/Linear layer or Embedding "
+                              "to quantize" + (" (only empty ones)" if left_float else ""))
     nonneg = observed if unsigned_inputs is None else \
         unsigned_by_name(model, tree, unsigned_inputs, names)
-    edge = {names[0], names[-1]} if config.first_last_bits is not None else set()
+    edge = edge_layers(model, names) if config.first_last_bits is not None else set()
     wbits = layer_bits_by_name(model, tree, config, edge, names)
     tie_conflicts(tree, wbits)
     warn_outside_ties(tree, set(names))
@@ -195,7 +258,7 @@ def quantize_model(model: nn.Module, config: Optional[NMultConfig] = None,
     for name, old in layers:
         abits = config.first_last_bits if name in edge else config.act_bits
         act_quant = None
-        if config.act_bits is not None:
+        if config.act_bits is not None:  # (an embedding takes none: build_quant_layer)
             act_quant = Uint8ActPerTensorFloat if nonneg.get(name, False) else Int8ActPerTensorFloat
         built.append((old, convert_layer(name, old, config, wbits[name], act_quant, abits)))
     for old, new in built:  # every layer built before the model changes: no half conversion
@@ -211,10 +274,16 @@ def quantize_model(model: nn.Module, config: Optional[NMultConfig] = None,
 
 
 def refuse_unconvertible(model: nn.Module, skipped: Set[int]) -> None:
-    """Refuse Brevitas layers, compute layers without a Brevitas counterpart and
-    MultiheadAttention (it reads its projections' weights directly) unless skipped."""
+    """Refuse Brevitas layers, compute layers without a Brevitas counterpart (GPT-2's
+    ``Conv1D`` names the helper that replaces it) and MultiheadAttention (it reads its
+    projections' weights directly) unless skipped."""
     for name, mod in model.named_modules():
-        if isinstance(mod, QuantWeightBiasInputOutputLayer):
+        if is_hf_conv1d(mod) and id(mod) not in skipped:
+            raise ConversionError(
+                f"layer {name!r} is a transformers Conv1D (GPT-2 style, weight stored as (in, "
+                "out)): call qfv_brevitas.core.hf.conv1d_to_linear(model) first to replace "
+                "every Conv1D by the nn.Linear it computes, or pass its name in skip=()")
+        if isinstance(mod, QUANTIZED):
             raise ConversionError(
                 f"layer {name!r} is already a Brevitas layer ({type(mod).__name__}); use "
                 "swap_weight_quant(model, config) to give an existing Brevitas model N-multiplier "
@@ -244,7 +313,7 @@ def convertible_layers(model: nn.Module, order: Sequence[str], skipped: Set[int]
         layer = mods[name]
         if id(layer) in skipped:
             continue
-        check_replaceable(name, layer, next(b for b in COMPUTE if isinstance(layer, b)))
+        check_replaceable(name, layer, next(b for b in CONVERTIBLE if isinstance(layer, b)))
         if is_empty(layer):
             warnings.warn(f"layer {name!r} has an empty weight {tuple(layer.weight.shape)}: "
                           "nothing to quantize, it stays float", UserWarning, stacklevel=3)
@@ -306,11 +375,12 @@ def convert_layer(name: str, old: nn.Module, config: NMultConfig, wbits: int, ac
 
 def refuse_float_calls(model: nn.Module, example_input, tree: ModuleTree,
                        allowed: Set[int]) -> None:
-    """Run the converted ``model`` once and refuse a float Conv/Linear that still runs: one
+    """Run the converted ``model`` once and refuse a float Conv/Linear/Embedding that still
+    runs: one
     reached other than through the model's modules (a plain list, a bound method) or created
     in the forward pass would silently stay float."""
     seen = float_calls(model, example_input,
-                       FloatCallRecorder(COMPUTE, (QuantWeightBiasInputOutputLayer,), allowed))
+                       FloatCallRecorder(CONVERTIBLE, QUANTIZED, allowed))
     if not seen:
         return
     layer = seen[0]
@@ -346,10 +416,10 @@ def swap_weight_quant(model: nn.Module, config: Optional[NMultConfig] = None,
     """
     config = config or NMultConfig()
     check_tree(model)
-    layers = [(n, m) for n, m in model.named_modules()
-              if isinstance(m, QuantWeightBiasInputOutputLayer)]
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QUANTIZED)]
     if not layers:
-        raise ConversionError("the model has no Brevitas QuantConv/QuantLinear layer; use "
+        raise ConversionError("the model has no Brevitas QuantConv/QuantLinear/QuantEmbedding "
+                              "layer; use "
                               "quantize_model() for a plain torch model")
     tree = module_tree(model)
     quantized = {id(m) for _, m in layers}
@@ -385,6 +455,8 @@ def swap_weight_quant(model: nn.Module, config: Optional[NMultConfig] = None,
     for name, layer, bits in plan:
         proxy = NMultWeightQuantProxy(layer, weight_quant_for(config, bits, name))
         layer.weight_quant = proxy
+        if isinstance(layer, qnn.QuantEmbedding):
+            proxy.skip_create_quant_tensor = True  # plain rows to look up (quant_embedding)
         if config.frac_bits is None and proxy.needs_quant_tensor():
             proxy.use_integer_view("auto")  # integer biases / quant tensors need it
         proxy.train(layer.training)

@@ -145,7 +145,7 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
     """
     # Exported files are written from the CPU: a model trained on a GPU exports from a copy.
     model, example_input, verify_inputs = on_cpu(model, example_input, verify_inputs)
-    fm = _check_settings(form, exporter, frac_bits, max_accuracy_drop)
+    fm = _check_settings(form, exporter, frac_bits, max_accuracy_drop, model)
     x = _check_input(example_input)
     if verify_inputs is not None:
         verify_inputs = _check_input(verify_inputs)
@@ -181,8 +181,11 @@ def export_qonnx(model: nn.Module, example_input: Tensor, path: Union[str, Path]
         original.train(was_training)  # not the map-free twin of with_maps=False
 
 
-def _check_settings(form: str, exporter: str, frac_bits, max_accuracy_drop) -> ExportForm:
-    """The form asked for, once the call's settings are checked."""
+def _check_settings(form: str, exporter: str, frac_bits, max_accuracy_drop,
+                    model: nn.Module) -> ExportForm:
+    """The form asked for, once the call's settings are checked and ``model`` has no layer
+    that no form writes."""
+    _refuse_embeddings(model)
     fm = form_named(form)
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}: choose one of {', '.join(EXPORTERS)}")
@@ -202,6 +205,19 @@ def _check_model(model: nn.Module) -> None:
         if not bool(torch.isfinite(p).all()):
             raise ExportError(f"parameter {name} is not finite (NaN/inf): nothing sensible to "
                               "export")
+
+
+def _refuse_embeddings(model: nn.Module) -> None:
+    """No form writes an embedding table (a Gather on quantized rows): refuse, naming it,
+    rather than export a graph that computes something else."""
+    from brevitas.nn import QuantEmbedding
+
+    for name, m in model.named_modules():
+        if isinstance(m, QuantEmbedding):
+            raise ExportError(
+                f"layer {name!r} is a QuantEmbedding: QONNX export of embedding tables "
+                "(integer token ids in, a lookup of quantized rows) is not supported; export "
+                "the layers after it as a model of their own (float inputs)")
 
 
 def _verified(reference: nn.Module, proto: onnx.ModelProto, path: Path, inputs: Tensor,

@@ -22,8 +22,9 @@ from torch import Tensor, nn
 from qfv_brevitas.core import fitting as FIT
 from qfv_brevitas.core import levels as L
 from qfv_brevitas.core.config import NMultConfig
-from qfv_brevitas.core.convert import (ConversionError, build_quant_layer, probe_layers,
-                                      quantize_model, set_submodule, swap_weight_quant)
+from qfv_brevitas.core.convert import (ConversionError, build_quant_layer, edge_layers,
+                                      probe_layers, quantize_model, set_submodule,
+                                      swap_weight_quant)
 from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.util.progress import RunProgress
 from qfv_brevitas.core.quantizers import nmult_layers, quant_of
@@ -460,7 +461,9 @@ def brevitas_uniform(model: nn.Module, weight_bits: int,
     the largest magnitude; ``scale="mse"``: the ``...FloatMSE`` variants) and, with
     ``act_bits``, Brevitas' learned-scale activation quantizers (``Uint8ActPerTensorFloat``
     where inputs are never negative, else ``Int8ActPerTensorFloat``). First and last compute
-    layers at ``first_last_bits``. Returns a new model (in eval mode if ``model`` is)."""
+    layers at ``first_last_bits`` (:func:`~qfv_brevitas.core.convert.edge_layers`: also every
+    embedding, a ``QuantEmbedding`` without input quantizer). Returns a new model (in eval
+    mode if ``model`` is)."""
     from brevitas.quant import (Int8ActPerTensorFloat, Int8WeightPerChannelFloat,
                                 Int8WeightPerChannelFloatMSE, Int8WeightPerTensorFloat,
                                 Int8WeightPerTensorFloatMSE, Uint8ActPerTensorFloat)
@@ -478,7 +481,7 @@ def brevitas_uniform(model: nn.Module, weight_bits: int,
     names = [n for n in order if n not in set(skip)]
     if not names:
         raise ConversionError("the model has no Conv1d/Conv2d/Conv3d/Linear layer to quantize")
-    edge = {names[0], names[-1]} if first_last_bits is not None else set()
+    edge = edge_layers(q, names) if first_last_bits is not None else set()
     mods = dict(q.named_modules())
     for name in names:
         wbits = first_last_bits if name in edge else weight_bits
@@ -487,5 +490,6 @@ def brevitas_uniform(model: nn.Module, weight_bits: int,
         if act_bits is not None:
             act = Uint8ActPerTensorFloat if observed.get(name, False) else Int8ActPerTensorFloat
             abits = first_last_bits if name in edge else act_bits
-        set_submodule(q, name, build_quant_layer(name, mods[name], wq, act, abits))
+        # adopt: ``q`` is a copy already, and a tied embedding / LM head stays one Parameter
+        set_submodule(q, name, build_quant_layer(name, mods[name], wq, act, abits, adopt=True))
     return q
