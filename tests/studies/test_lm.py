@@ -14,23 +14,31 @@ from qfv_brevitas.zoo.lm import TinyLM
 @pytest.fixture(scope="module")
 def lm():
     """A tiny model trained briefly on the standard library's sources."""
-    train, val, _ = load_stdlib_text(context=16, train_windows=512, val_bytes=16 * 48, seed=0)
+    train, val, _ = load_stdlib_text(context=16, train_windows=4096, val_bytes=16 * 128, seed=0)
     torch.manual_seed(0)
     model = TinyLM(dim=32, layers=1, heads=2, context=16)
     before = evaluate_bpb(model, val)
-    hist = train_lm(model, train, val, LMRecipe(epochs=2, lr=1e-2, batch_size=32),
+    hist = train_lm(model, train, val, LMRecipe(epochs=2, lr=2e-2, batch_size=32),
                     progress=False)
     return model.eval(), train, val, before, hist
 
 
+def _unigram_bpb(train, val) -> float:
+    """Bits per byte of the training text's byte frequencies on the validation text."""
+    counts = torch.bincount(train.tensors[1].reshape(-1), minlength=256).double() + 0.5
+    logp = torch.log2(counts / counts.sum())
+    return float(-logp[val.tensors[1].reshape(-1)].mean())
+
+
 def test_training_learns_the_text(lm):
-    model, _, val, before, hist = lm
-    # random init predicts about uniformly (8 bits); after 32 steps it is below the bytes'
-    # unigram entropy (4.6 bits on this corpus) and the history has its bits per byte
+    model, train, val, before, hist = lm
+    # random init predicts about uniformly (8 bits); after 256 steps the model beats the
+    # training text's byte frequencies (about 5 bits per byte) on validation text: it uses
+    # the context. The history records validation bits per byte per epoch.
     assert 7.5 < before < 8.5
     assert len(hist["test_bpb"]) == 2 and hist["test_bpb"][1] < hist["test_bpb"][0]
     assert hist["test_bpb"][-1] == pytest.approx(evaluate_bpb(model, val), rel=1e-5)
-    assert hist["test_bpb"][-1] < 4.6
+    assert hist["test_bpb"][-1] < _unigram_bpb(train, val) - 0.3
 
 
 def test_ptq_scores_in_bits_per_byte_with_the_edges_at_8_bits(lm):
