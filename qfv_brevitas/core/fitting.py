@@ -30,6 +30,9 @@ and since ``x_prev`` is feasible, the error can never increase. Each start keeps
 iterate seen. A final check with :func:`grid_error` in the weights' dtype guarantees the
 result is never worse than the best uniform grid (or, when warm-started, than its start) as
 the quantizer evaluates it.
+
+Many groups (per output channel) take the batched search of :func:`fit_multipliers`: the
+same starts, screened early, each stopping on its own, in chunks of groups.
 """
 from __future__ import annotations
 
@@ -313,6 +316,8 @@ def _alternate_batched(sw: _Sorted, basis: Tensor, x: Tensor, max_iter: int, tol
         if (keep and it + 1 < _SCREEN_ITERS) or x.shape[1] > keep > 0:
             continue
         live = active.any(1)
+        if not bool(live.any()):  # (screening can keep only finished starts)
+            break
         if 2 * int(live.sum()) < live.numel():  # compact: drop the finished groups
             if out is None:
                 out = (best_x.clone(), best_err.clone(), torch.arange(sw.G, device=x.device))
@@ -612,36 +617,6 @@ def lloyd_max(w2d: Tensor, bits: int, init: Optional[Tensor] = None,
     return LloydMax(levels.sort(1).values, torch.where(sw.constant, 0.0, err[g, k]))
 
 
-def _subset_sum_generators(levels: Tensor) -> Tensor:
-    """``(G, N + 1)`` = ``(r, c)`` with ``{c + <r, S>}`` close to the sorted ``levels``
-    ``(G, 2**N)``: the classic reconstruction of a set from its subset sums. The smallest gap
-    is a generator ``d``; pairing each level, from the smallest, with the free level nearest to
-    it plus ``d`` splits the set into lower and upper halves; the lower half holds the subset
-    sums of the other generators; repeat. Exact on exact subset sums; a start otherwise."""
-    G, nl = levels.shape
-    g = torch.arange(G, device=levels.device)
-    gens = []
-    v = levels
-    while v.shape[1] > 1:
-        K = v.shape[1]
-        d = v[:, 1] - v[:, 0]
-        free = torch.ones(G, K, dtype=torch.bool, device=v.device)
-        lows, highs = [], []
-        for _ in range(K // 2):
-            i = free.int().argmax(1)  # the smallest free level (v is sorted)
-            free[g, i] = False
-            target = v[g, i] + d
-            dist = torch.where(free, (v - target[:, None]).abs(), torch.full_like(v, math.inf))
-            j = dist.argmin(1)
-            free[g, j] = False
-            lows.append(v[g, i])
-            highs.append(v[g, j])
-        lo, hi = torch.stack(lows, 1), torch.stack(highs, 1)
-        gens.append((hi - lo).mean(1))
-        v = lo.sort(1).values
-    return torch.cat([torch.stack(gens[::-1], 1), v], 1)
-
-
 def _coarse_search(sw: _Sorted, bits: int, ux: Tensor, uerr: Tensor, w2d: Tensor,
                    batched: bool = False) -> Tensor:
     """``(G, T, N + 1)`` promising N-multiplier starts, found on the weights compressed to
@@ -682,7 +657,7 @@ def _coarse_search(sw: _Sorted, bits: int, ux: Tensor, uerr: Tensor, w2d: Tensor
                    _COARSE_ITERS_BATCHED if batched else _COARSE_ITERS, batched)
     _, n, s1, _, vals, _ = coarse.runs(lm)
     starts.append(_ls_step(n, s1, basis, starts[1][:, :1].expand(-1, 2, -1), sw.M))
-    starts.append(torch.stack([_subset_sum_generators(vals[:, k]) for k in range(2)], 1))
+    starts.append(torch.stack([L.subset_sum_generators(vals[:, k]) for k in range(2)], 1))
     x, err = _alternate(coarse, basis, torch.cat(starts, 1),
                         _COARSE_ITERS_BATCHED if batched else _COARSE_ITERS, _COARSE_TOL,
                         batched, _SCREEN_KEEP_NMULT if batched else 0)
