@@ -33,11 +33,25 @@ N-multiplier levels (``init="fit"``) and, as a reference, Lloyd-Max levels (weig
 by their nearest Lloyd-Max level). Paired by seed: mean difference to Brevitas with its
 standard error.
 
+``--part llm`` (issue 24): the Linear weights of a GPT-2-small-shaped stack (12 blocks of
+768x2304, 768x768, 768x3072, 3072x768 plus the 50257x768 head; plain ``nn.Linear``, normal
+std 0.02, seed 0; 123.5M weights, 133,201 output channels) fitted at N = 3 per tensor and
+per channel, each in a fresh process: the fit's time against one ``torch.sort`` of every
+weight in the same process, and its extra peak RSS (as ``--part speed``) against the weights'
+float32 bytes. ``--blocks``, ``--no-head`` for a smaller stack.
+
+``--part batched`` (issue 24): per-channel squared error of the batched search (the default
+from 128 groups) against the exhaustive one (``batched=False``, the search before issue 24) on
+ResNet-18's layers with at least 128 channels and on heavy-tailed LM-shaped matrices, and
+both against the best uniform grid per channel.
+
 Each part writes ``--out``/<part>.json; ``--print PART`` prints a saved part again.
 
     python benchmarks/bench_fit.py --part mse
     python benchmarks/bench_fit.py --part speed [--repeats 3] [--threads 2]
     python benchmarks/bench_fit.py --part ptq [--seeds 0 1 2 3 4]
+    python benchmarks/bench_fit.py --part llm [--bits 3] [--blocks 12] [--no-head]
+    python benchmarks/bench_fit.py --part batched [--bits 3 4]
 """
 from __future__ import annotations
 

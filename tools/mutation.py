@@ -473,12 +473,12 @@ MUTANTS: List[Mutant] = [
       "    idx = err.argsort(dim=1, stable=True, descending=True)[:, :keep]\n",
       ("tests/core/test_fitting_batched.py", "-k", "close_to_the_exhaustive or beat_uniform"),
       "the batched search goes on from each group's worst screened starts"),
-    M("fitting-batched-starts-never-stop", "qfv_brevitas/core/fitting.py",
-      "        x = torch.where(active.unsqueeze(-1), _ls_step(n, s1, basis, x, sw.M), x)\n",
-      "        x = _ls_step(n, s1, basis, x, sw.M)\n",
-      ("tests/core/test_fitting_batched.py", "-k", "chunking or other_groups"),
-      "a finished start keeps iterating while other groups' starts run: a group's result "
-      "depends on its chunk"),
+    M("fitting-batched-gain-backwards", "qfv_brevitas/core/fitting.py",
+      "    return (best_err - err) > tol * err.clamp_min(1e-300)\n",
+      "    return (err - best_err) > tol * err.clamp_min(1e-300)\n",
+      ("tests/core/test_fitting_batched.py", "-k", "close_to_the_exhaustive or beat_uniform"),
+      "a start's gain is read the wrong way round: every start of the batched search stops "
+      "after its first step"),
     M("fitting-batched-dense-budget-per-call", "qfv_brevitas/core/fitting.py",
       "    n = _DENSE_BUDGET_GROUP // max(1, coarse.ws.shape[1] * nl) if batched else \\\n",
       "    n = _DENSE_BUDGET_GROUP // max(1, coarse.G * coarse.ws.shape[1] * nl) if batched else \\\n",
