@@ -33,11 +33,25 @@ N-multiplier levels (``init="fit"``) and, as a reference, Lloyd-Max levels (weig
 by their nearest Lloyd-Max level). Paired by seed: mean difference to Brevitas with its
 standard error.
 
+``--part llm`` (issue 24): the Linear weights of a GPT-2-small-shaped stack (12 blocks of
+768x2304, 768x768, 768x3072, 3072x768 plus the 50257x768 head; plain ``nn.Linear``, normal
+std 0.02, seed 0; 123.5M weights, 133,201 output channels) fitted at N = 3 per tensor and
+per channel, each in a fresh process: the fit's time against one ``torch.sort`` of every
+weight in the same process, and its extra peak RSS (as ``--part speed``) against the weights'
+float32 bytes. ``--blocks``, ``--no-head`` for a smaller stack.
+
+``--part batched`` (issue 24): per-channel squared error of the batched search (the default
+from 128 groups) against the exhaustive one (``batched=False``, the search before issue 24) on
+ResNet-18's layers with at least 128 channels and on heavy-tailed LM-shaped matrices, and
+both against the best uniform grid per channel.
+
 Each part writes ``--out``/<part>.json; ``--print PART`` prints a saved part again.
 
     python benchmarks/bench_fit.py --part mse
     python benchmarks/bench_fit.py --part speed [--repeats 3] [--threads 2]
     python benchmarks/bench_fit.py --part ptq [--seeds 0 1 2 3 4]
+    python benchmarks/bench_fit.py --part llm [--bits 3] [--blocks 12] [--no-head]
+    python benchmarks/bench_fit.py --part batched [--bits 3 4]
 """
 from __future__ import annotations
 
@@ -439,10 +453,146 @@ def report_ptq(res: dict) -> str:
                                   "difference >= 0):"] + [f"- {c}" for c in checks])
 
 
+# ------------------------------------------------------------------------------ part: llm
+
+#: GPT-2 small: per block the (out, in) shapes of its Linear weights (attention qkv and
+#: projection, MLP up and down); the LM head (tied to the token embedding) is 50257 x 768.
+GPT2_BLOCK = ((2304, 768), (768, 768), (3072, 768), (768, 3072))
+GPT2_HEAD = (50257, 768)
+
+
+def gpt2_weights(blocks: int = 12, head: bool = True, seed: int = 0):
+    """The Linear weights of a GPT-2-small-shaped stack (plain ``nn.Linear``, GPT-2's own
+    init: normal, std 0.02; seeded). 12 blocks + head: 123.5M weights."""
+    torch.manual_seed(seed)
+    shapes = [s for _ in range(blocks) for s in GPT2_BLOCK] + ([GPT2_HEAD] if head else [])
+    out = []
+    for o, i in shapes:
+        lin = torch.nn.Linear(i, o)
+        torch.nn.init.normal_(lin.weight, std=0.02)
+        out.append(lin.weight.detach())
+    return out
+
+
+def llm_child(args) -> None:
+    """In a fresh process: the weights built, one ``torch.sort`` of every weight (the
+    reference), then the fit of all of them at ``--bits`` (per tensor or per channel) with
+    its extra peak RSS (as ``mem_child``)."""
+    import gc
+    import ctypes
+
+    ws = gpt2_weights(args.blocks, not args.no_head)
+    t0 = time.perf_counter()
+    for w in ws:
+        torch.sort(w.reshape(1, -1), dim=1)
+    sort_s = time.perf_counter() - t0
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kib("VmRSS")
+    t0 = time.perf_counter()
+    for w in ws:
+        F.fit_multipliers(w if args.mem_pc else w.reshape(1, -1), args.bits)
+    fit_s = time.perf_counter() - t0
+    print(json.dumps({"fit_s": fit_s, "sort_s": sort_s,
+                      "extra_kib": _status_kib("VmHWM") - before}))
+
+
+def part_llm(args) -> dict:
+    ws = gpt2_weights(args.blocks, not args.no_head)
+    n, groups = sum(w.numel() for w in ws), sum(w.shape[0] for w in ws)
+    res = {"weights": n, "tensors": len(ws), "groups": groups, "bits": args.bits[0],
+           "threads": args.threads, "weights_mib": n * 4 / 2 ** 20}
+    del ws
+    for pc in (False, True):
+        cmd = [sys.executable, __file__, "--_llm-child", "--bits", str(args.bits[0]),
+               "--blocks", str(args.blocks), "--threads", str(args.threads),
+               *(["--_per-channel"] if pc else []), *(["--no-head"] if args.no_head else [])]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        res["per channel" if pc else "per tensor"] = json.loads(
+            out.stdout.strip().splitlines()[-1])
+    return res
+
+
+def report_llm(res: dict) -> str:
+    pt, pc = res["per tensor"], res["per channel"]
+    wm = res["weights_mib"]
+    lines = [f"{res['weights']:,} weights in {res['tensors']} Linear tensors ({res['groups']:,} "
+             f"output channels), N = {res['bits']}, torch threads {res['threads']}; each "
+             "granularity in a fresh process:", "",
+             "| what | s | x torch.sort of every weight (same process) | extra peak MiB | "
+             "x the weights' float32 bytes |", "|---|---|---|---|---|"]
+    for name, r in (("fit, per tensor", pt), ("fit, per channel", pc)):
+        mib = r["extra_kib"] / 1024
+        lines.append(f"| {name} | {r['fit_s']:.1f} | {r['fit_s'] / r['sort_s']:.2f} | "
+                     f"{mib:.0f} | {mib / wm:.2f} |")
+    ratio = pc["fit_s"] / pt["fit_s"]
+    mem = pc["extra_kib"] / 1024 / wm
+    lines += ["", f"per channel / per tensor time: {ratio:.2f}x (target <= 2: "
+              f"{'PASS' if ratio <= 2 else 'FAIL'}); per channel extra peak / weights: "
+              f"{mem:.2f}x (target < 4: {'PASS' if mem < 4 else 'FAIL'}); weights "
+              f"{wm:.0f} MiB"]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- part: batched
+
+def batched_cells(bits: int):
+    """(name, (G, M) weights) of the quality comparison: ResNet-18's layers with at least
+    128 output channels (where the batched search applies) and heavy-tailed LM-shaped
+    matrices (Student-t 3 dof and Laplace; 768 channels of 768 and of 3072 weights)."""
+    cells = [(f"resnet18 {tuple(w.shape)}", w.reshape(w.shape[0], -1))
+             for w in resnet_weights() if w.shape[0] >= F_BATCHED_GROUPS]
+    for dist in ("student_t3", "laplace"):
+        for M in (768, 3072):
+            cells.append((f"{dist} 768 x {M}", synthetic(dist, 768, M, 1)))
+    return cells
+
+
+def part_batched(args) -> dict:
+    """Per-channel squared error of the batched search against the exhaustive one (today's
+    per-channel fit, ``batched=False``), both against the best uniform grid, and times."""
+    torch.set_num_threads(args.threads)
+    rows = []
+    for bits in args.bits:
+        for name, w in batched_cells(bits):
+            t0 = time.perf_counter()
+            ref = F.fit_multipliers(w, bits, batched=False)
+            t1 = time.perf_counter()
+            new = F.fit_multipliers(w, bits, batched=True)
+            t2 = time.perf_counter()
+            ratio = new.error / ref.error.clamp_min(1e-300)
+            rows.append({"name": name, "bits": bits, "groups": w.shape[0],
+                         "mean": float(ratio.mean()), "max": float(ratio.max()),
+                         "total": float(new.error.sum() / ref.error.sum()),
+                         "ref_uni": float((ref.error / ref.uniform.error).mean()),
+                         "new_uni": float((new.error / new.uniform.error).mean()),
+                         "new_beats": float((new.error < ref.uniform.error).double().mean()),
+                         "ref_beats": float((ref.error < ref.uniform.error).double().mean()),
+                         "ref_s": t1 - t0, "new_s": t2 - t1})
+    return {"rows": rows, "threads": args.threads}
+
+
+def report_batched(res: dict) -> str:
+    lines = ["| weights | N | channels | batched / exhaustive: mean | max | total | fitted / "
+             "best uniform: exhaustive | batched | channels below uniform: exhaustive | "
+             "batched | time exhaustive s | batched s |", "|" + "---|" * 12]
+    for r in res["rows"]:
+        lines.append(f"| {r['name']} | {r['bits']} | {r['groups']} | {r['mean']:.4f} | "
+                     f"{r['max']:.3f} | {r['total']:.4f} | {r['ref_uni']:.4f} | "
+                     f"{r['new_uni']:.4f} | {r['ref_beats']:.1%} | {r['new_beats']:.1%} | "
+                     f"{r['ref_s']:.2f} | {r['new_s']:.2f} |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------ main
 
 PARTS = {"mse": (part_mse, report_mse), "speed": (part_speed, report_speed),
-         "ptq": (part_ptq, report_ptq)}
+         "ptq": (part_ptq, report_ptq), "llm": (part_llm, report_llm),
+         "batched": (part_batched, report_batched)}
+#: Groups from which ``fit_multipliers`` searches batched by default (its docstring).
+F_BATCHED_GROUPS = 128
 
 
 def main(argv=None) -> int:
@@ -453,12 +603,24 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/bench_fit")
     p.add_argument("--seed", type=int, default=0, help="mse: seed of the synthetic weights")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="ptq seeds")
-    p.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2], help="ptq bit widths")
+    p.add_argument("--bits", type=int, nargs="+", default=None,
+                   help="ptq bit widths (default 4 3 2); llm: N (default 3); batched: N "
+                        "(default 3 4)")
+    p.add_argument("--blocks", type=int, default=12, help="llm: GPT-2 blocks (12: GPT-2 small)")
+    p.add_argument("--no-head", action="store_true", help="llm: without the 50257 x 768 head")
+    p.add_argument("--_llm-child", dest="llm_child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--_mem-child", dest="mem_child", type=int, help=argparse.SUPPRESS)
     p.add_argument("--_per-channel", dest="mem_pc", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.bits is None:
+        args.bits = {"llm": [3], "batched": [3, 4]}.get(args.part, [4, 3, 2])
+    if args.llm_child:
+        torch.set_num_threads(args.threads)
+        args.bits = args.bits[0]
+        llm_child(args)
+        return 0
     if args.mem_child is not None:
         torch.set_num_threads(args.threads)
         mem_child(args.mem_child, args.mem_pc)

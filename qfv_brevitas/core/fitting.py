@@ -30,6 +30,9 @@ and since ``x_prev`` is feasible, the error can never increase. Each start keeps
 iterate seen. A final check with :func:`grid_error` in the weights' dtype guarantees the
 result is never worse than the best uniform grid (or, when warm-started, than its start) as
 the quantizer evaluates it.
+
+Many groups (per output channel) take the batched search of :func:`fit_multipliers`: the
+same starts, screened early, each stopping on its own, in chunks of groups.
 """
 from __future__ import annotations
 
@@ -82,6 +85,22 @@ _COARSE_ITERS = 60
 #: The coarse searches only rank starts: they stop once no start gains this much an iteration.
 _COARSE_TOL = 1e-4
 _UNIFORM_REFINE = 3
+#: Batched search (many groups, e.g. per output channel of a language model): from this many
+#: groups ``fit_multipliers`` searches each group on its own terms (see ``_alternate``), in
+#: chunks of ``_CHUNK_GROUPS`` groups (caps the float64 copies and the per-(group, start,
+#: level) tables; results do not depend on the chunk size).
+_BATCHED_GROUPS = 128
+_CHUNK_GROUPS = 4096
+#: Batched search: every start runs this many iterations, then only each group's best few go
+#: on (uniform grids, N-multiplier starts); the dense look at uniform grids has a budget per
+#: group instead of per call.
+_SCREEN_ITERS = 4
+_SCREEN_KEEP_UNIFORM = 6
+_SCREEN_KEEP_NMULT = 6
+_SCREEN_KEEP_FINE = 2
+_DENSE_BUDGET_GROUP = 1 << 14
+#: Batched: iteration cap of the coarse searches (they only rank starts).
+_COARSE_ITERS_BATCHED = 30
 
 
 class UniformGrid(NamedTuple):
@@ -115,16 +134,22 @@ class LloydMax(NamedTuple):
     error: Tensor  # (G,) float64
 
 
+def _check_weights(w2d: Tensor, where: str) -> None:
+    """Refuse what no fit can take: not a non-empty ``(G, M)`` float tensor, or non-finite."""
+    if w2d.dim() != 2 or w2d.shape[0] < 1 or w2d.shape[1] < 1:
+        raise QfvError(f"{where}: weights must be a non-empty (G, M) tensor, got shape "
+                       f"{tuple(w2d.shape)}")
+    if not w2d.is_floating_point():
+        raise QfvError(f"{where}: weights must be floating point, got {w2d.dtype}")
+    L.check_finite(w2d, where)
+
+
 class _Sorted:
     """Each group's weights sorted, centred on the group mean, with float64 prefix sums."""
 
-    def __init__(self, w2d: Tensor, where: str):
-        if w2d.dim() != 2 or w2d.shape[0] < 1 or w2d.shape[1] < 1:
-            raise QfvError(f"{where}: weights must be a non-empty (G, M) tensor, got shape "
-                           f"{tuple(w2d.shape)}")
-        if not w2d.is_floating_point():
-            raise QfvError(f"{where}: weights must be floating point, got {w2d.dtype}")
-        L.check_finite(w2d, where)
+    def __init__(self, w2d: Tensor, where: str, checked: bool = False):
+        if not checked:
+            _check_weights(w2d, where)
         w = w2d.detach()
         self.G, self.M = w.shape
         ws = torch.sort(w, dim=1).values.to(_F64)
@@ -138,6 +163,15 @@ class _Sorted:
         self.constant = ws[:, -1] == ws[:, 0]
         #: prefix counts when the points are bins of several weights (see ``compress``)
         self.pc: Optional[Tensor] = None
+
+    def select(self, rows: Tensor) -> "_Sorted":
+        """The groups ``rows`` only (an index tensor)."""
+        out = _Sorted.__new__(_Sorted)
+        out.G, out.M = int(rows.numel()), self.M
+        out.mean, out.constant = self.mean[rows], self.constant[rows]
+        out.ws, out.p1, out.p2 = self.ws[rows], self.p1[rows], self.p2[rows]
+        out.pc = None if self.pc is None else self.pc[rows]
+        return out
 
     def compress(self, points: int) -> "_Sorted":
         """The same weights as ``points`` runs of about equal count (each a point at its
@@ -224,9 +258,28 @@ def _keep_best(x: Tensor, err: Tensor, best_x: Tensor, best_err: Tensor,
             progress)
 
 
+def _gained(err: Tensor, best_err: Tensor, tol: float) -> Tensor:
+    """``(G, K)``: the starts whose error fell by more than ``tol`` of it this iteration."""
+    return (best_err - err) > tol * err.clamp_min(1e-300)
+
+
+def _screen(keep: int, err: Tensor, *tables: Tensor) -> Tuple[Tensor, ...]:
+    """Each group's ``keep`` starts of least ``err`` (ties: the earlier start), from each of
+    ``tables`` (``(G, K)`` or ``(G, K, D)``)."""
+    idx = err.argsort(dim=1, stable=True)[:, :keep]
+    return tuple(t.gather(1, idx) if t.dim() == 2 else
+                 t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1])) for t in tables)
+
+
 def _alternate(sw: _Sorted, basis: Tensor, x: Tensor, max_iter: int,
-               tol: float = _TOL) -> Tuple[Tensor, Tensor]:
-    """Alternating minimisation from each start ``x (G, K, D)``; best iterate and its error."""
+               tol: float = _TOL, batched: bool = False,
+               keep: int = 0) -> Tuple[Tensor, Tensor]:
+    """Alternating minimisation from each start ``x (G, K, D)``; best iterate and its error.
+
+    All starts iterate until none gains more than ``tol``; ``batched``: see
+    :func:`_alternate_batched`."""
+    if batched:
+        return _alternate_batched(sw, basis, x, max_iter, tol, keep)
     best_x = x.clone()
     best_err = torch.full(x.shape[:2], float("inf"), dtype=_F64, device=x.device)
     for _ in range(max(1, max_iter)):
@@ -236,6 +289,46 @@ def _alternate(sw: _Sorted, basis: Tensor, x: Tensor, max_iter: int,
             break
         x = _ls_step(n, s1, basis, x, sw.M)
     return best_x, best_err
+
+
+def _alternate_batched(sw: _Sorted, basis: Tensor, x: Tensor, max_iter: int, tol: float,
+                       keep: int) -> Tuple[Tensor, Tensor]:
+    """:func:`_alternate` for many groups: each start stops on its own once it gains no more
+    than ``tol`` (a group's result then does not depend on the other groups of the call, so
+    chunks of groups give the same results), the groups with no start left are dropped from
+    the iteration, and with ``keep`` only each group's ``keep`` best starts go on after
+    ``_SCREEN_ITERS`` iterations (most of the many coarse starts end far from the best;
+    screening them early is what makes a search per output channel affordable)."""
+    best_x = x.clone()
+    best_err = torch.full(x.shape[:2], float("inf"), dtype=_F64, device=x.device)
+    active = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    out: Optional[Tuple[Tensor, Tensor, Tensor]] = None  # (best_x, best_err, rows) of all groups
+    sub = sw
+    for it in range(max(1, max_iter)):
+        err, n, s1 = sub.code_stats(x @ basis.T)
+        active &= _gained(err, best_err, tol)
+        best_x, best_err, _ = _keep_best(x, err, best_x, best_err, tol)
+        if not bool(active.any()):
+            break
+        x = torch.where(active.unsqueeze(-1), _ls_step(n, s1, basis, x, sw.M), x)
+        if keep and it + 1 == _SCREEN_ITERS and x.shape[1] > keep:
+            x, best_x, best_err, active = _screen(keep, best_err, x, best_x, best_err, active)
+        if (keep and it + 1 < _SCREEN_ITERS) or x.shape[1] > keep > 0:
+            continue
+        live = active.any(1)
+        if not bool(live.any()):  # (screening can keep only finished starts)
+            break
+        if 2 * int(live.sum()) < live.numel():  # compact: drop the finished groups
+            if out is None:
+                out = (best_x.clone(), best_err.clone(), torch.arange(sw.G, device=x.device))
+            out[0][out[2]], out[1][out[2]] = best_x, best_err
+            out = (out[0], out[1], out[2][live])
+            sub = sw.select(out[2])
+            x, best_x, best_err, active = x[live], best_x[live], best_err[live], active[live]
+    if out is None:
+        return best_x, best_err
+    out[0][out[2]], out[1][out[2]] = best_x, best_err
+    return out[0], out[1]
 
 
 def _pick(x: Tensor, err: Tensor) -> Tuple[Tensor, Tensor]:
@@ -263,7 +356,7 @@ def _uniform_starts(sw: _Sorted, bits: int, lsq_step: Tensor) -> Tensor:
     return torch.stack([step, offset], -1)
 
 
-def _dense_uniform_starts(coarse: _Sorted, bits: int) -> Tensor:
+def _dense_uniform_starts(coarse: _Sorted, bits: int, batched: bool = False) -> Tensor:
     """``(G, K, 2)``: the best ``_DENSE_KEEP`` of a dense grid of uniform grids (steps from
     1/1000 of the range up to twice the range, centres across it and a bit beyond), evaluated
     without iterating.
@@ -275,9 +368,12 @@ def _dense_uniform_starts(coarse: _Sorted, bits: int) -> Tensor:
     span = (hi - lo).clamp_min(1e-300)
     # As many grids as a fixed budget of (grid, level, point) triples allows: dense where
     # the weights are few (where the error surface is rugged), at least 20 x 10.
-    n = _DENSE_BUDGET // max(1, coarse.G * coarse.ws.shape[1] * nl)
-    n_steps = max(20, min(64, int(math.sqrt(2 * n))))
-    n_pos = max(10, min(64, n // n_steps))
+    # (Batched: a budget per group, so that chunks of groups give the same grids.)
+    n = _DENSE_BUDGET_GROUP // max(1, coarse.ws.shape[1] * nl) if batched else \
+        _DENSE_BUDGET // max(1, coarse.G * coarse.ws.shape[1] * nl)
+    lo_steps, lo_pos = (12, 6) if batched else (20, 10)
+    n_steps = max(lo_steps, min(64, int(math.sqrt(2 * n))))
+    n_pos = max(lo_pos, min(64, n // n_steps))
     # Steps up to twice the one that spans the weights: grids with end levels left unused
     # (in effect fewer, wider-spaced levels) win on clustered weights.
     f = torch.logspace(-3, math.log10(2.0), n_steps, dtype=_F64, device=dev)
@@ -313,23 +409,27 @@ def _two_means(sw: _Sorted) -> Tensor:
 
 
 def _uniform_search(sw: _Sorted, bits: int, lsq_step: Tensor, max_iter: int,
-                    extra: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                    extra: Optional[Tensor] = None,
+                    batched: bool = False) -> Tuple[Tensor, Tensor]:
     """Uniform grids ``(G, S, 2)`` (centred), best first, and their errors ``(G, S)``: all
-    starts converged on the compressed weights, the best ``_UNIFORM_REFINE`` of them (and
+    starts converged on the compressed weights (``batched``: the best
+    ``_SCREEN_KEEP_UNIFORM`` after a few iterations), the best ``_UNIFORM_REFINE`` of them (and
     ``extra`` starts) then on all the weights."""
     basis = _uniform_basis(bits, sw.ws.device)
     coarse = sw.compress(_COARSE_POINTS)
-    starts = [_uniform_starts(sw, bits, lsq_step), _dense_uniform_starts(coarse, bits)]
+    starts = [_uniform_starts(sw, bits, lsq_step), _dense_uniform_starts(coarse, bits, batched)]
     if bits == 1 and sw.M > 1:
         exact = _two_means(sw)
         starts.append(exact)
         extra = exact if extra is None else torch.cat([extra, exact], 1)
-    x, err = _alternate(coarse, basis, torch.cat(starts, 1), _COARSE_ITERS, _COARSE_TOL)
+    x, err = _alternate(coarse, basis, torch.cat(starts, 1),
+                        _COARSE_ITERS_BATCHED if batched else _COARSE_ITERS, _COARSE_TOL,
+                        batched, _SCREEN_KEEP_UNIFORM if batched else 0)
     order = err.argsort(1)
     x = x.gather(1, order.unsqueeze(-1).expand(-1, -1, 2))
     fine = x[:, :_UNIFORM_REFINE] if extra is None else torch.cat([x[:, :_UNIFORM_REFINE],
                                                                     extra], 1)
-    xf, ef = _alternate(sw, basis, fine, max_iter)
+    xf, ef = _alternate(sw, basis, fine, max_iter, batched=batched)
     order = ef.argsort(1)
     xf = xf.gather(1, order.unsqueeze(-1).expand(-1, -1, 2))
     # The coarse ones after the refined ones (their errors are on the compressed weights).
@@ -407,18 +507,24 @@ def best_uniform_grid(w2d: Tensor, bits: int, init: Optional[Tuple[Tensor, Tenso
     return best
 
 
-def _lloyd(sw: _Sorted, levels: Tensor, max_iter: int) -> Tuple[Tensor, Tensor]:
-    """Lloyd's algorithm from ``levels (G, K, L)`` (centred): best levels seen and errors."""
+def _lloyd(sw: _Sorted, levels: Tensor, max_iter: int,
+           batched: bool = False) -> Tuple[Tensor, Tensor]:
+    """Lloyd's algorithm from ``levels (G, K, L)`` (centred): best levels seen and errors
+    (``batched``: each start stops on its own, as in :func:`_alternate`)."""
     best = levels.clone()
     best_err = torch.full(levels.shape[:2], float("inf"), dtype=_F64, device=levels.device)
+    active = torch.ones(levels.shape[:2], dtype=torch.bool, device=levels.device)
     lv = levels
     for _ in range(max(1, max_iter)):
         err, n, s1, _, vals, _ = sw.runs(lv)
+        if batched:
+            active &= _gained(err, best_err, _TOL)
         best, best_err, progress = _keep_best(vals, err, best, best_err, _TOL)
-        if not progress:
+        if not (bool(active.any()) if batched else progress):
             break
         # Centroids; an empty cell keeps its level.
-        lv = torch.where(n > 0, s1 / n.clamp_min(1), vals)
+        new = torch.where(n > 0, s1 / n.clamp_min(1), vals)
+        lv = torch.where(active.unsqueeze(-1), new, vals) if batched else new
     return best, best_err
 
 
@@ -511,37 +617,8 @@ def lloyd_max(w2d: Tensor, bits: int, init: Optional[Tensor] = None,
     return LloydMax(levels.sort(1).values, torch.where(sw.constant, 0.0, err[g, k]))
 
 
-def _subset_sum_generators(levels: Tensor) -> Tensor:
-    """``(G, N + 1)`` = ``(r, c)`` with ``{c + <r, S>}`` close to the sorted ``levels``
-    ``(G, 2**N)``: the classic reconstruction of a set from its subset sums. The smallest gap
-    is a generator ``d``; pairing each level, from the smallest, with the free level nearest to
-    it plus ``d`` splits the set into lower and upper halves; the lower half holds the subset
-    sums of the other generators; repeat. Exact on exact subset sums; a start otherwise."""
-    G, nl = levels.shape
-    g = torch.arange(G, device=levels.device)
-    gens = []
-    v = levels
-    while v.shape[1] > 1:
-        K = v.shape[1]
-        d = v[:, 1] - v[:, 0]
-        free = torch.ones(G, K, dtype=torch.bool, device=v.device)
-        lows, highs = [], []
-        for _ in range(K // 2):
-            i = free.int().argmax(1)  # the smallest free level (v is sorted)
-            free[g, i] = False
-            target = v[g, i] + d
-            dist = torch.where(free, (v - target[:, None]).abs(), torch.full_like(v, math.inf))
-            j = dist.argmin(1)
-            free[g, j] = False
-            lows.append(v[g, i])
-            highs.append(v[g, j])
-        lo, hi = torch.stack(lows, 1), torch.stack(highs, 1)
-        gens.append((hi - lo).mean(1))
-        v = lo.sort(1).values
-    return torch.cat([torch.stack(gens[::-1], 1), v], 1)
-
-
-def _coarse_search(sw: _Sorted, bits: int, ux: Tensor, uerr: Tensor, w2d: Tensor) -> Tensor:
+def _coarse_search(sw: _Sorted, bits: int, ux: Tensor, uerr: Tensor, w2d: Tensor,
+                   batched: bool = False) -> Tensor:
     """``(G, T, N + 1)`` promising N-multiplier starts, found on the weights compressed to
     ``_COARSE_POINTS`` runs from many starts.
 
@@ -576,18 +653,22 @@ def _coarse_search(sw: _Sorted, bits: int, ux: Tensor, uerr: Tensor, w2d: Tensor
     dp = _kmeans_dp(sw.compress(_DP_START_POINTS), nl)
     if dp.shape[1] < nl:
         dp = torch.cat([dp, dp[:, -1:].expand(-1, nl - dp.shape[1])], 1)
-    lm, _ = _lloyd(coarse, torch.cat([lm0, dp[:, None]], 1), _COARSE_ITERS)
+    lm, _ = _lloyd(coarse, torch.cat([lm0, dp[:, None]], 1),
+                   _COARSE_ITERS_BATCHED if batched else _COARSE_ITERS, batched)
     _, n, s1, _, vals, _ = coarse.runs(lm)
     starts.append(_ls_step(n, s1, basis, starts[1][:, :1].expand(-1, 2, -1), sw.M))
-    starts.append(torch.stack([_subset_sum_generators(vals[:, k]) for k in range(2)], 1))
-    x, err = _alternate(coarse, basis, torch.cat(starts, 1), _COARSE_ITERS, _COARSE_TOL)
+    starts.append(torch.stack([L.subset_sum_generators(vals[:, k]) for k in range(2)], 1))
+    x, err = _alternate(coarse, basis, torch.cat(starts, 1),
+                        _COARSE_ITERS_BATCHED if batched else _COARSE_ITERS, _COARSE_TOL,
+                        batched, _SCREEN_KEEP_NMULT if batched else 0)
     keep = err.argsort(1)[:, :_REFINE]
     return x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 @torch.no_grad()
 def fit_multipliers(w2d: Tensor, bits: int, init: Optional[Tuple[Tensor, Tensor]] = None,
-                    search: bool = True, max_iter: int = 200) -> FitResult:
+                    search: bool = True, max_iter: int = 200, batched: Optional[bool] = None,
+                    chunk: int = _CHUNK_GROUPS) -> FitResult:
     """Fit N-multiplier levels ``c + sum_i r_i bit_i(k)`` to each group's weights.
 
     Alternating minimisation (module docstring) from several starts: the best uniform grids
@@ -597,6 +678,13 @@ def fit_multipliers(w2d: Tensor, bits: int, init: Optional[Tuple[Tensor, Tensor]
     (a warm refit, e.g. during training; never worse than ``init``). ``r`` comes back
     non-negative (the same level set). Groups of equal weights get the exact grid through
     their value. Returns a :class:`FitResult` in ``w2d``'s dtype.
+
+    ``batched`` (default: a search over at least 128 groups, e.g. per output channel) fits
+    the groups in chunks of ``chunk`` groups, each start stopping on its own and only each
+    group's best few coarse starts going on after a few iterations: the cost of a per-channel
+    fit of a language model's weights comes near a per-tensor one, and memory stays bounded
+    by the chunk (``BENCHMARKS.md``). A group's result does not depend on ``chunk`` or on the
+    other groups; ``batched=False`` is the exhaustive search of smaller calls.
 
     Weights on an additive grid are recovered (up to the order and sign of the multipliers):
 
@@ -608,29 +696,54 @@ def fit_multipliers(w2d: Tensor, bits: int, init: Optional[Tuple[Tensor, Tensor]
     0.6
     """
     bits = _check(w2d, bits, "fit_multipliers")
-    sw = _Sorted(w2d, "fit_multipliers")
-    G, dev = sw.G, sw.ws.device
-    basis = _nmult_basis(bits, dev)
-    pow2 = 2.0 ** torch.arange(bits, dtype=_F64, device=dev)
-    x_init = None
+    _check_weights(w2d, "fit_multipliers")
+    G = w2d.shape[0]
     if init is not None:
         r0, c0 = init
         if tuple(r0.shape) != (G, bits) or tuple(c0.reshape(-1).shape) != (G,):
             raise QfvError(f"fit_multipliers: init must be r ({G}, {bits}) and c ({G},), got "
                            f"{tuple(r0.shape)} and {tuple(c0.shape)}")
-        x_init = torch.cat([r0.detach().to(_F64), (c0.detach().to(_F64).reshape(-1)
-                                                   - sw.mean)[:, None]], 1)[:, None]
+        init = (r0, c0.reshape(-1))
     elif not search:
         raise QfvError("fit_multipliers: search=False needs init=(r, c)")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise QfvError(f"fit_multipliers: chunk must be a positive int, got {chunk!r}")
+    if batched is None:
+        batched = search and G >= _BATCHED_GROUPS
+    if not batched:
+        return _fit_groups(w2d, bits, init, search, max_iter, False)
+    parts = [_fit_groups(w2d[g0:g0 + chunk], bits,
+                         None if init is None else (init[0][g0:g0 + chunk],
+                                                    init[1][g0:g0 + chunk]),
+                         search, max_iter, True) for g0 in range(0, G, chunk)]
+    if len(parts) == 1:
+        return parts[0]
+    uniform = None if parts[0].uniform is None else UniformGrid(
+        *(torch.cat(t) for t in zip(*(p.uniform for p in parts))))
+    return FitResult(*(torch.cat([getattr(p, k) for p in parts]) for k in ("r", "c", "error")),
+                     uniform)
+
+
+def _fit_groups(w2d: Tensor, bits: int, init: Optional[Tuple[Tensor, Tensor]], search: bool,
+                max_iter: int, batched: bool) -> FitResult:
+    """:func:`fit_multipliers` on checked arguments (one chunk of groups when ``batched``)."""
+    sw = _Sorted(w2d, "fit_multipliers", checked=True)
+    dev = sw.ws.device
+    basis = _nmult_basis(bits, dev)
+    pow2 = 2.0 ** torch.arange(bits, dtype=_F64, device=dev)
     uniform = None
-    starts = [] if x_init is None else [x_init]
+    starts = []
+    if init is not None:
+        starts.append(torch.cat([init[0].detach().to(_F64), (init[1].detach().to(_F64)
+                                                             - sw.mean)[:, None]], 1)[:, None])
     if search:
-        ux, uerr = _uniform_search(sw, bits, _lsq_step(w2d, bits), 100)
+        ux, uerr = _uniform_search(sw, bits, _lsq_step(w2d, bits), 100, batched=batched)
         best_u = ux[:, 0]
         uniform = _uniform_result(sw, w2d, bits, best_u)
         starts.append(torch.cat([best_u[:, :1] * pow2, best_u[:, 1:]], 1)[:, None])
-        starts.append(_coarse_search(sw, bits, ux, uerr, w2d))
-    x, err = _alternate(sw, basis, torch.cat(starts, 1), max_iter)
+        starts.append(_coarse_search(sw, bits, ux, uerr, w2d, batched))
+    x, err = _alternate(sw, basis, torch.cat(starts, 1), max_iter, batched=batched,
+                        keep=_SCREEN_KEEP_FINE if batched else 0)
     x = _pick(x, err)[0]
     r, c = _positive_multipliers(x[:, :bits], x[:, bits] + sw.mean)
     r, c = r.to(w2d.dtype), c.to(w2d.dtype)
@@ -645,7 +758,7 @@ def fit_multipliers(w2d: Tensor, bits: int, init: Optional[Tuple[Tensor, Tensor]
     if uniform is not None:
         fallbacks.append((*uniform.multipliers(bits), uniform.error))
     if init is not None:
-        ri, ci = init[0].detach().to(w2d.dtype), init[1].detach().to(w2d.dtype).reshape(-1)
+        ri, ci = init[0].detach().to(w2d.dtype), init[1].detach().to(w2d.dtype)
         fallbacks.append((ri, ci, grid_error(w2d, L.level_table(ri, ci))))
     for rf, cf, ef in fallbacks:
         worse = error > ef

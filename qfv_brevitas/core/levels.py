@@ -10,6 +10,7 @@ regularizer's distances are :mod:`qfv_brevitas.core.distance`.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Tuple
 
 import torch
@@ -32,6 +33,7 @@ __all__ = [
     "bits_to_codes",
     "popcount",
     "qp",
+    "subset_sum_generators",
     "check_finite",
 ]
 
@@ -129,3 +131,33 @@ def popcount(mask: Tensor, bits: int) -> Tensor:
     for i in range(bits):
         total = total + ((mask >> i) & 1).sum()
     return total
+
+
+def subset_sum_generators(levels: Tensor) -> Tensor:
+    """``(G, N + 1)`` = ``(r, c)`` with ``{c + <r, S>}`` close to the sorted ``levels``
+    ``(G, 2**N)``: the classic reconstruction of a set from its subset sums. The smallest gap
+    is a generator ``d``; pairing each level, from the smallest, with the free level nearest to
+    it plus ``d`` splits the set into lower and upper halves; the lower half holds the subset
+    sums of the other generators; repeat. Exact on exact subset sums; a start otherwise."""
+    G, nl = levels.shape
+    g = torch.arange(G, device=levels.device)
+    gens = []
+    v = levels
+    while v.shape[1] > 1:
+        K = v.shape[1]
+        d = v[:, 1] - v[:, 0]
+        free = torch.ones(G, K, dtype=torch.bool, device=v.device)
+        lows, highs = [], []
+        for _ in range(K // 2):
+            i = free.int().argmax(1)  # the smallest free level (v is sorted)
+            free[g, i] = False
+            target = v[g, i] + d
+            dist = torch.where(free, (v - target[:, None]).abs(), torch.full_like(v, math.inf))
+            j = dist.argmin(1)
+            free[g, j] = False
+            lows.append(v[g, i])
+            highs.append(v[g, j])
+        lo, hi = torch.stack(lows, 1), torch.stack(highs, 1)
+        gens.append((hi - lo).mean(1))
+        v = lo.sort(1).values
+    return torch.cat([torch.stack(gens[::-1], 1), v], 1)
