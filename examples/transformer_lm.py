@@ -6,8 +6,8 @@ standard-library sources. Then, scored in validation bits per byte (lower is bet
   1. post-training quantization at --ptq-bits: fitted N-multiplier levels against Brevitas'
      uniform MSE-scale quantizer, each alone and with Brevitas' GPTQ (per output channel;
      embedding and LM head at 8 bits);
-  2. a short quantization-aware fine-tune at --qat-bits: the regularizer in paper and STE
-     modes against stock Brevitas QAT, same steps and data order;
+  2. a short quantization-aware fine-tune at --qat-bits: the regularizer in its paper
+     (paper) and STE (both) modes against stock Brevitas QAT, same steps and data order;
   3. the fitted W4 model on a chip with stuck bits (Monte Carlo over maps), and the
      fault-aware repair of one chip's map.
 
@@ -68,7 +68,7 @@ def main(argv=None):
 
     qat_train, _, _ = load_stdlib_text(args.context, 32 * args.qat_steps // 2,
                                        val_bytes=args.val_bytes, seed=args.seed + 1)
-    for method in ("paper", "ste", "brevitas"):
+    for method in ("paper", "both", "brevitas"):
         q, _ = qat_lm(model, qat_train, val, args.qat_bits, method,
                       LMRecipe(epochs=2, lr=1e-3, seed=args.seed))
         out["qat"][method] = evaluate_bpb(q, val)

@@ -110,7 +110,7 @@ def test_transformer_lm_trains_quantizes_and_meets_the_chip():
     assert out["float"] < 6.0
     w4, w2 = out["ptq"][(4, None)], out["ptq"][(2, None)]
     assert w4[0] < w2[0] and abs(w4[0] - out["float"]) < 0.5
-    assert set(out["qat"]) == {"paper", "ste", "brevitas"}
+    assert set(out["qat"]) == {"paper", "both", "brevitas"}
     faults = out["faults"]
     assert faults[0]["mean"] < faults[1]["mean"]
     assert out["repair"]["naive"] > out["repair"]["ideal"]

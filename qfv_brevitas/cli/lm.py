@@ -82,7 +82,9 @@ def qat(p: argparse.ArgumentParser):
     _common(p, 300, 1e-3)
     p.add_argument("--bits", type=integer, nargs="+", default=[3], help="weight bits")
     p.add_argument("--methods", nargs="+", choices=QAT_METHODS, default=list(QAT_METHODS),
-                   help="paper, ste (the regularizer's modes) and brevitas (stock QAT)")
+                   help="paper (regularizer, levels at evaluation), both (regularizer and levels "
+                        "in the forward, STE), ste (levels, STE, no regularizer), brevitas "
+                        "(stock uniform QAT)")
     declare_io(p, None)
     return run_qat
 

@@ -34,9 +34,11 @@ __all__ = ["LMRecipe", "lm_optimizer", "train_lm", "lm_nmult_config", "QAT_METHO
            "qat_lm", "ptq_lm", "chip_sweep_lm", "fault_repair_lm"]
 
 #: quantization-aware fine-tuning methods of :func:`qat_lm`: the regularizer in the paper's
-#: mode (float weights in training, levels at evaluation), in STE mode (levels in the forward
-#: pass), and stock Brevitas (uniform per-channel weight quantizer, plain STE)
-QAT_METHODS = ("paper", "ste", "brevitas")
+#: mode (float weights in training, levels at evaluation), the regularizer with the levels in
+#: the forward pass (``both``: STE plus regularizer), the levels with a straight-through
+#: gradient and no regularizer (``ste``), and stock Brevitas (uniform per-channel weight
+#: quantizer, plain STE)
+QAT_METHODS = ("paper", "both", "ste", "brevitas")
 
 
 @dataclass

@@ -67,12 +67,12 @@ def test_qat_methods_start_from_the_same_float_model(lm):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     small = torch.utils.data.Subset(train, range(64))
     scores = {}
-    for method in ("paper", "ste", "brevitas"):
+    for method in ("paper", "both", "brevitas"):
         q, hist = qat_lm(model, small, val, 3, method, LMRecipe(epochs=1, lr=1e-3),
                          progress=False)
         scores[method] = hist["test_bpb"][-1]
         assert scores[method] == pytest.approx(evaluate_bpb(q, val), rel=1e-5)
-        assert (hist["lambda"][0] > 0) == (method != "brevitas")
+        assert (hist["lambda"][0] > 0) == (method != "brevitas")      # the regularizer
         assert (len(nmult_layers(q)) == 8) == (method != "brevitas")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert len(set(scores.values())) == 3
