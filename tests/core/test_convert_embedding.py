@@ -138,10 +138,10 @@ def test_the_integer_view_leaves_the_lookup_plain(how):
     x = ids()
     if how == "convert":
         q = quantize_model(model(), NMultConfig(weight_bits=3, per_channel=True,
-                                                frac_bits="auto"), example_input=x)
+                                                frac_bits=8), example_input=x)
     else:
         q = model()
-        q.tok = qnn.QuantEmbedding(VOCAB, DIM)
+        q.tok = qnn.QuantEmbedding(VOCAB, DIM).eval()
         swap_weight_quant(q, NMultConfig(weight_bits=4, per_channel=True, frac_bits=6))
     assert quant_of(q.tok).integer_view
     with torch.no_grad():

@@ -74,8 +74,10 @@ def test_projections_get_n_bits_and_embedding_and_head_the_edge_width(kind, emb)
 def test_an_8_bit_conversion_computes_close_to_float(kind):
     m, x = tiny(kind), ids(1)
     ref = logits(m, x)
-    err = {b: (logits(quantize_model(m, NMultConfig(weight_bits=b, act_bits=None,
-                                                        per_channel=True, init="fit"),
+    # the best uniform grid: an 8-bit fit of every layer costs a minute here, and is not checked
+    err = {b: (logits(quantize_model(m, NMultConfig(weight_bits=b, first_last_bits=b,
+                                                        act_bits=None, per_channel=True,
+                                                        init="uniform"),
                                      example_input=x), x) - ref).abs().max()
            for b in (8, 2)}
     assert err[8] < 0.01 * ref.abs().max()
