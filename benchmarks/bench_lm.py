@@ -11,16 +11,17 @@ bytes (lower is better). Every method of a seed starts from that seed's float mo
 * ``--part ptq``: per ``--bits``, per channel, embedding and LM head at 8 bits: Brevitas'
   uniform MSE-scale weight PTQ (``Int8WeightPerChannelFloatMSE``), fitted N-multiplier
   levels, and both with Brevitas' GPTQ (128 training windows); paired differences.
-* ``--part qat``: ``--qat-steps`` steps of AdamW (lr 1e-3, cosine) from the float model:
-  the regularizer in paper mode, in STE mode, and stock Brevitas QAT
-  (``Int8WeightPerChannelFloat`` at N bits, plain STE), same data order.
+* ``--part qat``: ``--qat-steps`` steps of AdamW (lr 1e-3, cosine; 2 epochs over 16 x steps
+  training windows of another seed) from the float model: the regularizer in paper mode (float weights, levels at
+  evaluation), in STE mode (``both``: levels in the forward plus the regularizer), and stock
+  Brevitas QAT (``Int8WeightPerChannelFloat`` at N bits, plain STE), same data order.
 * ``--part chip``: the fitted W``--chip-bits`` PTQ model of the first seed with stuck bits
   and variability (Monte Carlo over ``--trials`` maps, inner layers), naive and
   nearest-valid-level deployment, and the fault-aware repair of one map.
 
     python benchmarks/bench_lm.py --part train --seeds 0 1 2
     python benchmarks/bench_lm.py --part ptq --seeds 0 1 2
-    python benchmarks/bench_lm.py --part qat --seeds 0 1 2 --bits 4 3 2
+    python benchmarks/bench_lm.py --part qat --seeds 0 1 2 --bits 4 3 2 --qat-steps 200
     python benchmarks/bench_lm.py --part chip
 """
 from __future__ import annotations
@@ -110,7 +111,7 @@ def part_qat(args) -> dict:
         fp = float_model(args, seed)
         train, val, _ = data(args, seed + 1000, 32 * args.qat_steps // 2)
         for bits in args.bits:
-            for method in ("brevitas", "paper", "ste"):
+            for method in args.methods:
                 t0 = time.perf_counter()
                 q, _ = qat_lm(fp, train, val, bits, method,
                               LMRecipe(epochs=2, lr=1e-3, seed=seed), progress=False)
@@ -118,13 +119,14 @@ def part_qat(args) -> dict:
                 res.setdefault((bits, method), []).append(v)
                 print(f"seed {seed} W{bits} {method}: {v:.4f} "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    print("\n| W | stock Brevitas QAT | paper mode | STE mode | paper - Brevitas | "
-          "STE - Brevitas |")
-    print("|---|---|---|---|---|---|")
+    ours = [m for m in args.methods if m != "brevitas"]
+    print("\n| W | stock Brevitas QAT | " + " | ".join(ours) + " | "
+          + " | ".join(f"{m} - Brevitas" for m in ours) + " |")
+    print("|---" * (2 + 2 * len(ours)) + "|")
     for bits in args.bits:
-        b, p, s = (res[(bits, m)] for m in ("brevitas", "paper", "ste"))
-        print(f"| {bits} | {mean(b)} | {mean(p)} | {mean(s)} | {paired(p, b)} | "
-              f"{paired(s, b)} |")
+        b = res[(bits, "brevitas")]
+        print(f"| {bits} | {mean(b)} | " + " | ".join(mean(res[(bits, m)]) for m in ours)
+              + " | " + " | ".join(paired(res[(bits, m)], b) for m in ours) + " |")
     return {f"W{b}_{m}": v for (b, m), v in res.items()}
 
 
@@ -160,7 +162,9 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=2000, help="float training steps")
     p.add_argument("--context", type=int, default=64)
     p.add_argument("--val-bytes", type=int, default=1 << 17)
-    p.add_argument("--qat-steps", type=int, default=300)
+    p.add_argument("--qat-steps", type=int, default=200)
+    p.add_argument("--methods", nargs="+", default=["brevitas", "paper", "both"],
+                   help="QAT methods (brevitas first: the reference of the differences)")
     p.add_argument("--chip-bits", type=int, default=4)
     p.add_argument("--rates", type=float, nargs="+", default=[0, 0.001, 0.005, 0.01, 0.02])
     p.add_argument("--sigmas", type=float, nargs="+", default=[0, 0.05, 0.1, 0.2, 0.3])

@@ -35,6 +35,7 @@ def build(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=2000, help="float training steps (batch 32)")
+    p.add_argument("--lr", type=float, default=4e-3, help="float training learning rate")
     p.add_argument("--dim", type=int, default=128, help="model width")
     p.add_argument("--layers", type=int, default=4, help="transformer blocks")
     p.add_argument("--heads", type=int, default=4, help="attention heads")
@@ -55,7 +56,7 @@ def main(argv=None):
     print(f"corpus: {len(train)} training windows, {len(val)} validation windows "
           f"(fingerprint {fp[:12]})")
     model = build(args)
-    train_lm(model, train, val, LMRecipe(epochs=1, lr=4e-3, seed=args.seed))
+    train_lm(model, train, val, LMRecipe(epochs=1, lr=args.lr, seed=args.seed))
     out = {"float": evaluate_bpb(model, val), "ptq": {}, "qat": {}}
     print(f"float model: {out['float']:.3f} bits/byte")
 

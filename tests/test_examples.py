@@ -100,16 +100,16 @@ def test_export_to_hls4ml(tmp_path):
 
 
 def test_transformer_lm_trains_quantizes_and_meets_the_chip():
-    """The language-model story on a tiny model and a few steps: every stage runs and is
-    scored in bits per byte; the untrained-at-8-bits sanity: PTQ at 4 bits stays near float,
-    stuck bits cost bits per byte."""
+    """The language-model story on a tiny model and a few hundred steps: every stage runs and
+    is scored in bits per byte; 2-bit weights cost more than 4-bit ones, stuck bits cost bits
+    per byte, and GPTQ helps the fitted 2-bit levels."""
     ex = load("transformer_lm")
-    out = ex.main(["--steps", "64", "--dim", "32", "--layers", "1", "--heads", "2",
-                   "--context", "16", "--val-bytes", "512", "--ptq-bits", "4", "2",
+    out = ex.main(["--steps", "384", "--lr", "0.02", "--dim", "32", "--layers", "1",
+                   "--heads", "2", "--context", "16", "--val-bytes", "1024", "--ptq-bits", "4", "2",
                    "--qat-steps", "16", "--fault-rates", "0", "0.1", "--trials", "2"])
-    assert out["float"] < 6.0
+    assert out["float"] < 5.0
     w4, w2 = out["ptq"][(4, None)], out["ptq"][(2, None)]
-    assert w4[0] < w2[0] and abs(w4[0] - out["float"]) < 0.5
+    assert out["float"] < w4[0] < w2[0] and out["ptq"][(2, "gptq")][0] < w2[0]
     assert set(out["qat"]) == {"paper", "both", "brevitas"}
     faults = out["faults"]
     assert faults[0]["mean"] < faults[1]["mean"]

@@ -172,17 +172,17 @@ def run_ptq(args: argparse.Namespace) -> int:
     from qfv_brevitas.util.text import text_table
 
     model, train, val = _load(args)
-    rows, out = [], []
+    rows, out = {}, []
     for bits in args.bits:
         for comp in args.compensation:
             r = ptq_lm(model, train, val, bits, compensation=None if comp == "none" else comp,
                        per_channel=not args.per_tensor, calib_samples=args.calib_samples)
             out.append({"bits": bits, "compensation": comp, "float": r.float_acc,
                         "brevitas_mse_uniform": r.baseline_acc, "fitted": r.acc})
-            rows.append([f"W{bits}", comp, f"{r.float_acc:.4f}", f"{r.baseline_acc:.4f}",
-                         f"{r.acc:.4f}", f"{r.acc - r.baseline_acc:+.4f}"])
-    show(text_table(["weights", "compensation", "float", "Brevitas uniform (MSE)",
-                     "fitted N-mult", "fitted - uniform"], rows))
+            rows[f"W{bits} {comp}"] = {
+                "float": f"{r.float_acc:.4f}", "Brevitas uniform (MSE)": f"{r.baseline_acc:.4f}",
+                "fitted N-mult": f"{r.acc:.4f}", "fitted - uniform": f"{r.acc - r.baseline_acc:+.4f}"}
+    show(text_table(rows, "weights, compensation"))
     show("(validation bits per byte, lower is better)")
     _write_json(args, out)
     return 0
@@ -194,7 +194,7 @@ def run_qat(args: argparse.Namespace) -> int:
     from qfv_brevitas.util.text import text_table
 
     model, train, val = _load(args, 32 * args.steps // 2)
-    rows, out = [], []
+    rows, out = {}, []
     for bits in args.bits:
         for method in args.methods:
             q, _ = qat_lm(model, train, val, bits, method,
@@ -202,8 +202,9 @@ def run_qat(args: argparse.Namespace) -> int:
                           progress=not args.no_progress)
             v = evaluate_bpb(q, val)
             out.append({"bits": bits, "method": method, "bpb": v})
-            rows.append([f"W{bits}", method, f"{v:.4f}"])
-    show(text_table(["weights", "method", "bits/byte"], rows))
+            rows[f"W{bits} {method}"] = {"bits/byte": f"{v:.4f}"}
+    show(text_table(rows, "weights, method"))
+    show("(validation bits per byte, lower is better)")
     _write_json(args, out)
     return 0
 
@@ -214,15 +215,16 @@ def run_chip(args: argparse.Namespace) -> int:
 
     model, train, val = _load(args, 32 * args.steps)
     q = ptq_lm(model, train, val, args.bits, baseline=None).model
-    rows, out = [], {"sweeps": []}
+    rows, out = {}, {"sweeps": []}
     for kind, levels in (("faults", args.stuck), ("variability", args.sigma)):
         for mapping in args.mapping if levels else ():
             for r in chip_sweep_lm(q, val, kind, levels, args.trials, seed=args.seed,
                                    mapping=mapping, progress=not args.no_progress):
                 out["sweeps"].append(r)
-                rows.append([kind, f"{r['level']:g}", mapping, f"{r['mean']:.4f}",
-                             f"{r['std']:.4f}", str(r["trials"])])
-    show(text_table(["chip", "level", "mapping", "bits/byte", "std", "maps"], rows))
+                rows[f"{kind} {r['level']:g} {mapping}"] = {
+                    "bits/byte": f"{r['mean']:.4f}", "std": f"{r['std']:.4f}",
+                    "maps": r["trials"]}
+    show(text_table(rows, "chip, level, mapping"))
     if args.repair_rate is not None:
         rep = fault_repair_lm(q, train, val, args.repair_rate, seed=args.seed,
                               recipe=LMRecipe(epochs=1, lr=args.lr, seed=args.seed),

@@ -27,7 +27,6 @@ from qfv_brevitas.core.levels import check_bits
 from qfv_brevitas.training.lm import LM_METRICS, evaluate_bpb, lm_loss
 from qfv_brevitas.training.train import TrainConfig, fit
 from qfv_brevitas.util.configbase import QfvConfig
-from qfv_brevitas.util.errors import QfvError
 from qfv_brevitas.util.validate import check_choice
 
 __all__ = ["LMRecipe", "lm_optimizer", "train_lm", "lm_nmult_config", "QAT_METHODS",
@@ -126,20 +125,22 @@ def qat_lm(float_model: nn.Module, train: Dataset, val: Dataset, bits: int,
 
 def ptq_lm(float_model: nn.Module, calib: Dataset, val: Dataset, bits: int,
            compensation: Optional[str] = None, per_channel: bool = True,
-           calib_samples: int = 128, baseline: str = "mse", progress: bool = False):
+           calib_samples: int = 128, baseline: str = "mse", progress: bool = False,
+           errors: bool = False):
     """Post-training quantization of a float LM at ``bits``, scored in validation bits per
     byte: fitted N-multiplier levels against Brevitas' uniform quantizer (``baseline`` scale,
     same granularity), both with ``compensation`` (``"gptq"``: Brevitas' GPTQ over
     ``calib_samples`` training windows) or none. Returns the
     :class:`~qfv_brevitas.studies.ptq.PTQResult` (``acc``, ``baseline_acc``, ``float_acc``
-    hold bits per byte; ``metric="bpb"``)."""
+    hold bits per byte; ``metric="bpb"``; with ``errors`` its ``layers`` hold each layer's
+    weight error against the best uniform grid, :func:`~qfv_brevitas.studies.ptq.level_errors`)."""
     from qfv_brevitas.studies.ptq import quantize_post_training
 
     return quantize_post_training(
         float_model, bits, per_channel, first_last_bits=8, data=val, lloyd=False,
         baseline=baseline, batch_size=64, calib_data=calib if compensation else None,
         calib_samples=calib_samples, compensation=compensation, metric="bpb",
-        progress=progress)
+        progress=progress, errors=errors)
 
 
 def _summary(values: Sequence[float]) -> dict:

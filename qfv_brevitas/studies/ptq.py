@@ -180,7 +180,7 @@ class PTQResult:
     metric: str = "accuracy"
 
     def table(self) -> str:
-        lines = [format_level_errors(self.layers)]
+        lines = [format_level_errors(self.layers)] if self.layers else []
         if self.acc is not None:
             fmt = PTQ_METRICS[self.metric][1]
             lines += ["", f"{self.metric}: float {fmt(self.float_acc)}"
@@ -214,7 +214,7 @@ def quantize_post_training(source: Union[nn.Module, Mapping, str, Path], bits: i
                            calib_data=None, calib_samples: int = 256,
                            compensation: Optional[str] = None,
                            bias_correction: bool = False, progress: bool = False,
-                           metric: str = "accuracy") -> PTQResult:
+                           metric: str = "accuracy", errors: bool = True) -> PTQResult:
     """Quantize a trained float model's weights to fitted N-multiplier levels, no training;
     optionally with Brevitas' PTQ toolbox (:mod:`qfv_brevitas.studies.calibration`) over
     calibration data: activations at ``act_bits``, GPTQ/GPFQ error compensation, bias correction.
@@ -246,27 +246,23 @@ def quantize_post_training(source: Union[nn.Module, Mapping, str, Path], bits: i
         progress: one bar over the steps (fit, toolbox, errors, evaluations).
         metric: how the models are scored on ``data`` (:data:`PTQ_METRICS`): ``"accuracy"``
             or ``"bpb"`` (language models: ``data`` of ``(ids, next ids)`` windows).
+        errors: compute the per-layer level errors (:func:`level_errors`: a best uniform grid
+            per layer and group as the reference, slow for many 8-bit groups); ``False``:
+            ``layers`` is empty.
 
     Returns a :class:`PTQResult`; ``source`` is left unchanged.
     """
-    bits = L.check_bits(bits, "quantize_post_training: bits")
-    from qfv_brevitas.util.validate import check_choice
-
-    check_choice(metric, tuple(PTQ_METRICS), "PTQ metric")
-    if first_last_bits is not None:
-        first_last_bits = L.check_bits(first_last_bits, "quantize_post_training: first_last_bits")
+    bits, first_last_bits = _check_widths(bits, first_last_bits, metric)
     steps = _toolbox_steps(act_bits, calib_data, calib_samples, compensation, bias_correction)
     float_model = _resolve_source(source, model)
-    brevitas_source = _is_brevitas(float_model)
-    if brevitas_source:
+    if _is_brevitas(float_model):
         baseline = None  # the uniform baseline is built from a plain torch model only
-    if steps["act_bits"] is not None and brevitas_source:
+    if steps["act_bits"] is not None and _is_brevitas(float_model):
         raise PTQError("act_bits: a Brevitas model keeps its own activation quantizers; "
                        "act_bits applies to a plain torch model")
-    if example_input is None and data is not None:
-        example_input = _first_batch(data, batch_size)
-    elif example_input is None and steps["batches"]:
-        example_input = steps["batches"][0]
+    if example_input is None:
+        example_input = _first_batch(data, batch_size) if data is not None else \
+            (steps["batches"] or [None])[0]
     config = NMultConfig(weight_bits=bits, act_bits=steps["act_bits"], variant="nmult",
                          mode="paper", init="fit", per_channel=per_channel,
                          first_last_bits=first_last_bits)
@@ -280,13 +276,23 @@ def quantize_post_training(source: Union[nn.Module, Mapping, str, Path], bits: i
         _apply_steps(q, steps)
         bar.update(1)
         bar.set_phase("level errors" + (" and Lloyd-Max references" if lloyd else ""))
-        result = PTQResult(q, config, level_errors(q, lloyd=lloyd), meta=_steps_meta(steps),
-                           metric=metric)
+        result = PTQResult(q, config, level_errors(q, lloyd=lloyd) if errors else [],
+                           meta=_steps_meta(steps), metric=metric)
         bar.update(1)
         if data is not None:
             _evaluate_ptq(result, float_model, data, bits, per_channel, first_last_bits,
                           example_input, baseline, skip, steps, batch_size, bar)
     return result
+
+
+def _check_widths(bits, first_last_bits, metric: str):
+    """:func:`quantize_post_training`'s widths checked (and its metric's name)."""
+    from qfv_brevitas.util.validate import check_choice
+
+    check_choice(metric, tuple(PTQ_METRICS), "PTQ metric")
+    if first_last_bits is not None:
+        first_last_bits = L.check_bits(first_last_bits, "quantize_post_training: first_last_bits")
+    return L.check_bits(bits, "quantize_post_training: bits"), first_last_bits
 
 
 def _evaluate_ptq(result: PTQResult, float_model: nn.Module, data, bits: int, per_channel: bool,

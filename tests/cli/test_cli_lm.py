@@ -29,17 +29,19 @@ def test_train_writes_a_checkpoint_that_scores_what_it_printed(lm_checkpoint, ca
 
 def test_ptq_table_and_json(lm_checkpoint, tmp_path, capsys):
     out = tmp_path / "ptq.json"
-    assert main(["lm", "ptq", str(lm_checkpoint), "--bits", "4", "2", "--compensation", "none",
+    assert main(["lm", "ptq", str(lm_checkpoint), "--bits", "4", "--compensation", "none",
                  "gptq", "--calib-samples", "32", "--json", str(out), *SMALL[:2]]) == 0
     text = capsys.readouterr().out
     assert "Brevitas uniform (MSE)" in text and "bits per byte" in text
     rows = json.loads(out.read_text())
-    assert [(r["bits"], r["compensation"]) for r in rows] == \
-        [(4, "none"), (4, "gptq"), (2, "none"), (2, "gptq")]
+    assert [(r["bits"], r["compensation"]) for r in rows] == [(4, "none"), (4, "gptq")]
     assert len({r["float"] for r in rows}) == 1
     assert rows[0]["fitted"] != rows[1]["fitted"]   # GPTQ moved the weights
-    assert main(["lm", "ptq", str(lm_checkpoint), "--bits", "3", "--compensation", "none",
-                 "--per-tensor", *SMALL[:2]]) == 0
+    assert f"{rows[0]['fitted']:.4f}" in text
+    assert main(["lm", "ptq", str(lm_checkpoint), "--bits", "2", "--compensation", "none",
+                 "--per-tensor", "--json", str(out), *SMALL[:2]]) == 0
+    (row,) = json.loads(out.read_text())
+    assert (row["bits"], row["compensation"]) == (2, "none") and row["fitted"] != rows[0]["fitted"]
 
 
 def test_qat_and_chip(lm_checkpoint, tmp_path, capsys):

@@ -52,10 +52,9 @@ def test_ptq_scores_in_bits_per_byte_with_the_edges_at_8_bits(lm):
     assert bits.pop("embed") == 8 and bits.pop("lm_head") == 8
     assert set(bits.values()) == {3} and len(bits) == 6
     assert all(quant_of(l).per_channel for _, l in nmult_layers(r.model))
-    # quantization costs bits per byte, more at 2 bits than at 6
-    r6, r2 = ptq_lm(model, train, val, 6, baseline=None), ptq_lm(model, train, val, 2,
-                                                                 baseline=None)
-    assert r6.acc < r2.acc and r6.acc < r.float_acc + 0.05
+    # quantization costs bits per byte, more at 2 bits than at 3
+    r2 = ptq_lm(model, train, val, 2, baseline=None)
+    assert r.float_acc < r.acc < r2.acc and r2.baseline_acc is None
     # GPTQ moves the weights (the scores change) and is scored the same way
     g = ptq_lm(model, train, val, 3, compensation="gptq", calib_samples=64)
     assert g.meta["compensation"] == "gptq" and g.acc != r.acc
