@@ -185,7 +185,10 @@ def _vgg(input_shape: Tuple[int, ...], num_classes: int) -> nn.Module:
     return vgg_cifar(num_classes, input_shape[0], input_size=min(input_shape[1:]))
 
 
-@register_model("tiny_lm")
+#: The plain reference models (the spiking ones are :data:`qfv_brevitas.snn.SPIKING_MODEL_NAMES`).
+MODEL_NAMES = tuple(_REGISTRY)
+
+
 def _tiny_lm(input_shape: Tuple[int, ...], num_classes: int) -> nn.Module:
     """The small transformer of :mod:`qfv_brevitas.zoo.lm`: ``input_shape = (context,)``,
     ``num_classes`` = its vocabulary (256 for bytes)."""
@@ -197,8 +200,9 @@ def _tiny_lm(input_shape: Tuple[int, ...], num_classes: int) -> nn.Module:
     return TinyLM(vocab=num_classes, context=int(input_shape[0]))
 
 
-#: The plain reference models (the spiking ones are :data:`qfv_brevitas.snn.SPIKING_MODEL_NAMES`).
-MODEL_NAMES = tuple(_REGISTRY)
+#: language models :func:`build_model` builds by name (checkpoints of ``qfv lm``); not offered
+#: to the image commands' ``--model``
+LANGUAGE_MODELS: Dict[str, Callable[..., nn.Module]] = {"tiny_lm": _tiny_lm}
 
 
 def _register_spiking_models() -> None:
@@ -214,7 +218,8 @@ def _register_spiking_models() -> None:
 
 def build_model(name: str, input_shape: Tuple[int, ...], num_classes: int,
                 snn: Optional[dict] = None) -> nn.Module:
-    """A registered model (:func:`register_model`) by name for inputs of shape ``(C, H, W)``;
+    """A registered model (:func:`register_model`) by name for inputs of shape ``(C, H, W)``,
+    or a language model of :data:`LANGUAGE_MODELS` (``input_shape = (context,)``);
     ``spiking_*`` names are the spiking models of :mod:`qfv_brevitas.snn`, built with
     the spiking settings ``snn`` (a ``SpikingConfig`` dict; ignored by the other models).
 
@@ -223,6 +228,8 @@ def build_model(name: str, input_shape: Tuple[int, ...], num_classes: int,
     (:func:`user_model`)."""
     if is_user_spec(name):
         return user_model(import_user_object(name, "--model"), name, input_shape, num_classes)
+    if name in LANGUAGE_MODELS:
+        return LANGUAGE_MODELS[name](input_shape, num_classes)
     if name not in _REGISTRY and name in model_names():
         builder = load_plugin(MODELS_GROUP, name, _callable_builder)
         return user_model(builder, name, input_shape, num_classes)
