@@ -22,11 +22,15 @@ __all__ = ["run_train", "run_ptq", "run_qat", "run_chip"]
 command_group("lm", help="a small language model on real text: train, PTQ, QAT, chip")
 
 
+def _val_bytes(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--val-bytes", type=integer, default=1 << 17,
+                   help="validation bytes scored (from the start of the validation files)")
+
+
 def _common(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
     p.add_argument("--steps", type=integer, default=steps, help="optimizer steps (batch 32)")
     p.add_argument("--lr", type=float, default=lr, help="AdamW learning rate (cosine decay)")
-    p.add_argument("--val-bytes", type=integer, default=1 << 17,
-                   help="validation bytes scored (from the start of the validation files)")
+    _val_bytes(p)
     p.add_argument("--seed", type=seed, default=0,
                    help="the run's seed: initial weights, training windows and their order")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (also -q)")
@@ -64,8 +68,7 @@ def ptq(p: argparse.ArgumentParser):
     p.add_argument("--per-tensor", action="store_true", help="one (r, c) per layer")
     p.add_argument("--calib-samples", type=integer, default=128,
                    help="training windows that drive GPTQ")
-    p.add_argument("--val-bytes", type=integer, default=1 << 17,
-                   help="validation bytes scored (from the start of the validation files)")
+    _val_bytes(p)
     declare_io(p, None)
     return run_ptq
 

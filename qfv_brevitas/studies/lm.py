@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence
@@ -144,15 +143,18 @@ def ptq_lm(float_model: nn.Module, calib: Dataset, val: Dataset, bits: int,
 
 
 def _summary(values: Sequence[float]) -> dict:
-    vals = list(values)
-    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return {"mean": statistics.fmean(vals), "std": sd, "sem": sd / math.sqrt(len(vals)),
-            "min": min(vals), "max": max(vals), "trials": len(vals)}
+    """:func:`~qfv_brevitas.studies.results.accuracy_stats` of the scores, with the standard
+    error of their mean (``sem``)."""
+    from qfv_brevitas.studies.results import accuracy_stats
+
+    stats = accuracy_stats(list(values))
+    return {**stats, "sem": stats["std"] / math.sqrt(stats["trials"])}
 
 
 def chip_sweep_lm(model: nn.Module, val: Dataset, kind: str, levels: Sequence[float],
                   trials: int = 5, seed: int = 0, layers: str = "inner", mapping: str = "naive",
-                  progress: bool = True, score: Callable[[nn.Module, Dataset], float] = None
+                  progress: bool = True,
+                  score: Optional[Callable[[nn.Module, Dataset], float]] = None
                   ) -> List[dict]:
     """Monte Carlo of a quantized LM on an imperfect chip: for each level of ``kind``
     (``"faults"``: stuck-cell fraction, ``"variability"``: LRS sigma, ``"bitflips"``: bit-error
@@ -172,7 +174,10 @@ def chip_sweep_lm(model: nn.Module, val: Dataset, kind: str, levels: Sequence[fl
                      enabled=progress) as bar:
         for level in levels:
             sc, vals = Scenario(kind, level), []
-            for t in range(trials):
+            if sc.is_ideal:  # no map to draw: every trial is the model as it is
+                vals = [score(model, val)] * trials
+                bar.update(trials)
+            for t in range(0 if sc.is_ideal else trials):
                 m = sc.attach(copy.deepcopy(model), seed, t, layers)
                 set_deploy_mapping(m, mapping)
                 vals.append(score(m, val))

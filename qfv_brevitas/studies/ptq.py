@@ -257,9 +257,9 @@ def quantize_post_training(source: Union[nn.Module, Mapping, str, Path], bits: i
     float_model = _resolve_source(source, model)
     if _is_brevitas(float_model):
         baseline = None  # the uniform baseline is built from a plain torch model only
-    if steps["act_bits"] is not None and _is_brevitas(float_model):
-        raise PTQError("act_bits: a Brevitas model keeps its own activation quantizers; "
-                       "act_bits applies to a plain torch model")
+        if steps["act_bits"] is not None:
+            raise PTQError("act_bits: a Brevitas model keeps its own activation quantizers; "
+                           "act_bits applies to a plain torch model")
     if example_input is None:
         example_input = _first_batch(data, batch_size) if data is not None else \
             (steps["batches"] or [None])[0]
